@@ -1,0 +1,67 @@
+//! Static bootstrap of a new cluster's log.
+//!
+//! Every founding member writes the same first entries: one `AddNode` conf
+//! change per founding voter at indexes `1..=n`, term 1, committed. A node
+//! that joins later replays them from the leader like any other entry, so
+//! every member rebuilds the same membership history from the log alone (the
+//! way etcd bootstraps), and no founding member needs a snapshot to start.
+
+use protobuf::Message as _;
+use raft::prelude::{ConfChange, ConfChangeType, ConfState, Entry, EntryType, HardState};
+use raftwork_storage::{LogStore, StorageError, WriteBatch};
+
+use crate::NodeId;
+
+/// Writes the bootstrap entries for `voters` into an empty `store` and syncs.
+/// Returns the index the state machine should treat as applied (the conf
+/// changes are applied by construction). Does nothing and returns `None` if
+/// the store already holds a log.
+///
+/// # Panics
+/// If `voters` is empty or holds 0 or a duplicate: the caller validates first.
+pub fn bootstrap<S: LogStore>(store: &S, voters: &[NodeId]) -> Result<Option<u64>, StorageError> {
+    assert!(!voters.is_empty(), "bootstrap needs at least one voter");
+    let mut sorted = voters.to_vec();
+    sorted.sort_unstable();
+    sorted.dedup();
+    assert_eq!(sorted.len(), voters.len(), "duplicate voter ids");
+    assert!(sorted[0] != 0, "voter id 0");
+
+    let state =
+        raft::Storage::initial_state(store).map_err(|e| StorageError::Invalid(e.to_string()))?;
+    let last =
+        raft::Storage::last_index(store).map_err(|e| StorageError::Invalid(e.to_string()))?;
+    if state.initialized() || last > 0 || state.hard_state.term > 0 {
+        return Ok(None);
+    }
+    let mut entries = Vec::with_capacity(voters.len());
+    for (i, &id) in voters.iter().enumerate() {
+        let mut cc = ConfChange::default();
+        cc.set_change_type(ConfChangeType::AddNode);
+        cc.node_id = id;
+        let mut e = Entry::default();
+        e.set_entry_type(EntryType::EntryConfChange);
+        e.term = 1;
+        e.index = i as u64 + 1;
+        e.data = cc
+            .write_to_bytes()
+            .expect("encoding a ConfChange cannot fail")
+            .into();
+        entries.push(e);
+    }
+    let n = voters.len() as u64;
+    let mut hs = HardState::default();
+    hs.term = 1;
+    hs.commit = n;
+    let mut cs = ConfState::default();
+    cs.voters = voters.to_vec();
+    store.stage(WriteBatch {
+        group_id: 1,
+        snapshot: None,
+        entries,
+        hard_state: Some(hs),
+        conf_state: Some(cs),
+    })?;
+    store.sync()?;
+    Ok(Some(n))
+}

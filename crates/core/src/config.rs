@@ -1,0 +1,146 @@
+//! Configuration of the core: one struct, `Default`, and `validate()` that
+//! rejects contradictions instead of clamping them.
+
+use crate::NodeId;
+
+/// Configuration of one Raft group member's core.
+///
+/// Times are in ticks: the shell decides how long a tick is.
+#[derive(Debug, Clone, PartialEq)]
+pub struct CoreConfig {
+    /// This node's id. Default: 1. Minimum: 1.
+    pub id: NodeId,
+    /// Raft group id carried on every envelope. Default: 1.
+    pub group_id: u64,
+    /// Ticks without a leader before a follower campaigns. Default: 10.
+    /// Minimum: `heartbeat_ticks + 1`.
+    pub election_ticks: usize,
+    /// Ticks between leader heartbeats. Default: 1. Minimum: 1.
+    pub heartbeat_ticks: usize,
+    /// Largest append message raft builds, in bytes. Default: 1 MiB (raft-rs's
+    /// own default, 0, sends one entry per message).
+    pub max_size_per_msg_bytes: u64,
+    /// Appends in flight per follower. Default: 256. Minimum: 1.
+    pub max_inflight_msgs: usize,
+    /// Uncommitted log size above which proposals are dropped. Default: 1 GiB.
+    pub max_uncommitted_size_bytes: u64,
+    /// Largest command accepted by `propose`. Default: 1 MiB. Minimum: 1.
+    pub max_command_size_bytes: u64,
+    /// Leader steps down when it cannot reach a quorum for an election
+    /// timeout. Default: true. Required by `lease_read`.
+    pub check_quorum: bool,
+    /// Pre-vote before campaigning, so a partitioned node does not disrupt
+    /// the cluster on return. Default: true.
+    pub pre_vote: bool,
+    /// Serve linearizable reads from the leader's lease instead of a quorum
+    /// round. Faster, but relies on bounded clock drift. Default: false.
+    pub lease_read: bool,
+    /// Ticks after which an unanswered read-index request is sent again.
+    /// Default: 5. Minimum: 1.
+    pub read_retry_ticks: u64,
+    /// Ticks after which a waiting linearizable read fails. Default: 30.
+    /// Minimum: `read_retry_ticks`.
+    pub read_timeout_ticks: u64,
+    /// Ticks a leadership transfer may take before it fails. Default: 20.
+    pub transfer_timeout_ticks: u64,
+    /// A learner may be promoted only when its matched index is within this
+    /// many entries of the leader's last index. Default: 1000.
+    pub promote_lag_entries_max: u64,
+    /// Index the state machine has already applied (on restart). Default: 0.
+    pub applied_index: u64,
+    /// Fixed election timeout in ticks instead of raft-rs's random one in
+    /// `[election_ticks, 2 * election_ticks)`. Set by the deterministic
+    /// simulator, which draws it from its seed. Default: None.
+    pub fixed_election_ticks: Option<usize>,
+}
+
+impl Default for CoreConfig {
+    fn default() -> Self {
+        Self {
+            id: 1,
+            group_id: 1,
+            election_ticks: 10,
+            heartbeat_ticks: 1,
+            max_size_per_msg_bytes: 1024 * 1024,
+            max_inflight_msgs: 256,
+            max_uncommitted_size_bytes: 1024 * 1024 * 1024,
+            max_command_size_bytes: 1024 * 1024,
+            check_quorum: true,
+            pre_vote: true,
+            lease_read: false,
+            read_retry_ticks: 5,
+            read_timeout_ticks: 30,
+            transfer_timeout_ticks: 20,
+            promote_lag_entries_max: 1000,
+            applied_index: 0,
+            fixed_election_ticks: None,
+        }
+    }
+}
+
+/// A configuration that contradicts itself.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("invalid configuration: {0}")]
+pub struct ConfigError(pub String);
+
+impl CoreConfig {
+    /// Rejects contradictions.
+    pub fn validate(&self) -> Result<(), ConfigError> {
+        let fail = |m: &str| Err(ConfigError(m.to_string()));
+        if self.id == 0 {
+            return fail("id must not be 0");
+        }
+        if self.heartbeat_ticks == 0 {
+            return fail("heartbeat_ticks must be at least 1");
+        }
+        if self.election_ticks <= self.heartbeat_ticks {
+            return fail("election_ticks must be greater than heartbeat_ticks");
+        }
+        if self.max_inflight_msgs == 0 {
+            return fail("max_inflight_msgs must be at least 1");
+        }
+        if self.max_command_size_bytes == 0 {
+            return fail("max_command_size_bytes must be at least 1");
+        }
+        if self.lease_read && !self.check_quorum {
+            return fail("lease_read requires check_quorum");
+        }
+        if self.read_retry_ticks == 0 || self.read_timeout_ticks < self.read_retry_ticks {
+            return fail("need 1 <= read_retry_ticks <= read_timeout_ticks");
+        }
+        if let Some(t) = self.fixed_election_ticks {
+            if t < self.election_ticks {
+                return fail("fixed_election_ticks must be at least election_ticks");
+            }
+        }
+        Ok(())
+    }
+
+    pub(crate) fn to_raft(&self) -> raft::Config {
+        let (min, max) = match self.fixed_election_ticks {
+            // raft-rs draws from [min, max); a range of one value is fixed.
+            Some(t) => (t, t + 1),
+            None => (self.election_ticks, 2 * self.election_ticks),
+        };
+        raft::Config {
+            id: self.id,
+            election_tick: self.election_ticks,
+            heartbeat_tick: self.heartbeat_ticks,
+            applied: self.applied_index,
+            max_size_per_msg: self.max_size_per_msg_bytes,
+            max_inflight_msgs: self.max_inflight_msgs,
+            check_quorum: self.check_quorum,
+            pre_vote: self.pre_vote,
+            min_election_tick: min,
+            max_election_tick: max,
+            read_only_option: if self.lease_read {
+                raft::ReadOnlyOption::LeaseBased
+            } else {
+                raft::ReadOnlyOption::Safe
+            },
+            max_uncommitted_size: self.max_uncommitted_size_bytes,
+            batch_append: true,
+            ..Default::default()
+        }
+    }
+}

@@ -1,0 +1,1134 @@
+//! [`Core`]: the event-driven state machine around `raft::RawNode`.
+//!
+//! Methods come in three groups, as in quinn-proto: getters (`status`,
+//! `role`), `handle_*` (events in) and [`Core::poll`] (actions out).
+//!
+//! Invariants (asserted):
+//! * pending proposals are kept in log-index order; each is resolved exactly
+//!   once: applied, failed on loss of leadership, or failed on shutdown;
+//! * entries are handed out for applying in index order with no gap
+//!   (`dispatched_index` only grows by one entry at a time);
+//! * a read is answered only after every entry up to its read index has been
+//!   handed out for applying, so the shell's apply queue serves it after them.
+
+use std::collections::VecDeque;
+
+use bytes::Bytes;
+use protobuf::Message as _;
+use raft::prelude::{
+    ConfChange, ConfChangeSingle, ConfChangeTransition, ConfChangeType, ConfChangeV2, ConfState,
+    Entry, EntryType, Message, MessageType, Snapshot,
+};
+use raft::{RawNode, StateRole};
+use raftwork_storage::{LogStore, WriteBatch};
+
+use crate::config::CoreConfig;
+use crate::error::{ConfChangeError, FatalError, ProposeError, ReadError, TransferError};
+use crate::NodeId;
+
+/// Id the shell gives each request (proposal, read, conf change, transfer) so
+/// that it can match the core's replies. Unique per node run.
+pub type RequestId = u64;
+
+/// The role of this node.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum Role {
+    /// Leads the group.
+    Leader,
+    /// Follows a leader (or waits for one).
+    Follower,
+    /// Campaigning.
+    Candidate,
+    /// Checking with pre-vote whether a campaign could win.
+    PreCandidate,
+    /// A non-voting member.
+    Learner,
+}
+
+/// A point-in-time view of this node.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Status {
+    /// This node's id.
+    pub id: NodeId,
+    /// Current role.
+    pub role: Role,
+    /// Current term.
+    pub term: u64,
+    /// Known leader, if any.
+    pub leader: Option<NodeId>,
+    /// Highest index known committed.
+    pub commit_index: u64,
+    /// Highest index the state machine has applied.
+    pub applied_index: u64,
+    /// Last index in the log.
+    pub last_index: u64,
+    /// Index of the newest snapshot point (0 if none).
+    pub snapshot_index: u64,
+    /// Voting members (in a joint configuration: the incoming voters).
+    pub voters: Vec<NodeId>,
+    /// Non-voting members.
+    pub learners: Vec<NodeId>,
+}
+
+/// A membership change request.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum MembershipChange {
+    /// Add a voting member.
+    AddVoter(NodeId),
+    /// Add a non-voting member.
+    AddLearner(NodeId),
+    /// Make a learner a voter. Refused until it has caught up.
+    PromoteLearner(NodeId),
+    /// Remove a member (the leader itself included).
+    Remove(NodeId),
+}
+
+impl MembershipChange {
+    /// The node the change is about.
+    pub fn node_id(&self) -> NodeId {
+        match *self {
+            Self::AddVoter(id)
+            | Self::AddLearner(id)
+            | Self::PromoteLearner(id)
+            | Self::Remove(id) => id,
+        }
+    }
+}
+
+/// Something observers may want to know about.
+#[derive(Debug, Clone, PartialEq)]
+pub enum NodeEvent {
+    /// The known leader changed (`None`: no leader known).
+    LeaderChanged {
+        /// The new leader.
+        leader: Option<NodeId>,
+        /// The term it leads.
+        term: u64,
+    },
+    /// A membership change was applied.
+    MembershipChanged {
+        /// Membership after the change.
+        conf_state: ConfState,
+        /// Raw changes of this step (empty when leaving a joint state).
+        changes: Vec<ConfChangeSingle>,
+        /// The opaque context proposed with the change.
+        context: Bytes,
+    },
+    /// This node applied its own removal.
+    Removed,
+}
+
+/// Committed entries to apply, in order.
+#[derive(Debug, Default)]
+pub struct ApplyBatch {
+    /// The entries. Only `EntryNormal` entries with data are commands for the
+    /// state machine; the rest only move the applied index.
+    pub entries: Vec<Entry>,
+    /// `(index, request)` of the local proposals among them, in index order.
+    pub proposals: Vec<(u64, RequestId)>,
+}
+
+/// What the shell must do. The set is closed: every variant must be handled.
+#[derive(Debug)]
+#[must_use]
+pub enum Action {
+    /// Send these messages (any order between peers; in order per peer).
+    Send(Vec<Message>),
+    /// The store holds ready `number` staged: make it durable (sync only if
+    /// `must_sync`), then call [`Core::handle_persisted`] with `number`.
+    /// Persists must complete in `number` order.
+    Persist {
+        /// Ready number to report back.
+        number: u64,
+        /// Whether raft needs an fsync (false when only the commit index moved).
+        must_sync: bool,
+    },
+    /// Restore the state machine from this snapshot before applying anything
+    /// after it.
+    RestoreSnapshot(Snapshot),
+    /// Apply committed entries, then report the last index with
+    /// [`Core::handle_applied`].
+    Apply(ApplyBatch),
+    /// A proposal failed.
+    ProposalFailed {
+        /// The request.
+        id: RequestId,
+        /// Why.
+        error: ProposeError,
+    },
+    /// These reads may be served once everything before this action in the
+    /// apply order has been applied (their read index is covered).
+    ReadReady {
+        /// The reads.
+        ids: Vec<RequestId>,
+        /// Their read index.
+        read_index: u64,
+    },
+    /// These reads failed.
+    ReadFailed {
+        /// The reads.
+        ids: Vec<RequestId>,
+        /// Why.
+        error: ReadError,
+    },
+    /// A membership change was applied.
+    ConfChangeDone {
+        /// The request.
+        id: RequestId,
+        /// Membership after the change.
+        conf_state: ConfState,
+    },
+    /// A membership change failed.
+    ConfChangeFailed {
+        /// The request.
+        id: RequestId,
+        /// Why.
+        error: ConfChangeError,
+    },
+    /// A leadership transfer completed.
+    TransferDone {
+        /// The request.
+        id: RequestId,
+    },
+    /// A leadership transfer failed.
+    TransferFailed {
+        /// The request.
+        id: RequestId,
+        /// Why.
+        error: TransferError,
+    },
+    /// Tell observers.
+    Event(NodeEvent),
+}
+
+struct Pending {
+    index: u64,
+    term: u64,
+    id: RequestId,
+}
+
+struct ReadBatch {
+    ids: Vec<RequestId>,
+    /// Contexts of every read-index request sent for this batch; any answer works.
+    contexts: Vec<u64>,
+    /// Tick at which the batch's oldest read arrived.
+    started_tick: u64,
+    /// Tick of the last request sent.
+    sent_tick: u64,
+}
+
+struct Transfer {
+    id: RequestId,
+    to: NodeId,
+    deadline_tick: u64,
+}
+
+/// Bounds on what the core keeps in flight; beyond them requests fail fast.
+const READ_CONTEXTS_PER_BATCH_MAX: usize = 64;
+
+/// The sans-IO core of one Raft group member.
+pub struct Core<S: LogStore> {
+    raw: RawNode<S>,
+    logger: slog::Logger,
+    config: CoreConfig,
+    tick_count: u64,
+
+    /// Proposals validated but not yet stepped into raft (flushed as one
+    /// `MsgPropose` per poll, so a burst becomes one append).
+    proposal_queue: Vec<(RequestId, Vec<u8>)>,
+    proposals: VecDeque<Pending>,
+    conf_changes: VecDeque<Pending>,
+
+    reads_waiting: Vec<RequestId>,
+    reads_waiting_since_tick: u64,
+    read_inflight: Option<ReadBatch>,
+    /// Batches confirmed by a quorum, waiting for their index to be dispatched.
+    reads_confirmed: VecDeque<(u64, Vec<RequestId>)>,
+    next_read_context: u64,
+
+    transfer: Option<Transfer>,
+
+    leader_id: NodeId,
+    raft_state: StateRole,
+    term: u64,
+    /// Whether this leader has committed an entry of its own term (raft-rs
+    /// drops read-index requests until then).
+    leader_committed_in_term: bool,
+
+    /// Last index handed out in an `Apply` (or restored by a snapshot).
+    dispatched_index: u64,
+    /// Last index the shell reported applied.
+    applied_index: u64,
+    /// Messages that may go out only once their ready is durable.
+    persisted_messages: VecDeque<(u64, Vec<Message>)>,
+    /// Whether this node has been a member (a joining node replays the
+    /// membership history from before it was added).
+    was_member: bool,
+    removed: bool,
+    actions: Vec<Action>,
+}
+
+impl<S: LogStore> Core<S> {
+    /// Starts the core on `store` (which holds the durable state of an earlier
+    /// run, or a bootstrapped or empty log).
+    pub fn new(config: CoreConfig, store: S, logger: &slog::Logger) -> Result<Self, FatalError> {
+        config
+            .validate()
+            .map_err(|e| FatalError::Raft(raft::Error::ConfigInvalid(e.0)))?;
+        let raw = RawNode::new(&config.to_raft(), store, logger)?;
+        let applied = config.applied_index;
+        let term = raw.raft.term;
+        let me = config.id;
+        let cs = raw.raft.prs().conf().to_conf_state();
+        let was_member = cs.voters.contains(&me) || cs.learners.contains(&me);
+        Ok(Self {
+            raw,
+            logger: logger.clone(),
+            config,
+            tick_count: 0,
+            proposal_queue: Vec::new(),
+            proposals: VecDeque::new(),
+            conf_changes: VecDeque::new(),
+            reads_waiting: Vec::new(),
+            reads_waiting_since_tick: 0,
+            read_inflight: None,
+            reads_confirmed: VecDeque::new(),
+            next_read_context: 1,
+            transfer: None,
+            leader_id: 0,
+            raft_state: StateRole::Follower,
+            term,
+            leader_committed_in_term: false,
+            dispatched_index: applied,
+            applied_index: applied,
+            persisted_messages: VecDeque::new(),
+            was_member,
+            removed: false,
+            actions: Vec::new(),
+        })
+    }
+
+    // ----- getters -----
+
+    /// This node's id.
+    pub fn id(&self) -> NodeId {
+        self.config.id
+    }
+
+    /// The group id carried on envelopes.
+    pub fn group_id(&self) -> u64 {
+        self.config.group_id
+    }
+
+    /// The configuration in force.
+    pub fn config(&self) -> &CoreConfig {
+        &self.config
+    }
+
+    /// Current role.
+    pub fn role(&self) -> Role {
+        let conf = self.raw.raft.prs().conf();
+        if conf.learners().contains(&self.config.id) && self.raft_state == StateRole::Follower {
+            return Role::Learner;
+        }
+        match self.raw.raft.state {
+            StateRole::Leader => Role::Leader,
+            StateRole::Follower => Role::Follower,
+            StateRole::Candidate => Role::Candidate,
+            StateRole::PreCandidate => Role::PreCandidate,
+        }
+    }
+
+    /// Known leader.
+    pub fn leader(&self) -> Option<NodeId> {
+        (self.raw.raft.leader_id != 0).then_some(self.raw.raft.leader_id)
+    }
+
+    /// Whether this node applied its own removal.
+    pub fn is_removed(&self) -> bool {
+        self.removed
+    }
+
+    /// The log store (shared handle).
+    pub fn store(&self) -> &S {
+        self.raw.store()
+    }
+
+    /// Current membership.
+    pub fn conf_state(&self) -> ConfState {
+        self.raw.raft.prs().conf().to_conf_state()
+    }
+
+    /// A point-in-time view.
+    pub fn status(&self) -> Status {
+        let raft = &self.raw.raft;
+        let cs = self.conf_state();
+        let snapshot_index = raft.raft_log.first_index().saturating_sub(1);
+        Status {
+            id: self.config.id,
+            role: self.role(),
+            term: raft.term,
+            leader: self.leader(),
+            commit_index: raft.raft_log.committed,
+            applied_index: self.applied_index,
+            last_index: raft.raft_log.last_index(),
+            snapshot_index,
+            voters: cs.voters,
+            learners: cs.learners,
+        }
+    }
+
+    /// Ticks elapsed since start (the core's only notion of time).
+    pub fn tick_count(&self) -> u64 {
+        self.tick_count
+    }
+
+    // ----- events in -----
+
+    /// One tick of logical time.
+    pub fn handle_tick(&mut self) {
+        self.tick_count += 1;
+        self.raw.tick();
+        self.check_read_timers();
+        self.check_transfer_timer();
+    }
+
+    /// A message from a peer. Garbage is dropped with a log line, never a panic
+    /// (raft-rs itself rejects messages it cannot use).
+    pub fn handle_message(&mut self, msg: Message) {
+        if msg.to != self.config.id {
+            slog::warn!(self.logger, "dropping message for another node"; "to" => msg.to);
+            return;
+        }
+        if let Err(e) = self.raw.step(msg) {
+            slog::debug!(self.logger, "step refused a message"; "error" => %e);
+        }
+    }
+
+    /// A peer could not be reached.
+    pub fn handle_unreachable(&mut self, to: NodeId) {
+        self.raw.report_unreachable(to);
+    }
+
+    /// The outcome of sending a snapshot to `to`.
+    pub fn handle_snapshot_status(&mut self, to: NodeId, ok: bool) {
+        let status = if ok {
+            raft::SnapshotStatus::Finish
+        } else {
+            raft::SnapshotStatus::Failure
+        };
+        self.raw.report_snapshot(to, status);
+    }
+
+    /// Proposes a command. An `Err` means it was refused at once and was not
+    /// applied; `Ok` means a reply will come as `Apply` (with this id) or
+    /// `ProposalFailed`.
+    pub fn handle_propose(&mut self, id: RequestId, command: Vec<u8>) -> Result<(), ProposeError> {
+        if self.removed {
+            return Err(ProposeError::Removed);
+        }
+        let size_bytes = command.len() as u64;
+        if size_bytes > self.config.max_command_size_bytes {
+            return Err(ProposeError::TooLarge {
+                size_bytes,
+                limit_bytes: self.config.max_command_size_bytes,
+            });
+        }
+        if self.raw.raft.state != StateRole::Leader {
+            return Err(ProposeError::NotLeader {
+                leader_hint: self.leader(),
+                in_flight: false,
+            });
+        }
+        if self.raw.raft.lead_transferee.is_some() {
+            return Err(ProposeError::Dropped);
+        }
+        self.proposal_queue.push((id, command));
+        Ok(())
+    }
+
+    /// Asks for a linearizable read. The reply is `ReadReady` or `ReadFailed`.
+    pub fn handle_read(&mut self, id: RequestId) {
+        if self.removed {
+            self.actions.push(Action::ReadFailed {
+                ids: vec![id],
+                error: ReadError::Removed,
+            });
+            return;
+        }
+        if self.reads_waiting.is_empty() {
+            self.reads_waiting_since_tick = self.tick_count;
+        }
+        self.reads_waiting.push(id);
+    }
+
+    /// Proposes a membership change. `context` is replicated with it and
+    /// handed to every member in [`NodeEvent::MembershipChanged`] (for example
+    /// the new node's addresses).
+    pub fn handle_conf_change(
+        &mut self,
+        id: RequestId,
+        change: MembershipChange,
+        context: Vec<u8>,
+    ) -> Result<(), ConfChangeError> {
+        if self.removed {
+            return Err(ConfChangeError::Removed);
+        }
+        if self.raw.raft.state != StateRole::Leader {
+            return Err(ConfChangeError::NotLeader {
+                leader_hint: self.leader(),
+            });
+        }
+        let target = change.node_id();
+        if target == 0 {
+            return Err(ConfChangeError::InvalidNodeId);
+        }
+        let conf = self.conf_state();
+        let is_voter = conf.voters.contains(&target);
+        let is_learner = conf.learners.contains(&target);
+        if self.raw.raft.has_pending_conf() || !conf.voters_outgoing.is_empty() {
+            return Err(ConfChangeError::InProgress);
+        }
+        let (change_type, node_id) = match change {
+            MembershipChange::AddVoter(id) => {
+                if is_voter {
+                    return Err(ConfChangeError::AlreadyMember(id));
+                }
+                if is_learner {
+                    return Err(ConfChangeError::AlreadyMember(id));
+                }
+                (ConfChangeType::AddNode, id)
+            }
+            MembershipChange::AddLearner(id) => {
+                if is_voter || is_learner {
+                    return Err(ConfChangeError::AlreadyMember(id));
+                }
+                (ConfChangeType::AddLearnerNode, id)
+            }
+            MembershipChange::PromoteLearner(id) => {
+                if !is_learner {
+                    return Err(if is_voter {
+                        ConfChangeError::NotLearner(id)
+                    } else {
+                        ConfChangeError::UnknownNode(id)
+                    });
+                }
+                let matched_index = self.raw.raft.prs().get(id).map_or(0, |p| p.matched);
+                let last_index = self.raw.raft.raft_log.last_index();
+                if matched_index + self.config.promote_lag_entries_max < last_index {
+                    return Err(ConfChangeError::LearnerNotCaughtUp {
+                        id,
+                        matched_index,
+                        last_index,
+                    });
+                }
+                (ConfChangeType::AddNode, id)
+            }
+            MembershipChange::Remove(id) => {
+                if !is_voter && !is_learner {
+                    return Err(ConfChangeError::UnknownNode(id));
+                }
+                if is_voter && conf.voters.len() == 1 {
+                    return Err(ConfChangeError::NoVoterLeft);
+                }
+                (ConfChangeType::RemoveNode, id)
+            }
+        };
+        let mut single = ConfChangeSingle::default();
+        single.set_change_type(change_type);
+        single.node_id = node_id;
+        let mut cc = ConfChangeV2::default();
+        cc.set_transition(ConfChangeTransition::Auto);
+        cc.changes = vec![single].into();
+        cc.context = context.into();
+        let before = self.raw.raft.raft_log.last_index();
+        if self.raw.propose_conf_change(Vec::new(), cc).is_err() {
+            return Err(ConfChangeError::Dropped { in_flight: false });
+        }
+        let index = self.raw.raft.raft_log.last_index();
+        assert_eq!(index, before + 1, "a conf change appends exactly one entry");
+        self.conf_changes.push_back(Pending {
+            index,
+            term: self.raw.raft.term,
+            id,
+        });
+        Ok(())
+    }
+
+    /// Transfers leadership to `to`. The reply is `TransferDone` or
+    /// `TransferFailed`; an `Err` is an immediate refusal.
+    pub fn handle_transfer_leader(
+        &mut self,
+        id: RequestId,
+        to: NodeId,
+    ) -> Result<(), TransferError> {
+        if self.raw.raft.state != StateRole::Leader {
+            return Err(TransferError::NotLeader {
+                leader_hint: self.leader(),
+            });
+        }
+        if !self.raw.raft.prs().conf().voters().contains(to) {
+            return Err(TransferError::NotVoter(to));
+        }
+        if self.transfer.is_some() {
+            return Err(TransferError::InProgress);
+        }
+        if to == self.config.id {
+            self.actions.push(Action::TransferDone { id });
+            return Ok(());
+        }
+        self.raw.transfer_leader(to);
+        self.transfer = Some(Transfer {
+            id,
+            to,
+            deadline_tick: self.tick_count + self.config.transfer_timeout_ticks,
+        });
+        Ok(())
+    }
+
+    /// Ready `number` (and every earlier one) is durable.
+    pub fn handle_persisted(&mut self, number: u64) {
+        self.raw.on_persist_ready(number);
+        while let Some((n, _)) = self.persisted_messages.front() {
+            if *n > number {
+                break;
+            }
+            let (_, msgs) = self.persisted_messages.pop_front().unwrap();
+            if !msgs.is_empty() {
+                self.actions.push(Action::Send(msgs));
+            }
+        }
+    }
+
+    /// The state machine applied everything up to `index`.
+    pub fn handle_applied(&mut self, index: u64) {
+        assert!(
+            index <= self.dispatched_index,
+            "applied {} beyond dispatched {}",
+            index,
+            self.dispatched_index
+        );
+        if index > self.applied_index {
+            self.applied_index = index;
+            self.raw.advance_apply_to(index);
+        }
+    }
+
+    /// Fails every pending request with a shutdown error. Call once, when the
+    /// shell stops.
+    pub fn shutdown(&mut self) -> Vec<Action> {
+        for (id, _) in std::mem::take(&mut self.proposal_queue) {
+            self.actions.push(Action::ProposalFailed {
+                id,
+                error: ProposeError::Shutdown,
+            });
+        }
+        for p in std::mem::take(&mut self.proposals) {
+            self.actions.push(Action::ProposalFailed {
+                id: p.id,
+                error: ProposeError::Shutdown,
+            });
+        }
+        for p in std::mem::take(&mut self.conf_changes) {
+            self.actions.push(Action::ConfChangeFailed {
+                id: p.id,
+                error: ConfChangeError::Shutdown,
+            });
+        }
+        let mut ids = std::mem::take(&mut self.reads_waiting);
+        if let Some(b) = self.read_inflight.take() {
+            ids.extend(b.ids);
+        }
+        for (_, b) in std::mem::take(&mut self.reads_confirmed) {
+            ids.extend(b);
+        }
+        if !ids.is_empty() {
+            self.actions.push(Action::ReadFailed {
+                ids,
+                error: ReadError::Shutdown,
+            });
+        }
+        if let Some(t) = self.transfer.take() {
+            self.actions.push(Action::TransferFailed {
+                id: t.id,
+                error: TransferError::Shutdown,
+            });
+        }
+        std::mem::take(&mut self.actions)
+    }
+
+    // ----- actions out -----
+
+    /// Processes everything raft has ready and returns what the shell must do,
+    /// in order. Call after every batch of `handle_*` calls. An `Err` is fatal.
+    pub fn poll(&mut self) -> Result<Vec<Action>, FatalError> {
+        self.flush_proposals();
+        self.maybe_send_read_index();
+        while self.raw.has_ready() {
+            self.handle_ready()?;
+        }
+        self.maybe_leave_joint();
+        self.release_confirmed_reads();
+        Ok(std::mem::take(&mut self.actions))
+    }
+
+    fn flush_proposals(&mut self) {
+        if self.proposal_queue.is_empty() {
+            return;
+        }
+        let queue = std::mem::take(&mut self.proposal_queue);
+        if self.raw.raft.state != StateRole::Leader || self.raw.raft.lead_transferee.is_some() {
+            let error = if self.raw.raft.state != StateRole::Leader {
+                ProposeError::NotLeader {
+                    leader_hint: self.leader(),
+                    in_flight: false,
+                }
+            } else {
+                ProposeError::Dropped
+            };
+            for (id, _) in queue {
+                self.actions.push(Action::ProposalFailed {
+                    id,
+                    error: error.clone(),
+                });
+            }
+            return;
+        }
+        // One MsgPropose with every queued command: raft appends them together
+        // and broadcasts once, instead of one append message per command.
+        let mut msg = Message::default();
+        msg.set_msg_type(MessageType::MsgPropose);
+        msg.from = self.config.id;
+        let mut entries = Vec::with_capacity(queue.len());
+        let mut ids = Vec::with_capacity(queue.len());
+        for (id, data) in queue {
+            let mut e = Entry::default();
+            e.data = data.into();
+            entries.push(e);
+            ids.push(id);
+        }
+        msg.entries = entries.into();
+        let before = self.raw.raft.raft_log.last_index();
+        match self.raw.raft.step(msg) {
+            Ok(()) => {
+                let last = self.raw.raft.raft_log.last_index();
+                assert_eq!(
+                    last - before,
+                    ids.len() as u64,
+                    "raft appended a different count"
+                );
+                let term = self.raw.raft.term;
+                for (k, id) in ids.into_iter().enumerate() {
+                    let index = before + 1 + k as u64;
+                    if let Some(prev) = self.proposals.back() {
+                        assert!(prev.index < index, "proposals out of index order");
+                    }
+                    self.proposals.push_back(Pending { index, term, id });
+                }
+            }
+            Err(_) => {
+                for id in ids {
+                    self.actions.push(Action::ProposalFailed {
+                        id,
+                        error: ProposeError::Dropped,
+                    });
+                }
+            }
+        }
+    }
+
+    fn handle_ready(&mut self) -> Result<(), FatalError> {
+        let mut rd = self.raw.ready();
+        let number = rd.number();
+
+        if let Some(ss) = rd.ss() {
+            let (leader_id, raft_state) = (ss.leader_id, ss.raft_state);
+            self.on_soft_state(leader_id, raft_state);
+        }
+        if !rd.read_states().is_empty() {
+            for rs in rd.take_read_states() {
+                self.on_read_state(rs.index, &rs.request_ctx);
+            }
+        }
+        // 1. A leader's messages go out before its own write.
+        let msgs = rd.take_messages();
+        if !msgs.is_empty() {
+            self.actions.push(Action::Send(msgs));
+        }
+        // 2. Snapshot and committed entries, in log order.
+        let mut batch = WriteBatch {
+            group_id: self.config.group_id,
+            ..Default::default()
+        };
+        if !rd.snapshot().is_empty() {
+            let snap = rd.snapshot().clone();
+            let index = snap.get_metadata().index;
+            assert!(
+                index > self.dispatched_index,
+                "snapshot {} not ahead of dispatched {}",
+                index,
+                self.dispatched_index
+            );
+            batch.snapshot = Some(snap.get_metadata().clone());
+            self.dispatched_index = index;
+            self.actions.push(Action::RestoreSnapshot(snap));
+        }
+        let committed = rd.take_committed_entries();
+        if !committed.is_empty() {
+            self.on_committed(committed);
+        }
+        // 3. Stage new entries and hard state; the shell makes them durable.
+        batch.entries = rd.take_entries();
+        if let Some(hs) = rd.hs() {
+            if hs.term != self.term {
+                self.term = hs.term;
+                self.leader_committed_in_term = false;
+            }
+            batch.hard_state = Some(hs.clone());
+        }
+        let must_sync = rd.must_sync();
+        if !batch.is_empty() {
+            self.raw.store().stage(batch)?;
+        }
+        let persisted = rd.take_persisted_messages();
+        self.persisted_messages.push_back((number, persisted));
+        self.actions.push(Action::Persist { number, must_sync });
+        // 4. Let raft go on while the sync runs.
+        self.raw.advance_append_async(rd);
+        self.note_leader_commit();
+        Ok(())
+    }
+
+    fn on_soft_state(&mut self, leader_id: NodeId, raft_state: StateRole) {
+        let was_leader = self.raft_state == StateRole::Leader;
+        let leader_changed = leader_id != self.leader_id;
+        self.leader_id = leader_id;
+        self.raft_state = raft_state;
+        if was_leader && raft_state != StateRole::Leader {
+            self.fail_pending_on_step_down();
+        }
+        if leader_changed {
+            self.actions.push(Action::Event(NodeEvent::LeaderChanged {
+                leader: (leader_id != 0).then_some(leader_id),
+                term: self.raw.raft.term,
+            }));
+            if let Some(t) = &self.transfer {
+                if t.to == leader_id {
+                    let id = t.id;
+                    self.transfer = None;
+                    self.actions.push(Action::TransferDone { id });
+                }
+            }
+            // A new leader will not answer requests sent to the old one.
+            if let Some(b) = &mut self.read_inflight {
+                b.sent_tick = 0;
+            }
+        }
+        if raft_state == StateRole::Leader {
+            self.leader_committed_in_term = false;
+        }
+    }
+
+    fn fail_pending_on_step_down(&mut self) {
+        let leader_hint = (self.leader_id != 0).then_some(self.leader_id);
+        for (id, _) in std::mem::take(&mut self.proposal_queue) {
+            self.actions.push(Action::ProposalFailed {
+                id,
+                error: ProposeError::NotLeader {
+                    leader_hint,
+                    in_flight: false,
+                },
+            });
+        }
+        for p in std::mem::take(&mut self.proposals) {
+            self.actions.push(Action::ProposalFailed {
+                id: p.id,
+                error: ProposeError::NotLeader {
+                    leader_hint,
+                    in_flight: true,
+                },
+            });
+        }
+        for p in std::mem::take(&mut self.conf_changes) {
+            self.actions.push(Action::ConfChangeFailed {
+                id: p.id,
+                error: ConfChangeError::Dropped { in_flight: true },
+            });
+        }
+        if let Some(t) = self.transfer.take() {
+            if t.to == self.leader_id {
+                self.actions.push(Action::TransferDone { id: t.id });
+            } else {
+                self.actions.push(Action::TransferFailed {
+                    id: t.id,
+                    error: TransferError::NotLeader { leader_hint },
+                });
+            }
+        }
+    }
+
+    fn on_committed(&mut self, entries: Vec<Entry>) {
+        let mut proposals = Vec::new();
+        for e in &entries {
+            assert_eq!(
+                e.index,
+                self.dispatched_index + 1,
+                "committed entries must follow the last dispatched index"
+            );
+            self.dispatched_index = e.index;
+            // Proposals at lower indexes can no longer commit: their slot went
+            // to another entry.
+            while let Some(p) = self.proposals.front() {
+                if p.index > e.index {
+                    break;
+                }
+                let p = self.proposals.pop_front().unwrap();
+                if p.index == e.index && p.term == e.term {
+                    proposals.push((p.index, p.id));
+                } else {
+                    self.actions.push(Action::ProposalFailed {
+                        id: p.id,
+                        error: ProposeError::Dropped,
+                    });
+                }
+            }
+            match e.get_entry_type() {
+                EntryType::EntryNormal => {}
+                EntryType::EntryConfChange | EntryType::EntryConfChangeV2 => {
+                    // Apply the pending batch first so events stay in log order.
+                    self.apply_conf_change_entry(e);
+                }
+            }
+        }
+        // Conf-change entries that did not come back as one (raft turned
+        // them into empty entries) have failed.
+        let last = self.dispatched_index;
+        while let Some(p) = self.conf_changes.front() {
+            if p.index > last {
+                break;
+            }
+            let p = self.conf_changes.pop_front().unwrap();
+            self.actions.push(Action::ConfChangeFailed {
+                id: p.id,
+                error: ConfChangeError::InProgress,
+            });
+        }
+        self.actions
+            .push(Action::Apply(ApplyBatch { entries, proposals }));
+    }
+
+    fn apply_conf_change_entry(&mut self, e: &Entry) {
+        let (changes, context, result) = if e.get_entry_type() == EntryType::EntryConfChange {
+            let mut cc = ConfChange::default();
+            if let Err(err) = cc.merge_from_bytes(&e.data) {
+                panic!(
+                    "committed conf change at {} does not decode: {}",
+                    e.index, err
+                );
+            }
+            let v2 = raft_proto::ConfChangeI::as_v2(&cc).into_owned();
+            let ctx = cc.context.clone();
+            (v2.changes.to_vec(), ctx, self.raw.apply_conf_change(&cc))
+        } else {
+            let mut cc = ConfChangeV2::default();
+            if let Err(err) = cc.merge_from_bytes(&e.data) {
+                panic!(
+                    "committed conf change at {} does not decode: {}",
+                    e.index, err
+                );
+            }
+            let ctx = cc.context.clone();
+            (cc.changes.to_vec(), ctx, self.raw.apply_conf_change(&cc))
+        };
+        let conf_state = match result {
+            Ok(cs) => cs,
+            Err(err) => {
+                // raft validated the change when it was proposed; a committed
+                // change that no longer applies is a broken invariant.
+                panic!(
+                    "committed conf change at {} failed to apply: {}",
+                    e.index, err
+                );
+            }
+        };
+        self.raw
+            .store()
+            .stage(WriteBatch {
+                group_id: self.config.group_id,
+                conf_state: Some(conf_state.clone()),
+                ..Default::default()
+            })
+            .expect("staging a conf state in memory");
+        if let Some(p) = self.conf_changes.front() {
+            if p.index == e.index {
+                let p = self.conf_changes.pop_front().unwrap();
+                if p.term == e.term {
+                    self.actions.push(Action::ConfChangeDone {
+                        id: p.id,
+                        conf_state: conf_state.clone(),
+                    });
+                } else {
+                    self.actions.push(Action::ConfChangeFailed {
+                        id: p.id,
+                        error: ConfChangeError::Dropped { in_flight: true },
+                    });
+                }
+            }
+        }
+        let me = self.config.id;
+        let still_member = conf_state.voters.contains(&me)
+            || conf_state.learners.contains(&me)
+            || conf_state.voters_outgoing.contains(&me);
+        self.actions
+            .push(Action::Event(NodeEvent::MembershipChanged {
+                conf_state: conf_state.clone(),
+                changes,
+                context,
+            }));
+        if still_member {
+            self.was_member = true;
+        } else if self.was_member && !self.removed {
+            self.on_removed(&conf_state);
+        }
+    }
+
+    fn on_removed(&mut self, conf_state: &ConfState) {
+        self.removed = true;
+        self.actions.push(Action::Event(NodeEvent::Removed));
+        if self.raw.raft.state == StateRole::Leader {
+            // raft-rs keeps a removed leader leading; hand leadership to the
+            // most caught-up voter so the group does not wait for an election.
+            let best = conf_state
+                .voters
+                .iter()
+                .copied()
+                .max_by_key(|id| self.raw.raft.prs().get(*id).map_or(0, |p| p.matched));
+            if let Some(to) = best {
+                self.raw.transfer_leader(to);
+            }
+        }
+    }
+
+    fn note_leader_commit(&mut self) {
+        if self.raw.raft.state == StateRole::Leader && !self.leader_committed_in_term {
+            let committed = self.raw.raft.raft_log.committed;
+            let term = self.raw.raft.raft_log.term(committed).unwrap_or(0);
+            if term == self.raw.raft.term {
+                self.leader_committed_in_term = true;
+                // raft-rs dropped read-index requests until now: ask again.
+                if let Some(b) = &mut self.read_inflight {
+                    b.sent_tick = 0;
+                }
+                self.maybe_send_read_index();
+            }
+        }
+    }
+
+    fn maybe_leave_joint(&mut self) {
+        // raft-rs leaves an auto joint state when the leader applies the entry
+        // that entered it; a leader elected in between would never leave.
+        if self.raw.raft.state != StateRole::Leader || !self.leader_committed_in_term {
+            return;
+        }
+        if self.conf_state().voters_outgoing.is_empty() || self.raw.raft.has_pending_conf() {
+            return;
+        }
+        let mut cc = ConfChangeV2::default();
+        cc.set_transition(ConfChangeTransition::Auto);
+        let _ = self.raw.propose_conf_change(Vec::new(), cc);
+    }
+
+    // ----- reads -----
+
+    fn maybe_send_read_index(&mut self) {
+        if self.read_inflight.is_none() && !self.reads_waiting.is_empty() {
+            self.read_inflight = Some(ReadBatch {
+                ids: std::mem::take(&mut self.reads_waiting),
+                contexts: Vec::new(),
+                started_tick: self.reads_waiting_since_tick,
+                sent_tick: 0,
+            });
+        }
+        let tick = self.tick_count;
+        let retry = self.config.read_retry_ticks;
+        let Some(batch) = &mut self.read_inflight else {
+            return;
+        };
+        let due =
+            batch.contexts.is_empty() || batch.sent_tick == 0 || tick >= batch.sent_tick + retry;
+        if !due || batch.contexts.len() >= READ_CONTEXTS_PER_BATCH_MAX {
+            return;
+        }
+        let ctx = self.next_read_context;
+        self.next_read_context += 1;
+        batch.contexts.push(ctx);
+        batch.sent_tick = tick.max(1);
+        self.raw.read_index(ctx.to_be_bytes().to_vec());
+    }
+
+    fn on_read_state(&mut self, index: u64, ctx: &[u8]) {
+        let Ok(bytes) = <[u8; 8]>::try_from(ctx) else {
+            return;
+        };
+        let ctx = u64::from_be_bytes(bytes);
+        let matches = self
+            .read_inflight
+            .as_ref()
+            .is_some_and(|b| b.contexts.contains(&ctx));
+        if !matches {
+            return; // An answer to a batch already answered or failed.
+        }
+        let batch = self.read_inflight.take().unwrap();
+        self.reads_confirmed.push_back((index, batch.ids));
+        // The next batch goes out right away.
+        self.maybe_send_read_index();
+    }
+
+    fn release_confirmed_reads(&mut self) {
+        while let Some((index, _)) = self.reads_confirmed.front() {
+            if *index > self.dispatched_index {
+                break;
+            }
+            let (read_index, ids) = self.reads_confirmed.pop_front().unwrap();
+            self.actions.push(Action::ReadReady { ids, read_index });
+        }
+    }
+
+    fn check_read_timers(&mut self) {
+        let tick = self.tick_count;
+        let timeout = self.config.read_timeout_ticks;
+        if self
+            .read_inflight
+            .as_ref()
+            .is_some_and(|b| tick >= b.started_tick + timeout)
+        {
+            let b = self.read_inflight.take().unwrap();
+            self.actions.push(Action::ReadFailed {
+                ids: b.ids,
+                error: ReadError::Timeout,
+            });
+        }
+        if !self.reads_waiting.is_empty() && tick >= self.reads_waiting_since_tick + timeout {
+            let ids = std::mem::take(&mut self.reads_waiting);
+            self.actions.push(Action::ReadFailed {
+                ids,
+                error: ReadError::Timeout,
+            });
+        }
+        self.maybe_send_read_index();
+    }
+
+    fn check_transfer_timer(&mut self) {
+        if self
+            .transfer
+            .as_ref()
+            .is_some_and(|t| self.tick_count >= t.deadline_tick)
+        {
+            let t = self.transfer.take().unwrap();
+            self.actions.push(Action::TransferFailed {
+                id: t.id,
+                error: TransferError::Timeout,
+            });
+        }
+    }
+}

@@ -1,0 +1,92 @@
+//! Storage layer of raftwork: where the Raft log and snapshots live.
+//!
+//! Two seams, each a trait with an in-memory implementation here:
+//!
+//! * [`LogStore`]: the Raft log, hard state and conf state. It *is* a
+//!   [`raft::Storage`] (raft-rs reads through it) and adds the write side used by
+//!   the ready loop: [`LogStore::stage`] makes a batch readable at once, and
+//!   [`LogStore::sync`] makes everything staged durable. Splitting the two is what
+//!   lets the core use raft-rs's asynchronous persistence: raft-rs requires that
+//!   entries be readable from `Storage` before `advance_append_async`, and only
+//!   reports them persisted after the sync.
+//! * [`SnapshotStore`]: state-machine snapshots, written and read as streams,
+//!   never as one buffer.
+//!
+//! Invariants every implementation keeps (the conformance tests in
+//! `tests/log_store.rs` check them):
+//! * entries are contiguous: `first_index ..= last_index` with no gap;
+//! * staging entries that start at index `i` replaces every entry at `>= i`;
+//! * `term(first_index - 1)` answers with the term of the compaction point.
+//!
+//! What it deliberately does not do: decide *when* to sync or snapshot. The
+//! core and the shell decide that.
+
+#![warn(missing_docs)]
+#![forbid(unsafe_code)]
+
+mod error;
+mod mem_log;
+mod snapshot;
+
+pub use error::StorageError;
+pub use mem_log::MemLogStore;
+pub use snapshot::{MemSnapshotStore, SnapshotMeta, SnapshotReader, SnapshotStore, SnapshotWriter};
+
+use raft::prelude::{ConfState, Entry, HardState, SnapshotMetadata};
+
+/// Everything one ready asks the log store to record, applied atomically by
+/// [`LogStore::stage`].
+#[derive(Debug, Default, Clone)]
+pub struct WriteBatch {
+    /// Raft group the batch belongs to (1 for a single-group node).
+    pub group_id: u64,
+    /// If set, the log is reset to start right after this snapshot point
+    /// (a follower installing a snapshot). Applied before `entries`.
+    pub snapshot: Option<SnapshotMetadata>,
+    /// New entries. The first one may overwrite a conflicting suffix.
+    pub entries: Vec<Entry>,
+    /// New hard state (term, vote, commit), if it changed.
+    pub hard_state: Option<HardState>,
+    /// New conf state, if a conf change was applied.
+    pub conf_state: Option<ConfState>,
+}
+
+impl WriteBatch {
+    /// True when the batch records nothing.
+    pub fn is_empty(&self) -> bool {
+        self.snapshot.is_none()
+            && self.entries.is_empty()
+            && self.hard_state.is_none()
+            && self.conf_state.is_none()
+    }
+}
+
+/// The write side of a Raft log store.
+///
+/// # Correctness requirements
+/// * After `stage(batch)` returns `Ok`, every read through [`raft::Storage`]
+///   sees the batch (raft-rs relies on this before `advance_append_async`).
+/// * After `sync()` returns `Ok`, every batch staged before the call survives a
+///   crash. A store that cannot promise that must return an error; any error
+///   from `sync` is fatal to the node (it stops, it never retries).
+/// * `compact(i)` discards entries before `i`; `term(i - 1)` keeps answering.
+///
+/// Implementations are cheap handles (`Clone`) onto shared state: the core
+/// reads through one clone while the shell syncs through another.
+pub trait LogStore: raft::Storage + Clone + Send + Sync + 'static {
+    /// Records `batch` so that reads see it. Durable only after [`LogStore::sync`].
+    fn stage(&self, batch: WriteBatch) -> Result<(), StorageError>;
+
+    /// Makes every staged batch durable.
+    fn sync(&self) -> Result<(), StorageError>;
+
+    /// Drops entries before `index`, which becomes the first index. The term of
+    /// `index - 1` is kept. `index` must be at most `last_index + 1`.
+    fn compact(&self, index: u64) -> Result<(), StorageError>;
+
+    /// True if this store keeps nothing across a crash, so `sync` is a no-op and
+    /// the shell can acknowledge persistence inline. Default: false.
+    fn is_volatile(&self) -> bool {
+        false
+    }
+}
