@@ -223,6 +223,19 @@ struct Transfer {
     deadline_tick: u64,
 }
 
+/// Context of every entry that carries a user command (format version 1).
+///
+/// Entry format: an `EntryNormal` whose `context` is `[0x01]` holds one user
+/// command in `data` (possibly empty). Every other `EntryNormal` (the empty
+/// entry a new leader appends) is raft's own and never reaches the state
+/// machine.
+pub const COMMAND_CONTEXT: &[u8] = &[0x01];
+
+/// True if `entry` carries a user command for the state machine.
+pub fn is_command(entry: &Entry) -> bool {
+    entry.get_entry_type() == EntryType::EntryNormal && entry.context.as_ref() == COMMAND_CONTEXT
+}
+
 /// Bounds on what the core keeps in flight; beyond them requests fail fast.
 const READ_CONTEXTS_PER_BATCH_MAX: usize = 64;
 
@@ -281,6 +294,11 @@ impl<S: LogStore> Core<S> {
         let me = config.id;
         let cs = raw.raft.prs().conf().to_conf_state();
         let was_member = cs.voters.contains(&me) || cs.learners.contains(&me);
+        let mut raw = raw;
+        if cs.voters == [me] && cs.voters_outgoing.is_empty() {
+            // The only voter: no one else can win, so skip the election timeout.
+            raw.campaign()?;
+        }
         Ok(Self {
             raw,
             logger: logger.clone(),
@@ -704,6 +722,7 @@ impl<S: LogStore> Core<S> {
         for (id, data) in queue {
             let mut e = Entry::default();
             e.data = data.into();
+            e.context = Bytes::from_static(COMMAND_CONTEXT);
             entries.push(e);
             ids.push(id);
         }

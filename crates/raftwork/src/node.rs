@@ -1,0 +1,260 @@
+//! [`Node`]: the handle applications hold. Cheap to clone, `Send + Sync`;
+//! every method is a message to the node's ready loop.
+
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use raft::prelude::ConfState;
+use raftwork_core::{
+    ConfChangeError, MembershipChange, NodeEvent, NodeId, ProposeError, ReadError, Status,
+    TransferError,
+};
+use tokio::sync::{broadcast, mpsc, oneshot};
+use tokio::task::JoinHandle;
+
+use crate::state_machine::StateMachine;
+
+/// A read to run against the state machine, or the reason it cannot run.
+pub(crate) type ReadFn<SM> = Box<dyn FnOnce(Result<&SM, ReadError>) + Send>;
+/// Where a proposal's outcome goes.
+pub(crate) type ProposeReply<SM> =
+    oneshot::Sender<Result<(u64, <SM as StateMachine>::Response), ProposeError>>;
+
+/// Why a wait ended without its condition.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[non_exhaustive]
+pub enum WaitError {
+    /// The condition did not hold in time.
+    #[error("timed out")]
+    Timeout,
+    /// The node stopped.
+    #[error("node is shutting down")]
+    Shutdown,
+}
+
+pub(crate) enum Request<SM: StateMachine> {
+    Propose {
+        command: Vec<u8>,
+        reply: ProposeReply<SM>,
+    },
+    Read {
+        read: ReadFn<SM>,
+    },
+    StaleRead {
+        read: ReadFn<SM>,
+    },
+    ConfChange {
+        change: MembershipChange,
+        context: Vec<u8>,
+        reply: oneshot::Sender<Result<ConfState, ConfChangeError>>,
+    },
+    Transfer {
+        to: NodeId,
+        reply: oneshot::Sender<Result<(), TransferError>>,
+    },
+    Status {
+        reply: oneshot::Sender<Status>,
+    },
+    Shutdown,
+}
+
+pub(crate) struct Shared<SM: StateMachine> {
+    pub(crate) id: NodeId,
+    pub(crate) requests: mpsc::Sender<Request<SM>>,
+    pub(crate) events: broadcast::Sender<NodeEvent>,
+    pub(crate) tasks: Mutex<Vec<JoinHandle<()>>>,
+    pub(crate) stopped: Arc<AtomicBool>,
+    pub(crate) propose_timeout: Duration,
+    pub(crate) read_timeout: Duration,
+    pub(crate) membership_timeout: Duration,
+}
+
+/// A running Raft node. Clone it freely: all clones drive the same node.
+pub struct Node<SM: StateMachine> {
+    pub(crate) shared: Arc<Shared<SM>>,
+}
+
+impl<SM: StateMachine> Clone for Node<SM> {
+    fn clone(&self) -> Self {
+        Self {
+            shared: self.shared.clone(),
+        }
+    }
+}
+
+impl<SM: StateMachine> Node<SM> {
+    /// This node's id.
+    pub fn id(&self) -> NodeId {
+        self.shared.id
+    }
+
+    async fn request(&self, request: Request<SM>) -> bool {
+        self.shared.requests.send(request).await.is_ok()
+    }
+
+    /// Proposes `command`. Resolves once it is applied on this node, with its
+    /// log index and the state machine's response.
+    ///
+    /// Fails fast with [`ProposeError::NotLeader`] on a follower. Never hangs:
+    /// after the proposal timeout it fails with [`ProposeError::Timeout`].
+    pub async fn propose(&self, command: impl Into<Vec<u8>>) -> Result<(u64, SM::Response), ProposeError> {
+        let (reply, rx) = oneshot::channel();
+        let command = command.into();
+        if !self.request(Request::Propose { command, reply }).await {
+            return Err(ProposeError::Shutdown);
+        }
+        match tokio::time::timeout(self.shared.propose_timeout, rx).await {
+            Ok(Ok(result)) => result,
+            Ok(Err(_)) => Err(ProposeError::Shutdown),
+            Err(_) => Err(ProposeError::Timeout),
+        }
+    }
+
+    /// Runs `f` on the state machine once it reflects every write that
+    /// completed before this call (ReadIndex). Works on followers; concurrent
+    /// reads share one ReadIndex round.
+    pub async fn read<R, F>(&self, f: F) -> Result<R, ReadError>
+    where
+        F: FnOnce(&SM) -> R + Send + 'static,
+        R: Send + 'static,
+    {
+        let (tx, rx) = oneshot::channel();
+        let read: ReadFn<SM> = Box::new(move |sm| {
+            let _ = tx.send(sm.map(f));
+        });
+        if !self.request(Request::Read { read }).await {
+            return Err(ReadError::Shutdown);
+        }
+        match tokio::time::timeout(self.shared.read_timeout, rx).await {
+            Ok(Ok(result)) => result,
+            Ok(Err(_)) => Err(ReadError::Shutdown),
+            Err(_) => Err(ReadError::Timeout),
+        }
+    }
+
+    /// Runs `f` on the local state machine as it is now: no ReadIndex round,
+    /// so the result may miss recent writes. Explicitly stale.
+    pub async fn read_stale<R, F>(&self, f: F) -> Result<R, ReadError>
+    where
+        F: FnOnce(&SM) -> R + Send + 'static,
+        R: Send + 'static,
+    {
+        let (tx, rx) = oneshot::channel();
+        let read: ReadFn<SM> = Box::new(move |sm| {
+            let _ = tx.send(sm.map(f));
+        });
+        if !self.request(Request::StaleRead { read }).await {
+            return Err(ReadError::Shutdown);
+        }
+        rx.await.unwrap_or(Err(ReadError::Shutdown))
+    }
+
+    async fn change(&self, change: MembershipChange, context: Vec<u8>) -> Result<ConfState, ConfChangeError> {
+        let (reply, rx) = oneshot::channel();
+        if !self
+            .request(Request::ConfChange {
+                change,
+                context,
+                reply,
+            })
+            .await
+        {
+            return Err(ConfChangeError::Shutdown);
+        }
+        match tokio::time::timeout(self.shared.membership_timeout, rx).await {
+            Ok(Ok(result)) => result,
+            Ok(Err(_)) => Err(ConfChangeError::Shutdown),
+            Err(_) => Err(ConfChangeError::Dropped { in_flight: true }),
+        }
+    }
+
+    /// Adds a voter. `context` is replicated with the change and delivered to
+    /// every member in [`NodeEvent::MembershipChanged`] (addresses, names).
+    pub async fn add_voter(&self, id: NodeId, context: impl Into<Vec<u8>>) -> Result<ConfState, ConfChangeError> {
+        self.change(MembershipChange::AddVoter(id), context.into()).await
+    }
+
+    /// Adds a learner (non-voting member).
+    pub async fn add_learner(&self, id: NodeId, context: impl Into<Vec<u8>>) -> Result<ConfState, ConfChangeError> {
+        self.change(MembershipChange::AddLearner(id), context.into()).await
+    }
+
+    /// Promotes a learner to voter. Refused with
+    /// [`ConfChangeError::LearnerNotCaughtUp`] until it has caught up.
+    pub async fn promote_learner(&self, id: NodeId) -> Result<ConfState, ConfChangeError> {
+        self.change(MembershipChange::PromoteLearner(id), Vec::new()).await
+    }
+
+    /// Removes a member, the leader itself included. Refused if it would
+    /// leave no voter.
+    pub async fn remove_node(&self, id: NodeId) -> Result<ConfState, ConfChangeError> {
+        self.change(MembershipChange::Remove(id), Vec::new()).await
+    }
+
+    /// Transfers leadership to `to`. Resolves once `to` leads.
+    pub async fn transfer_leader(&self, to: NodeId) -> Result<(), TransferError> {
+        let (reply, rx) = oneshot::channel();
+        if !self.request(Request::Transfer { to, reply }).await {
+            return Err(TransferError::Shutdown);
+        }
+        rx.await.unwrap_or(Err(TransferError::Shutdown))
+    }
+
+    /// A point-in-time view of this node. `None` once it has stopped.
+    pub async fn status(&self) -> Option<Status> {
+        let (reply, rx) = oneshot::channel();
+        if !self.request(Request::Status { reply }).await {
+            return None;
+        }
+        rx.await.ok()
+    }
+
+    /// Waits until this node knows a leader, and returns it.
+    pub async fn wait_for_leader(&self, timeout: Duration) -> Result<NodeId, WaitError> {
+        let mut events = self.subscribe();
+        let wait = async {
+            loop {
+                match self.status().await {
+                    None => return Err(WaitError::Shutdown),
+                    Some(Status {
+                        leader: Some(leader),
+                        ..
+                    }) => return Ok(leader),
+                    Some(_) => {}
+                }
+                match events.recv().await {
+                    Ok(NodeEvent::LeaderChanged {
+                        leader: Some(leader),
+                        ..
+                    }) => return Ok(leader),
+                    Ok(_) | Err(broadcast::error::RecvError::Lagged(_)) => {}
+                    Err(broadcast::error::RecvError::Closed) => return Err(WaitError::Shutdown),
+                }
+            }
+        };
+        tokio::time::timeout(timeout, wait)
+            .await
+            .unwrap_or(Err(WaitError::Timeout))
+    }
+
+    /// Subscribes to leader and membership changes.
+    pub fn subscribe(&self) -> broadcast::Receiver<NodeEvent> {
+        self.shared.events.subscribe()
+    }
+
+    /// True once the node's ready loop has stopped (shutdown or fatal error).
+    pub fn is_stopped(&self) -> bool {
+        self.shared.stopped.load(Ordering::Acquire)
+    }
+
+    /// Stops the node and resolves when every task it started has ended.
+    /// Pending requests fail with a shutdown error. Idempotent.
+    pub async fn shutdown(&self) {
+        let _ = self.shared.requests.send(Request::Shutdown).await;
+        let tasks = std::mem::take(&mut *self.shared.tasks.lock().unwrap());
+        for t in tasks {
+            let _ = t.await;
+        }
+    }
+}

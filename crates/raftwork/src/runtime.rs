@@ -1,0 +1,466 @@
+//! The tokio shell: the ready-loop task that feeds events to the core and
+//! carries out its actions, the apply task that owns the state machine, and
+//! the sync worker that makes the log durable off the loop.
+//!
+//! ```text
+//!  Node handles ──requests──▶ ┌────────────┐ ──Send──▶ Transport
+//!  Transport ─────inbox─────▶ │ ready loop │ ──Apply/Read──▶ apply task ──▶ StateMachine
+//!  tick timer ──────────────▶ │  (Core)    │ ◀──applied index──┘
+//!                             └────────────┘ ──Persist──▶ sync worker (fsync) ─┐
+//!                                   ▲────────────── persisted number ───────────┘
+//! ```
+//!
+//! Invariants:
+//! * the loop is the only owner of the core; nothing else touches raft;
+//! * the apply queue is FIFO, so a read released after an `Apply` runs after
+//!   it: that is what makes a ReadIndex read see every earlier write;
+//! * persists complete in ready order (one worker, in order);
+//! * a sync error is fatal: the loop stops and every pending request fails.
+
+use std::collections::HashMap;
+use std::sync::atomic::Ordering;
+use std::sync::Arc;
+
+use raft::prelude::{ConfState, Message, Snapshot};
+use raftwork_core::{
+    is_command, Action, ApplyBatch, ConfChangeError, Core, NodeEvent, RequestId,
+    TransferError,
+};
+use raftwork_storage::LogStore;
+use raftwork_transport::{Envelope, Inbound, Inbox, Transport};
+use tokio::sync::{broadcast, mpsc, oneshot};
+
+use crate::node::{ProposeReply, ReadFn, Request};
+use crate::state_machine::{Command, StateMachine};
+
+/// Most events drained per channel before the core is polled; bounds the
+/// loop's latency while still batching bursts.
+const DRAIN_EVENTS_MAX: usize = 4096;
+
+pub(crate) enum ApplyMsg<SM: StateMachine> {
+    Apply {
+        batch: ApplyBatch,
+        replies: Vec<(u64, ProposeReply<SM>)>,
+    },
+    Restore(Snapshot),
+    Reads(Vec<ReadFn<SM>>),
+}
+
+/// The state-machine side: applies in order and reports the applied index.
+pub(crate) async fn apply_task<SM: StateMachine>(
+    mut sm: SM,
+    mut rx: mpsc::UnboundedReceiver<ApplyMsg<SM>>,
+    applied_tx: mpsc::UnboundedSender<u64>,
+) {
+    while let Some(msg) = rx.recv().await {
+        match msg {
+            ApplyMsg::Apply { batch, replies } => {
+                let last = batch.entries.last().map(|e| e.index);
+                apply_batch(&mut sm, batch, replies);
+                if let Some(index) = last {
+                    let _ = applied_tx.send(index);
+                }
+            }
+            ApplyMsg::Restore(snapshot) => {
+                let mut reader = snapshot.data.as_ref();
+                if let Err(e) = sm.restore(&mut reader) {
+                    // A snapshot that cannot be restored leaves the state
+                    // machine undefined; continuing would diverge.
+                    panic!("state machine failed to restore snapshot {}: {}", snapshot.get_metadata().index, e);
+                }
+                let _ = applied_tx.send(snapshot.get_metadata().index);
+            }
+            ApplyMsg::Reads(reads) => {
+                for read in reads {
+                    read(Ok(&sm));
+                }
+            }
+        }
+    }
+}
+
+fn apply_batch<SM: StateMachine>(sm: &mut SM, batch: ApplyBatch, replies: Vec<(u64, ProposeReply<SM>)>) {
+    let commands: Vec<Command<'_>> = batch
+        .entries
+        .iter()
+        .filter(|e| is_command(e))
+        .map(|e| Command {
+            index: e.index,
+            term: e.term,
+            data: &e.data,
+        })
+        .collect();
+    if commands.is_empty() {
+        return;
+    }
+    let responses = sm.apply(&commands);
+    assert_eq!(
+        responses.len(),
+        commands.len(),
+        "StateMachine::apply must return one response per command"
+    );
+    if replies.is_empty() {
+        return;
+    }
+    // Both are in index order: walk them together.
+    let mut replies = replies.into_iter().peekable();
+    for (cmd, resp) in commands.iter().zip(responses) {
+        match replies.peek() {
+            Some((index, _)) if *index == cmd.index => {
+                let (index, reply) = replies.next().unwrap();
+                let _ = reply.send(Ok((index, resp)));
+            }
+            _ => {}
+        }
+    }
+    assert!(replies.next().is_none(), "a local proposal was not among the applied commands");
+}
+
+/// Everything the loop owns.
+pub(crate) struct ReadyLoop<SM: StateMachine, S: LogStore> {
+    pub(crate) core: Core<S>,
+    pub(crate) transport: Box<dyn Transport>,
+    pub(crate) inbox: Inbox,
+    pub(crate) requests: mpsc::Receiver<Request<SM>>,
+    pub(crate) apply_tx: mpsc::UnboundedSender<ApplyMsg<SM>>,
+    pub(crate) applied_rx: mpsc::UnboundedReceiver<u64>,
+    pub(crate) events: broadcast::Sender<NodeEvent>,
+    pub(crate) tick_interval: std::time::Duration,
+    pub(crate) stopped: Arc<std::sync::atomic::AtomicBool>,
+    pub(crate) sync: SyncMode,
+    pub(crate) next_request_id: RequestId,
+    pub(crate) proposals: HashMap<RequestId, ProposeReply<SM>>,
+    pub(crate) reads: HashMap<RequestId, ReadFn<SM>>,
+    pub(crate) conf_changes: HashMap<RequestId, oneshot::Sender<Result<ConfState, ConfChangeError>>>,
+    pub(crate) transfers: HashMap<RequestId, oneshot::Sender<Result<(), TransferError>>>,
+}
+
+/// How persists are made durable.
+pub(crate) enum SyncMode {
+    /// The store keeps nothing across a crash: acknowledge at once.
+    Inline,
+    /// A worker thread syncs and reports back.
+    Worker {
+        jobs: mpsc::UnboundedSender<(u64, bool)>,
+        done: mpsc::UnboundedReceiver<Result<u64, String>>,
+    },
+}
+
+/// Starts the sync worker thread for `store`.
+pub(crate) fn spawn_sync_worker<S: LogStore>(store: S) -> (SyncMode, std::thread::JoinHandle<()>) {
+    let (jobs_tx, mut jobs_rx) = mpsc::unbounded_channel::<(u64, bool)>();
+    let (done_tx, done_rx) = mpsc::unbounded_channel();
+    let handle = std::thread::Builder::new()
+        .name("raftwork-sync".into())
+        .spawn(move || {
+            while let Some((mut number, mut must_sync)) = jobs_rx.blocking_recv() {
+                // Group commit: one sync covers every ready queued by now.
+                while let Ok((n, m)) = jobs_rx.try_recv() {
+                    number = n;
+                    must_sync |= m;
+                }
+                if must_sync {
+                    if let Err(e) = store.sync() {
+                        let _ = done_tx.send(Err(e.to_string()));
+                        return;
+                    }
+                }
+                if done_tx.send(Ok(number)).is_err() {
+                    return;
+                }
+            }
+        })
+        .expect("spawning the sync worker thread");
+    (
+        SyncMode::Worker {
+            jobs: jobs_tx,
+            done: done_rx,
+        },
+        handle,
+    )
+}
+
+enum Step<SM: StateMachine> {
+    Request(Request<SM>),
+    Inbound(Inbound),
+    Applied(u64),
+    Persisted(Result<u64, String>),
+    Tick,
+    Closed,
+}
+
+impl<SM: StateMachine, S: LogStore> ReadyLoop<SM, S> {
+    pub(crate) async fn run(mut self) {
+        let mut ticker = tokio::time::interval(self.tick_interval);
+        ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        ticker.tick().await;
+        let reason = loop {
+            let step = tokio::select! {
+                biased;
+                r = Self::next_persisted(&mut self.sync) => Step::Persisted(r),
+                Some(i) = self.applied_rx.recv() => Step::Applied(i),
+                Some(m) = self.inbox.recv() => Step::Inbound(m),
+                r = self.requests.recv() => r.map_or(Step::Closed, Step::Request),
+                _ = ticker.tick() => Step::Tick,
+            };
+            if let Err(reason) = self.handle_step(step) {
+                break reason;
+            }
+            if let Err(reason) = self.drain() {
+                break reason;
+            }
+            if let Err(reason) = self.drive() {
+                break reason;
+            }
+        };
+        match &reason {
+            StopReason::Shutdown => tracing::info!(node = self.core.id(), "node stopped"),
+            StopReason::Fatal(e) => tracing::error!(node = self.core.id(), error = %e, "node stopped on a fatal error"),
+        }
+        let actions = self.core.shutdown();
+        self.execute(actions);
+        // Requests still queued get their shutdown error as their replies drop.
+        self.requests.close();
+        while let Ok(r) = self.requests.try_recv() {
+            drop(r);
+        }
+        self.transport.shutdown();
+        self.stopped.store(true, Ordering::Release);
+        // Dropping apply_tx ends the apply task after its queue drains;
+        // dropping the sync jobs sender ends the sync worker.
+    }
+
+    async fn next_persisted(sync: &mut SyncMode) -> Result<u64, String> {
+        match sync {
+            SyncMode::Inline => std::future::pending().await,
+            SyncMode::Worker { done, .. } => match done.recv().await {
+                Some(r) => r,
+                None => Err("sync worker stopped".into()),
+            },
+        }
+    }
+
+    fn handle_step(&mut self, step: Step<SM>) -> Result<(), StopReason> {
+        match step {
+            Step::Request(r) => self.handle_request(r),
+            Step::Inbound(m) => {
+                self.handle_inbound(m);
+                Ok(())
+            }
+            Step::Applied(i) => {
+                self.core.handle_applied(i);
+                Ok(())
+            }
+            Step::Persisted(Ok(n)) => {
+                self.core.handle_persisted(n);
+                Ok(())
+            }
+            Step::Persisted(Err(e)) => Err(StopReason::Fatal(format!("sync failed: {e}"))),
+            Step::Tick => {
+                self.core.handle_tick();
+                Ok(())
+            }
+            Step::Closed => Err(StopReason::Shutdown),
+        }
+    }
+
+    /// Takes whatever else is already queued, so one poll covers a burst.
+    fn drain(&mut self) -> Result<(), StopReason> {
+        for _ in 0..DRAIN_EVENTS_MAX {
+            match self.inbox.try_recv() {
+                Ok(m) => self.handle_inbound(m),
+                Err(_) => break,
+            }
+        }
+        for _ in 0..DRAIN_EVENTS_MAX {
+            match self.requests.try_recv() {
+                Ok(r) => self.handle_request(r)?,
+                Err(_) => break,
+            }
+        }
+        while let Ok(i) = self.applied_rx.try_recv() {
+            self.core.handle_applied(i);
+        }
+        Ok(())
+    }
+
+    /// Polls the core until it has nothing more to do.
+    fn drive(&mut self) -> Result<(), StopReason> {
+        loop {
+            let actions = self
+                .core
+                .poll()
+                .map_err(|e| StopReason::Fatal(e.to_string()))?;
+            if actions.is_empty() {
+                return Ok(());
+            }
+            if let Some(number) = self.execute(actions) {
+                self.core.handle_persisted(number);
+            }
+        }
+    }
+
+    fn handle_inbound(&mut self, inbound: Inbound) {
+        match inbound {
+            Inbound::Messages(env) => {
+                if env.group_id != self.core.group_id() {
+                    tracing::warn!(group = env.group_id, "dropping envelope for an unknown group");
+                    return;
+                }
+                for m in env.messages {
+                    self.core.handle_message(m);
+                }
+            }
+            Inbound::Unreachable { group_id, to } => {
+                if group_id == self.core.group_id() {
+                    self.core.handle_unreachable(to);
+                }
+            }
+        }
+    }
+
+    fn handle_request(&mut self, request: Request<SM>) -> Result<(), StopReason> {
+        let id = self.next_request_id;
+        self.next_request_id += 1;
+        match request {
+            Request::Propose { command, reply } => match self.core.handle_propose(id, command) {
+                Ok(()) => {
+                    self.proposals.insert(id, reply);
+                }
+                Err(e) => {
+                    let _ = reply.send(Err(e));
+                }
+            },
+            Request::Read { read } => {
+                self.reads.insert(id, read);
+                self.core.handle_read(id);
+            }
+            Request::StaleRead { read } => {
+                let _ = self.apply_tx.send(ApplyMsg::Reads(vec![read]));
+            }
+            Request::ConfChange {
+                change,
+                context,
+                reply,
+            } => match self.core.handle_conf_change(id, change, context) {
+                Ok(()) => {
+                    self.conf_changes.insert(id, reply);
+                }
+                Err(e) => {
+                    let _ = reply.send(Err(e));
+                }
+            },
+            Request::Transfer { to, reply } => match self.core.handle_transfer_leader(id, to) {
+                Ok(()) => {
+                    self.transfers.insert(id, reply);
+                }
+                Err(e) => {
+                    let _ = reply.send(Err(e));
+                }
+            },
+            Request::Status { reply } => {
+                let _ = reply.send(self.core.status());
+            }
+            Request::Shutdown => return Err(StopReason::Shutdown),
+        }
+        Ok(())
+    }
+
+    /// Carries out actions in order. Returns the highest ready number that
+    /// was persisted inline, if any.
+    fn execute(&mut self, actions: Vec<Action>) -> Option<u64> {
+        let mut persisted_inline = None;
+        for action in actions {
+            match action {
+                Action::Send(msgs) => self.send(msgs),
+                Action::Persist { number, must_sync } => match &self.sync {
+                    SyncMode::Inline => persisted_inline = Some(number),
+                    SyncMode::Worker { jobs, .. } => {
+                        let _ = jobs.send((number, must_sync));
+                    }
+                },
+                Action::RestoreSnapshot(snap) => {
+                    let _ = self.apply_tx.send(ApplyMsg::Restore(snap));
+                }
+                Action::Apply(batch) => {
+                    let replies = batch
+                        .proposals
+                        .iter()
+                        .filter_map(|(index, id)| self.proposals.remove(id).map(|r| (*index, r)))
+                        .collect();
+                    let _ = self.apply_tx.send(ApplyMsg::Apply { batch, replies });
+                }
+                Action::ProposalFailed { id, error } => {
+                    if let Some(reply) = self.proposals.remove(&id) {
+                        let _ = reply.send(Err(error));
+                    }
+                }
+                Action::ReadReady { ids, .. } => {
+                    let reads: Vec<_> = ids.iter().filter_map(|id| self.reads.remove(id)).collect();
+                    let _ = self.apply_tx.send(ApplyMsg::Reads(reads));
+                }
+                Action::ReadFailed { ids, error } => {
+                    for id in ids {
+                        if let Some(read) = self.reads.remove(&id) {
+                            read(Err(error.clone()));
+                        }
+                    }
+                }
+                Action::ConfChangeDone { id, conf_state } => {
+                    if let Some(reply) = self.conf_changes.remove(&id) {
+                        let _ = reply.send(Ok(conf_state));
+                    }
+                }
+                Action::ConfChangeFailed { id, error } => {
+                    if let Some(reply) = self.conf_changes.remove(&id) {
+                        let _ = reply.send(Err(error));
+                    }
+                }
+                Action::TransferDone { id } => {
+                    if let Some(reply) = self.transfers.remove(&id) {
+                        let _ = reply.send(Ok(()));
+                    }
+                }
+                Action::TransferFailed { id, error } => {
+                    if let Some(reply) = self.transfers.remove(&id) {
+                        let _ = reply.send(Err(error));
+                    }
+                }
+                Action::Event(event) => {
+                    if let NodeEvent::LeaderChanged { leader, term } = &event {
+                        tracing::info!(node = self.core.id(), leader = ?leader, term, "leader changed");
+                    }
+                    let _ = self.events.send(event);
+                }
+            }
+        }
+        persisted_inline
+    }
+
+    fn send(&mut self, msgs: Vec<Message>) {
+        let from = self.core.id();
+        let group_id = self.core.group_id();
+        // One envelope per peer, messages in raft's order.
+        let mut per_peer: Vec<Envelope> = Vec::new();
+        for m in msgs {
+            match per_peer.iter_mut().find(|e| e.to == m.to) {
+                Some(env) => env.messages.push(m),
+                None => per_peer.push(Envelope {
+                    group_id,
+                    from,
+                    to: m.to,
+                    messages: vec![m],
+                }),
+            }
+        }
+        for env in per_peer {
+            self.transport.send(env);
+        }
+    }
+}
+
+enum StopReason {
+    Shutdown,
+    Fatal(String),
+}
+
