@@ -251,6 +251,9 @@ pub struct Core<S: LogStore> {
     proposal_queue: Vec<(RequestId, Vec<u8>)>,
     proposals: VecDeque<Pending>,
     conf_changes: VecDeque<Pending>,
+    /// Conf changes committed and applied to raft, answered once the shell
+    /// reports their index applied: `(index, request, membership)`.
+    conf_changes_applying: VecDeque<(u64, RequestId, ConfState)>,
 
     reads_waiting: Vec<RequestId>,
     reads_waiting_since_tick: u64,
@@ -307,6 +310,7 @@ impl<S: LogStore> Core<S> {
             proposal_queue: Vec::new(),
             proposals: VecDeque::new(),
             conf_changes: VecDeque::new(),
+            conf_changes_applying: VecDeque::new(),
             reads_waiting: Vec::new(),
             reads_waiting_since_tick: 0,
             read_inflight: None,
@@ -628,7 +632,13 @@ impl<S: LogStore> Core<S> {
         );
         if index > self.applied_index {
             self.applied_index = index;
-            self.raw.advance_apply_to(index);
+        }
+        while let Some((i, _, _)) = self.conf_changes_applying.front() {
+            if *i > self.applied_index {
+                break;
+            }
+            let (_, id, conf_state) = self.conf_changes_applying.pop_front().unwrap();
+            self.actions.push(Action::ConfChangeDone { id, conf_state });
         }
     }
 
@@ -650,6 +660,12 @@ impl<S: LogStore> Core<S> {
         for p in std::mem::take(&mut self.conf_changes) {
             self.actions.push(Action::ConfChangeFailed {
                 id: p.id,
+                error: ConfChangeError::Shutdown,
+            });
+        }
+        for (_, id, _) in std::mem::take(&mut self.conf_changes_applying) {
+            self.actions.push(Action::ConfChangeFailed {
+                id,
                 error: ConfChangeError::Shutdown,
             });
         }
@@ -814,6 +830,13 @@ impl<S: LogStore> Core<S> {
         self.actions.push(Action::Persist { number, must_sync });
         // 4. Let raft go on while the sync runs.
         self.raw.advance_append_async(rd);
+        // Raft's own notion of "applied" only gates conf changes, campaigns
+        // and leaving a joint state; those need the entries handed out (the
+        // core applied the conf changes itself), not the state machine done.
+        // This is what RawNode::advance does in the synchronous flow.
+        if self.dispatched_index > self.raw.raft.raft_log.applied {
+            self.raw.advance_apply_to(self.dispatched_index);
+        }
         self.note_leader_commit();
         Ok(())
     }
@@ -836,6 +859,15 @@ impl<S: LogStore> Core<S> {
                     let id = t.id;
                     self.transfer = None;
                     self.actions.push(Action::TransferDone { id });
+                } else if leader_id != 0 && leader_id != self.config.id {
+                    let id = t.id;
+                    self.transfer = None;
+                    self.actions.push(Action::TransferFailed {
+                        id,
+                        error: TransferError::NotLeader {
+                            leader_hint: Some(leader_id),
+                        },
+                    });
                 }
             }
             // A new leader will not answer requests sent to the old one.
@@ -874,16 +906,8 @@ impl<S: LogStore> Core<S> {
                 error: ConfChangeError::Dropped { in_flight: true },
             });
         }
-        if let Some(t) = self.transfer.take() {
-            if t.to == self.leader_id {
-                self.actions.push(Action::TransferDone { id: t.id });
-            } else {
-                self.actions.push(Action::TransferFailed {
-                    id: t.id,
-                    error: TransferError::NotLeader { leader_hint },
-                });
-            }
-        }
+        // A pending transfer stays pending: stepping down is how it starts
+        // to succeed. The next known leader settles it (see on_soft_state).
     }
 
     fn on_committed(&mut self, entries: Vec<Entry>) {
@@ -982,10 +1006,9 @@ impl<S: LogStore> Core<S> {
             if p.index == e.index {
                 let p = self.conf_changes.pop_front().unwrap();
                 if p.term == e.term {
-                    self.actions.push(Action::ConfChangeDone {
-                        id: p.id,
-                        conf_state: conf_state.clone(),
-                    });
+                    // Answered once applied: raft accepts the next change only then.
+                    self.conf_changes_applying
+                        .push_back((e.index, p.id, conf_state.clone()));
                 } else {
                     self.actions.push(Action::ConfChangeFailed {
                         id: p.id,
@@ -1007,24 +1030,32 @@ impl<S: LogStore> Core<S> {
         if still_member {
             self.was_member = true;
         } else if self.was_member && !self.removed {
-            self.on_removed(&conf_state);
+            self.on_removed();
         }
     }
 
-    fn on_removed(&mut self, conf_state: &ConfState) {
+    fn on_removed(&mut self) {
         self.removed = true;
         self.actions.push(Action::Event(NodeEvent::Removed));
-        if self.raw.raft.state == StateRole::Leader {
-            // raft-rs keeps a removed leader leading; hand leadership to the
-            // most caught-up voter so the group does not wait for an election.
-            let best = conf_state
-                .voters
-                .iter()
-                .copied()
-                .max_by_key(|id| self.raw.raft.prs().get(*id).map_or(0, |p| p.matched));
-            if let Some(to) = best {
-                self.raw.transfer_leader(to);
-            }
+        self.hand_off_leadership();
+    }
+
+    /// raft-rs keeps a removed leader leading (and heartbeating, so no one
+    /// else campaigns); hand leadership to the most caught-up voter. Retried
+    /// every tick until it takes.
+    fn hand_off_leadership(&mut self) {
+        if self.raw.raft.state != StateRole::Leader {
+            return;
+        }
+        let best = self
+            .conf_state()
+            .voters
+            .iter()
+            .copied()
+            .filter(|&id| id != self.config.id)
+            .max_by_key(|id| self.raw.raft.prs().get(*id).map_or(0, |p| p.matched));
+        if let Some(to) = best {
+            self.raw.transfer_leader(to);
         }
     }
 
@@ -1138,6 +1169,17 @@ impl<S: LogStore> Core<S> {
     }
 
     fn check_transfer_timer(&mut self) {
+        let leading = self.raw.raft.state == StateRole::Leader;
+        // raft-rs drops a transfer whose target could not campaign yet (for
+        // example it still had a conf change to apply) and aborts it after an
+        // election timeout; ask again while the request is alive.
+        if leading && self.raw.raft.lead_transferee.is_none() {
+            if let Some(t) = &self.transfer {
+                self.raw.transfer_leader(t.to);
+            } else if self.removed {
+                self.hand_off_leadership();
+            }
+        }
         if self
             .transfer
             .as_ref()

@@ -47,7 +47,8 @@ mod error;
 pub use crate::bootstrap::bootstrap;
 pub use crate::config::{ConfigError, CoreConfig};
 pub use crate::core::{
-    is_command, Action, ApplyBatch, Core, COMMAND_CONTEXT, MembershipChange, NodeEvent, RequestId, Role, Status,
+    is_command, Action, ApplyBatch, Core, MembershipChange, NodeEvent, RequestId, Role, Status,
+    COMMAND_CONTEXT,
 };
 pub use crate::error::{ConfChangeError, FatalError, ProposeError, ReadError, TransferError};
 pub use raftwork_storage::LogStore;

@@ -52,7 +52,9 @@ impl Config {
             return Err(ConfigError("tick_interval must not be zero".into()));
         }
         if self.request_queue_capacity == 0 {
-            return Err(ConfigError("request_queue_capacity must be at least 1".into()));
+            return Err(ConfigError(
+                "request_queue_capacity must be at least 1".into(),
+            ));
         }
         Ok(())
     }

@@ -98,7 +98,10 @@ impl<SM: StateMachine> Node<SM> {
     ///
     /// Fails fast with [`ProposeError::NotLeader`] on a follower. Never hangs:
     /// after the proposal timeout it fails with [`ProposeError::Timeout`].
-    pub async fn propose(&self, command: impl Into<Vec<u8>>) -> Result<(u64, SM::Response), ProposeError> {
+    pub async fn propose(
+        &self,
+        command: impl Into<Vec<u8>>,
+    ) -> Result<(u64, SM::Response), ProposeError> {
         let (reply, rx) = oneshot::channel();
         let command = command.into();
         if !self.request(Request::Propose { command, reply }).await {
@@ -150,7 +153,11 @@ impl<SM: StateMachine> Node<SM> {
         rx.await.unwrap_or(Err(ReadError::Shutdown))
     }
 
-    async fn change(&self, change: MembershipChange, context: Vec<u8>) -> Result<ConfState, ConfChangeError> {
+    async fn change(
+        &self,
+        change: MembershipChange,
+        context: Vec<u8>,
+    ) -> Result<ConfState, ConfChangeError> {
         let (reply, rx) = oneshot::channel();
         if !self
             .request(Request::ConfChange {
@@ -171,19 +178,30 @@ impl<SM: StateMachine> Node<SM> {
 
     /// Adds a voter. `context` is replicated with the change and delivered to
     /// every member in [`NodeEvent::MembershipChanged`] (addresses, names).
-    pub async fn add_voter(&self, id: NodeId, context: impl Into<Vec<u8>>) -> Result<ConfState, ConfChangeError> {
-        self.change(MembershipChange::AddVoter(id), context.into()).await
+    pub async fn add_voter(
+        &self,
+        id: NodeId,
+        context: impl Into<Vec<u8>>,
+    ) -> Result<ConfState, ConfChangeError> {
+        self.change(MembershipChange::AddVoter(id), context.into())
+            .await
     }
 
     /// Adds a learner (non-voting member).
-    pub async fn add_learner(&self, id: NodeId, context: impl Into<Vec<u8>>) -> Result<ConfState, ConfChangeError> {
-        self.change(MembershipChange::AddLearner(id), context.into()).await
+    pub async fn add_learner(
+        &self,
+        id: NodeId,
+        context: impl Into<Vec<u8>>,
+    ) -> Result<ConfState, ConfChangeError> {
+        self.change(MembershipChange::AddLearner(id), context.into())
+            .await
     }
 
     /// Promotes a learner to voter. Refused with
     /// [`ConfChangeError::LearnerNotCaughtUp`] until it has caught up.
     pub async fn promote_learner(&self, id: NodeId) -> Result<ConfState, ConfChangeError> {
-        self.change(MembershipChange::PromoteLearner(id), Vec::new()).await
+        self.change(MembershipChange::PromoteLearner(id), Vec::new())
+            .await
     }
 
     /// Removes a member, the leader itself included. Refused if it would

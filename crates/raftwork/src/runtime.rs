@@ -23,8 +23,7 @@ use std::sync::Arc;
 
 use raft::prelude::{ConfState, Message, Snapshot};
 use raftwork_core::{
-    is_command, Action, ApplyBatch, ConfChangeError, Core, NodeEvent, RequestId,
-    TransferError,
+    is_command, Action, ApplyBatch, ConfChangeError, Core, NodeEvent, RequestId, TransferError,
 };
 use raftwork_storage::LogStore;
 use raftwork_transport::{Envelope, Inbound, Inbox, Transport};
@@ -66,7 +65,11 @@ pub(crate) async fn apply_task<SM: StateMachine>(
                 if let Err(e) = sm.restore(&mut reader) {
                     // A snapshot that cannot be restored leaves the state
                     // machine undefined; continuing would diverge.
-                    panic!("state machine failed to restore snapshot {}: {}", snapshot.get_metadata().index, e);
+                    panic!(
+                        "state machine failed to restore snapshot {}: {}",
+                        snapshot.get_metadata().index,
+                        e
+                    );
                 }
                 let _ = applied_tx.send(snapshot.get_metadata().index);
             }
@@ -79,7 +82,11 @@ pub(crate) async fn apply_task<SM: StateMachine>(
     }
 }
 
-fn apply_batch<SM: StateMachine>(sm: &mut SM, batch: ApplyBatch, replies: Vec<(u64, ProposeReply<SM>)>) {
+fn apply_batch<SM: StateMachine>(
+    sm: &mut SM,
+    batch: ApplyBatch,
+    replies: Vec<(u64, ProposeReply<SM>)>,
+) {
     let commands: Vec<Command<'_>> = batch
         .entries
         .iter()
@@ -113,7 +120,10 @@ fn apply_batch<SM: StateMachine>(sm: &mut SM, batch: ApplyBatch, replies: Vec<(u
             _ => {}
         }
     }
-    assert!(replies.next().is_none(), "a local proposal was not among the applied commands");
+    assert!(
+        replies.next().is_none(),
+        "a local proposal was not among the applied commands"
+    );
 }
 
 /// Everything the loop owns.
@@ -131,7 +141,8 @@ pub(crate) struct ReadyLoop<SM: StateMachine, S: LogStore> {
     pub(crate) next_request_id: RequestId,
     pub(crate) proposals: HashMap<RequestId, ProposeReply<SM>>,
     pub(crate) reads: HashMap<RequestId, ReadFn<SM>>,
-    pub(crate) conf_changes: HashMap<RequestId, oneshot::Sender<Result<ConfState, ConfChangeError>>>,
+    pub(crate) conf_changes:
+        HashMap<RequestId, oneshot::Sender<Result<ConfState, ConfChangeError>>>,
     pub(crate) transfers: HashMap<RequestId, oneshot::Sender<Result<(), TransferError>>>,
 }
 
@@ -215,7 +226,9 @@ impl<SM: StateMachine, S: LogStore> ReadyLoop<SM, S> {
         };
         match &reason {
             StopReason::Shutdown => tracing::info!(node = self.core.id(), "node stopped"),
-            StopReason::Fatal(e) => tracing::error!(node = self.core.id(), error = %e, "node stopped on a fatal error"),
+            StopReason::Fatal(e) => {
+                tracing::error!(node = self.core.id(), error = %e, "node stopped on a fatal error")
+            }
         }
         let actions = self.core.shutdown();
         self.execute(actions);
@@ -304,7 +317,10 @@ impl<SM: StateMachine, S: LogStore> ReadyLoop<SM, S> {
         match inbound {
             Inbound::Messages(env) => {
                 if env.group_id != self.core.group_id() {
-                    tracing::warn!(group = env.group_id, "dropping envelope for an unknown group");
+                    tracing::warn!(
+                        group = env.group_id,
+                        "dropping envelope for an unknown group"
+                    );
                     return;
                 }
                 for m in env.messages {
@@ -463,4 +479,3 @@ enum StopReason {
     Shutdown,
     Fatal(String),
 }
-

@@ -1,0 +1,287 @@
+//! Three nodes in one process over the in-memory parts: election, replication,
+//! failover, reads, membership and shutdown.
+
+mod common;
+
+use std::time::Duration;
+
+use common::{start_node, Cluster, HashSm, WAIT};
+use raftwork::{ConfChangeError, ProposeError, Role};
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_leader_is_elected_and_all_agree() {
+    let c = Cluster::start(3);
+    let leader = c.wait_leader(&[1, 2, 3]).await;
+    assert!((1..=3).contains(&leader));
+    let st = c.node(leader).status().await.unwrap();
+    assert_eq!(st.role, Role::Leader);
+    assert_eq!(st.voters.len(), 3);
+    c.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn ten_thousand_proposals_apply_identically_everywhere() {
+    let c = Cluster::start(3);
+    let leader = c.wait_leader(&[1, 2, 3]).await;
+    let node = c.node(leader).clone();
+    let tasks_count = 50;
+    let per_task = 200;
+    let mut tasks = Vec::new();
+    for t in 0..tasks_count {
+        let node = node.clone();
+        tasks.push(tokio::spawn(async move {
+            let mut last = 0;
+            for i in 0..per_task {
+                let (index, _) = node
+                    .propose(format!("t{t}-{i}").into_bytes())
+                    .await
+                    .expect("proposal applied");
+                assert!(index > last, "indexes from one proposer must increase");
+                last = index;
+            }
+            last
+        }));
+    }
+    let mut max_index = 0;
+    for t in tasks {
+        max_index = max_index.max(t.await.unwrap());
+    }
+    c.wait_applied(&[1, 2, 3], max_index).await;
+    let hashes = c.hashes(&[1, 2, 3]).await;
+    assert_eq!(
+        hashes[0].1,
+        (tasks_count * per_task) as u64,
+        "every command applied once"
+    );
+    assert!(
+        hashes.iter().all(|h| *h == hashes[0]),
+        "state differs: {hashes:?}"
+    );
+    c.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn losing_the_leader_fails_its_pending_proposals_and_a_new_leader_takes_over() {
+    let c = Cluster::start(3);
+    let old = c.wait_leader(&[1, 2, 3]).await;
+    let (_, _) = c.node(old).propose(b"before".to_vec()).await.unwrap();
+
+    // Cut the leader off, then propose to it: nothing can commit.
+    c.network.isolate(old);
+    let mut pending = Vec::new();
+    for i in 0..20 {
+        let n = c.node(old).clone();
+        pending.push(tokio::spawn(async move {
+            n.propose(format!("lost-{i}").into_bytes()).await
+        }));
+    }
+    let rest: Vec<u64> = [1, 2, 3].into_iter().filter(|&id| id != old).collect();
+    let new = c.wait_leader(&rest).await;
+    assert_ne!(new, old);
+
+    // Proposals resume on the new leader.
+    let (index, _) = c.node(new).propose(b"after".to_vec()).await.unwrap();
+    assert!(index > 0);
+
+    // The old leader steps down (check-quorum) and fails what it held.
+    for p in pending {
+        let r = tokio::time::timeout(WAIT, p)
+            .await
+            .expect("pending proposal must not hang")
+            .unwrap();
+        match r {
+            Err(ProposeError::NotLeader { in_flight, .. }) => assert!(in_flight),
+            other => panic!("expected NotLeader, got {other:?}"),
+        }
+    }
+    // The old leader is now a follower; kill it for good.
+    c.node(old).shutdown().await;
+    let (_, _) = c.node(new).propose(b"still".to_vec()).await.unwrap();
+    c.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn linearizable_reads_see_earlier_writes_on_leader_and_followers() {
+    let c = Cluster::start(3);
+    let leader = c.wait_leader(&[1, 2, 3]).await;
+    for i in 0..20u32 {
+        let value = format!("v{i}").into_bytes();
+        c.node(leader).propose(value.clone()).await.unwrap();
+        for id in 1..=3 {
+            let seen = c
+                .node(id)
+                .read(|sm: &HashSm| sm.last.clone())
+                .await
+                .unwrap();
+            assert_eq!(seen, value, "node {id} missed write {i}");
+        }
+    }
+    c.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn bad_requests_get_typed_errors_and_change_nothing() {
+    let c = Cluster::start(3);
+    let leader = c.wait_leader(&[1, 2, 3]).await;
+    let follower = (1..=3).find(|&id| id != leader).unwrap();
+
+    let err = c.node(follower).propose(b"x".to_vec()).await.unwrap_err();
+    assert_eq!(
+        err,
+        ProposeError::NotLeader {
+            leader_hint: Some(leader),
+            in_flight: false
+        }
+    );
+
+    let big = vec![0u8; 2 * 1024 * 1024];
+    assert!(matches!(
+        c.node(leader).propose(big).await,
+        Err(ProposeError::TooLarge { .. })
+    ));
+
+    let n = c.node(leader);
+    assert_eq!(
+        n.remove_node(42).await.unwrap_err(),
+        ConfChangeError::UnknownNode(42)
+    );
+    assert_eq!(
+        n.promote_learner(2).await.unwrap_err(),
+        ConfChangeError::NotLearner(2)
+    );
+    assert_eq!(
+        n.add_voter(0, vec![]).await.unwrap_err(),
+        ConfChangeError::InvalidNodeId
+    );
+    assert_eq!(
+        n.add_voter(follower, vec![]).await.unwrap_err(),
+        ConfChangeError::AlreadyMember(follower)
+    );
+    assert!(matches!(
+        n.transfer_leader(42).await,
+        Err(raftwork::TransferError::NotVoter(42))
+    ));
+    let st = n.status().await.unwrap();
+    assert_eq!(st.voters.len(), 3);
+    assert!(st.learners.is_empty());
+    c.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_last_voter_cannot_be_removed() {
+    let c = Cluster::start(1);
+    let leader = c.wait_leader(&[1]).await;
+    assert_eq!(
+        c.node(leader).remove_node(1).await.unwrap_err(),
+        ConfChangeError::NoVoterLeft
+    );
+    c.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn add_learner_promote_remove_and_transfer_leadership() {
+    let mut c = Cluster::start(3);
+    let leader = c.wait_leader(&[1, 2, 3]).await;
+    for i in 0..100 {
+        c.node(leader)
+            .propose(format!("pre-{i}").into_bytes())
+            .await
+            .unwrap();
+    }
+    let mut events = c.node(leader).subscribe();
+
+    // A fresh node joins as a learner and catches up from the log.
+    let n4 = start_node(&c.network, 4, None);
+    c.nodes.push(n4);
+    let cs = c
+        .node(leader)
+        .add_learner(4, b"node-4".to_vec())
+        .await
+        .unwrap();
+    assert!(cs.learners.contains(&4));
+    let st = c.node(leader).status().await.unwrap();
+    c.wait_applied(&[4], st.commit_index).await;
+    assert_eq!(c.node(4).status().await.unwrap().role, Role::Learner);
+    let mut saw_change = false;
+    while let Ok(ev) = events.try_recv() {
+        if let raftwork::NodeEvent::MembershipChanged { context, .. } = ev {
+            saw_change |= context.as_ref() == b"node-4";
+        }
+    }
+    assert!(saw_change, "membership event with the replicated context");
+
+    // Promote once caught up.
+    let cs = c.node(leader).promote_learner(4).await.unwrap();
+    assert!(cs.voters.contains(&4) && cs.learners.is_empty());
+
+    // Remove a follower voter.
+    let victim = [1, 2, 3].into_iter().find(|&id| id != leader).unwrap();
+    let cs = c.node(leader).remove_node(victim).await.unwrap();
+    assert!(!cs.voters.contains(&victim));
+    let voters: Vec<u64> = cs.voters.clone();
+
+    // Transfer leadership to node 4 and wait until it leads.
+    tokio::time::timeout(WAIT, c.node(leader).transfer_leader(4))
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!(c.wait_leader(&voters).await, 4);
+
+    // Remove the old leader (now a follower) through the new leader, then the
+    // new leader removes itself: leadership moves on without it.
+    let cs = c.node(4).remove_node(leader).await.unwrap();
+    assert_eq!(cs.voters.len(), 1 + voters.len() - 2);
+    let remaining: Vec<u64> = cs.voters.iter().copied().filter(|&id| id != 4).collect();
+    assert!(!remaining.is_empty());
+    let _ = c.node(4).remove_node(4).await.unwrap();
+    let new = c.wait_leader(&remaining).await;
+    assert_ne!(new, 4);
+    let (_, _) = c
+        .node(new)
+        .propose(b"after-removals".to_vec())
+        .await
+        .unwrap();
+    let st = c.node(new).status().await.unwrap();
+    assert!(!st.voters.contains(&4));
+    c.shutdown().await;
+}
+
+#[test]
+fn shutdown_leaves_no_task_running() {
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .unwrap();
+    rt.block_on(async {
+        let c = Cluster::start(3);
+        let leader = c.wait_leader(&[1, 2, 3]).await;
+        // Leave work in flight: a proposal and a read on a follower.
+        let n = c.node(leader).clone();
+        let p = tokio::spawn(async move { n.propose(b"x".to_vec()).await });
+        c.shutdown().await;
+        let _ = p.await;
+        // A task's JoinHandle may resolve a moment before tokio releases the
+        // task itself, so give the count a bounded moment to settle.
+        let metrics = tokio::runtime::Handle::current().metrics();
+        for _ in 0..100 {
+            if metrics.num_alive_tasks() == 0 {
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+        assert_eq!(
+            metrics.num_alive_tasks(),
+            0,
+            "tasks still alive after shutdown"
+        );
+        for n in &c.nodes {
+            assert!(n.is_stopped());
+            assert!(n.status().await.is_none());
+            assert!(matches!(
+                n.propose(b"y".to_vec()).await,
+                Err(ProposeError::Shutdown)
+            ));
+        }
+    });
+}
