@@ -50,11 +50,15 @@ pub fn bootstrap<S: LogStore>(store: &S, voters: &[NodeId]) -> Result<Option<u64
         entries.push(e);
     }
     let n = voters.len() as u64;
-    let mut hs = HardState::default();
-    hs.term = 1;
-    hs.commit = n;
-    let mut cs = ConfState::default();
-    cs.voters = voters.to_vec();
+    let hs = HardState {
+        term: 1,
+        commit: n,
+        ..Default::default()
+    };
+    let cs = ConfState {
+        voters: voters.to_vec(),
+        ..Default::default()
+    };
     store.stage(WriteBatch {
         group_id: 1,
         snapshot: None,

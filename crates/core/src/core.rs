@@ -736,9 +736,11 @@ impl<S: LogStore> Core<S> {
         let mut entries = Vec::with_capacity(queue.len());
         let mut ids = Vec::with_capacity(queue.len());
         for (id, data) in queue {
-            let mut e = Entry::default();
-            e.data = data.into();
-            e.context = Bytes::from_static(COMMAND_CONTEXT);
+            let e = Entry {
+                data: data.into(),
+                context: Bytes::from_static(COMMAND_CONTEXT),
+                ..Default::default()
+            };
             entries.push(e);
             ids.push(id);
         }

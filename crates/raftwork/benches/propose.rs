@@ -1,1 +1,171 @@
-fn main() {}
+//! Proposal throughput and latency: three nodes in one process over the
+//! in-memory log store and network, closed-loop clients proposing to the
+//! leader.
+//!
+//! The anchor is openraft's `benchmarks/minimal` (three members in one
+//! process, in-memory store, empty requests), measured on this machine class;
+//! see BENCHMARKS.md.
+//!
+//! Run: `cargo bench -p raftwork --bench propose`
+//! Settings (environment): `BENCH_SECS` per point (default 5),
+//! `BENCH_CLIENTS` (default `1,64,256,1024`), `BENCH_SIZES` in bytes
+//! (default `0,256`), `BENCH_WORKERS` tokio worker threads (default 2).
+
+use std::io::{Read, Write};
+use std::time::{Duration, Instant};
+
+use hdrhistogram::Histogram;
+use raftwork::{Builder, Command, MemNetwork, Node, StateMachine};
+
+/// Counts commands and bytes: the cheapest honest state machine.
+#[derive(Default)]
+struct Counter {
+    commands: u64,
+    bytes: u64,
+}
+
+impl StateMachine for Counter {
+    type Response = ();
+
+    fn apply(&mut self, commands: &[Command<'_>]) -> Vec<()> {
+        for c in commands {
+            self.commands += 1;
+            self.bytes += c.data.len() as u64;
+        }
+        vec![(); commands.len()]
+    }
+
+    fn snapshot(&self, w: &mut dyn Write) -> std::io::Result<()> {
+        w.write_all(&self.commands.to_le_bytes())?;
+        w.write_all(&self.bytes.to_le_bytes())
+    }
+
+    fn restore(&mut self, r: &mut dyn Read) -> std::io::Result<()> {
+        let mut b = [0u8; 8];
+        r.read_exact(&mut b)?;
+        self.commands = u64::from_le_bytes(b);
+        r.read_exact(&mut b)?;
+        self.bytes = u64::from_le_bytes(b);
+        Ok(())
+    }
+}
+
+fn env_list(name: &str, default: &str) -> Vec<u64> {
+    std::env::var(name)
+        .unwrap_or_else(|_| default.to_string())
+        .split(',')
+        .map(|s| s.trim().parse().expect("a list of numbers"))
+        .collect()
+}
+
+struct Point {
+    clients: u64,
+    size_bytes: u64,
+    ops: u64,
+    secs: f64,
+    p50_us: u64,
+    p99_us: u64,
+}
+
+async fn run_point(leader: &Node<Counter>, clients: u64, size_bytes: u64, secs: f64) -> Point {
+    let warmup = Duration::from_millis(500);
+    let measure = Duration::from_secs_f64(secs);
+    let start = Instant::now();
+    let measure_from = start + warmup;
+    let end = measure_from + measure;
+    let mut tasks = Vec::new();
+    for _ in 0..clients {
+        let node = leader.clone();
+        tasks.push(tokio::spawn(async move {
+            let mut hist = Histogram::<u64>::new(3).unwrap();
+            let data = vec![0xabu8; size_bytes as usize];
+            let mut ops = 0u64;
+            loop {
+                let t0 = Instant::now();
+                if t0 >= end {
+                    break;
+                }
+                node.propose(data.clone()).await.expect("proposal applied");
+                let t1 = Instant::now();
+                if t0 >= measure_from && t1 <= end {
+                    ops += 1;
+                    hist.record(t1.duration_since(t0).as_micros() as u64)
+                        .unwrap();
+                }
+            }
+            (ops, hist)
+        }));
+    }
+    let mut total = Histogram::<u64>::new(3).unwrap();
+    let mut ops = 0;
+    for t in tasks {
+        let (o, h) = t.await.unwrap();
+        ops += o;
+        total.add(h).unwrap();
+    }
+    Point {
+        clients,
+        size_bytes,
+        ops,
+        secs,
+        p50_us: total.value_at_quantile(0.50),
+        p99_us: total.value_at_quantile(0.99),
+    }
+}
+
+fn main() {
+    let secs: f64 = std::env::var("BENCH_SECS")
+        .ok()
+        .and_then(|s| s.parse().ok())
+        .unwrap_or(5.0);
+    let clients = env_list("BENCH_CLIENTS", "1,64,256,1024");
+    let sizes = env_list("BENCH_SIZES", "0,256");
+    let workers: usize = std::env::var("BENCH_WORKERS")
+        .ok()
+        .and_then(|s| s.parse().ok())
+        .unwrap_or(2);
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(workers)
+        .enable_all()
+        .build()
+        .unwrap();
+    rt.block_on(async {
+        let network = MemNetwork::new();
+        let ids = [1u64, 2, 3];
+        let nodes: Vec<Node<Counter>> = ids
+            .iter()
+            .map(|&id| {
+                let (t, inbox) = network.join(id);
+                Builder::new(id, Counter::default())
+                    .in_memory()
+                    .transport(t, inbox)
+                    .initial_voters(ids)
+                    .build()
+                    .unwrap()
+            })
+            .collect();
+        let leader = nodes[0].wait_for_leader(Duration::from_secs(30)).await.unwrap();
+        let leader = nodes.iter().find(|n| n.id() == leader).unwrap().clone();
+        println!(
+            "raftwork propose benchmark: 3 nodes in one process, in-memory log and network, {} tokio workers, {}s per point",
+            workers, secs
+        );
+        println!("{:>8} {:>10} {:>12} {:>10} {:>10}", "clients", "size_B", "writes/s", "p50_us", "p99_us");
+        for &size in &sizes {
+            for &c in &clients {
+                let p = run_point(&leader, c, size, secs).await;
+                println!(
+                    "{:>8} {:>10} {:>12.0} {:>10} {:>10}",
+                    p.clients,
+                    p.size_bytes,
+                    p.ops as f64 / p.secs,
+                    p.p50_us,
+                    p.p99_us
+                );
+            }
+        }
+        for n in &nodes {
+            n.shutdown().await;
+        }
+    });
+}
