@@ -1,0 +1,302 @@
+//! Drives `Core`s directly, with no runtime: the tests deliver messages by
+//! hand and assert the actions the core emits.
+
+use std::collections::VecDeque;
+
+use raft::prelude::Message;
+use raftwork_core::{
+    bootstrap, is_command, Action, ConfChangeError, Core, CoreConfig, MembershipChange,
+    ProposeError, ReadError, Role,
+};
+use raftwork_storage::MemLogStore;
+
+fn logger() -> slog::Logger {
+    slog::Logger::root(slog::Discard, slog::o!())
+}
+
+fn core(id: u64, voters: &[u64]) -> Core<MemLogStore> {
+    let store = MemLogStore::new();
+    let applied = bootstrap(&store, voters).unwrap().unwrap();
+    let config = CoreConfig {
+        id,
+        applied_index: applied,
+        // Fixed and distinct, so node 1 always times out first.
+        fixed_election_ticks: Some(10 + id as usize),
+        ..Default::default()
+    };
+    Core::new(config, store, &logger()).unwrap()
+}
+
+/// A hand-cranked cluster: persists complete at once, messages are delivered
+/// in order, applies complete at once.
+struct Net {
+    cores: Vec<Core<MemLogStore>>,
+    queue: VecDeque<Message>,
+    /// Everything each core emitted that is not plumbing.
+    outputs: Vec<Vec<Action>>,
+    /// (node, index, data) of every command handed out for applying.
+    applied: Vec<(u64, u64, Vec<u8>)>,
+}
+
+impl Net {
+    fn new(ids: &[u64]) -> Self {
+        Self {
+            cores: ids.iter().map(|&id| core(id, ids)).collect(),
+            queue: VecDeque::new(),
+            outputs: ids.iter().map(|_| Vec::new()).collect(),
+            applied: Vec::new(),
+        }
+    }
+
+    fn pump(&mut self) {
+        for _ in 0..10_000 {
+            let mut progressed = false;
+            for k in 0..self.cores.len() {
+                let actions = self.cores[k].poll().unwrap();
+                progressed |= !actions.is_empty();
+                for a in actions {
+                    match a {
+                        Action::Send(msgs) => self.queue.extend(msgs),
+                        Action::Persist { number, .. } => self.cores[k].handle_persisted(number),
+                        Action::Apply(batch) => {
+                            let id = self.cores[k].id();
+                            for e in &batch.entries {
+                                if is_command(e) {
+                                    self.applied.push((id, e.index, e.data.to_vec()));
+                                }
+                            }
+                            if let Some(last) = batch.entries.last() {
+                                self.cores[k].handle_applied(last.index);
+                            }
+                            self.outputs[k].push(Action::Apply(batch));
+                        }
+                        other => self.outputs[k].push(other),
+                    }
+                }
+            }
+            while let Some(m) = self.queue.pop_front() {
+                progressed = true;
+                let to = m.to;
+                if let Some(c) = self.cores.iter_mut().find(|c| c.id() == to) {
+                    c.handle_message(m);
+                }
+            }
+            if !progressed {
+                return;
+            }
+        }
+        panic!("cluster did not settle");
+    }
+
+    fn tick_until_leader(&mut self) -> u64 {
+        for _ in 0..200 {
+            for c in &mut self.cores {
+                c.handle_tick();
+            }
+            self.pump();
+            if let Some(c) = self.cores.iter().find(|c| c.role() == Role::Leader) {
+                return c.id();
+            }
+        }
+        panic!("no leader");
+    }
+
+    fn core(&mut self, id: u64) -> &mut Core<MemLogStore> {
+        self.cores.iter_mut().find(|c| c.id() == id).unwrap()
+    }
+}
+
+#[test]
+fn a_single_voter_leads_at_once_and_applies_its_proposal() {
+    let mut c = core(1, &[1]);
+    let mut applied = None;
+    let mut proposed = false;
+    for _ in 0..10 {
+        for a in c.poll().unwrap() {
+            match a {
+                Action::Persist { number, .. } => c.handle_persisted(number),
+                Action::Apply(b) => {
+                    if let Some(&(index, id)) = b.proposals.first() {
+                        applied = Some((index, id));
+                    }
+                    c.handle_applied(b.entries.last().unwrap().index);
+                }
+                _ => {}
+            }
+        }
+        if c.role() == Role::Leader && !proposed {
+            c.handle_propose(7, b"x".to_vec()).unwrap();
+            proposed = true;
+        }
+    }
+    let (index, id) = applied.expect("proposal applied");
+    assert_eq!(id, 7);
+    // Index 1 is the bootstrap entry, 2 the leader's empty entry.
+    assert_eq!(index, 3);
+}
+
+#[test]
+fn proposals_are_refused_by_a_follower_with_its_leader_hint() {
+    let mut net = Net::new(&[1, 2, 3]);
+    let leader = net.tick_until_leader();
+    assert_eq!(leader, 1, "node 1 has the shortest election timeout");
+    let err = net.core(2).handle_propose(1, b"x".to_vec()).unwrap_err();
+    assert_eq!(
+        err,
+        ProposeError::NotLeader {
+            leader_hint: Some(1),
+            in_flight: false
+        }
+    );
+    let err = net.core(1).handle_propose(2, vec![0; 2 << 20]).unwrap_err();
+    assert!(matches!(err, ProposeError::TooLarge { .. }));
+}
+
+#[test]
+fn a_burst_of_proposals_commits_in_order_on_every_node() {
+    let mut net = Net::new(&[1, 2, 3]);
+    let leader = net.tick_until_leader();
+    for i in 0..100u64 {
+        net.core(leader)
+            .handle_propose(i, i.to_le_bytes().to_vec())
+            .unwrap();
+    }
+    net.pump();
+    for node in 1..=3 {
+        let mine: Vec<_> = net.applied.iter().filter(|a| a.0 == node).collect();
+        assert_eq!(mine.len(), 100, "node {node}");
+        for (k, a) in mine.iter().enumerate() {
+            assert_eq!(a.2, (k as u64).to_le_bytes().to_vec());
+        }
+    }
+    // The leader answered every proposal, in order, once.
+    let ids: Vec<u64> = net.outputs[(leader - 1) as usize]
+        .iter()
+        .filter_map(|a| match a {
+            Action::Apply(b) => Some(b.proposals.iter().map(|p| p.1).collect::<Vec<_>>()),
+            _ => None,
+        })
+        .flatten()
+        .collect();
+    assert_eq!(ids, (0..100).collect::<Vec<_>>());
+}
+
+#[test]
+fn a_follower_read_is_released_after_the_entries_it_covers() {
+    let mut net = Net::new(&[1, 2, 3]);
+    let leader = net.tick_until_leader();
+    net.core(leader).handle_propose(1, b"w".to_vec()).unwrap();
+    net.pump();
+    net.core(3).handle_read(99);
+    net.pump();
+    let ready = net.outputs[2].iter().find_map(|a| match a {
+        Action::ReadReady { ids, read_index } => Some((ids.clone(), *read_index)),
+        _ => None,
+    });
+    let (ids, read_index) = ready.expect("read released");
+    assert_eq!(ids, vec![99]);
+    let write_index = net.applied.iter().find(|a| a.0 == 3).unwrap().1;
+    assert!(read_index >= write_index);
+}
+
+#[test]
+fn a_read_without_a_leader_times_out() {
+    let mut c = core(2, &[1, 2, 3]);
+    c.handle_read(5);
+    let mut failed = None;
+    // Not enough ticks to campaign (12), enough to time the read out (30)?
+    // Campaigns fail anyway: no peer answers.
+    for _ in 0..40 {
+        c.handle_tick();
+        for a in c.poll().unwrap() {
+            match a {
+                Action::Persist { number, .. } => c.handle_persisted(number),
+                Action::ReadFailed { ids, error } => failed = Some((ids, error)),
+                _ => {}
+            }
+        }
+    }
+    assert_eq!(failed, Some((vec![5], ReadError::Timeout)));
+}
+
+#[test]
+fn invalid_membership_changes_are_refused_and_change_nothing() {
+    let mut net = Net::new(&[1, 2, 3]);
+    let leader = net.tick_until_leader();
+    let c = net.core(leader);
+    let before = c.conf_state();
+    let cases = [
+        (
+            MembershipChange::AddVoter(0),
+            ConfChangeError::InvalidNodeId,
+        ),
+        (
+            MembershipChange::AddVoter(2),
+            ConfChangeError::AlreadyMember(2),
+        ),
+        (MembershipChange::Remove(9), ConfChangeError::UnknownNode(9)),
+        (
+            MembershipChange::PromoteLearner(9),
+            ConfChangeError::UnknownNode(9),
+        ),
+        (
+            MembershipChange::PromoteLearner(2),
+            ConfChangeError::NotLearner(2),
+        ),
+    ];
+    for (k, (change, want)) in cases.into_iter().enumerate() {
+        assert_eq!(
+            c.handle_conf_change(k as u64, change, vec![]).unwrap_err(),
+            want
+        );
+    }
+    assert_eq!(c.conf_state(), before);
+    // A second change while one is pending is refused.
+    c.handle_conf_change(10, MembershipChange::AddLearner(4), vec![])
+        .unwrap();
+    assert_eq!(
+        c.handle_conf_change(11, MembershipChange::AddLearner(5), vec![])
+            .unwrap_err(),
+        ConfChangeError::InProgress
+    );
+    let err = net
+        .core(2)
+        .handle_conf_change(12, MembershipChange::AddLearner(6), vec![]);
+    assert_eq!(
+        err.unwrap_err(),
+        ConfChangeError::NotLeader {
+            leader_hint: Some(leader)
+        }
+    );
+}
+
+#[test]
+fn losing_leadership_fails_pending_proposals_as_in_flight() {
+    let mut net = Net::new(&[1, 2, 3]);
+    let leader = net.tick_until_leader();
+    // Propose, but deliver nothing: the entry cannot commit.
+    net.core(leader).handle_propose(42, b"x".to_vec()).unwrap();
+    let _ = net.core(leader).poll().unwrap();
+    // Check-quorum: with no answers for an election timeout, it steps down.
+    let mut failed = None;
+    for _ in 0..40 {
+        net.core(leader).handle_tick();
+        for a in net.core(leader).poll().unwrap() {
+            match a {
+                Action::Persist { number, .. } => net.core(leader).handle_persisted(number),
+                Action::ProposalFailed { id, error } => failed = Some((id, error)),
+                _ => {}
+            }
+        }
+    }
+    assert_eq!(
+        failed,
+        Some((
+            42,
+            ProposeError::NotLeader {
+                leader_hint: None,
+                in_flight: true
+            }
+        ))
+    );
+}
