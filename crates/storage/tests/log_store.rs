@@ -3,7 +3,7 @@
 //! strings.
 
 use raft::prelude::{Entry, HardState};
-use raft::{GetEntriesContext, Storage};
+use raft::GetEntriesContext;
 use raftwork_storage::{LogStore, MemLogStore, WriteBatch};
 
 fn entry(index: u64, term: u64) -> Entry {
