@@ -41,6 +41,9 @@ pub struct CoreConfig {
     /// Ticks after which a waiting linearizable read fails. Default: 30.
     /// Minimum: `read_retry_ticks`.
     pub read_timeout_ticks: u64,
+    /// Ticks a proposal may wait for its commit before it fails with
+    /// `Timeout` (outcome unknown). Default: 100. Minimum: 1.
+    pub propose_timeout_ticks: u64,
     /// Ticks a leadership transfer may take before it fails. Default: 20.
     pub transfer_timeout_ticks: u64,
     /// A learner may be promoted only when its matched index is within this
@@ -70,6 +73,7 @@ impl Default for CoreConfig {
             lease_read: false,
             read_retry_ticks: 5,
             read_timeout_ticks: 30,
+            propose_timeout_ticks: 100,
             transfer_timeout_ticks: 20,
             promote_lag_entries_max: 1000,
             applied_index: 0,
@@ -101,6 +105,9 @@ impl CoreConfig {
         }
         if self.max_command_size_bytes == 0 {
             return fail("max_command_size_bytes must be at least 1");
+        }
+        if self.propose_timeout_ticks == 0 {
+            return fail("propose_timeout_ticks must be at least 1");
         }
         if self.lease_read && !self.check_quorum {
             return fail("lease_read requires check_quorum");

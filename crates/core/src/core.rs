@@ -205,6 +205,8 @@ struct Pending {
     index: u64,
     term: u64,
     id: RequestId,
+    /// Tick at which the request entered the log.
+    tick: u64,
 }
 
 struct ReadBatch {
@@ -413,6 +415,23 @@ impl<S: LogStore> Core<S> {
         self.raw.tick();
         self.check_read_timers();
         self.check_transfer_timer();
+        self.check_proposal_timers();
+    }
+
+    /// Proposals are in index order, so the oldest are at the front: this is
+    /// O(expired), not O(pending).
+    fn check_proposal_timers(&mut self) {
+        let timeout = self.config.propose_timeout_ticks;
+        while let Some(p) = self.proposals.front() {
+            if self.tick_count < p.tick + timeout {
+                break;
+            }
+            let p = self.proposals.pop_front().unwrap();
+            self.actions.push(Action::ProposalFailed {
+                id: p.id,
+                error: ProposeError::Timeout,
+            });
+        }
     }
 
     /// A message from a peer. Garbage is dropped with a log line, never a panic
@@ -573,6 +592,7 @@ impl<S: LogStore> Core<S> {
             index,
             term: self.raw.raft.term,
             id,
+            tick: self.tick_count,
         });
         Ok(())
     }
@@ -760,7 +780,12 @@ impl<S: LogStore> Core<S> {
                     if let Some(prev) = self.proposals.back() {
                         assert!(prev.index < index, "proposals out of index order");
                     }
-                    self.proposals.push_back(Pending { index, term, id });
+                    self.proposals.push_back(Pending {
+                        index,
+                        term,
+                        id,
+                        tick: self.tick_count,
+                    });
                 }
             }
             Err(_) => {

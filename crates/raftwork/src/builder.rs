@@ -23,8 +23,6 @@ pub struct Config {
     /// Length of one tick. Default: 100 ms (so elections after 1–2 s,
     /// heartbeats every 100 ms with the core's defaults).
     pub tick_interval: Duration,
-    /// How long `propose` waits before failing with `Timeout`. Default: 10 s.
-    pub propose_timeout: Duration,
     /// How long a membership change may take. Default: 10 s.
     pub membership_timeout: Duration,
     /// Capacity of the request queue from handles to the ready loop; a full
@@ -37,7 +35,6 @@ impl Default for Config {
         Self {
             core: CoreConfig::default(),
             tick_interval: Duration::from_millis(100),
-            propose_timeout: Duration::from_secs(10),
             membership_timeout: Duration::from_secs(10),
             request_queue_capacity: 65_536,
         }
@@ -258,7 +255,6 @@ impl<SM: StateMachine, S: LogStore> Builder<SM, S> {
                 events,
                 tasks: Mutex::new(tasks),
                 stopped,
-                propose_timeout: config.propose_timeout,
                 // The core times reads out in ticks; this is only a hang guard.
                 read_timeout: config.tick_interval * read_ticks * 2,
                 membership_timeout: config.membership_timeout,

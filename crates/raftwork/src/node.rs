@@ -65,7 +65,6 @@ pub(crate) struct Shared<SM: StateMachine> {
     pub(crate) events: broadcast::Sender<NodeEvent>,
     pub(crate) tasks: Mutex<Vec<JoinHandle<()>>>,
     pub(crate) stopped: Arc<AtomicBool>,
-    pub(crate) propose_timeout: Duration,
     pub(crate) read_timeout: Duration,
     pub(crate) membership_timeout: Duration,
 }
@@ -97,7 +96,7 @@ impl<SM: StateMachine> Node<SM> {
     /// log index and the state machine's response.
     ///
     /// Fails fast with [`ProposeError::NotLeader`] on a follower. Never hangs:
-    /// after the proposal timeout it fails with [`ProposeError::Timeout`].
+    /// after `propose_timeout_ticks` it fails with [`ProposeError::Timeout`].
     pub async fn propose(
         &self,
         command: impl Into<Vec<u8>>,
@@ -107,11 +106,9 @@ impl<SM: StateMachine> Node<SM> {
         if !self.request(Request::Propose { command, reply }).await {
             return Err(ProposeError::Shutdown);
         }
-        match tokio::time::timeout(self.shared.propose_timeout, rx).await {
-            Ok(Ok(result)) => result,
-            Ok(Err(_)) => Err(ProposeError::Shutdown),
-            Err(_) => Err(ProposeError::Timeout),
-        }
+        // The core times proposals out in ticks (`propose_timeout_ticks`), so
+        // no timer per proposal here.
+        rx.await.unwrap_or(Err(ProposeError::Shutdown))
     }
 
     /// Runs `f` on the state machine once it reflects every write that
