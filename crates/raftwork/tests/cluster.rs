@@ -285,3 +285,50 @@ fn shutdown_leaves_no_task_running() {
         }
     });
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn lease_reads_and_stale_reads_are_explicit_options() {
+    use raftwork::{Builder, MemLogStore, MemNetwork};
+    common::init_logging();
+    let network = MemNetwork::new();
+    let ids = [1u64, 2, 3];
+    let nodes: Vec<_> = ids
+        .iter()
+        .map(|&id| {
+            let (t, inbox) = network.join(id);
+            Builder::new(id, HashSm::default())
+                .log_store(MemLogStore::new())
+                .transport(t, inbox)
+                .initial_voters(ids)
+                .configure(|c| {
+                    c.tick_interval = common::TICK;
+                    c.core.lease_read = true;
+                })
+                .build()
+                .unwrap()
+        })
+        .collect();
+    let leader = nodes[0].wait_for_leader(WAIT).await.unwrap();
+    let l = &nodes[(leader - 1) as usize];
+    l.propose(b"leased".to_vec()).await.unwrap();
+    for n in &nodes {
+        assert_eq!(
+            n.read(|sm: &HashSm| sm.last.clone()).await.unwrap(),
+            b"leased"
+        );
+    }
+    // A stale read answers from local state, whatever it holds.
+    let count = nodes[0].read_stale(|sm: &HashSm| sm.count).await.unwrap();
+    assert!(count <= 1);
+    for n in &nodes {
+        n.shutdown().await;
+    }
+}
+
+#[test]
+fn lease_reads_require_check_quorum() {
+    let mut config = raftwork::Config::default();
+    config.core.lease_read = true;
+    config.core.check_quorum = false;
+    assert!(config.validate().is_err());
+}
