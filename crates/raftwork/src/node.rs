@@ -119,18 +119,7 @@ impl<SM: StateMachine> Node<SM> {
         F: FnOnce(&SM) -> R + Send + 'static,
         R: Send + 'static,
     {
-        let (tx, rx) = oneshot::channel();
-        let read: ReadFn<SM> = Box::new(move |sm| {
-            let _ = tx.send(sm.map(f));
-        });
-        if !self.request(Request::Read { read }).await {
-            return Err(ReadError::Shutdown);
-        }
-        match tokio::time::timeout(self.shared.read_timeout, rx).await {
-            Ok(Ok(result)) => result,
-            Ok(Err(_)) => Err(ReadError::Shutdown),
-            Err(_) => Err(ReadError::Timeout),
-        }
+        self.run_read(f, false).await
     }
 
     /// Runs `f` on the local state machine as it is now: no ReadIndex round,
@@ -140,14 +129,32 @@ impl<SM: StateMachine> Node<SM> {
         F: FnOnce(&SM) -> R + Send + 'static,
         R: Send + 'static,
     {
+        self.run_read(f, true).await
+    }
+
+    async fn run_read<R, F>(&self, f: F, stale: bool) -> Result<R, ReadError>
+    where
+        F: FnOnce(&SM) -> R + Send + 'static,
+        R: Send + 'static,
+    {
         let (tx, rx) = oneshot::channel();
         let read: ReadFn<SM> = Box::new(move |sm| {
             let _ = tx.send(sm.map(f));
         });
-        if !self.request(Request::StaleRead { read }).await {
+        let request = if stale {
+            Request::StaleRead { read }
+        } else {
+            Request::Read { read }
+        };
+        if !self.request(request).await {
             return Err(ReadError::Shutdown);
         }
-        rx.await.unwrap_or(Err(ReadError::Shutdown))
+        // The core times reads out in ticks; this is only a hang guard.
+        match tokio::time::timeout(self.shared.read_timeout, rx).await {
+            Ok(Ok(result)) => result,
+            Ok(Err(_)) => Err(ReadError::Shutdown),
+            Err(_) => Err(ReadError::Timeout),
+        }
     }
 
     async fn change(
