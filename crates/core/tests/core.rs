@@ -300,3 +300,24 @@ fn losing_leadership_fails_pending_proposals_as_in_flight() {
         ))
     );
 }
+
+#[test]
+fn proposals_during_a_transfer_are_dropped_and_the_transfer_completes() {
+    let mut net = Net::new(&[1, 2, 3]);
+    let leader = net.tick_until_leader();
+    let target = if leader == 2 { 3 } else { 2 };
+    net.core(leader).handle_transfer_leader(7, target).unwrap();
+    assert_eq!(
+        net.core(leader)
+            .handle_propose(8, b"x".to_vec())
+            .unwrap_err(),
+        ProposeError::Dropped
+    );
+    net.pump();
+    let done = net.outputs[(leader - 1) as usize]
+        .iter()
+        .any(|a| matches!(a, Action::TransferDone { id: 7 }));
+    assert!(done, "transfer reported done");
+    assert_eq!(net.core(target).role(), Role::Leader);
+    assert_eq!(net.core(leader).leader(), Some(target));
+}

@@ -64,9 +64,6 @@ pub enum BuildError {
     /// The configuration contradicts itself.
     #[error(transparent)]
     Config(#[from] ConfigError),
-    /// No log store was chosen. Call `in_memory()` or `log_store(..)`.
-    #[error("no log store chosen: call in_memory() or log_store(..)")]
-    NoLogStore,
     /// The initial voters are invalid (empty, id 0 or duplicates).
     #[error("invalid initial voters: {0}")]
     InitialVoters(String),
@@ -78,7 +75,8 @@ pub enum BuildError {
     Fatal(#[from] FatalError),
 }
 
-/// Marker: no log store chosen yet.
+/// Marker: no log store chosen yet. `build()` exists only once one is, so
+/// forgetting to choose is a compile error, not a silent in-memory default.
 pub struct NoStore;
 
 /// Builds a [`Node`].
