@@ -71,7 +71,9 @@ impl StateMachine for HashSm {
     }
 }
 
-pub const TICK: Duration = Duration::from_millis(20);
+/// Tick length in tests: elections after 0.5–1 s, so a busy CI machine does
+/// not see spurious ones.
+pub const TICK: Duration = Duration::from_millis(50);
 /// Hang guard for waits; far above any expected time.
 pub const WAIT: Duration = Duration::from_secs(30);
 
