@@ -238,7 +238,8 @@ pub fn is_command(entry: &Entry) -> bool {
     entry.get_entry_type() == EntryType::EntryNormal && entry.context.as_ref() == COMMAND_CONTEXT
 }
 
-/// Bounds on what the core keeps in flight; beyond them requests fail fast.
+/// Most read-index requests re-sent for one batch; past it the batch waits
+/// for an answer or its timeout without sending more.
 const READ_CONTEXTS_PER_BATCH_MAX: usize = 64;
 
 /// The sans-IO core of one Raft group member.
@@ -965,7 +966,8 @@ impl<S: LogStore> Core<S> {
             match e.get_entry_type() {
                 EntryType::EntryNormal => {}
                 EntryType::EntryConfChange | EntryType::EntryConfChangeV2 => {
-                    // Apply the pending batch first so events stay in log order.
+                    // Raft's configuration changes now; the state machine sees the
+                    // batch later, so membership events may precede its apply.
                     self.apply_conf_change_entry(e);
                 }
             }

@@ -78,11 +78,6 @@ impl MemLogStore {
             inner.snapshot = meta;
         }
     }
-
-    /// Number of entries held in memory.
-    pub fn entries_count(&self) -> usize {
-        self.inner.read().unwrap().entries.len()
-    }
 }
 
 impl raft::Storage for MemLogStore {
