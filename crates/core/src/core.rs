@@ -126,6 +126,9 @@ pub struct ApplyBatch {
     pub entries: Vec<Entry>,
     /// `(index, request)` of the local proposals among them, in index order.
     pub proposals: Vec<(u64, RequestId)>,
+    /// Raft's conf state after the batch, if a conf change in it changed it.
+    /// A snapshot taken after the batch records this conf state.
+    pub conf_state: Option<ConfState>,
 }
 
 /// What the shell must do. The set is closed: every variant must be handled.
@@ -940,6 +943,7 @@ impl<S: LogStore> Core<S> {
 
     fn on_committed(&mut self, entries: Vec<Entry>) {
         let mut proposals = Vec::new();
+        let mut conf_state = None;
         for e in &entries {
             assert_eq!(
                 e.index,
@@ -968,7 +972,7 @@ impl<S: LogStore> Core<S> {
                 EntryType::EntryConfChange | EntryType::EntryConfChangeV2 => {
                     // Raft's configuration changes now; the state machine sees the
                     // batch later, so membership events may precede its apply.
-                    self.apply_conf_change_entry(e);
+                    conf_state = Some(self.apply_conf_change_entry(e));
                 }
             }
         }
@@ -985,11 +989,16 @@ impl<S: LogStore> Core<S> {
                 error: ConfChangeError::InProgress,
             });
         }
-        self.actions
-            .push(Action::Apply(ApplyBatch { entries, proposals }));
+        self.actions.push(Action::Apply(ApplyBatch {
+            entries,
+            proposals,
+            conf_state,
+        }));
     }
 
-    fn apply_conf_change_entry(&mut self, e: &Entry) {
+    /// Applies a committed conf change to raft and returns the new conf state.
+    /// Not recorded in the log store: a restart re-applies it from the log.
+    fn apply_conf_change_entry(&mut self, e: &Entry) -> ConfState {
         let (changes, context, result) = if e.get_entry_type() == EntryType::EntryConfChange {
             let mut cc = ConfChange::default();
             if let Err(err) = cc.merge_from_bytes(&e.data) {
@@ -1023,14 +1032,6 @@ impl<S: LogStore> Core<S> {
                 );
             }
         };
-        self.raw
-            .store()
-            .stage(WriteBatch {
-                group_id: self.config.group_id,
-                conf_state: Some(conf_state.clone()),
-                ..Default::default()
-            })
-            .expect("staging a conf state in memory");
         if let Some(p) = self.conf_changes.front() {
             if p.index == e.index {
                 let p = self.conf_changes.pop_front().unwrap();
@@ -1061,6 +1062,7 @@ impl<S: LogStore> Core<S> {
         } else if self.was_member && !self.removed {
             self.on_removed();
         }
+        conf_state
     }
 
     fn on_removed(&mut self) {

@@ -27,10 +27,12 @@
 mod error;
 mod mem_log;
 mod snapshot;
+mod wal;
 
 pub use error::StorageError;
 pub use mem_log::MemLogStore;
 pub use snapshot::{MemSnapshotStore, SnapshotMeta, SnapshotReader, SnapshotStore, SnapshotWriter};
+pub use wal::{RepairReport, Wal, WalOptions};
 
 use raft::prelude::{ConfState, Entry, HardState, SnapshotMetadata};
 
@@ -47,7 +49,9 @@ pub struct WriteBatch {
     pub entries: Vec<Entry>,
     /// New hard state (term, vote, commit), if it changed.
     pub hard_state: Option<HardState>,
-    /// New conf state, if a conf change was applied.
+    /// Conf state at the base of the log, written by bootstrap. A restart
+    /// starts raft with the base conf state and re-applies every later conf
+    /// change from the log, so the core does not record conf changes here.
     pub conf_state: Option<ConfState>,
 }
 
@@ -83,6 +87,13 @@ pub trait LogStore: raft::Storage + Clone + Send + Sync + 'static {
     /// Drops entries before `index`, which becomes the first index. The term of
     /// `index - 1` is kept. `index` must be at most `last_index + 1`.
     fn compact(&self, index: u64) -> Result<(), StorageError>;
+
+    /// Records that a local snapshot exists at `meta` (its data is in a
+    /// snapshot store). From then on [`raft::Storage::snapshot`] answers with
+    /// it, and a restart starts from it: `initial_state` reports its conf
+    /// state and a commit index of at least its index. Durable after the next
+    /// [`LogStore::sync`]; does not compact.
+    fn record_snapshot(&self, meta: SnapshotMetadata) -> Result<(), StorageError>;
 
     /// True if this store keeps nothing across a crash, so `sync` is a no-op and
     /// the shell can acknowledge persistence inline. Default: false.

@@ -69,15 +69,6 @@ impl MemLogStore {
     pub fn new() -> Self {
         Self::default()
     }
-
-    /// Records that a snapshot at `meta` exists; [`raft::Storage::snapshot`]
-    /// answers with it from now on. Does not compact.
-    pub fn record_snapshot(&self, meta: SnapshotMetadata) {
-        let mut inner = self.inner.write().unwrap();
-        if meta.index > inner.snapshot.index {
-            inner.snapshot = meta;
-        }
-    }
 }
 
 impl raft::Storage for MemLogStore {
@@ -208,6 +199,16 @@ impl LogStore for MemLogStore {
         inner.compacted_index = last_dropped.index;
         inner.compacted_term = last_dropped.term;
         assert_eq!(inner.first_index(), index);
+        Ok(())
+    }
+
+    fn record_snapshot(&self, meta: SnapshotMetadata) -> Result<(), StorageError> {
+        let mut inner = self.inner.write().unwrap();
+        if meta.index >= inner.snapshot.index {
+            inner.conf_state = meta.get_conf_state().clone();
+            inner.hard_state.commit = inner.hard_state.commit.max(meta.index);
+            inner.snapshot = meta;
+        }
         Ok(())
     }
 

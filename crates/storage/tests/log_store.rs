@@ -4,7 +4,7 @@
 
 use raft::prelude::{Entry, HardState};
 use raft::GetEntriesContext;
-use raftwork_storage::{LogStore, MemLogStore, WriteBatch};
+use raftwork_storage::{LogStore, MemLogStore, Wal, WalOptions, WriteBatch};
 
 fn entry(index: u64, term: u64) -> Entry {
     Entry {
@@ -17,6 +17,7 @@ fn entry(index: u64, term: u64) -> Entry {
 
 fn append<S: LogStore>(s: &S, from: u64, to: u64, term: u64) {
     s.stage(WriteBatch {
+        group_id: 1,
         entries: (from..=to).map(|i| entry(i, term)).collect(),
         ..Default::default()
     })
@@ -84,6 +85,7 @@ fn conformance<S: LogStore>(make: impl Fn() -> S) {
         ..Default::default()
     };
     s.stage(WriteBatch {
+        group_id: 1,
         hard_state: Some(hs.clone()),
         ..Default::default()
     })
@@ -95,4 +97,20 @@ fn conformance<S: LogStore>(make: impl Fn() -> S) {
 #[test]
 fn mem_log_store_conforms() {
     conformance(MemLogStore::new);
+}
+
+#[test]
+fn wal_conforms() {
+    let root = tempfile::tempdir().unwrap();
+    let next = std::cell::Cell::new(0);
+    conformance(|| {
+        next.set(next.get() + 1);
+        // Small segments and no cache, so reads and compaction cross files.
+        let options = WalOptions {
+            segment_size_bytes: 4096,
+            cache_bytes: 0,
+            ..Default::default()
+        };
+        Wal::open(root.path().join(next.get().to_string()), options).unwrap()
+    });
 }

@@ -1,0 +1,1050 @@
+//! raftwork's native write-ahead log: a durable [`LogStore`].
+//!
+//! # Layout
+//! A directory of segment files (`<seq>.wal`, see [`format`] for the bytes)
+//! plus a `LOCK` file held with `flock` so two processes never share a log.
+//! Records are appended to the newest segment; when it is full the WAL
+//! fdatasyncs it and starts the next one: the new file is written as
+//! `<seq>.wal.tmp`, preallocated, fsynced, renamed, and the directory fsynced.
+//! Each new segment opens with a checkpoint (hard state, snapshot point, conf
+//! state, compaction point), so any suffix of segments is self-describing and
+//! old segments can be deleted once their entries are compacted.
+//!
+//! # Memory
+//! Only an [`index::EntryIndex`] (8 bytes per entry plus runs) and a bounded
+//! cache of the newest entries ([`WalOptions::cache_bytes`]) stay in memory.
+//! A read below the cache preads the records from their segment with no lock
+//! held during the I/O, and checks each record's CRC.
+//!
+//! # Durability
+//! [`LogStore::stage`] writes a batch with one `pwrite` (page cache only);
+//! [`LogStore::sync`] fdatasyncs. The sync runs on the shell's sync thread, so
+//! one fdatasync covers every batch staged meanwhile (group commit). Any
+//! write or sync error poisons the WAL: every later call fails, and the node
+//! stops. Nothing ever retries an fsync.
+//!
+//! # Recovery
+//! [`Wal::open`] replays every segment. A bad record in the *last* segment,
+//! with no valid record after it, is a torn write from a crash: it is cut off
+//! and a warning is logged. Any other bad record refuses to open with
+//! [`StorageError::Corrupt`] naming the file and offset; [`Wal::repair`] is
+//! the explicit way to accept the loss.
+//!
+//! # Conf state
+//! The conf state the WAL reports at start is the one at its base: the
+//! bootstrap conf state or the newest snapshot point. A restarted node
+//! restores its state machine from that snapshot and raft re-applies every
+//! later conf change from the log, so conf state and applied index agree.
+
+mod format;
+mod index;
+
+use std::collections::BTreeMap;
+use std::fs::{self, File, OpenOptions};
+use std::os::unix::fs::FileExt;
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex, RwLock};
+
+use bytes::Bytes;
+use raft::prelude::{ConfState, Entry, HardState, Snapshot, SnapshotMetadata};
+use raft::{GetEntriesContext, RaftState, StorageError as RaftStorageError};
+
+use crate::{LogStore, StorageError, WriteBatch};
+use format::{FrameError, Record};
+use index::{EntryIndex, Loc};
+
+/// Settings of a [`Wal`].
+#[derive(Debug, Clone)]
+pub struct WalOptions {
+    /// Size segments are preallocated to; a segment is closed once a batch
+    /// would cross it. Default: 64 MiB. At most 2 GiB (offsets are 32-bit and
+    /// one batch may overshoot).
+    pub segment_size_bytes: u64,
+    /// Budget of the cache of the newest entries, in payload bytes; reads of
+    /// older entries go to disk. Default: 32 MiB. 0 disables the cache.
+    pub cache_bytes: usize,
+    /// Raft group whose log this is; written into every record. Default: 1.
+    pub group_id: u64,
+}
+
+impl Default for WalOptions {
+    fn default() -> Self {
+        Self {
+            segment_size_bytes: 64 << 20,
+            cache_bytes: 32 << 20,
+            group_id: 1,
+        }
+    }
+}
+
+/// What [`Wal::repair`] did.
+#[derive(Debug, Clone, PartialEq)]
+pub struct RepairReport {
+    /// The first bad record found, if any: segment file and offset.
+    pub cut_at: Option<(PathBuf, u64)>,
+    /// Later segments moved into the quarantine directory (not deleted).
+    pub quarantined: Vec<PathBuf>,
+}
+
+/// The native write-ahead log. Cheap to clone: clones share one log.
+#[derive(Clone)]
+pub struct Wal {
+    shared: Arc<Shared>,
+}
+
+struct Shared {
+    dir: PathBuf,
+    options: WalOptions,
+    state: RwLock<State>,
+    writer: Mutex<Writer>,
+    /// Set by the first write or sync error; the WAL refuses all work after.
+    failed: AtomicBool,
+    /// Held for the WAL's lifetime: the flock on `LOCK`.
+    _lock: File,
+}
+
+struct Segment {
+    file: Arc<File>,
+    path: PathBuf,
+    /// Highest entry index ever written to it (0 if none).
+    max_entry_index: u64,
+}
+
+struct State {
+    hard_state: HardState,
+    conf_state: ConfState,
+    /// Newest snapshot point, recorded or installed (index 0 if none).
+    snapshot: SnapshotMetadata,
+    compacted_index: u64,
+    compacted_term: u64,
+    index: EntryIndex,
+    cache: Cache,
+    segments: BTreeMap<u64, Segment>,
+}
+
+struct Writer {
+    seq: u64,
+    file: Arc<File>,
+    offset: u64,
+    buf: Vec<u8>,
+}
+
+/// The newest entries, contiguous and ending at the last index.
+struct Cache {
+    first: u64,
+    entries: std::collections::VecDeque<Entry>,
+    bytes: usize,
+    budget: usize,
+}
+
+impl Cache {
+    fn append(&mut self, entries: &[Entry]) {
+        let Some(head) = entries.first() else { return };
+        if head.index < self.first || self.budget == 0 {
+            self.clear(head.index);
+        } else {
+            let keep = (head.index - self.first) as usize;
+            for e in self.entries.drain(keep.min(self.entries.len())..) {
+                self.bytes -= e.data.len() + e.context.len();
+            }
+        }
+        if self.budget == 0 {
+            self.first = entries.last().unwrap().index + 1;
+            return;
+        }
+        for e in entries {
+            self.bytes += e.data.len() + e.context.len();
+            self.entries.push_back(e.clone());
+        }
+        while self.bytes > self.budget {
+            let e = self.entries.pop_front().unwrap();
+            self.bytes -= e.data.len() + e.context.len();
+            self.first += 1;
+        }
+    }
+
+    fn clear(&mut self, next: u64) {
+        self.entries.clear();
+        self.bytes = 0;
+        self.first = next;
+    }
+
+    fn compact_to(&mut self, first: u64) {
+        while self.first < first {
+            match self.entries.pop_front() {
+                Some(e) => self.bytes -= e.data.len() + e.context.len(),
+                None => {
+                    self.first = first;
+                    return;
+                }
+            }
+            self.first += 1;
+        }
+    }
+
+    fn get(&self, index: u64) -> Option<&Entry> {
+        index
+            .checked_sub(self.first)
+            .and_then(|k| self.entries.get(k as usize))
+    }
+}
+
+fn io_err(path: &Path, source: std::io::Error) -> StorageError {
+    StorageError::Io {
+        path: path.to_path_buf(),
+        source,
+    }
+}
+
+fn sync_dir(dir: &Path) -> Result<(), StorageError> {
+    File::open(dir)
+        .and_then(|d| d.sync_all())
+        .map_err(|e| io_err(dir, e))
+}
+
+fn corrupt(path: &Path, offset: u64, reason: impl Into<String>) -> StorageError {
+    StorageError::Corrupt {
+        path: path.to_path_buf(),
+        offset,
+        reason: reason.into(),
+    }
+}
+
+/// Creates segment `seq` the crash-safe way and returns it opened for writing.
+fn create_segment(dir: &Path, seq: u64, size_bytes: u64) -> Result<(File, PathBuf), StorageError> {
+    let path = dir.join(format::segment_name(seq));
+    let tmp = dir.join(format!("{}.tmp", format::segment_name(seq)));
+    let file = OpenOptions::new()
+        .read(true)
+        .write(true)
+        .create(true)
+        .truncate(true)
+        .open(&tmp)
+        .map_err(|e| io_err(&tmp, e))?;
+    file.write_all_at(&format::encode_segment_header(seq), 0)
+        .map_err(|e| io_err(&tmp, e))?;
+    // Preallocate so appends do not change the file size (fdatasync then has
+    // no size to journal). Some file systems cannot; a sparse file will do.
+    if rustix::fs::fallocate(&file, rustix::fs::FallocateFlags::empty(), 0, size_bytes).is_err() {
+        file.set_len(size_bytes).map_err(|e| io_err(&tmp, e))?;
+    }
+    file.sync_all().map_err(|e| io_err(&tmp, e))?;
+    fs::rename(&tmp, &path).map_err(|e| io_err(&path, e))?;
+    sync_dir(dir)?;
+    Ok((file, path))
+}
+
+/// Finds a valid record anywhere in `buf` at or after `from`.
+fn find_valid_record(buf: &[u8], from: usize) -> Option<usize> {
+    (from..buf.len().saturating_sub(format::RECORD_HEADER_BYTES)).find(|&p| {
+        let kind = buf[p + 8];
+        (format::TYPE_ENTRY..=format::TYPE_COMPACT).contains(&kind)
+            && format::check_frame(&buf[p..]).is_ok()
+    })
+}
+
+#[derive(Clone, Copy, PartialEq)]
+enum OpenMode {
+    Normal,
+    Repair,
+}
+
+impl Wal {
+    /// Opens (or creates) the WAL in `dir` and replays it.
+    ///
+    /// # Errors
+    /// [`StorageError::Corrupt`] if a record other than a torn tail fails its
+    /// checks; [`StorageError::Io`] if the directory cannot be used or is
+    /// locked by another process.
+    pub fn open(dir: impl AsRef<Path>, options: WalOptions) -> Result<Self, StorageError> {
+        Self::open_mode(dir.as_ref(), options, OpenMode::Normal, &mut None)
+    }
+
+    /// Cuts the log at its first bad record, wherever it is, and moves every
+    /// later segment into `<dir>/quarantine-<unix seconds>/`. For an operator
+    /// who chose to accept the loss of what follows the damage (the node
+    /// then catches up from its peers or a snapshot). Run it on a stopped node.
+    pub fn repair(dir: impl AsRef<Path>) -> Result<RepairReport, StorageError> {
+        let mut report = Some(RepairReport {
+            cut_at: None,
+            quarantined: Vec::new(),
+        });
+        Self::open_mode(
+            dir.as_ref(),
+            WalOptions::default(),
+            OpenMode::Repair,
+            &mut report,
+        )?;
+        Ok(report.unwrap())
+    }
+
+    fn open_mode(
+        dir: &Path,
+        options: WalOptions,
+        mode: OpenMode,
+        report: &mut Option<RepairReport>,
+    ) -> Result<Self, StorageError> {
+        assert!(
+            options.segment_size_bytes > format::SEGMENT_HEADER_BYTES
+                && options.segment_size_bytes <= 2 << 30,
+            "segment_size_bytes out of range"
+        );
+        fs::create_dir_all(dir).map_err(|e| io_err(dir, e))?;
+        let lock_path = dir.join("LOCK");
+        let lock = OpenOptions::new()
+            .create(true)
+            .truncate(false)
+            .write(true)
+            .open(&lock_path)
+            .map_err(|e| io_err(&lock_path, e))?;
+        rustix::fs::flock(&lock, rustix::fs::FlockOperation::NonBlockingLockExclusive).map_err(
+            |e| {
+                io_err(
+                    &lock_path,
+                    std::io::Error::new(
+                        std::io::ErrorKind::WouldBlock,
+                        format!("the WAL is in use by another process ({e})"),
+                    ),
+                )
+            },
+        )?;
+        let mut seqs = Vec::new();
+        for item in fs::read_dir(dir).map_err(|e| io_err(dir, e))? {
+            let item = item.map_err(|e| io_err(dir, e))?;
+            let name = item.file_name().to_string_lossy().into_owned();
+            if name.ends_with(".wal.tmp") {
+                // A rotation that crashed before its rename: never used.
+                fs::remove_file(item.path()).map_err(|e| io_err(&item.path(), e))?;
+            } else if let Some(seq) = format::parse_segment_name(&name) {
+                seqs.push(seq);
+            }
+        }
+        seqs.sort_unstable();
+
+        let mut state = State {
+            hard_state: HardState::default(),
+            conf_state: ConfState::default(),
+            snapshot: SnapshotMetadata::default(),
+            compacted_index: 0,
+            compacted_term: 0,
+            index: EntryIndex::new(1),
+            cache: Cache {
+                first: 1,
+                entries: Default::default(),
+                bytes: 0,
+                budget: options.cache_bytes,
+            },
+            segments: BTreeMap::new(),
+        };
+        // The compaction point is unknown when the oldest surviving segment
+        // starts mid-log; a later Compact record must settle it.
+        let mut base_known = true;
+        let mut end_offset = format::SEGMENT_HEADER_BYTES;
+        let mut quarantine_from = None;
+        for (k, &seq) in seqs.iter().enumerate() {
+            let path = dir.join(format::segment_name(seq));
+            let is_last = k + 1 == seqs.len();
+            let buf = fs::read(&path).map_err(|e| io_err(&path, e))?;
+            let header_seq =
+                format::decode_segment_header(&buf).map_err(|r| corrupt(&path, 0, r))?;
+            if header_seq != seq {
+                return Err(corrupt(
+                    &path,
+                    0,
+                    format!("header names segment {header_seq}"),
+                ));
+            }
+            let mut pos = format::SEGMENT_HEADER_BYTES as usize;
+            let mut max_entry_index = 0;
+            let bad = loop {
+                match format::check_frame(&buf[pos..]) {
+                    Ok((kind, _group, payload, len)) => {
+                        let record = format::decode_record(kind, payload)
+                            .map_err(|r| corrupt(&path, pos as u64, r))?;
+                        if let Record::Entry { index, .. } = record {
+                            max_entry_index = max_entry_index.max(index);
+                        }
+                        replay(&mut state, &mut base_known, record, seq, pos)
+                            .map_err(|r| corrupt(&path, pos as u64, r))?;
+                        pos += len;
+                    }
+                    Err(FrameError::End) => match buf[pos..].iter().position(|&b| b != 0) {
+                        None => break None,
+                        Some(nz) => {
+                            break Some((
+                                pos,
+                                format!(
+                                    "non-zero bytes at {} after the end of the records",
+                                    pos + nz
+                                ),
+                            ))
+                        }
+                    },
+                    Err(FrameError::Bad(reason)) => break Some((pos, reason)),
+                }
+            };
+            let file = OpenOptions::new()
+                .read(true)
+                .write(true)
+                .open(&path)
+                .map_err(|e| io_err(&path, e))?;
+            if let Some((at, reason)) = bad {
+                let later_valid = find_valid_record(&buf, at + 1);
+                if mode == OpenMode::Repair {
+                    tracing::warn!(segment = %path.display(), offset = at, %reason, "repair: cutting the log here");
+                    let r = report.as_mut().unwrap();
+                    r.cut_at = Some((path.clone(), at as u64));
+                    quarantine_from = Some(k + 1);
+                } else if !is_last || later_valid.is_some() {
+                    let why = match later_valid {
+                        Some(p) => format!("{reason}; a valid record follows at offset {p}, so this is not a torn write"),
+                        None => format!("{reason}; later segments exist, so this is not a torn write"),
+                    };
+                    return Err(corrupt(&path, at as u64, format!("{why}. Restore this node from a replica, or run the WAL repair to accept losing everything after this point")));
+                } else {
+                    tracing::warn!(
+                        segment = %path.display(),
+                        offset = at,
+                        bytes = buf.len() - at,
+                        %reason,
+                        "WAL: cutting off a torn write at the tail of the last segment"
+                    );
+                }
+                // Zero the bad tail so later appends start on clean bytes.
+                let dirty_end = buf.iter().rposition(|&b| b != 0).map_or(at, |p| p + 1);
+                if dirty_end > at {
+                    file.write_all_at(&vec![0u8; dirty_end - at], at as u64)
+                        .and_then(|_| file.sync_data())
+                        .map_err(|e| io_err(&path, e))?;
+                }
+                pos = at;
+            }
+            end_offset = pos as u64;
+            state.segments.insert(
+                seq,
+                Segment {
+                    file: Arc::new(file),
+                    path,
+                    max_entry_index,
+                },
+            );
+            if quarantine_from.is_some() {
+                break;
+            }
+        }
+        if let Some(from) = quarantine_from {
+            let qdir = dir.join(format!(
+                "quarantine-{}",
+                std::time::SystemTime::now()
+                    .duration_since(std::time::UNIX_EPOCH)
+                    .map_or(0, |d| d.as_secs())
+            ));
+            for &seq in &seqs[from..] {
+                fs::create_dir_all(&qdir).map_err(|e| io_err(&qdir, e))?;
+                let from_path = dir.join(format::segment_name(seq));
+                let to_path = qdir.join(format::segment_name(seq));
+                fs::rename(&from_path, &to_path).map_err(|e| io_err(&from_path, e))?;
+                report.as_mut().unwrap().quarantined.push(to_path);
+            }
+            sync_dir(dir)?;
+        }
+        if !base_known {
+            return Err(corrupt(
+                dir,
+                0,
+                format!(
+                    "entries before index {} are missing: a segment was deleted or lost",
+                    state.index.first()
+                ),
+            ));
+        }
+        state.cache.clear(state.index.last() + 1);
+
+        let (seq, file, offset) = match state.segments.last_key_value() {
+            Some((&seq, seg)) => (seq, seg.file.clone(), end_offset),
+            None => {
+                let (file, path) = create_segment(dir, 1, options.segment_size_bytes)?;
+                let file = Arc::new(file);
+                state.segments.insert(
+                    1,
+                    Segment {
+                        file: file.clone(),
+                        path,
+                        max_entry_index: 0,
+                    },
+                );
+                (1, file, format::SEGMENT_HEADER_BYTES)
+            }
+        };
+        tracing::debug!(
+            dir = %dir.display(),
+            segments = state.segments.len(),
+            first = state.index.first(),
+            last = state.index.last(),
+            "WAL opened"
+        );
+        Ok(Self {
+            shared: Arc::new(Shared {
+                dir: dir.to_path_buf(),
+                options,
+                state: RwLock::new(state),
+                writer: Mutex::new(Writer {
+                    seq,
+                    file,
+                    offset,
+                    buf: Vec::new(),
+                }),
+                failed: AtomicBool::new(false),
+                _lock: lock,
+            }),
+        })
+    }
+
+    /// The directory holding the segments.
+    pub fn dir(&self) -> &Path {
+        &self.shared.dir
+    }
+
+    /// Bytes of memory held by the entry index (not the cache).
+    pub fn index_bytes(&self) -> usize {
+        self.shared.state.read().unwrap().index.memory_bytes()
+    }
+
+    /// Bytes of entry payload held by the cache.
+    pub fn cache_bytes(&self) -> usize {
+        self.shared.state.read().unwrap().cache.bytes
+    }
+
+    /// Number of segment files.
+    pub fn segment_count(&self) -> usize {
+        self.shared.state.read().unwrap().segments.len()
+    }
+
+    fn check_ok(&self) -> Result<(), StorageError> {
+        if self.shared.failed.load(Ordering::Acquire) {
+            return Err(StorageError::Invalid(
+                "the WAL failed an earlier write or sync and accepts no more work".into(),
+            ));
+        }
+        Ok(())
+    }
+
+    fn fail(&self, e: StorageError) -> StorageError {
+        self.shared.failed.store(true, Ordering::Release);
+        tracing::error!(error = %e, "WAL write or sync failed; the log is closed");
+        e
+    }
+
+    /// Appends `buf` to the active segment, rotating first if it would cross
+    /// the segment size. Returns the segment and the offset `buf` starts at.
+    fn write_buf(&self, w: &mut Writer, buf: &[u8]) -> Result<(u64, u64), StorageError> {
+        let len = buf.len() as u64;
+        if w.offset > format::SEGMENT_HEADER_BYTES
+            && w.offset + len > self.shared.options.segment_size_bytes
+        {
+            self.rotate(w)?;
+        }
+        assert!(w.offset + len <= u32::MAX as u64, "segment offset overflow");
+        let path = || self.shared.dir.join(format::segment_name(w.seq));
+        w.file
+            .write_all_at(buf, w.offset)
+            .map_err(|e| self.fail(io_err(&path(), e)))?;
+        let at = w.offset;
+        w.offset += len;
+        Ok((w.seq, at))
+    }
+
+    /// Closes the active segment (fdatasync, so only the last segment can
+    /// ever have a torn tail) and opens the next one with a checkpoint.
+    fn rotate(&self, w: &mut Writer) -> Result<(), StorageError> {
+        let old_path = self.shared.dir.join(format::segment_name(w.seq));
+        w.file
+            .sync_data()
+            .map_err(|e| self.fail(io_err(&old_path, e)))?;
+        let seq = w.seq + 1;
+        let (file, path) = create_segment(
+            &self.shared.dir,
+            seq,
+            self.shared.options.segment_size_bytes,
+        )
+        .map_err(|e| self.fail(e))?;
+        let file = Arc::new(file);
+        let mut checkpoint = Vec::new();
+        let group = self.shared.options.group_id;
+        {
+            let mut st = self.shared.state.write().unwrap();
+            if st.snapshot.index > 0 {
+                format::push_snapshot(
+                    &mut checkpoint,
+                    group,
+                    format::SNAPSHOT_RECORDED,
+                    &st.snapshot,
+                );
+            }
+            format::push_conf_state(&mut checkpoint, group, &st.conf_state);
+            format::push_hard_state(&mut checkpoint, group, &st.hard_state);
+            format::push_compact(
+                &mut checkpoint,
+                group,
+                st.compacted_index + 1,
+                st.compacted_term,
+            );
+            st.segments.insert(
+                seq,
+                Segment {
+                    file: file.clone(),
+                    path: path.clone(),
+                    max_entry_index: 0,
+                },
+            );
+        }
+        file.write_all_at(&checkpoint, format::SEGMENT_HEADER_BYTES)
+            .map_err(|e| self.fail(io_err(&path, e)))?;
+        w.seq = seq;
+        w.file = file;
+        w.offset = format::SEGMENT_HEADER_BYTES + checkpoint.len() as u64;
+        Ok(())
+    }
+
+    /// Reads entries `[low, high)` from disk, verifying each record. Stops
+    /// early once `max_size` is passed (estimated from record offsets; the
+    /// caller cuts exactly).
+    fn read_from_disk(
+        &self,
+        low: u64,
+        high: u64,
+        max_size: Option<u64>,
+    ) -> Result<Vec<Entry>, StorageError> {
+        struct Run {
+            file: Arc<File>,
+            path: PathBuf,
+            seq: u64,
+            locs: Vec<Loc>,
+            /// Where the last record ends, if known without reading it.
+            end: Option<u64>,
+        }
+        // Plan under the read lock, do the I/O without it.
+        let mut plan: Vec<Run> = Vec::new();
+        {
+            let st = self.shared.state.read().unwrap();
+            let mut size_bytes = 0u64;
+            for i in low..high {
+                let (seq, loc) = st.index.loc(i);
+                let next = st.index.next_in_segment(i);
+                if let Some(max) = max_size {
+                    size_bytes += next.map_or(0, |n| (n - loc) as u64);
+                    if i > low && size_bytes > max {
+                        break;
+                    }
+                }
+                match plan.last_mut() {
+                    Some(run) if run.seq == seq => run.locs.push(loc),
+                    _ => {
+                        let seg = st.segments.get(&seq).expect("indexed segment exists");
+                        plan.push(Run {
+                            file: seg.file.clone(),
+                            path: seg.path.clone(),
+                            seq,
+                            locs: vec![loc],
+                            end: None,
+                        });
+                    }
+                }
+                plan.last_mut().unwrap().end = next.map(|n| n as u64);
+            }
+        }
+        let mut out = Vec::new();
+        for run in plan {
+            let path = &run.path;
+            let start = run.locs[0] as u64;
+            let last = *run.locs.last().unwrap() as u64;
+            let end = match run.end {
+                Some(end) => end,
+                None => {
+                    let mut header = [0u8; format::RECORD_HEADER_BYTES];
+                    run.file
+                        .read_exact_at(&mut header, last)
+                        .map_err(|e| io_err(path, e))?;
+                    let len = u32::from_le_bytes(header[..4].try_into().unwrap()) as u64;
+                    if len > format::RECORD_PAYLOAD_MAX_BYTES as u64 {
+                        return Err(corrupt(path, last, "record length over the limit"));
+                    }
+                    last + format::RECORD_HEADER_BYTES as u64 + len
+                }
+            };
+            let mut buf = vec![0u8; (end - start) as usize];
+            run.file
+                .read_exact_at(&mut buf, start)
+                .map_err(|e| io_err(path, e))?;
+            let buf = Bytes::from(buf);
+            for loc in run.locs {
+                let at = (loc as u64 - start) as usize;
+                let (kind, _, payload, _) = format::check_frame(&buf[at..])
+                    .map_err(|e| corrupt(path, loc as u64, format!("{e:?}")))?;
+                if kind != format::TYPE_ENTRY {
+                    return Err(corrupt(
+                        path,
+                        loc as u64,
+                        "index points at a non-entry record",
+                    ));
+                }
+                let p0 = at + format::RECORD_HEADER_BYTES;
+                let entry = format::decode_entry(&buf.slice(p0..p0 + payload.len()))
+                    .map_err(|r| corrupt(path, loc as u64, r))?;
+                out.push(entry);
+            }
+        }
+        Ok(out)
+    }
+}
+
+/// Applies one replayed record to the state being rebuilt.
+fn replay(
+    state: &mut State,
+    base_known: &mut bool,
+    record: Record,
+    seq: u64,
+    pos: usize,
+) -> Result<(), String> {
+    match record {
+        Record::Entry { index, term } => {
+            let loc = pos as Loc;
+            if state.index.is_empty() && index > state.index.first() {
+                // The oldest surviving segment starts after entries that were
+                // compacted and purged; a later Compact record confirms it.
+                state.index.reset(index);
+                state.compacted_index = index - 1;
+                *base_known = false;
+            } else if index < state.index.first() || index > state.index.last() + 1 {
+                return Err(format!(
+                    "entry {index} does not follow the log [{}, {}]",
+                    state.index.first(),
+                    state.index.last()
+                ));
+            }
+            state.index.truncate_from(index);
+            state.index.push(index, term, seq, loc);
+        }
+        Record::HardState(hs) => state.hard_state = hs,
+        Record::ConfState(cs) => state.conf_state = cs,
+        Record::Snapshot { kind, meta } => {
+            if kind == format::SNAPSHOT_INSTALLED {
+                install(state, meta);
+                *base_known = true;
+            } else {
+                record_point(state, meta);
+            }
+        }
+        Record::Compact {
+            first_index,
+            prev_term,
+        } => {
+            if first_index > state.compacted_index {
+                state.index.compact_to(first_index);
+                state.compacted_index = first_index - 1;
+                state.compacted_term = prev_term;
+                *base_known = true;
+            }
+        }
+    }
+    Ok(())
+}
+
+/// The log restarts right after an installed snapshot.
+fn install(state: &mut State, meta: SnapshotMetadata) {
+    state.index.reset(meta.index + 1);
+    state.cache.clear(meta.index + 1);
+    state.compacted_index = meta.index;
+    state.compacted_term = meta.term;
+    state.conf_state = meta.get_conf_state().clone();
+    state.hard_state.commit = state.hard_state.commit.max(meta.index);
+    state.hard_state.term = state.hard_state.term.max(meta.term);
+    state.snapshot = meta;
+}
+
+/// A local snapshot now exists at `meta`: it becomes the base a restart
+/// starts from.
+fn record_point(state: &mut State, meta: SnapshotMetadata) {
+    if meta.index < state.snapshot.index {
+        return;
+    }
+    state.conf_state = meta.get_conf_state().clone();
+    state.hard_state.commit = state.hard_state.commit.max(meta.index);
+    state.snapshot = meta;
+}
+
+impl raft::Storage for Wal {
+    fn initial_state(&self) -> raft::Result<RaftState> {
+        let st = self.shared.state.read().unwrap();
+        Ok(RaftState::new(st.hard_state.clone(), st.conf_state.clone()))
+    }
+
+    fn entries(
+        &self,
+        low: u64,
+        high: u64,
+        max_size: impl Into<Option<u64>>,
+        _context: GetEntriesContext,
+    ) -> raft::Result<Vec<Entry>> {
+        let max_size = max_size.into();
+        let cache_first = {
+            let st = self.shared.state.read().unwrap();
+            if low < st.index.first() {
+                return Err(raft::Error::Store(RaftStorageError::Compacted));
+            }
+            assert!(
+                high <= st.index.last() + 1,
+                "entries high {high} beyond last index {}",
+                st.index.last()
+            );
+            st.cache.first
+        };
+        let mut out = Vec::with_capacity((high - low) as usize);
+        if low < cache_first {
+            out = self.read_from_disk(low, high.min(cache_first), max_size)?;
+        }
+        if high > cache_first && out.len() as u64 == cache_first.saturating_sub(low) {
+            let st = self.shared.state.read().unwrap();
+            for i in low.max(cache_first)..high {
+                match st.cache.get(i) {
+                    Some(e) => out.push(e.clone()),
+                    None => {
+                        // Evicted since we looked: read the rest from disk.
+                        drop(st);
+                        let rest = self.read_from_disk(i, high, max_size)?;
+                        out.extend(rest);
+                        break;
+                    }
+                }
+            }
+        }
+        if let Some(max) = max_size {
+            let mut size_bytes = 0u64;
+            let keep = out
+                .iter()
+                .position(|e| {
+                    size_bytes += protobuf::Message::compute_size(e) as u64;
+                    size_bytes > max
+                })
+                .unwrap_or(out.len())
+                .max(1);
+            out.truncate(keep);
+        }
+        Ok(out)
+    }
+
+    fn term(&self, idx: u64) -> raft::Result<u64> {
+        let st = self.shared.state.read().unwrap();
+        if idx == st.compacted_index {
+            return Ok(st.compacted_term);
+        }
+        if idx < st.index.first() {
+            return Err(raft::Error::Store(RaftStorageError::Compacted));
+        }
+        if idx > st.index.last() {
+            return Err(raft::Error::Store(RaftStorageError::Unavailable));
+        }
+        Ok(st.index.term(idx))
+    }
+
+    fn first_index(&self) -> raft::Result<u64> {
+        Ok(self.shared.state.read().unwrap().index.first())
+    }
+
+    fn last_index(&self) -> raft::Result<u64> {
+        Ok(self.shared.state.read().unwrap().index.last())
+    }
+
+    fn snapshot(&self, request_index: u64, _to: u64) -> raft::Result<Snapshot> {
+        let st = self.shared.state.read().unwrap();
+        if st.snapshot.index < request_index || st.snapshot.index == 0 {
+            return Err(raft::Error::Store(
+                RaftStorageError::SnapshotTemporarilyUnavailable,
+            ));
+        }
+        let mut snap = Snapshot::default();
+        snap.set_metadata(st.snapshot.clone());
+        Ok(snap)
+    }
+}
+
+impl LogStore for Wal {
+    fn stage(&self, batch: WriteBatch) -> Result<(), StorageError> {
+        self.check_ok()?;
+        let mut w = self.shared.writer.lock().unwrap();
+        // Validate before writing anything.
+        if batch.group_id != self.shared.options.group_id {
+            return Err(StorageError::Invalid(format!(
+                "batch for group {} staged into the WAL of group {}",
+                batch.group_id, self.shared.options.group_id
+            )));
+        }
+        {
+            let st = self.shared.state.read().unwrap();
+            let (first, last) = match &batch.snapshot {
+                Some(meta) => (meta.index + 1, meta.index),
+                None => (st.index.first(), st.index.last()),
+            };
+            if let Some(e) = batch.entries.first() {
+                if e.index < first || e.index > last + 1 {
+                    return Err(StorageError::Invalid(format!(
+                        "entries from {} do not fit the log [{first}, {last}]",
+                        e.index
+                    )));
+                }
+            }
+            for pair in batch.entries.windows(2) {
+                if pair[1].index != pair[0].index + 1 {
+                    return Err(StorageError::Invalid(
+                        "entries in a batch are not contiguous".into(),
+                    ));
+                }
+            }
+            if let Some(e) = batch
+                .entries
+                .iter()
+                .find(|e| format::entry_payload_bytes(e) > format::RECORD_PAYLOAD_MAX_BYTES)
+            {
+                return Err(StorageError::Invalid(format!(
+                    "entry {} is larger than a WAL record may be",
+                    e.index
+                )));
+            }
+        }
+        let group = batch.group_id;
+        let segment_size = self.shared.options.segment_size_bytes;
+        let mut buf = std::mem::take(&mut w.buf);
+        buf.clear();
+        // Where each entry landed. A batch larger than what is left of the
+        // segment is written in pieces, so segments stay near their size.
+        let mut placed: Vec<(u64, Loc)> = Vec::with_capacity(batch.entries.len());
+        let mut pending: Vec<usize> = Vec::new();
+        let result = (|| {
+            if let Some(meta) = &batch.snapshot {
+                format::push_snapshot(&mut buf, group, format::SNAPSHOT_INSTALLED, meta);
+            }
+            for e in &batch.entries {
+                let need = (format::RECORD_HEADER_BYTES + format::entry_payload_bytes(e)) as u64;
+                if !buf.is_empty() && w.offset + (buf.len() as u64) + need > segment_size {
+                    let (seq, at) = self.write_buf(&mut w, &buf)?;
+                    placed.extend(pending.drain(..).map(|o| (seq, (at + o as u64) as Loc)));
+                    buf.clear();
+                }
+                let (off, _) = format::push_entry(&mut buf, group, e);
+                pending.push(off);
+            }
+            if let Some(hs) = &batch.hard_state {
+                format::push_hard_state(&mut buf, group, hs);
+            }
+            if let Some(cs) = &batch.conf_state {
+                format::push_conf_state(&mut buf, group, cs);
+            }
+            if !buf.is_empty() {
+                let (seq, at) = self.write_buf(&mut w, &buf)?;
+                placed.extend(pending.drain(..).map(|o| (seq, (at + o as u64) as Loc)));
+            }
+            Ok::<(), StorageError>(())
+        })();
+        w.buf = buf;
+        result?;
+        let mut st = self.shared.state.write().unwrap();
+        if let Some(meta) = batch.snapshot {
+            install(&mut st, meta);
+        }
+        if let Some(head) = batch.entries.first() {
+            st.index.truncate_from(head.index);
+            for (e, &(seq, loc)) in batch.entries.iter().zip(&placed) {
+                st.index.push(e.index, e.term, seq, loc);
+                let seg = st
+                    .segments
+                    .get_mut(&seq)
+                    .expect("written segment is indexed");
+                seg.max_entry_index = seg.max_entry_index.max(e.index);
+            }
+            st.cache.append(&batch.entries);
+        }
+        if let Some(hs) = batch.hard_state {
+            st.hard_state = hs;
+        }
+        if let Some(cs) = batch.conf_state {
+            st.conf_state = cs;
+        }
+        Ok(())
+    }
+
+    fn sync(&self) -> Result<(), StorageError> {
+        self.check_ok()?;
+        let (file, seq, first_index) = {
+            let w = self.shared.writer.lock().unwrap();
+            let first = self.shared.state.read().unwrap().index.first();
+            (w.file.clone(), w.seq, first)
+        };
+        if let Err(e) = file.sync_data() {
+            let path = self.shared.dir.join(format::segment_name(seq));
+            return Err(self.fail(io_err(&path, e)));
+        }
+        // Older segments were synced when they were closed. Every segment
+        // before `seq` whose entries are all compacted away (by a Compact
+        // record that this sync made durable) can go.
+        let doomed: Vec<PathBuf> = {
+            let mut st = self.shared.state.write().unwrap();
+            let mut doomed = Vec::new();
+            while let Some((&s, seg)) = st.segments.first_key_value() {
+                if s >= seq || seg.max_entry_index >= first_index {
+                    break;
+                }
+                doomed.push(seg.path.clone());
+                st.segments.pop_first();
+            }
+            doomed
+        };
+        for path in doomed {
+            fs::remove_file(&path).map_err(|e| self.fail(io_err(&path, e)))?;
+            tracing::debug!(segment = %path.display(), "purged a compacted WAL segment");
+        }
+        Ok(())
+    }
+
+    fn compact(&self, index: u64) -> Result<(), StorageError> {
+        self.check_ok()?;
+        let mut w = self.shared.writer.lock().unwrap();
+        let prev_term = {
+            let st = self.shared.state.read().unwrap();
+            if index <= st.index.first() {
+                return Ok(());
+            }
+            if index > st.index.last() + 1 {
+                return Err(StorageError::Invalid(format!(
+                    "compact to {index} beyond last index {}",
+                    st.index.last()
+                )));
+            }
+            st.index.term(index - 1)
+        };
+        let mut buf = Vec::new();
+        format::push_compact(&mut buf, self.shared.options.group_id, index, prev_term);
+        self.write_buf(&mut w, &buf)?;
+        let mut st = self.shared.state.write().unwrap();
+        st.index.compact_to(index);
+        st.cache.compact_to(index);
+        st.compacted_index = index - 1;
+        st.compacted_term = prev_term;
+        Ok(())
+    }
+
+    fn record_snapshot(&self, meta: SnapshotMetadata) -> Result<(), StorageError> {
+        self.check_ok()?;
+        let mut w = self.shared.writer.lock().unwrap();
+        let mut buf = Vec::new();
+        format::push_snapshot(
+            &mut buf,
+            self.shared.options.group_id,
+            format::SNAPSHOT_RECORDED,
+            &meta,
+        );
+        self.write_buf(&mut w, &buf)?;
+        record_point(&mut self.shared.state.write().unwrap(), meta);
+        Ok(())
+    }
+}

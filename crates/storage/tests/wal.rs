@@ -1,0 +1,380 @@
+//! The native WAL on real files: restart, rotation, compaction and purge,
+//! torn tails, corruption, repair, and the size of its index.
+
+use std::fs;
+use std::os::unix::fs::FileExt;
+use std::path::{Path, PathBuf};
+
+use raft::prelude::{ConfState, Entry, HardState, SnapshotMetadata};
+use raft::{GetEntriesContext, Storage};
+use raftwork_storage::{LogStore, StorageError, Wal, WalOptions, WriteBatch};
+
+fn entry(index: u64, term: u64, size: usize) -> Entry {
+    let mut data = vec![0u8; size.max(8)];
+    data[..8].copy_from_slice(&index.to_le_bytes());
+    Entry {
+        index,
+        term,
+        data: data.into(),
+        ..Default::default()
+    }
+}
+
+fn append(w: &Wal, from: u64, to: u64, term: u64, size: usize) {
+    w.stage(WriteBatch {
+        group_id: 1,
+        entries: (from..=to).map(|i| entry(i, term, size)).collect(),
+        hard_state: Some(HardState {
+            term,
+            vote: 1,
+            commit: to,
+            ..Default::default()
+        }),
+        ..Default::default()
+    })
+    .unwrap();
+}
+
+fn small(cache_bytes: usize) -> WalOptions {
+    WalOptions {
+        segment_size_bytes: 64 << 10,
+        cache_bytes,
+        ..Default::default()
+    }
+}
+
+fn check_entries(w: &Wal, from: u64, to: u64) {
+    let got = w
+        .entries(from, to + 1, None, GetEntriesContext::empty(false))
+        .unwrap();
+    assert_eq!(got.len() as u64, to - from + 1);
+    for (k, e) in got.iter().enumerate() {
+        let i = from + k as u64;
+        assert_eq!(e.index, i);
+        assert_eq!(&e.data[..8], &i.to_le_bytes(), "payload of entry {i}");
+    }
+}
+
+fn segments(dir: &Path) -> Vec<PathBuf> {
+    let mut v: Vec<_> = fs::read_dir(dir)
+        .unwrap()
+        .map(|e| e.unwrap().path())
+        .filter(|p| p.extension().is_some_and(|x| x == "wal"))
+        .collect();
+    v.sort();
+    v
+}
+
+/// Offset just past the last non-zero byte of a file.
+fn written_end(path: &Path) -> usize {
+    let buf = fs::read(path).unwrap();
+    buf.iter().rposition(|&b| b != 0).map_or(0, |p| p + 1)
+}
+
+#[test]
+fn restart_keeps_entries_state_and_crosses_index_boundaries() {
+    let dir = tempfile::tempdir().unwrap();
+    {
+        let w = Wal::open(dir.path(), small(1 << 20)).unwrap();
+        append(&w, 1, 70_000, 1, 8);
+        // Overwrite a suffix that started several segments back.
+        append(&w, 65_530, 65_540, 2, 8);
+        w.stage(WriteBatch {
+            group_id: 1,
+            conf_state: Some(ConfState {
+                voters: vec![1, 2, 3],
+                ..Default::default()
+            }),
+            ..Default::default()
+        })
+        .unwrap();
+        w.sync().unwrap();
+        assert!(w.segment_count() > 10, "rotation happened");
+    }
+    let w = Wal::open(dir.path(), small(0)).unwrap();
+    assert_eq!(w.first_index().unwrap(), 1);
+    assert_eq!(w.last_index().unwrap(), 65_540);
+    for i in [9, 10, 99, 100, 65_529] {
+        assert_eq!(w.term(i).unwrap(), 1, "term of {i}");
+    }
+    for i in [65_530, 65_535, 65_536, 65_540] {
+        assert_eq!(w.term(i).unwrap(), 2, "term of {i}");
+    }
+    check_entries(&w, 1, 65_540);
+    let state = w.initial_state().unwrap();
+    assert_eq!(state.hard_state.commit, 65_540);
+    assert_eq!(state.hard_state.term, 2);
+    assert_eq!(state.conf_state.voters, vec![1, 2, 3]);
+}
+
+#[test]
+fn compaction_purges_segments_and_survives_restart() {
+    let dir = tempfile::tempdir().unwrap();
+    let before;
+    {
+        let w = Wal::open(dir.path(), small(0)).unwrap();
+        append(&w, 1, 20_000, 3, 64);
+        w.sync().unwrap();
+        before = w.segment_count();
+        let mut meta = SnapshotMetadata {
+            index: 15_000,
+            term: 3,
+            ..Default::default()
+        };
+        meta.mut_conf_state().voters = vec![1, 2];
+        w.record_snapshot(meta).unwrap();
+        w.compact(14_000).unwrap();
+        w.sync().unwrap();
+        assert!(w.segment_count() < before / 2, "compacted segments purged");
+        assert_eq!(segments(dir.path()).len(), w.segment_count());
+        assert_eq!(w.first_index().unwrap(), 14_000);
+        assert_eq!(w.term(13_999).unwrap(), 3);
+        // Keep writing across more rotations after the purge.
+        append(&w, 20_001, 25_000, 4, 64);
+        w.sync().unwrap();
+    }
+    let w = Wal::open(dir.path(), small(0)).unwrap();
+    assert_eq!(w.first_index().unwrap(), 14_000);
+    assert_eq!(w.last_index().unwrap(), 25_000);
+    assert_eq!(w.term(13_999).unwrap(), 3);
+    assert_eq!(w.term(25_000).unwrap(), 4);
+    check_entries(&w, 14_000, 25_000);
+    let snap = w.snapshot(15_000, 2).unwrap();
+    assert_eq!(snap.get_metadata().index, 15_000);
+    let state = w.initial_state().unwrap();
+    assert_eq!(
+        state.conf_state.voters,
+        vec![1, 2],
+        "a restart starts from the snapshot's conf state"
+    );
+    assert!(matches!(
+        w.entries(10, 20, None, GetEntriesContext::empty(false)),
+        Err(raft::Error::Store(raft::StorageError::Compacted))
+    ));
+}
+
+#[test]
+fn installed_snapshot_resets_the_log() {
+    let dir = tempfile::tempdir().unwrap();
+    {
+        let w = Wal::open(dir.path(), small(1 << 20)).unwrap();
+        append(&w, 1, 100, 1, 8);
+        let mut meta = SnapshotMetadata {
+            index: 500,
+            term: 5,
+            ..Default::default()
+        };
+        meta.mut_conf_state().voters = vec![7];
+        w.stage(WriteBatch {
+            group_id: 1,
+            snapshot: Some(meta),
+            entries: vec![entry(501, 5, 8)],
+            ..Default::default()
+        })
+        .unwrap();
+        w.sync().unwrap();
+    }
+    let w = Wal::open(dir.path(), small(1 << 20)).unwrap();
+    assert_eq!(w.first_index().unwrap(), 501);
+    assert_eq!(w.last_index().unwrap(), 501);
+    assert_eq!(w.term(500).unwrap(), 5);
+    let state = w.initial_state().unwrap();
+    assert_eq!(state.hard_state.commit, 500);
+    assert_eq!(state.conf_state.voters, vec![7]);
+}
+
+#[test]
+fn torn_tail_of_the_last_segment_is_cut_and_the_log_goes_on() {
+    let dir = tempfile::tempdir().unwrap();
+    {
+        let w = Wal::open(dir.path(), small(0)).unwrap();
+        append(&w, 1, 50, 1, 100);
+        w.sync().unwrap();
+    }
+    let last = segments(dir.path()).pop().unwrap();
+    let end = written_end(&last);
+    // Half a record: a header that promises 1000 bytes, then 10 of them.
+    let mut torn = vec![0u8; 27];
+    torn[..4].copy_from_slice(&1000u32.to_le_bytes());
+    torn[4..8].copy_from_slice(&0xdead_beefu32.to_le_bytes());
+    torn[8] = 1;
+    torn[9] = 1;
+    torn[17..].fill(0xab);
+    fs::OpenOptions::new()
+        .write(true)
+        .open(&last)
+        .unwrap()
+        .write_all_at(&torn, end as u64)
+        .unwrap();
+    {
+        let w = Wal::open(dir.path(), small(0)).unwrap();
+        assert_eq!(w.last_index().unwrap(), 50);
+        check_entries(&w, 1, 50);
+        append(&w, 51, 60, 1, 100);
+        w.sync().unwrap();
+    }
+    let w = Wal::open(dir.path(), small(0)).unwrap();
+    check_entries(&w, 1, 60);
+}
+
+fn flip_byte(path: &Path, offset: u64) {
+    let f = fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .open(path)
+        .unwrap();
+    let mut b = [0u8; 1];
+    f.read_exact_at(&mut b, offset).unwrap();
+    b[0] ^= 0x04;
+    f.write_all_at(&b, offset).unwrap();
+}
+
+#[test]
+fn a_bit_flip_in_an_older_segment_refuses_to_open_and_repair_accepts_the_loss() {
+    let dir = tempfile::tempdir().unwrap();
+    {
+        let w = Wal::open(dir.path(), small(0)).unwrap();
+        append(&w, 1, 5_000, 1, 100);
+        w.sync().unwrap();
+    }
+    let segs = segments(dir.path());
+    assert!(segs.len() >= 4);
+    let victim = &segs[1];
+    let offset = written_end(victim) as u64 / 2;
+    flip_byte(victim, offset);
+
+    let err = Wal::open(dir.path(), small(0)).err().expect("must refuse");
+    match &err {
+        StorageError::Corrupt {
+            path, offset: at, ..
+        } => {
+            assert_eq!(path, victim);
+            assert!(
+                *at <= offset && offset - *at < 200,
+                "offset {at} near the flip at {offset}"
+            );
+        }
+        other => panic!("expected Corrupt, got {other}"),
+    }
+    let msg = err.to_string();
+    assert!(
+        msg.contains(&victim.display().to_string()),
+        "message names the file: {msg}"
+    );
+    assert!(msg.contains("repair"), "message says how to proceed: {msg}");
+
+    let report = Wal::repair(dir.path()).unwrap();
+    assert_eq!(report.cut_at.as_ref().unwrap().0, *victim);
+    assert_eq!(report.quarantined.len(), segs.len() - 2);
+    let w = Wal::open(dir.path(), small(0)).unwrap();
+    let last = w.last_index().unwrap();
+    assert!(last > 100 && last < 5_000, "log cut at the damage: {last}");
+    check_entries(&w, 1, last);
+}
+
+#[test]
+fn a_bit_flip_mid_last_segment_with_valid_records_after_is_not_a_torn_tail() {
+    let dir = tempfile::tempdir().unwrap();
+    {
+        let w = Wal::open(dir.path(), WalOptions::default()).unwrap();
+        append(&w, 1, 200, 1, 100);
+        w.sync().unwrap();
+    }
+    let seg = segments(dir.path()).pop().unwrap();
+    flip_byte(&seg, written_end(&seg) as u64 / 2);
+    match Wal::open(dir.path(), WalOptions::default()) {
+        Err(StorageError::Corrupt { reason, .. }) => {
+            assert!(reason.contains("valid record follows"), "{reason}")
+        }
+        Err(e) => panic!("expected Corrupt, got {e}"),
+        Ok(_) => panic!("opened a corrupt log"),
+    }
+}
+
+#[test]
+fn a_missing_middle_segment_refuses_to_open() {
+    let dir = tempfile::tempdir().unwrap();
+    {
+        let w = Wal::open(dir.path(), small(0)).unwrap();
+        append(&w, 1, 3_000, 1, 100);
+        w.sync().unwrap();
+    }
+    let segs = segments(dir.path());
+    fs::remove_file(&segs[1]).unwrap();
+    assert!(matches!(
+        Wal::open(dir.path(), small(0)),
+        Err(StorageError::Corrupt { .. })
+    ));
+}
+
+#[test]
+fn a_second_process_cannot_open_the_same_log() {
+    let dir = tempfile::tempdir().unwrap();
+    let _w = Wal::open(dir.path(), WalOptions::default()).unwrap();
+    let err = Wal::open(dir.path(), WalOptions::default()).err().unwrap();
+    assert!(err.to_string().contains("in use"), "{err}");
+}
+
+#[test]
+fn cached_and_disk_reads_agree() {
+    let dir = tempfile::tempdir().unwrap();
+    // A cache that holds only the newest ~100 entries.
+    let w = Wal::open(dir.path(), small(100 * 64)).unwrap();
+    append(&w, 1, 1_000, 1, 64);
+    assert!(w.cache_bytes() <= 100 * 64);
+    check_entries(&w, 1, 1_000);
+    check_entries(&w, 850, 1_000);
+    // A size limit cuts the batch but returns at least one entry.
+    let got = w
+        .entries(1, 1_001, Some(1_000), GetEntriesContext::empty(false))
+        .unwrap();
+    assert!(!got.is_empty() && got.len() < 20);
+}
+
+#[test]
+fn the_index_costs_at_most_ten_bytes_per_entry_whatever_the_payload() {
+    for size in [100usize, 10_000] {
+        let dir = tempfile::tempdir().unwrap();
+        let w = Wal::open(
+            dir.path(),
+            WalOptions {
+                cache_bytes: 0,
+                ..Default::default()
+            },
+        )
+        .unwrap();
+        for chunk in 0..100 {
+            append(&w, chunk * 1_000 + 1, (chunk + 1) * 1_000, 1, size);
+        }
+        let per_entry = w.index_bytes() as f64 / 100_000.0;
+        assert!(
+            per_entry <= 10.0,
+            "{per_entry} bytes per entry at payload {size}"
+        );
+    }
+}
+
+#[test]
+fn bad_batches_are_refused_without_writing() {
+    let dir = tempfile::tempdir().unwrap();
+    let w = Wal::open(dir.path(), WalOptions::default()).unwrap();
+    append(&w, 1, 10, 1, 8);
+    let gap = WriteBatch {
+        group_id: 1,
+        entries: vec![entry(12, 1, 8)],
+        ..Default::default()
+    };
+    assert!(matches!(w.stage(gap), Err(StorageError::Invalid(_))));
+    let wrong_group = WriteBatch {
+        group_id: 9,
+        entries: vec![entry(11, 1, 8)],
+        ..Default::default()
+    };
+    assert!(matches!(
+        w.stage(wrong_group),
+        Err(StorageError::Invalid(_))
+    ));
+    assert_eq!(w.last_index().unwrap(), 10);
+    append(&w, 11, 11, 1, 8);
+    w.sync().unwrap();
+}
