@@ -25,11 +25,13 @@
 #![forbid(unsafe_code)]
 
 mod error;
+mod file_snapshot;
 mod mem_log;
 mod snapshot;
 mod wal;
 
 pub use error::StorageError;
+pub use file_snapshot::{FileSnapshotStore, SnapshotCompression};
 pub use mem_log::MemLogStore;
 pub use snapshot::{MemSnapshotStore, SnapshotMeta, SnapshotReader, SnapshotStore, SnapshotWriter};
 pub use wal::{RepairReport, Wal, WalOptions};
