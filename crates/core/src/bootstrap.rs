@@ -12,14 +12,19 @@ use raftwork_storage::{LogStore, StorageError, WriteBatch};
 
 use crate::NodeId;
 
-/// Writes the bootstrap entries for `voters` into an empty `store` and syncs.
+/// Writes the bootstrap entries of group `group_id` for `voters` into an
+/// empty `store` and syncs.
 /// Returns the index the state machine should treat as applied (the conf
 /// changes are applied by construction). Does nothing and returns `None` if
 /// the store already holds a log.
 ///
 /// # Panics
 /// If `voters` is empty or holds 0 or a duplicate: the caller validates first.
-pub fn bootstrap<S: LogStore>(store: &S, voters: &[NodeId]) -> Result<Option<u64>, StorageError> {
+pub fn bootstrap<S: LogStore>(
+    store: &S,
+    group_id: u64,
+    voters: &[NodeId],
+) -> Result<Option<u64>, StorageError> {
     assert!(!voters.is_empty(), "bootstrap needs at least one voter");
     let mut sorted = voters.to_vec();
     sorted.sort_unstable();
@@ -60,7 +65,7 @@ pub fn bootstrap<S: LogStore>(store: &S, voters: &[NodeId]) -> Result<Option<u64
         ..Default::default()
     };
     store.stage(WriteBatch {
-        group_id: 1,
+        group_id,
         snapshot: None,
         entries,
         hard_state: Some(hs),

@@ -16,7 +16,7 @@ fn logger() -> slog::Logger {
 
 fn core(id: u64, voters: &[u64]) -> Core<MemLogStore> {
     let store = MemLogStore::new();
-    let applied = bootstrap(&store, voters).unwrap().unwrap();
+    let applied = bootstrap(&store, 1, voters).unwrap().unwrap();
     let config = CoreConfig {
         id,
         applied_index: applied,

@@ -1,18 +1,31 @@
-//! [`Builder`]: a node in a few lines, with defaults that work for one node.
+//! [`Builder`]: a node in a few lines, durable by default.
+//!
+//! Storage choice: by default the node keeps its Raft log in the native WAL
+//! under `<data dir>/wal` and its snapshots under `<data dir>/snapshots`
+//! (data dir default `./raftwork-data`). In-memory storage is an explicit
+//! [`Builder::in_memory`] call, never a silent default.
+//!
+//! Start-up on an existing data dir: bootstrap is skipped, the state machine
+//! is restored from the newest snapshot the log or the snapshot store knows,
+//! and raft replays the log after it.
 
 use std::collections::HashMap;
+use std::path::PathBuf;
 use std::sync::atomic::AtomicBool;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use raftwork_core::{bootstrap, ConfigError, Core, CoreConfig, FatalError, NodeId};
-use raftwork_storage::{LogStore, MemLogStore, StorageError};
+use raftwork_storage::{
+    FileSnapshotStore, LogStore, MemLogStore, MemSnapshotStore, SnapshotCompression, SnapshotStore,
+    StorageError, Wal, WalOptions, WriteBatch,
+};
 use raftwork_transport::{Inbox, MemNetwork, Transport};
 use tokio::sync::{broadcast, mpsc};
 
 use crate::logging::raft_logger;
 use crate::node::{Node, Shared};
-use crate::runtime::{apply_task, spawn_sync_worker, ReadyLoop, SyncMode};
+use crate::runtime::{apply_task, spawn_sync_worker, Applier, ReadyLoop, SyncMode};
 use crate::state_machine::StateMachine;
 
 /// Configuration of a node: the core's settings plus the shell's timing.
@@ -28,6 +41,18 @@ pub struct Config {
     /// Capacity of the request queue from handles to the ready loop; a full
     /// queue makes callers wait (backpressure). Default: 65,536.
     pub request_queue_capacity: usize,
+    /// Take a snapshot automatically once this many entries were applied
+    /// since the last one. 0 turns automatic snapshots off (a manual
+    /// [`Node::snapshot`] still works). Default: 10,000.
+    pub snapshot_interval_entries: u64,
+    /// Log entries kept behind a snapshot, so a follower that is only a little
+    /// behind catches up from the log instead of receiving the whole
+    /// snapshot. Default: 5,000.
+    pub snapshot_keep_entries: u64,
+    /// Snapshots kept by the default snapshot stores. Default: 2.
+    pub snapshot_keep_count: usize,
+    /// Compression of the file snapshot store. Default: zstd level 1.
+    pub snapshot_compression: SnapshotCompression,
 }
 
 impl Default for Config {
@@ -37,6 +62,10 @@ impl Default for Config {
             tick_interval: Duration::from_millis(100),
             membership_timeout: Duration::from_secs(10),
             request_queue_capacity: 65_536,
+            snapshot_interval_entries: 10_000,
+            snapshot_keep_entries: 5_000,
+            snapshot_keep_count: 2,
+            snapshot_compression: SnapshotCompression::default(),
         }
     }
 }
@@ -52,6 +81,9 @@ impl Config {
             return Err(ConfigError(
                 "request_queue_capacity must be at least 1".into(),
             ));
+        }
+        if self.snapshot_keep_count == 0 {
+            return Err(ConfigError("snapshot_keep_count must be at least 1".into()));
         }
         Ok(())
     }
@@ -73,11 +105,20 @@ pub enum BuildError {
     /// raft-rs refused to start.
     #[error(transparent)]
     Fatal(#[from] FatalError),
+    /// The state machine could not be restored from the snapshot the node
+    /// must start from (for example, a corrupt snapshot file).
+    #[error("restoring the state machine from snapshot {index} failed: {source}")]
+    Restore {
+        /// Index of the snapshot.
+        index: u64,
+        /// Why it failed; corruption names the file and offset.
+        #[source]
+        source: std::io::Error,
+    },
 }
 
-/// Marker: no log store chosen yet. `build()` exists only once one is, so
-/// forgetting to choose is a compile error, not a silent in-memory default.
-pub struct NoStore;
+/// Marker: the default storage, the WAL and file snapshots in the data dir.
+pub struct DataDir;
 
 /// Builds a [`Node`].
 ///
@@ -92,51 +133,95 @@ pub struct NoStore;
 /// # }
 /// # #[tokio::main] async fn main() -> Result<(), Box<dyn std::error::Error>> {
 /// let node = Builder::new(1, Counter::default()).in_memory().build()?;
+/// // Durable instead: Builder::new(1, Counter::default()).data_dir("./data").build()?
 /// node.wait_for_leader(std::time::Duration::from_secs(10)).await?;
 /// let (index, count) = node.propose(b"+1".to_vec()).await?;
 /// assert_eq!(count, 1);
 /// # let _ = index; node.shutdown().await; Ok(()) }
 /// ```
-pub struct Builder<SM, S = NoStore> {
+pub struct Builder<SM, S = DataDir> {
     config: Config,
     state_machine: SM,
     store: S,
+    snapshots: Option<Arc<dyn SnapshotStore>>,
     transport: Option<(Box<dyn Transport>, Inbox)>,
     initial_voters: Option<Vec<NodeId>>,
+    data_dir: PathBuf,
+    wal_options: WalOptions,
 }
 
-impl<SM: StateMachine> Builder<SM, NoStore> {
+impl<SM: StateMachine> Builder<SM, DataDir> {
     /// A builder for node `id` running `state_machine`. By default the node
-    /// bootstraps a single-voter cluster of itself on an empty log.
+    /// keeps its log and snapshots in `./raftwork-data` and, on an empty log,
+    /// bootstraps a single-voter cluster of itself.
     pub fn new(id: NodeId, state_machine: SM) -> Self {
         let mut config = Config::default();
         config.core.id = id;
         Self {
             config,
             state_machine,
-            store: NoStore,
+            store: DataDir,
+            snapshots: None,
             transport: None,
             initial_voters: Some(vec![id]),
+            data_dir: PathBuf::from("./raftwork-data"),
+            wal_options: WalOptions::default(),
         }
+    }
+
+    /// Where the WAL and the snapshots live. Default: `./raftwork-data`.
+    pub fn data_dir(mut self, dir: impl Into<PathBuf>) -> Self {
+        self.data_dir = dir.into();
+        self
+    }
+
+    /// Settings of the WAL (segment size, cache size).
+    pub fn wal_options(mut self, options: WalOptions) -> Self {
+        self.wal_options = options;
+        self
+    }
+
+    /// Opens the WAL and the snapshot store in the data dir and starts the
+    /// node on the current tokio runtime.
+    pub fn build(self) -> Result<Node<SM>, BuildError> {
+        let mut options = self.wal_options.clone();
+        options.group_id = self.config.core.group_id;
+        let wal = Wal::open(self.data_dir.join("wal"), options)?;
+        self.log_store(wal).build()
     }
 }
 
 impl<SM: StateMachine, S> Builder<SM, S> {
-    /// Keeps the log in memory: nothing survives the process. An explicit
-    /// choice, never a silent default.
-    pub fn in_memory(self) -> Builder<SM, MemLogStore> {
+    /// Keeps the log and snapshots in memory: nothing survives the process.
+    /// An explicit choice, never a silent default.
+    pub fn in_memory(mut self) -> Builder<SM, MemLogStore> {
+        if self.snapshots.is_none() {
+            let keep = self.config.snapshot_keep_count.max(1);
+            self.snapshots = Some(Arc::new(MemSnapshotStore::new(keep)));
+        }
         self.log_store(MemLogStore::new())
     }
 
-    /// Uses `store` for the Raft log.
+    /// Uses `store` for the Raft log. Unless a snapshot store is chosen, a
+    /// volatile log gets an in-memory snapshot store and a durable one a file
+    /// store under `<data dir>/snapshots`.
     pub fn log_store<S2: LogStore>(self, store: S2) -> Builder<SM, S2> {
         Builder {
             config: self.config,
             state_machine: self.state_machine,
             store,
+            snapshots: self.snapshots,
             transport: self.transport,
             initial_voters: self.initial_voters,
+            data_dir: self.data_dir,
+            wal_options: self.wal_options,
         }
+    }
+
+    /// Uses `store` for snapshots.
+    pub fn snapshot_store(mut self, store: impl SnapshotStore) -> Self {
+        self.snapshots = Some(Arc::new(store));
+        self
     }
 
     /// Uses `transport` to reach peers, and `inbox` for what it receives.
@@ -182,13 +267,28 @@ impl<SM: StateMachine, S: LogStore> Builder<SM, S> {
     pub fn build(self) -> Result<Node<SM>, BuildError> {
         let Builder {
             mut config,
-            state_machine,
+            mut state_machine,
             store,
+            snapshots,
             transport,
             initial_voters,
+            data_dir,
+            wal_options: _,
         } = self;
         config.validate()?;
         let id = config.core.id;
+        let snapshots: Arc<dyn SnapshotStore> = match snapshots {
+            Some(s) => s,
+            None if store.is_volatile() => {
+                Arc::new(MemSnapshotStore::new(config.snapshot_keep_count))
+            }
+            None => Arc::new(FileSnapshotStore::open(
+                data_dir.join("snapshots"),
+                config.snapshot_keep_count,
+                config.snapshot_compression,
+            )?),
+        };
+        let mut bootstrapped = None;
         if let Some(voters) = &initial_voters {
             let mut sorted = voters.clone();
             sorted.sort_unstable();
@@ -196,10 +296,21 @@ impl<SM: StateMachine, S: LogStore> Builder<SM, S> {
             if voters.is_empty() || sorted.len() != voters.len() || sorted[0] == 0 {
                 return Err(BuildError::InitialVoters(format!("{voters:?}")));
             }
-            if let Some(applied) = bootstrap(&store, voters)? {
-                config.core.applied_index = applied;
-            }
+            bootstrapped = bootstrap(&store, config.core.group_id, voters)?;
         }
+        let (applied_index, applied_term) = match bootstrapped {
+            Some(applied) => (applied, 1),
+            None => restore_from_snapshot(
+                &store,
+                config.core.group_id,
+                snapshots.as_ref(),
+                &mut state_machine,
+            )?,
+        };
+        config.core.applied_index = applied_index;
+        let conf_state = raft::Storage::initial_state(&store)
+            .map_err(|e| StorageError::Invalid(e.to_string()))?
+            .conf_state;
         let (transport, inbox) = match transport {
             Some(t) => t,
             None => {
@@ -213,10 +324,23 @@ impl<SM: StateMachine, S: LogStore> Builder<SM, S> {
             let (mode, handle) = spawn_sync_worker(store.clone());
             (mode, Some(handle))
         };
+        let store_for_applier = store.clone();
         let core = Core::new(config.core.clone(), store, &raft_logger(id))?;
         let (requests_tx, requests_rx) = mpsc::channel(config.request_queue_capacity);
         let (apply_tx, apply_rx) = mpsc::unbounded_channel();
         let (applied_tx, applied_rx) = mpsc::unbounded_channel();
+        let applier = Applier {
+            sm: state_machine,
+            log: store_for_applier,
+            snapshots: snapshots.clone(),
+            applied_index,
+            applied_term,
+            conf_state,
+            applied_since_snapshot: 0,
+            snapshot_interval_entries: config.snapshot_interval_entries,
+            snapshot_keep_entries: config.snapshot_keep_entries,
+            events: applied_tx,
+        };
         let (events, _) = broadcast::channel(1024);
         let stopped = Arc::new(AtomicBool::new(false));
         let ready_loop = ReadyLoop {
@@ -227,6 +351,7 @@ impl<SM: StateMachine, S: LogStore> Builder<SM, S> {
             apply_tx,
             applied_rx,
             events: events.clone(),
+            snapshots,
             tick_interval: config.tick_interval,
             stopped: stopped.clone(),
             sync,
@@ -238,7 +363,7 @@ impl<SM: StateMachine, S: LogStore> Builder<SM, S> {
         };
         let mut tasks = vec![
             tokio::spawn(ready_loop.run()),
-            tokio::spawn(apply_task(state_machine, apply_rx, applied_tx)),
+            tokio::spawn(apply_task(applier, apply_rx)),
         ];
         if let Some(handle) = sync_thread {
             tasks.push(tokio::task::spawn_blocking(move || {
@@ -259,4 +384,58 @@ impl<SM: StateMachine, S: LogStore> Builder<SM, S> {
             }),
         })
     }
+}
+
+/// On an existing log, restores `sm` from the newest snapshot that either the
+/// log or the snapshot store knows, and returns the index and term the node
+/// starts applied at. A snapshot file newer than the log's record (a crash
+/// between writing the file and recording it) is recorded, or installed if
+/// the log does not reach it.
+fn restore_from_snapshot<S: LogStore, SM: StateMachine>(
+    store: &S,
+    group_id: u64,
+    snapshots: &dyn SnapshotStore,
+    sm: &mut SM,
+) -> Result<(u64, u64), BuildError> {
+    let logged = match raft::Storage::snapshot(store, 0, 0) {
+        Ok(snap) => snap.get_metadata().clone(),
+        Err(_) => Default::default(),
+    };
+    let stored = snapshots.latest()?;
+    let meta = match stored {
+        Some(s) if s.metadata.index > logged.index => {
+            let m = s.metadata;
+            let last = raft::Storage::last_index(store)
+                .map_err(|e| StorageError::Invalid(e.to_string()))?;
+            let covered =
+                m.index <= last && raft::Storage::term(store, m.index).ok() == Some(m.term);
+            if covered {
+                store.record_snapshot(m.clone())?;
+            } else {
+                store.stage(WriteBatch {
+                    group_id,
+                    snapshot: Some(m.clone()),
+                    ..Default::default()
+                })?;
+            }
+            store.sync()?;
+            m
+        }
+        _ => logged,
+    };
+    if meta.index == 0 {
+        return Ok((0, 0));
+    }
+    let (_, mut reader) = snapshots.open(meta.index)?;
+    sm.restore(&mut reader)
+        .map_err(|source| BuildError::Restore {
+            index: meta.index,
+            source,
+        })?;
+    tracing::info!(
+        index = meta.index,
+        term = meta.term,
+        "restored the state machine from a snapshot"
+    );
+    Ok((meta.index, meta.term))
 }

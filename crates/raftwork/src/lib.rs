@@ -56,9 +56,9 @@ mod node;
 mod runtime;
 mod state_machine;
 
-pub use builder::{BuildError, Builder, Config, NoStore};
+pub use builder::{BuildError, Builder, Config, DataDir};
 pub use logging::{raft_logger, TracingDrain};
-pub use node::{Node, WaitError};
+pub use node::{Node, SnapshotError, WaitError};
 pub use state_machine::{Command, StateMachine};
 
 pub use raft::prelude::ConfState;
@@ -66,7 +66,10 @@ pub use raftwork_core::{
     ConfChangeError, ConfigError, CoreConfig, MembershipChange, NodeEvent, NodeId, ProposeError,
     ReadError, Role, Status, TransferError,
 };
-pub use raftwork_storage::{LogStore, MemLogStore, MemSnapshotStore, SnapshotStore, StorageError};
+pub use raftwork_storage::{
+    FileSnapshotStore, LogStore, MemLogStore, MemSnapshotStore, SnapshotCompression, SnapshotMeta,
+    SnapshotStore, StorageError, Wal, WalOptions,
+};
 pub use raftwork_transport::{Envelope, Inbound, Inbox, MemNetwork, MemTransport, Transport};
 
 /// Re-exports of the layer crates, for users who plug in their own parts.

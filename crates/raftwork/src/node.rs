@@ -10,6 +10,7 @@ use raftwork_core::{
     ConfChangeError, MembershipChange, NodeEvent, NodeId, ProposeError, ReadError, Status,
     TransferError,
 };
+use raftwork_storage::SnapshotMeta;
 use tokio::sync::{broadcast, mpsc, oneshot};
 use tokio::task::JoinHandle;
 
@@ -20,6 +21,22 @@ pub(crate) type ReadFn<SM> = Box<dyn FnOnce(Result<&SM, ReadError>) + Send>;
 /// Where a proposal's outcome goes.
 pub(crate) type ProposeReply<SM> =
     oneshot::Sender<Result<(u64, <SM as StateMachine>::Response), ProposeError>>;
+
+/// Why a snapshot was not taken.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[non_exhaustive]
+pub enum SnapshotError {
+    /// The state machine or the snapshot store failed; the node goes on and
+    /// a later snapshot may succeed. Cause and fix are in the message.
+    #[error("snapshot failed: {0}")]
+    Storage(String),
+    /// The log store failed while recording the snapshot; the node stopped.
+    #[error("log store failed, node stopped: {0}")]
+    Fatal(String),
+    /// The node stopped.
+    #[error("node is shutting down")]
+    Shutdown,
+}
 
 /// Why a wait ended without its condition.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
@@ -55,6 +72,9 @@ pub(crate) enum Request<SM: StateMachine> {
     },
     Status {
         reply: oneshot::Sender<Status>,
+    },
+    Snapshot {
+        reply: oneshot::Sender<Result<SnapshotMeta, SnapshotError>>,
     },
     Shutdown,
 }
@@ -230,6 +250,18 @@ impl<SM: StateMachine> Node<SM> {
             return None;
         }
         rx.await.ok()
+    }
+
+    /// Takes a snapshot of the state machine at its applied index now, records
+    /// it, and compacts the log behind it (as the automatic snapshots every
+    /// `snapshot_interval_entries` do). Returns the existing snapshot if
+    /// nothing was applied since.
+    pub async fn snapshot(&self) -> Result<SnapshotMeta, SnapshotError> {
+        let (reply, rx) = oneshot::channel();
+        if !self.request(Request::Snapshot { reply }).await {
+            return Err(SnapshotError::Shutdown);
+        }
+        rx.await.unwrap_or(Err(SnapshotError::Shutdown))
     }
 
     /// Waits until this node knows a leader, and returns it.

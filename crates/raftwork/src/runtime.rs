@@ -21,15 +21,15 @@ use std::collections::HashMap;
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
 
-use raft::prelude::{ConfState, Message, Snapshot};
+use raft::prelude::{ConfState, Message, MessageType, SnapshotMetadata};
 use raftwork_core::{
     is_command, Action, ApplyBatch, ConfChangeError, Core, NodeEvent, RequestId, TransferError,
 };
-use raftwork_storage::LogStore;
+use raftwork_storage::{LogStore, SnapshotMeta, SnapshotStore, StorageError};
 use raftwork_transport::{Envelope, Inbound, Inbox, Transport};
 use tokio::sync::{broadcast, mpsc, oneshot};
 
-use crate::node::{ProposeReply, ReadFn, Request};
+use crate::node::{ProposeReply, ReadFn, Request, SnapshotError};
 use crate::state_machine::{Command, StateMachine};
 
 /// Most events drained per channel before the core is polled; bounds the
@@ -41,44 +41,159 @@ pub(crate) enum ApplyMsg<SM: StateMachine> {
         batch: ApplyBatch,
         replies: Vec<(u64, ProposeReply<SM>)>,
     },
-    Restore(Snapshot),
+    /// Restore from the snapshot at this point; its data is already in the
+    /// snapshot store.
+    Restore(SnapshotMetadata),
     Reads(Vec<ReadFn<SM>>),
+    /// Take a snapshot now (manual trigger).
+    Snapshot(oneshot::Sender<Result<SnapshotMeta, SnapshotError>>),
 }
 
-/// The state-machine side: applies in order and reports the applied index.
-pub(crate) async fn apply_task<SM: StateMachine>(
-    mut sm: SM,
+/// What the apply task tells the ready loop.
+pub(crate) enum ApplyEvent {
+    /// Everything up to this index is applied.
+    Applied(u64),
+    /// The log store failed while recording a snapshot or compacting: the
+    /// node must stop.
+    Fatal(String),
+}
+
+/// The state-machine side: applies in order, takes snapshots and compacts
+/// the log behind them.
+pub(crate) struct Applier<SM: StateMachine, S: LogStore> {
+    pub(crate) sm: SM,
+    pub(crate) log: S,
+    pub(crate) snapshots: Arc<dyn SnapshotStore>,
+    pub(crate) applied_index: u64,
+    pub(crate) applied_term: u64,
+    /// Raft's conf state at `applied_index`, recorded in snapshots.
+    pub(crate) conf_state: ConfState,
+    pub(crate) applied_since_snapshot: u64,
+    pub(crate) snapshot_interval_entries: u64,
+    pub(crate) snapshot_keep_entries: u64,
+    pub(crate) events: mpsc::UnboundedSender<ApplyEvent>,
+}
+
+/// Runs the applier until the ready loop hangs up.
+pub(crate) async fn apply_task<SM: StateMachine, S: LogStore>(
+    mut applier: Applier<SM, S>,
     mut rx: mpsc::UnboundedReceiver<ApplyMsg<SM>>,
-    applied_tx: mpsc::UnboundedSender<u64>,
 ) {
     while let Some(msg) = rx.recv().await {
+        if let Err(fatal) = applier.handle(msg) {
+            tracing::error!(error = %fatal, "apply task stopping on a fatal error");
+            let _ = applier.events.send(ApplyEvent::Fatal(fatal));
+            return;
+        }
+    }
+}
+
+impl<SM: StateMachine, S: LogStore> Applier<SM, S> {
+    fn handle(&mut self, msg: ApplyMsg<SM>) -> Result<(), String> {
         match msg {
             ApplyMsg::Apply { batch, replies } => {
-                let last = batch.entries.last().map(|e| e.index);
-                apply_batch(&mut sm, batch, replies);
-                if let Some(index) = last {
-                    let _ = applied_tx.send(index);
+                let Some(last) = batch.entries.last() else {
+                    return Ok(());
+                };
+                let (index, term) = (last.index, last.term);
+                self.applied_since_snapshot += batch.entries.len() as u64;
+                if let Some(cs) = &batch.conf_state {
+                    self.conf_state = cs.clone();
+                }
+                apply_batch(&mut self.sm, batch, replies);
+                self.applied_index = index;
+                self.applied_term = term;
+                let _ = self.events.send(ApplyEvent::Applied(index));
+                if self.snapshot_interval_entries > 0
+                    && self.applied_since_snapshot >= self.snapshot_interval_entries
+                {
+                    match self.take_snapshot() {
+                        Ok(_) => {}
+                        Err(SnapshotError::Storage(e)) => {
+                            // Retried after the next interval; the log grows meanwhile.
+                            tracing::error!(error = %e, "automatic snapshot failed");
+                            self.applied_since_snapshot = 0;
+                        }
+                        Err(SnapshotError::Fatal(e)) => return Err(e),
+                        Err(SnapshotError::Shutdown) => {}
+                    }
                 }
             }
-            ApplyMsg::Restore(snapshot) => {
-                let mut reader = snapshot.data.as_ref();
-                if let Err(e) = sm.restore(&mut reader) {
-                    // A snapshot that cannot be restored leaves the state
-                    // machine undefined; continuing would diverge.
-                    panic!(
-                        "state machine failed to restore snapshot {}: {}",
-                        snapshot.get_metadata().index,
-                        e
-                    );
-                }
-                let _ = applied_tx.send(snapshot.get_metadata().index);
+            ApplyMsg::Restore(meta) => {
+                let (_, mut reader) = self
+                    .snapshots
+                    .open(meta.index)
+                    .map_err(|e| format!("opening received snapshot {}: {e}", meta.index))?;
+                // A snapshot that cannot be restored leaves the state machine
+                // undefined; continuing would diverge.
+                self.sm
+                    .restore(&mut reader)
+                    .map_err(|e| format!("restoring snapshot {}: {e}", meta.index))?;
+                self.applied_index = meta.index;
+                self.applied_term = meta.term;
+                self.conf_state = meta.get_conf_state().clone();
+                self.applied_since_snapshot = 0;
+                let _ = self.events.send(ApplyEvent::Applied(meta.index));
             }
             ApplyMsg::Reads(reads) => {
                 for read in reads {
-                    read(Ok(&sm));
+                    read(Ok(&self.sm));
                 }
             }
+            ApplyMsg::Snapshot(reply) => {
+                let result = self.take_snapshot();
+                if let Err(SnapshotError::Fatal(e)) = &result {
+                    let e = e.clone();
+                    let _ = reply.send(result);
+                    return Err(e);
+                }
+                let _ = reply.send(result);
+            }
         }
+        Ok(())
+    }
+
+    /// Writes a snapshot of the state machine at the applied index, records
+    /// it in the log, and compacts the log behind it (keeping
+    /// `snapshot_keep_entries`). The compaction becomes durable, and old WAL
+    /// segments are purged, with the next sync.
+    fn take_snapshot(&mut self) -> Result<SnapshotMeta, SnapshotError> {
+        let storage = |e: &dyn std::fmt::Display| SnapshotError::Storage(e.to_string());
+        if self.applied_index == 0 {
+            return Err(SnapshotError::Storage("nothing applied yet".into()));
+        }
+        if let Some(latest) = self.snapshots.latest().map_err(|e| storage(&e))? {
+            if latest.metadata.index == self.applied_index {
+                return Ok(latest);
+            }
+        }
+        let metadata = SnapshotMetadata {
+            index: self.applied_index,
+            term: self.applied_term,
+            conf_state: Some(self.conf_state.clone()).into(),
+            ..Default::default()
+        };
+        let mut writer = self
+            .snapshots
+            .create(metadata.clone())
+            .map_err(|e| storage(&e))?;
+        self.sm.snapshot(&mut writer).map_err(|e| storage(&e))?;
+        let meta = writer.commit().map_err(|e| storage(&e))?;
+        self.applied_since_snapshot = 0;
+        let fatal = |e: StorageError| SnapshotError::Fatal(format!("log store: {e}"));
+        self.log.record_snapshot(metadata).map_err(fatal)?;
+        let compact_to = (self.applied_index + 1).saturating_sub(self.snapshot_keep_entries);
+        let first = raft::Storage::first_index(&self.log).unwrap_or(1);
+        if compact_to > first {
+            self.log.compact(compact_to).map_err(fatal)?;
+        }
+        tracing::info!(
+            index = meta.metadata.index,
+            size_bytes = meta.size_bytes,
+            compacted_to = compact_to.max(first),
+            "snapshot taken"
+        );
+        Ok(meta)
     }
 }
 
@@ -133,7 +248,8 @@ pub(crate) struct ReadyLoop<SM: StateMachine, S: LogStore> {
     pub(crate) inbox: Inbox,
     pub(crate) requests: mpsc::Receiver<Request<SM>>,
     pub(crate) apply_tx: mpsc::UnboundedSender<ApplyMsg<SM>>,
-    pub(crate) applied_rx: mpsc::UnboundedReceiver<u64>,
+    pub(crate) applied_rx: mpsc::UnboundedReceiver<ApplyEvent>,
+    pub(crate) snapshots: Arc<dyn SnapshotStore>,
     pub(crate) events: broadcast::Sender<NodeEvent>,
     pub(crate) tick_interval: std::time::Duration,
     pub(crate) stopped: Arc<std::sync::atomic::AtomicBool>,
@@ -194,7 +310,7 @@ pub(crate) fn spawn_sync_worker<S: LogStore>(store: S) -> (SyncMode, std::thread
 enum Step<SM: StateMachine> {
     Request(Request<SM>),
     Inbound(Inbound),
-    Applied(u64),
+    Applied(ApplyEvent),
     Persisted(Result<u64, String>),
     Tick,
     Closed,
@@ -256,14 +372,12 @@ impl<SM: StateMachine, S: LogStore> ReadyLoop<SM, S> {
     fn handle_step(&mut self, step: Step<SM>) -> Result<(), StopReason> {
         match step {
             Step::Request(r) => self.handle_request(r),
-            Step::Inbound(m) => {
-                self.handle_inbound(m);
-                Ok(())
-            }
-            Step::Applied(i) => {
+            Step::Inbound(m) => self.handle_inbound(m),
+            Step::Applied(ApplyEvent::Applied(i)) => {
                 self.core.handle_applied(i);
                 Ok(())
             }
+            Step::Applied(ApplyEvent::Fatal(e)) => Err(StopReason::Fatal(e)),
             Step::Persisted(Ok(n)) => {
                 self.core.handle_persisted(n);
                 Ok(())
@@ -281,7 +395,7 @@ impl<SM: StateMachine, S: LogStore> ReadyLoop<SM, S> {
     fn drain(&mut self) -> Result<(), StopReason> {
         for _ in 0..DRAIN_EVENTS_MAX {
             match self.inbox.try_recv() {
-                Ok(m) => self.handle_inbound(m),
+                Ok(m) => self.handle_inbound(m)?,
                 Err(_) => break,
             }
         }
@@ -291,8 +405,11 @@ impl<SM: StateMachine, S: LogStore> ReadyLoop<SM, S> {
                 Err(_) => break,
             }
         }
-        while let Ok(i) = self.applied_rx.try_recv() {
-            self.core.handle_applied(i);
+        while let Ok(event) = self.applied_rx.try_recv() {
+            match event {
+                ApplyEvent::Applied(i) => self.core.handle_applied(i),
+                ApplyEvent::Fatal(e) => return Err(StopReason::Fatal(e)),
+            }
         }
         Ok(())
     }
@@ -313,7 +430,7 @@ impl<SM: StateMachine, S: LogStore> ReadyLoop<SM, S> {
         }
     }
 
-    fn handle_inbound(&mut self, inbound: Inbound) {
+    fn handle_inbound(&mut self, inbound: Inbound) -> Result<(), StopReason> {
         match inbound {
             Inbound::Messages(env) => {
                 if env.group_id != self.core.group_id() {
@@ -321,9 +438,12 @@ impl<SM: StateMachine, S: LogStore> ReadyLoop<SM, S> {
                         group = env.group_id,
                         "dropping envelope for an unknown group"
                     );
-                    return;
+                    return Ok(());
                 }
-                for m in env.messages {
+                for mut m in env.messages {
+                    if m.get_msg_type() == MessageType::MsgSnapshot {
+                        self.save_incoming_snapshot(&mut m)?;
+                    }
                     self.core.handle_message(m);
                 }
             }
@@ -332,6 +452,35 @@ impl<SM: StateMachine, S: LogStore> ReadyLoop<SM, S> {
                     self.core.handle_unreachable(to);
                 }
             }
+        }
+        Ok(())
+    }
+
+    /// Writes an incoming snapshot's data to the snapshot store *before* raft
+    /// sees the message, so the log can never record an installed snapshot
+    /// whose data is missing. The message goes on with its data emptied; the
+    /// apply task reads the data back from the store.
+    ///
+    /// This holds the loop while the data is written; the streaming network
+    /// transports receive snapshots into the store themselves.
+    fn save_incoming_snapshot(&mut self, m: &mut Message) -> Result<(), StopReason> {
+        let snap = m.mut_snapshot();
+        if snap.data.is_empty() {
+            return Ok(());
+        }
+        let meta = snap.get_metadata().clone();
+        let data = std::mem::take(&mut snap.data);
+        let result = self.snapshots.create(meta.clone()).and_then(|mut w| {
+            std::io::Write::write_all(&mut w, &data)
+                .map_err(|e| StorageError::Invalid(e.to_string()))?;
+            w.commit()
+        });
+        match result {
+            Ok(_) => Ok(()),
+            Err(e) => Err(StopReason::Fatal(format!(
+                "saving snapshot {} from {}: {e}",
+                meta.index, m.from
+            ))),
         }
     }
 
@@ -374,6 +523,9 @@ impl<SM: StateMachine, S: LogStore> ReadyLoop<SM, S> {
                     let _ = reply.send(Err(e));
                 }
             },
+            Request::Snapshot { reply } => {
+                let _ = self.apply_tx.send(ApplyMsg::Snapshot(reply));
+            }
             Request::Status { reply } => {
                 let _ = reply.send(self.core.status());
             }
@@ -396,7 +548,8 @@ impl<SM: StateMachine, S: LogStore> ReadyLoop<SM, S> {
                     }
                 },
                 Action::RestoreSnapshot(snap) => {
-                    let _ = self.apply_tx.send(ApplyMsg::Restore(snap));
+                    let meta = snap.get_metadata().clone();
+                    let _ = self.apply_tx.send(ApplyMsg::Restore(meta));
                 }
                 Action::Apply(batch) => {
                     let replies = batch
@@ -458,7 +611,10 @@ impl<SM: StateMachine, S: LogStore> ReadyLoop<SM, S> {
         let group_id = self.core.group_id();
         // One envelope per peer, messages in raft's order.
         let mut per_peer: Vec<Envelope> = Vec::new();
-        for m in msgs {
+        for mut m in msgs {
+            if m.get_msg_type() == MessageType::MsgSnapshot && !self.fill_snapshot(&mut m) {
+                continue;
+            }
             match per_peer.iter_mut().find(|e| e.to == m.to) {
                 Some(env) => env.messages.push(m),
                 None => per_peer.push(Envelope {
@@ -471,6 +627,34 @@ impl<SM: StateMachine, S: LogStore> ReadyLoop<SM, S> {
         }
         for env in per_peer {
             self.transport.send(env);
+        }
+    }
+}
+
+impl<SM: StateMachine, S: LogStore> ReadyLoop<SM, S> {
+    /// Loads the snapshot data a MsgSnapshot carries. On failure the message
+    /// is dropped and raft told the snapshot failed (it retries later).
+    ///
+    /// The in-process transport carries the data inline; the streaming
+    /// network transports read it from the store in chunks instead.
+    fn fill_snapshot(&mut self, m: &mut Message) -> bool {
+        let index = m.get_snapshot().get_metadata().index;
+        let result = self.snapshots.open(index).and_then(|(_, mut reader)| {
+            let mut data = Vec::new();
+            std::io::Read::read_to_end(&mut reader, &mut data)
+                .map(|_| data)
+                .map_err(|e| StorageError::Invalid(e.to_string()))
+        });
+        match result {
+            Ok(data) => {
+                m.mut_snapshot().data = data.into();
+                true
+            }
+            Err(e) => {
+                tracing::error!(index, to = m.to, error = %e, "cannot load a snapshot to send");
+                self.core.handle_snapshot_status(m.to, false);
+                false
+            }
         }
     }
 }
