@@ -632,9 +632,21 @@ impl<S: LogStore> Core<S> {
         Ok(())
     }
 
+    /// Moves raft's applied index up to what was handed out, but never past
+    /// what is persisted: raft-rs refuses that, and a received snapshot is
+    /// handed out before it is persisted.
+    fn advance_raft_applied(&mut self) {
+        let log = &self.raw.raft.raft_log;
+        let target = self.dispatched_index.min(log.persisted);
+        if target > log.applied {
+            self.raw.advance_apply_to(target);
+        }
+    }
+
     /// Ready `number` (and every earlier one) is durable.
     pub fn handle_persisted(&mut self, number: u64) {
         self.raw.on_persist_ready(number);
+        self.advance_raft_applied();
         while let Some((n, _)) = self.persisted_messages.front() {
             if *n > number {
                 break;
@@ -865,9 +877,7 @@ impl<S: LogStore> Core<S> {
         // and leaving a joint state; those need the entries handed out (the
         // core applied the conf changes itself), not the state machine done.
         // This is what RawNode::advance does in the synchronous flow.
-        if self.dispatched_index > self.raw.raft.raft_log.applied {
-            self.raw.advance_apply_to(self.dispatched_index);
-        }
+        self.advance_raft_applied();
         self.note_leader_commit();
         Ok(())
     }

@@ -1,0 +1,233 @@
+//! Nodes on the native WAL and the file snapshot store: restart with state,
+//! snapshots and compaction, catch-up by snapshot, and refusing to start
+//! from a corrupt snapshot.
+
+mod common;
+
+use std::path::{Path, PathBuf};
+
+use common::{init_logging, HashSm, TICK, WAIT};
+use raftwork::{BuildError, Builder, MemNetwork, Node, NodeId, WalOptions};
+
+/// A node whose log and snapshots live in `dir`. Snapshots every 100
+/// entries keeping 20 behind, and 16 KiB segments, so rotation, snapshots,
+/// compaction and purging all happen within a few hundred writes.
+fn durable(
+    network: &MemNetwork,
+    id: NodeId,
+    voters: &[NodeId],
+    dir: &Path,
+) -> Result<Node<HashSm>, BuildError> {
+    let (transport, inbox) = network.join(id);
+    Builder::new(id, HashSm::default())
+        .data_dir(dir)
+        .wal_options(WalOptions {
+            segment_size_bytes: 16 << 10,
+            ..Default::default()
+        })
+        .transport(transport, inbox)
+        .initial_voters(voters.iter().copied())
+        .configure(|c| {
+            c.tick_interval = TICK;
+            c.snapshot_interval_entries = 100;
+            c.snapshot_keep_entries = 20;
+        })
+        .build()
+}
+
+async fn write(node: &Node<HashSm>, from: u64, to: u64) -> u64 {
+    let mut last = 0;
+    for i in from..=to {
+        last = node.propose(format!("w{i}").into_bytes()).await.unwrap().0;
+    }
+    last
+}
+
+async fn fingerprint(node: &Node<HashSm>) -> (u64, u64) {
+    node.read(|sm: &HashSm| (sm.hash, sm.count)).await.unwrap()
+}
+
+async fn wait_applied(node: &Node<HashSm>, index: u64) {
+    let deadline = tokio::time::Instant::now() + WAIT;
+    loop {
+        let st = node.status().await.expect("running");
+        if st.applied_index >= index {
+            return;
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "node {} stuck at {} < {index}",
+            node.id(),
+            st.applied_index
+        );
+        tokio::time::sleep(TICK).await;
+    }
+}
+
+fn files_with_ext(dir: &Path, ext: &str) -> Vec<PathBuf> {
+    std::fs::read_dir(dir)
+        .map(|d| {
+            d.map(|e| e.unwrap().path())
+                .filter(|p| p.extension().is_some_and(|x| x == ext))
+                .collect()
+        })
+        .unwrap_or_default()
+}
+
+fn snapshot_dirs(data_dir: &Path) -> Vec<PathBuf> {
+    let mut v: Vec<PathBuf> = std::fs::read_dir(data_dir.join("snapshots"))
+        .map(|d| {
+            d.map(|e| e.unwrap().path())
+                .filter(|p| {
+                    p.file_name()
+                        .is_some_and(|n| n.to_string_lossy().starts_with("snap-"))
+                })
+                .collect()
+        })
+        .unwrap_or_default();
+    v.sort();
+    v
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_durable_node_restarts_with_its_state_after_snapshots_and_purges() {
+    init_logging();
+    let dir = tempfile::tempdir().unwrap();
+    let net = MemNetwork::new();
+    let node = durable(&net, 1, &[1], dir.path()).unwrap();
+    node.wait_for_leader(WAIT).await.unwrap();
+    write(&node, 1, 1_000).await;
+    let before = fingerprint(&node).await;
+    let st = node.status().await.unwrap();
+    assert!(
+        st.snapshot_index > 800,
+        "log compacted behind automatic snapshots: {st:?}"
+    );
+    node.shutdown().await;
+    let wal_files = files_with_ext(&dir.path().join("wal"), "wal");
+    assert!(
+        wal_files.len() <= 4,
+        "compacted segments purged: {wal_files:?}"
+    );
+    assert!(snapshot_dirs(dir.path()).len() <= 2, "old snapshots pruned");
+
+    let node = durable(&net, 1, &[1], dir.path()).unwrap();
+    node.wait_for_leader(WAIT).await.unwrap();
+    assert_eq!(fingerprint(&node).await, before, "state after restart");
+    write(&node, 1_001, 1_050).await;
+    assert_eq!(fingerprint(&node).await.1, 1_050);
+    node.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_node_restarts_from_its_log_alone_before_any_snapshot() {
+    let dir = tempfile::tempdir().unwrap();
+    let net = MemNetwork::new();
+    let node = durable(&net, 1, &[1], dir.path()).unwrap();
+    node.wait_for_leader(WAIT).await.unwrap();
+    write(&node, 1, 40).await;
+    let before = fingerprint(&node).await;
+    node.shutdown().await;
+    assert!(snapshot_dirs(dir.path()).is_empty());
+    let node = durable(&net, 1, &[1], dir.path()).unwrap();
+    node.wait_for_leader(WAIT).await.unwrap();
+    assert_eq!(fingerprint(&node).await, before);
+    node.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn three_durable_nodes_restart_together_and_a_lagging_one_catches_up_by_snapshot() {
+    init_logging();
+    let dirs: Vec<_> = (0..3).map(|_| tempfile::tempdir().unwrap()).collect();
+    let ids = [1u64, 2, 3];
+    let net = MemNetwork::new();
+    let mut nodes: Vec<_> = ids
+        .iter()
+        .map(|&id| durable(&net, id, &ids, dirs[id as usize - 1].path()).unwrap())
+        .collect();
+    let leader = nodes[0].wait_for_leader(WAIT).await.unwrap();
+    let lagger = if leader == 3 { 2 } else { 3 };
+    net.isolate(lagger);
+    let live = nodes[leader as usize - 1].clone();
+    let last = write(&live, 1, 600).await;
+    let st = live.status().await.unwrap();
+    assert!(st.snapshot_index > 500, "leader compacted: {st:?}");
+    net.heal();
+    let lag_node = nodes[lagger as usize - 1].clone();
+    wait_applied(&lag_node, last).await;
+    assert!(
+        !snapshot_dirs(dirs[lagger as usize - 1].path()).is_empty(),
+        "the lagging node received a snapshot"
+    );
+    let want = fingerprint(&live).await;
+    for n in &nodes {
+        wait_applied(n, last).await;
+        assert_eq!(
+            n.read_stale(|sm: &HashSm| (sm.hash, sm.count))
+                .await
+                .unwrap(),
+            want,
+            "node {}",
+            n.id()
+        );
+    }
+
+    // Stop everyone, start everyone from disk.
+    for n in &nodes {
+        n.shutdown().await;
+    }
+    nodes = ids
+        .iter()
+        .map(|&id| durable(&net, id, &ids, dirs[id as usize - 1].path()).unwrap())
+        .collect();
+    let leader = nodes[0].wait_for_leader(WAIT).await.unwrap();
+    let live = nodes[leader as usize - 1].clone();
+    assert_eq!(fingerprint(&live).await, want, "state after a full restart");
+    let last = write(&live, 601, 650).await;
+    for n in &nodes {
+        wait_applied(n, last).await;
+    }
+    let want = fingerprint(&live).await;
+    for n in &nodes {
+        assert_eq!(
+            n.read_stale(|sm: &HashSm| (sm.hash, sm.count))
+                .await
+                .unwrap(),
+            want
+        );
+        n.shutdown().await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_manual_snapshot_compacts_and_a_corrupt_one_refuses_to_start() {
+    let dir = tempfile::tempdir().unwrap();
+    let net = MemNetwork::new();
+    let node = durable(&net, 1, &[1], dir.path()).unwrap();
+    node.wait_for_leader(WAIT).await.unwrap();
+    let last = write(&node, 1, 50).await;
+    let meta = node.snapshot().await.unwrap();
+    assert_eq!(meta.metadata.index, last, "snapshot at the applied index");
+    assert_eq!(meta.metadata.get_conf_state().voters, vec![1]);
+    let again = node.snapshot().await.unwrap();
+    assert_eq!(again, meta, "nothing applied since: same snapshot");
+    node.shutdown().await;
+
+    let snap = snapshot_dirs(dir.path()).pop().expect("a snapshot dir");
+    let data = snap.join("data");
+    let mut bytes = std::fs::read(&data).unwrap();
+    let mid = bytes.len() / 2;
+    bytes[mid] ^= 0x01;
+    std::fs::write(&data, bytes).unwrap();
+    match durable(&net, 1, &[1], dir.path()) {
+        Err(e @ BuildError::Restore { .. }) => {
+            let msg = format!("{e}");
+            assert!(
+                msg.contains(&data.display().to_string()),
+                "names the file: {msg}"
+            );
+        }
+        Err(e) => panic!("expected a restore error, got {e}"),
+        Ok(_) => panic!("started from a corrupt snapshot"),
+    }
+}
