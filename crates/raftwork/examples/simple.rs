@@ -1,7 +1,9 @@
-//! One node, one state machine: propose a few commands and read them back.
+//! One durable node: propose a few commands and read them back.
 //!
-//! Shows: the builder in a few lines, `propose` returning the log index and
-//! the state machine's response, and a linearizable `read`.
+//! Shows: the builder in a few lines (durable by default: the WAL and
+//! snapshots go to `./raftwork-data`), `propose` returning the log index and
+//! the state machine's response, and a linearizable `read`. Run it twice: the
+//! second run starts from the first run's state (see the run counter).
 //!
 //! Run: `cargo run -p raftwork --example simple`
 
@@ -51,8 +53,17 @@ impl StateMachine for Map {
 
 #[tokio::main]
 async fn main() -> Result<(), Box<dyn std::error::Error>> {
-    let node = Builder::new(1, Map::default()).in_memory().build()?;
+    let node = Builder::new(1, Map::default())
+        .data_dir("./raftwork-data")
+        .build()?;
     node.wait_for_leader(Duration::from_secs(10)).await?;
+
+    let runs: u64 = node
+        .read(|m: &Map| m.0.get("runs").and_then(|v| v.parse().ok()))
+        .await?
+        .unwrap_or(0);
+    node.propose(format!("runs={}", runs + 1)).await?;
+    println!("run number {} on ./raftwork-data", runs + 1);
 
     let (index, previous) = node.propose("greeting=hello").await?;
     println!("greeting=hello committed at index {index} (previous: {previous:?})");

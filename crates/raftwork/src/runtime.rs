@@ -626,7 +626,20 @@ impl<SM: StateMachine, S: LogStore> ReadyLoop<SM, S> {
             }
         }
         for env in per_peer {
+            let to = env.to;
+            let has_snapshot = env
+                .messages
+                .iter()
+                .any(|m| m.get_msg_type() == MessageType::MsgSnapshot);
             self.transport.send(env);
+            if has_snapshot {
+                // The snapshot travels inline and in order with the peer's
+                // other messages, so report it done now: if it was lost, the
+                // peer rejects the next append and raft sends a new one.
+                // Without a report raft would wait in snapshot state forever
+                // for a snapshot that never arrived.
+                self.core.handle_snapshot_status(to, true);
+            }
         }
     }
 }

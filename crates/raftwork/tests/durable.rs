@@ -231,3 +231,106 @@ async fn a_manual_snapshot_compacts_and_a_corrupt_one_refuses_to_start() {
         Ok(_) => panic!("started from a corrupt snapshot"),
     }
 }
+
+/// A durable-looking store whose sync starts failing on demand, as a full or
+/// dying disk would.
+#[derive(Clone)]
+struct FailingSync {
+    inner: raftwork::MemLogStore,
+    fail: std::sync::Arc<std::sync::atomic::AtomicBool>,
+    syncs: std::sync::Arc<std::sync::atomic::AtomicU64>,
+}
+
+impl raft::Storage for FailingSync {
+    fn initial_state(&self) -> raft::Result<raft::RaftState> {
+        self.inner.initial_state()
+    }
+    fn entries(
+        &self,
+        low: u64,
+        high: u64,
+        max_size: impl Into<Option<u64>>,
+        context: raft::GetEntriesContext,
+    ) -> raft::Result<Vec<raft::prelude::Entry>> {
+        self.inner.entries(low, high, max_size, context)
+    }
+    fn term(&self, idx: u64) -> raft::Result<u64> {
+        self.inner.term(idx)
+    }
+    fn first_index(&self) -> raft::Result<u64> {
+        self.inner.first_index()
+    }
+    fn last_index(&self) -> raft::Result<u64> {
+        self.inner.last_index()
+    }
+    fn snapshot(&self, request_index: u64, to: u64) -> raft::Result<raft::prelude::Snapshot> {
+        self.inner.snapshot(request_index, to)
+    }
+}
+
+impl raftwork::LogStore for FailingSync {
+    fn stage(&self, batch: raftwork::storage::WriteBatch) -> Result<(), raftwork::StorageError> {
+        self.inner.stage(batch)
+    }
+    fn sync(&self) -> Result<(), raftwork::StorageError> {
+        use std::sync::atomic::Ordering;
+        self.syncs.fetch_add(1, Ordering::SeqCst);
+        if self.fail.load(Ordering::SeqCst) {
+            return Err(raftwork::StorageError::Io {
+                path: "/dev/dying-disk".into(),
+                source: std::io::Error::other("EIO"),
+            });
+        }
+        Ok(())
+    }
+    fn compact(&self, index: u64) -> Result<(), raftwork::StorageError> {
+        self.inner.compact(index)
+    }
+    fn record_snapshot(
+        &self,
+        meta: raft::prelude::SnapshotMetadata,
+    ) -> Result<(), raftwork::StorageError> {
+        self.inner.record_snapshot(meta)
+    }
+    // Not volatile: the node must sync through the sync worker.
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_fsync_error_stops_the_node_and_is_never_retried() {
+    use std::sync::atomic::Ordering;
+    let store = FailingSync {
+        inner: raftwork::MemLogStore::new(),
+        fail: Default::default(),
+        syncs: Default::default(),
+    };
+    let node = Builder::new(1, HashSm::default())
+        .log_store(store.clone())
+        .snapshot_store(raftwork::MemSnapshotStore::new(2))
+        .configure(|c| c.tick_interval = TICK)
+        .build()
+        .unwrap();
+    node.wait_for_leader(WAIT).await.unwrap();
+    write(&node, 1, 20).await;
+    assert!(store.syncs.load(Ordering::SeqCst) > 0, "writes were synced");
+
+    store.fail.store(true, Ordering::SeqCst);
+    let err = node.propose(b"lost".to_vec()).await.unwrap_err();
+    assert!(
+        matches!(err, raftwork::ProposeError::Shutdown),
+        "the write fails: {err:?}"
+    );
+    let deadline = tokio::time::Instant::now() + WAIT;
+    while !node.is_stopped() {
+        assert!(tokio::time::Instant::now() < deadline, "node kept running");
+        tokio::time::sleep(TICK).await;
+    }
+    let syncs = store.syncs.load(Ordering::SeqCst);
+    tokio::time::sleep(TICK * 10).await;
+    assert_eq!(
+        store.syncs.load(Ordering::SeqCst),
+        syncs,
+        "no sync after the failure"
+    );
+    assert!(node.status().await.is_none(), "the node is stopped");
+    node.shutdown().await;
+}
