@@ -615,7 +615,7 @@ impl Wal {
         low: u64,
         high: u64,
         max_size: Option<u64>,
-    ) -> Result<Vec<Entry>, StorageError> {
+    ) -> raft::Result<Vec<Entry>> {
         struct Run {
             file: Arc<File>,
             path: PathBuf,
@@ -628,6 +628,10 @@ impl Wal {
         let mut plan: Vec<Run> = Vec::new();
         {
             let st = self.shared.state.read().unwrap();
+            // The apply task may have compacted since the caller looked.
+            if low < st.index.first() {
+                return Err(raft::Error::Store(RaftStorageError::Compacted));
+            }
             let mut size_bytes = 0u64;
             for i in low..high {
                 let (seq, loc) = st.index.loc(i);
@@ -668,7 +672,7 @@ impl Wal {
                         .map_err(|e| io_err(path, e))?;
                     let len = u32::from_le_bytes(header[..4].try_into().unwrap()) as u64;
                     if len > format::RECORD_PAYLOAD_MAX_BYTES as u64 {
-                        return Err(corrupt(path, last, "record length over the limit"));
+                        return Err(corrupt(path, last, "record length over the limit").into());
                     }
                     last + format::RECORD_HEADER_BYTES as u64 + len
                 }
@@ -683,11 +687,9 @@ impl Wal {
                 let (kind, _, payload, _) = format::check_frame(&buf[at..])
                     .map_err(|e| corrupt(path, loc as u64, format!("{e:?}")))?;
                 if kind != format::TYPE_ENTRY {
-                    return Err(corrupt(
-                        path,
-                        loc as u64,
-                        "index points at a non-entry record",
-                    ));
+                    return Err(
+                        corrupt(path, loc as u64, "index points at a non-entry record").into(),
+                    );
                 }
                 let p0 = at + format::RECORD_HEADER_BYTES;
                 let entry = format::decode_entry(&buf.slice(p0..p0 + payload.len()))
