@@ -287,6 +287,9 @@ pub struct Core<S: LogStore> {
     /// membership history from before it was added).
     was_member: bool,
     removed: bool,
+    /// This node is the only voter and should campaign as soon as raft has
+    /// applied everything committed.
+    sole_voter_campaign: bool,
     actions: Vec<Action>,
 }
 
@@ -303,11 +306,11 @@ impl<S: LogStore> Core<S> {
         let me = config.id;
         let cs = raw.raft.prs().conf().to_conf_state();
         let was_member = cs.voters.contains(&me) || cs.learners.contains(&me);
-        let mut raw = raw;
-        if cs.voters == [me] && cs.voters_outgoing.is_empty() {
-            // The only voter: no one else can win, so skip the election timeout.
-            raw.campaign()?;
-        }
+        // The only voter: no one else can win, so skip the election timeout.
+        // raft-rs refuses to campaign while committed conf changes are
+        // unapplied (a restart replaying its log), and checks by reading every
+        // unapplied entry; so campaign once the replay is done (`poll`).
+        let sole_voter_campaign = cs.voters == [me] && cs.voters_outgoing.is_empty();
         Ok(Self {
             raw,
             logger: logger.clone(),
@@ -332,6 +335,7 @@ impl<S: LogStore> Core<S> {
             persisted_messages: VecDeque::new(),
             was_member,
             removed: false,
+            sole_voter_campaign,
             actions: Vec::new(),
         })
     }
@@ -734,12 +738,29 @@ impl<S: LogStore> Core<S> {
     pub fn poll(&mut self) -> Result<Vec<Action>, FatalError> {
         self.flush_proposals();
         self.maybe_send_read_index();
+        self.maybe_campaign_alone()?;
         while self.raw.has_ready() {
             self.handle_ready()?;
+            self.maybe_campaign_alone()?;
         }
         self.maybe_leave_joint();
         self.release_confirmed_reads();
         Ok(std::mem::take(&mut self.actions))
+    }
+
+    fn maybe_campaign_alone(&mut self) -> Result<(), FatalError> {
+        if !self.sole_voter_campaign {
+            return Ok(());
+        }
+        let log = &self.raw.raft.raft_log;
+        if log.applied < log.committed {
+            return Ok(());
+        }
+        self.sole_voter_campaign = false;
+        if self.raw.raft.state != StateRole::Leader {
+            self.raw.campaign()?;
+        }
+        Ok(())
     }
 
     fn flush_proposals(&mut self) {

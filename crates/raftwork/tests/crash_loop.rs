@@ -62,7 +62,9 @@ impl StateMachine for History {
 fn check_history(h: &[(u64, u64)]) -> Result<Vec<u64>, String> {
     let mut next = vec![1u64; WRITERS as usize];
     for (pos, &(w, n)) in h.iter().enumerate() {
-        let want = next.get_mut(w as usize).ok_or(format!("writer {w} unknown"))?;
+        let want = next
+            .get_mut(w as usize)
+            .ok_or(format!("writer {w} unknown"))?;
         if n != *want {
             return Err(format!("at {pos}: writer {w} wrote {n}, expected {want}"));
         }
@@ -109,7 +111,11 @@ fn crash_child() {
         };
         println!(
             "recovered {}",
-            maxes.iter().map(|m| m.to_string()).collect::<Vec<_>>().join(" ")
+            maxes
+                .iter()
+                .map(|m| m.to_string())
+                .collect::<Vec<_>>()
+                .join(" ")
         );
         let mut tasks = Vec::new();
         for w in 0..WRITERS {
@@ -272,6 +278,9 @@ fn crash_loop_keeps_every_acknowledged_write() {
     }
     let total: u64 = acked.values().sum();
     println!("crash loop: {recoveries} recoveries checked, {total} acknowledged writes survived");
-    assert!(recoveries as u64 > cycles / 2, "most cycles got past start-up");
+    assert!(
+        recoveries as u64 > cycles / 2,
+        "most cycles got past start-up"
+    );
     assert!(total > 0, "the children wrote something");
 }

@@ -11,7 +11,7 @@
 //! old segments can be deleted once their entries are compacted.
 //!
 //! # Memory
-//! Only an [`index::EntryIndex`] (8 bytes per entry plus runs) and a bounded
+//! Only an [`index::EntryIndex`] (4 bytes per entry plus runs) and a bounded
 //! cache of the newest entries ([`WalOptions::cache_bytes`]) stay in memory.
 //! A read below the cache preads the records from their segment with no lock
 //! held during the I/O, and checks each record's CRC.
@@ -61,8 +61,11 @@ pub struct WalOptions {
     /// would cross it. Default: 64 MiB. At most 2 GiB (offsets are 32-bit and
     /// one batch may overshoot).
     pub segment_size_bytes: u64,
-    /// Budget of the cache of the newest entries, in payload bytes; reads of
-    /// older entries go to disk. Default: 32 MiB. 0 disables the cache.
+    /// Memory budget of the cache of the newest entries; reads of older
+    /// entries go to disk. Each entry is charged its payload and context plus
+    /// [`CACHE_ENTRY_OVERHEAD_BYTES`] for the `Entry` struct and allocator
+    /// overhead, so small entries are bounded too. Default: 32 MiB. 0
+    /// disables the cache.
     pub cache_bytes: usize,
     /// Raft group whose log this is; written into every record. Default: 1.
     pub group_id: u64,
@@ -130,6 +133,14 @@ struct Writer {
     buf: Vec<u8>,
 }
 
+/// What the cache charges per entry on top of its payload and context: the
+/// `Entry` struct and the allocator's bookkeeping (an estimate).
+pub const CACHE_ENTRY_OVERHEAD_BYTES: usize = std::mem::size_of::<Entry>() + 32;
+
+fn cache_cost(e: &Entry) -> usize {
+    CACHE_ENTRY_OVERHEAD_BYTES + e.data.len() + e.context.len()
+}
+
 /// The newest entries, contiguous and ending at the last index.
 struct Cache {
     first: u64,
@@ -146,7 +157,7 @@ impl Cache {
         } else {
             let keep = (head.index - self.first) as usize;
             for e in self.entries.drain(keep.min(self.entries.len())..) {
-                self.bytes -= e.data.len() + e.context.len();
+                self.bytes -= cache_cost(&e);
             }
         }
         if self.budget == 0 {
@@ -154,12 +165,12 @@ impl Cache {
             return;
         }
         for e in entries {
-            self.bytes += e.data.len() + e.context.len();
+            self.bytes += cache_cost(e);
             self.entries.push_back(e.clone());
         }
         while self.bytes > self.budget {
             let e = self.entries.pop_front().unwrap();
-            self.bytes -= e.data.len() + e.context.len();
+            self.bytes -= cache_cost(&e);
             self.first += 1;
         }
     }
@@ -173,7 +184,7 @@ impl Cache {
     fn compact_to(&mut self, first: u64) {
         while self.first < first {
             match self.entries.pop_front() {
-                Some(e) => self.bytes -= e.data.len() + e.context.len(),
+                Some(e) => self.bytes -= cache_cost(&e),
                 None => {
                     self.first = first;
                     return;
@@ -511,7 +522,7 @@ impl Wal {
         self.shared.state.read().unwrap().index.memory_bytes()
     }
 
-    /// Bytes of entry payload held by the cache.
+    /// Bytes the cache is charged for (see [`WalOptions::cache_bytes`]).
     pub fn cache_bytes(&self) -> usize {
         self.shared.state.read().unwrap().cache.bytes
     }
