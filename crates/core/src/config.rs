@@ -24,6 +24,10 @@ pub struct CoreConfig {
     pub max_inflight_msgs: usize,
     /// Uncommitted log size above which proposals are dropped. Default: 1 GiB.
     pub max_uncommitted_size_bytes: u64,
+    /// Most bytes of committed entries handed out for applying in one ready.
+    /// Bounds memory when a restarted node replays a long log or a follower
+    /// catches up. Default: 16 MiB.
+    pub max_committed_size_per_ready_bytes: u64,
     /// Largest command accepted by `propose`. Default: 1 MiB. Minimum: 1.
     pub max_command_size_bytes: u64,
     /// Leader steps down when it cannot reach a quorum for an election
@@ -67,6 +71,7 @@ impl Default for CoreConfig {
             max_size_per_msg_bytes: 1024 * 1024,
             max_inflight_msgs: 256,
             max_uncommitted_size_bytes: 1024 * 1024 * 1024,
+            max_committed_size_per_ready_bytes: 16 * 1024 * 1024,
             max_command_size_bytes: 1024 * 1024,
             check_quorum: true,
             pre_vote: true,
@@ -146,6 +151,7 @@ impl CoreConfig {
                 raft::ReadOnlyOption::Safe
             },
             max_uncommitted_size: self.max_uncommitted_size_bytes,
+            max_committed_size_per_ready: self.max_committed_size_per_ready_bytes,
             batch_append: true,
             ..Default::default()
         }

@@ -353,10 +353,16 @@ impl Wal {
         let mut base_known = true;
         let mut end_offset = format::SEGMENT_HEADER_BYTES;
         let mut quarantine_from = None;
+        // One buffer for every segment: a fresh 64 MiB allocation per
+        // segment would page-fault its way through each one again.
+        let mut buf = Vec::new();
         for (k, &seq) in seqs.iter().enumerate() {
             let path = dir.join(format::segment_name(seq));
             let is_last = k + 1 == seqs.len();
-            let buf = fs::read(&path).map_err(|e| io_err(&path, e))?;
+            buf.clear();
+            File::open(&path)
+                .and_then(|mut f| std::io::Read::read_to_end(&mut f, &mut buf))
+                .map_err(|e| io_err(&path, e))?;
             let header_seq =
                 format::decode_segment_header(&buf).map_err(|r| corrupt(&path, 0, r))?;
             if header_seq != seq {
