@@ -105,6 +105,17 @@ pub enum BuildError {
     /// raft-rs refused to start.
     #[error(transparent)]
     Fatal(#[from] FatalError),
+    /// The data dir belongs to another node or group. Fix: point this node
+    /// at its own data dir.
+    #[error("data dir belongs to {found}, not {expected} (see {path})")]
+    WrongDataDir {
+        /// The identity file.
+        path: PathBuf,
+        /// What the data dir says.
+        found: String,
+        /// What this node is.
+        expected: String,
+    },
     /// The state machine could not be restored from the snapshot the node
     /// must start from (for example, a corrupt snapshot file).
     #[error("restoring the state machine from snapshot {index} failed: {source}")]
@@ -115,6 +126,39 @@ pub enum BuildError {
         #[source]
         source: std::io::Error,
     },
+}
+
+/// Checks (or, in a new data dir, writes) the `NODE` file naming the node
+/// and group the data dir belongs to.
+fn check_identity(dir: &std::path::Path, id: NodeId, group_id: u64) -> Result<(), BuildError> {
+    let path = dir.join("NODE");
+    let want = format!("node={id} group={group_id}\n");
+    let io = |source| StorageError::Io {
+        path: path.clone(),
+        source,
+    };
+    match std::fs::read_to_string(&path) {
+        Ok(found) if found == want => Ok(()),
+        Ok(found) => Err(BuildError::WrongDataDir {
+            path: path.clone(),
+            found: found.trim().to_string(),
+            expected: want.trim().to_string(),
+        }),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+            std::fs::create_dir_all(dir).map_err(io)?;
+            let tmp = dir.join("NODE.tmp");
+            let write = || -> std::io::Result<()> {
+                let mut f = std::fs::File::create(&tmp)?;
+                std::io::Write::write_all(&mut f, want.as_bytes())?;
+                f.sync_all()?;
+                std::fs::rename(&tmp, &path)?;
+                std::fs::File::open(dir)?.sync_all()
+            };
+            write().map_err(io)?;
+            Ok(())
+        }
+        Err(e) => Err(io(e).into()),
+    }
 }
 
 /// Marker: the default storage, the WAL and file snapshots in the data dir.
@@ -183,7 +227,16 @@ impl<SM: StateMachine> Builder<SM, DataDir> {
 
     /// Opens the WAL and the snapshot store in the data dir and starts the
     /// node on the current tokio runtime.
+    ///
+    /// The data dir remembers which node and group it belongs to (a `NODE`
+    /// file): starting another node id or group on it is refused before
+    /// anything is written.
     pub fn build(self) -> Result<Node<SM>, BuildError> {
+        check_identity(
+            &self.data_dir,
+            self.config.core.id,
+            self.config.core.group_id,
+        )?;
         let mut options = self.wal_options.clone();
         options.group_id = self.config.core.group_id;
         let wal = Wal::open(self.data_dir.join("wal"), options)?;

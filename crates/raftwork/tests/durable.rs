@@ -334,3 +334,27 @@ async fn an_fsync_error_stops_the_node_and_is_never_retried() {
     assert!(node.status().await.is_none(), "the node is stopped");
     node.shutdown().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn another_node_id_on_the_same_data_dir_is_refused() {
+    let dir = tempfile::tempdir().unwrap();
+    let net = MemNetwork::new();
+    let node = durable(&net, 1, &[1], dir.path()).unwrap();
+    node.wait_for_leader(WAIT).await.unwrap();
+    write(&node, 1, 5).await;
+    node.shutdown().await;
+    let wal_before = files_with_ext(&dir.path().join("wal"), "wal");
+    match durable(&net, 2, &[2], dir.path()) {
+        Err(e @ BuildError::WrongDataDir { .. }) => {
+            assert!(e.to_string().contains("node=1"), "{e}")
+        }
+        Err(e) => panic!("expected WrongDataDir, got {e}"),
+        Ok(_) => panic!("node 2 started on node 1's data dir"),
+    }
+    assert_eq!(files_with_ext(&dir.path().join("wal"), "wal"), wal_before);
+    // The rightful owner still starts with its state.
+    let node = durable(&net, 1, &[1], dir.path()).unwrap();
+    node.wait_for_leader(WAIT).await.unwrap();
+    assert_eq!(fingerprint(&node).await.1, 5);
+    node.shutdown().await;
+}
