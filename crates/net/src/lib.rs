@@ -1,0 +1,32 @@
+//! Network transports for raftwork, behind the [`Transport`] trait.
+//!
+//! What every network transport here shares (written once, in
+//! [`peer`](crate::tcp) and [`frame`]):
+//! * a bounded outbound queue and one task per peer, so messages to one
+//!   peer keep their order and a slow peer never blocks the ready loop: when
+//!   its queue is full, envelopes are dropped and raft is told the peer is
+//!   unreachable (it then probes at heartbeat pace);
+//! * the envelopes queued for a peer go out together: consecutive envelopes
+//!   of one group become one [`frame`] (which carries the group id), and
+//!   every frame waiting is written with one flush;
+//! * reconnect with capped exponential backoff; while a peer cannot be
+//!   reached, sends fail fast and are reported unreachable;
+//! * frames carry a length and a CRC32C; a malformed, oversized or
+//!   mis-addressed frame closes that connection with a logged reason and
+//!   never panics the node;
+//! * optional TLS or mutual TLS ([`TlsConfig`]).
+//!
+//! Transports: [`TcpTransport`] (tokio, one long-lived connection per peer
+//! and direction).
+
+#![warn(missing_docs)]
+#![forbid(unsafe_code)]
+
+pub mod frame;
+mod tcp;
+mod tls;
+
+pub use tcp::{NetConfig, NetError, TcpTransport};
+pub use tls::{TlsConfig, TlsConfigError};
+
+pub use raftwork_transport::{Envelope, Inbound, Inbox, NodeId, Transport, TransportError};
