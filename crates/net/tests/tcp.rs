@@ -1,0 +1,336 @@
+//! The TCP transport on loopback: delivery in order, unreachable reports and
+//! resumption across a peer's restart, malformed input, and the TLS
+//! rejection matrix.
+
+mod common;
+
+use std::time::Duration;
+
+use common::*;
+use raftwork_net::{frame, NetConfig, TcpTransport, TlsConfig, Transport};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::TcpStream;
+
+async fn pair(
+    tls: Option<(TlsConfig, TlsConfig)>,
+) -> (
+    (TcpTransport, raftwork_net::Inbox),
+    (TcpTransport, raftwork_net::Inbox),
+) {
+    let (ta, tb) = match tls {
+        Some((a, b)) => (Some(a), Some(b)),
+        None => (None, None),
+    };
+    let a = TcpTransport::bind(
+        1,
+        "127.0.0.1:0",
+        NetConfig {
+            tls: ta,
+            ..Default::default()
+        },
+    )
+    .await
+    .unwrap();
+    let b = TcpTransport::bind(
+        2,
+        "127.0.0.1:0",
+        NetConfig {
+            tls: tb,
+            ..Default::default()
+        },
+    )
+    .await
+    .unwrap();
+    a.0.set_peer(2, &b.0.local_addr().to_string()).unwrap();
+    b.0.set_peer(1, &a.0.local_addr().to_string()).unwrap();
+    (a, b)
+}
+
+#[tokio::test]
+async fn envelopes_arrive_in_order() {
+    init_logging();
+    let ((a, _ia), (_b, mut ib)) = pair(None).await;
+    for term in 1..=500 {
+        a.send(envelope(1, 2, term));
+    }
+    let mut next = 1;
+    while next <= 500 {
+        let env = next_messages(&mut ib, WAIT).await.expect("delivered");
+        for m in env.messages {
+            assert_eq!(m.term, next, "order kept");
+            next += 1;
+        }
+    }
+}
+
+#[tokio::test]
+async fn a_restarted_peer_is_reported_unreachable_then_reached_again() {
+    init_logging();
+    let ((a, mut ia), (b, mut ib)) = pair(None).await;
+    let b_addr = b.local_addr();
+    a.send(envelope(1, 2, 1));
+    assert!(next_messages(&mut ib, WAIT).await.is_some());
+    b.shutdown();
+    drop(ib);
+    // Sends fail while the peer is gone, and raft hears about it.
+    let mut reported = false;
+    for term in 2..200 {
+        a.send(envelope(1, 2, term));
+        if tokio::time::timeout(Duration::from_millis(20), next_unreachable(&mut ia, 2))
+            .await
+            .unwrap_or(false)
+        {
+            reported = true;
+            break;
+        }
+    }
+    assert!(reported, "the dead peer was reported unreachable");
+    // The peer comes back on the same address; messages resume.
+    let (_b2, mut ib2) = loop {
+        match TcpTransport::bind(2, b_addr, NetConfig::default()).await {
+            Ok(x) => break x,
+            Err(_) => tokio::time::sleep(Duration::from_millis(20)).await,
+        }
+    };
+    let deadline = tokio::time::Instant::now() + WAIT;
+    loop {
+        a.send(envelope(1, 2, 1_000));
+        if let Some(env) = next_messages(&mut ib2, Duration::from_millis(50)).await {
+            assert_eq!(env.from, 1);
+            break;
+        }
+        assert!(tokio::time::Instant::now() < deadline, "never reconnected");
+    }
+}
+
+/// Connects raw, says hello as node 1, then sends `junk`; returns true if
+/// the transport closed the connection.
+async fn closes_on(addr: std::net::SocketAddr, hello_to: u64, junk: &[u8]) -> bool {
+    let mut s = TcpStream::connect(addr).await.unwrap();
+    let mut hello = Vec::new();
+    frame::encode_hello(&mut hello, 1, hello_to);
+    s.write_all(&hello).await.unwrap();
+    s.write_all(junk).await.unwrap();
+    // The server may answer (a TLS alert) before closing: read to the end.
+    let mut buf = Vec::new();
+    tokio::time::timeout(WAIT, s.read_to_end(&mut buf))
+        .await
+        .is_ok()
+}
+
+#[tokio::test]
+async fn malformed_frames_close_the_connection_and_the_node_keeps_serving() {
+    init_logging();
+    let ((a, _ia), (b, mut ib)) = pair(None).await;
+    let addr = b.local_addr();
+    let mut good = Vec::new();
+    frame::encode_batch(&mut good, 1, 1, 2, &[heartbeat(1, 2, 1)]);
+
+    let mut bad_crc = good.clone();
+    let last = bad_crc.len() - 1;
+    bad_crc[last] ^= 0xff;
+    assert!(closes_on(addr, 2, &bad_crc).await, "bad checksum");
+
+    let mut huge = good.clone();
+    huge[..4].copy_from_slice(&u32::MAX.to_le_bytes());
+    assert!(closes_on(addr, 2, &huge).await, "huge length");
+
+    let truncated = &good[..good.len() - 2];
+    // Truncated then closed by the sender: the receiver must not deliver it.
+    {
+        let mut s = TcpStream::connect(addr).await.unwrap();
+        let mut hello = Vec::new();
+        frame::encode_hello(&mut hello, 1, 2);
+        s.write_all(&hello).await.unwrap();
+        s.write_all(truncated).await.unwrap();
+        s.shutdown().await.unwrap();
+    }
+
+    assert!(
+        closes_on(addr, 2, b"GET / HTTP/1.1\r\n\r\n").await,
+        "garbage"
+    );
+    assert!(closes_on(addr, 9, &good).await, "hello for another node");
+    let mut spoofed = Vec::new();
+    frame::encode_batch(&mut spoofed, 1, 3, 2, &[heartbeat(3, 2, 1)]);
+    assert!(
+        closes_on(addr, 2, &spoofed).await,
+        "envelope from a node other than the hello's"
+    );
+
+    // Nothing bad was delivered, and real traffic still flows.
+    a.send(envelope(1, 2, 77));
+    let env = next_messages(&mut ib, WAIT).await.expect("still serving");
+    assert_eq!(env.messages[0].term, 77);
+}
+
+#[tokio::test]
+async fn mutual_tls_delivers() {
+    init_logging();
+    let ca = Ca::new("raftwork test CA");
+    let ((a, _ia), (_b, mut ib)) = pair(Some((ca.node_tls(false), ca.node_tls(false)))).await;
+    a.send(envelope(1, 2, 5));
+    let env = next_messages(&mut ib, WAIT)
+        .await
+        .expect("delivered over mTLS");
+    assert_eq!(env.messages[0].term, 5);
+}
+
+/// Dials `addr` with TLS as a client configured by `client`, says hello and
+/// returns true if the server refused (handshake failure or closed stream).
+async fn tls_refused(addr: std::net::SocketAddr, client: rustls::ClientConfig) -> bool {
+    let tcp = TcpStream::connect(addr).await.unwrap();
+    let connector = tokio_rustls::TlsConnector::from(std::sync::Arc::new(client));
+    let name = rustls::pki_types::ServerName::try_from("localhost").unwrap();
+    let mut s = match connector.connect(name, tcp).await {
+        Ok(s) => s,
+        Err(_) => return true,
+    };
+    let mut hello = Vec::new();
+    frame::encode_hello(&mut hello, 1, 2);
+    if s.write_all(&hello).await.is_err() || s.flush().await.is_err() {
+        return true;
+    }
+    let mut buf = [0u8; 16];
+    matches!(
+        tokio::time::timeout(WAIT, s.read(&mut buf)).await,
+        Ok(Ok(0)) | Ok(Err(_))
+    )
+}
+
+fn client_config(ca_pem: &[u8], cert: Option<(&[u8], &[u8])>) -> rustls::ClientConfig {
+    use rustls::pki_types::pem::PemObject;
+    use rustls::pki_types::{CertificateDer, PrivateKeyDer};
+    let provider = std::sync::Arc::new(rustls::crypto::ring::default_provider());
+    let mut roots = rustls::RootCertStore::empty();
+    for c in CertificateDer::pem_slice_iter(ca_pem) {
+        roots.add(c.unwrap()).unwrap();
+    }
+    let builder = rustls::ClientConfig::builder_with_provider(provider)
+        .with_safe_default_protocol_versions()
+        .unwrap()
+        .with_root_certificates(roots);
+    match cert {
+        Some((cert, key)) => builder
+            .with_client_auth_cert(
+                CertificateDer::pem_slice_iter(cert)
+                    .map(|c| c.unwrap())
+                    .collect(),
+                PrivateKeyDer::from_pem_slice(key).unwrap(),
+            )
+            .unwrap(),
+        None => builder.with_no_client_auth(),
+    }
+}
+
+#[tokio::test]
+async fn tls_rejects_wrong_ca_expired_certificates_missing_client_certificates_and_plaintext() {
+    init_logging();
+    let ca = Ca::new("raftwork test CA");
+    let other_ca = Ca::new("some other CA");
+    let server_tls = ca.node_tls(false);
+    let (b, mut ib) = TcpTransport::bind(
+        2,
+        "127.0.0.1:0",
+        NetConfig {
+            tls: Some(server_tls),
+            ..Default::default()
+        },
+    )
+    .await
+    .unwrap();
+    let addr = b.local_addr();
+
+    // Control: a good client certificate is accepted (the server keeps the
+    // connection open and delivers).
+    let good = ca.node_tls(false);
+    {
+        let (a, _ia) = TcpTransport::bind(
+            1,
+            "127.0.0.1:0",
+            NetConfig {
+                tls: Some(good.clone()),
+                ..Default::default()
+            },
+        )
+        .await
+        .unwrap();
+        a.set_peer(2, &addr.to_string()).unwrap();
+        a.send(envelope(1, 2, 1));
+        assert!(
+            next_messages(&mut ib, WAIT).await.is_some(),
+            "control delivers"
+        );
+    }
+
+    // A client certificate from another CA.
+    let wrong = other_ca.node_tls(false);
+    assert!(
+        tls_refused(
+            addr,
+            client_config(
+                &ca.cert.pem().into_bytes(),
+                Some((&wrong.cert_pem, &wrong.key_pem))
+            )
+        )
+        .await,
+        "certificate from another CA"
+    );
+    // An expired client certificate from the right CA.
+    let expired = ca.node_tls(true);
+    assert!(
+        tls_refused(
+            addr,
+            client_config(
+                &ca.cert.pem().into_bytes(),
+                Some((&expired.cert_pem, &expired.key_pem))
+            )
+        )
+        .await,
+        "expired certificate"
+    );
+    // No client certificate while mTLS is on.
+    assert!(
+        tls_refused(addr, client_config(&ca.cert.pem().into_bytes(), None)).await,
+        "no client certificate"
+    );
+    // A client that trusts another CA refuses the server.
+    assert!(
+        tls_refused(
+            addr,
+            client_config(
+                &other_ca.cert.pem().into_bytes(),
+                Some((&good.cert_pem, &good.key_pem))
+            )
+        )
+        .await,
+        "server certificate from an untrusted CA"
+    );
+    // Plaintext to the TLS port.
+    assert!(
+        closes_on(addr, 2, b"").await,
+        "plaintext hello to a TLS port"
+    );
+
+    // And through the transport: a node with the wrong CA never delivers and
+    // is told its peer is unreachable.
+    let (a, mut ia) = TcpTransport::bind(
+        1,
+        "127.0.0.1:0",
+        NetConfig {
+            tls: Some(wrong),
+            ..Default::default()
+        },
+    )
+    .await
+    .unwrap();
+    a.set_peer(2, &addr.to_string()).unwrap();
+    a.send(envelope(1, 2, 9));
+    assert!(next_unreachable(&mut ia, 2).await, "reported unreachable");
+    assert!(
+        next_messages(&mut ib, Duration::from_millis(300))
+            .await
+            .is_none(),
+        "nothing from the rejected node was delivered"
+    );
+}
