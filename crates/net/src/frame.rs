@@ -59,7 +59,7 @@ pub enum FrameError {
     Malformed(String),
 }
 
-fn finish(buf: &mut Vec<u8>, start: usize) {
+fn finish(buf: &mut [u8], start: usize) {
     let len = buf.len() - start - FRAME_HEADER_BYTES;
     let crc = crc32c::crc32c(&buf[start + 8..]);
     buf[start..start + 4].copy_from_slice(&(len as u32).to_le_bytes());
