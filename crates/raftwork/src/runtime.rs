@@ -97,15 +97,26 @@ impl<SM: StateMachine, S: LogStore> Applier<SM, S> {
                 };
                 let (index, term) = (last.index, last.term);
                 self.applied_since_snapshot += batch.entries.len() as u64;
+                // A member added since the last snapshot cannot restore it
+                // (raft-rs refuses a snapshot that leaves it out), and the log
+                // it needs may be compacted: snapshot right after the change.
+                let mut member_added = false;
                 if let Some(cs) = &batch.conf_state {
+                    let before = &self.conf_state;
+                    member_added = cs
+                        .voters
+                        .iter()
+                        .chain(&cs.learners)
+                        .any(|id| !before.voters.contains(id) && !before.learners.contains(id));
                     self.conf_state = cs.clone();
                 }
                 apply_batch(&mut self.sm, batch, replies);
                 self.applied_index = index;
                 self.applied_term = term;
                 let _ = self.events.send(ApplyEvent::Applied(index));
-                if self.snapshot_interval_entries > 0
-                    && self.applied_since_snapshot >= self.snapshot_interval_entries
+                if member_added
+                    || (self.snapshot_interval_entries > 0
+                        && self.applied_since_snapshot >= self.snapshot_interval_entries)
                 {
                     match self.take_snapshot() {
                         Ok(_) => {}

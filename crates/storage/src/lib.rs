@@ -38,6 +38,19 @@ pub use wal::{RepairReport, Wal, WalOptions, CACHE_ENTRY_OVERHEAD_BYTES};
 
 use raft::prelude::{ConfState, Entry, HardState, SnapshotMetadata};
 
+/// True if node `to` is a member in the snapshot's conf state (or `to` is 0,
+/// meaning "any"). raft-rs refuses to restore a snapshot that leaves it out
+/// (a member added after the snapshot was taken), so stores do not offer one
+/// to such a node; the shell takes a fresh snapshot when members are added.
+pub fn snapshot_includes(meta: &SnapshotMetadata, to: u64) -> bool {
+    let cs = meta.get_conf_state();
+    to == 0
+        || cs.voters.contains(&to)
+        || cs.learners.contains(&to)
+        || cs.voters_outgoing.contains(&to)
+        || cs.learners_next.contains(&to)
+}
+
 /// Everything one ready asks the log store to record, applied atomically by
 /// [`LogStore::stage`].
 #[derive(Debug, Default, Clone)]

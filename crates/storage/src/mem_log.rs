@@ -137,9 +137,12 @@ impl raft::Storage for MemLogStore {
         Ok(self.inner.read().unwrap().last_index())
     }
 
-    fn snapshot(&self, request_index: u64, _to: u64) -> raft::Result<Snapshot> {
+    fn snapshot(&self, request_index: u64, to: u64) -> raft::Result<Snapshot> {
         let inner = self.inner.read().unwrap();
-        if inner.snapshot.index < request_index || inner.snapshot.index == 0 {
+        if inner.snapshot.index < request_index
+            || inner.snapshot.index == 0
+            || !crate::snapshot_includes(&inner.snapshot, to)
+        {
             return Err(raft::Error::Store(
                 RaftStorageError::SnapshotTemporarilyUnavailable,
             ));

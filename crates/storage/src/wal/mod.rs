@@ -875,9 +875,12 @@ impl raft::Storage for Wal {
         Ok(self.shared.state.read().unwrap().index.last())
     }
 
-    fn snapshot(&self, request_index: u64, _to: u64) -> raft::Result<Snapshot> {
+    fn snapshot(&self, request_index: u64, to: u64) -> raft::Result<Snapshot> {
         let st = self.shared.state.read().unwrap();
-        if st.snapshot.index < request_index || st.snapshot.index == 0 {
+        if st.snapshot.index < request_index
+            || st.snapshot.index == 0
+            || !crate::snapshot_includes(&st.snapshot, to)
+        {
             return Err(raft::Error::Store(
                 RaftStorageError::SnapshotTemporarilyUnavailable,
             ));
