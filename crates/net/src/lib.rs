@@ -1,7 +1,7 @@
 //! Network transports for raftwork, behind the [`Transport`] trait.
 //!
 //! What every network transport here shares (written once, in
-//! [`peer`](crate::tcp) and [`frame`]):
+//! `peer.rs` and [`frame`]):
 //! * a bounded outbound queue and one task per peer, so messages to one
 //!   peer keep their order and a slow peer never blocks the ready loop: when
 //!   its queue is full, envelopes are dropped and raft is told the peer is
@@ -23,10 +23,12 @@
 #![forbid(unsafe_code)]
 
 pub mod frame;
+mod peer;
 mod tcp;
 mod tls;
 
-pub use tcp::{NetConfig, NetError, TcpTransport};
+pub use peer::{NetConfig, NetError};
+pub use tcp::TcpTransport;
 pub use tls::{TlsConfig, TlsConfigError};
 
 pub use raftwork_transport::{Envelope, Inbound, Inbox, NodeId, Transport, TransportError};

@@ -1,0 +1,418 @@
+//! What every network transport shares: the per-peer outbound queue and
+//! task, reconnect with backoff, unreachable reports, and the inbound side
+//! that reads frames, validates them and hands them to the node.
+//!
+//! ```text
+//!  send(env) ──try_send──▶ [peer queue, bounded] ──▶ peer task ──frames──▶ Link (TCP, HTTP, …) ──▶ peer:
+//!     │ full / no peer                                 │ open, send, backoff                 serve_frames:
+//!     ▼                                                ▼ failure                             hello, frames,
+//!  Inbound::Unreachable ◀──────────── own inbox ◀──────┘                                     validate ──▶ inbox
+//! ```
+//!
+//! Invariants: one task per peer, fed by one FIFO queue, so envelopes to a
+//! peer go out in order or not at all; nothing on the send path blocks; a
+//! connection carries traffic one way (the dialer writes, the acceptor
+//! reads), as etcd's streams do.
+
+use std::collections::HashMap;
+use std::future::Future;
+use std::pin::Pin;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use raftwork_transport::{Envelope, Inbound, InboxSender, NodeId, TransportError};
+use tokio::io::AsyncRead;
+use tokio::sync::{mpsc, watch};
+use tokio::time::Instant;
+
+use crate::frame::{self, FrameError};
+use crate::tls::{TlsConfig, TlsConfigError};
+
+/// Settings shared by the network transports.
+#[derive(Debug, Clone)]
+pub struct NetConfig {
+    /// Largest frame accepted or sent, in bytes. A bigger incoming frame
+    /// closes its connection; a bigger outgoing envelope is dropped and its
+    /// peer reported unreachable. Default: 64 MiB (snapshots travel inline in
+    /// one message for now, so this also caps the snapshot size).
+    pub max_frame_bytes: usize,
+    /// Envelopes queued per peer before sends to it are dropped. Default: 1,024.
+    pub peer_queue_envelopes: usize,
+    /// Time allowed to open a connection (TCP and TLS). Default: 2 s.
+    pub connect_timeout: Duration,
+    /// Time an accepted connection has to finish TLS and say hello. Default: 5 s.
+    pub handshake_timeout: Duration,
+    /// First wait before redialing a peer that failed. Default: 50 ms.
+    pub backoff_min: Duration,
+    /// Cap of the doubling redial wait. Default: 5 s.
+    pub backoff_max: Duration,
+    /// TLS or mutual TLS on every connection; `None` is plaintext. Default: none.
+    pub tls: Option<TlsConfig>,
+}
+
+impl Default for NetConfig {
+    fn default() -> Self {
+        Self {
+            max_frame_bytes: 64 << 20,
+            peer_queue_envelopes: 1024,
+            connect_timeout: Duration::from_secs(2),
+            handshake_timeout: Duration::from_secs(5),
+            backoff_min: Duration::from_millis(50),
+            backoff_max: Duration::from_secs(5),
+            tls: None,
+        }
+    }
+}
+
+impl NetConfig {
+    pub(crate) fn validate(&self, id: NodeId) -> Result<(), NetError> {
+        if id == 0 {
+            return Err(NetError::Config("node id 0".into()));
+        }
+        if self.max_frame_bytes < 1024 {
+            return Err(NetError::Config(
+                "max_frame_bytes must be at least 1024".into(),
+            ));
+        }
+        if self.peer_queue_envelopes == 0 {
+            return Err(NetError::Config(
+                "peer_queue_envelopes must be at least 1".into(),
+            ));
+        }
+        if self.backoff_min.is_zero() || self.backoff_min > self.backoff_max {
+            return Err(NetError::Config(
+                "need 0 < backoff_min <= backoff_max".into(),
+            ));
+        }
+        Ok(())
+    }
+}
+
+/// Why a transport could not start.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum NetError {
+    /// The listen address could not be bound.
+    #[error("cannot listen on {addr}: {source}")]
+    Bind {
+        /// The address asked for.
+        addr: String,
+        /// The OS error.
+        #[source]
+        source: std::io::Error,
+    },
+    /// The TLS settings are unusable.
+    #[error(transparent)]
+    Tls(#[from] TlsConfigError),
+    /// The settings contradict themselves.
+    #[error("invalid network settings: {0}")]
+    Config(String),
+}
+
+/// A boxed future, for the object-safe link traits.
+pub(crate) type BoxFuture<'a, T> = Pin<Box<dyn Future<Output = T> + Send + 'a>>;
+
+/// How one transport carries frames to a peer. `open` connects and says
+/// hello; the returned sink writes frames in order until it fails.
+pub(crate) trait Link: Send + Sync + 'static {
+    fn open<'a>(
+        &'a self,
+        from: NodeId,
+        to: NodeId,
+        addr: &'a str,
+    ) -> BoxFuture<'a, std::io::Result<Box<dyn FrameSink>>>;
+}
+
+/// An open outbound path to one peer.
+pub(crate) trait FrameSink: Send {
+    /// Delivers `frames` (one or more encoded frames) after everything sent
+    /// before, or fails. After a failure the sink is dropped.
+    fn send<'a>(&'a mut self, frames: &'a [u8]) -> BoxFuture<'a, std::io::Result<()>>;
+}
+
+struct PeerHandle {
+    tx: mpsc::Sender<Envelope>,
+    /// Address and a generation bumped on every change (forces a redial).
+    addr: Arc<Mutex<(String, u64)>>,
+}
+
+/// State shared by a transport's handle, its peer tasks and its listeners.
+pub(crate) struct Shared {
+    pub(crate) id: NodeId,
+    pub(crate) config: NetConfig,
+    own_inbox: InboxSender,
+    peers: Mutex<HashMap<NodeId, PeerHandle>>,
+    pub(crate) shutdown: watch::Sender<bool>,
+    runtime: tokio::runtime::Handle,
+    link: Arc<dyn Link>,
+}
+
+impl Shared {
+    /// Must be called inside a tokio runtime.
+    pub(crate) fn new(
+        id: NodeId,
+        config: NetConfig,
+        own_inbox: InboxSender,
+        link: Arc<dyn Link>,
+    ) -> Arc<Self> {
+        Arc::new(Self {
+            id,
+            config,
+            own_inbox,
+            peers: Mutex::new(HashMap::new()),
+            shutdown: watch::channel(false).0,
+            runtime: tokio::runtime::Handle::current(),
+            link,
+        })
+    }
+
+    fn report_unreachable(&self, group_id: u64, to: NodeId) {
+        let _ = self
+            .own_inbox
+            .try_send(Inbound::Unreachable { group_id, to });
+    }
+
+    /// [`raftwork_transport::Transport::send`].
+    pub(crate) fn send(&self, envelope: Envelope) {
+        let (group_id, to) = (envelope.group_id, envelope.to);
+        let peers = self.peers.lock().unwrap();
+        let queued = match peers.get(&to) {
+            Some(p) => p.tx.try_send(envelope).is_ok(),
+            None => {
+                tracing::debug!(node = self.id, to, "no address for peer");
+                false
+            }
+        };
+        drop(peers);
+        if !queued {
+            self.report_unreachable(group_id, to);
+        }
+    }
+
+    /// [`raftwork_transport::Transport::set_peer`].
+    pub(crate) fn set_peer(
+        self: &Arc<Self>,
+        id: NodeId,
+        address: &str,
+    ) -> Result<(), TransportError> {
+        let invalid = |reason: &str| TransportError::InvalidAddress {
+            id,
+            address: address.to_string(),
+            reason: reason.to_string(),
+        };
+        if id == 0 {
+            return Err(invalid("node id 0"));
+        }
+        match address.rsplit_once(':') {
+            Some((host, port)) if !host.is_empty() && port.parse::<u16>().is_ok_and(|p| p > 0) => {}
+            _ => return Err(invalid("expected host:port")),
+        }
+        let mut peers = self.peers.lock().unwrap();
+        if let Some(p) = peers.get(&id) {
+            let mut a = p.addr.lock().unwrap();
+            if a.0 != address {
+                *a = (address.to_string(), a.1 + 1);
+            }
+            return Ok(());
+        }
+        let (tx, rx) = mpsc::channel(self.config.peer_queue_envelopes);
+        let addr = Arc::new(Mutex::new((address.to_string(), 0)));
+        self.runtime
+            .spawn(peer_task(self.clone(), id, rx, addr.clone()));
+        peers.insert(id, PeerHandle { tx, addr });
+        Ok(())
+    }
+
+    /// [`raftwork_transport::Transport::remove_peer`].
+    pub(crate) fn remove_peer(&self, id: NodeId) {
+        self.peers.lock().unwrap().remove(&id);
+    }
+
+    /// [`raftwork_transport::Transport::shutdown`].
+    pub(crate) fn shutdown(&self) {
+        let _ = self.shutdown.send(true);
+        self.peers.lock().unwrap().clear();
+    }
+
+    /// Reads a hello and then batches from `reader` until it ends, fails or
+    /// breaks a rule, delivering each batch to the inbox. `remote` names the
+    /// other end in logs.
+    pub(crate) async fn serve_frames<R: AsyncRead + Unpin>(&self, mut reader: R, remote: &str) {
+        let node = self.id;
+        let cfg = &self.config;
+        let mut shutdown = self.shutdown.subscribe();
+        let hello = async {
+            let (kind, body) = frame::read_frame(&mut reader, 64)
+                .await
+                .map_err(|e| format!("bad hello: {e}"))?
+                .ok_or("closed before hello")?;
+            let (from, to) = frame::decode_hello(kind, &body).map_err(|e| e.to_string())?;
+            if to != node {
+                return Err(format!("hello from node {from} is for node {to}"));
+            }
+            Ok::<_, String>(from)
+        };
+        let from = match tokio::time::timeout(cfg.handshake_timeout, hello).await {
+            Ok(Ok(from)) => from,
+            Ok(Err(reason)) => {
+                tracing::warn!(node, remote, %reason, "refusing connection");
+                return;
+            }
+            Err(_) => {
+                tracing::warn!(node, remote, "refusing connection: no hello in time");
+                return;
+            }
+        };
+        loop {
+            let next = tokio::select! {
+                f = frame::read_frame(&mut reader, cfg.max_frame_bytes) => f,
+                _ = shutdown.changed() => return,
+            };
+            let env = match next {
+                Ok(Some((kind, body))) => frame::decode_batch(kind, &body),
+                Ok(None) => return,
+                Err(FrameError::Io(e)) if e.kind() == std::io::ErrorKind::UnexpectedEof => {
+                    Err(FrameError::Malformed("connection closed mid-frame".into()))
+                }
+                Err(e) => Err(e),
+            };
+            let env = match env.and_then(|env| check_envelope(env, from, node)) {
+                Ok(env) => env,
+                Err(e) => {
+                    tracing::warn!(node, remote, from, reason = %e, "closing connection");
+                    return;
+                }
+            };
+            if self.own_inbox.send(Inbound::Messages(env)).await.is_err() {
+                return;
+            }
+        }
+    }
+}
+
+/// Most envelopes taken from a peer queue for one write.
+const BATCH_ENVELOPES_MAX: usize = 256;
+
+async fn peer_task(
+    shared: Arc<Shared>,
+    peer: NodeId,
+    mut rx: mpsc::Receiver<Envelope>,
+    addr: Arc<Mutex<(String, u64)>>,
+) {
+    let cfg = &shared.config;
+    let mut shutdown = shared.shutdown.subscribe();
+    let mut sink: Option<(Box<dyn FrameSink>, u64)> = None;
+    let mut backoff = cfg.backoff_min;
+    let mut retry_at: Option<Instant> = None;
+    let mut buf = Vec::new();
+    loop {
+        let first = tokio::select! {
+            e = rx.recv() => match e {
+                Some(e) => e,
+                None => return,
+            },
+            _ = shutdown.changed() => return,
+        };
+        let mut batch = vec![first];
+        while batch.len() < BATCH_ENVELOPES_MAX {
+            match rx.try_recv() {
+                Ok(e) => batch.push(e),
+                Err(_) => break,
+            }
+        }
+        let report_all = |batch: &[Envelope]| {
+            let mut groups: Vec<u64> = batch.iter().map(|e| e.group_id).collect();
+            groups.sort_unstable();
+            groups.dedup();
+            for g in groups {
+                shared.report_unreachable(g, peer);
+            }
+        };
+        let (target, generation) = addr.lock().unwrap().clone();
+        if sink.as_ref().is_some_and(|(_, g)| *g != generation) {
+            sink = None;
+        }
+        if sink.is_none() {
+            if retry_at.is_some_and(|t| Instant::now() < t) {
+                report_all(&batch);
+                continue;
+            }
+            match tokio::time::timeout(
+                cfg.connect_timeout,
+                shared.link.open(shared.id, peer, &target),
+            )
+            .await
+            {
+                Ok(Ok(s)) => {
+                    tracing::debug!(node = shared.id, peer, addr = %target, "connected");
+                    sink = Some((s, generation));
+                    backoff = cfg.backoff_min;
+                    retry_at = None;
+                }
+                outcome => {
+                    let reason = match outcome {
+                        Ok(Err(e)) => e.to_string(),
+                        _ => "timed out".to_string(),
+                    };
+                    tracing::debug!(node = shared.id, peer, addr = %target, %reason, retry_ms = backoff.as_millis() as u64, "cannot reach peer");
+                    report_all(&batch);
+                    retry_at = Some(Instant::now() + backoff);
+                    backoff = (backoff * 2).min(cfg.backoff_max);
+                    continue;
+                }
+            }
+        }
+        // Consecutive envelopes of one group become one frame.
+        buf.clear();
+        let mut k = 0;
+        while k < batch.len() {
+            let group = batch[k].group_id;
+            let mut end = k + 1;
+            while end < batch.len() && batch[end].group_id == group {
+                end += 1;
+            }
+            let messages: Vec<_> = batch[k..end]
+                .iter()
+                .flat_map(|e| e.messages.iter().cloned())
+                .collect();
+            let start = buf.len();
+            let len = frame::encode_batch(&mut buf, group, shared.id, peer, &messages);
+            if len > cfg.max_frame_bytes {
+                tracing::error!(
+                    node = shared.id,
+                    peer,
+                    bytes = len,
+                    max = cfg.max_frame_bytes,
+                    "dropping messages larger than max_frame_bytes"
+                );
+                buf.truncate(start);
+                shared.report_unreachable(group, peer);
+            }
+            k = end;
+        }
+        let (s, _) = sink.as_mut().unwrap();
+        if let Err(e) = s.send(&buf).await {
+            tracing::debug!(node = shared.id, peer, error = %e, "connection to peer broke");
+            sink = None;
+            report_all(&batch);
+        }
+    }
+}
+
+/// An envelope must come from the node that said hello and be for us, and
+/// so must each message in it (raft-rs trusts these fields).
+fn check_envelope(env: Envelope, from: NodeId, node: NodeId) -> Result<Envelope, FrameError> {
+    if env.from != from || env.to != node {
+        return Err(FrameError::Malformed(format!(
+            "envelope {}→{} on the connection from {from} to {node}",
+            env.from, env.to
+        )));
+    }
+    if let Some(m) = env.messages.iter().find(|m| m.from != from || m.to != node) {
+        return Err(FrameError::Malformed(format!(
+            "message {}→{} in an envelope {from}→{node}",
+            m.from, m.to
+        )));
+    }
+    Ok(env)
+}
