@@ -236,8 +236,13 @@ impl Shared {
 
     /// Reads a hello and then batches from `reader` until it ends, fails or
     /// breaks a rule, delivering each batch to the inbox. `remote` names the
-    /// other end in logs.
-    pub(crate) async fn serve_frames<R: AsyncRead + Unpin>(&self, mut reader: R, remote: &str) {
+    /// other end in logs. `Ok` when the stream ended cleanly between frames
+    /// (or the transport shut down); `Err` with the logged reason otherwise.
+    pub(crate) async fn serve_frames<R: AsyncRead + Unpin>(
+        &self,
+        mut reader: R,
+        remote: &str,
+    ) -> Result<(), String> {
         let node = self.id;
         let cfg = &self.config;
         let mut shutdown = self.shutdown.subscribe();
@@ -256,21 +261,21 @@ impl Shared {
             Ok(Ok(from)) => from,
             Ok(Err(reason)) => {
                 tracing::warn!(node, remote, %reason, "refusing connection");
-                return;
+                return Err(reason);
             }
             Err(_) => {
                 tracing::warn!(node, remote, "refusing connection: no hello in time");
-                return;
+                return Err("no hello in time".into());
             }
         };
         loop {
             let next = tokio::select! {
                 f = frame::read_frame(&mut reader, cfg.max_frame_bytes) => f,
-                _ = shutdown.changed() => return,
+                _ = shutdown.changed() => return Ok(()),
             };
             let env = match next {
                 Ok(Some((kind, body))) => frame::decode_batch(kind, &body),
-                Ok(None) => return,
+                Ok(None) => return Ok(()),
                 Err(FrameError::Io(e)) if e.kind() == std::io::ErrorKind::UnexpectedEof => {
                     Err(FrameError::Malformed("connection closed mid-frame".into()))
                 }
@@ -280,11 +285,11 @@ impl Shared {
                 Ok(env) => env,
                 Err(e) => {
                     tracing::warn!(node, remote, from, reason = %e, "closing connection");
-                    return;
+                    return Err(e.to_string());
                 }
             };
             if self.own_inbox.send(Inbound::Messages(env)).await.is_err() {
-                return;
+                return Ok(());
             }
         }
     }

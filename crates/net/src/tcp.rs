@@ -161,9 +161,10 @@ async fn accept_loop(shared: Arc<Shared>, listener: TcpListener, tls: Option<Tls
                     );
                     match handshake.await {
                         Ok(Ok(stream)) => {
-                            shared
+                            // Refusals are logged inside.
+                            let _ = shared
                                 .serve_frames(BufReader::with_capacity(256 << 10, stream), &remote)
-                                .await
+                                .await;
                         }
                         Ok(Err(e)) => {
                             tracing::warn!(node = shared.id, remote, reason = %e, "refusing connection: TLS handshake failed")
