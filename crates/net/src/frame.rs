@@ -16,6 +16,19 @@
 //! +-------------+-----------+---------+-------------+------------------------------------+
 //! | group u64   | from u64  | to u64  | count u32   | count × (len u32 | protobuf Message) |
 //! +-------------+-----------+---------+-------------+------------------------------------+
+//!
+//! Snapshot transfer, on a connection of its own (see `snapshot.rs`):
+//! kind 3, SnapOffer (sender → receiver, first frame)
+//! +-----------+---------+-------------+-------------------------------------------+
+//! | from u64  | to u64  | group u64   | protobuf MsgSnapshot (metadata, no data)   |
+//! +-----------+---------+-------------+-------------------------------------------+
+//! kind 4, SnapResume (receiver → sender): | offset u64 | bytes of data it already holds
+//! kind 5, SnapChunk (sender → receiver):
+//! +-------------+------------------------+--------------+-----------------------+
+//! | offset u64  | codec u8 (0 raw 1 zstd) | raw_len u32  | stored bytes           |
+//! +-------------+------------------------+--------------+-----------------------+
+//! kind 6, SnapEnd (sender → receiver): | size_bytes u64 | crc32c of all the data u32 |
+//! kind 7, SnapResult (receiver → sender): | ok u8 | reason (UTF-8) |
 //! ```
 //!
 //! All integers little-endian. A frame that fails any check is an error; the
@@ -35,6 +48,11 @@ pub const HELLO_MAGIC: &[u8; 8] = b"RWNET001";
 
 pub(crate) const KIND_HELLO: u8 = 1;
 pub(crate) const KIND_BATCH: u8 = 2;
+pub(crate) const KIND_SNAP_OFFER: u8 = 3;
+pub(crate) const KIND_SNAP_RESUME: u8 = 4;
+pub(crate) const KIND_SNAP_CHUNK: u8 = 5;
+pub(crate) const KIND_SNAP_END: u8 = 6;
+pub(crate) const KIND_SNAP_RESULT: u8 = 7;
 
 /// Why bytes from a peer are not a valid frame.
 #[derive(Debug, thiserror::Error)]
@@ -103,6 +121,44 @@ pub fn encode_batch(
     }
     finish(buf, start);
     buf.len() - start
+}
+
+/// Appends a frame of `kind` whose body `body` writes.
+pub(crate) fn encode_with(buf: &mut Vec<u8>, kind: u8, body: impl FnOnce(&mut Vec<u8>)) -> usize {
+    let start = buf.len();
+    buf.extend_from_slice(&[0u8; 8]);
+    buf.push(kind);
+    body(buf);
+    finish(buf, start);
+    buf.len() - start
+}
+
+/// Decodes a SnapOffer body into `(from, to, group, message)`.
+pub(crate) fn decode_snap_offer(body: &[u8]) -> Result<(NodeId, NodeId, u64, Message), FrameError> {
+    let from = u64_at(body, 0)?;
+    let to = u64_at(body, 8)?;
+    let group = u64_at(body, 16)?;
+    let mut m = Message::default();
+    m.merge_from_bytes(&body[24..])
+        .map_err(|e| FrameError::Malformed(format!("snapshot message does not decode: {e}")))?;
+    Ok((from, to, group, m))
+}
+
+/// Decodes a SnapChunk body into `(offset, codec, raw_len, stored bytes)`.
+pub(crate) fn decode_snap_chunk(body: &Bytes) -> Result<(u64, u8, usize, Bytes), FrameError> {
+    let offset = u64_at(body, 0)?;
+    let codec = *body
+        .get(8)
+        .ok_or_else(|| FrameError::Malformed("short chunk".into()))?;
+    let raw_len = body
+        .get(9..13)
+        .map(|s| u32::from_le_bytes(s.try_into().unwrap()) as usize)
+        .ok_or_else(|| FrameError::Malformed("short chunk".into()))?;
+    Ok((offset, codec, raw_len, body.slice(13..)))
+}
+
+pub(crate) fn decode_u64(body: &[u8]) -> Result<u64, FrameError> {
+    u64_at(body, 0)
 }
 
 /// Reads one frame. `Ok(None)` on a clean end of stream between frames.

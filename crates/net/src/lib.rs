@@ -24,6 +24,7 @@
 
 pub mod frame;
 mod peer;
+mod snapshot;
 mod tcp;
 mod tls;
 

@@ -26,7 +26,11 @@ use tokio::sync::{mpsc, watch};
 use tokio::time::Instant;
 
 use crate::frame::{self, FrameError};
+use crate::snapshot::{self, Partial};
+use crate::tcp::BoxStream;
 use crate::tls::{TlsConfig, TlsConfigError};
+use raft::prelude::MessageType;
+use raftwork_storage::SnapshotStore;
 
 /// Settings shared by the network transports.
 #[derive(Debug, Clone)]
@@ -48,6 +52,12 @@ pub struct NetConfig {
     pub backoff_max: Duration,
     /// TLS or mutual TLS on every connection; `None` is plaintext. Default: none.
     pub tls: Option<TlsConfig>,
+    /// Pace of a snapshot transfer, in bytes per second on the wire
+    /// (compressed); 0 is unlimited. Default: 0.
+    pub snapshot_rate_bytes_per_sec: u64,
+    /// Snapshot data per chunk, before compression. Default: 1 MiB. At most
+    /// `max_frame_bytes - 64`.
+    pub snapshot_chunk_bytes: usize,
 }
 
 impl Default for NetConfig {
@@ -60,6 +70,8 @@ impl Default for NetConfig {
             backoff_min: Duration::from_millis(50),
             backoff_max: Duration::from_secs(5),
             tls: None,
+            snapshot_rate_bytes_per_sec: 0,
+            snapshot_chunk_bytes: 1 << 20,
         }
     }
 }
@@ -77,6 +89,11 @@ impl NetConfig {
         if self.peer_queue_envelopes == 0 {
             return Err(NetError::Config(
                 "peer_queue_envelopes must be at least 1".into(),
+            ));
+        }
+        if self.snapshot_chunk_bytes == 0 || self.snapshot_chunk_bytes + 64 > self.max_frame_bytes {
+            return Err(NetError::Config(
+                "snapshot_chunk_bytes must be between 1 and max_frame_bytes - 64".into(),
             ));
         }
         if self.backoff_min.is_zero() || self.backoff_min > self.backoff_max {
@@ -121,6 +138,19 @@ pub(crate) trait Link: Send + Sync + 'static {
         to: NodeId,
         addr: &'a str,
     ) -> BoxFuture<'a, std::io::Result<Box<dyn FrameSink>>>;
+
+    /// Opens a two-way byte stream to the peer at `addr`, for a snapshot
+    /// transfer. Links that cannot say no: the transport then does not
+    /// stream snapshots (they travel inline in the message).
+    fn open_duplex<'a>(&'a self, addr: &'a str) -> BoxFuture<'a, std::io::Result<BoxStream>> {
+        let _ = addr;
+        Box::pin(async {
+            Err(std::io::Error::new(
+                std::io::ErrorKind::Unsupported,
+                "this link cannot stream snapshots",
+            ))
+        })
+    }
 }
 
 /// An open outbound path to one peer.
@@ -140,7 +170,11 @@ struct PeerHandle {
 pub(crate) struct Shared {
     pub(crate) id: NodeId,
     pub(crate) config: NetConfig,
-    own_inbox: InboxSender,
+    pub(crate) own_inbox: InboxSender,
+    /// The node's snapshot store, once attached: snapshots are then streamed.
+    snapshots: Mutex<Option<Arc<dyn SnapshotStore>>>,
+    /// Snapshots being received, by (sender, group), kept for resuming.
+    pub(crate) partials: Mutex<HashMap<(NodeId, u64), Partial>>,
     peers: Mutex<HashMap<NodeId, PeerHandle>>,
     pub(crate) shutdown: watch::Sender<bool>,
     runtime: tokio::runtime::Handle,
@@ -159,6 +193,8 @@ impl Shared {
             id,
             config,
             own_inbox,
+            snapshots: Mutex::new(None),
+            partials: Mutex::new(HashMap::new()),
             peers: Mutex::new(HashMap::new()),
             shutdown: watch::channel(false).0,
             runtime: tokio::runtime::Handle::current(),
@@ -170,6 +206,72 @@ impl Shared {
         let _ = self
             .own_inbox
             .try_send(Inbound::Unreachable { group_id, to });
+    }
+
+    /// [`raftwork_transport::Transport::attach_snapshots`].
+    pub(crate) fn attach_snapshots(&self, store: Arc<dyn SnapshotStore>) {
+        *self.snapshots.lock().unwrap() = Some(store);
+    }
+
+    fn snapshot_store(&self) -> Option<Arc<dyn SnapshotStore>> {
+        self.snapshots.lock().unwrap().clone()
+    }
+
+    /// Serves an accepted two-way stream: a message stream (it opens with a
+    /// hello) or a snapshot transfer (it opens with an offer).
+    pub(crate) async fn serve_stream(&self, stream: BoxStream, remote: &str) {
+        let mut reader = tokio::io::BufReader::with_capacity(256 << 10, stream);
+        let first = tokio::time::timeout(
+            self.config.handshake_timeout,
+            frame::read_frame(&mut reader, 64 << 10),
+        )
+        .await;
+        let (kind, body) = match first {
+            Ok(Ok(Some(f))) => f,
+            Ok(Ok(None)) => return,
+            Ok(Err(e)) => {
+                tracing::warn!(node = self.id, remote, reason = %e, "refusing connection");
+                return;
+            }
+            Err(_) => {
+                tracing::warn!(
+                    node = self.id,
+                    remote,
+                    "refusing connection: nothing received in time"
+                );
+                return;
+            }
+        };
+        if kind == frame::KIND_SNAP_OFFER {
+            let Some(store) = self.snapshot_store() else {
+                tracing::warn!(
+                    node = self.id,
+                    remote,
+                    "refusing a snapshot: no snapshot store attached"
+                );
+                return;
+            };
+            if let Err(reason) = snapshot::receive(self, store, &mut reader, &body).await {
+                tracing::warn!(node = self.id, remote, %reason, "snapshot transfer failed");
+            }
+            return;
+        }
+        let hello = frame::decode_hello(kind, &body).and_then(|(from, to)| {
+            if to == self.id {
+                Ok(from)
+            } else {
+                Err(FrameError::Malformed(format!(
+                    "hello from node {from} is for node {to}"
+                )))
+            }
+        });
+        match hello {
+            // Refusals are logged inside.
+            Ok(from) => {
+                let _ = self.batch_loop(reader, remote, from).await;
+            }
+            Err(e) => tracing::warn!(node = self.id, remote, reason = %e, "refusing connection"),
+        }
     }
 
     /// [`raftwork_transport::Transport::send`].
@@ -238,6 +340,7 @@ impl Shared {
     /// breaks a rule, delivering each batch to the inbox. `remote` names the
     /// other end in logs. `Ok` when the stream ended cleanly between frames
     /// (or the transport shut down); `Err` with the logged reason otherwise.
+    #[allow(dead_code)] // the HTTP transport's request bodies
     pub(crate) async fn serve_frames<R: AsyncRead + Unpin>(
         &self,
         mut reader: R,
@@ -245,7 +348,6 @@ impl Shared {
     ) -> Result<(), String> {
         let node = self.id;
         let cfg = &self.config;
-        let mut shutdown = self.shutdown.subscribe();
         let hello = async {
             let (kind, body) = frame::read_frame(&mut reader, 64)
                 .await
@@ -268,6 +370,19 @@ impl Shared {
                 return Err("no hello in time".into());
             }
         };
+        self.batch_loop(reader, remote, from).await
+    }
+
+    /// Delivers batch frames from `from` until the stream ends or breaks a rule.
+    async fn batch_loop<R: AsyncRead + Unpin>(
+        &self,
+        mut reader: R,
+        remote: &str,
+        from: NodeId,
+    ) -> Result<(), String> {
+        let node = self.id;
+        let cfg = &self.config;
+        let mut shutdown = self.shutdown.subscribe();
         loop {
             let next = tokio::select! {
                 f = frame::read_frame(&mut reader, cfg.max_frame_bytes) => f,
@@ -334,6 +449,13 @@ async fn peer_task(
             }
         };
         let (target, generation) = addr.lock().unwrap().clone();
+        if let Some(store) = shared.snapshot_store() {
+            start_snapshot_transfers(&shared, &store, peer, &target, &mut batch);
+            batch.retain(|e| !e.messages.is_empty());
+            if batch.is_empty() {
+                continue;
+            }
+        }
         if sink.as_ref().is_some_and(|(_, g)| *g != generation) {
             sink = None;
         }
@@ -400,6 +522,55 @@ async fn peer_task(
             tracing::debug!(node = shared.id, peer, error = %e, "connection to peer broke");
             sink = None;
             report_all(&batch);
+        }
+    }
+}
+
+/// Takes every data-less `MsgSnapshot` out of `batch` and streams each on a
+/// connection of its own; the outcome is reported to raft as
+/// [`Inbound::SnapshotStatus`].
+fn start_snapshot_transfers(
+    shared: &Arc<Shared>,
+    store: &Arc<dyn SnapshotStore>,
+    peer: NodeId,
+    addr: &str,
+    batch: &mut [Envelope],
+) {
+    for env in batch.iter_mut() {
+        let group = env.group_id;
+        let (snaps, rest): (Vec<_>, Vec<_>) = std::mem::take(&mut env.messages)
+            .into_iter()
+            .partition(|m| {
+                m.get_msg_type() == MessageType::MsgSnapshot && m.get_snapshot().data.is_empty()
+            });
+        env.messages = rest;
+        for msg in snaps {
+            let shared = shared.clone();
+            let store = store.clone();
+            let addr = addr.to_string();
+            tokio::spawn(async move {
+                let index = msg.get_snapshot().get_metadata().index;
+                let outcome = async {
+                    let mut stream = shared
+                        .link
+                        .open_duplex(&addr)
+                        .await
+                        .map_err(|e| e.to_string())?;
+                    snapshot::send(&shared, store, &mut stream, group, peer, &msg).await
+                }
+                .await;
+                match &outcome {
+                    Ok(()) => tracing::info!(node = shared.id, peer, index, "snapshot sent"),
+                    Err(reason) => {
+                        tracing::warn!(node = shared.id, peer, index, %reason, "snapshot transfer failed")
+                    }
+                }
+                let _ = shared.own_inbox.try_send(Inbound::SnapshotStatus {
+                    group_id: group,
+                    to: peer,
+                    ok: outcome.is_ok(),
+                });
+            });
         }
     }
 }

@@ -6,10 +6,11 @@ use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Duration;
 
+use raftwork_storage::SnapshotStore;
 use raftwork_transport::{
     Envelope, Inbox, NodeId, Transport, TransportError, INBOX_CAPACITY_ENVELOPES,
 };
-use tokio::io::{AsyncRead, AsyncWrite, AsyncWriteExt, BufReader};
+use tokio::io::{AsyncRead, AsyncWrite, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream, ToSocketAddrs};
 use tokio::sync::mpsc;
 
@@ -76,6 +77,10 @@ impl Link for TcpLink {
             Ok(Box::new(TcpSink(stream)) as Box<dyn FrameSink>)
         })
     }
+
+    fn open_duplex<'a>(&'a self, addr: &'a str) -> BoxFuture<'a, std::io::Result<BoxStream>> {
+        Box::pin(connect(self.tls.as_ref(), addr))
+    }
 }
 
 /// Raft messages over TCP (optionally TLS): one long-lived connection per
@@ -139,6 +144,14 @@ impl Transport for TcpTransport {
     fn shutdown(&self) {
         self.shared.shutdown()
     }
+
+    fn streams_snapshots(&self) -> bool {
+        true
+    }
+
+    fn attach_snapshots(&self, store: Arc<dyn SnapshotStore>) {
+        self.shared.attach_snapshots(store)
+    }
 }
 
 async fn accept_loop(shared: Arc<Shared>, listener: TcpListener, tls: Option<Tls>) {
@@ -160,12 +173,8 @@ async fn accept_loop(shared: Arc<Shared>, listener: TcpListener, tls: Option<Tls
                         accept(tls.as_ref(), tcp),
                     );
                     match handshake.await {
-                        Ok(Ok(stream)) => {
-                            // Refusals are logged inside.
-                            let _ = shared
-                                .serve_frames(BufReader::with_capacity(256 << 10, stream), &remote)
-                                .await;
-                        }
+                        // Refusals are logged inside.
+                        Ok(Ok(stream)) => shared.serve_stream(stream, &remote).await,
                         Ok(Err(e)) => {
                             tracing::warn!(node = shared.id, remote, reason = %e, "refusing connection: TLS handshake failed")
                         }

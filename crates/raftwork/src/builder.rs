@@ -371,6 +371,7 @@ impl<SM: StateMachine, S: LogStore> Builder<SM, S> {
                 (Box::new(t) as Box<dyn Transport>, inbox)
             }
         };
+        transport.attach_snapshots(snapshots.clone());
         let (sync, sync_thread) = if store.is_volatile() {
             (SyncMode::Inline, None)
         } else {

@@ -463,6 +463,11 @@ impl<SM: StateMachine, S: LogStore> ReadyLoop<SM, S> {
                     self.core.handle_unreachable(to);
                 }
             }
+            Inbound::SnapshotStatus { group_id, to, ok } => {
+                if group_id == self.core.group_id() {
+                    self.core.handle_snapshot_status(to, ok);
+                }
+            }
         }
         Ok(())
     }
@@ -622,8 +627,12 @@ impl<SM: StateMachine, S: LogStore> ReadyLoop<SM, S> {
         let group_id = self.core.group_id();
         // One envelope per peer, messages in raft's order.
         let mut per_peer: Vec<Envelope> = Vec::new();
+        let streams = self.transport.streams_snapshots();
         for mut m in msgs {
-            if m.get_msg_type() == MessageType::MsgSnapshot && !self.fill_snapshot(&mut m) {
+            if m.get_msg_type() == MessageType::MsgSnapshot
+                && !streams
+                && !self.fill_snapshot(&mut m)
+            {
                 continue;
             }
             match per_peer.iter_mut().find(|e| e.to == m.to) {
@@ -643,7 +652,7 @@ impl<SM: StateMachine, S: LogStore> ReadyLoop<SM, S> {
                 .iter()
                 .any(|m| m.get_msg_type() == MessageType::MsgSnapshot);
             self.transport.send(env);
-            if has_snapshot {
+            if has_snapshot && !streams {
                 // The snapshot travels inline and in order with the peer's
                 // other messages, so report it done now: if it was lost, the
                 // peer rejects the next append and raft sends a new one.

@@ -52,6 +52,16 @@ pub enum Inbound {
         /// Peer that could not be reached.
         to: NodeId,
     },
+    /// A snapshot streamed by the transport to `to` was installed there
+    /// (`ok`) or failed. Only from transports that stream snapshots.
+    SnapshotStatus {
+        /// Raft group of the snapshot.
+        group_id: u64,
+        /// Peer it was sent to.
+        to: NodeId,
+        /// True once the peer verified and stored the whole snapshot.
+        ok: bool,
+    },
 }
 
 /// Capacity of a node's inbound queue, in envelopes. A full queue drops;
@@ -103,4 +113,19 @@ pub trait Transport: Send + Sync + 'static {
 
     /// Stops delivering to and from this node.
     fn shutdown(&self) {}
+
+    /// True if this transport streams snapshot data itself: the node then
+    /// sends `MsgSnapshot` with empty data, the transport reads the data from
+    /// the snapshot store, and the receiving side writes it into its own store
+    /// before it delivers the message. It reports the outcome as
+    /// [`Inbound::SnapshotStatus`]. Default: false (data travels inline).
+    fn streams_snapshots(&self) -> bool {
+        false
+    }
+
+    /// Gives a snapshot-streaming transport the node's snapshot store. Called
+    /// once by the node builder before the node starts.
+    fn attach_snapshots(&self, store: std::sync::Arc<dyn raftwork_storage::SnapshotStore>) {
+        let _ = store;
+    }
 }

@@ -67,7 +67,7 @@ pub async fn next_messages(inbox: &mut Inbox, within: Duration) -> Option<Envelo
         loop {
             match inbox.recv().await {
                 Some(Inbound::Messages(env)) => return Some(env),
-                Some(Inbound::Unreachable { .. }) => {}
+                Some(Inbound::Unreachable { .. } | Inbound::SnapshotStatus { .. }) => {}
                 None => return None,
             }
         }

@@ -1,0 +1,371 @@
+//! Snapshot streaming: a snapshot's data goes to a peer on a connection of
+//! its own, in checksummed, compressed chunks, rate-limited in bytes per
+//! second, resumable after a break, and installed only once verified whole.
+//!
+//! ```text
+//!  sender                                   receiver
+//!    ── SnapOffer(from, to, group, MsgSnapshot) ──▶  finds or starts a partial
+//!    ◀──────────── SnapResume(offset) ───────────    snapshot for (from, group)
+//!    ── SnapChunk(offset, codec, raw_len, bytes) ─▶  verify (frame CRC), inflate,
+//!    ── SnapChunk …                              ─▶  append to the store's writer
+//!    ── SnapEnd(size_bytes, crc32c) ─────────────▶  whole size and CRC match?
+//!                                                     commit to the snapshot store,
+//!                                                     then deliver the MsgSnapshot
+//!    ◀──────────── SnapResult(ok, reason) ───────    to raft
+//! ```
+//!
+//! Invariants:
+//! * memory stays flat: the sender holds a couple of chunks (a reader thread
+//!   feeds a channel of two), the receiver one chunk; the data lives in the
+//!   snapshot stores;
+//! * raft sees the `MsgSnapshot` only after the whole snapshot is verified and
+//!   committed to the receiver's store, so the node can always restore it;
+//! * a broken transfer keeps the receiver's partial snapshot (an uncommitted
+//!   store writer) keyed by sender and group; the next offer of the same
+//!   snapshot resumes at the bytes already held. A different snapshot from the
+//!   same sender discards it. Partials live in memory of the process (not
+//!   across a receiver restart).
+
+use std::io::{Read, Write};
+use std::sync::Arc;
+use std::time::Duration;
+
+use protobuf::Message as _;
+use raft::prelude::{Message, MessageType};
+use raftwork_storage::{SnapshotStore, SnapshotWriter};
+use raftwork_transport::{Envelope, Inbound, NodeId};
+use tokio::io::{AsyncRead, AsyncWrite, AsyncWriteExt};
+use tokio::time::Instant;
+
+use crate::frame::{self, FrameError};
+use crate::peer::Shared;
+
+/// A snapshot being received, kept across broken connections.
+pub(crate) struct Partial {
+    index: u64,
+    term: u64,
+    writer: Box<dyn SnapshotWriter>,
+    written_bytes: u64,
+    crc: u32,
+}
+
+const CODEC_RAW: u8 = 0;
+const CODEC_ZSTD: u8 = 1;
+
+/// Paces writes to `rate_bytes_per_sec` (0: no limit).
+struct RateLimiter {
+    rate_bytes_per_sec: u64,
+    start: Instant,
+    sent_bytes: u64,
+}
+
+impl RateLimiter {
+    async fn consume(&mut self, bytes: usize) {
+        if self.rate_bytes_per_sec == 0 {
+            return;
+        }
+        self.sent_bytes += bytes as u64;
+        let due = self.start
+            + Duration::from_secs_f64(self.sent_bytes as f64 / self.rate_bytes_per_sec as f64);
+        tokio::time::sleep_until(due).await;
+    }
+}
+
+fn io(e: impl std::fmt::Display) -> String {
+    e.to_string()
+}
+
+async fn write_frame<S: AsyncWrite + Unpin>(
+    s: &mut S,
+    kind: u8,
+    body: impl FnOnce(&mut Vec<u8>),
+) -> Result<usize, String> {
+    let mut buf = Vec::new();
+    let len = frame::encode_with(&mut buf, kind, body);
+    s.write_all(&buf).await.map_err(io)?;
+    s.flush().await.map_err(io)?;
+    Ok(len)
+}
+
+async fn read_kind<S: AsyncRead + Unpin>(
+    s: &mut S,
+    kind: u8,
+    max: usize,
+) -> Result<bytes::Bytes, String> {
+    match frame::read_frame(s, max).await.map_err(io)? {
+        Some((k, body)) if k == kind => Ok(body),
+        Some((k, _)) => Err(format!("expected frame kind {kind}, got {k}")),
+        None => Err("connection closed".into()),
+    }
+}
+
+/// Sends the snapshot that `msg` (a `MsgSnapshot` without data) announces,
+/// on `stream`, from `store`. `Ok` once the peer verified and stored it.
+pub(crate) async fn send<S: AsyncRead + AsyncWrite + Unpin>(
+    shared: &Shared,
+    store: Arc<dyn SnapshotStore>,
+    stream: &mut S,
+    group: u64,
+    to: NodeId,
+    msg: &Message,
+) -> Result<(), String> {
+    let meta = msg.get_snapshot().get_metadata().clone();
+    let encoded = msg.write_to_bytes().map_err(io)?;
+    write_frame(stream, frame::KIND_SNAP_OFFER, |b| {
+        b.extend_from_slice(&shared.id.to_le_bytes());
+        b.extend_from_slice(&to.to_le_bytes());
+        b.extend_from_slice(&group.to_le_bytes());
+        b.extend_from_slice(&encoded);
+    })
+    .await?;
+    let offset =
+        frame::decode_u64(&read_kind(stream, frame::KIND_SNAP_RESUME, 64).await?).map_err(io)?;
+
+    // A reader thread inflates the stored snapshot and compresses chunks for
+    // the wire; two chunks in flight keep memory flat.
+    let chunk_bytes = shared.config.snapshot_chunk_bytes;
+    let (tx, mut rx) = tokio::sync::mpsc::channel::<Result<(u64, u8, usize, Vec<u8>), String>>(2);
+    let index = meta.index;
+    let reader = tokio::task::spawn_blocking(move || -> Result<(u64, u32), String> {
+        let (info, mut data) = store.open(index).map_err(io)?;
+        if offset > info.size_bytes {
+            return Err(format!(
+                "peer holds {offset} bytes of a {}-byte snapshot",
+                info.size_bytes
+            ));
+        }
+        let mut crc = 0u32;
+        let mut pos = 0u64;
+        let mut buf = vec![0u8; chunk_bytes];
+        loop {
+            let n = read_full(&mut data, &mut buf).map_err(io)?;
+            if n == 0 {
+                break;
+            }
+            crc = crc32c::crc32c_append(crc, &buf[..n]);
+            let end = pos + n as u64;
+            if end > offset {
+                // Only the part past what the peer holds goes out.
+                let from = offset.saturating_sub(pos) as usize;
+                let raw = &buf[from..n];
+                let packed = zstd::bulk::compress(raw, 1).map_err(io)?;
+                let chunk = if packed.len() < raw.len() {
+                    (pos + from as u64, CODEC_ZSTD, raw.len(), packed)
+                } else {
+                    (pos + from as u64, CODEC_RAW, raw.len(), raw.to_vec())
+                };
+                if tx.blocking_send(Ok(chunk)).is_err() {
+                    return Err("sender stopped".into());
+                }
+            }
+            pos = end;
+        }
+        Ok((pos, crc))
+    });
+    let mut limiter = RateLimiter {
+        rate_bytes_per_sec: shared.config.snapshot_rate_bytes_per_sec,
+        start: Instant::now(),
+        sent_bytes: 0,
+    };
+    let mut sent = Ok(());
+    while let Some(chunk) = rx.recv().await {
+        let (at, codec, raw_len, bytes) = match chunk {
+            Ok(c) => c,
+            Err(e) => {
+                sent = Err(e);
+                break;
+            }
+        };
+        let result = write_frame(stream, frame::KIND_SNAP_CHUNK, |b| {
+            b.extend_from_slice(&at.to_le_bytes());
+            b.push(codec);
+            b.extend_from_slice(&(raw_len as u32).to_le_bytes());
+            b.extend_from_slice(&bytes);
+        })
+        .await;
+        match result {
+            Ok(len) => limiter.consume(len).await,
+            Err(e) => {
+                sent = Err(e);
+                break;
+            }
+        }
+    }
+    drop(rx);
+    let (size_bytes, crc) = reader.await.map_err(io)??;
+    sent?;
+    write_frame(stream, frame::KIND_SNAP_END, |b| {
+        b.extend_from_slice(&size_bytes.to_le_bytes());
+        b.extend_from_slice(&crc.to_le_bytes());
+    })
+    .await?;
+    let result = read_kind(stream, frame::KIND_SNAP_RESULT, 64 << 10).await?;
+    match result.first() {
+        Some(1) => Ok(()),
+        _ => Err(format!(
+            "peer refused the snapshot: {}",
+            String::from_utf8_lossy(result.get(1..).unwrap_or_default())
+        )),
+    }
+}
+
+fn read_full(r: &mut dyn Read, buf: &mut [u8]) -> std::io::Result<usize> {
+    let mut n = 0;
+    while n < buf.len() {
+        match r.read(&mut buf[n..])? {
+            0 => break,
+            k => n += k,
+        }
+    }
+    Ok(n)
+}
+
+/// Receives a snapshot offered by `from` on `stream` (the offer frame already
+/// read). Delivers the `MsgSnapshot` to the node only once the data is
+/// verified and committed to the snapshot store.
+pub(crate) async fn receive<S: AsyncRead + AsyncWrite + Unpin>(
+    shared: &Shared,
+    store: Arc<dyn SnapshotStore>,
+    stream: &mut S,
+    offer: &[u8],
+) -> Result<(), String> {
+    let (from, to, group, msg) = frame::decode_snap_offer(offer).map_err(io)?;
+    if to != shared.id
+        || msg.to != shared.id
+        || msg.from != from
+        || msg.get_msg_type() != MessageType::MsgSnapshot
+    {
+        return Err(format!(
+            "snapshot offer {from}→{to} (message {}→{}) at node {}",
+            msg.from, msg.to, shared.id
+        ));
+    }
+    let meta = msg.get_snapshot().get_metadata().clone();
+    if meta.index == 0 {
+        return Err("snapshot offer at index 0".into());
+    }
+    let key = (from, group);
+    let held = shared.partials.lock().unwrap().remove(&key);
+    let mut partial = match held {
+        Some(p) if p.index == meta.index && p.term == meta.term => p,
+        _ => {
+            let writer = store.create(meta.clone()).map_err(io)?;
+            Partial {
+                index: meta.index,
+                term: meta.term,
+                writer,
+                written_bytes: 0,
+                crc: 0,
+            }
+        }
+    };
+    if partial.written_bytes > 0 {
+        tracing::info!(
+            node = shared.id,
+            from,
+            index = meta.index,
+            resume_at = partial.written_bytes,
+            "resuming a snapshot transfer"
+        );
+    }
+    write_frame(stream, frame::KIND_SNAP_RESUME, |b| {
+        b.extend_from_slice(&partial.written_bytes.to_le_bytes())
+    })
+    .await?;
+    let max = shared.config.max_frame_bytes;
+    loop {
+        let next = match frame::read_frame(stream, max).await {
+            Ok(Some(f)) => f,
+            Ok(None) | Err(FrameError::Io(_)) => {
+                // The connection broke: keep what we have for a resume.
+                let at = partial.written_bytes;
+                shared.partials.lock().unwrap().insert(key, partial);
+                return Err(format!("connection broke at byte {at}; kept for a resume"));
+            }
+            Err(e) => return Err(e.to_string()),
+        };
+        match next.0 {
+            frame::KIND_SNAP_CHUNK => {
+                let (offset, codec, raw_len, bytes) =
+                    frame::decode_snap_chunk(&next.1).map_err(io)?;
+                if offset != partial.written_bytes {
+                    return Err(format!(
+                        "chunk at {offset}, expected {}",
+                        partial.written_bytes
+                    ));
+                }
+                if raw_len > max {
+                    return Err(format!("chunk of {raw_len} bytes over the frame limit"));
+                }
+                let raw = match codec {
+                    CODEC_RAW => bytes.to_vec(),
+                    CODEC_ZSTD => zstd::bulk::decompress(&bytes, raw_len)
+                        .map_err(|e| format!("chunk at {offset} does not inflate: {e}"))?,
+                    c => return Err(format!("unknown chunk codec {c}")),
+                };
+                if raw.len() != raw_len {
+                    return Err(format!(
+                        "chunk at {offset} inflates to {} bytes, not {raw_len}",
+                        raw.len()
+                    ));
+                }
+                partial.writer.write_all(&raw).map_err(io)?;
+                partial.crc = crc32c::crc32c_append(partial.crc, &raw);
+                partial.written_bytes += raw_len as u64;
+            }
+            frame::KIND_SNAP_END => {
+                let body = &next.1;
+                let size_bytes = frame::decode_u64(body).map_err(io)?;
+                let crc = body
+                    .get(8..12)
+                    .map(|s| u32::from_le_bytes(s.try_into().unwrap()))
+                    .ok_or("short end frame")?;
+                let verdict = if size_bytes != partial.written_bytes || crc != partial.crc {
+                    Err(format!(
+                        "snapshot {} does not verify: {} bytes (crc {:08x}) received, {size_bytes} (crc {crc:08x}) sent",
+                        meta.index, partial.written_bytes, partial.crc
+                    ))
+                } else {
+                    let writer = partial.writer;
+                    tokio::task::spawn_blocking(move || writer.commit())
+                        .await
+                        .map_err(io)?
+                        .map(|_| ())
+                        .map_err(|e| format!("storing snapshot {}: {e}", meta.index))
+                };
+                let reply = match &verdict {
+                    Ok(()) => {
+                        let env = Envelope {
+                            group_id: group,
+                            from,
+                            to: shared.id,
+                            messages: vec![msg.clone()],
+                        };
+                        if shared.own_inbox.send(Inbound::Messages(env)).await.is_err() {
+                            return Err("node stopped".into());
+                        }
+                        tracing::info!(
+                            node = shared.id,
+                            from,
+                            index = meta.index,
+                            size_bytes,
+                            "snapshot received"
+                        );
+                        vec![1u8]
+                    }
+                    Err(reason) => {
+                        let mut r = vec![0u8];
+                        r.extend_from_slice(reason.as_bytes());
+                        r
+                    }
+                };
+                write_frame(stream, frame::KIND_SNAP_RESULT, |b| {
+                    b.extend_from_slice(&reply)
+                })
+                .await?;
+                return verdict;
+            }
+            k => return Err(format!("unexpected frame kind {k} in a snapshot transfer")),
+        }
+    }
+}
