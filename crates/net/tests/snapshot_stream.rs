@@ -126,9 +126,11 @@ async fn a_cut_transfer_resumes_under_the_rate_limit_and_installs_whole() {
     let store_b = FileSnapshotStore::open(dirs.1.path(), 2, SnapshotCompression::None).unwrap();
 
     // The sender's snapshot, written in 1 MiB pieces.
-    let mut meta = SnapshotMetadata::default();
-    meta.index = 100;
-    meta.term = 3;
+    let mut meta = SnapshotMetadata {
+        index: 100,
+        term: 3,
+        ..Default::default()
+    };
     meta.mut_conf_state().voters = vec![1, 2];
     let mut w = store_a.create(meta).unwrap();
     let mut seed = 0x9e37_79b9_7f4a_7c15u64;
