@@ -17,17 +17,21 @@
 //! * optional TLS or mutual TLS ([`TlsConfig`]).
 //!
 //! Transports: [`TcpTransport`] (tokio, one long-lived connection per peer
-//! and direction).
+//! and direction) and [`HttpTransport`] (the same frames in HTTP/1.1 request
+//! bodies, streamed in one long request or posted a batch at a time, see
+//! [`HttpMode`]).
 
 #![warn(missing_docs)]
 #![forbid(unsafe_code)]
 
 pub mod frame;
+mod http;
 mod peer;
 mod snapshot;
 mod tcp;
 mod tls;
 
+pub use http::{HttpMode, HttpTransport, HTTP_BATCH_PATH, HTTP_STREAM_PATH, STREAM_BODY_CHUNKS};
 pub use peer::{NetConfig, NetError};
 pub use tcp::TcpTransport;
 pub use tls::{TlsConfig, TlsConfigError};
