@@ -16,6 +16,7 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use raftwork_core::{bootstrap, ConfigError, Core, CoreConfig, FatalError, NodeId};
+use raftwork_net::{NetConfig, NetError, TcpTransport};
 use raftwork_storage::{
     FileSnapshotStore, LogStore, MemLogStore, MemSnapshotStore, SnapshotCompression, SnapshotStore,
     StorageError, Wal, WalOptions, WriteBatch,
@@ -105,6 +106,10 @@ pub enum BuildError {
     /// raft-rs refused to start.
     #[error(transparent)]
     Fatal(#[from] FatalError),
+    /// The network transport could not start (address in use, bad TLS
+    /// settings, a malformed peer address).
+    #[error("network: {0}")]
+    Network(String),
     /// The data dir belongs to another node or group. Fix: point this node
     /// at its own data dir.
     #[error("data dir belongs to {found}, not {expected} (see {path})")]
@@ -161,6 +166,16 @@ fn check_identity(dir: &std::path::Path, id: NodeId, group_id: u64) -> Result<()
     }
 }
 
+/// The network transport a builder starts when given a listen address.
+#[derive(Debug, Clone, Default)]
+#[non_exhaustive]
+pub enum TransportKind {
+    /// [`TcpTransport`]: one connection per peer and direction, checksummed
+    /// frames, snapshots streamed on their own connection. The default.
+    #[default]
+    Tcp,
+}
+
 /// Marker: the default storage, the WAL and file snapshots in the data dir.
 pub struct DataDir;
 
@@ -189,9 +204,19 @@ pub struct Builder<SM, S = DataDir> {
     store: S,
     snapshots: Option<Arc<dyn SnapshotStore>>,
     transport: Option<(Box<dyn Transport>, Inbox)>,
+    network: Network,
     initial_voters: Option<Vec<NodeId>>,
     data_dir: PathBuf,
     wal_options: WalOptions,
+}
+
+/// The network the builder starts itself, when no transport is given.
+#[derive(Default)]
+struct Network {
+    listen: Option<std::net::SocketAddr>,
+    peers: Vec<(NodeId, String)>,
+    kind: TransportKind,
+    config: NetConfig,
 }
 
 impl<SM: StateMachine> Builder<SM, DataDir> {
@@ -207,6 +232,7 @@ impl<SM: StateMachine> Builder<SM, DataDir> {
             store: DataDir,
             snapshots: None,
             transport: None,
+            network: Network::default(),
             initial_voters: Some(vec![id]),
             data_dir: PathBuf::from("./raftwork-data"),
             wal_options: WalOptions::default(),
@@ -265,6 +291,7 @@ impl<SM: StateMachine, S> Builder<SM, S> {
             store,
             snapshots: self.snapshots,
             transport: self.transport,
+            network: self.network,
             initial_voters: self.initial_voters,
             data_dir: self.data_dir,
             wal_options: self.wal_options,
@@ -278,9 +305,38 @@ impl<SM: StateMachine, S> Builder<SM, S> {
     }
 
     /// Uses `transport` to reach peers, and `inbox` for what it receives.
-    /// Default: a private in-process network (enough for a single node).
+    /// Overrides [`Builder::listen`].
     pub fn transport(mut self, transport: impl Transport, inbox: Inbox) -> Self {
         self.transport = Some((Box::new(transport), inbox));
+        self
+    }
+
+    /// Listens for peers on `addr` with the selected transport
+    /// ([`TransportKind::Tcp`] unless [`Builder::transport_kind`] says
+    /// otherwise). Without `listen` or `transport`, the node has no network:
+    /// enough for a single node.
+    pub fn listen(mut self, addr: std::net::SocketAddr) -> Self {
+        self.network.listen = Some(addr);
+        self
+    }
+
+    /// Where peer `id` listens (`host:port`). More can be added at run time
+    /// with [`Node::set_peer_address`].
+    pub fn peer(mut self, id: NodeId, address: impl Into<String>) -> Self {
+        self.network.peers.push((id, address.into()));
+        self
+    }
+
+    /// The transport [`Builder::listen`] starts. Default: TCP.
+    pub fn transport_kind(mut self, kind: TransportKind) -> Self {
+        self.network.kind = kind;
+        self
+    }
+
+    /// Settings of the network transport (frame limit, queues, backoff, TLS,
+    /// snapshot rate).
+    pub fn net_config(mut self, config: NetConfig) -> Self {
+        self.network.config = config;
         self
     }
 
@@ -324,6 +380,7 @@ impl<SM: StateMachine, S: LogStore> Builder<SM, S> {
             store,
             snapshots,
             transport,
+            network,
             initial_voters,
             data_dir,
             wal_options: _,
@@ -364,9 +421,27 @@ impl<SM: StateMachine, S: LogStore> Builder<SM, S> {
         let conf_state = raft::Storage::initial_state(&store)
             .map_err(|e| StorageError::Invalid(e.to_string()))?
             .conf_state;
-        let (transport, inbox) = match transport {
-            Some(t) => t,
-            None => {
+        let (transport, inbox) = match (transport, network.listen) {
+            (Some(t), _) => t,
+            (None, Some(listen)) => {
+                let net_err = |e: NetError| BuildError::Network(e.to_string());
+                let (t, inbox) = match network.kind {
+                    TransportKind::Tcp => {
+                        TcpTransport::bind_now(id, listen, network.config).map_err(net_err)?
+                    }
+                };
+                for (peer, address) in &network.peers {
+                    t.set_peer(*peer, address)
+                        .map_err(|e| BuildError::Network(e.to_string()))?;
+                }
+                (Box::new(t) as Box<dyn Transport>, inbox)
+            }
+            (None, None) if !network.peers.is_empty() => {
+                return Err(BuildError::Network(
+                    "peer addresses given but no listen address".into(),
+                ))
+            }
+            (None, None) => {
                 let (t, inbox) = MemNetwork::new().join(id);
                 (Box::new(t) as Box<dyn Transport>, inbox)
             }

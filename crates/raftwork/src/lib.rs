@@ -56,7 +56,7 @@ mod node;
 mod runtime;
 mod state_machine;
 
-pub use builder::{BuildError, Builder, Config, DataDir};
+pub use builder::{BuildError, Builder, Config, DataDir, TransportKind};
 pub use logging::{raft_logger, TracingDrain};
 pub use node::{Node, SnapshotError, WaitError};
 pub use state_machine::{Command, StateMachine};
@@ -66,13 +66,17 @@ pub use raftwork_core::{
     ConfChangeError, ConfigError, CoreConfig, MembershipChange, NodeEvent, NodeId, ProposeError,
     ReadError, Role, Status, TransferError,
 };
+pub use raftwork_net::{NetConfig, TcpTransport, TlsConfig};
 pub use raftwork_storage::{
     FileSnapshotStore, LogStore, MemLogStore, MemSnapshotStore, SnapshotCompression, SnapshotMeta,
     SnapshotStore, StorageError, Wal, WalOptions,
 };
-pub use raftwork_transport::{Envelope, Inbound, Inbox, MemNetwork, MemTransport, Transport};
+pub use raftwork_transport::{
+    Envelope, Inbound, Inbox, MemNetwork, MemTransport, Transport, TransportError,
+};
 
 /// Re-exports of the layer crates, for users who plug in their own parts.
 pub use raftwork_core as core;
+pub use raftwork_net as net;
 pub use raftwork_storage as storage;
 pub use raftwork_transport as transport;

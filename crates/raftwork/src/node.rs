@@ -11,6 +11,7 @@ use raftwork_core::{
     TransferError,
 };
 use raftwork_storage::SnapshotMeta;
+use raftwork_transport::TransportError;
 use tokio::sync::{broadcast, mpsc, oneshot};
 use tokio::task::JoinHandle;
 
@@ -75,6 +76,11 @@ pub(crate) enum Request<SM: StateMachine> {
     },
     Snapshot {
         reply: oneshot::Sender<Result<SnapshotMeta, SnapshotError>>,
+    },
+    SetPeer {
+        id: NodeId,
+        address: String,
+        reply: oneshot::Sender<Result<(), TransportError>>,
     },
     Shutdown,
 }
@@ -262,6 +268,32 @@ impl<SM: StateMachine> Node<SM> {
             return Err(SnapshotError::Shutdown);
         }
         rx.await.unwrap_or(Err(SnapshotError::Shutdown))
+    }
+
+    /// Tells the transport where peer `id` listens (`host:port`), for
+    /// members added at run time. The in-process network ignores it.
+    pub async fn set_peer_address(
+        &self,
+        id: NodeId,
+        address: impl Into<String>,
+    ) -> Result<(), TransportError> {
+        let (reply, rx) = oneshot::channel();
+        let address = address.into();
+        if !self
+            .request(Request::SetPeer {
+                id,
+                address: address.clone(),
+                reply,
+            })
+            .await
+        {
+            return Err(TransportError::InvalidAddress {
+                id,
+                address,
+                reason: "node is shutting down".into(),
+            });
+        }
+        rx.await.unwrap_or(Ok(()))
     }
 
     /// Waits until this node knows a leader, and returns it.

@@ -539,6 +539,9 @@ impl<SM: StateMachine, S: LogStore> ReadyLoop<SM, S> {
                     let _ = reply.send(Err(e));
                 }
             },
+            Request::SetPeer { id, address, reply } => {
+                let _ = reply.send(self.transport.set_peer(id, &address));
+            }
             Request::Snapshot { reply } => {
                 let _ = self.apply_tx.send(ApplyMsg::Snapshot(reply));
             }
