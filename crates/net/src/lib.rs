@@ -20,17 +20,23 @@
 //! and direction) and [`HttpTransport`] (the same frames in HTTP/1.1 request
 //! bodies, streamed in one long request or posted a batch at a time, see
 //! [`HttpMode`]).
+//!
+//! [`GrpcTransport`]: the same frames in gRPC streams (tonic, HTTP/2), one
+//! client-streaming call per peer and a bidirectional call per snapshot
+//! transfer; service `raftwork.Raft` in `proto/raftwork.proto`, no codegen.
 
 #![warn(missing_docs)]
 #![forbid(unsafe_code)]
 
 pub mod frame;
+mod grpc;
 mod http;
 mod peer;
 mod snapshot;
 mod tcp;
 mod tls;
 
+pub use grpc::{GrpcTransport, GRPC_CHUNK_BYTES_MAX, GRPC_SEND_PATH, GRPC_SNAPSHOT_PATH};
 pub use http::{HttpMode, HttpTransport, HTTP_BATCH_PATH, HTTP_STREAM_PATH, STREAM_BODY_CHUNKS};
 pub use peer::{NetConfig, NetError};
 pub use tcp::TcpTransport;
