@@ -105,7 +105,7 @@ pub const GRPC_SEND_PATH: &str = "/raftwork.Raft/Send";
 /// transfer as a two-way byte stream.
 pub const GRPC_SNAPSHOT_PATH: &str = "/raftwork.Raft/Snapshot";
 /// Most data bytes in one `Chunk` message; a longer message is refused
-/// (`RESOURCE_EXHAUSTED`) and ends its call.
+/// (tonic's decoder fails it) and ends its call.
 pub const GRPC_CHUNK_BYTES_MAX: usize = 1 << 20;
 
 /// Largest encoded message accepted: a full chunk plus its protobuf field
@@ -225,20 +225,26 @@ fn chain(e: &(dyn std::error::Error + 'static)) -> String {
     let mut text = e.to_string();
     let mut source = e.source();
     while let Some(s) = source {
-        text.push_str(": ");
-        text.push_str(&s.to_string());
+        // Some errors already print their source.
+        let more = s.to_string();
+        if !text.ends_with(&more) {
+            text.push_str(": ");
+            text.push_str(&more);
+        }
         source = s.source();
     }
     text
 }
 
 fn status_text(status: &Status) -> String {
-    let mut text = format!("{:?}: {}", status.code(), status.message());
-    if let Some(source) = std::error::Error::source(status) {
-        text.push_str(": ");
-        text.push_str(&chain(source));
+    let code = status.code();
+    let message = status.message();
+    match std::error::Error::source(status).map(chain) {
+        // A status made from an error carries that error's text.
+        Some(more) if more.starts_with(message) => format!("{code:?}: {more}"),
+        Some(more) => format!("{code:?}: {message}: {more}"),
+        None => format!("{code:?}: {message}"),
     }
-    text
 }
 
 /// The data of a stream of Chunks, as an [`AsyncRead`]; a failed call is an
@@ -256,14 +262,9 @@ fn chunk_reader(
 /// pipe's write side: at the end of the call, when it fails, or once nobody
 /// reads the pipe.
 async fn pump_in<W: AsyncWrite + Unpin>(mut messages: Streaming<Chunk>, mut pipe: W) {
-    loop {
-        match messages.message().await {
-            Ok(Some(chunk)) => {
-                if pipe.write_all(&chunk.data).await.is_err() {
-                    break;
-                }
-            }
-            Ok(None) | Err(_) => break,
+    while let Ok(Some(chunk)) = messages.message().await {
+        if pipe.write_all(&chunk.data).await.is_err() {
+            break;
         }
     }
     let _ = pipe.shutdown().await;
@@ -487,6 +488,7 @@ impl tonic::server::StreamingService<Chunk> for SnapshotMethod {
     type ResponseStream = ChunkStream;
     type Future = std::future::Ready<Result<Response<ChunkStream>, Status>>;
 
+    #[allow(clippy::result_large_err)] // tonic's Status, in the response stream
     fn call(&mut self, req: Request<Streaming<Chunk>>) -> Self::Future {
         let shared = self.0.clone();
         let remote = remote_of(&req);
