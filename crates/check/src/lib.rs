@@ -170,14 +170,16 @@ impl Search<'_> {
             return true;
         }
         let n = self.ops.len();
-        // The next operation must be called before every pending one returns.
+        // The next operation must not be called after a pending one returned
+        // (an operation that returns at the instant another is called counts
+        // as concurrent with it; a zero-length operation can go next).
         let horizon = (0..n)
             .filter(|&i| !is_set(done, i))
             .map(|i| self.return_times[i])
             .min()
             .unwrap_or(u64::MAX);
         let candidates: Vec<usize> = (0..n)
-            .filter(|&i| !is_set(done, i) && self.ops[i].call_time < horizon)
+            .filter(|&i| !is_set(done, i) && self.ops[i].call_time <= horizon)
             .collect();
         if self.path.len() >= self.best_path.len() {
             self.best_path = self.path.clone();
