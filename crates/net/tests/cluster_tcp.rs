@@ -1,7 +1,7 @@
-//! raftwork clusters over the TCP transport on loopback (plaintext and
-//! mutual TLS): election, replication, follower reads, leader failover,
-//! membership changes, leadership transfer, and catch-up by snapshot after a
-//! restart.
+//! raftwork clusters over the network transports on loopback (TCP plaintext
+//! and mutual TLS, HTTP in both modes): election, replication, follower
+//! reads, leader failover, membership changes, leadership transfer, and
+//! catch-up by snapshot after a restart. One scenario, run per transport.
 
 mod common;
 
@@ -9,11 +9,16 @@ use std::collections::HashMap;
 use std::io::{Read, Write};
 use std::net::SocketAddr;
 use std::path::Path;
+use std::sync::Arc;
 use std::time::Duration;
 
 use common::{init_logging, Ca, WAIT};
+use raftwork::storage::SnapshotStore;
 use raftwork::{Builder, Command, Node, NodeId, Role, StateMachine};
-use raftwork_net::{NetConfig, TcpTransport, Transport};
+use raftwork_net::{
+    Envelope, HttpMode, HttpTransport, Inbox, NetConfig, NetError, TcpTransport, Transport,
+    TransportError,
+};
 
 const TICK: Duration = Duration::from_millis(50);
 
@@ -52,22 +57,95 @@ impl StateMachine for Sum {
     }
 }
 
-struct Member {
-    node: Node<Sum>,
-    transport: TcpTransport,
+/// Which transport a cluster runs on.
+#[derive(Debug, Clone, Copy)]
+enum Kind {
+    Tcp,
+    Http(HttpMode),
 }
 
-struct TcpCluster {
+/// Any of the transports, so one scenario drives them all.
+#[derive(Clone)]
+enum Net {
+    Tcp(TcpTransport),
+    Http(HttpTransport),
+}
+
+impl Net {
+    async fn bind(
+        kind: Kind,
+        id: NodeId,
+        listen: impl tokio::net::ToSocketAddrs + std::fmt::Debug,
+        config: NetConfig,
+    ) -> Result<(Net, Inbox), NetError> {
+        Ok(match kind {
+            Kind::Tcp => {
+                let (t, inbox) = TcpTransport::bind(id, listen, config).await?;
+                (Net::Tcp(t), inbox)
+            }
+            Kind::Http(mode) => {
+                let (t, inbox) = HttpTransport::bind(id, listen, config, mode).await?;
+                (Net::Http(t), inbox)
+            }
+        })
+    }
+
+    fn local_addr(&self) -> SocketAddr {
+        match self {
+            Net::Tcp(t) => t.local_addr(),
+            Net::Http(t) => t.local_addr(),
+        }
+    }
+
+    fn inner(&self) -> &dyn Transport {
+        match self {
+            Net::Tcp(t) => t,
+            Net::Http(t) => t,
+        }
+    }
+}
+
+/// Forwards every method, so each transport keeps its own behaviour
+/// (snapshot streaming included).
+impl Transport for Net {
+    fn send(&self, envelope: Envelope) {
+        self.inner().send(envelope)
+    }
+    fn set_peer(&self, id: NodeId, address: &str) -> Result<(), TransportError> {
+        self.inner().set_peer(id, address)
+    }
+    fn remove_peer(&self, id: NodeId) {
+        self.inner().remove_peer(id)
+    }
+    fn shutdown(&self) {
+        self.inner().shutdown()
+    }
+    fn streams_snapshots(&self) -> bool {
+        self.inner().streams_snapshots()
+    }
+    fn attach_snapshots(&self, store: Arc<dyn SnapshotStore>) {
+        self.inner().attach_snapshots(store)
+    }
+}
+
+struct Member {
+    node: Node<Sum>,
+    transport: Net,
+}
+
+struct Cluster {
+    kind: Kind,
     net: NetConfig,
     addrs: HashMap<NodeId, SocketAddr>,
     members: HashMap<NodeId, Member>,
     dirs: HashMap<NodeId, tempfile::TempDir>,
 }
 
-impl TcpCluster {
-    async fn start(n: u64, net: NetConfig) -> Self {
+impl Cluster {
+    async fn start(n: u64, kind: Kind, net: NetConfig) -> Self {
         init_logging();
-        let mut c = TcpCluster {
+        let mut c = Cluster {
+            kind,
             net,
             addrs: HashMap::new(),
             members: HashMap::new(),
@@ -76,7 +154,7 @@ impl TcpCluster {
         let ids: Vec<NodeId> = (1..=n).collect();
         let mut transports = Vec::new();
         for &id in &ids {
-            let (t, inbox) = TcpTransport::bind(id, "127.0.0.1:0", c.net.clone())
+            let (t, inbox) = Net::bind(kind, id, "127.0.0.1:0", c.net.clone())
                 .await
                 .unwrap();
             c.addrs.insert(id, t.local_addr());
@@ -90,13 +168,7 @@ impl TcpCluster {
         c
     }
 
-    fn build(
-        &self,
-        id: NodeId,
-        t: TcpTransport,
-        inbox: raftwork_net::Inbox,
-        voters: Option<&[NodeId]>,
-    ) -> Node<Sum> {
+    fn build(&self, id: NodeId, t: Net, inbox: Inbox, voters: Option<&[NodeId]>) -> Node<Sum> {
         for (&peer, addr) in &self.addrs {
             if peer != id {
                 t.set_peer(peer, &addr.to_string()).unwrap();
@@ -182,7 +254,7 @@ impl TcpCluster {
     async fn restart(&mut self, id: NodeId) {
         let addr = self.addrs[&id];
         let (t, inbox) = loop {
-            match TcpTransport::bind(id, addr, self.net.clone()).await {
+            match Net::bind(self.kind, id, addr, self.net.clone()).await {
                 Ok(x) => break x,
                 Err(_) => tokio::time::sleep(Duration::from_millis(20)).await,
             }
@@ -223,8 +295,8 @@ impl TcpCluster {
     }
 }
 
-async fn scenario(net: NetConfig) {
-    let mut c = TcpCluster::start(3, net).await;
+async fn scenario(kind: Kind, net: NetConfig) {
+    let mut c = Cluster::start(3, kind, net).await;
     let leader = c.leader().await;
     let last = c.write(leader, 1, 2_000).await;
     c.assert_same_state(last).await;
@@ -245,12 +317,13 @@ async fn scenario(net: NetConfig) {
     assert_ne!(new, old);
     let last = c.write(new, 2_001, 2_600).await;
     // The old leader restarts from its WAL; it is far behind a compacted log
-    // (snapshots every 200 entries), so it catches up by snapshot over TCP.
+    // (snapshots every 200 entries), so it catches up by snapshot over the
+    // network.
     c.restart(old).await;
     c.assert_same_state(last).await;
 
     // Membership: a fourth node joins as a learner, is promoted, then removed.
-    let (t4, inbox4) = TcpTransport::bind(4, "127.0.0.1:0", c.net.clone())
+    let (t4, inbox4) = Net::bind(c.kind, 4, "127.0.0.1:0", c.net.clone())
         .await
         .unwrap();
     c.addrs.insert(4, t4.local_addr());
@@ -301,7 +374,7 @@ async fn scenario(net: NetConfig) {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn three_nodes_over_tcp() {
-    scenario(NetConfig::default()).await;
+    scenario(Kind::Tcp, NetConfig::default()).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -309,9 +382,22 @@ async fn three_nodes_over_mutual_tls() {
     let ca = Ca::new("cluster CA");
     // One certificate for every node is enough here: each names localhost.
     let tls = ca.node_tls(false);
-    scenario(NetConfig {
-        tls: Some(tls),
-        ..Default::default()
-    })
+    scenario(
+        Kind::Tcp,
+        NetConfig {
+            tls: Some(tls),
+            ..Default::default()
+        },
+    )
     .await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn three_nodes_over_http_stream() {
+    scenario(Kind::Http(HttpMode::Stream), NetConfig::default()).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn three_nodes_over_http_short() {
+    scenario(Kind::Http(HttpMode::Short), NetConfig::default()).await;
 }
