@@ -1,0 +1,1106 @@
+//! Deterministic simulation of a raftwork cluster.
+//!
+//! N [`raftwork_core::Core`]s run on one thread in virtual time, driven by one
+//! seed: a simulated network that drops, duplicates, delays (and so
+//! reorders) whole messages and cuts links one way or both; a simulated disk
+//! ([`SimStore`]) where a crash loses what was not synced, possibly tearing
+//! the last write; crashes and restarts. The simulator plays the shell's part
+//! (persist, apply, snapshots and compaction, serving reads) and runs clients
+//! whose reads, writes and compare-and-sets are recorded and checked for
+//! linearizability with [`raftwork_check`].
+//!
+//! Checked at every step: at most one leader per term; the same entry at the
+//! same index on every node; committed entries never change or disappear
+//! (also across restarts); term and vote never go back across a restart.
+//!
+//! The same seed gives the same run, byte for byte: nothing here reads a
+//! clock or an unseeded random source, and iteration orders are fixed. A
+//! failure names its seed; [`SimConfig::seed`] replays it.
+//!
+//! Negative controls ([`Bug`]) break safety on purpose in the simulated shell
+//! to prove the checks can see it.
+
+#![warn(missing_docs)]
+#![forbid(unsafe_code)]
+
+mod store;
+
+use std::cmp::Reverse;
+use std::collections::{BTreeMap, BTreeSet, BinaryHeap};
+
+use raft::prelude::{ConfState, Entry, EntryType, Message, MessageType, SnapshotMetadata};
+use raftwork_check::{Input, Operation, Output};
+use raftwork_core::{is_command, Action, Core, CoreConfig, NodeEvent, ProposeError, RequestId};
+use raftwork_storage::{LogStore, WriteBatch};
+
+pub use store::SimStore;
+
+/// A small deterministic random generator (SplitMix64).
+#[derive(Debug, Clone)]
+pub struct Rng(u64);
+
+impl Rng {
+    /// A generator seeded with `seed`.
+    pub fn new(seed: u64) -> Self {
+        Self(seed)
+    }
+
+    /// The next 64 random bits.
+    pub fn next_u64(&mut self) -> u64 {
+        self.0 = self.0.wrapping_add(0x9e37_79b9_7f4a_7c15);
+        let mut z = self.0;
+        z = (z ^ (z >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
+        z = (z ^ (z >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
+        z ^ (z >> 31)
+    }
+
+    /// Uniform in `0..n` (0 when `n` is 0).
+    pub fn below(&mut self, n: u64) -> u64 {
+        if n == 0 {
+            0
+        } else {
+            self.next_u64() % n
+        }
+    }
+
+    /// True with probability `per_mille / 1000`.
+    pub fn chance(&mut self, per_mille: u64) -> bool {
+        self.below(1000) < per_mille
+    }
+}
+
+/// A deliberate safety bug in the simulated shell (negative controls).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Bug {
+    /// Acknowledge a write as soon as the leader accepts the proposal,
+    /// before it commits.
+    AckBeforeCommit,
+    /// Serve linearizable reads from the local state machine at once,
+    /// without a ReadIndex round.
+    LocalRead,
+}
+
+/// What to simulate.
+#[derive(Debug, Clone)]
+pub struct SimConfig {
+    /// The seed; the whole run follows from it.
+    pub seed: u64,
+    /// Cluster size.
+    pub nodes: u64,
+    /// Virtual time to run, in milliseconds.
+    pub duration_ms: u64,
+    /// Virtual length of a tick.
+    pub tick_ms: u64,
+    /// Concurrent clients.
+    pub clients: u64,
+    /// Keys the clients use (few keys, more conflicts).
+    pub keys: u64,
+    /// Inject crashes, partitions, one-way cuts, drops and duplicates.
+    pub faults: bool,
+    /// A crash may keep part of the last unsynced write.
+    pub torn_writes: bool,
+    /// Snapshot every this many applied entries (0: never).
+    pub snapshot_interval_entries: u64,
+    /// Entries kept behind a snapshot when compacting.
+    pub snapshot_keep_entries: u64,
+    /// A deliberate bug, for negative controls.
+    pub bug: Option<Bug>,
+}
+
+impl Default for SimConfig {
+    fn default() -> Self {
+        Self {
+            seed: 1,
+            nodes: 3,
+            duration_ms: 3_000,
+            tick_ms: 10,
+            clients: 3,
+            keys: 3,
+            faults: true,
+            torn_writes: true,
+            snapshot_interval_entries: 25,
+            snapshot_keep_entries: 5,
+            bug: None,
+        }
+    }
+}
+
+/// A finished run.
+#[derive(Debug, Clone)]
+pub struct Report {
+    /// The seed.
+    pub seed: u64,
+    /// Hash of every event in order: equal for equal runs.
+    pub trace_hash: u64,
+    /// Events processed.
+    pub events: u64,
+    /// Operations in the checked history.
+    pub operations: usize,
+    /// Writes and compare-and-sets acknowledged.
+    pub acknowledged_writes: usize,
+    /// Crashes injected.
+    pub crashes: u64,
+    /// Entries applied, summed over nodes.
+    pub applied_entries: u64,
+    /// Snapshots installed from a leader, summed over nodes.
+    pub snapshots_installed: u64,
+}
+
+/// Why a run failed.
+#[derive(Debug, Clone)]
+pub struct Failure {
+    /// The seed that reproduces it.
+    pub seed: u64,
+    /// Virtual time of the failure, in ms.
+    pub at_ms: u64,
+    /// What broke.
+    pub reason: String,
+}
+
+impl std::fmt::Display for Failure {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(
+            f,
+            "simulation seed {} failed at {} ms: {}\nreplay: RAFTWORK_SIM_SEED={} cargo test -p raftwork-sim --test sim replay -- --nocapture",
+            self.seed, self.at_ms, self.reason, self.seed
+        )
+    }
+}
+
+/// The key-value state machine each node runs.
+type Kv = BTreeMap<u64, u64>;
+
+fn encode_kv(kv: &Kv) -> Vec<u8> {
+    let mut out = Vec::with_capacity(kv.len() * 16);
+    for (k, v) in kv {
+        out.extend_from_slice(&k.to_le_bytes());
+        out.extend_from_slice(&v.to_le_bytes());
+    }
+    out
+}
+
+fn decode_kv(data: &[u8]) -> Kv {
+    data.chunks_exact(16)
+        .map(|c| {
+            (
+                u64::from_le_bytes(c[..8].try_into().unwrap()),
+                u64::from_le_bytes(c[8..].try_into().unwrap()),
+            )
+        })
+        .collect()
+}
+
+/// Command: `[kind][key][a][b]`, kind 1 = write a, 2 = cas (expected a, or
+/// none if a == u64::MAX) to b.
+fn encode_command(input: Input, key: u64) -> Vec<u8> {
+    let (kind, a, b) = match input {
+        Input::Write(v) => (1u8, v, 0),
+        Input::Cas { expected, new } => (2u8, expected.unwrap_or(u64::MAX), new),
+        Input::Read => unreachable!("reads are not proposed"),
+    };
+    let mut out = vec![kind];
+    out.extend_from_slice(&key.to_le_bytes());
+    out.extend_from_slice(&a.to_le_bytes());
+    out.extend_from_slice(&b.to_le_bytes());
+    out
+}
+
+/// Applies a command; returns the CAS outcome (true for writes).
+fn apply_command(kv: &mut Kv, data: &[u8]) -> bool {
+    let key = u64::from_le_bytes(data[1..9].try_into().unwrap());
+    let a = u64::from_le_bytes(data[9..17].try_into().unwrap());
+    let b = u64::from_le_bytes(data[17..25].try_into().unwrap());
+    match data[0] {
+        1 => {
+            kv.insert(key, a);
+            true
+        }
+        2 => {
+            let expected = (a != u64::MAX).then_some(a);
+            if kv.get(&key).copied() == expected {
+                kv.insert(key, b);
+                true
+            } else {
+                false
+            }
+        }
+        k => panic!("unknown command kind {k}"),
+    }
+}
+
+fn fnv(h: &mut u64, x: u64) {
+    for b in x.to_le_bytes() {
+        *h ^= b as u64;
+        *h = h.wrapping_mul(0x100000001b3);
+    }
+}
+
+#[derive(Debug)]
+enum Event {
+    Tick(u64),
+    Deliver {
+        to: u64,
+        msg: Message,
+    },
+    SyncDone {
+        node: u64,
+        incarnation: u64,
+        number: u64,
+        must_sync: bool,
+    },
+    ClientStart(u64),
+    Fault,
+    Restart(u64),
+    Heal,
+}
+
+struct Queued {
+    at: u64,
+    seq: u64,
+    event: Event,
+}
+
+impl PartialEq for Queued {
+    fn eq(&self, o: &Self) -> bool {
+        (self.at, self.seq) == (o.at, o.seq)
+    }
+}
+impl Eq for Queued {}
+impl PartialOrd for Queued {
+    fn partial_cmp(&self, o: &Self) -> Option<std::cmp::Ordering> {
+        Some(self.cmp(o))
+    }
+}
+impl Ord for Queued {
+    fn cmp(&self, o: &Self) -> std::cmp::Ordering {
+        (self.at, self.seq).cmp(&(o.at, o.seq))
+    }
+}
+
+/// A client operation waiting for its outcome.
+struct Waiting {
+    client: u64,
+    op: usize,
+}
+
+struct Node {
+    id: u64,
+    incarnation: u64,
+    core: Option<Core<SimStore>>,
+    store: SimStore,
+    kv: Kv,
+    applied: u64,
+    applied_term: u64,
+    conf_state: ConfState,
+    applied_since_snapshot: u64,
+    /// The node's durable snapshot store: index → (metadata, data).
+    snapshots: BTreeMap<u64, (SnapshotMetadata, Vec<u8>)>,
+    waiting: BTreeMap<RequestId, Waiting>,
+    next_request: RequestId,
+    last_sync_at: u64,
+}
+
+struct Client {
+    leader_hint: Option<u64>,
+}
+
+/// The simulation.
+struct Sim {
+    cfg: SimConfig,
+    rng: Rng,
+    now: u64,
+    seq: u64,
+    queue: BinaryHeap<Reverse<Queued>>,
+    nodes: Vec<Node>,
+    clients: Vec<Client>,
+    history: Vec<Operation>,
+    /// Directed links that drop everything.
+    cut: BTreeSet<(u64, u64)>,
+    drop_per_mille: u64,
+    dup_per_mille: u64,
+    next_value: u64,
+    /// Index → (term, hash of data) of every entry any node applied.
+    committed: BTreeMap<u64, (u64, u64)>,
+    /// Term → the leader some node reported for it.
+    leaders: BTreeMap<u64, u64>,
+    trace: u64,
+    events: u64,
+    crashes: u64,
+    applied_entries: u64,
+    snapshots_installed: u64,
+    logger: slog::Logger,
+}
+
+impl Sim {
+    fn schedule(&mut self, after_ms: u64, event: Event) {
+        self.seq += 1;
+        self.queue.push(Reverse(Queued {
+            at: self.now + after_ms,
+            seq: self.seq,
+            event,
+        }));
+    }
+
+    fn fail(&self, reason: impl Into<String>) -> Failure {
+        Failure {
+            seed: self.cfg.seed,
+            at_ms: self.now,
+            reason: reason.into(),
+        }
+    }
+
+    fn core_config(&mut self, id: u64, applied: u64) -> CoreConfig {
+        CoreConfig {
+            id,
+            applied_index: applied,
+            // The election timeout is drawn from the seed, per incarnation.
+            fixed_election_ticks: Some(10 + self.rng.below(10) as usize),
+            propose_timeout_ticks: 60,
+            read_timeout_ticks: 30,
+            ..CoreConfig::default()
+        }
+    }
+
+    fn start_node(&mut self, k: usize) -> Result<(), Failure> {
+        let id = self.nodes[k].id;
+        // As the builder does: restore from the newest snapshot the log or
+        // the snapshot store knows.
+        let store = self.nodes[k].store.clone();
+        let logged = raft::Storage::snapshot(&store, 0, 0)
+            .map(|s| s.get_metadata().clone())
+            .unwrap_or_default();
+        let stored = self.nodes[k]
+            .snapshots
+            .last_key_value()
+            .map(|(_, v)| v.clone());
+        let mut base = logged.clone();
+        let mut data = None;
+        if let Some((meta, bytes)) = stored {
+            if meta.index > logged.index {
+                let last = raft::Storage::last_index(&store).unwrap();
+                let covered = meta.index <= last
+                    && raft::Storage::term(&store, meta.index).ok() == Some(meta.term);
+                let r = if covered {
+                    store.record_snapshot(meta.clone())
+                } else {
+                    store.stage(WriteBatch {
+                        group_id: 1,
+                        snapshot: Some(meta.clone()),
+                        ..Default::default()
+                    })
+                };
+                r.and_then(|_| store.sync())
+                    .map_err(|e| self.fail(e.to_string()))?;
+                base = meta.clone();
+                data = Some(bytes);
+            } else if meta.index == logged.index {
+                data = Some(bytes);
+            }
+        }
+        if base.index > 0 && data.is_none() {
+            data = self.nodes[k]
+                .snapshots
+                .get(&base.index)
+                .map(|(_, d)| d.clone());
+            if data.is_none() {
+                return Err(self.fail(format!(
+                    "node {id}: the log records snapshot {} but its data is gone",
+                    base.index
+                )));
+            }
+        }
+        let node = &mut self.nodes[k];
+        node.kv = data.as_deref().map(decode_kv).unwrap_or_default();
+        node.applied = base.index;
+        node.applied_term = base.term;
+        node.applied_since_snapshot = 0;
+        node.conf_state = raft::Storage::initial_state(&store).unwrap().conf_state;
+        let cfg = self.core_config(id, base.index);
+        let core = Core::new(cfg, store, &self.logger)
+            .map_err(|e| self.fail(format!("node {id} cannot start: {e}")))?;
+        let node = &mut self.nodes[k];
+        node.core = Some(core);
+        node.incarnation += 1;
+        Ok(())
+    }
+
+    fn run(mut self) -> Result<Report, Failure> {
+        for k in 0..self.nodes.len() {
+            self.start_node(k)?;
+            let phase = self.rng.below(self.cfg.tick_ms);
+            self.schedule(phase + 1, Event::Tick(self.nodes[k].id));
+        }
+        for c in 0..self.cfg.clients {
+            let start = self.rng.below(50);
+            self.schedule(start + 1, Event::ClientStart(c));
+        }
+        if self.cfg.faults {
+            let at = 100 + self.rng.below(300);
+            self.schedule(at, Event::Fault);
+        }
+        while let Some(Reverse(q)) = self.queue.pop() {
+            if q.at > self.cfg.duration_ms {
+                break;
+            }
+            self.now = q.at;
+            self.events += 1;
+            self.handle(q.event)?;
+        }
+        self.finish()
+    }
+
+    fn node_index(&self, id: u64) -> usize {
+        (id - 1) as usize
+    }
+
+    fn handle(&mut self, event: Event) -> Result<(), Failure> {
+        fnv(&mut self.trace, self.now);
+        match event {
+            Event::Tick(id) => {
+                fnv(&mut self.trace, 1 + id * 16);
+                let k = self.node_index(id);
+                if let Some(core) = self.nodes[k].core.as_mut() {
+                    core.handle_tick();
+                    self.drive(k)?;
+                }
+                self.schedule(self.cfg.tick_ms, Event::Tick(id));
+            }
+            Event::Deliver { to, mut msg } => {
+                fnv(
+                    &mut self.trace,
+                    2 + to * 16 + msg.get_msg_type() as u64 * 256,
+                );
+                fnv(&mut self.trace, msg.term * 31 + msg.index);
+                let k = self.node_index(to);
+                if self.nodes[k].core.is_none() {
+                    return Ok(());
+                }
+                if msg.get_msg_type() == MessageType::MsgSnapshot {
+                    // Saved before raft sees it, as the runtime does.
+                    let snap = msg.mut_snapshot();
+                    let meta = snap.get_metadata().clone();
+                    let data = std::mem::take(&mut snap.data).to_vec();
+                    self.nodes[k]
+                        .snapshots
+                        .insert(meta.index, (meta, data.clone()));
+                    snap.data = data.into();
+                }
+                self.nodes[k].core.as_mut().unwrap().handle_message(msg);
+                self.drive(k)?;
+            }
+            Event::SyncDone {
+                node,
+                incarnation,
+                number,
+                must_sync,
+            } => {
+                fnv(&mut self.trace, 3 + node * 16 + number * 256);
+                let k = self.node_index(node);
+                if self.nodes[k].incarnation != incarnation || self.nodes[k].core.is_none() {
+                    return Ok(());
+                }
+                if must_sync {
+                    self.nodes[k]
+                        .store
+                        .sync()
+                        .map_err(|e| self.fail(e.to_string()))?;
+                }
+                self.nodes[k]
+                    .core
+                    .as_mut()
+                    .unwrap()
+                    .handle_persisted(number);
+                self.drive(k)?;
+            }
+            Event::ClientStart(c) => {
+                fnv(&mut self.trace, 4 + c * 16);
+                self.client_start(c)?;
+            }
+            Event::Fault => {
+                fnv(&mut self.trace, 5);
+                self.inject_fault()?;
+                let next = 100 + self.rng.below(400);
+                self.schedule(next, Event::Fault);
+            }
+            Event::Restart(id) => {
+                fnv(&mut self.trace, 6 + id * 16);
+                self.restart(id)?;
+            }
+            Event::Heal => {
+                fnv(&mut self.trace, 7);
+                self.cut.clear();
+            }
+        }
+        Ok(())
+    }
+
+    fn inject_fault(&mut self) -> Result<(), Failure> {
+        let n = self.cfg.nodes;
+        match self.rng.below(6) {
+            0 | 1 => {
+                // Crash a running node, at most a minority at a time.
+                let down = self.nodes.iter().filter(|x| x.core.is_none()).count() as u64;
+                if down < (n - 1) / 2 {
+                    let id = 1 + self.rng.below(n);
+                    if self.nodes[self.node_index(id)].core.is_some() {
+                        self.crash(id)?;
+                        let after = 50 + self.rng.below(500);
+                        self.schedule(after, Event::Restart(id));
+                    }
+                }
+            }
+            2 => {
+                // Split the cluster in two, both ways.
+                let mut side = BTreeSet::new();
+                for id in 1..=n {
+                    if self.rng.below(2) == 0 {
+                        side.insert(id);
+                    }
+                }
+                for a in 1..=n {
+                    for b in 1..=n {
+                        if a != b && side.contains(&a) != side.contains(&b) {
+                            self.cut.insert((a, b));
+                        }
+                    }
+                }
+                let after = 100 + self.rng.below(700);
+                self.schedule(after, Event::Heal);
+            }
+            3 => {
+                // Cut one link one way.
+                let a = 1 + self.rng.below(n);
+                let b = 1 + self.rng.below(n);
+                if a != b {
+                    self.cut.insert((a, b));
+                }
+                let after = 100 + self.rng.below(700);
+                self.schedule(after, Event::Heal);
+            }
+            4 => {
+                self.drop_per_mille = self.rng.below(100);
+                self.dup_per_mille = self.rng.below(50);
+            }
+            _ => self.cut.clear(),
+        }
+        Ok(())
+    }
+
+    fn crash(&mut self, id: u64) -> Result<(), Failure> {
+        let k = self.node_index(id);
+        self.crashes += 1;
+        let synced = self.nodes[k].store.synced_hard_state();
+        let store = self.nodes[k]
+            .store
+            .crash(&mut self.rng, self.cfg.torn_writes);
+        let node = &mut self.nodes[k];
+        node.core = None;
+        node.store = store;
+        // Its clients' operations end without an answer.
+        let waiting = std::mem::take(&mut node.waiting);
+        for (_, w) in waiting {
+            self.finish_op(w, Output::Unknown);
+        }
+        // Term and vote never go back; commit never goes back.
+        let hs = raft::Storage::initial_state(&self.nodes[k].store)
+            .unwrap()
+            .hard_state;
+        if hs.term < synced.term
+            || (hs.term == synced.term && synced.vote != 0 && hs.vote != synced.vote)
+        {
+            return Err(self.fail(format!(
+                "node {id}: hard state went back across a crash: {synced:?} → {hs:?}"
+            )));
+        }
+        if hs.commit < synced.commit {
+            return Err(self.fail(format!(
+                "node {id}: commit went back across a crash: {} → {}",
+                synced.commit, hs.commit
+            )));
+        }
+        Ok(())
+    }
+
+    fn restart(&mut self, id: u64) -> Result<(), Failure> {
+        let k = self.node_index(id);
+        if self.nodes[k].core.is_some() {
+            return Ok(());
+        }
+        self.start_node(k)?;
+        // Committed entries it still holds are the committed ones.
+        let store = self.nodes[k].store.clone();
+        let first = raft::Storage::first_index(&store).unwrap();
+        let last = raft::Storage::last_index(&store).unwrap();
+        let commit = raft::Storage::initial_state(&store)
+            .unwrap()
+            .hard_state
+            .commit;
+        for i in first..=last.min(commit) {
+            let term = raft::Storage::term(&store, i).unwrap();
+            if let Some(&(t, _)) = self.committed.get(&i) {
+                if t != term {
+                    return Err(self.fail(format!("node {id}: committed entry {i} of term {t} became term {term} after restart")));
+                }
+            }
+        }
+        self.drive(k)
+    }
+
+    fn finish_op(&mut self, w: Waiting, output: Output) {
+        let op = &mut self.history[w.op];
+        op.output = output;
+        op.return_time = if output == Output::Unknown {
+            u64::MAX
+        } else {
+            self.now
+        };
+        let next = self.rng.below(20);
+        self.schedule(next, Event::ClientStart(w.client));
+        let _ = w.client;
+    }
+
+    fn client_start(&mut self, c: u64) -> Result<(), Failure> {
+        let n = self.cfg.nodes;
+        let target = match self.clients[c as usize].leader_hint {
+            Some(l) if self.rng.chance(800) => l,
+            _ => 1 + self.rng.below(n),
+        };
+        let k = self.node_index(target);
+        if self.nodes[k].core.is_none() {
+            self.clients[c as usize].leader_hint = None;
+            self.schedule(10, Event::ClientStart(c));
+            return Ok(());
+        }
+        let key = self.rng.below(self.cfg.keys);
+        self.next_value += 1;
+        let value = self.next_value;
+        let input = match self.rng.below(10) {
+            0..=3 => Input::Read,
+            4..=7 => Input::Write(value),
+            _ => {
+                // Expect the value some recent write put there, or none.
+                let expected = self
+                    .history
+                    .iter()
+                    .rev()
+                    .filter(|o| o.key == key)
+                    .find_map(|o| match o.input {
+                        Input::Write(v) => Some(v),
+                        _ => None,
+                    });
+                Input::Cas {
+                    expected,
+                    new: value,
+                }
+            }
+        };
+        let op = self.history.len();
+        self.history.push(Operation {
+            client: c,
+            key,
+            input,
+            output: Output::Unknown,
+            call_time: self.now,
+            return_time: u64::MAX,
+        });
+        let node = &mut self.nodes[k];
+        let id = node.next_request;
+        node.next_request += 1;
+        let core = node.core.as_mut().unwrap();
+        match input {
+            Input::Read => {
+                if self.cfg.bug == Some(Bug::LocalRead) {
+                    let v = node.kv.get(&key).copied();
+                    self.finish_op(Waiting { client: c, op }, Output::Read(v));
+                    return Ok(());
+                }
+                core.handle_read(id);
+                node.waiting.insert(id, Waiting { client: c, op });
+            }
+            _ => match core.handle_propose(id, encode_command(input, key)) {
+                Ok(()) => {
+                    if self.cfg.bug == Some(Bug::AckBeforeCommit)
+                        && core.role() == raftwork_core::Role::Leader
+                    {
+                        let out = match input {
+                            Input::Cas { .. } => Output::Cas(true),
+                            _ => Output::Written,
+                        };
+                        self.finish_op(Waiting { client: c, op }, out);
+                    } else {
+                        node.waiting.insert(id, Waiting { client: c, op });
+                    }
+                }
+                Err(e) => {
+                    if let ProposeError::NotLeader { leader_hint, .. } = e {
+                        self.clients[c as usize].leader_hint = leader_hint;
+                    }
+                    self.end_failed(c, op, &e);
+                }
+            },
+        }
+        self.drive(k)
+    }
+
+    /// A proposal that failed: certainly not applied (drop it from the
+    /// history) or unknown.
+    fn end_failed(&mut self, client: u64, op: usize, e: &ProposeError) {
+        let definite = matches!(
+            e,
+            ProposeError::NotLeader {
+                in_flight: false,
+                ..
+            } | ProposeError::Dropped
+                | ProposeError::TooLarge { .. }
+                | ProposeError::Removed
+        );
+        if definite {
+            self.history[op].output = Output::Read(None); // marker, removed at the end
+            self.history[op].input = Input::Read;
+            self.history[op].return_time = 0;
+            self.history[op].call_time = u64::MAX; // excluded below
+            let next = self.rng.below(20);
+            self.schedule(next + 5, Event::ClientStart(client));
+        } else {
+            self.finish_op(Waiting { client, op }, Output::Unknown);
+        }
+    }
+
+    /// Polls node `k`'s core until it is idle and carries out its actions.
+    fn drive(&mut self, k: usize) -> Result<(), Failure> {
+        loop {
+            let Some(core) = self.nodes[k].core.as_mut() else {
+                return Ok(());
+            };
+            let actions = core.poll().map_err(|e| Failure {
+                seed: self.cfg.seed,
+                at_ms: self.now,
+                reason: format!("node {} fatal: {e}", k + 1),
+            })?;
+            if actions.is_empty() {
+                return Ok(());
+            }
+            for a in actions {
+                self.execute(k, a)?;
+            }
+        }
+    }
+
+    fn execute(&mut self, k: usize, action: Action) -> Result<(), Failure> {
+        let id = self.nodes[k].id;
+        match action {
+            Action::Send(msgs) => {
+                for mut m in msgs {
+                    if m.get_msg_type() == MessageType::MsgSnapshot {
+                        let index = m.get_snapshot().get_metadata().index;
+                        match self.nodes[k].snapshots.get(&index) {
+                            Some((_, data)) => m.mut_snapshot().data = data.clone().into(),
+                            None => {
+                                let to = m.to;
+                                self.nodes[k]
+                                    .core
+                                    .as_mut()
+                                    .unwrap()
+                                    .handle_snapshot_status(to, false);
+                                continue;
+                            }
+                        }
+                        let to = m.to;
+                        self.nodes[k]
+                            .core
+                            .as_mut()
+                            .unwrap()
+                            .handle_snapshot_status(to, true);
+                    }
+                    self.send(id, m);
+                }
+            }
+            Action::Persist { number, must_sync } => {
+                let latency = 1 + self.rng.below(5);
+                let at = (self.now + latency).max(self.nodes[k].last_sync_at);
+                self.nodes[k].last_sync_at = at;
+                let incarnation = self.nodes[k].incarnation;
+                self.schedule(
+                    at - self.now,
+                    Event::SyncDone {
+                        node: id,
+                        incarnation,
+                        number,
+                        must_sync,
+                    },
+                );
+            }
+            Action::RestoreSnapshot(snap) => {
+                self.snapshots_installed += 1;
+                let node = &mut self.nodes[k];
+                let meta = snap.get_metadata();
+                node.kv = decode_kv(&snap.data);
+                node.applied = meta.index;
+                node.applied_term = meta.term;
+                node.conf_state = meta.get_conf_state().clone();
+                node.applied_since_snapshot = 0;
+                let index = meta.index;
+                node.core.as_mut().unwrap().handle_applied(index);
+            }
+            Action::Apply(batch) => self.apply(k, batch)?,
+            Action::ProposalFailed { id: req, error } => {
+                if let Some(w) = self.nodes[k].waiting.remove(&req) {
+                    if let ProposeError::NotLeader { leader_hint, .. } = error {
+                        self.clients[w.client as usize].leader_hint = leader_hint;
+                    }
+                    self.end_failed(w.client, w.op, &error);
+                }
+            }
+            Action::ReadReady { ids, .. } => {
+                for req in ids {
+                    if let Some(w) = self.nodes[k].waiting.remove(&req) {
+                        let key = self.history[w.op].key;
+                        let v = self.nodes[k].kv.get(&key).copied();
+                        self.finish_op(w, Output::Read(v));
+                    }
+                }
+            }
+            Action::ReadFailed { ids, .. } => {
+                for req in ids {
+                    if let Some(w) = self.nodes[k].waiting.remove(&req) {
+                        // A failed read has no effect: leave it out.
+                        let op = &mut self.history[w.op];
+                        op.call_time = u64::MAX;
+                        let next = self.rng.below(20);
+                        self.schedule(next + 5, Event::ClientStart(w.client));
+                    }
+                }
+            }
+            Action::ConfChangeDone { .. }
+            | Action::ConfChangeFailed { .. }
+            | Action::TransferDone { .. }
+            | Action::TransferFailed { .. } => {}
+            Action::Event(NodeEvent::LeaderChanged {
+                leader: Some(leader),
+                term,
+            }) => {
+                match self.leaders.get(&term) {
+                    Some(&l) if l != leader => {
+                        return Err(self.fail(format!(
+                            "two leaders in term {term}: {l} and {leader} (reported by node {id})"
+                        )));
+                    }
+                    _ => {
+                        self.leaders.insert(term, leader);
+                    }
+                }
+                for c in &mut self.clients {
+                    c.leader_hint = Some(leader);
+                }
+            }
+            Action::Event(_) => {}
+        }
+        Ok(())
+    }
+
+    fn send(&mut self, from: u64, m: Message) {
+        let to = m.to;
+        if self.cut.contains(&(from, to)) || self.rng.chance(self.drop_per_mille) {
+            return;
+        }
+        let copies = if self.rng.chance(self.dup_per_mille) {
+            2
+        } else {
+            1
+        };
+        for _ in 0..copies {
+            let delay = 1 + self.rng.below(20);
+            self.schedule(delay, Event::Deliver { to, msg: m.clone() });
+        }
+    }
+
+    fn apply(&mut self, k: usize, batch: raftwork_core::ApplyBatch) -> Result<(), Failure> {
+        let id = self.nodes[k].id;
+        let Some(last) = batch.entries.last() else {
+            return Ok(());
+        };
+        let (last_index, last_term) = (last.index, last.term);
+        let proposals: BTreeMap<u64, RequestId> = batch.proposals.iter().copied().collect();
+        for e in &batch.entries {
+            self.check_committed(id, e)?;
+            self.applied_entries += 1;
+            let node = &mut self.nodes[k];
+            if e.get_entry_type() == EntryType::EntryNormal && is_command(e) {
+                let ok = apply_command(&mut node.kv, &e.data);
+                if let Some(req) = proposals.get(&e.index) {
+                    if let Some(w) = node.waiting.remove(req) {
+                        let out = match self.history[w.op].input {
+                            Input::Cas { .. } => Output::Cas(ok),
+                            _ => Output::Written,
+                        };
+                        self.finish_op(w, out);
+                    }
+                }
+            }
+        }
+        let node = &mut self.nodes[k];
+        if let Some(cs) = batch.conf_state {
+            node.conf_state = cs;
+        }
+        node.applied = last_index;
+        node.applied_term = last_term;
+        node.applied_since_snapshot += batch.entries.len() as u64;
+        node.core.as_mut().unwrap().handle_applied(last_index);
+        if self.cfg.snapshot_interval_entries > 0
+            && node.applied_since_snapshot >= self.cfg.snapshot_interval_entries
+        {
+            // As the runtime's apply task does: snapshot, record, compact.
+            node.applied_since_snapshot = 0;
+            let mut meta = SnapshotMetadata {
+                index: node.applied,
+                term: node.applied_term,
+                ..Default::default()
+            };
+            meta.set_conf_state(node.conf_state.clone());
+            node.snapshots
+                .insert(meta.index, (meta.clone(), encode_kv(&node.kv)));
+            while node.snapshots.len() > 2 {
+                node.snapshots.pop_first();
+            }
+            let compact_to = (node.applied + 1).saturating_sub(self.cfg.snapshot_keep_entries);
+            let first = raft::Storage::first_index(&node.store).unwrap();
+            let result = node.store.record_snapshot(meta).and_then(|_| {
+                if compact_to > first {
+                    node.store.compact(compact_to)
+                } else {
+                    Ok(())
+                }
+            });
+            result.map_err(|e| self.fail(e.to_string()))?;
+        }
+        Ok(())
+    }
+
+    fn check_committed(&mut self, node: u64, e: &Entry) -> Result<(), Failure> {
+        let mut h = 0xcbf2_9ce4_8422_2325u64;
+        for b in e.data.iter().chain(e.context.iter()) {
+            fnv(&mut h, *b as u64);
+        }
+        match self.committed.get(&e.index) {
+            Some(&(t, hash)) if (t, hash) != (e.term, h) => Err(self.fail(format!(
+                "node {node} applied entry {} of term {} but another node applied term {t} there",
+                e.index, e.term
+            ))),
+            Some(_) => Ok(()),
+            None => {
+                self.committed.insert(e.index, (e.term, h));
+                Ok(())
+            }
+        }
+    }
+
+    fn finish(mut self) -> Result<Report, Failure> {
+        // Operations still waiting end unknown.
+        for k in 0..self.nodes.len() {
+            let waiting = std::mem::take(&mut self.nodes[k].waiting);
+            for (_, w) in waiting {
+                let op = &mut self.history[w.op];
+                op.output = Output::Unknown;
+                op.return_time = u64::MAX;
+            }
+        }
+        let history: Vec<Operation> = self
+            .history
+            .into_iter()
+            .filter(|o| o.call_time != u64::MAX)
+            // Reads without an answer tell nothing.
+            .filter(|o| !(o.input == Input::Read && o.output == Output::Unknown))
+            .collect();
+        let acknowledged_writes = history
+            .iter()
+            .filter(|o| matches!(o.output, Output::Written | Output::Cas(_)))
+            .count();
+        if let Err(v) = raftwork_check::check(&history) {
+            let mut of_key: Vec<&Operation> = history.iter().filter(|o| o.key == v.key).collect();
+            of_key.sort_by_key(|o| o.call_time);
+            let listing: String = of_key
+                .iter()
+                .take(80)
+                .map(|o| {
+                    format!(
+                        "  client {} {:?} -> {:?} [{}, {}]\n",
+                        o.client, o.input, o.output, o.call_time, o.return_time
+                    )
+                })
+                .collect();
+            return Err(Failure {
+                seed: self.cfg.seed,
+                at_ms: self.now,
+                reason: format!(
+                    "history of {} operations is not linearizable:\n{v}\noperations on key {} by call time:\n{listing}",
+                    history.len(),
+                    v.key
+                ),
+            });
+        }
+        Ok(Report {
+            seed: self.cfg.seed,
+            trace_hash: self.trace,
+            events: self.events,
+            operations: history.len(),
+            acknowledged_writes,
+            crashes: self.crashes,
+            applied_entries: self.applied_entries,
+            snapshots_installed: self.snapshots_installed,
+        })
+    }
+}
+
+/// Runs one simulation.
+pub fn run(cfg: &SimConfig) -> Result<Report, Failure> {
+    assert!(cfg.nodes >= 1 && cfg.tick_ms >= 1 && cfg.keys >= 1);
+    let mut rng = Rng::new(cfg.seed);
+    let voters: Vec<u64> = (1..=cfg.nodes).collect();
+    let mut nodes = Vec::new();
+    for &id in &voters {
+        let store = SimStore::new();
+        raftwork_core::bootstrap(&store, 1, &voters).expect("bootstrap on a simulated disk");
+        nodes.push(Node {
+            id,
+            incarnation: 0,
+            core: None,
+            store,
+            kv: Kv::new(),
+            applied: 0,
+            applied_term: 0,
+            conf_state: ConfState::default(),
+            applied_since_snapshot: 0,
+            snapshots: BTreeMap::new(),
+            waiting: BTreeMap::new(),
+            next_request: 1,
+            last_sync_at: 0,
+        });
+    }
+    let clients = (0..cfg.clients)
+        .map(|_| Client { leader_hint: None })
+        .collect();
+    let trace = rng.next_u64();
+    let sim = Sim {
+        cfg: cfg.clone(),
+        rng,
+        now: 0,
+        seq: 0,
+        queue: BinaryHeap::new(),
+        nodes,
+        clients,
+        history: Vec::new(),
+        cut: BTreeSet::new(),
+        drop_per_mille: if cfg.faults { 20 } else { 0 },
+        dup_per_mille: if cfg.faults { 20 } else { 0 },
+        next_value: 0,
+        committed: BTreeMap::new(),
+        leaders: BTreeMap::new(),
+        trace,
+        events: 0,
+        crashes: 0,
+        applied_entries: 0,
+        snapshots_installed: 0,
+        logger: slog::Logger::root(slog::Discard, slog::o!()),
+    };
+    sim.run()
+}
