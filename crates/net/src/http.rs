@@ -29,6 +29,16 @@
 //!   [hello][batch][batch]…  ─────────────────────────────────────▶ serve_frames
 //!                  ◀── 200 once every batch is in the inbox | 400 + reason | 503
 //!
+//! Snapshots (both modes; when the node attached its snapshot store): each
+//! transfer on a connection of its own, upgraded to a raw two-way stream that
+//! carries the snapshot frames of `snapshot.rs`, as on TCP.
+//!
+//!   POST /raft/v1/snapshot HTTP/1.1
+//!   connection: upgrade
+//!   upgrade: raftwork-snapshot/1
+//!                  ◀── 101 Switching Protocols (then: offer ▶ ◀ resume,
+//!                      chunks ▶, end ▶ ◀ result; Shared::serve_stream)
+//!
 //! Anything else ◀── 404.
 //! ```
 //!
@@ -58,6 +68,9 @@
 //! * **Bounds.** Every frame of a request body is bounded by
 //!   `max_frame_bytes` and checked by `serve_frames`; request heads by
 //!   hyper's buffer limits and `handshake_timeout`; no input panics.
+//! * **Snapshots** go on a connection of their own (an upgraded request), so
+//!   a big snapshot never holds up the messages to its peer; after the
+//!   upgrade, `Shared::serve_stream` checks every frame as on TCP.
 //! * **Idle connections.** The server closes a connection that sends no
 //!   request head within `handshake_timeout`, including an idle kept-alive
 //!   one. A short sink therefore redials before sending on a connection that
@@ -74,12 +87,13 @@ use std::task::{ready, Context, Poll};
 use std::time::Duration;
 
 use bytes::{Bytes, BytesMut};
-use http_body_util::{BodyExt, Full, Limited};
+use http_body_util::{BodyExt, Empty, Full, Limited};
 use hyper::body::{Body, Frame, Incoming};
 use hyper::client::conn::http1::SendRequest;
-use hyper::header::{HeaderValue, CONTENT_TYPE, HOST};
+use hyper::header::{HeaderValue, CONNECTION, CONTENT_TYPE, HOST, UPGRADE};
 use hyper::{Method, Request, Response, StatusCode};
 use hyper_util::rt::{TokioIo, TokioTimer};
+use raftwork_storage::SnapshotStore;
 use raftwork_transport::{
     Envelope, Inbox, NodeId, Transport, TransportError, INBOX_CAPACITY_ENVELOPES,
 };
@@ -99,6 +113,11 @@ use crate::tls::Tls;
 pub const HTTP_STREAM_PATH: &str = "/raft/v1/stream";
 /// Route of the short mode: one request per batch of frames (hello first).
 pub const HTTP_BATCH_PATH: &str = "/raft/v1/batch";
+
+/// Route of a snapshot transfer: a request upgraded to a two-way stream.
+pub const HTTP_SNAPSHOT_PATH: &str = "/raft/v1/snapshot";
+/// The `upgrade` protocol token of a snapshot transfer.
+const SNAPSHOT_PROTOCOL: &str = "raftwork-snapshot/1";
 
 /// Sends a stream sink may have accepted into its request body before hyper
 /// takes them (the sink's send waits beyond that, like a full socket).
@@ -234,6 +253,14 @@ impl Transport for HttpTransport {
     fn shutdown(&self) {
         self.shared.shutdown()
     }
+
+    fn streams_snapshots(&self) -> bool {
+        true
+    }
+
+    fn attach_snapshots(&self, store: Arc<dyn SnapshotStore>) {
+        self.shared.attach_snapshots(store)
+    }
 }
 
 // ---------------------------------------------------------------- server
@@ -298,7 +325,8 @@ async fn serve_connection(shared: Arc<Shared>, stream: BoxStream, remote: String
     let conn = hyper::server::conn::http1::Builder::new()
         .timer(TokioTimer::new())
         .header_read_timeout(shared.config.handshake_timeout)
-        .serve_connection(TokioIo::new(stream), service);
+        .serve_connection(TokioIo::new(stream), service)
+        .with_upgrades();
     let mut conn = std::pin::pin!(conn);
     let mut shutdown = shared.shutdown.subscribe();
     tokio::select! {
@@ -317,9 +345,16 @@ async fn serve_connection(shared: Arc<Shared>, stream: BoxStream, remote: String
 }
 
 /// Answers one request.
-async fn answer(shared: &Shared, req: Request<Incoming>, remote: &str) -> Response<Full<Bytes>> {
+async fn answer(
+    shared: &Arc<Shared>,
+    req: Request<Incoming>,
+    remote: &str,
+) -> Response<Full<Bytes>> {
     let route_ok = req.method() == Method::POST
-        && matches!(req.uri().path(), HTTP_STREAM_PATH | HTTP_BATCH_PATH);
+        && matches!(
+            req.uri().path(),
+            HTTP_STREAM_PATH | HTTP_BATCH_PATH | HTTP_SNAPSHOT_PATH
+        );
     if !route_ok {
         tracing::debug!(node = shared.id, remote, method = %req.method(), path = req.uri().path(), "no such route");
         return respond(StatusCode::NOT_FOUND, "not found");
@@ -327,6 +362,9 @@ async fn answer(shared: &Shared, req: Request<Incoming>, remote: &str) -> Respon
     let shutting_down = || *shared.shutdown.borrow();
     if shutting_down() {
         return respond(StatusCode::SERVICE_UNAVAILABLE, "shutting down");
+    }
+    if req.uri().path() == HTTP_SNAPSHOT_PATH {
+        return upgrade_for_snapshot(shared, req, remote);
     }
     // Both routes carry the same bytes: a hello, then batches. The stream
     // route's body just ends much later.
@@ -343,6 +381,47 @@ async fn answer(shared: &Shared, req: Request<Incoming>, remote: &str) -> Respon
         Ok(()) => respond(StatusCode::OK, ""),
         Err(reason) => respond(StatusCode::BAD_REQUEST, reason),
     }
+}
+
+/// Answers 101 to a snapshot request and, once the connection is upgraded,
+/// serves it as a raw two-way stream (`Shared::serve_stream`, which expects
+/// a snapshot offer or a hello, and validates everything).
+fn upgrade_for_snapshot(
+    shared: &Arc<Shared>,
+    mut req: Request<Incoming>,
+    remote: &str,
+) -> Response<Full<Bytes>> {
+    let asks_upgrade = req.headers().get(UPGRADE).is_some_and(|v| {
+        v.as_bytes()
+            .eq_ignore_ascii_case(SNAPSHOT_PROTOCOL.as_bytes())
+    });
+    if !asks_upgrade {
+        return respond(
+            StatusCode::BAD_REQUEST,
+            format!("expected upgrade: {SNAPSHOT_PROTOCOL}"),
+        );
+    }
+    let upgrade = hyper::upgrade::on(&mut req);
+    let shared = shared.clone();
+    let remote = remote.to_string();
+    tokio::spawn(async move {
+        match upgrade.await {
+            Ok(upgraded) => {
+                shared
+                    .serve_stream(Box::new(TokioIo::new(upgraded)), &remote)
+                    .await
+            }
+            Err(e) => {
+                tracing::warn!(node = shared.id, remote, error = %e, "snapshot upgrade failed")
+            }
+        }
+    });
+    let mut r = respond(StatusCode::SWITCHING_PROTOCOLS, "");
+    r.headers_mut()
+        .insert(CONNECTION, HeaderValue::from_static("upgrade"));
+    r.headers_mut()
+        .insert(UPGRADE, HeaderValue::from_static(SNAPSHOT_PROTOCOL));
+    r
 }
 
 fn respond(status: StatusCode, text: impl Into<String>) -> Response<Full<Bytes>> {
@@ -528,6 +607,38 @@ impl LinkInner {
     }
 }
 
+impl LinkInner {
+    /// Opens a snapshot transfer: a new connection whose request is upgraded
+    /// to a raw two-way stream.
+    async fn open_snapshot(&self, addr: &str) -> io::Result<BoxStream> {
+        let stream = tcp::connect(self.tls.as_ref(), addr).await?;
+        let (mut sender, conn) =
+            hyper::client::conn::http1::handshake::<_, Empty<Bytes>>(TokioIo::new(stream))
+                .await
+                .map_err(io::Error::other)?;
+        tokio::spawn(async move {
+            let _ = conn.with_upgrades().await;
+        });
+        let req = Request::builder()
+            .method(Method::POST)
+            .uri(HTTP_SNAPSHOT_PATH)
+            .header(HOST, addr)
+            .header(CONNECTION, "upgrade")
+            .header(UPGRADE, SNAPSHOT_PROTOCOL)
+            .body(Empty::new())
+            .map_err(|e| io::Error::new(io::ErrorKind::InvalidInput, e))?;
+        let resp = sender.send_request(req).await.map_err(io::Error::other)?;
+        if resp.status() != StatusCode::SWITCHING_PROTOCOLS {
+            let (status, text) = answer_text(resp).await;
+            return Err(io::Error::other(format!(
+                "peer refused the snapshot upgrade: {status} {text}"
+            )));
+        }
+        let upgraded = hyper::upgrade::on(resp).await.map_err(io::Error::other)?;
+        Ok(Box::new(TokioIo::new(upgraded)))
+    }
+}
+
 impl Link for HttpLink {
     fn open<'a>(
         &'a self,
@@ -542,6 +653,16 @@ impl Link for HttpLink {
                 }
                 HttpMode::Short => Box::new(ShortSink::open(self.0.clone(), from, to, addr).await?),
             })
+        })
+    }
+
+    fn open_duplex<'a>(&'a self, addr: &'a str) -> BoxFuture<'a, io::Result<BoxStream>> {
+        Box::pin(async move {
+            tokio::time::timeout(self.0.connect_timeout, self.0.open_snapshot(addr))
+                .await
+                .map_err(|_| {
+                    io::Error::new(io::ErrorKind::TimedOut, "snapshot upgrade timed out")
+                })?
         })
     }
 }

@@ -37,7 +37,10 @@ mod tcp;
 mod tls;
 
 pub use grpc::{GrpcTransport, GRPC_CHUNK_BYTES_MAX, GRPC_SEND_PATH, GRPC_SNAPSHOT_PATH};
-pub use http::{HttpMode, HttpTransport, HTTP_BATCH_PATH, HTTP_STREAM_PATH, STREAM_BODY_CHUNKS};
+pub use http::{
+    HttpMode, HttpTransport, HTTP_BATCH_PATH, HTTP_SNAPSHOT_PATH, HTTP_STREAM_PATH,
+    STREAM_BODY_CHUNKS,
+};
 pub use peer::{NetConfig, NetError};
 pub use tcp::TcpTransport;
 pub use tls::{TlsConfig, TlsConfigError};

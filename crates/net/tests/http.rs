@@ -1,18 +1,22 @@
 //! The HTTP transport on loopback, in both modes: delivery in order (also
 //! across a redial), unreachable reports and resumption across a peer's
 //! restart, broken streams, idle kept-alive connections, malformed requests,
-//! and TLS.
+//! TLS, and snapshots streamed on upgraded connections.
 
 mod common;
 
+use std::io::{Read, Write};
 use std::net::SocketAddr;
+use std::sync::Arc;
 use std::time::Duration;
 
 use common::*;
+use raft::prelude::{Message, MessageType, SnapshotMetadata};
 use raftwork_net::{
-    frame, HttpMode, HttpTransport, Inbox, NetConfig, TlsConfig, Transport, HTTP_BATCH_PATH,
-    HTTP_STREAM_PATH,
+    frame, Envelope, HttpMode, HttpTransport, Inbound, Inbox, NetConfig, TlsConfig, Transport,
+    HTTP_BATCH_PATH, HTTP_SNAPSHOT_PATH, HTTP_STREAM_PATH,
 };
+use raftwork_storage::{FileSnapshotStore, SnapshotCompression, SnapshotStore};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
 
@@ -419,6 +423,20 @@ async fn malformed_requests_are_refused_and_the_node_keeps_serving() {
     .await
     .unwrap();
     assert_eq!(status(&reply), Some(404), "{reply}");
+    // The snapshot route wants an upgrade; upgraded, it still checks frames.
+    let reply = raw(addr, &post(HTTP_SNAPSHOT_PATH, b"")).await.unwrap();
+    assert_eq!(status(&reply), Some(400), "{reply}");
+    let reply = raw(
+        addr,
+        format!(
+            "POST {HTTP_SNAPSHOT_PATH} HTTP/1.1\r\nhost: t\r\nconnection: upgrade\r\n\
+             upgrade: raftwork-snapshot/1\r\n\r\n\x07garbage after the upgrade"
+        )
+        .as_bytes(),
+    )
+    .await
+    .expect("upgraded stream closed");
+    assert_eq!(status(&reply), Some(101), "{reply}");
     let reply = raw(addr, b"\x00\x01\x02 not http at all\r\n\r\n")
         .await
         .expect("closed");
@@ -482,4 +500,102 @@ async fn plaintext_and_foreign_certificates_are_refused_by_a_tls_port() {
             .is_none(),
         "nothing from the refused nodes was delivered"
     );
+}
+
+// ------------------------------------------------------------- snapshots
+
+fn snapshot_message(index: u64, term: u64) -> Message {
+    let mut m = Message::default();
+    m.set_msg_type(MessageType::MsgSnapshot);
+    m.from = 1;
+    m.to = 2;
+    m.term = term;
+    let meta = m.mut_snapshot().mut_metadata();
+    meta.index = index;
+    meta.term = term;
+    meta.mut_conf_state().voters = vec![1, 2];
+    m
+}
+
+fn stored_crc(store: &FileSnapshotStore, index: u64) -> (u64, u32) {
+    let (info, mut reader) = store.open(index).unwrap();
+    let mut crc = 0u32;
+    let mut buf = vec![0u8; 1 << 20];
+    loop {
+        let n = reader.read(&mut buf).unwrap();
+        if n == 0 {
+            break;
+        }
+        crc = crc32c::crc32c_append(crc, &buf[..n]);
+    }
+    (info.size_bytes, crc)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn snapshots_stream_on_an_upgraded_connection_in_both_modes() {
+    init_logging();
+    for (k, mode) in MODES.into_iter().enumerate() {
+        let index = 100 + k as u64;
+        let dirs = (tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap());
+        let store_a = FileSnapshotStore::open(dirs.0.path(), 2, SnapshotCompression::None).unwrap();
+        let store_b = FileSnapshotStore::open(dirs.1.path(), 2, SnapshotCompression::None).unwrap();
+        // 3 MiB of pseudo-random bytes and a tail that ends mid-chunk.
+        let mut meta = SnapshotMetadata {
+            index,
+            term: 3,
+            ..Default::default()
+        };
+        meta.mut_conf_state().voters = vec![1, 2];
+        let mut w = store_a.create(meta).unwrap();
+        let mut seed = 0x9e37_79b9_7f4a_7c15u64;
+        let mut data = vec![0u8; (3 << 20) + 12_345];
+        for chunk in data.chunks_mut(8) {
+            seed ^= seed << 13;
+            seed ^= seed >> 7;
+            seed ^= seed << 17;
+            chunk.copy_from_slice(&seed.to_le_bytes()[..chunk.len()]);
+        }
+        w.write_all(&data).unwrap();
+        w.commit().unwrap();
+        let want = stored_crc(&store_a, index);
+
+        let net = NetConfig {
+            snapshot_chunk_bytes: 700 << 10,
+            ..Default::default()
+        };
+        let (a, mut inbox_a) = bind(1, mode, net.clone()).await;
+        let (b, mut inbox_b) = bind(2, mode, net).await;
+        a.attach_snapshots(Arc::new(store_a));
+        b.attach_snapshots(Arc::new(store_b.clone()));
+        assert!(a.streams_snapshots() && b.streams_snapshots());
+        a.set_peer(2, &b.local_addr().to_string()).unwrap();
+        a.send(Envelope {
+            group_id: 1,
+            from: 1,
+            to: 2,
+            messages: vec![snapshot_message(index, 3)],
+        });
+
+        // Raft hears of the snapshot only once the store holds it whole.
+        let delivered = next_messages(&mut inbox_b, WAIT * 2)
+            .await
+            .expect("the snapshot message is delivered");
+        assert_eq!(stored_crc(&store_b, index), want, "{mode:?}: same bytes");
+        let m = &delivered.messages[0];
+        assert_eq!(m.get_msg_type(), MessageType::MsgSnapshot);
+        assert_eq!(m.get_snapshot().get_metadata().index, index);
+        assert!(m.get_snapshot().data.is_empty(), "data went by stream");
+
+        let ok = tokio::time::timeout(WAIT, async {
+            loop {
+                if let Some(Inbound::SnapshotStatus { ok, to, .. }) = inbox_a.recv().await {
+                    assert_eq!(to, 2);
+                    return ok;
+                }
+            }
+        })
+        .await
+        .expect("a snapshot outcome is reported");
+        assert!(ok, "{mode:?}: the transfer is reported done");
+    }
 }
