@@ -61,12 +61,15 @@
 //!   succeeded just before a break may be lost (they sat in the request
 //!   channel, tonic's or h2's buffers or the kernel's); raft retransmits.
 //! * **Bounds.** Every frame is bounded by `max_frame_bytes` and checked by
-//!   `serve_frames`; every message by [`GRPC_CHUNK_BYTES_MAX`]; TLS by
-//!   `handshake_timeout`; no input panics. One connection per call: message
+//!   `serve_frames`; every message by [`GRPC_CHUNK_BYTES_MAX`]; the TLS
+//!   handshake, the first bytes after it and the hello each by
+//!   `handshake_timeout`; no input panics. HTTP/2 pings (every 30 s, 20 s to
+//!   answer) close connections to peers that went silent with calls open. One connection per call: message
 //!   traffic and each snapshot transfer have a connection of their own, as
 //!   with TCP, so a snapshot never holds up heartbeats.
 
 use std::collections::HashMap;
+use std::future::Future;
 use std::io;
 use std::net::SocketAddr;
 use std::pin::Pin;
@@ -120,6 +123,11 @@ const PIPE_BYTES: usize = 256 << 10;
 const _: () = assert!(PIPE_BYTES <= GRPC_CHUNK_BYTES_MAX);
 /// Accepted connections (TLS done) waiting for the HTTP/2 server.
 const ACCEPTED_QUEUED: usize = 64;
+/// HTTP/2 pings on connections with calls open, both ways: a peer that
+/// stops answering them (a dead host, a half-open connection) fails its
+/// calls within interval + timeout, where TCP alone could wait minutes.
+const KEEPALIVE_INTERVAL: Duration = Duration::from_secs(30);
+const KEEPALIVE_TIMEOUT: Duration = Duration::from_secs(20);
 
 /// `message Chunk { bytes data = 1; }`: a piece of a byte stream.
 #[derive(Clone, PartialEq, prost::Message)]
@@ -272,10 +280,13 @@ async fn pump_in<W: AsyncWrite + Unpin>(mut messages: Streaming<Chunk>, mut pipe
 
 // ---------------------------------------------------------------- server
 
-/// An accepted connection, TLS done, with the address it came from.
+/// An accepted connection, TLS done, with the address it came from. Until
+/// its first bytes arrive, reading it fails once `first_bytes_by` passes:
+/// hyper waits for the HTTP/2 preface without a deadline of its own.
 struct Accepted {
     stream: BoxStream,
     remote: SocketAddr,
+    first_bytes_by: Option<Pin<Box<tokio::time::Sleep>>>,
 }
 
 /// The peer address of the connection a request came on (a request
@@ -297,7 +308,27 @@ impl AsyncRead for Accepted {
         cx: &mut Context<'_>,
         buf: &mut ReadBuf<'_>,
     ) -> Poll<io::Result<()>> {
-        Pin::new(&mut self.stream).poll_read(cx, buf)
+        let before = buf.filled().len();
+        let read = Pin::new(&mut self.stream).poll_read(cx, buf);
+        if self.first_bytes_by.is_some() {
+            if matches!(read, Poll::Ready(Ok(()))) && buf.filled().len() > before {
+                self.first_bytes_by = None;
+            } else if read.is_pending()
+                && self
+                    .first_bytes_by
+                    .as_mut()
+                    .unwrap()
+                    .as_mut()
+                    .poll(cx)
+                    .is_ready()
+            {
+                return Poll::Ready(Err(io::Error::new(
+                    io::ErrorKind::TimedOut,
+                    "nothing received in time",
+                )));
+            }
+        }
+        read
     }
 }
 
@@ -358,7 +389,15 @@ async fn accept_loop(
                     );
                     match handshake.await {
                         Ok(Ok(stream)) => {
-                            let _ = accepted.send(Accepted { stream, remote }).await;
+                            let first_bytes_by = Some(Box::pin(tokio::time::sleep(
+                                shared.config.handshake_timeout,
+                            )));
+                            let conn = Accepted {
+                                stream,
+                                remote,
+                                first_bytes_by,
+                            };
+                            let _ = accepted.send(conn).await;
                         }
                         Ok(Err(e)) => {
                             tracing::warn!(node = shared.id, %remote, reason = %e, "refusing connection: TLS handshake failed")
@@ -389,6 +428,8 @@ async fn serve(shared: Arc<Shared>, accepted: mpsc::Receiver<Accepted>) {
         shared: shared.clone(),
     };
     let served = tonic::transport::Server::builder()
+        .http2_keepalive_interval(Some(KEEPALIVE_INTERVAL))
+        .http2_keepalive_timeout(Some(KEEPALIVE_TIMEOUT))
         .serve_with_incoming_shutdown(service, incoming, async move {
             wait_shutdown(&mut shutdown).await
         })
@@ -594,7 +635,9 @@ impl LinkInner {
     async fn dial(&self, addr: &str) -> io::Result<tonic::client::Grpc<Channel>> {
         let endpoint = Endpoint::from_shared(format!("http://{addr}"))
             .map_err(|e| io::Error::new(io::ErrorKind::InvalidInput, chain(&e)))?
-            .connect_timeout(self.connect_timeout);
+            .connect_timeout(self.connect_timeout)
+            .http2_keep_alive_interval(KEEPALIVE_INTERVAL)
+            .keep_alive_timeout(KEEPALIVE_TIMEOUT);
         let channel = endpoint
             .connect_with_connector(Dialer {
                 tls: self.tls.clone(),

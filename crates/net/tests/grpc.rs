@@ -448,6 +448,27 @@ async fn malformed_bytes_end_their_stream_and_the_node_keeps_serving() {
     assert_eq!(env.messages[0].term, 77);
 }
 
+#[tokio::test]
+async fn a_silent_connection_is_closed() {
+    use tokio::io::AsyncReadExt;
+    init_logging();
+    let (b, _ib) = bind(
+        2,
+        NetConfig {
+            handshake_timeout: Duration::from_millis(200),
+            ..Default::default()
+        },
+    )
+    .await;
+    // Connected, then not a byte: not even the HTTP/2 preface.
+    let mut s = TcpStream::connect(b.local_addr()).await.unwrap();
+    let mut buf = Vec::new();
+    tokio::time::timeout(WAIT, s.read_to_end(&mut buf))
+        .await
+        .expect("the server closed the connection")
+        .ok();
+}
+
 // ------------------------------------------------------------------- TLS
 
 #[tokio::test]
