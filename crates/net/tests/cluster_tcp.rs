@@ -1,7 +1,8 @@
 //! raftwork clusters over the network transports on loopback (TCP plaintext
-//! and mutual TLS, HTTP in both modes): election, replication, follower
-//! reads, leader failover, membership changes, leadership transfer, and
-//! catch-up by snapshot after a restart. One scenario, run per transport.
+//! and mutual TLS, HTTP in both modes, gRPC plaintext and mutual TLS):
+//! election, replication, follower reads, leader failover, membership
+//! changes, leadership transfer, and catch-up by snapshot after a restart.
+//! One scenario, run per transport.
 
 mod common;
 
@@ -16,8 +17,8 @@ use common::{init_logging, Ca, WAIT};
 use raftwork::storage::SnapshotStore;
 use raftwork::{Builder, Command, Node, NodeId, Role, StateMachine};
 use raftwork_net::{
-    Envelope, HttpMode, HttpTransport, Inbox, NetConfig, NetError, TcpTransport, Transport,
-    TransportError,
+    Envelope, GrpcTransport, HttpMode, HttpTransport, Inbox, NetConfig, NetError, TcpTransport,
+    Transport, TransportError,
 };
 
 const TICK: Duration = Duration::from_millis(50);
@@ -62,6 +63,7 @@ impl StateMachine for Sum {
 enum Kind {
     Tcp,
     Http(HttpMode),
+    Grpc,
 }
 
 /// Any of the transports, so one scenario drives them all.
@@ -69,6 +71,7 @@ enum Kind {
 enum Net {
     Tcp(TcpTransport),
     Http(HttpTransport),
+    Grpc(GrpcTransport),
 }
 
 impl Net {
@@ -87,6 +90,10 @@ impl Net {
                 let (t, inbox) = HttpTransport::bind(id, listen, config, mode).await?;
                 (Net::Http(t), inbox)
             }
+            Kind::Grpc => {
+                let (t, inbox) = GrpcTransport::bind(id, listen, config).await?;
+                (Net::Grpc(t), inbox)
+            }
         })
     }
 
@@ -94,6 +101,7 @@ impl Net {
         match self {
             Net::Tcp(t) => t.local_addr(),
             Net::Http(t) => t.local_addr(),
+            Net::Grpc(t) => t.local_addr(),
         }
     }
 
@@ -101,6 +109,7 @@ impl Net {
         match self {
             Net::Tcp(t) => t,
             Net::Http(t) => t,
+            Net::Grpc(t) => t,
         }
     }
 }
@@ -400,4 +409,22 @@ async fn three_nodes_over_http_stream() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn three_nodes_over_http_short() {
     scenario(Kind::Http(HttpMode::Short), NetConfig::default()).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn three_nodes_over_grpc() {
+    scenario(Kind::Grpc, NetConfig::default()).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn three_nodes_over_grpc_with_mutual_tls() {
+    let ca = Ca::new("cluster CA");
+    scenario(
+        Kind::Grpc,
+        NetConfig {
+            tls: Some(ca.node_tls(false)),
+            ..Default::default()
+        },
+    )
+    .await;
 }
