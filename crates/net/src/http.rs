@@ -789,6 +789,7 @@ impl ShortSink {
             .await
             .map_err(|_| io::Error::new(io::ErrorKind::TimedOut, "redial timed out"))??;
             self.conn = Some(dialed);
+            self.last_used = Instant::now();
         }
         Ok(self.conn.as_mut().expect("just set"))
     }

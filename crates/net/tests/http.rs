@@ -280,6 +280,29 @@ async fn short_mode_redials_an_idle_connection_without_a_report() {
     assert!(ia.try_recv().is_err(), "no unreachable report");
 }
 
+#[tokio::test]
+async fn a_silent_connection_is_closed() {
+    init_logging();
+    let config = NetConfig {
+        handshake_timeout: Duration::from_millis(300),
+        ..Default::default()
+    };
+    let (b, _ib) = bind(2, HttpMode::Stream, config).await;
+    // Connects and says nothing: the server hangs up (no request head in
+    // time); the hang guard fails the test otherwise.
+    assert!(raw(b.local_addr(), b"").await.is_some(), "closed");
+    // A head that never ends is cut too.
+    assert!(
+        raw(
+            b.local_addr(),
+            b"POST /raft/v1/batch HTTP/1.1\r\nhost: t\r\n"
+        )
+        .await
+        .is_some(),
+        "closed"
+    );
+}
+
 // ------------------------------------------------------- malformed input
 
 /// Writes `request` on a fresh connection and reads until the server closes
