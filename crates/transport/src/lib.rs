@@ -20,7 +20,7 @@
 
 mod mem;
 
-pub use mem::{MemNetwork, MemTransport};
+pub use mem::{Faults, InvalidFaults, MemNetwork, MemTransport};
 
 use raft::prelude::Message;
 
