@@ -37,8 +37,10 @@ use raftwork_storage::SnapshotStore;
 pub struct NetConfig {
     /// Largest frame accepted or sent, in bytes. A bigger incoming frame
     /// closes its connection; a bigger outgoing envelope is dropped and its
-    /// peer reported unreachable. Default: 64 MiB (snapshots travel inline in
-    /// one message for now, so this also caps the snapshot size).
+    /// peer reported unreachable. Default: 64 MiB. (Transports that stream
+    /// snapshots send them in chunks of `snapshot_chunk_bytes`; over a
+    /// transport that does not, a snapshot travels inline in one message and
+    /// this caps its size.)
     pub max_frame_bytes: usize,
     /// Envelopes queued per peer before sends to it are dropped. Default: 1,024.
     pub peer_queue_envelopes: usize,
@@ -158,6 +160,14 @@ pub(crate) trait FrameSink: Send {
     /// Delivers `frames` (one or more encoded frames) after everything sent
     /// before, or fails. After a failure the sink is dropped.
     fn send<'a>(&'a mut self, frames: &'a [u8]) -> BoxFuture<'a, std::io::Result<()>>;
+
+    /// Ends a healthy sink that is being replaced (the peer's address
+    /// changed): returns once the peer has read everything sent, or after
+    /// `wait`, so frames on the next connection cannot overtake them.
+    fn finish(self: Box<Self>, wait: Duration) -> BoxFuture<'static, ()> {
+        let _ = wait;
+        Box::pin(async {})
+    }
 }
 
 struct PeerHandle {
@@ -251,7 +261,12 @@ impl Shared {
                 );
                 return;
             };
-            if let Err(reason) = snapshot::receive(self, store, &mut reader, &body).await {
+            let mut shutdown = self.shutdown.subscribe();
+            let outcome = tokio::select! {
+                r = snapshot::receive(self, store, &mut reader, &body) => r,
+                _ = shutdown.changed() => Err("transport shut down".to_string()),
+            };
+            if let Err(reason) = outcome {
                 tracing::warn!(node = self.id, remote, %reason, "snapshot transfer failed");
             }
             return;
@@ -340,7 +355,6 @@ impl Shared {
     /// breaks a rule, delivering each batch to the inbox. `remote` names the
     /// other end in logs. `Ok` when the stream ended cleanly between frames
     /// (or the transport shut down); `Err` with the logged reason otherwise.
-    #[allow(dead_code)] // the HTTP transport's request bodies
     pub(crate) async fn serve_frames<R: AsyncRead + Unpin>(
         &self,
         mut reader: R,
@@ -457,7 +471,8 @@ async fn peer_task(
             }
         }
         if sink.as_ref().is_some_and(|(_, g)| *g != generation) {
-            sink = None;
+            let (old, _) = sink.take().unwrap();
+            old.finish(cfg.connect_timeout / 2).await;
         }
         if sink.is_none() {
             if retry_at.is_some_and(|t| Instant::now() < t) {
@@ -551,10 +566,10 @@ fn start_snapshot_transfers(
             tokio::spawn(async move {
                 let index = msg.get_snapshot().get_metadata().index;
                 let outcome = async {
-                    let mut stream = shared
-                        .link
-                        .open_duplex(&addr)
+                    let dial = shared.link.open_duplex(&addr);
+                    let mut stream = tokio::time::timeout(shared.config.connect_timeout, dial)
                         .await
+                        .map_err(|_| "timed out opening the snapshot connection".to_string())?
                         .map_err(|e| e.to_string())?;
                     snapshot::send(&shared, store, &mut stream, group, peer, &msg).await
                 }

@@ -59,6 +59,21 @@ impl FrameSink for TcpSink {
             self.0.flush().await
         })
     }
+
+    /// Half-closes and waits for the acceptor to close its side, which it
+    /// does once it has read (and delivered) every frame before the close.
+    fn finish(self: Box<Self>, wait: Duration) -> BoxFuture<'static, ()> {
+        let mut stream = self.0;
+        Box::pin(async move {
+            let drain = async {
+                stream.shutdown().await?;
+                let mut scratch = [0u8; 64];
+                while tokio::io::AsyncReadExt::read(&mut stream, &mut scratch).await? > 0 {}
+                Ok::<_, std::io::Error>(())
+            };
+            let _ = tokio::time::timeout(wait, drain).await;
+        })
+    }
 }
 
 impl Link for TcpLink {
