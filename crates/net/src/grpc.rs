@@ -163,17 +163,42 @@ impl GrpcTransport {
         listen: impl ToSocketAddrs + std::fmt::Debug,
         config: NetConfig,
     ) -> Result<(Self, Inbox), NetError> {
-        config.validate(id)?;
-        let tls = config.tls.as_ref().map(Tls::new).transpose()?;
         let addr_text = format!("{listen:?}");
         let listener = TcpListener::bind(listen)
             .await
             .map_err(|source| NetError::Bind {
-                addr: addr_text.clone(),
+                addr: addr_text,
                 source,
             })?;
+        Self::serve_on(id, listener, config)
+    }
+
+    /// Like [`GrpcTransport::bind`], without awaiting (for synchronous
+    /// builders). Must be called inside a tokio runtime.
+    pub fn bind_now(
+        id: NodeId,
+        listen: SocketAddr,
+        config: NetConfig,
+    ) -> Result<(Self, Inbox), NetError> {
+        let bind_err = |source| NetError::Bind {
+            addr: listen.to_string(),
+            source,
+        };
+        let std_listener = std::net::TcpListener::bind(listen).map_err(bind_err)?;
+        std_listener.set_nonblocking(true).map_err(bind_err)?;
+        let listener = TcpListener::from_std(std_listener).map_err(bind_err)?;
+        Self::serve_on(id, listener, config)
+    }
+
+    fn serve_on(
+        id: NodeId,
+        listener: TcpListener,
+        config: NetConfig,
+    ) -> Result<(Self, Inbox), NetError> {
+        config.validate(id)?;
+        let tls = config.tls.as_ref().map(Tls::new).transpose()?;
         let local_addr = listener.local_addr().map_err(|source| NetError::Bind {
-            addr: addr_text,
+            addr: "listener".into(),
             source,
         })?;
         let (inbox_tx, inbox) = mpsc::channel(INBOX_CAPACITY_ENVELOPES);

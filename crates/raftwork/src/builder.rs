@@ -16,7 +16,7 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use raftwork_core::{bootstrap, ConfigError, Core, CoreConfig, FatalError, NodeId};
-use raftwork_net::{NetConfig, NetError, TcpTransport};
+use raftwork_net::{GrpcTransport, HttpMode, HttpTransport, NetConfig, NetError, TcpTransport};
 use raftwork_storage::{
     FileSnapshotStore, LogStore, MemLogStore, MemSnapshotStore, SnapshotCompression, SnapshotStore,
     StorageError, Wal, WalOptions, WriteBatch,
@@ -174,6 +174,11 @@ pub enum TransportKind {
     /// frames, snapshots streamed on their own connection. The default.
     #[default]
     Tcp,
+    /// [`HttpTransport`]: the same frames over HTTP/1.1, in one long
+    /// streaming request per peer or one short request per batch.
+    Http(HttpMode),
+    /// [`GrpcTransport`]: the same frames in gRPC streams (HTTP/2).
+    Grpc,
 }
 
 /// Marker: the default storage, the WAL and file snapshots in the data dir.
@@ -425,16 +430,28 @@ impl<SM: StateMachine, S: LogStore> Builder<SM, S> {
             (Some(t), _) => t,
             (None, Some(listen)) => {
                 let net_err = |e: NetError| BuildError::Network(e.to_string());
-                let (t, inbox) = match network.kind {
+                let (t, inbox): (Box<dyn Transport>, Inbox) = match network.kind {
                     TransportKind::Tcp => {
-                        TcpTransport::bind_now(id, listen, network.config).map_err(net_err)?
+                        let (t, i) =
+                            TcpTransport::bind_now(id, listen, network.config).map_err(net_err)?;
+                        (Box::new(t), i)
+                    }
+                    TransportKind::Http(mode) => {
+                        let (t, i) = HttpTransport::bind_now(id, listen, network.config, mode)
+                            .map_err(net_err)?;
+                        (Box::new(t), i)
+                    }
+                    TransportKind::Grpc => {
+                        let (t, i) =
+                            GrpcTransport::bind_now(id, listen, network.config).map_err(net_err)?;
+                        (Box::new(t), i)
                     }
                 };
                 for (peer, address) in &network.peers {
                     t.set_peer(*peer, address)
                         .map_err(|e| BuildError::Network(e.to_string()))?;
                 }
-                (Box::new(t) as Box<dyn Transport>, inbox)
+                (t, inbox)
             }
             (None, None) if !network.peers.is_empty() => {
                 return Err(BuildError::Network(

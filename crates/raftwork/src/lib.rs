@@ -66,7 +66,9 @@ pub use raftwork_core::{
     ConfChangeError, ConfigError, CoreConfig, MembershipChange, NodeEvent, NodeId, ProposeError,
     ReadError, Role, Status, TransferError,
 };
-pub use raftwork_net::{NetConfig, TcpTransport, TlsConfig};
+pub use raftwork_net::{
+    GrpcTransport, HttpMode, HttpTransport, NetConfig, TcpTransport, TlsConfig,
+};
 pub use raftwork_storage::{
     FileSnapshotStore, LogStore, MemLogStore, MemSnapshotStore, SnapshotCompression, SnapshotMeta,
     SnapshotStore, StorageError, Wal, WalOptions,

@@ -4,7 +4,7 @@
 mod common;
 
 use common::{init_logging, HashSm, TICK, WAIT};
-use raftwork::{BuildError, Builder, Node, NodeId, Role};
+use raftwork::{BuildError, Builder, HttpMode, Node, NodeId, Role, TransportKind};
 
 /// Free loopback addresses (bound and released; fine for tests).
 fn free_addrs(n: usize) -> Vec<std::net::SocketAddr> {
@@ -16,6 +16,25 @@ fn free_addrs(n: usize) -> Vec<std::net::SocketAddr> {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_builder_starts_tcp_from_a_listen_address() {
+    from_a_listen_address(TransportKind::Tcp).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_builder_starts_http_streams_from_a_listen_address() {
+    from_a_listen_address(TransportKind::Http(HttpMode::Stream)).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_builder_starts_http_short_requests_from_a_listen_address() {
+    from_a_listen_address(TransportKind::Http(HttpMode::Short)).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_builder_starts_grpc_from_a_listen_address() {
+    from_a_listen_address(TransportKind::Grpc).await;
+}
+
+async fn from_a_listen_address(kind: TransportKind) {
     init_logging();
     let addrs = free_addrs(4);
     let ids: Vec<NodeId> = vec![1, 2, 3];
@@ -24,6 +43,7 @@ async fn the_builder_starts_tcp_from_a_listen_address() {
         let mut b = Builder::new(id, HashSm::default())
             .in_memory()
             .listen(addrs[id as usize - 1])
+            .transport_kind(kind.clone())
             .initial_voters(ids.iter().copied())
             .configure(|c| c.tick_interval = TICK);
         for &peer in ids.iter().filter(|&&p| p != id) {
@@ -41,6 +61,7 @@ async fn the_builder_starts_tcp_from_a_listen_address() {
     let n4 = Builder::new(4, HashSm::default())
         .in_memory()
         .listen(addrs[3])
+        .transport_kind(kind.clone())
         .join_existing()
         .configure(|c| c.tick_interval = TICK)
         .peer(1, addrs[0].to_string())
