@@ -10,14 +10,18 @@
 //!
 //! Run: `cargo bench -p raftwork-net --bench transport`
 //! Settings (environment): `BENCH_SECS` per point (default 2),
-//! `BENCH_TRANSPORTS` (default `tcp,tcp-tls`), `BENCH_SNAPSHOT_MIB` (default
-//! 64; 0 skips the snapshot part).
+//! `BENCH_TRANSPORTS` (default `tcp,tcp-tls,http-stream,http-short,grpc`;
+//! any of them with `-tls`), `BENCH_SNAPSHOT_MIB` (default 64; 0 skips the
+//! snapshot part).
 
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use raft::prelude::{Entry, Message, MessageType, SnapshotMetadata};
-use raftwork_net::{Envelope, Inbound, Inbox, NetConfig, TcpTransport, TlsConfig, Transport};
+use raftwork_net::{
+    Envelope, GrpcTransport, HttpMode, HttpTransport, Inbound, Inbox, NetConfig, TcpTransport,
+    TlsConfig, Transport,
+};
 use raftwork_storage::{FileSnapshotStore, SnapshotCompression, SnapshotStore};
 use tokio::sync::Semaphore;
 
@@ -52,40 +56,65 @@ fn tls_pair() -> (TlsConfig, TlsConfig) {
     (node(), node())
 }
 
-async fn pair(
-    kind: &str,
-) -> (
-    (Box<dyn Transport>, Inbox),
-    (Box<dyn Transport>, Inbox),
-    String,
-) {
-    let (ca, cb) = match kind {
-        "tcp" => (NetConfig::default(), NetConfig::default()),
-        "tcp-tls" => {
-            let (a, b) = tls_pair();
-            (
-                NetConfig {
-                    tls: Some(a),
-                    ..Default::default()
-                },
-                NetConfig {
-                    tls: Some(b),
-                    ..Default::default()
-                },
-            )
+type Pair = ((Box<dyn Transport>, Inbox), (Box<dyn Transport>, Inbox));
+
+async fn bind(base: &str, id: u64, c: NetConfig) -> (Box<dyn Transport>, Inbox, String) {
+    let addr = "127.0.0.1:0";
+    match base {
+        "tcp" => {
+            let (t, i) = TcpTransport::bind(id, addr, c).await.unwrap();
+            let a = t.local_addr().to_string();
+            (Box::new(t), i, a)
         }
-        other => panic!("unknown transport {other:?}; known: tcp, tcp-tls"),
+        "http-stream" | "http-short" => {
+            let mode = if base == "http-stream" {
+                HttpMode::Stream
+            } else {
+                HttpMode::Short
+            };
+            let (t, i) = HttpTransport::bind(id, addr, c, mode).await.unwrap();
+            let a = t.local_addr().to_string();
+            (Box::new(t), i, a)
+        }
+        "grpc" => {
+            let (t, i) = GrpcTransport::bind(id, addr, c).await.unwrap();
+            let a = t.local_addr().to_string();
+            (Box::new(t), i, a)
+        }
+        other => panic!(
+            "unknown transport {other:?}; known: tcp, http-stream, http-short, grpc, each with an optional -tls"
+        ),
+    }
+}
+
+async fn pair(kind: &str) -> Pair {
+    let (base, tls) = kind
+        .strip_suffix("-tls")
+        .map_or((kind, false), |b| (b, true));
+    let (ca, cb) = if tls {
+        let (a, b) = tls_pair();
+        (
+            NetConfig {
+                tls: Some(a),
+                ..Default::default()
+            },
+            NetConfig {
+                tls: Some(b),
+                ..Default::default()
+            },
+        )
+    } else {
+        (NetConfig::default(), NetConfig::default())
     };
-    let (a, ia) = TcpTransport::bind(1, "127.0.0.1:0", ca).await.unwrap();
-    let (b, ib) = TcpTransport::bind(2, "127.0.0.1:0", cb).await.unwrap();
-    let addr_b = b.local_addr().to_string();
+    let (a, ia, _) = bind(base, 1, ca).await;
+    let (b, ib, addr_b) = bind(base, 2, cb).await;
     a.set_peer(2, &addr_b).unwrap();
-    ((Box::new(a), ia), (Box::new(b), ib), addr_b)
+    ((a, ia), (b, ib))
 }
 
 /// Delivered messages per second with `per_envelope` messages per envelope.
 async fn delivered_rate(kind: &str, per_envelope: usize, secs: f64) -> (f64, u64) {
-    let ((a, _ia), (_b, mut ib), _) = pair(kind).await;
+    let ((a, _ia), (_b, mut ib)) = pair(kind).await;
     let window = 256 * per_envelope;
     let permits = Arc::new(Semaphore::new(window));
     let received = Arc::new(std::sync::atomic::AtomicU64::new(0));
@@ -138,7 +167,7 @@ async fn delivered_rate(kind: &str, per_envelope: usize, secs: f64) -> (f64, u64
 }
 
 async fn snapshot_throughput(kind: &str, mib: u64) -> f64 {
-    let ((a, mut ia), (b, _ib), _) = pair(kind).await;
+    let ((a, mut ia), (b, _ib)) = pair(kind).await;
     let dirs = (tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap());
     let sa = FileSnapshotStore::open(dirs.0.path(), 1, SnapshotCompression::None).unwrap();
     let sb = FileSnapshotStore::open(dirs.1.path(), 1, SnapshotCompression::None).unwrap();
@@ -190,7 +219,8 @@ fn main() {
         .ok()
         .and_then(|s| s.parse().ok())
         .unwrap_or(2.0);
-    let kinds = std::env::var("BENCH_TRANSPORTS").unwrap_or_else(|_| "tcp,tcp-tls".into());
+    let kinds = std::env::var("BENCH_TRANSPORTS")
+        .unwrap_or_else(|_| "tcp,tcp-tls,http-stream,http-short,grpc".into());
     let snapshot_mib: u64 = std::env::var("BENCH_SNAPSHOT_MIB")
         .ok()
         .and_then(|s| s.parse().ok())
@@ -202,14 +232,14 @@ fn main() {
         .unwrap();
     println!("raftwork transport benchmark: delivered messages (MsgAppend, one 256 B entry), 2 tokio workers, loopback");
     println!(
-        "{:<10} {:>9} {:>14} {:>12}",
+        "{:<12} {:>9} {:>14} {:>12}",
         "transport", "per_env", "delivered/s", "us_per_msg"
     );
     for kind in kinds.split(',').map(str::trim).filter(|k| !k.is_empty()) {
         for per_envelope in [1usize, 64] {
             let (rate, _) = rt.block_on(delivered_rate(kind, per_envelope, secs));
             println!(
-                "{:<10} {:>9} {:>14.0} {:>12.3}",
+                "{:<12} {:>9} {:>14.0} {:>12.3}",
                 kind,
                 per_envelope,
                 rate,
@@ -218,7 +248,7 @@ fn main() {
         }
         if snapshot_mib > 0 {
             let mbps = rt.block_on(snapshot_throughput(kind, snapshot_mib));
-            println!("{kind:<10} snapshot {snapshot_mib} MiB (incompressible, no rate limit): {mbps:.0} MB/s");
+            println!("{kind:<12} snapshot {snapshot_mib} MiB (incompressible, no rate limit): {mbps:.0} MB/s");
         }
     }
 }
