@@ -256,6 +256,29 @@ impl HistoryClient {
         self.read_from(node, key).await
     }
 
+    /// Reads `key` from node `node`'s local state with no ReadIndex round
+    /// (`Node::read_stale`), and records it like a linearizable read. It is
+    /// not one: this is for negative controls that show the checker catches
+    /// stale reads.
+    pub async fn read_stale_on(
+        &mut self,
+        node: NodeId,
+        key: u64,
+    ) -> Result<Option<u64>, ClientError> {
+        let node = self.shared.node(node).ok_or(ClientError::NoNode)?;
+        let pending = Pending::start(&self.shared, self.id, key, Input::Read);
+        match node.read_stale(move |sm: &KvSm| sm.get(key)).await {
+            Ok(value) => {
+                pending.finish(Output::Read(value));
+                Ok(value)
+            }
+            Err(e) => {
+                pending.discard();
+                Err(ClientError::Read(e))
+            }
+        }
+    }
+
     async fn read_from(&mut self, node: Node<KvSm>, key: u64) -> Result<Option<u64>, ClientError> {
         let pending = Pending::start(&self.shared, self.id, key, Input::Read);
         match node.read(move |sm: &KvSm| sm.get(key)).await {

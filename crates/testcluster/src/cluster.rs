@@ -189,6 +189,10 @@ pub enum ErrorKind {
     /// The node is not running (killed, removed, or stopped on an error).
     #[error("node {0} is not running")]
     NotRunning(NodeId),
+    /// The node stopped on its own while the cluster thought it running: a
+    /// fatal error or a panic, whose message is in the output above.
+    #[error("node {0} stopped on its own (a fatal error or a panic: see the output above)")]
+    Stopped(NodeId),
     /// The node is running (restart of a running node).
     #[error("node {0} is already running")]
     Running(NodeId),
@@ -672,7 +676,7 @@ impl<SM: StateMachine> TestCluster<SM> {
             let st = node
                 .status()
                 .await
-                .ok_or_else(|| self.err(ErrorKind::NotRunning(id)))?;
+                .ok_or_else(|| self.err(ErrorKind::Stopped(id)))?;
             out.push(st);
         }
         Ok(out)
@@ -804,7 +808,7 @@ impl<SM: StateMachine> TestCluster<SM> {
                     let f = f.clone();
                     match node.read_stale(move |sm| f(sm)).await {
                         Ok(fp) => fingerprints.push((id, fp)),
-                        Err(_) => return Err(self.err(ErrorKind::NotRunning(id))),
+                        Err(_) => return Err(self.err(ErrorKind::Stopped(id))),
                     }
                 }
                 let after = self.statuses(among).await?;
