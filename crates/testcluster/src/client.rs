@@ -370,15 +370,23 @@ impl Workload {
     /// Asks every client to stop, waits until each has finished its current
     /// operation (bounded by the nodes' own timeouts), and returns the
     /// counts. Only then is the history complete.
-    pub async fn stop(self) -> WorkloadStats {
+    pub async fn stop(mut self) -> WorkloadStats {
         self.stop.store(true, Ordering::Release);
         let mut total = WorkloadStats::default();
-        for t in self.tasks {
+        for t in std::mem::take(&mut self.tasks) {
             if let Ok(stats) = t.await {
                 total.add(&stats);
             }
         }
         total
+    }
+}
+
+impl Drop for Workload {
+    /// A dropped workload's clients stop after their current operation
+    /// (without [`Workload::stop`], nobody waits for them).
+    fn drop(&mut self) {
+        self.stop.store(true, Ordering::Release);
     }
 }
 

@@ -538,8 +538,8 @@ impl<SM: StateMachine> TestCluster<SM> {
         if self.members.contains_key(&id) {
             return Err(self.err(ErrorKind::AlreadyExists(id)));
         }
-        self.members.insert(id, Member { founder: false });
         let node = self.build_node(id, false)?;
+        self.members.insert(id, Member { founder: false });
         self.insert_running(node);
         let context = format!("node-{id}").into_bytes();
         if learner {
