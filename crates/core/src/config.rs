@@ -152,8 +152,77 @@ impl CoreConfig {
             },
             max_uncommitted_size: self.max_uncommitted_size_bytes,
             max_committed_size_per_ready: self.max_committed_size_per_ready_bytes,
-            batch_append: true,
+            // raft-rs 0.7's batch_append merges new entries into an append
+            // already queued for the follower without checking they follow
+            // its index; after a late rejection that yields an append whose
+            // entries do not start at index + 1, a follower acked past its
+            // log, and a panic ("to_commit out of range"). The simulator
+            // finds it within a few hundred seeds. Off.
+            batch_append: false,
             ..Default::default()
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use raft::prelude::{Entry, Message, MessageType};
+    use raft::storage::MemStorage;
+
+    /// The append raft builds for a follower after a late rejection, with
+    /// our raft configuration: its entries must start right after its index.
+    #[test]
+    fn appends_after_a_late_rejection_are_well_formed() {
+        let storage = MemStorage::new_with_conf_state((vec![1, 2, 3], vec![]));
+        let cfg = CoreConfig::default().to_raft();
+        let logger = slog::Logger::root(slog::Discard, slog::o!());
+        let mut r = raft::Raft::new(&cfg, storage, &logger).unwrap();
+        r.become_candidate();
+        r.become_leader();
+        for _ in 0..3 {
+            let mut m = Message::default();
+            m.set_msg_type(MessageType::MsgPropose);
+            m.from = 1;
+            m.mut_entries().push(Entry {
+                data: b"x".to_vec().into(),
+                ..Default::default()
+            });
+            r.step(m).unwrap();
+        }
+        let last = r.raft_log.last_index();
+        let term = r.term;
+        let response = |index: u64, reject: bool, hint: u64| {
+            let mut m = Message::default();
+            m.set_msg_type(MessageType::MsgAppendResponse);
+            m.from = 2;
+            m.to = 1;
+            m.term = term;
+            m.index = index;
+            m.reject = reject;
+            m.reject_hint = hint;
+            m.log_term = term;
+            m
+        };
+        r.step(response(last - 2, false, 0)).unwrap();
+        r.msgs.clear();
+        // An empty append waits in the outbox when a stale rejection lands.
+        r.send_append(2);
+        r.step(response(last, true, last - 2)).unwrap();
+        for m in r
+            .msgs
+            .iter()
+            .filter(|m| m.get_msg_type() == MessageType::MsgAppend)
+        {
+            if let Some(first) = m.entries.first() {
+                assert_eq!(
+                    first.index,
+                    m.index + 1,
+                    "append at {} carries entries from {}",
+                    m.index,
+                    first.index
+                );
+            }
         }
     }
 }

@@ -465,27 +465,24 @@ impl Sim {
                 }
                 self.schedule(self.cfg.tick_ms, Event::Tick(id));
             }
-            Event::Deliver { to, mut msg } => {
-                fnv(
-                    &mut self.trace,
-                    2 + to * 16 + msg.get_msg_type() as u64 * 256,
-                );
-                fnv(&mut self.trace, msg.term * 31 + msg.index);
+            Event::Deliver { to, msg } => {
                 let k = self.node_index(to);
-                if self.nodes[k].core.is_none() {
-                    return Ok(());
+                self.deliver(k, msg);
+                // Everything else arriving for this node at this instant is
+                // taken before the core is polled, as the runtime drains its
+                // inbox: raft then sees bursts, not one message per poll.
+                while let Some(Reverse(q)) = self.queue.peek() {
+                    if q.at != self.now
+                        || !matches!(q.event, Event::Deliver { to: t, .. } if t == to)
+                    {
+                        break;
+                    }
+                    let Reverse(q) = self.queue.pop().unwrap();
+                    self.events += 1;
+                    if let Event::Deliver { msg, .. } = q.event {
+                        self.deliver(k, msg);
+                    }
                 }
-                if msg.get_msg_type() == MessageType::MsgSnapshot {
-                    // Saved before raft sees it, as the runtime does.
-                    let snap = msg.mut_snapshot();
-                    let meta = snap.get_metadata().clone();
-                    let data = std::mem::take(&mut snap.data).to_vec();
-                    self.nodes[k]
-                        .snapshots
-                        .insert(meta.index, (meta, data.clone()));
-                    snap.data = data.into();
-                }
-                self.nodes[k].core.as_mut().unwrap().handle_message(msg);
                 self.drive(k)?;
             }
             Event::SyncDone {
@@ -532,6 +529,29 @@ impl Sim {
             }
         }
         Ok(())
+    }
+
+    /// Hands one message to node `k`'s core (no poll).
+    fn deliver(&mut self, k: usize, mut msg: Message) {
+        fnv(
+            &mut self.trace,
+            2 + self.nodes[k].id * 16 + msg.get_msg_type() as u64 * 256,
+        );
+        fnv(&mut self.trace, msg.term * 31 + msg.index);
+        if self.nodes[k].core.is_none() {
+            return;
+        }
+        if msg.get_msg_type() == MessageType::MsgSnapshot {
+            // Saved before raft sees it, as the runtime does.
+            let snap = msg.mut_snapshot();
+            let meta = snap.get_metadata().clone();
+            let data = std::mem::take(&mut snap.data).to_vec();
+            self.nodes[k]
+                .snapshots
+                .insert(meta.index, (meta, data.clone()));
+            snap.data = data.into();
+        }
+        self.nodes[k].core.as_mut().unwrap().handle_message(msg);
     }
 
     fn inject_fault(&mut self) -> Result<(), Failure> {
@@ -909,7 +929,11 @@ impl Sim {
             1
         };
         for _ in 0..copies {
-            let delay = 1 + self.rng.below(20);
+            let mut delay = 1 + self.rng.below(20);
+            if self.rng.below(2) == 0 {
+                // Arrive on a 5 ms boundary: several messages land together.
+                delay += (5 - (self.now + delay) % 5) % 5;
+            }
             self.schedule(delay, Event::Deliver { to, msg: m.clone() });
         }
     }
@@ -1080,6 +1104,7 @@ pub fn run(cfg: &SimConfig) -> Result<Report, Failure> {
         .map(|_| Client { leader_hint: None })
         .collect();
     let trace = rng.next_u64();
+    let seed = cfg.seed;
     let sim = Sim {
         cfg: cfg.clone(),
         rng,
@@ -1102,5 +1127,21 @@ pub fn run(cfg: &SimConfig) -> Result<Report, Failure> {
         snapshots_installed: 0,
         logger: slog::Logger::root(slog::Discard, slog::o!()),
     };
-    sim.run()
+    // A panic inside raft-rs or the core is a failure of this seed, not of
+    // the whole run.
+    match std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| sim.run())) {
+        Ok(result) => result,
+        Err(payload) => {
+            let message = payload
+                .downcast_ref::<String>()
+                .cloned()
+                .or_else(|| payload.downcast_ref::<&str>().map(|s| s.to_string()))
+                .unwrap_or_else(|| "non-string panic".into());
+            Err(Failure {
+                seed,
+                at_ms: 0,
+                reason: format!("panic: {message}"),
+            })
+        }
+    }
 }
