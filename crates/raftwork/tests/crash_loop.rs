@@ -277,7 +277,12 @@ fn crash_loop_keeps_every_acknowledged_write() {
         }
     }
     let total: u64 = acked.values().sum();
-    println!("crash loop: {recoveries} recoveries checked, {total} acknowledged writes survived");
+    // Straight to stderr, past the test harness's capture.
+    use std::io::Write as _;
+    let _ = writeln!(
+        std::io::stderr(),
+        "crash loop: {cycles} kills (seed {seed}), {recoveries} recoveries checked, {total} acknowledged writes survived"
+    );
     assert!(
         recoveries as u64 > cycles / 2,
         "most cycles got past start-up"

@@ -56,7 +56,11 @@ fn many_seeds_with_faults_stay_safe_and_linearizable() {
     let acked: usize = reports.iter().map(|r| r.acknowledged_writes).sum();
     let crashes: u64 = reports.iter().map(|r| r.crashes).sum();
     let installed: u64 = reports.iter().map(|r| r.snapshots_installed).sum();
-    println!(
+    // Straight to stderr, past the test harness's capture: the summary shows
+    // in a plain `cargo test` run.
+    use std::io::Write as _;
+    let _ = writeln!(
+        std::io::stderr(),
         "simulation: {} seeds from {first}, {} histories checked ({ops} operations, {acked} acknowledged writes), {crashes} crashes, {installed} snapshots installed, {} failures",
         count,
         reports.len(),
