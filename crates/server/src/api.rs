@@ -1,0 +1,618 @@
+//! The REST API (axum) of the `raftwork` server.
+//!
+//! | route | answer |
+//! | --- | --- |
+//! | `PUT /v1/kv/{key}` (body = raw value) | 200 `{"index": N}` |
+//! | `PUT /v1/kv/{key}?prev_value=V` | compare-and-set: 200 `{"index": N}`, 412 if the value is not `V` |
+//! | `PUT /v1/kv/{key}?prev_exist=false` / `=true` | create only / update only: 200, or 412 |
+//! | `GET /v1/kv/{key}[?consistency=stale]` | 200 raw value (`application/octet-stream`), 404 |
+//! | `DELETE /v1/kv/{key}` | 200 `{"index": N, "deleted": bool}` |
+//! | `GET /v1/kv?prefix=p&limit=n[&encoding=base64][&consistency=stale]` | 200 `[{"key", "value"}]` |
+//! | `GET /healthz` | 200 `ok` |
+//! | `GET /readyz` | 200 `ready`, or 503 |
+//! | `GET /v1/status` | 200 JSON (see [`StatusBody`]) |
+//!
+//! Keys are the rest of the path after `/v1/kv/`, percent-decoded (so they
+//! may contain `/`); they must be valid UTF-8 after decoding, non-empty and
+//! at most [`MAX_KEY_BYTES`]. Values are at most [`MAX_VALUE_BYTES`].
+//!
+//! Errors are JSON: `{"error": "<message>", "leader": null}`. `leader` is
+//! reserved for the leader's API URL, which nodes do not know yet (the
+//! replicated membership with API URLs is a later slice); a follower that
+//! knows the leader's id adds `"leader_id": N`. Codes: 400 bad input (empty
+//! or oversized key, oversized value, unknown or malformed query parameter),
+//! 404 no such key, 412 compare-and-set mismatch, 503 no leader within
+//! [`ApiConfig::request_timeout`], not the leader (no forwarding yet), or
+//! shutting down; 500 anything else.
+//!
+//! Reads are linearizable by default (`Node::read`, ReadIndex);
+//! `consistency=stale` reads the local state (`Node::read_stale`).
+//! Listings give keys and values as UTF-8 (invalid sequences replaced by
+//! U+FFFD) unless `encoding=base64` asks for standard padded base64.
+//! `limit` defaults to [`DEFAULT_LIST_LIMIT`] and may not exceed
+//! [`MAX_LIST_LIMIT`].
+
+use std::collections::HashMap;
+use std::sync::Arc;
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+
+use axum::body::{Body, Bytes};
+use axum::extract::{DefaultBodyLimit, Path, Query, State};
+use axum::http::{header, HeaderMap, StatusCode};
+use axum::response::{IntoResponse, Response};
+use axum::routing::get;
+use axum::{Json, Router};
+use base64::Engine as _;
+use raftwork::{Node, ProposeError, ReadError, Role};
+use serde::Serialize;
+
+use crate::kv::{Expect, KvCommand, KvResponse, KvStore, MAX_KEY_BYTES, MAX_VALUE_BYTES};
+
+/// Entries a listing returns when no `limit` is given.
+pub const DEFAULT_LIST_LIMIT: usize = 1000;
+/// Largest `limit` a listing accepts.
+pub const MAX_LIST_LIMIT: usize = 10_000;
+
+/// Settings of the API.
+#[derive(Debug, Clone)]
+pub struct ApiConfig {
+    /// This node's name (shown in the status).
+    pub name: String,
+    /// How long a request waits for a leader before 503.
+    pub request_timeout: Duration,
+}
+
+struct AppState {
+    node: Node<KvStore>,
+    config: ApiConfig,
+    started: SystemTime,
+    started_at: Instant,
+}
+
+type Shared = Arc<AppState>;
+
+/// The API's router for `node`.
+pub fn router(node: Node<KvStore>, config: ApiConfig) -> Router {
+    let state = Arc::new(AppState {
+        node,
+        config,
+        started: SystemTime::now(),
+        started_at: Instant::now(),
+    });
+    Router::new()
+        .route("/healthz", get(healthz))
+        .route("/readyz", get(readyz))
+        .route("/v1/status", get(status))
+        .route("/v1/kv", get(list))
+        .route("/v1/kv/", get(empty_key).put(empty_key).delete(empty_key))
+        .route(
+            "/v1/kv/{*key}",
+            get(get_key).put(put_key).delete(delete_key),
+        )
+        // Bodies are limited by the handlers (400 with a JSON error).
+        .layer(DefaultBodyLimit::disable())
+        .with_state(state)
+}
+
+/// An API error: a status code and a JSON body.
+#[derive(Debug)]
+pub struct ApiError {
+    status: StatusCode,
+    message: String,
+    leader_id: Option<u64>,
+}
+
+#[derive(Serialize)]
+struct ErrorBody<'a> {
+    error: &'a str,
+    leader: Option<String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    leader_id: Option<u64>,
+}
+
+impl ApiError {
+    fn new(status: StatusCode, message: impl Into<String>) -> Self {
+        Self {
+            status,
+            message: message.into(),
+            leader_id: None,
+        }
+    }
+
+    fn bad_request(message: impl Into<String>) -> Self {
+        Self::new(StatusCode::BAD_REQUEST, message)
+    }
+
+    fn unavailable(message: impl Into<String>) -> Self {
+        Self::new(StatusCode::SERVICE_UNAVAILABLE, message)
+    }
+}
+
+impl IntoResponse for ApiError {
+    fn into_response(self) -> Response {
+        let body = ErrorBody {
+            error: &self.message,
+            leader: None,
+            leader_id: self.leader_id,
+        };
+        (self.status, Json(body)).into_response()
+    }
+}
+
+type ApiResult<T> = Result<T, ApiError>;
+
+fn no_leader(timeout: Duration) -> ApiError {
+    ApiError::unavailable(format!(
+        "no leader elected within {} ms; retry later",
+        timeout.as_millis()
+    ))
+}
+
+fn shutting_down() -> ApiError {
+    ApiError::unavailable("node is shutting down")
+}
+
+fn not_leader(leader: u64) -> ApiError {
+    ApiError {
+        status: StatusCode::SERVICE_UNAVAILABLE,
+        message: format!(
+            "this node is not the leader (leader is node {leader}); \
+             forwarding to the leader is not implemented yet: send the request to the leader"
+        ),
+        leader_id: Some(leader),
+    }
+}
+
+// ---------- query parsing ----------
+
+/// Query parameters, rejecting unknown names so typos are loud.
+fn params(query: HashMap<String, String>, allowed: &[&str]) -> ApiResult<HashMap<String, String>> {
+    if let Some(bad) = query.keys().find(|k| !allowed.contains(&k.as_str())) {
+        return Err(ApiError::bad_request(format!(
+            "unknown query parameter {bad:?}; allowed here: {}",
+            allowed.join(", ")
+        )));
+    }
+    Ok(query)
+}
+
+fn stale(query: &HashMap<String, String>) -> ApiResult<bool> {
+    match query.get("consistency").map(String::as_str) {
+        None | Some("linearizable") => Ok(false),
+        Some("stale") => Ok(true),
+        Some(other) => Err(ApiError::bad_request(format!(
+            "consistency must be \"linearizable\" or \"stale\", not {other:?}"
+        ))),
+    }
+}
+
+fn check_key(key: &str) -> ApiResult<Vec<u8>> {
+    if key.is_empty() {
+        return Err(ApiError::bad_request("the key is empty"));
+    }
+    if key.len() > MAX_KEY_BYTES {
+        return Err(ApiError::bad_request(format!(
+            "the key is {} bytes, over the limit of {MAX_KEY_BYTES}",
+            key.len()
+        )));
+    }
+    Ok(key.as_bytes().to_vec())
+}
+
+async fn read_value(headers: &HeaderMap, body: Body) -> ApiResult<Vec<u8>> {
+    let too_large = || {
+        ApiError::bad_request(format!(
+            "the value is over the limit of {MAX_VALUE_BYTES} bytes"
+        ))
+    };
+    if let Some(len) = headers
+        .get(header::CONTENT_LENGTH)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.parse::<u64>().ok())
+    {
+        if len > MAX_VALUE_BYTES as u64 {
+            return Err(too_large());
+        }
+    }
+    match axum::body::to_bytes(body, MAX_VALUE_BYTES).await {
+        Ok(b) => Ok(b.to_vec()),
+        Err(e) => {
+            // to_bytes reports an over-limit body as a length-limit error.
+            let mut source: Option<&(dyn std::error::Error + 'static)> = Some(&e);
+            while let Some(s) = source {
+                if s.to_string().contains("length limit") {
+                    return Err(too_large());
+                }
+                source = s.source();
+            }
+            Err(ApiError::bad_request(format!(
+                "could not read the body: {e}"
+            )))
+        }
+    }
+}
+
+// ---------- waiting for a leader ----------
+
+/// Runs `attempt` until it succeeds or fails for a reason other than "no
+/// leader", waiting for a leader in between, up to the request timeout.
+async fn with_leader<T, F, Fut>(state: &AppState, mut attempt: F) -> ApiResult<T>
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = Result<T, Retry>>,
+{
+    let timeout = state.config.request_timeout;
+    let deadline = Instant::now() + timeout;
+    loop {
+        match attempt().await {
+            Ok(v) => return Ok(v),
+            Err(Retry::Fail(e)) => return Err(e),
+            Err(Retry::NoLeader) => {
+                let left = deadline.saturating_duration_since(Instant::now());
+                if left.is_zero() {
+                    return Err(no_leader(timeout));
+                }
+                match state.node.wait_for_leader(left).await {
+                    Ok(_) => {
+                        // A leader is known; if the attempt still finds none
+                        // (the election is being settled), do not spin.
+                        tokio::time::sleep(Duration::from_millis(20).min(left)).await;
+                    }
+                    Err(raftwork::WaitError::Timeout) => return Err(no_leader(timeout)),
+                    Err(_) => return Err(shutting_down()),
+                }
+            }
+        }
+    }
+}
+
+enum Retry {
+    NoLeader,
+    Fail(ApiError),
+}
+
+fn propose_error(e: ProposeError) -> Retry {
+    match e {
+        ProposeError::NotLeader {
+            leader_hint: Some(l),
+            in_flight: false,
+        } => Retry::Fail(not_leader(l)),
+        ProposeError::NotLeader {
+            in_flight: false, ..
+        }
+        | ProposeError::Dropped => Retry::NoLeader,
+        ProposeError::NotLeader {
+            in_flight: true, ..
+        } => Retry::Fail(ApiError::unavailable(
+            "leadership changed while the write was in flight; it may or may not be applied",
+        )),
+        ProposeError::Timeout => Retry::Fail(ApiError::unavailable(
+            "the write timed out; it may or may not be applied",
+        )),
+        ProposeError::TooLarge {
+            size_bytes,
+            limit_bytes,
+        } => Retry::Fail(ApiError::bad_request(format!(
+            "the command is {size_bytes} bytes, over the limit of {limit_bytes}"
+        ))),
+        ProposeError::Shutdown => Retry::Fail(shutting_down()),
+        other => Retry::Fail(ApiError::new(
+            StatusCode::INTERNAL_SERVER_ERROR,
+            other.to_string(),
+        )),
+    }
+}
+
+fn read_error(e: ReadError) -> Retry {
+    match e {
+        ReadError::Timeout => Retry::NoLeader,
+        ReadError::Shutdown => Retry::Fail(shutting_down()),
+        other => Retry::Fail(ApiError::unavailable(other.to_string())),
+    }
+}
+
+async fn propose(state: &AppState, command: KvCommand) -> ApiResult<(u64, KvResponse)> {
+    let data = command.encode();
+    with_leader(state, || {
+        let data = data.clone();
+        async move { state.node.propose(data).await.map_err(propose_error) }
+    })
+    .await
+}
+
+/// Runs `f` on the state machine, linearizably unless `stale`.
+async fn read<R, F>(state: &AppState, stale: bool, f: F) -> ApiResult<R>
+where
+    F: Fn(&KvStore) -> R + Send + Sync + Clone + 'static,
+    R: Send + 'static,
+{
+    if stale {
+        return state
+            .node
+            .read_stale(f)
+            .await
+            .map_err(|e| match read_error(e) {
+                Retry::Fail(e) => e,
+                Retry::NoLeader => ApiError::unavailable("stale read failed"),
+            });
+    }
+    // A ReadIndex round without a leader only fails after the node's own
+    // read timeout, which may be longer than ours: bound the whole wait.
+    let timeout = state.config.request_timeout;
+    let reading = with_leader(state, || {
+        let f = f.clone();
+        async move { state.node.read(f).await.map_err(read_error) }
+    });
+    tokio::time::timeout(timeout, reading)
+        .await
+        .unwrap_or_else(|_| Err(no_leader(timeout)))
+}
+
+// ---------- handlers ----------
+
+async fn healthz() -> &'static str {
+    "ok"
+}
+
+async fn readyz(State(state): State<Shared>) -> Response {
+    match state.node.status().await {
+        Some(s) if s.leader.is_some() && s.applied_index >= s.commit_index => {
+            (StatusCode::OK, "ready").into_response()
+        }
+        Some(s) if s.leader.is_none() => {
+            ApiError::unavailable("not ready: no known leader").into_response()
+        }
+        Some(s) => ApiError::unavailable(format!(
+            "not ready: applied {} < commit {}",
+            s.applied_index, s.commit_index
+        ))
+        .into_response(),
+        None => shutting_down().into_response(),
+    }
+}
+
+/// Body of `GET /v1/status`.
+#[derive(Debug, Serialize)]
+pub struct StatusBody {
+    /// Raft node id.
+    pub id: u64,
+    /// Node name (`--name`).
+    pub name: String,
+    /// `leader`, `follower`, `candidate`, `pre-candidate` or `learner`.
+    pub role: &'static str,
+    /// Current term.
+    pub term: u64,
+    /// Known leader's id, if any.
+    pub leader: Option<u64>,
+    /// Commit index.
+    pub commit: u64,
+    /// Applied index.
+    pub applied: u64,
+    /// Last log index.
+    pub last_index: u64,
+    /// Newest snapshot index.
+    pub snapshot_index: u64,
+    /// Voting members.
+    pub voters: Vec<u64>,
+    /// Learners.
+    pub learners: Vec<u64>,
+    /// Process id.
+    pub pid: u32,
+    /// Resident set size in bytes (VmRSS of /proc/self/status), if known.
+    pub rss_bytes: Option<u64>,
+    /// raftwork version.
+    pub version: &'static str,
+    /// Process start, Unix milliseconds.
+    pub start_time_unix_ms: u64,
+    /// Seconds since start.
+    pub uptime_seconds: f64,
+}
+
+fn role_name(role: Role) -> &'static str {
+    match role {
+        Role::Leader => "leader",
+        Role::Follower => "follower",
+        Role::Candidate => "candidate",
+        Role::PreCandidate => "pre-candidate",
+        Role::Learner => "learner",
+    }
+}
+
+/// Resident set size from `/proc/self/status` (exact kB, no page-size guess).
+fn rss_bytes() -> Option<u64> {
+    let text = std::fs::read_to_string("/proc/self/status").ok()?;
+    let line = text.lines().find(|l| l.starts_with("VmRSS:"))?;
+    let kb: u64 = line.split_whitespace().nth(1)?.parse().ok()?;
+    Some(kb * 1024)
+}
+
+async fn status(State(state): State<Shared>) -> ApiResult<Json<StatusBody>> {
+    let s = state.node.status().await.ok_or_else(shutting_down)?;
+    Ok(Json(StatusBody {
+        id: s.id,
+        name: state.config.name.clone(),
+        role: role_name(s.role),
+        term: s.term,
+        leader: s.leader,
+        commit: s.commit_index,
+        applied: s.applied_index,
+        last_index: s.last_index,
+        snapshot_index: s.snapshot_index,
+        voters: s.voters,
+        learners: s.learners,
+        pid: std::process::id(),
+        rss_bytes: rss_bytes(),
+        version: env!("CARGO_PKG_VERSION"),
+        start_time_unix_ms: state
+            .started
+            .duration_since(UNIX_EPOCH)
+            .map(|d| d.as_millis() as u64)
+            .unwrap_or(0),
+        uptime_seconds: state.started_at.elapsed().as_secs_f64(),
+    }))
+}
+
+async fn empty_key() -> ApiError {
+    ApiError::bad_request("the key is empty: use /v1/kv/{key}")
+}
+
+async fn get_key(
+    State(state): State<Shared>,
+    Path(key): Path<String>,
+    Query(query): Query<HashMap<String, String>>,
+) -> ApiResult<Response> {
+    let query = params(query, &["consistency"])?;
+    let stale = stale(&query)?;
+    let key = check_key(&key)?;
+    let value = read(&state, stale, move |kv: &KvStore| {
+        kv.get(&key).map(<[u8]>::to_vec)
+    })
+    .await?;
+    match value {
+        Some(v) => Ok((
+            [(header::CONTENT_TYPE, "application/octet-stream")],
+            Bytes::from(v),
+        )
+            .into_response()),
+        None => Err(ApiError::new(StatusCode::NOT_FOUND, "key not found")),
+    }
+}
+
+#[derive(Serialize)]
+struct IndexBody {
+    index: u64,
+}
+
+async fn put_key(
+    State(state): State<Shared>,
+    Path(key): Path<String>,
+    Query(query): Query<HashMap<String, String>>,
+    headers: HeaderMap,
+    body: Body,
+) -> ApiResult<Json<IndexBody>> {
+    let query = params(query, &["prev_value", "prev_exist"])?;
+    let key = check_key(&key)?;
+    let prev_exist = match query.get("prev_exist").map(String::as_str) {
+        None => None,
+        Some("true") => Some(true),
+        Some("false") => Some(false),
+        Some(other) => {
+            return Err(ApiError::bad_request(format!(
+                "prev_exist must be true or false, not {other:?}"
+            )))
+        }
+    };
+    let expect = match (query.get("prev_value"), prev_exist) {
+        (Some(_), Some(false)) => {
+            return Err(ApiError::bad_request(
+                "prev_value and prev_exist=false contradict each other",
+            ))
+        }
+        (Some(v), _) => Some(Expect::Value(v.as_bytes().to_vec())),
+        (None, Some(false)) => Some(Expect::Absent),
+        (None, Some(true)) => Some(Expect::Present),
+        (None, None) => None,
+    };
+    let value = read_value(&headers, body).await?;
+    let command = match expect {
+        None => KvCommand::Put { key, value },
+        Some(expect) => KvCommand::Cas { key, expect, value },
+    };
+    let (index, response) = propose(&state, command).await?;
+    match response {
+        KvResponse::Written => Ok(Json(IndexBody { index })),
+        KvResponse::CasFailed { current } => Err(ApiError::new(
+            StatusCode::PRECONDITION_FAILED,
+            match current {
+                None => "compare failed: the key does not exist".to_string(),
+                Some(_) => "compare failed: the key's value does not match".to_string(),
+            },
+        )),
+        other => Err(ApiError::new(
+            StatusCode::INTERNAL_SERVER_ERROR,
+            format!("unexpected state machine response {other:?}"),
+        )),
+    }
+}
+
+#[derive(Serialize)]
+struct DeleteBody {
+    index: u64,
+    deleted: bool,
+}
+
+async fn delete_key(
+    State(state): State<Shared>,
+    Path(key): Path<String>,
+    Query(query): Query<HashMap<String, String>>,
+) -> ApiResult<Json<DeleteBody>> {
+    params(query, &[])?;
+    let key = check_key(&key)?;
+    let (index, response) = propose(&state, KvCommand::Delete { key }).await?;
+    match response {
+        KvResponse::Deleted { existed } => Ok(Json(DeleteBody {
+            index,
+            deleted: existed,
+        })),
+        other => Err(ApiError::new(
+            StatusCode::INTERNAL_SERVER_ERROR,
+            format!("unexpected state machine response {other:?}"),
+        )),
+    }
+}
+
+#[derive(Serialize)]
+struct Item {
+    key: String,
+    value: String,
+}
+
+async fn list(
+    State(state): State<Shared>,
+    Query(query): Query<HashMap<String, String>>,
+) -> ApiResult<Json<Vec<Item>>> {
+    let query = params(query, &["prefix", "limit", "encoding", "consistency"])?;
+    let stale = stale(&query)?;
+    let prefix = query
+        .get("prefix")
+        .cloned()
+        .unwrap_or_default()
+        .into_bytes();
+    let limit = match query.get("limit") {
+        None => DEFAULT_LIST_LIMIT,
+        Some(s) => match s.parse::<usize>() {
+            Ok(n) if (1..=MAX_LIST_LIMIT).contains(&n) => n,
+            _ => {
+                return Err(ApiError::bad_request(format!(
+                    "limit must be an integer from 1 to {MAX_LIST_LIMIT}, not {s:?}"
+                )))
+            }
+        },
+    };
+    let base64 = match query.get("encoding").map(String::as_str) {
+        None | Some("utf8") => false,
+        Some("base64") => true,
+        Some(other) => {
+            return Err(ApiError::bad_request(format!(
+                "encoding must be \"utf8\" or \"base64\", not {other:?}"
+            )))
+        }
+    };
+    let entries = read(&state, stale, move |kv: &KvStore| kv.list(&prefix, limit)).await?;
+    let text = |b: &[u8]| {
+        if base64 {
+            base64::engine::general_purpose::STANDARD.encode(b)
+        } else {
+            String::from_utf8_lossy(b).into_owned()
+        }
+    };
+    Ok(Json(
+        entries
+            .iter()
+            .map(|(k, v)| Item {
+                key: text(k),
+                value: text(v),
+            })
+            .collect(),
+    ))
+}

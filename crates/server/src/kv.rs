@@ -1,0 +1,636 @@
+//! The replicated key-value state machine of the `raftwork` server.
+//!
+//! Keys and values are arbitrary bytes, kept in a `BTreeMap` (ordered, so
+//! prefix listings and snapshots are deterministic).
+//!
+//! # Command format (one Raft log entry)
+//! All integers are little-endian. `klen`/`elen` are `u32`. The value of a
+//! put is the rest of the entry (its length is implied).
+//!
+//! ```text
+//! PUT     +------+------+-----+-------------+
+//!         | 0x01 | klen | key | value ...   |
+//!         +------+------+-----+-------------+
+//! DELETE  +------+------+-----+
+//!         | 0x02 | klen | key |              (nothing may follow)
+//!         +------+------+-----+
+//! CAS     +------+------+-----+--------+-----------------+-------------+
+//!         | 0x03 | klen | key | expect | [elen|expected] | value ...   |
+//!         +------+------+-----+--------+-----------------+-------------+
+//!           expect: 0x00 = the key must be absent
+//!                   0x01 = the key must hold exactly `expected`
+//!                          (only this form carries elen|expected)
+//!                   0x02 = the key must exist, with any value
+//! ```
+//!
+//! # Malformed commands
+//! The server encodes every command itself ([`KvCommand::encode`]) after
+//! validating the request, so a malformed entry should never reach the log.
+//! If one does anyway (a bug, another client of the library), `apply` must
+//! not panic and must stay deterministic: it leaves the state unchanged and
+//! answers [`KvResponse::Invalid`] with the decode error. Every node decodes
+//! the same bytes the same way, so every node skips it alike.
+//!
+//! # Snapshot format
+//! ```text
+//! +--------+---------+-----------+---------------------------------------+
+//! | "RWKV" | version | count u64 | count x (klen u32, key, vlen u32, val) |
+//! +--------+---------+-----------+---------------------------------------+
+//!   magic    u8 = 1    LE          in key order, LE lengths
+//! ```
+//! It is written and read entry by entry (never one buffer of the whole
+//! state). Restore builds a new map and replaces the state only once the
+//! whole snapshot has been read; trailing bytes are an error.
+
+use std::collections::BTreeMap;
+use std::io::{self, Read, Write};
+
+use raftwork::{Command, StateMachine};
+
+/// Largest key the API accepts, in bytes.
+pub const MAX_KEY_BYTES: usize = 4096;
+/// Largest value the API accepts, in bytes (1 MiB).
+pub const MAX_VALUE_BYTES: usize = 1024 * 1024;
+
+const OP_PUT: u8 = 0x01;
+const OP_DELETE: u8 = 0x02;
+const OP_CAS: u8 = 0x03;
+
+const EXPECT_ABSENT: u8 = 0x00;
+const EXPECT_VALUE: u8 = 0x01;
+const EXPECT_PRESENT: u8 = 0x02;
+
+const SNAPSHOT_MAGIC: &[u8; 4] = b"RWKV";
+const SNAPSHOT_VERSION: u8 = 1;
+
+/// What a compare-and-set requires of the current value.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Expect {
+    /// The key must not exist.
+    Absent,
+    /// The key must exist, with any value.
+    Present,
+    /// The key must hold exactly this value.
+    Value(Vec<u8>),
+}
+
+/// One command of the KV state machine.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum KvCommand {
+    /// Set `key` to `value`.
+    Put {
+        /// The key.
+        key: Vec<u8>,
+        /// The new value.
+        value: Vec<u8>,
+    },
+    /// Remove `key` (no error if absent).
+    Delete {
+        /// The key.
+        key: Vec<u8>,
+    },
+    /// Set `key` to `value` if its current value satisfies `expect`.
+    Cas {
+        /// The key.
+        key: Vec<u8>,
+        /// The condition on the current value.
+        expect: Expect,
+        /// The new value.
+        value: Vec<u8>,
+    },
+}
+
+/// Why bytes are not a valid command.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum DecodeError {
+    /// The entry is empty.
+    #[error("empty command")]
+    Empty,
+    /// The first byte names no operation.
+    #[error("unknown operation {0:#04x}")]
+    UnknownOp(u8),
+    /// The compare-and-set condition byte is unknown.
+    #[error("unknown compare-and-set condition {0:#04x}")]
+    UnknownExpect(u8),
+    /// A length or field runs past the end of the entry.
+    #[error("truncated command")]
+    Truncated,
+    /// Bytes follow a delete.
+    #[error("trailing bytes after a delete")]
+    Trailing,
+}
+
+/// The state machine's answer to one command.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum KvResponse {
+    /// A put or a successful compare-and-set was applied.
+    Written,
+    /// A delete was applied; `existed` tells whether the key was there.
+    Deleted {
+        /// Whether the key existed before.
+        existed: bool,
+    },
+    /// A compare-and-set's condition failed; nothing changed.
+    CasFailed {
+        /// The key's current value.
+        current: Option<Vec<u8>>,
+    },
+    /// The entry was not a valid command; nothing changed.
+    Invalid(DecodeError),
+}
+
+fn put_bytes(out: &mut Vec<u8>, bytes: &[u8]) {
+    out.extend_from_slice(&(bytes.len() as u32).to_le_bytes());
+    out.extend_from_slice(bytes);
+}
+
+fn take_bytes<'a>(input: &mut &'a [u8]) -> Result<&'a [u8], DecodeError> {
+    if input.len() < 4 {
+        return Err(DecodeError::Truncated);
+    }
+    let len = u32::from_le_bytes([input[0], input[1], input[2], input[3]]) as usize;
+    let rest = &input[4..];
+    if rest.len() < len {
+        return Err(DecodeError::Truncated);
+    }
+    let (field, rest) = rest.split_at(len);
+    *input = rest;
+    Ok(field)
+}
+
+impl KvCommand {
+    /// The key the command is about.
+    pub fn key(&self) -> &[u8] {
+        match self {
+            Self::Put { key, .. } | Self::Delete { key } | Self::Cas { key, .. } => key,
+        }
+    }
+
+    /// Encodes the command in the format of the module header.
+    pub fn encode(&self) -> Vec<u8> {
+        let mut out = Vec::new();
+        match self {
+            Self::Put { key, value } => {
+                out.reserve(5 + key.len() + value.len());
+                out.push(OP_PUT);
+                put_bytes(&mut out, key);
+                out.extend_from_slice(value);
+            }
+            Self::Delete { key } => {
+                out.push(OP_DELETE);
+                put_bytes(&mut out, key);
+            }
+            Self::Cas { key, expect, value } => {
+                out.push(OP_CAS);
+                put_bytes(&mut out, key);
+                match expect {
+                    Expect::Absent => out.push(EXPECT_ABSENT),
+                    Expect::Present => out.push(EXPECT_PRESENT),
+                    Expect::Value(v) => {
+                        out.push(EXPECT_VALUE);
+                        put_bytes(&mut out, v);
+                    }
+                }
+                out.extend_from_slice(value);
+            }
+        }
+        out
+    }
+
+    /// Decodes a command; never panics.
+    pub fn decode(data: &[u8]) -> Result<Self, DecodeError> {
+        let (&op, mut rest) = data.split_first().ok_or(DecodeError::Empty)?;
+        match op {
+            OP_PUT => {
+                let key = take_bytes(&mut rest)?.to_vec();
+                Ok(Self::Put {
+                    key,
+                    value: rest.to_vec(),
+                })
+            }
+            OP_DELETE => {
+                let key = take_bytes(&mut rest)?.to_vec();
+                if !rest.is_empty() {
+                    return Err(DecodeError::Trailing);
+                }
+                Ok(Self::Delete { key })
+            }
+            OP_CAS => {
+                let key = take_bytes(&mut rest)?.to_vec();
+                let (&tag, after) = rest.split_first().ok_or(DecodeError::Truncated)?;
+                rest = after;
+                let expect = match tag {
+                    EXPECT_ABSENT => Expect::Absent,
+                    EXPECT_PRESENT => Expect::Present,
+                    EXPECT_VALUE => Expect::Value(take_bytes(&mut rest)?.to_vec()),
+                    other => return Err(DecodeError::UnknownExpect(other)),
+                };
+                Ok(Self::Cas {
+                    key,
+                    expect,
+                    value: rest.to_vec(),
+                })
+            }
+            other => Err(DecodeError::UnknownOp(other)),
+        }
+    }
+}
+
+/// The replicated map.
+#[derive(Debug, Default, Clone, PartialEq, Eq)]
+pub struct KvStore {
+    map: BTreeMap<Vec<u8>, Vec<u8>>,
+}
+
+impl KvStore {
+    /// An empty store.
+    pub fn new() -> Self {
+        Self::default()
+    }
+
+    /// The value of `key`.
+    pub fn get(&self, key: &[u8]) -> Option<&[u8]> {
+        self.map.get(key).map(Vec::as_slice)
+    }
+
+    /// Up to `limit` entries whose key starts with `prefix`, in key order.
+    pub fn list(&self, prefix: &[u8], limit: usize) -> Vec<(Vec<u8>, Vec<u8>)> {
+        self.map
+            .range(prefix.to_vec()..)
+            .take_while(|(k, _)| k.starts_with(prefix))
+            .take(limit)
+            .map(|(k, v)| (k.clone(), v.clone()))
+            .collect()
+    }
+
+    /// Number of keys.
+    pub fn len(&self) -> usize {
+        self.map.len()
+    }
+
+    /// True when there are no keys.
+    pub fn is_empty(&self) -> bool {
+        self.map.is_empty()
+    }
+
+    /// Applies one encoded command (see the module header).
+    pub fn apply_one(&mut self, data: &[u8]) -> KvResponse {
+        let command = match KvCommand::decode(data) {
+            Ok(c) => c,
+            Err(e) => return KvResponse::Invalid(e),
+        };
+        match command {
+            KvCommand::Put { key, value } => {
+                self.map.insert(key, value);
+                KvResponse::Written
+            }
+            KvCommand::Delete { key } => KvResponse::Deleted {
+                existed: self.map.remove(&key).is_some(),
+            },
+            KvCommand::Cas { key, expect, value } => {
+                let current = self.map.get(&key);
+                let ok = match (&expect, current) {
+                    (Expect::Absent, None) => true,
+                    (Expect::Present, Some(_)) => true,
+                    (Expect::Value(want), Some(have)) => want == have,
+                    _ => false,
+                };
+                if ok {
+                    self.map.insert(key, value);
+                    KvResponse::Written
+                } else {
+                    KvResponse::CasFailed {
+                        current: current.cloned(),
+                    }
+                }
+            }
+        }
+    }
+}
+
+fn read_u32(r: &mut dyn Read) -> io::Result<u32> {
+    let mut b = [0u8; 4];
+    r.read_exact(&mut b)?;
+    Ok(u32::from_le_bytes(b))
+}
+
+/// Reads exactly `len` bytes without trusting `len` for the allocation (a
+/// corrupt length fails at end of input instead of allocating gigabytes).
+fn read_field(r: &mut dyn Read, len: u32) -> io::Result<Vec<u8>> {
+    let mut out = Vec::new();
+    r.take(u64::from(len)).read_to_end(&mut out)?;
+    if out.len() != len as usize {
+        return Err(io::Error::new(
+            io::ErrorKind::UnexpectedEof,
+            "kv snapshot: truncated entry",
+        ));
+    }
+    Ok(out)
+}
+
+fn invalid(msg: &str) -> io::Error {
+    io::Error::new(io::ErrorKind::InvalidData, format!("kv snapshot: {msg}"))
+}
+
+impl StateMachine for KvStore {
+    type Response = KvResponse;
+
+    fn apply(&mut self, commands: &[Command<'_>]) -> Vec<KvResponse> {
+        commands.iter().map(|c| self.apply_one(c.data)).collect()
+    }
+
+    fn snapshot(&self, w: &mut dyn Write) -> io::Result<()> {
+        w.write_all(SNAPSHOT_MAGIC)?;
+        w.write_all(&[SNAPSHOT_VERSION])?;
+        w.write_all(&(self.map.len() as u64).to_le_bytes())?;
+        for (k, v) in &self.map {
+            let klen = u32::try_from(k.len()).map_err(|_| invalid("key over 4 GiB"))?;
+            let vlen = u32::try_from(v.len()).map_err(|_| invalid("value over 4 GiB"))?;
+            w.write_all(&klen.to_le_bytes())?;
+            w.write_all(k)?;
+            w.write_all(&vlen.to_le_bytes())?;
+            w.write_all(v)?;
+        }
+        Ok(())
+    }
+
+    fn restore(&mut self, r: &mut dyn Read) -> io::Result<()> {
+        let mut header = [0u8; 13];
+        r.read_exact(&mut header)?;
+        if &header[..4] != SNAPSHOT_MAGIC {
+            return Err(invalid("bad magic"));
+        }
+        if header[4] != SNAPSHOT_VERSION {
+            return Err(invalid(&format!("unknown version {}", header[4])));
+        }
+        let count = u64::from_le_bytes(header[5..13].try_into().expect("8 bytes"));
+        let mut map = BTreeMap::new();
+        for _ in 0..count {
+            let klen = read_u32(r)?;
+            let key = read_field(r, klen)?;
+            let vlen = read_u32(r)?;
+            let value = read_field(r, vlen)?;
+            map.insert(key, value);
+        }
+        if r.read(&mut [0u8; 1])? != 0 {
+            return Err(invalid("trailing bytes"));
+        }
+        self.map = map;
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn put(k: &str, v: &str) -> Vec<u8> {
+        KvCommand::Put {
+            key: k.into(),
+            value: v.into(),
+        }
+        .encode()
+    }
+
+    fn cas(k: &str, expect: Expect, v: &str) -> Vec<u8> {
+        KvCommand::Cas {
+            key: k.into(),
+            expect,
+            value: v.into(),
+        }
+        .encode()
+    }
+
+    fn apply_all(store: &mut KvStore, entries: &[Vec<u8>]) -> Vec<KvResponse> {
+        let commands: Vec<Command<'_>> = entries
+            .iter()
+            .enumerate()
+            .map(|(i, data)| Command {
+                index: i as u64 + 1,
+                term: 1,
+                data,
+            })
+            .collect();
+        store.apply(&commands)
+    }
+
+    #[test]
+    fn encode_decode_round_trip() {
+        let commands = [
+            KvCommand::Put {
+                key: b"k".to_vec(),
+                value: vec![0, 1, 2, 255],
+            },
+            KvCommand::Put {
+                key: vec![],
+                value: vec![],
+            },
+            KvCommand::Delete {
+                key: b"\xff".to_vec(),
+            },
+            KvCommand::Cas {
+                key: b"k".to_vec(),
+                expect: Expect::Absent,
+                value: b"v".to_vec(),
+            },
+            KvCommand::Cas {
+                key: b"k".to_vec(),
+                expect: Expect::Present,
+                value: vec![],
+            },
+            KvCommand::Cas {
+                key: b"k".to_vec(),
+                expect: Expect::Value(b"old".to_vec()),
+                value: b"new".to_vec(),
+            },
+        ];
+        for c in commands {
+            assert_eq!(KvCommand::decode(&c.encode()), Ok(c));
+        }
+    }
+
+    #[test]
+    fn apply_put_get_delete() {
+        let mut s = KvStore::new();
+        let del = KvCommand::Delete { key: b"a".to_vec() }.encode();
+        let r = apply_all(&mut s, &[put("a", "1"), put("b", "2"), put("a", "3")]);
+        assert_eq!(r, vec![KvResponse::Written; 3]);
+        assert_eq!(s.get(b"a"), Some(&b"3"[..]));
+        assert_eq!(s.get(b"b"), Some(&b"2"[..]));
+        let r = apply_all(&mut s, &[del.clone(), del]);
+        assert_eq!(
+            r,
+            vec![
+                KvResponse::Deleted { existed: true },
+                KvResponse::Deleted { existed: false }
+            ]
+        );
+        assert_eq!(s.get(b"a"), None);
+        assert_eq!(s.len(), 1);
+    }
+
+    #[test]
+    fn cas_semantics() {
+        let mut s = KvStore::new();
+        // Absent: succeeds once, then fails with the current value.
+        assert_eq!(
+            s.apply_one(&cas("k", Expect::Absent, "1")),
+            KvResponse::Written
+        );
+        assert_eq!(
+            s.apply_one(&cas("k", Expect::Absent, "2")),
+            KvResponse::CasFailed {
+                current: Some(b"1".to_vec())
+            }
+        );
+        // Value: only the exact current value matches.
+        assert_eq!(
+            s.apply_one(&cas("k", Expect::Value(b"x".to_vec()), "2")),
+            KvResponse::CasFailed {
+                current: Some(b"1".to_vec())
+            }
+        );
+        assert_eq!(
+            s.apply_one(&cas("k", Expect::Value(b"1".to_vec()), "2")),
+            KvResponse::Written
+        );
+        assert_eq!(s.get(b"k"), Some(&b"2"[..]));
+        // Present: any value, but not a missing key.
+        assert_eq!(
+            s.apply_one(&cas("k", Expect::Present, "3")),
+            KvResponse::Written
+        );
+        assert_eq!(
+            s.apply_one(&cas("nope", Expect::Present, "3")),
+            KvResponse::CasFailed { current: None }
+        );
+        assert_eq!(
+            s.apply_one(&cas("nope", Expect::Value(vec![]), "3")),
+            KvResponse::CasFailed { current: None }
+        );
+        assert_eq!(s.get(b"nope"), None);
+        // An empty expected value differs from absence.
+        s.apply_one(&put("e", ""));
+        assert_eq!(
+            s.apply_one(&cas("e", Expect::Value(vec![]), "full")),
+            KvResponse::Written
+        );
+    }
+
+    #[test]
+    fn list_by_prefix_in_order() {
+        let mut s = KvStore::new();
+        apply_all(
+            &mut s,
+            &[
+                put("b/2", "x"),
+                put("a", "y"),
+                put("b/1", "z"),
+                put("c", "w"),
+            ],
+        );
+        let keys: Vec<Vec<u8>> = s.list(b"b/", 10).into_iter().map(|(k, _)| k).collect();
+        assert_eq!(keys, vec![b"b/1".to_vec(), b"b/2".to_vec()]);
+        assert_eq!(s.list(b"", 2).len(), 2);
+        assert_eq!(s.list(b"", 100).len(), 4);
+        assert!(s.list(b"zz", 100).is_empty());
+    }
+
+    #[test]
+    fn snapshot_round_trip() {
+        let mut s = KvStore::new();
+        apply_all(
+            &mut s,
+            &[
+                put("a", "1"),
+                put("", "empty key"),
+                put("bin", "\u{0}\u{ff}"),
+            ],
+        );
+        s.apply_one(
+            &KvCommand::Put {
+                key: vec![0xff, 0],
+                value: vec![7; 100_000],
+            }
+            .encode(),
+        );
+        let mut buf = Vec::new();
+        s.snapshot(&mut buf).unwrap();
+        let mut t = KvStore::new();
+        t.apply_one(&put("stale", "gone after restore"));
+        t.restore(&mut buf.as_slice()).unwrap();
+        assert_eq!(s, t);
+
+        // Empty store too.
+        let mut buf = Vec::new();
+        KvStore::new().snapshot(&mut buf).unwrap();
+        t.restore(&mut buf.as_slice()).unwrap();
+        assert!(t.is_empty());
+    }
+
+    #[test]
+    fn corrupt_snapshot_is_refused_and_state_kept() {
+        let mut s = KvStore::new();
+        s.apply_one(&put("a", "1"));
+        let mut buf = Vec::new();
+        s.snapshot(&mut buf).unwrap();
+
+        let mut t = KvStore::new();
+        t.apply_one(&put("mine", "kept"));
+        let before = t.clone();
+        // Truncated.
+        assert!(t.restore(&mut &buf[..buf.len() - 1]).is_err());
+        // Trailing bytes.
+        let mut longer = buf.clone();
+        longer.push(0);
+        assert!(t.restore(&mut longer.as_slice()).is_err());
+        // Bad magic and version.
+        let mut bad = buf.clone();
+        bad[0] = b'X';
+        assert!(t.restore(&mut bad.as_slice()).is_err());
+        let mut bad = buf.clone();
+        bad[4] = 9;
+        assert!(t.restore(&mut bad.as_slice()).is_err());
+        // A huge length fails at end of input without allocating it.
+        let mut bad = buf[..13].to_vec();
+        bad.extend_from_slice(&u32::MAX.to_le_bytes());
+        assert!(t.restore(&mut bad.as_slice()).is_err());
+        assert_eq!(t, before);
+    }
+
+    #[test]
+    fn malformed_commands_are_rejected_without_panic() {
+        let mut s = KvStore::new();
+        s.apply_one(&put("a", "1"));
+        let before = s.clone();
+        let cases: Vec<(Vec<u8>, DecodeError)> = vec![
+            (vec![], DecodeError::Empty),
+            (vec![0x7f, 1, 2], DecodeError::UnknownOp(0x7f)),
+            (vec![OP_PUT, 1, 0], DecodeError::Truncated),
+            (vec![OP_PUT, 9, 0, 0, 0, b'a'], DecodeError::Truncated),
+            (vec![OP_PUT, 0xff, 0xff, 0xff, 0xff], DecodeError::Truncated),
+            (
+                vec![OP_DELETE, 1, 0, 0, 0, b'a', b'x'],
+                DecodeError::Trailing,
+            ),
+            (vec![OP_CAS, 1, 0, 0, 0, b'a'], DecodeError::Truncated),
+            (
+                vec![OP_CAS, 1, 0, 0, 0, b'a', 9],
+                DecodeError::UnknownExpect(9),
+            ),
+            (
+                vec![OP_CAS, 1, 0, 0, 0, b'a', EXPECT_VALUE, 5, 0, 0, 0],
+                DecodeError::Truncated,
+            ),
+        ];
+        for (data, err) in cases {
+            assert_eq!(s.apply_one(&data), KvResponse::Invalid(err), "{data:?}");
+        }
+        assert_eq!(s, before);
+        // Every prefix of a valid command decodes or fails, never panics.
+        let full = cas("key", Expect::Value(b"old".to_vec()), "new");
+        for n in 0..full.len() {
+            let _ = KvCommand::decode(&full[..n]);
+        }
+    }
+}

@@ -1,0 +1,13 @@
+//! The `raftwork` server: a replicated key-value node with a REST API, built
+//! on the raftwork library.
+//!
+//! * [`kv`]: the replicated state machine (command and snapshot formats);
+//! * [`api`]: the REST API (routes, error format, limits);
+//! * [`serve`]: `raftwork serve` (flags, logging, startup, graceful shutdown).
+
+#![warn(missing_docs)]
+#![forbid(unsafe_code)]
+
+pub mod api;
+pub mod kv;
+pub mod serve;

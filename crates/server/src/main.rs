@@ -1,0 +1,52 @@
+//! The `raftwork` binary. `raftwork serve --help` lists the flags.
+
+use std::process::ExitCode;
+
+use clap::{Parser, Subcommand};
+use raftwork_server::serve::{init_logging, run, ServeArgs};
+
+/// raftwork: a replicated key-value store on Raft.
+#[derive(Debug, Parser)]
+#[command(name = "raftwork", version, about)]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Debug, Subcommand)]
+enum Command {
+    /// Run a node. With no flags: a durable single-node cluster in
+    /// ./raftwork-data, API on 127.0.0.1:8080, peers on 127.0.0.1:2380.
+    Serve(ServeArgs),
+}
+
+fn main() -> ExitCode {
+    // Bad flags exit here (code 2) with clap's message, before any file is touched.
+    let cli = Cli::parse();
+    match cli.command {
+        Command::Serve(args) => {
+            if let Err(e) = init_logging(&args.log_level) {
+                eprintln!("raftwork: {e}");
+                return ExitCode::from(2);
+            }
+            let runtime = match tokio::runtime::Builder::new_multi_thread()
+                .enable_all()
+                .build()
+            {
+                Ok(rt) => rt,
+                Err(e) => {
+                    eprintln!("raftwork: cannot start the async runtime: {e}");
+                    return ExitCode::FAILURE;
+                }
+            };
+            match runtime.block_on(run(args)) {
+                Ok(()) => ExitCode::SUCCESS,
+                Err(e) => {
+                    tracing::error!(error = %e, "raftwork stopped");
+                    eprintln!("raftwork: {e}");
+                    ExitCode::FAILURE
+                }
+            }
+        }
+    }
+}
