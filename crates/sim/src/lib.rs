@@ -144,6 +144,8 @@ pub struct Report {
     pub applied_entries: u64,
     /// Snapshots installed from a leader, summed over nodes.
     pub snapshots_installed: u64,
+    /// Leadership transfers requested.
+    pub transfers: u64,
 }
 
 /// Why a run failed.
@@ -328,6 +330,7 @@ struct Sim {
     crashes: u64,
     applied_entries: u64,
     snapshots_installed: u64,
+    transfers: u64,
     logger: slog::Logger,
 }
 
@@ -556,7 +559,27 @@ impl Sim {
 
     fn inject_fault(&mut self) -> Result<(), Failure> {
         let n = self.cfg.nodes;
-        match self.rng.below(6) {
+        match self.rng.below(7) {
+            6 => {
+                // Ask the leader to hand leadership to another voter.
+                let leader = (0..self.nodes.len()).find(|&k| {
+                    self.nodes[k]
+                        .core
+                        .as_ref()
+                        .is_some_and(|c| c.role() == raftwork_core::Role::Leader)
+                });
+                if let Some(k) = leader {
+                    let to = 1 + self.rng.below(n);
+                    if to != self.nodes[k].id {
+                        let node = &mut self.nodes[k];
+                        let req = node.next_request;
+                        node.next_request += 1;
+                        self.transfers += 1;
+                        let _ = node.core.as_mut().unwrap().handle_transfer_leader(req, to);
+                        self.drive(k)?;
+                    }
+                }
+            }
             0 | 1 => {
                 // Crash a running node, at most a minority at a time.
                 let down = self.nodes.iter().filter(|x| x.core.is_none()).count() as u64;
@@ -1071,6 +1094,7 @@ impl Sim {
             crashes: self.crashes,
             applied_entries: self.applied_entries,
             snapshots_installed: self.snapshots_installed,
+            transfers: self.transfers,
         })
     }
 }
@@ -1125,6 +1149,7 @@ pub fn run(cfg: &SimConfig) -> Result<Report, Failure> {
         crashes: 0,
         applied_entries: 0,
         snapshots_installed: 0,
+        transfers: 0,
         logger: slog::Logger::root(slog::Discard, slog::o!()),
     };
     // A panic inside raft-rs or the core is a failure of this seed, not of

@@ -56,12 +56,13 @@ fn many_seeds_with_faults_stay_safe_and_linearizable() {
     let acked: usize = reports.iter().map(|r| r.acknowledged_writes).sum();
     let crashes: u64 = reports.iter().map(|r| r.crashes).sum();
     let installed: u64 = reports.iter().map(|r| r.snapshots_installed).sum();
+    let transfers: u64 = reports.iter().map(|r| r.transfers).sum();
     // Straight to stderr, past the test harness's capture: the summary shows
     // in a plain `cargo test` run.
     use std::io::Write as _;
     let _ = writeln!(
         std::io::stderr(),
-        "simulation: {} seeds from {first}, {} histories checked ({ops} operations, {acked} acknowledged writes), {crashes} crashes, {installed} snapshots installed, {} failures",
+        "simulation: {} seeds from {first}, {} histories checked ({ops} operations, {acked} acknowledged writes), {crashes} crashes, {installed} snapshots installed, {transfers} leadership transfers, {} failures",
         count,
         reports.len(),
         failures.len()
