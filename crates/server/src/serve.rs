@@ -43,7 +43,9 @@ pub struct ServeArgs {
     #[arg(long, env = "RAFTWORK_API_ADDR", default_value = "127.0.0.1:8080")]
     pub api_addr: SocketAddr,
     /// Log level: error, warn, info, debug, trace or off, or tracing
-    /// directives such as "info,raft=warn". Logs are JSON lines on stderr.
+    /// directives such as "warn,raftwork_server=info". Logs are JSON lines
+    /// on stderr. raft-rs logs under target `raft`; note that a directive
+    /// `raft=...` matches by prefix, so it also covers `raftwork*` targets.
     #[arg(long, env = "RAFTWORK_LOG_LEVEL", default_value = "info", value_parser = parse_log_level)]
     pub log_level: String,
     /// How long a request waits for a leader before 503, in milliseconds.

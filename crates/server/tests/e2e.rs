@@ -1,0 +1,531 @@
+//! End-to-end tests of the `raftwork` binary: each test starts real
+//! processes on ephemeral loopback ports with a temporary data dir and talks
+//! HTTP/1.1 to them over a plain `TcpStream`.
+
+use std::io::{Read, Write};
+use std::net::{SocketAddr, TcpListener, TcpStream};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, ExitStatus, Output, Stdio};
+use std::time::{Duration, Instant};
+
+use serde_json::Value;
+
+const BIN: &str = env!("CARGO_BIN_EXE_raftwork");
+
+/// A port free right now (bound to 127.0.0.1:0, then released).
+fn free_port() -> u16 {
+    TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
+
+/// `raftwork` with no RAFTWORK_* variables inherited from the environment.
+fn raftwork() -> Command {
+    let mut cmd = Command::new(BIN);
+    for (k, _) in std::env::vars_os() {
+        if k.to_string_lossy().starts_with("RAFTWORK_") {
+            cmd.env_remove(k);
+        }
+    }
+    cmd
+}
+
+struct Response {
+    status: u16,
+    head: String,
+    body: Vec<u8>,
+}
+
+impl Response {
+    fn text(&self) -> String {
+        String::from_utf8_lossy(&self.body).into_owned()
+    }
+
+    fn json(&self) -> Value {
+        serde_json::from_slice(&self.body)
+            .unwrap_or_else(|e| panic!("not JSON ({e}): {}", self.text()))
+    }
+
+    /// Asserts an error body of the documented shape and returns its message.
+    fn error(&self) -> String {
+        let v = self.json();
+        assert!(v["leader"].is_null(), "{v}");
+        v["error"].as_str().expect("error message").to_string()
+    }
+}
+
+/// Sends raw request bytes and reads the whole response (`Connection: close`).
+fn raw(addr: SocketAddr, request: &[u8]) -> std::io::Result<Response> {
+    let mut stream = TcpStream::connect(addr)?;
+    stream.set_read_timeout(Some(Duration::from_secs(60)))?;
+    stream.write_all(request)?;
+    let mut buf = Vec::new();
+    stream.read_to_end(&mut buf)?;
+    let split = buf
+        .windows(4)
+        .position(|w| w == b"\r\n\r\n")
+        .ok_or_else(|| std::io::Error::other("no end of headers"))?;
+    let head = String::from_utf8_lossy(&buf[..split]).into_owned();
+    let status = head
+        .split_whitespace()
+        .nth(1)
+        .and_then(|s| s.parse().ok())
+        .ok_or_else(|| std::io::Error::other(format!("bad status line: {head}")))?;
+    assert!(
+        !head
+            .to_ascii_lowercase()
+            .contains("transfer-encoding: chunked"),
+        "the helper does not decode chunked bodies: {head}"
+    );
+    Ok(Response {
+        status,
+        head,
+        body: buf[split + 4..].to_vec(),
+    })
+}
+
+fn request(addr: SocketAddr, method: &str, path: &str, body: &[u8]) -> Response {
+    let mut req = format!(
+        "{method} {path} HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\nContent-Length: {}\r\n\r\n",
+        body.len()
+    )
+    .into_bytes();
+    req.extend_from_slice(body);
+    raw(addr, &req).unwrap_or_else(|e| panic!("{method} {path}: {e}"))
+}
+
+struct Server {
+    child: Child,
+    api: SocketAddr,
+    log: PathBuf,
+}
+
+impl Server {
+    /// Starts `raftwork serve` on `data_dir` with fresh ports and waits
+    /// until /readyz answers 200.
+    fn start(data_dir: &Path, log: PathBuf) -> Self {
+        let api: SocketAddr = format!("127.0.0.1:{}", free_port()).parse().unwrap();
+        let peer = format!("127.0.0.1:{}", free_port());
+        let mut cmd = raftwork();
+        cmd.arg("serve")
+            .arg("--name")
+            .arg("e2e")
+            .arg("--peer-addr")
+            .arg(&peer)
+            .arg("--log-level")
+            .arg("info")
+            // Through the environment, to cover clap's env feature.
+            .env("RAFTWORK_API_ADDR", api.to_string())
+            .env("RAFTWORK_DATA_DIR", data_dir);
+        Self::spawn(cmd, api, log)
+    }
+
+    fn spawn(mut cmd: Command, api: SocketAddr, log: PathBuf) -> Self {
+        let stderr = std::fs::File::create(&log).unwrap();
+        let child = cmd
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(stderr)
+            .spawn()
+            .expect("start raftwork");
+        let mut server = Self { child, api, log };
+        server.wait_ready();
+        server
+    }
+
+    fn logs(&self) -> String {
+        std::fs::read_to_string(&self.log).unwrap_or_default()
+    }
+
+    fn wait_ready(&mut self) {
+        // A hang guard, not a timing assertion: a single node elects itself
+        // in about a second.
+        let deadline = Instant::now() + Duration::from_secs(60);
+        loop {
+            if let Some(status) = self.child.try_wait().unwrap() {
+                panic!("raftwork exited early ({status}):\n{}", self.logs());
+            }
+            let req = format!(
+                "GET /readyz HTTP/1.1\r\nHost: {}\r\nConnection: close\r\n\r\n",
+                self.api
+            );
+            if let Ok(r) = raw(self.api, req.as_bytes()) {
+                if r.status == 200 {
+                    return;
+                }
+            }
+            assert!(
+                Instant::now() < deadline,
+                "raftwork not ready:\n{}",
+                self.logs()
+            );
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+
+    fn req(&self, method: &str, path: &str, body: &[u8]) -> Response {
+        request(self.api, method, path, body)
+    }
+
+    /// Sends SIGTERM and waits for the process to exit.
+    fn terminate(mut self) -> ExitStatus {
+        let killed = Command::new("kill")
+            .arg("-TERM")
+            .arg(self.child.id().to_string())
+            .status()
+            .expect("run kill");
+        assert!(killed.success());
+        self.child.wait().unwrap()
+    }
+}
+
+impl Drop for Server {
+    fn drop(&mut self) {
+        if let Ok(None) = self.child.try_wait() {
+            let _ = self.child.kill();
+            let _ = self.child.wait();
+        }
+    }
+}
+
+fn start_temp() -> (tempfile::TempDir, Server) {
+    let tmp = tempfile::tempdir().unwrap();
+    let server = Server::start(&tmp.path().join("data"), tmp.path().join("stderr.log"));
+    (tmp, server)
+}
+
+#[test]
+fn put_get_delete_list_and_cas() {
+    let (_tmp, s) = start_temp();
+
+    // Put and read back, linearizable and stale.
+    let r = s.req("PUT", "/v1/kv/greeting", b"hello");
+    assert_eq!(r.status, 200, "{}", r.text());
+    let first = r.json()["index"].as_u64().expect("index");
+    assert!(first > 0);
+    let r = s.req("GET", "/v1/kv/greeting", b"");
+    assert_eq!((r.status, r.body.as_slice()), (200, &b"hello"[..]));
+    assert!(r
+        .head
+        .to_ascii_lowercase()
+        .contains("content-type: application/octet-stream"));
+    let r = s.req("GET", "/v1/kv/greeting?consistency=stale", b"");
+    assert_eq!((r.status, r.body.as_slice()), (200, &b"hello"[..]));
+    let r = s.req("GET", "/v1/kv/greeting?consistency=linearizable", b"");
+    assert_eq!(r.status, 200);
+
+    // Overwrite: a later index.
+    let r = s.req("PUT", "/v1/kv/greeting", b"bonjour");
+    assert!(r.json()["index"].as_u64().unwrap() > first);
+    assert_eq!(s.req("GET", "/v1/kv/greeting", b"").body, b"bonjour");
+
+    // Binary values, an empty value, keys with '/' and percent-encoding.
+    let binary = [0u8, 255, 10, 13, 0];
+    assert_eq!(s.req("PUT", "/v1/kv/dir/sub/bin", &binary).status, 200);
+    assert_eq!(s.req("GET", "/v1/kv/dir/sub/bin", b"").body, binary);
+    assert_eq!(s.req("PUT", "/v1/kv/dir/empty", b"").status, 200);
+    let r = s.req("GET", "/v1/kv/dir/empty", b"");
+    assert_eq!((r.status, r.body.len()), (200, 0));
+    assert_eq!(s.req("PUT", "/v1/kv/sp%20ace", b"x").status, 200);
+    assert_eq!(s.req("GET", "/v1/kv/sp%20ace", b"").body, b"x");
+
+    // List by prefix, in key order, with a limit, in UTF-8 and base64.
+    let r = s.req("GET", "/v1/kv?prefix=dir/", b"");
+    assert_eq!(r.status, 200, "{}", r.text());
+    let items = r.json();
+    let keys: Vec<&str> = items
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|i| i["key"].as_str().unwrap())
+        .collect();
+    assert_eq!(keys, ["dir/empty", "dir/sub/bin"]);
+    let r = s.req("GET", "/v1/kv?prefix=dir/&limit=1", b"");
+    assert_eq!(r.json().as_array().unwrap().len(), 1);
+    let r = s.req("GET", "/v1/kv?prefix=dir/sub&encoding=base64", b"");
+    assert_eq!(r.json()[0]["key"], "ZGlyL3N1Yi9iaW4=");
+    assert_eq!(r.json()[0]["value"], "AP8KDQA=");
+    let r = s.req("GET", "/v1/kv?consistency=stale", b"");
+    assert_eq!(r.json().as_array().unwrap().len(), 4);
+    let r = s.req("GET", "/v1/kv?prefix=nothing", b"");
+    assert_eq!(r.json(), serde_json::json!([]));
+
+    // Delete: then 404; deleting again is fine.
+    let r = s.req("DELETE", "/v1/kv/greeting", b"");
+    assert_eq!(r.status, 200);
+    assert_eq!(r.json()["deleted"], true);
+    let r = s.req("GET", "/v1/kv/greeting", b"");
+    assert_eq!(r.status, 404);
+    assert_eq!(r.error(), "key not found");
+    let r = s.req("DELETE", "/v1/kv/greeting", b"");
+    assert_eq!((r.status, r.json()["deleted"].clone()), (200, false.into()));
+
+    // Compare-and-set: create only if absent.
+    assert_eq!(
+        s.req("PUT", "/v1/kv/lock?prev_exist=false", b"a").status,
+        200
+    );
+    let r = s.req("PUT", "/v1/kv/lock?prev_exist=false", b"b");
+    assert_eq!(r.status, 412);
+    assert!(r.error().contains("compare failed"));
+    assert_eq!(s.req("GET", "/v1/kv/lock", b"").body, b"a");
+    // Swap on the exact previous value.
+    let r = s.req("PUT", "/v1/kv/lock?prev_value=wrong", b"b");
+    assert_eq!(r.status, 412);
+    let r = s.req("PUT", "/v1/kv/lock?prev_value=a", b"b");
+    assert_eq!(r.status, 200, "{}", r.text());
+    assert!(r.json()["index"].as_u64().is_some());
+    assert_eq!(s.req("GET", "/v1/kv/lock", b"").body, b"b");
+    // Update only if present.
+    assert_eq!(
+        s.req("PUT", "/v1/kv/lock?prev_exist=true", b"c").status,
+        200
+    );
+    assert_eq!(
+        s.req("PUT", "/v1/kv/none?prev_exist=true", b"c").status,
+        412
+    );
+    assert_eq!(s.req("GET", "/v1/kv/none", b"").status, 404);
+    // A percent-encoded expected value.
+    assert_eq!(s.req("PUT", "/v1/kv/sp", b"a b&c").status, 200);
+    assert_eq!(
+        s.req("PUT", "/v1/kv/sp?prev_value=a%20b%26c", b"done")
+            .status,
+        200
+    );
+}
+
+#[test]
+fn bad_input_is_rejected_with_4xx() {
+    let (_tmp, s) = start_temp();
+
+    // Empty key.
+    for method in ["PUT", "GET", "DELETE"] {
+        let r = s.req(method, "/v1/kv/", b"x");
+        assert_eq!(r.status, 400, "{method}: {}", r.text());
+        assert!(r.error().contains("empty"));
+    }
+    // Oversized key.
+    let long = "k".repeat(4097);
+    let r = s.req("PUT", &format!("/v1/kv/{long}"), b"x");
+    assert_eq!(r.status, 400);
+    assert!(r.error().contains("key"), "{}", r.text());
+
+    // A value of exactly the limit is fine; one byte more is refused.
+    let limit = 1024 * 1024;
+    let r = s.req("PUT", "/v1/kv/big", &vec![b'v'; limit]);
+    assert_eq!(r.status, 200, "{}", r.text());
+    assert_eq!(s.req("GET", "/v1/kv/big", b"").body.len(), limit);
+    // Sent with Expect: 100-continue, so the server refuses on the header
+    // alone and the body never has to be written.
+    let head = format!(
+        "PUT /v1/kv/big HTTP/1.1\r\nHost: {}\r\nConnection: close\r\n\
+         Content-Length: {}\r\nExpect: 100-continue\r\n\r\n",
+        s.api,
+        limit + 1
+    );
+    let r = raw(s.api, head.as_bytes()).unwrap();
+    assert_eq!(r.status, 400, "{}", r.text());
+    assert!(r.error().contains("limit"));
+    assert_eq!(s.req("GET", "/v1/kv/big", b"").body.len(), limit);
+
+    // Malformed or unknown query parameters.
+    for path in [
+        "/v1/kv?limit=abc",
+        "/v1/kv?limit=0",
+        "/v1/kv?limit=-1",
+        "/v1/kv?limit=10001",
+        "/v1/kv?encoding=hex",
+        "/v1/kv?consistency=bogus",
+        "/v1/kv?pefix=typo",
+        "/v1/kv/k?consistency=eventual",
+        "/v1/kv/k?prev_value=x",
+    ] {
+        let r = s.req("GET", path, b"");
+        assert_eq!(r.status, 400, "{path}: {}", r.text());
+        r.error();
+    }
+    for path in [
+        "/v1/kv/k?prev_exist=maybe",
+        "/v1/kv/k?prev_value=a&prev_exist=false",
+        "/v1/kv/k?ttl=5",
+    ] {
+        let r = s.req("PUT", path, b"v");
+        assert_eq!(r.status, 400, "{path}: {}", r.text());
+        r.error();
+    }
+    assert_eq!(s.req("GET", "/v1/kv/k", b"").status, 404);
+    let r = s.req("DELETE", "/v1/kv/k?force=1", b"");
+    assert_eq!(r.status, 400);
+
+    // A route that does not exist.
+    assert_eq!(s.req("GET", "/v2/nothing", b"").status, 404);
+}
+
+#[test]
+fn health_readiness_and_status() {
+    let (_tmp, s) = start_temp();
+
+    let r = s.req("GET", "/healthz", b"");
+    assert_eq!((r.status, r.text().as_str()), (200, "ok"));
+    let r = s.req("GET", "/readyz", b"");
+    assert_eq!(r.status, 200);
+
+    assert_eq!(s.req("PUT", "/v1/kv/a", b"1").status, 200);
+    let r = s.req("GET", "/v1/status", b"");
+    assert_eq!(r.status, 200);
+    let v = r.json();
+    assert_eq!(v["id"], 1);
+    assert_eq!(v["name"], "e2e");
+    assert_eq!(v["role"], "leader");
+    assert_eq!(v["leader"], 1);
+    assert!(v["term"].as_u64().unwrap() >= 1);
+    let commit = v["commit"].as_u64().unwrap();
+    assert!(commit >= 2, "{v}");
+    assert!(v["applied"].as_u64().unwrap() >= commit, "{v}");
+    assert!(v["last_index"].as_u64().unwrap() >= commit, "{v}");
+    assert!(v["snapshot_index"].as_u64().is_some());
+    assert_eq!(v["voters"], serde_json::json!([1]));
+    assert_eq!(v["pid"].as_u64().unwrap(), u64::from(s.child.id()));
+    assert!(v["rss_bytes"].as_u64().unwrap() > 0);
+    assert_eq!(v["version"], env!("CARGO_PKG_VERSION"));
+    assert!(v["start_time_unix_ms"].as_u64().unwrap() > 0);
+    assert!(v["uptime_seconds"].as_f64().unwrap() >= 0.0);
+
+    // Logs are JSON lines.
+    let status = s.terminate();
+    assert!(status.success());
+    let logs = std::fs::read_to_string(_tmp.path().join("stderr.log")).unwrap();
+    let mut lines = 0;
+    for line in logs.lines() {
+        let v: Value = serde_json::from_str(line).unwrap_or_else(|e| panic!("{e}: {line}"));
+        assert!(v["level"].is_string());
+        lines += 1;
+    }
+    assert!(logs.contains("raftwork started"), "{logs}");
+    assert!(lines > 0);
+}
+
+#[test]
+fn data_survives_restart_and_sigterm_exits_zero() {
+    let tmp = tempfile::tempdir().unwrap();
+    let data = tmp.path().join("data");
+
+    let s = Server::start(&data, tmp.path().join("run1.log"));
+    for i in 0..20 {
+        let r = s.req(
+            "PUT",
+            &format!("/v1/kv/key{i:02}"),
+            format!("v{i}").as_bytes(),
+        );
+        assert_eq!(r.status, 200);
+    }
+    assert_eq!(s.req("DELETE", "/v1/kv/key00", b"").status, 200);
+    let status = s.terminate();
+    assert_eq!(status.code(), Some(0), "{status}");
+
+    let s = Server::start(&data, tmp.path().join("run2.log"));
+    assert_eq!(s.req("GET", "/v1/kv/key00", b"").status, 404);
+    for i in 1..20 {
+        let r = s.req("GET", &format!("/v1/kv/key{i:02}"), b"");
+        assert_eq!(r.status, 200, "key{i:02}: {}", r.text());
+        assert_eq!(r.text(), format!("v{i}"));
+    }
+    let r = s.req("GET", "/v1/kv?prefix=key", b"");
+    assert_eq!(r.json().as_array().unwrap().len(), 19);
+    // Writes go on after the restart.
+    assert_eq!(s.req("PUT", "/v1/kv/after", b"restart").status, 200);
+    let status = s.terminate();
+    assert_eq!(status.code(), Some(0), "{status}");
+}
+
+fn run_bad(args: &[&str]) -> Output {
+    let out = raftwork()
+        .args(args)
+        .stdin(Stdio::null())
+        .output()
+        .expect("run raftwork");
+    assert!(!out.status.success(), "{args:?} succeeded");
+    out
+}
+
+#[test]
+fn bad_flags_fail_clearly_and_write_nothing() {
+    let tmp = tempfile::tempdir().unwrap();
+    let data = tmp.path().join("data");
+    let data_s = data.to_str().unwrap();
+    let cases: &[(&[&str], &str)] = &[
+        (
+            &["serve", "--data-dir", data_s, "--api-addr", "nonsense"],
+            "--api-addr",
+        ),
+        (
+            &["serve", "--data-dir", data_s, "--peer-addr", "1.2.3.4"],
+            "--peer-addr",
+        ),
+        (
+            &["serve", "--data-dir", data_s, "--log-level", "loud"],
+            "--log-level",
+        ),
+        (&["serve", "--data-dir", data_s, "--name", "a b"], "--name"),
+        (
+            &["serve", "--data-dir", data_s, "--no-such-flag"],
+            "--no-such-flag",
+        ),
+        (
+            &["serve", "--data-dir", data_s, "--request-timeout-ms", "0"],
+            "--request-timeout-ms",
+        ),
+        (&["frobnicate"], "frobnicate"),
+    ];
+    for (args, needle) in cases {
+        let out = run_bad(args);
+        assert_eq!(out.status.code(), Some(2), "{args:?}");
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert!(stderr.contains(needle), "{args:?}: {stderr}");
+        assert!(!data.exists(), "{args:?} created the data dir");
+    }
+
+    // A bad value from the environment is as clear.
+    let out = raftwork()
+        .args(["serve", "--data-dir", data_s])
+        .env("RAFTWORK_API_ADDR", "nowhere")
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(2));
+    assert!(String::from_utf8_lossy(&out.stderr).contains("nowhere"));
+    assert!(!data.exists());
+
+    // The API address in use: exit 1 before the data dir is created.
+    let busy = TcpListener::bind("127.0.0.1:0").unwrap();
+    let busy_addr = busy.local_addr().unwrap().to_string();
+    let peer = format!("127.0.0.1:{}", free_port());
+    let out = run_bad(&[
+        "serve",
+        "--data-dir",
+        data_s,
+        "--api-addr",
+        &busy_addr,
+        "--peer-addr",
+        &peer,
+    ]);
+    assert_eq!(out.status.code(), Some(1));
+    assert!(String::from_utf8_lossy(&out.stderr).contains(&busy_addr));
+    assert!(!data.exists());
+
+    // --help works and names the env variables.
+    let out = raftwork().args(["serve", "--help"]).output().unwrap();
+    assert!(out.status.success());
+    let help = String::from_utf8_lossy(&out.stdout);
+    for var in [
+        "RAFTWORK_NAME",
+        "RAFTWORK_DATA_DIR",
+        "RAFTWORK_PEER_ADDR",
+        "RAFTWORK_API_ADDR",
+        "RAFTWORK_LOG_LEVEL",
+    ] {
+        assert!(help.contains(var), "{var} missing from:\n{help}");
+    }
+}
