@@ -1102,13 +1102,17 @@ impl<S: LogStore> Core<S> {
         self.hand_off_leadership();
     }
 
-    /// raft-rs keeps a removed leader leading (and heartbeating, so no one
-    /// else campaigns); hand leadership to the most caught-up voter. Retried
-    /// every tick until it takes.
+    /// A removed leader must stop leading at once: raft-rs would keep it
+    /// leading (and heartbeating, so no one else campaigns), and panics when
+    /// such a leader persists entries, its own progress being gone. Tell the
+    /// most caught-up voter to campaign now (`MsgTimeoutNow`, as a transfer
+    /// does), then step down; if that voter is behind, the others elect a
+    /// leader after an election timeout.
     fn hand_off_leadership(&mut self) {
         if self.raw.raft.state != StateRole::Leader {
             return;
         }
+        let term = self.raw.raft.term;
         let best = self
             .conf_state()
             .voters
@@ -1117,8 +1121,14 @@ impl<S: LogStore> Core<S> {
             .filter(|&id| id != self.config.id)
             .max_by_key(|id| self.raw.raft.prs().get(*id).map_or(0, |p| p.matched));
         if let Some(to) = best {
-            self.raw.transfer_leader(to);
+            let mut m = Message::default();
+            m.set_msg_type(MessageType::MsgTimeoutNow);
+            m.from = self.config.id;
+            m.to = to;
+            m.term = term;
+            self.actions.push(Action::Send(vec![m]));
         }
+        self.raw.raft.become_follower(term, raft::INVALID_ID);
     }
 
     fn note_leader_commit(&mut self) {

@@ -85,8 +85,11 @@ pub enum Bug {
 pub struct SimConfig {
     /// The seed; the whole run follows from it.
     pub seed: u64,
-    /// Cluster size.
+    /// Founding voters.
     pub nodes: u64,
+    /// Extra nodes that start outside the cluster with empty storage; faults
+    /// add them as learners, promote them, and remove members.
+    pub spare_nodes: u64,
     /// Virtual time to run, in milliseconds.
     pub duration_ms: u64,
     /// Virtual length of a tick.
@@ -112,6 +115,7 @@ impl Default for SimConfig {
         Self {
             seed: 1,
             nodes: 3,
+            spare_nodes: 2,
             duration_ms: 3_000,
             tick_ms: 10,
             clients: 3,
@@ -146,6 +150,8 @@ pub struct Report {
     pub snapshots_installed: u64,
     /// Leadership transfers requested.
     pub transfers: u64,
+    /// Membership changes proposed (add learner, promote, remove).
+    pub membership_changes: u64,
 }
 
 /// Why a run failed.
@@ -331,6 +337,7 @@ struct Sim {
     applied_entries: u64,
     snapshots_installed: u64,
     transfers: u64,
+    membership_changes: u64,
     logger: slog::Logger,
 }
 
@@ -557,9 +564,62 @@ impl Sim {
         self.nodes[k].core.as_mut().unwrap().handle_message(msg);
     }
 
+    /// The membership as the most advanced running node knows it.
+    fn membership(&self) -> ConfState {
+        self.nodes
+            .iter()
+            .filter(|x| x.core.is_some())
+            .max_by_key(|x| x.applied)
+            .map(|x| x.conf_state.clone())
+            .unwrap_or_default()
+    }
+
     fn inject_fault(&mut self) -> Result<(), Failure> {
-        let n = self.cfg.nodes;
-        match self.rng.below(7) {
+        let n = self.nodes.len() as u64;
+        match self.rng.below(8) {
+            7 => {
+                // A membership change through the leader: add a non-member
+                // as a learner, promote a learner, or remove a member while
+                // keeping at least as many voters as the cluster started with.
+                let leader = (0..self.nodes.len()).find(|&k| {
+                    self.nodes[k]
+                        .core
+                        .as_ref()
+                        .is_some_and(|c| c.role() == raftwork_core::Role::Leader)
+                });
+                if let Some(k) = leader {
+                    let cs = self.nodes[k].core.as_ref().unwrap().conf_state();
+                    let id = 1 + self.rng.below(n);
+                    let change = if cs.learners.contains(&id) {
+                        if self.rng.below(2) == 0 {
+                            raftwork_core::MembershipChange::PromoteLearner(id)
+                        } else {
+                            raftwork_core::MembershipChange::Remove(id)
+                        }
+                    } else if cs.voters.contains(&id) {
+                        if cs.voters.len() as u64 > self.cfg.nodes {
+                            raftwork_core::MembershipChange::Remove(id)
+                        } else {
+                            return Ok(());
+                        }
+                    } else {
+                        raftwork_core::MembershipChange::AddLearner(id)
+                    };
+                    let node = &mut self.nodes[k];
+                    let req = node.next_request;
+                    node.next_request += 1;
+                    if node
+                        .core
+                        .as_mut()
+                        .unwrap()
+                        .handle_conf_change(req, change, Vec::new())
+                        .is_ok()
+                    {
+                        self.membership_changes += 1;
+                    }
+                    self.drive(k)?;
+                }
+            }
             6 => {
                 // Ask the leader to hand leadership to another voter.
                 let leader = (0..self.nodes.len()).find(|&k| {
@@ -581,10 +641,15 @@ impl Sim {
                 }
             }
             0 | 1 => {
-                // Crash a running node, at most a minority at a time.
-                let down = self.nodes.iter().filter(|x| x.core.is_none()).count() as u64;
-                if down < (n - 1) / 2 {
-                    let id = 1 + self.rng.below(n);
+                // Crash a running node, keeping a majority of the voters up.
+                let voters = self.membership().voters;
+                let id = 1 + self.rng.below(n);
+                let voters_down = voters
+                    .iter()
+                    .filter(|v| self.nodes[self.node_index(**v)].core.is_none())
+                    .count()
+                    + usize::from(voters.contains(&id));
+                if voters_down <= (voters.len().max(1) - 1) / 2 {
                     if self.nodes[self.node_index(id)].core.is_some() {
                         self.crash(id)?;
                         let after = 50 + self.rng.below(500);
@@ -703,7 +768,7 @@ impl Sim {
     }
 
     fn client_start(&mut self, c: u64) -> Result<(), Failure> {
-        let n = self.cfg.nodes;
+        let n = self.nodes.len() as u64;
         let target = match self.clients[c as usize].leader_hint {
             Some(l) if self.rng.chance(800) => l,
             _ => 1 + self.rng.below(n),
@@ -986,15 +1051,25 @@ impl Sim {
             }
         }
         let node = &mut self.nodes[k];
+        // As the runtime does: a member added since the last snapshot cannot
+        // restore it, so snapshot right after the change.
+        let mut member_added = false;
         if let Some(cs) = batch.conf_state {
+            let before = &node.conf_state;
+            member_added = cs
+                .voters
+                .iter()
+                .chain(&cs.learners)
+                .any(|id| !before.voters.contains(id) && !before.learners.contains(id));
             node.conf_state = cs;
         }
         node.applied = last_index;
         node.applied_term = last_term;
         node.applied_since_snapshot += batch.entries.len() as u64;
         node.core.as_mut().unwrap().handle_applied(last_index);
-        if self.cfg.snapshot_interval_entries > 0
-            && node.applied_since_snapshot >= self.cfg.snapshot_interval_entries
+        if member_added
+            || (self.cfg.snapshot_interval_entries > 0
+                && node.applied_since_snapshot >= self.cfg.snapshot_interval_entries)
         {
             // As the runtime's apply task does: snapshot, record, compact.
             node.applied_since_snapshot = 0;
@@ -1095,6 +1170,7 @@ impl Sim {
             applied_entries: self.applied_entries,
             snapshots_installed: self.snapshots_installed,
             transfers: self.transfers,
+            membership_changes: self.membership_changes,
         })
     }
 }
@@ -1105,9 +1181,11 @@ pub fn run(cfg: &SimConfig) -> Result<Report, Failure> {
     let mut rng = Rng::new(cfg.seed);
     let voters: Vec<u64> = (1..=cfg.nodes).collect();
     let mut nodes = Vec::new();
-    for &id in &voters {
+    for id in 1..=cfg.nodes + cfg.spare_nodes {
         let store = SimStore::new();
-        raftwork_core::bootstrap(&store, 1, &voters).expect("bootstrap on a simulated disk");
+        if id <= cfg.nodes {
+            raftwork_core::bootstrap(&store, 1, &voters).expect("bootstrap on a simulated disk");
+        }
         nodes.push(Node {
             id,
             incarnation: 0,
@@ -1150,6 +1228,7 @@ pub fn run(cfg: &SimConfig) -> Result<Report, Failure> {
         applied_entries: 0,
         snapshots_installed: 0,
         transfers: 0,
+        membership_changes: 0,
         logger: slog::Logger::root(slog::Discard, slog::o!()),
     };
     // A panic inside raft-rs or the core is a failure of this seed, not of

@@ -57,12 +57,13 @@ fn many_seeds_with_faults_stay_safe_and_linearizable() {
     let crashes: u64 = reports.iter().map(|r| r.crashes).sum();
     let installed: u64 = reports.iter().map(|r| r.snapshots_installed).sum();
     let transfers: u64 = reports.iter().map(|r| r.transfers).sum();
+    let changes: u64 = reports.iter().map(|r| r.membership_changes).sum();
     // Straight to stderr, past the test harness's capture: the summary shows
     // in a plain `cargo test` run.
     use std::io::Write as _;
     let _ = writeln!(
         std::io::stderr(),
-        "simulation: {} seeds from {first}, {} histories checked ({ops} operations, {acked} acknowledged writes), {crashes} crashes, {installed} snapshots installed, {transfers} leadership transfers, {} failures",
+        "simulation: {} seeds from {first}, {} histories checked ({ops} operations, {acked} acknowledged writes), {crashes} crashes, {installed} snapshots installed, {transfers} leadership transfers, {changes} membership changes, {} failures",
         count,
         reports.len(),
         failures.len()
