@@ -12,16 +12,21 @@
 //! | `GET /readyz` | 200 `ready`, or 503 |
 //! | `GET /v1/status` | 200 JSON (see [`StatusBody`]) |
 //!
-//! Keys are the rest of the path after `/v1/kv/`, percent-decoded (so they
-//! may contain `/`); they must be valid UTF-8 after decoding, non-empty and
-//! at most [`MAX_KEY_BYTES`]. Values are at most [`MAX_VALUE_BYTES`].
+//! Keys are the rest of the raw path after `/v1/kv/`, percent-decoded to
+//! bytes: they may contain `/` and any byte (`%00`..`%FF`), must be
+//! non-empty and at most [`MAX_KEY_BYTES`]. Query values are percent-decoded
+//! to bytes too (`+` is a space), so `prev_value` and `prefix` can be
+//! binary. Unknown or repeated query parameters are refused (400), so a
+//! typo never silently turns a compare-and-set into a plain put. Values
+//! are at most [`MAX_VALUE_BYTES`]; a bigger `Content-Length` is refused
+//! before the body is read.
 //!
 //! Errors are JSON: `{"error": "<message>", "leader": null}`. `leader` is
 //! reserved for the leader's API URL, which nodes do not know yet (the
 //! replicated membership with API URLs is a later slice); a follower that
 //! knows the leader's id adds `"leader_id": N`. Codes: 400 bad input (empty
 //! or oversized key, oversized value, unknown or malformed query parameter),
-//! 404 no such key, 412 compare-and-set mismatch, 503 no leader within
+//! 404 no such key or route, 405 wrong method, 412 compare-and-set mismatch, 503 no leader within
 //! [`ApiConfig::request_timeout`], not the leader (no forwarding yet), or
 //! shutting down; 500 anything else.
 //!
@@ -37,8 +42,8 @@ use std::sync::Arc;
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use axum::body::{Body, Bytes};
-use axum::extract::{DefaultBodyLimit, Path, Query, State};
-use axum::http::{header, HeaderMap, StatusCode};
+use axum::extract::{DefaultBodyLimit, State};
+use axum::http::{header, HeaderMap, StatusCode, Uri};
 use axum::response::{IntoResponse, Response};
 use axum::routing::get;
 use axum::{Json, Router};
@@ -89,6 +94,8 @@ pub fn router(node: Node<KvStore>, config: ApiConfig) -> Router {
             "/v1/kv/{*key}",
             get(get_key).put(put_key).delete(delete_key),
         )
+        .fallback(no_route)
+        .method_not_allowed_fallback(bad_method)
         // Bodies are limited by the handlers (400 with a JSON error).
         .layer(DefaultBodyLimit::disable())
         .with_state(state)
@@ -165,30 +172,105 @@ fn not_leader(leader: u64) -> ApiError {
 
 // ---------- query parsing ----------
 
-/// Query parameters, rejecting unknown names so typos are loud.
-fn params(query: HashMap<String, String>, allowed: &[&str]) -> ApiResult<HashMap<String, String>> {
-    if let Some(bad) = query.keys().find(|k| !allowed.contains(&k.as_str())) {
-        return Err(ApiError::bad_request(format!(
-            "unknown query parameter {bad:?}; allowed here: {}",
-            allowed.join(", ")
-        )));
+/// Percent-decodes `s` (`+` is a space in a query string, not in a path).
+/// `None` for a malformed escape.
+fn percent_decode(s: &[u8], plus_is_space: bool) -> Option<Vec<u8>> {
+    let mut out = Vec::with_capacity(s.len());
+    let mut i = 0;
+    while i < s.len() {
+        match s[i] {
+            b'%' => {
+                let hex = s.get(i + 1..i + 3)?;
+                if !hex.iter().all(u8::is_ascii_hexdigit) {
+                    return None;
+                }
+                out.push(u8::from_str_radix(std::str::from_utf8(hex).ok()?, 16).ok()?);
+                i += 3;
+            }
+            b'+' if plus_is_space => {
+                out.push(b' ');
+                i += 1;
+            }
+            c => {
+                out.push(c);
+                i += 1;
+            }
+        }
     }
-    Ok(query)
+    Some(out)
 }
 
-fn stale(query: &HashMap<String, String>) -> ApiResult<bool> {
-    match query.get("consistency").map(String::as_str) {
-        None | Some("linearizable") => Ok(false),
-        Some("stale") => Ok(true),
-        Some(other) => Err(ApiError::bad_request(format!(
-            "consistency must be \"linearizable\" or \"stale\", not {other:?}"
-        ))),
+/// Query parameters. Values are bytes (percent-decoded), so `prev_value`
+/// and `prefix` can hold any byte; unknown or repeated names are refused so
+/// typos are loud.
+struct Params(HashMap<String, Vec<u8>>);
+
+impl Params {
+    fn parse(uri: &Uri, allowed: &[&str]) -> ApiResult<Self> {
+        let mut map = HashMap::new();
+        for pair in uri.query().unwrap_or("").split('&') {
+            if pair.is_empty() {
+                continue;
+            }
+            let (name, value) = pair.split_once('=').unwrap_or((pair, ""));
+            let malformed = || ApiError::bad_request(format!("malformed query parameter {pair:?}"));
+            let name = percent_decode(name.as_bytes(), true)
+                .and_then(|n| String::from_utf8(n).ok())
+                .ok_or_else(malformed)?;
+            let value = percent_decode(value.as_bytes(), true).ok_or_else(malformed)?;
+            if !allowed.contains(&name.as_str()) {
+                return Err(ApiError::bad_request(if allowed.is_empty() {
+                    format!("unknown query parameter {name:?}; none are allowed here")
+                } else {
+                    format!(
+                        "unknown query parameter {name:?}; allowed here: {}",
+                        allowed.join(", ")
+                    )
+                }));
+            }
+            if map.insert(name.clone(), value).is_some() {
+                return Err(ApiError::bad_request(format!(
+                    "query parameter {name:?} is given more than once"
+                )));
+            }
+        }
+        Ok(Self(map))
+    }
+
+    fn bytes(&self, name: &str) -> Option<&[u8]> {
+        self.0.get(name).map(Vec::as_slice)
+    }
+
+    /// A parameter that must be UTF-8 text.
+    fn text(&self, name: &str) -> ApiResult<Option<&str>> {
+        match self.0.get(name) {
+            None => Ok(None),
+            Some(v) => std::str::from_utf8(v).map(Some).map_err(|_| {
+                ApiError::bad_request(format!("query parameter {name:?} is not UTF-8"))
+            }),
+        }
+    }
+
+    fn stale(&self) -> ApiResult<bool> {
+        match self.text("consistency")? {
+            None | Some("linearizable") => Ok(false),
+            Some("stale") => Ok(true),
+            Some(other) => Err(ApiError::bad_request(format!(
+                "consistency must be \"linearizable\" or \"stale\", not {other:?}"
+            ))),
+        }
     }
 }
 
-fn check_key(key: &str) -> ApiResult<Vec<u8>> {
+/// The key of a `/v1/kv/{key}` request: the rest of the raw path,
+/// percent-decoded to bytes (so keys may hold `/` and any byte).
+fn key_of(uri: &Uri) -> ApiResult<Vec<u8>> {
+    let raw = uri.path().strip_prefix("/v1/kv/").unwrap_or("");
+    let key = percent_decode(raw.as_bytes(), false).ok_or_else(|| {
+        ApiError::bad_request(format!("malformed percent-escape in the key {raw:?}"))
+    })?;
     if key.is_empty() {
-        return Err(ApiError::bad_request("the key is empty"));
+        return Err(ApiError::bad_request("the key is empty: use /v1/kv/{key}"));
     }
     if key.len() > MAX_KEY_BYTES {
         return Err(ApiError::bad_request(format!(
@@ -196,7 +278,7 @@ fn check_key(key: &str) -> ApiResult<Vec<u8>> {
             key.len()
         )));
     }
-    Ok(key.as_bytes().to_vec())
+    Ok(key)
 }
 
 async fn read_value(headers: &HeaderMap, body: Body) -> ApiResult<Vec<u8>> {
@@ -456,14 +538,24 @@ async fn empty_key() -> ApiError {
     ApiError::bad_request("the key is empty: use /v1/kv/{key}")
 }
 
-async fn get_key(
-    State(state): State<Shared>,
-    Path(key): Path<String>,
-    Query(query): Query<HashMap<String, String>>,
-) -> ApiResult<Response> {
-    let query = params(query, &["consistency"])?;
-    let stale = stale(&query)?;
-    let key = check_key(&key)?;
+async fn no_route(uri: Uri) -> ApiError {
+    ApiError::new(
+        StatusCode::NOT_FOUND,
+        format!("no such route: {}", uri.path()),
+    )
+}
+
+async fn bad_method() -> ApiError {
+    ApiError::new(
+        StatusCode::METHOD_NOT_ALLOWED,
+        "method not allowed on this route",
+    )
+}
+
+async fn get_key(State(state): State<Shared>, uri: Uri) -> ApiResult<Response> {
+    let query = Params::parse(&uri, &["consistency"])?;
+    let stale = query.stale()?;
+    let key = key_of(&uri)?;
     let value = read(&state, stale, move |kv: &KvStore| {
         kv.get(&key).map(<[u8]>::to_vec)
     })
@@ -485,14 +577,13 @@ struct IndexBody {
 
 async fn put_key(
     State(state): State<Shared>,
-    Path(key): Path<String>,
-    Query(query): Query<HashMap<String, String>>,
+    uri: Uri,
     headers: HeaderMap,
     body: Body,
 ) -> ApiResult<Json<IndexBody>> {
-    let query = params(query, &["prev_value", "prev_exist"])?;
-    let key = check_key(&key)?;
-    let prev_exist = match query.get("prev_exist").map(String::as_str) {
+    let query = Params::parse(&uri, &["prev_value", "prev_exist"])?;
+    let key = key_of(&uri)?;
+    let prev_exist = match query.text("prev_exist")? {
         None => None,
         Some("true") => Some(true),
         Some("false") => Some(false),
@@ -502,13 +593,13 @@ async fn put_key(
             )))
         }
     };
-    let expect = match (query.get("prev_value"), prev_exist) {
+    let expect = match (query.bytes("prev_value"), prev_exist) {
         (Some(_), Some(false)) => {
             return Err(ApiError::bad_request(
                 "prev_value and prev_exist=false contradict each other",
             ))
         }
-        (Some(v), _) => Some(Expect::Value(v.as_bytes().to_vec())),
+        (Some(v), _) => Some(Expect::Value(v.to_vec())),
         (None, Some(false)) => Some(Expect::Absent),
         (None, Some(true)) => Some(Expect::Present),
         (None, None) => None,
@@ -541,13 +632,9 @@ struct DeleteBody {
     deleted: bool,
 }
 
-async fn delete_key(
-    State(state): State<Shared>,
-    Path(key): Path<String>,
-    Query(query): Query<HashMap<String, String>>,
-) -> ApiResult<Json<DeleteBody>> {
-    params(query, &[])?;
-    let key = check_key(&key)?;
+async fn delete_key(State(state): State<Shared>, uri: Uri) -> ApiResult<Json<DeleteBody>> {
+    Params::parse(&uri, &[])?;
+    let key = key_of(&uri)?;
     let (index, response) = propose(&state, KvCommand::Delete { key }).await?;
     match response {
         KvResponse::Deleted { existed } => Ok(Json(DeleteBody {
@@ -567,18 +654,11 @@ struct Item {
     value: String,
 }
 
-async fn list(
-    State(state): State<Shared>,
-    Query(query): Query<HashMap<String, String>>,
-) -> ApiResult<Json<Vec<Item>>> {
-    let query = params(query, &["prefix", "limit", "encoding", "consistency"])?;
-    let stale = stale(&query)?;
-    let prefix = query
-        .get("prefix")
-        .cloned()
-        .unwrap_or_default()
-        .into_bytes();
-    let limit = match query.get("limit") {
+async fn list(State(state): State<Shared>, uri: Uri) -> ApiResult<Json<Vec<Item>>> {
+    let query = Params::parse(&uri, &["prefix", "limit", "encoding", "consistency"])?;
+    let stale = query.stale()?;
+    let prefix = query.bytes("prefix").unwrap_or_default().to_vec();
+    let limit = match query.text("limit")? {
         None => DEFAULT_LIST_LIMIT,
         Some(s) => match s.parse::<usize>() {
             Ok(n) if (1..=MAX_LIST_LIMIT).contains(&n) => n,
@@ -589,7 +669,7 @@ async fn list(
             }
         },
     };
-    let base64 = match query.get("encoding").map(String::as_str) {
+    let base64 = match query.text("encoding")? {
         None | Some("utf8") => false,
         Some("base64") => true,
         Some(other) => {

@@ -170,9 +170,14 @@ impl Server {
     }
 
     /// Sends SIGTERM and waits for the process to exit.
-    fn terminate(mut self) -> ExitStatus {
+    fn terminate(self) -> ExitStatus {
+        self.signal("-TERM")
+    }
+
+    /// Sends `signal` (`-TERM`, `-INT`) and waits for the process to exit.
+    fn signal(mut self, signal: &str) -> ExitStatus {
         let killed = Command::new("kill")
-            .arg("-TERM")
+            .arg(signal)
             .arg(self.child.id().to_string())
             .status()
             .expect("run kill");
@@ -230,6 +235,16 @@ fn put_get_delete_list_and_cas() {
     assert_eq!((r.status, r.body.len()), (200, 0));
     assert_eq!(s.req("PUT", "/v1/kv/sp%20ace", b"x").status, 200);
     assert_eq!(s.req("GET", "/v1/kv/sp%20ace", b"").body, b"x");
+
+    // Binary keys and expected values, percent-encoded.
+    assert_eq!(s.req("PUT", "/v1/kv/bin%00%FF%2f", &[1, 2]).status, 200);
+    assert_eq!(s.req("GET", "/v1/kv/bin%00%ff/", b"").body, [1, 2]);
+    let r = s.req("PUT", "/v1/kv/bin%00%FF%2F?prev_value=%01%02", &[3]);
+    assert_eq!(r.status, 200, "{}", r.text());
+    let r = s.req("GET", "/v1/kv?prefix=bin%00&encoding=base64", b"");
+    assert_eq!(r.json()[0]["key"], "YmluAP8v");
+    assert_eq!(r.json()[0]["value"], "Aw==");
+    assert_eq!(s.req("DELETE", "/v1/kv/bin%00%FF/", b"").status, 200);
 
     // List by prefix, in key order, with a limit, in UTF-8 and base64.
     let r = s.req("GET", "/v1/kv?prefix=dir/", b"");
@@ -360,8 +375,28 @@ fn bad_input_is_rejected_with_4xx() {
     let r = s.req("DELETE", "/v1/kv/k?force=1", b"");
     assert_eq!(r.status, 400);
 
-    // A route that does not exist.
-    assert_eq!(s.req("GET", "/v2/nothing", b"").status, 404);
+    // Malformed escapes and repeated parameters.
+    for (method, path) in [
+        ("GET", "/v1/kv/bad%zzkey"),
+        ("PUT", "/v1/kv/bad%4"),
+        ("GET", "/v1/kv?prefix=%g0"),
+        ("GET", "/v1/kv?limit=1&limit=2"),
+        ("PUT", "/v1/kv/k?prev_value=a&prev_value=b"),
+        ("GET", "/v1/kv?encoding=%FF"),
+    ] {
+        let r = s.req(method, path, b"v");
+        assert_eq!(r.status, 400, "{method} {path}: {}", r.text());
+        r.error();
+    }
+    assert_eq!(s.req("GET", "/v1/kv/k", b"").status, 404);
+
+    // A route that does not exist, a method a route does not take: JSON too.
+    let r = s.req("GET", "/v2/nothing", b"");
+    assert_eq!(r.status, 404);
+    assert!(r.error().contains("no such route"));
+    let r = s.req("POST", "/v1/kv/k", b"");
+    assert_eq!(r.status, 405);
+    r.error();
 }
 
 #[test]
@@ -437,8 +472,13 @@ fn data_survives_restart_and_sigterm_exits_zero() {
     assert_eq!(r.json().as_array().unwrap().len(), 19);
     // Writes go on after the restart.
     assert_eq!(s.req("PUT", "/v1/kv/after", b"restart").status, 200);
-    let status = s.terminate();
+    // SIGINT (Ctrl-C) shuts down as gracefully as SIGTERM.
+    let status = s.signal("-INT");
     assert_eq!(status.code(), Some(0), "{status}");
+
+    let s = Server::start(&data, tmp.path().join("run3.log"));
+    assert_eq!(s.req("GET", "/v1/kv/after", b"").body, b"restart");
+    assert_eq!(s.terminate().code(), Some(0));
 }
 
 fn run_bad(args: &[&str]) -> Output {
