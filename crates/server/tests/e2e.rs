@@ -104,25 +104,35 @@ struct Server {
 
 impl Server {
     /// Starts `raftwork serve` on `data_dir` with fresh ports and waits
-    /// until /readyz answers 200.
+    /// until /readyz answers 200. Free ports are picked by binding port 0
+    /// and releasing it, so another process may take one in between: a
+    /// start that fails on an address in use is retried on new ports.
     fn start(data_dir: &Path, log: PathBuf) -> Self {
-        let api: SocketAddr = format!("127.0.0.1:{}", free_port()).parse().unwrap();
-        let peer = format!("127.0.0.1:{}", free_port());
-        let mut cmd = raftwork();
-        cmd.arg("serve")
-            .arg("--name")
-            .arg("e2e")
-            .arg("--peer-addr")
-            .arg(&peer)
-            .arg("--log-level")
-            .arg("info")
-            // Through the environment, to cover clap's env feature.
-            .env("RAFTWORK_API_ADDR", api.to_string())
-            .env("RAFTWORK_DATA_DIR", data_dir);
-        Self::spawn(cmd, api, log)
+        let mut failures = Vec::new();
+        for _ in 0..5 {
+            let api: SocketAddr = format!("127.0.0.1:{}", free_port()).parse().unwrap();
+            let peer = format!("127.0.0.1:{}", free_port());
+            let mut cmd = raftwork();
+            cmd.arg("serve")
+                .arg("--name")
+                .arg("e2e")
+                .arg("--peer-addr")
+                .arg(&peer)
+                .arg("--log-level")
+                .arg("info")
+                // Through the environment, to cover clap's env feature.
+                .env("RAFTWORK_API_ADDR", api.to_string())
+                .env("RAFTWORK_DATA_DIR", data_dir);
+            match Self::spawn(cmd, api, log.clone()) {
+                Ok(server) => return server,
+                Err(e) if e.contains("in use") || e.contains("another process") => failures.push(e),
+                Err(e) => panic!("{e}"),
+            }
+        }
+        panic!("raftwork did not start:\n{}", failures.join("\n"));
     }
 
-    fn spawn(mut cmd: Command, api: SocketAddr, log: PathBuf) -> Self {
+    fn spawn(mut cmd: Command, api: SocketAddr, log: PathBuf) -> Result<Self, String> {
         let stderr = std::fs::File::create(&log).unwrap();
         let child = cmd
             .stdin(Stdio::null())
@@ -131,21 +141,29 @@ impl Server {
             .spawn()
             .expect("start raftwork");
         let mut server = Self { child, api, log };
-        server.wait_ready();
-        server
+        server.wait_ready()?;
+        // The API port may have been taken by another test's server.
+        let pid = server.req("GET", "/v1/status", b"").json()["pid"].as_u64();
+        if pid != Some(u64::from(server.child.id())) {
+            return Err(format!("{api} is served by another process ({pid:?})"));
+        }
+        Ok(server)
     }
 
     fn logs(&self) -> String {
         std::fs::read_to_string(&self.log).unwrap_or_default()
     }
 
-    fn wait_ready(&mut self) {
+    fn wait_ready(&mut self) -> Result<(), String> {
         // A hang guard, not a timing assertion: a single node elects itself
         // in about a second.
         let deadline = Instant::now() + Duration::from_secs(60);
         loop {
             if let Some(status) = self.child.try_wait().unwrap() {
-                panic!("raftwork exited early ({status}):\n{}", self.logs());
+                return Err(format!(
+                    "raftwork exited early ({status}):\n{}",
+                    self.logs()
+                ));
             }
             let req = format!(
                 "GET /readyz HTTP/1.1\r\nHost: {}\r\nConnection: close\r\n\r\n",
@@ -153,14 +171,12 @@ impl Server {
             );
             if let Ok(r) = raw(self.api, req.as_bytes()) {
                 if r.status == 200 {
-                    return;
+                    return Ok(());
                 }
             }
-            assert!(
-                Instant::now() < deadline,
-                "raftwork not ready:\n{}",
-                self.logs()
-            );
+            if Instant::now() > deadline {
+                return Err(format!("raftwork not ready:\n{}", self.logs()));
+            }
             std::thread::sleep(Duration::from_millis(50));
         }
     }
