@@ -649,12 +649,12 @@ impl Sim {
                     .filter(|v| self.nodes[self.node_index(**v)].core.is_none())
                     .count()
                     + usize::from(voters.contains(&id));
-                if voters_down <= (voters.len().max(1) - 1) / 2 {
-                    if self.nodes[self.node_index(id)].core.is_some() {
-                        self.crash(id)?;
-                        let after = 50 + self.rng.below(500);
-                        self.schedule(after, Event::Restart(id));
-                    }
+                if voters_down <= (voters.len().max(1) - 1) / 2
+                    && self.nodes[self.node_index(id)].core.is_some()
+                {
+                    self.crash(id)?;
+                    let after = 50 + self.rng.below(500);
+                    self.schedule(after, Event::Restart(id));
                 }
             }
             2 => {
