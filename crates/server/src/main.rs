@@ -25,6 +25,13 @@ fn main() -> ExitCode {
     let cli = Cli::parse();
     match cli.command {
         Command::Serve(args) => {
+            let args = match args.resolve() {
+                Ok(settings) => settings,
+                Err(e) => {
+                    eprintln!("raftwork: {e}");
+                    return ExitCode::from(2);
+                }
+            };
             if let Err(e) = init_logging(&args.log_level) {
                 eprintln!("raftwork: {e}");
                 return ExitCode::from(2);

@@ -1,9 +1,11 @@
 //! `raftwork serve`: flags, logging, startup and graceful shutdown.
 //!
 //! Every flag can also come from an environment variable
-//! `RAFTWORK_<FLAG>` (`--data-dir` ↔ `RAFTWORK_DATA_DIR`); a flag on the
-//! command line wins. Flags are parsed and checked before anything is
-//! written: a bad flag exits with code 2 and clap's message, and the API
+//! `RAFTWORK_<FLAG>` (`--data-dir` ↔ `RAFTWORK_DATA_DIR`) and from the
+//! TOML file named by `--config` (`data-dir = "..."`). Precedence: flag,
+//! then variable, then file, then default. Everything is parsed and checked
+//! before anything is written: a bad flag, variable or config file exits
+//! with code 2 and a message naming it, and the API
 //! address is bound before the data dir is opened, so an address in use
 //! fails (code 1) without creating it.
 //!
@@ -27,31 +29,143 @@ use tracing_subscriber::EnvFilter;
 use crate::api::{self, ApiConfig};
 use crate::kv::{KvStore, MAX_KEY_BYTES, MAX_VALUE_BYTES};
 
-/// Flags of `raftwork serve`.
-#[derive(Debug, Clone, Args)]
+/// Default of `--data-dir`.
+pub const DEFAULT_DATA_DIR: &str = "./raftwork-data";
+/// Default of `--peer-addr`.
+pub const DEFAULT_PEER_ADDR: &str = "127.0.0.1:2380";
+/// Default of `--api-addr`.
+pub const DEFAULT_API_ADDR: &str = "127.0.0.1:8080";
+/// Default of `--request-timeout-ms`.
+pub const DEFAULT_REQUEST_TIMEOUT_MS: u64 = 5000;
+
+/// Flags of `raftwork serve`. Each is optional on the command line: a flag
+/// wins over its `RAFTWORK_*` variable, which wins over the `--config`
+/// file, which wins over the default.
+#[derive(Debug, Clone, Default, Args)]
 pub struct ServeArgs {
-    /// Human-readable name of this node (letters, digits, '-', '_', '.').
-    #[arg(long, env = "RAFTWORK_NAME", default_value = "default", value_parser = parse_name)]
-    pub name: String,
-    /// Directory of the WAL and snapshots; created if missing.
-    #[arg(long, env = "RAFTWORK_DATA_DIR", default_value = "./raftwork-data")]
-    pub data_dir: PathBuf,
-    /// Address (ip:port) the Raft peer transport listens on.
-    #[arg(long, env = "RAFTWORK_PEER_ADDR", default_value = "127.0.0.1:2380")]
-    pub peer_addr: SocketAddr,
-    /// Address (ip:port) the REST API listens on.
-    #[arg(long, env = "RAFTWORK_API_ADDR", default_value = "127.0.0.1:8080")]
-    pub api_addr: SocketAddr,
+    /// TOML file with any of the settings below; keys are the flag names
+    /// without the leading dashes, e.g. `data-dir = "/var/lib/raftwork"`.
+    #[arg(long, env = "RAFTWORK_CONFIG")]
+    pub config: Option<PathBuf>,
+    /// Human-readable name of this node (letters, digits, '-', '_', '.')
+    /// [default: default].
+    #[arg(long, env = "RAFTWORK_NAME", value_parser = parse_name)]
+    pub name: Option<String>,
+    /// Directory of the WAL and snapshots; created if missing
+    /// [default: ./raftwork-data].
+    #[arg(long, env = "RAFTWORK_DATA_DIR")]
+    pub data_dir: Option<PathBuf>,
+    /// Address (ip:port) the Raft peer transport listens on
+    /// [default: 127.0.0.1:2380].
+    #[arg(long, env = "RAFTWORK_PEER_ADDR")]
+    pub peer_addr: Option<SocketAddr>,
+    /// Address (ip:port) the REST API listens on [default: 127.0.0.1:8080].
+    #[arg(long, env = "RAFTWORK_API_ADDR")]
+    pub api_addr: Option<SocketAddr>,
     /// Log level: error, warn, info, debug, trace or off, or tracing
-    /// directives such as "warn,raftwork_server=info". Logs are JSON lines
-    /// on stderr. raft-rs logs under target `raft`; note that a directive
-    /// `raft=...` matches by prefix, so it also covers `raftwork*` targets.
-    #[arg(long, env = "RAFTWORK_LOG_LEVEL", default_value = "info", value_parser = parse_log_level)]
-    pub log_level: String,
-    /// How long a request waits for a leader before 503, in milliseconds.
-    #[arg(long, env = "RAFTWORK_REQUEST_TIMEOUT_MS", default_value_t = 5000,
+    /// directives such as "warn,raftwork_server=info" [default: info]. Logs
+    /// are JSON lines on stderr. raft-rs logs under target `raft`; note that
+    /// a directive `raft=...` matches by prefix, so it also covers
+    /// `raftwork*` targets.
+    #[arg(long, env = "RAFTWORK_LOG_LEVEL", value_parser = parse_log_level)]
+    pub log_level: Option<String>,
+    /// How long a request waits for a leader before 503, in milliseconds
+    /// [default: 5000].
+    #[arg(long, env = "RAFTWORK_REQUEST_TIMEOUT_MS",
           value_parser = clap::value_parser!(u64).range(1..=600_000))]
+    pub request_timeout_ms: Option<u64>,
+}
+
+/// The `--config` file: the same settings as the flags, all optional.
+#[derive(Debug, Default, serde::Deserialize)]
+#[serde(deny_unknown_fields, rename_all = "kebab-case")]
+struct FileConfig {
+    name: Option<String>,
+    data_dir: Option<PathBuf>,
+    peer_addr: Option<SocketAddr>,
+    api_addr: Option<SocketAddr>,
+    log_level: Option<String>,
+    request_timeout_ms: Option<u64>,
+}
+
+/// The settings `raftwork serve` runs with, after flags, environment,
+/// config file and defaults are merged and checked.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Settings {
+    /// Node name.
+    pub name: String,
+    /// Data dir.
+    pub data_dir: PathBuf,
+    /// Peer listen address.
+    pub peer_addr: SocketAddr,
+    /// API listen address.
+    pub api_addr: SocketAddr,
+    /// Log filter.
+    pub log_level: String,
+    /// Wait for a leader, in milliseconds.
     pub request_timeout_ms: u64,
+}
+
+impl ServeArgs {
+    /// Merges flags (and their variables) over the `--config` file over the
+    /// defaults, and checks the file's values as strictly as the flags'.
+    /// Reads nothing but the config file and writes nothing.
+    pub fn resolve(self) -> Result<Settings, String> {
+        let file = match &self.config {
+            None => FileConfig::default(),
+            Some(path) => {
+                let text = std::fs::read_to_string(path)
+                    .map_err(|e| format!("cannot read --config {}: {e}", path.display()))?;
+                toml::from_str(&text)
+                    .map_err(|e| format!("bad --config {}: {e}", path.display()))?
+            }
+        };
+        let in_file = |what: &str, e: String| match &self.config {
+            Some(p) => format!("bad {what} in --config {}: {e}", p.display()),
+            None => e,
+        };
+        let name = match self.name {
+            Some(n) => n,
+            None => match file.name {
+                Some(n) => parse_name(&n).map_err(|e| in_file("name", e))?,
+                None => "default".to_string(),
+            },
+        };
+        let log_level = match self.log_level {
+            Some(l) => l,
+            None => match file.log_level {
+                Some(l) => parse_log_level(&l).map_err(|e| in_file("log-level", e))?,
+                None => "info".to_string(),
+            },
+        };
+        let request_timeout_ms = match self.request_timeout_ms.or(file.request_timeout_ms) {
+            None => DEFAULT_REQUEST_TIMEOUT_MS,
+            Some(ms) if (1..=600_000).contains(&ms) => ms,
+            Some(ms) => {
+                return Err(in_file(
+                    "request-timeout-ms",
+                    format!("{ms} is not in 1..=600000"),
+                ))
+            }
+        };
+        Ok(Settings {
+            name,
+            data_dir: self
+                .data_dir
+                .or(file.data_dir)
+                .unwrap_or_else(|| PathBuf::from(DEFAULT_DATA_DIR)),
+            peer_addr: self
+                .peer_addr
+                .or(file.peer_addr)
+                .unwrap_or_else(|| DEFAULT_PEER_ADDR.parse().expect("valid default")),
+            api_addr: self
+                .api_addr
+                .or(file.api_addr)
+                .unwrap_or_else(|| DEFAULT_API_ADDR.parse().expect("valid default")),
+            log_level,
+            request_timeout_ms,
+        })
+    }
 }
 
 fn parse_name(s: &str) -> Result<String, String> {
@@ -130,7 +244,7 @@ pub enum ServeError {
 }
 
 /// Runs `raftwork serve` until SIGTERM or SIGINT.
-pub async fn run(args: ServeArgs) -> Result<(), ServeError> {
+pub async fn run(args: Settings) -> Result<(), ServeError> {
     // Signals first: a signal during startup must not kill the process
     // half-way (the default action), it must shut down like any other.
     let mut sigterm = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
@@ -209,6 +323,73 @@ mod tests {
         for bad in ["", "loud", "info,raft", "raft=loud"] {
             assert!(parse_log_level(bad).is_err(), "{bad}");
         }
+    }
+
+    fn write_config(text: &str) -> (tempfile::TempDir, PathBuf) {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("raftwork.toml");
+        std::fs::write(&path, text).unwrap();
+        (dir, path)
+    }
+
+    #[test]
+    fn defaults_without_flags_or_file() {
+        let s = ServeArgs::default().resolve().unwrap();
+        assert_eq!(s.name, "default");
+        assert_eq!(s.data_dir, PathBuf::from("./raftwork-data"));
+        assert_eq!(s.peer_addr.to_string(), "127.0.0.1:2380");
+        assert_eq!(s.api_addr.to_string(), "127.0.0.1:8080");
+        assert_eq!(s.log_level, "info");
+        assert_eq!(s.request_timeout_ms, 5000);
+    }
+
+    #[test]
+    fn flags_win_over_the_config_file() {
+        let (_dir, path) = write_config(
+            "name = \"from-file\"\ndata-dir = \"/tmp/x\"\napi-addr = \"127.0.0.1:9000\"\n\
+             log-level = \"debug\"\nrequest-timeout-ms = 100\n",
+        );
+        let s = ServeArgs {
+            config: Some(path),
+            name: Some("from-flag".into()),
+            ..ServeArgs::default()
+        }
+        .resolve()
+        .unwrap();
+        assert_eq!(s.name, "from-flag");
+        assert_eq!(s.data_dir, PathBuf::from("/tmp/x"));
+        assert_eq!(s.api_addr.to_string(), "127.0.0.1:9000");
+        assert_eq!(s.peer_addr.to_string(), "127.0.0.1:2380");
+        assert_eq!(s.log_level, "debug");
+        assert_eq!(s.request_timeout_ms, 100);
+    }
+
+    #[test]
+    fn bad_config_files_are_refused() {
+        for bad in [
+            "nmae = \"typo\"",
+            "name = \"a b\"",
+            "api-addr = \"nowhere\"",
+            "log-level = \"loud\"",
+            "request-timeout-ms = 0",
+            "name = ",
+        ] {
+            let (_dir, path) = write_config(bad);
+            let err = ServeArgs {
+                config: Some(path),
+                ..ServeArgs::default()
+            }
+            .resolve()
+            .unwrap_err();
+            assert!(err.contains("--config"), "{bad}: {err}");
+        }
+        let err = ServeArgs {
+            config: Some("/nonexistent/raftwork.toml".into()),
+            ..ServeArgs::default()
+        }
+        .resolve()
+        .unwrap_err();
+        assert!(err.contains("cannot read"), "{err}");
     }
 
     #[test]

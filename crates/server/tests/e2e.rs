@@ -571,6 +571,20 @@ fn bad_flags_fail_clearly_and_write_nothing() {
     assert!(String::from_utf8_lossy(&out.stderr).contains(&busy_addr));
     assert!(!data.exists());
 
+    // A bad config file: exit 2, the file named, nothing written.
+    let config = tmp.path().join("bad.toml");
+    std::fs::write(&config, "data-dir = 7\n").unwrap();
+    let out = run_bad(&[
+        "serve",
+        "--data-dir",
+        data_s,
+        "--config",
+        config.to_str().unwrap(),
+    ]);
+    assert_eq!(out.status.code(), Some(2));
+    assert!(String::from_utf8_lossy(&out.stderr).contains("bad.toml"));
+    assert!(!data.exists());
+
     // --help works and names the env variables.
     let out = raftwork().args(["serve", "--help"]).output().unwrap();
     assert!(out.status.success());
@@ -581,7 +595,45 @@ fn bad_flags_fail_clearly_and_write_nothing() {
         "RAFTWORK_PEER_ADDR",
         "RAFTWORK_API_ADDR",
         "RAFTWORK_LOG_LEVEL",
+        "RAFTWORK_CONFIG",
     ] {
         assert!(help.contains(var), "{var} missing from:\n{help}");
     }
+}
+
+#[test]
+fn settings_from_a_config_file() {
+    let tmp = tempfile::tempdir().unwrap();
+    let data = tmp.path().join("from-config-data");
+    let api: SocketAddr = format!("127.0.0.1:{}", free_port()).parse().unwrap();
+    let config = tmp.path().join("raftwork.toml");
+    std::fs::write(
+        &config,
+        format!(
+            "name = \"from-config\"\ndata-dir = {:?}\napi-addr = \"{api}\"\n\
+             peer-addr = \"127.0.0.1:{}\"\nlog-level = \"info\"\n",
+            data.to_str().unwrap(),
+            free_port()
+        ),
+    )
+    .unwrap();
+    let mut cmd = raftwork();
+    cmd.arg("serve").env("RAFTWORK_CONFIG", &config);
+    // Ports released by free_port may be taken meanwhile: that is the only
+    // failure tolerated (the test then proves nothing and says so).
+    let s = match Server::spawn(cmd, api, tmp.path().join("stderr.log")) {
+        Ok(s) => s,
+        Err(e) if e.contains("in use") || e.contains("another process") => {
+            eprintln!("skipped: a released port was taken: {e}");
+            return;
+        }
+        Err(e) => panic!("{e}"),
+    };
+    assert_eq!(
+        s.req("GET", "/v1/status", b"").json()["name"],
+        "from-config"
+    );
+    assert_eq!(s.req("PUT", "/v1/kv/k", b"v").status, 200);
+    assert!(data.join("NODE").exists());
+    assert_eq!(s.terminate().code(), Some(0));
 }
