@@ -482,6 +482,11 @@ pub struct StatusBody {
     pub pid: u32,
     /// Resident set size in bytes (VmRSS of /proc/self/status), if known.
     pub rss_bytes: Option<u64>,
+    /// CPU used since the server started, as a percentage of one core
+    /// averaged over the uptime (user + system time of /proc/self/stat, at
+    /// Linux's fixed USER_HZ of 100), if known. Can exceed 100 with several
+    /// busy threads.
+    pub cpu_percent_avg: Option<f64>,
     /// raftwork version.
     pub version: &'static str,
     /// Process start, Unix milliseconds.
@@ -508,8 +513,21 @@ fn rss_bytes() -> Option<u64> {
     Some(kb * 1024)
 }
 
+/// User plus system CPU time of this process, in seconds.
+fn cpu_seconds() -> Option<f64> {
+    let text = std::fs::read_to_string("/proc/self/stat").ok()?;
+    // The command name (field 2) may hold spaces and parentheses: count
+    // fields from after its closing parenthesis (field 3 is the state).
+    let rest = &text[text.rfind(')')? + 1..];
+    let fields: Vec<&str> = rest.split_whitespace().collect();
+    let utime: u64 = fields.get(11)?.parse().ok()?;
+    let stime: u64 = fields.get(12)?.parse().ok()?;
+    Some((utime + stime) as f64 / 100.0)
+}
+
 async fn status(State(state): State<Shared>) -> ApiResult<Json<StatusBody>> {
     let s = state.node.status().await.ok_or_else(shutting_down)?;
+    let uptime = state.started_at.elapsed().as_secs_f64();
     Ok(Json(StatusBody {
         id: s.id,
         name: state.config.name.clone(),
@@ -524,13 +542,16 @@ async fn status(State(state): State<Shared>) -> ApiResult<Json<StatusBody>> {
         learners: s.learners,
         pid: std::process::id(),
         rss_bytes: rss_bytes(),
+        cpu_percent_avg: cpu_seconds()
+            .filter(|_| uptime > 0.0)
+            .map(|cpu| (cpu / uptime * 100.0 * 10.0).round() / 10.0),
         version: env!("CARGO_PKG_VERSION"),
         start_time_unix_ms: state
             .started
             .duration_since(UNIX_EPOCH)
             .map(|d| d.as_millis() as u64)
             .unwrap_or(0),
-        uptime_seconds: state.started_at.elapsed().as_secs_f64(),
+        uptime_seconds: uptime,
     }))
 }
 

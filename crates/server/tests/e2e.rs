@@ -441,6 +441,7 @@ fn health_readiness_and_status() {
     assert_eq!(v["voters"], serde_json::json!([1]));
     assert_eq!(v["pid"].as_u64().unwrap(), u64::from(s.child.id()));
     assert!(v["rss_bytes"].as_u64().unwrap() > 0);
+    assert!(v["cpu_percent_avg"].as_f64().unwrap() >= 0.0, "{v}");
     assert_eq!(v["version"], env!("CARGO_PKG_VERSION"));
     assert!(v["start_time_unix_ms"].as_u64().unwrap() > 0);
     assert!(v["uptime_seconds"].as_f64().unwrap() >= 0.0);
