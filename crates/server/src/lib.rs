@@ -3,11 +3,13 @@
 //!
 //! * [`kv`]: the replicated state machine (command and snapshot formats);
 //! * [`api`]: the REST API (routes, error format, limits);
+//! * [`cluster`]: static bootstrap (`--initial-cluster`, node ids, the `CLUSTER` file);
 //! * [`serve`]: `raftwork serve` (flags, logging, startup, graceful shutdown).
 
 #![warn(missing_docs)]
 #![forbid(unsafe_code)]
 
 pub mod api;
+pub mod cluster;
 pub mod kv;
 pub mod serve;

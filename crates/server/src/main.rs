@@ -32,6 +32,13 @@ fn main() -> ExitCode {
                     return ExitCode::from(2);
                 }
             };
+            let plan = match args.plan() {
+                Ok(plan) => plan,
+                Err(e) => {
+                    eprintln!("raftwork: {e}");
+                    return ExitCode::from(2);
+                }
+            };
             if let Err(e) = init_logging(&args.log_level) {
                 eprintln!("raftwork: {e}");
                 return ExitCode::from(2);
@@ -46,7 +53,7 @@ fn main() -> ExitCode {
                     return ExitCode::FAILURE;
                 }
             };
-            match runtime.block_on(run(args)) {
+            match runtime.block_on(run(args, plan)) {
                 Ok(()) => ExitCode::SUCCESS,
                 Err(e) => {
                     tracing::error!(error = %e, "raftwork stopped");

@@ -9,9 +9,10 @@
 //! address is bound before the data dir is opened, so an address in use
 //! fails (code 1) without creating it.
 //!
-//! This slice runs a single-node cluster (node id 1) on durable storage;
-//! multi-node bootstrap (`--initial-cluster`) is a later slice. The peer
-//! listener is already started on `--peer-addr`.
+//! The node's id and its founding members come from
+//! [`crate::cluster`]: `--initial-cluster` (default: this member alone),
+//! `--initial-cluster-state`, `--initial-cluster-token`, remembered in the
+//! data dir's `CLUSTER` file and ignored once it exists.
 //!
 //! SIGTERM or SIGINT: the API stops accepting connections, requests in
 //! flight finish, the node shuts down (its tasks end, the WAL is synced by
@@ -27,6 +28,7 @@ use tokio::net::TcpListener;
 use tracing_subscriber::EnvFilter;
 
 use crate::api::{self, ApiConfig};
+use crate::cluster::{parse_host_port, parse_initial_cluster, ClusterPlan, ClusterState};
 use crate::kv::{KvStore, MAX_KEY_BYTES, MAX_VALUE_BYTES};
 
 /// Default of `--data-dir`.
@@ -74,6 +76,29 @@ pub struct ServeArgs {
     #[arg(long, env = "RAFTWORK_REQUEST_TIMEOUT_MS",
           value_parser = clap::value_parser!(u64).range(1..=600_000))]
     pub request_timeout_ms: Option<u64>,
+    /// Peer address (host:port) other members use to reach this one
+    /// [default: --peer-addr].
+    #[arg(long, env = "RAFTWORK_ADVERTISE_PEER_ADDR", value_parser = parse_host_port)]
+    pub advertise_peer_addr: Option<String>,
+    /// API address (host:port) clients and other members use to reach this
+    /// one; published as http://<addr> [default: the bound --api-addr].
+    #[arg(long, env = "RAFTWORK_ADVERTISE_API_ADDR", value_parser = parse_host_port)]
+    pub advertise_api_addr: Option<String>,
+    /// Founding members and their peer addresses: name=host:port,...
+    /// Must name this member (--name) [default: this member alone, at its
+    /// advertised peer address]. Ignored once the data dir is initialized.
+    #[arg(long, env = "RAFTWORK_INITIAL_CLUSTER")]
+    pub initial_cluster: Option<String>,
+    /// new: bootstrap a new cluster of the --initial-cluster members;
+    /// existing: join a running cluster (wait to be added) [default: new].
+    /// Ignored once the data dir is initialized.
+    #[arg(long, env = "RAFTWORK_INITIAL_CLUSTER_STATE", value_parser = ClusterState::parse)]
+    pub initial_cluster_state: Option<ClusterState>,
+    /// Token of the cluster (letters, digits, '-', '_', '.'); node ids derive
+    /// from it and the names, and a data dir of another token is refused
+    /// [default: raftwork].
+    #[arg(long, env = "RAFTWORK_INITIAL_CLUSTER_TOKEN", value_parser = parse_name)]
+    pub initial_cluster_token: Option<String>,
 }
 
 /// The `--config` file: the same settings as the flags, all optional.
@@ -86,6 +111,11 @@ struct FileConfig {
     api_addr: Option<SocketAddr>,
     log_level: Option<String>,
     request_timeout_ms: Option<u64>,
+    advertise_peer_addr: Option<String>,
+    advertise_api_addr: Option<String>,
+    initial_cluster: Option<String>,
+    initial_cluster_state: Option<String>,
+    initial_cluster_token: Option<String>,
 }
 
 /// The settings `raftwork serve` runs with, after flags, environment,
@@ -104,6 +134,16 @@ pub struct Settings {
     pub log_level: String,
     /// Wait for a leader, in milliseconds.
     pub request_timeout_ms: u64,
+    /// Advertised peer address.
+    pub advertise_peer_addr: String,
+    /// Advertised API address (`None`: the bound API address).
+    pub advertise_api_addr: Option<String>,
+    /// Initial members `(name, peer address)`.
+    pub initial_cluster: Vec<(String, String)>,
+    /// New or existing cluster.
+    pub initial_cluster_state: ClusterState,
+    /// The cluster token, if given.
+    pub initial_cluster_token: Option<String>,
 }
 
 impl ServeArgs {
@@ -148,16 +188,66 @@ impl ServeArgs {
                 ))
             }
         };
+        let peer_addr = self
+            .peer_addr
+            .or(file.peer_addr)
+            .unwrap_or_else(|| DEFAULT_PEER_ADDR.parse().expect("valid default"));
+        let advertise_peer_addr = match self.advertise_peer_addr {
+            Some(a) => a,
+            None => match file.advertise_peer_addr {
+                Some(a) => parse_host_port(&a).map_err(|e| in_file("advertise-peer-addr", e))?,
+                None => peer_addr.to_string(),
+            },
+        };
+        let advertise_api_addr = match self.advertise_api_addr {
+            Some(a) => Some(a),
+            None => match file.advertise_api_addr {
+                Some(a) => Some(parse_host_port(&a).map_err(|e| in_file("advertise-api-addr", e))?),
+                None => None,
+            },
+        };
+        let initial_cluster = match self.initial_cluster {
+            Some(c) => parse_initial_cluster(&c, parse_name)
+                .map_err(|e| format!("bad --initial-cluster: {e}"))?,
+            None => match file.initial_cluster {
+                Some(c) => parse_initial_cluster(&c, parse_name)
+                    .map_err(|e| in_file("initial-cluster", e))?,
+                None => vec![(name.clone(), advertise_peer_addr.clone())],
+            },
+        };
+        if !initial_cluster.iter().any(|(n, _)| *n == name) {
+            return Err(format!(
+                "the initial cluster does not name this member {name:?} (--name)"
+            ));
+        }
+        let initial_cluster_state = match self.initial_cluster_state {
+            Some(s) => s,
+            None => match file.initial_cluster_state {
+                Some(s) => {
+                    ClusterState::parse(&s).map_err(|e| in_file("initial-cluster-state", e))?
+                }
+                None => ClusterState::New,
+            },
+        };
+        let initial_cluster_token = match self.initial_cluster_token {
+            Some(t) => Some(t),
+            None => match file.initial_cluster_token {
+                Some(t) => Some(parse_name(&t).map_err(|e| in_file("initial-cluster-token", e))?),
+                None => None,
+            },
+        };
         Ok(Settings {
+            advertise_peer_addr,
+            advertise_api_addr,
+            initial_cluster,
+            initial_cluster_state,
+            initial_cluster_token,
             name,
             data_dir: self
                 .data_dir
                 .or(file.data_dir)
                 .unwrap_or_else(|| PathBuf::from(DEFAULT_DATA_DIR)),
-            peer_addr: self
-                .peer_addr
-                .or(file.peer_addr)
-                .unwrap_or_else(|| DEFAULT_PEER_ADDR.parse().expect("valid default")),
+            peer_addr,
             api_addr: self
                 .api_addr
                 .or(file.api_addr)
@@ -168,7 +258,23 @@ impl ServeArgs {
     }
 }
 
-fn parse_name(s: &str) -> Result<String, String> {
+impl Settings {
+    /// What the node starts with: the data dir's `CLUSTER` file if it has
+    /// one (checked against `--name` and `--initial-cluster-token`), else the
+    /// flags. Reads only.
+    pub fn plan(&self) -> Result<ClusterPlan, String> {
+        ClusterPlan::load(
+            &self.data_dir,
+            &self.name,
+            self.initial_cluster_token.as_deref(),
+            self.initial_cluster_state,
+            self.initial_cluster.clone(),
+        )
+    }
+}
+
+/// Checks a name (letters, digits, '-', '_', '.'; 1 to 64).
+pub fn parse_name(s: &str) -> Result<String, String> {
     if s.is_empty() {
         return Err("the name is empty".into());
     }
@@ -235,6 +341,14 @@ pub enum ServeError {
         /// Why.
         source: BuildError,
     },
+    /// The `CLUSTER` file could not be written.
+    #[error("cannot write the cluster file in {dir}: {source}")]
+    ClusterFile {
+        /// The data dir.
+        dir: PathBuf,
+        /// Why.
+        source: std::io::Error,
+    },
     /// Waiting for signals failed.
     #[error("cannot install signal handlers: {0}")]
     Signals(std::io::Error),
@@ -244,7 +358,7 @@ pub enum ServeError {
 }
 
 /// Runs `raftwork serve` until SIGTERM or SIGINT.
-pub async fn run(args: Settings) -> Result<(), ServeError> {
+pub async fn run(args: Settings, plan: ClusterPlan) -> Result<(), ServeError> {
     // Signals first: a signal during startup must not kill the process
     // half-way (the default action), it must shut down like any other.
     let mut sigterm = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
@@ -261,9 +375,25 @@ pub async fn run(args: Settings) -> Result<(), ServeError> {
             })?;
     let api_addr = listener.local_addr().map_err(ServeError::Serve)?;
 
-    let node = Builder::new(1, KvStore::new())
+    plan.persist(&args.data_dir)
+        .map_err(|source| ServeError::ClusterFile {
+            dir: args.data_dir.clone(),
+            source,
+        })?;
+    let mut builder = Builder::new(plan.id, KvStore::new())
         .data_dir(&args.data_dir)
-        .listen(args.peer_addr)
+        .listen(args.peer_addr);
+    let members = plan.member_ids();
+    for (id, _, addr) in &members {
+        if *id != plan.id {
+            builder = builder.peer(*id, addr.clone());
+        }
+    }
+    builder = match plan.state {
+        ClusterState::New => builder.initial_voters(members.iter().map(|(id, _, _)| *id)),
+        ClusterState::Existing => builder.join_existing(),
+    };
+    let node = builder
         .configure(|c| {
             // A put carries a key and a value; a compare-and-set also the
             // expected value (from the query string, far below this).
@@ -276,6 +406,7 @@ pub async fn run(args: Settings) -> Result<(), ServeError> {
         })?;
     tracing::info!(
         name = %args.name,
+        id = plan.id,
         api_addr = %api_addr,
         peer_addr = %args.peer_addr,
         data_dir = %args.data_dir.display(),

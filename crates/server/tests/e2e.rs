@@ -428,17 +428,19 @@ fn health_readiness_and_status() {
     let r = s.req("GET", "/v1/status", b"");
     assert_eq!(r.status, 200);
     let v = r.json();
-    assert_eq!(v["id"], 1);
+    // Ids derive from the cluster token and the name.
+    let id = raftwork_server::cluster::member_id("raftwork", "e2e");
+    assert_eq!(v["id"], id);
     assert_eq!(v["name"], "e2e");
     assert_eq!(v["role"], "leader");
-    assert_eq!(v["leader"], 1);
+    assert_eq!(v["leader"], id);
     assert!(v["term"].as_u64().unwrap() >= 1);
     let commit = v["commit"].as_u64().unwrap();
     assert!(commit >= 2, "{v}");
     assert!(v["applied"].as_u64().unwrap() >= commit, "{v}");
     assert!(v["last_index"].as_u64().unwrap() >= commit, "{v}");
     assert!(v["snapshot_index"].as_u64().is_some());
-    assert_eq!(v["voters"], serde_json::json!([1]));
+    assert_eq!(v["voters"], serde_json::json!([id]));
     assert_eq!(v["pid"].as_u64().unwrap(), u64::from(s.child.id()));
     assert!(v["rss_bytes"].as_u64().unwrap() > 0);
     assert!(v["cpu_percent_avg"].as_f64().unwrap() >= 0.0, "{v}");
@@ -536,6 +538,70 @@ fn bad_flags_fail_clearly_and_write_nothing() {
             "--request-timeout-ms",
         ),
         (&["frobnicate"], "frobnicate"),
+        (
+            &[
+                "serve",
+                "--data-dir",
+                data_s,
+                "--initial-cluster",
+                "a=h:1,b",
+            ],
+            "--initial-cluster",
+        ),
+        (
+            &[
+                "serve",
+                "--data-dir",
+                data_s,
+                "--name",
+                "c",
+                "--initial-cluster",
+                "a=h:1,b=h:2",
+            ],
+            "does not name this member",
+        ),
+        (
+            &[
+                "serve",
+                "--data-dir",
+                data_s,
+                "--name",
+                "a",
+                "--initial-cluster",
+                "a=h:1,a=h:2",
+            ],
+            "twice",
+        ),
+        (
+            &[
+                "serve",
+                "--data-dir",
+                data_s,
+                "--initial-cluster-state",
+                "old",
+            ],
+            "--initial-cluster-state",
+        ),
+        (
+            &[
+                "serve",
+                "--data-dir",
+                data_s,
+                "--initial-cluster-token",
+                "a b",
+            ],
+            "--initial-cluster-token",
+        ),
+        (
+            &[
+                "serve",
+                "--data-dir",
+                data_s,
+                "--advertise-api-addr",
+                "nohost",
+            ],
+            "--advertise-api-addr",
+        ),
     ];
     for (args, needle) in cases {
         let out = run_bad(args);
@@ -597,6 +663,11 @@ fn bad_flags_fail_clearly_and_write_nothing() {
         "RAFTWORK_API_ADDR",
         "RAFTWORK_LOG_LEVEL",
         "RAFTWORK_CONFIG",
+        "RAFTWORK_INITIAL_CLUSTER",
+        "RAFTWORK_INITIAL_CLUSTER_STATE",
+        "RAFTWORK_INITIAL_CLUSTER_TOKEN",
+        "RAFTWORK_ADVERTISE_PEER_ADDR",
+        "RAFTWORK_ADVERTISE_API_ADDR",
     ] {
         assert!(help.contains(var), "{var} missing from:\n{help}");
     }
@@ -637,4 +708,64 @@ fn settings_from_a_config_file() {
     assert_eq!(s.req("PUT", "/v1/kv/k", b"v").status, 200);
     assert!(data.join("NODE").exists());
     assert_eq!(s.terminate().code(), Some(0));
+}
+
+#[test]
+fn a_data_dir_of_another_cluster_token_is_refused() {
+    let (tmp, s) = start_temp();
+    assert!(s.terminate().success());
+    let data = tmp.path().join("data");
+    let cluster = std::fs::read_to_string(data.join("CLUSTER")).unwrap();
+    assert!(cluster.contains("token=raftwork\n"), "{cluster}");
+    let listing = |d: &Path| {
+        let mut v: Vec<_> = walk(d);
+        v.sort();
+        v
+    };
+    let before = listing(&data);
+    let out = run_bad(&[
+        "serve",
+        "--name",
+        "e2e",
+        "--data-dir",
+        data.to_str().unwrap(),
+        "--initial-cluster-token",
+        "another",
+    ]);
+    assert_eq!(out.status.code(), Some(2));
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        stderr.contains("token") && stderr.contains("another"),
+        "{stderr}"
+    );
+    // Another name on the same data dir is refused as well.
+    let out = run_bad(&[
+        "serve",
+        "--name",
+        "other",
+        "--data-dir",
+        data.to_str().unwrap(),
+    ]);
+    assert_eq!(out.status.code(), Some(2));
+    assert!(String::from_utf8_lossy(&out.stderr).contains("belongs to member"));
+    assert_eq!(
+        listing(&data),
+        before,
+        "a refused start wrote to the data dir"
+    );
+}
+
+/// Every file under `dir` with its size.
+fn walk(dir: &Path) -> Vec<(PathBuf, u64)> {
+    let mut out = Vec::new();
+    for entry in std::fs::read_dir(dir).unwrap() {
+        let entry = entry.unwrap();
+        let meta = entry.metadata().unwrap();
+        if meta.is_dir() {
+            out.extend(walk(&entry.path()));
+        } else {
+            out.push((entry.path(), meta.len()));
+        }
+    }
+    out
 }
