@@ -11,6 +11,16 @@
 //! | `GET /healthz` | 200 `ok` |
 //! | `GET /readyz` | 200 `ready`, or 503 |
 //! | `GET /v1/status` | 200 JSON (see [`StatusBody`]) |
+//! | `GET /cluster/nodes` | 200 `{"leader": name, "nodes": [{"id", "name", "role", "peer_addr", "api_url"}]}` |
+//! | `PUT /v1/internal/members/{name}` | publishes a member record (used by the nodes, see [`crate::members`]) |
+//!
+//! Any node takes any request: a follower forwards writes (PUT, DELETE,
+//! compare-and-set) and linearizable reads to the leader's API URL (from
+//! the replicated member records) and returns the leader's answer as is,
+//! status and body; the client never sees a redirect. A forwarded request
+//! carries [`FORWARDED_HEADER`] and is never forwarded again: a node that
+//! gets one without leading answers 503. While no leader is known, the
+//! request waits up to [`ApiConfig::request_timeout`], then 503.
 //!
 //! Keys are the rest of the raw path after `/v1/kv/`, percent-decoded to
 //! bytes: they may contain `/` and any byte (`%00`..`%FF`), must be
@@ -21,14 +31,15 @@
 //! are at most [`MAX_VALUE_BYTES`]; a bigger `Content-Length` is refused
 //! before the body is read.
 //!
-//! Errors are JSON: `{"error": "<message>", "leader": null}`. `leader` is
-//! reserved for the leader's API URL, which nodes do not know yet (the
-//! replicated membership with API URLs is a later slice); a follower that
-//! knows the leader's id adds `"leader_id": N`. Codes: 400 bad input (empty
-//! or oversized key, oversized value, unknown or malformed query parameter),
-//! 404 no such key or route, 405 wrong method, 412 compare-and-set mismatch, 503 no leader within
-//! [`ApiConfig::request_timeout`], not the leader (no forwarding yet), or
-//! shutting down; 500 anything else.
+//! Errors are JSON: `{"error": "<message>", "leader": null}`. On a 503
+//! about leadership (not the leader, leader unreachable) `leader` carries
+//! the leader's API URL when known, and `"leader_id": N` is added when its
+//! id is known; other errors have `"leader": null`. Codes: 400 bad input
+//! (empty, oversized or reserved key, oversized value, unknown or malformed
+//! query parameter), 404 no such key or route, 405 wrong method, 412
+//! compare-and-set mismatch, 503 no leader within
+//! [`ApiConfig::request_timeout`], the leader unreachable or without a
+//! published API URL, or shutting down; 500 anything else.
 //!
 //! Reads are linearizable by default (`Node::read`, ReadIndex);
 //! `consistency=stale` reads the local state (`Node::read_stale`).
@@ -51,7 +62,10 @@ use base64::Engine as _;
 use raftwork::{Node, ProposeError, ReadError, Role};
 use serde::Serialize;
 
+use crate::cluster::{member_id, parse_host_port};
+use crate::forward::{self, FORWARDED_HEADER};
 use crate::kv::{Expect, KvCommand, KvResponse, KvStore, MAX_KEY_BYTES, MAX_VALUE_BYTES};
+use crate::members::{member_key, MemberInfo, Members, RESERVED_PREFIX};
 
 /// Entries a listing returns when no `limit` is given.
 pub const DEFAULT_LIST_LIMIT: usize = 1000;
@@ -65,6 +79,10 @@ pub struct ApiConfig {
     pub name: String,
     /// How long a request waits for a leader before 503.
     pub request_timeout: Duration,
+    /// The cluster token (member ids derive from it and the names).
+    pub token: String,
+    /// The member records this node knows (see [`crate::members`]).
+    pub members: Arc<Members>,
 }
 
 struct AppState {
@@ -88,6 +106,11 @@ pub fn router(node: Node<KvStore>, config: ApiConfig) -> Router {
         .route("/healthz", get(healthz))
         .route("/readyz", get(readyz))
         .route("/v1/status", get(status))
+        .route("/cluster/nodes", get(cluster_nodes))
+        .route(
+            "/v1/internal/members/{name}",
+            axum::routing::put(put_member),
+        )
         .route("/v1/kv", get(list))
         .route("/v1/kv/", get(empty_key).put(empty_key).delete(empty_key))
         .route(
@@ -106,6 +129,7 @@ pub fn router(node: Node<KvStore>, config: ApiConfig) -> Router {
 pub struct ApiError {
     status: StatusCode,
     message: String,
+    leader: Option<String>,
     leader_id: Option<u64>,
 }
 
@@ -122,6 +146,7 @@ impl ApiError {
         Self {
             status,
             message: message.into(),
+            leader: None,
             leader_id: None,
         }
     }
@@ -139,7 +164,7 @@ impl IntoResponse for ApiError {
     fn into_response(self) -> Response {
         let body = ErrorBody {
             error: &self.message,
-            leader: None,
+            leader: self.leader,
             leader_id: self.leader_id,
         };
         (self.status, Json(body)).into_response()
@@ -163,9 +188,10 @@ fn not_leader(leader: u64) -> ApiError {
     ApiError {
         status: StatusCode::SERVICE_UNAVAILABLE,
         message: format!(
-            "this node is not the leader (leader is node {leader}); \
-             forwarding to the leader is not implemented yet: send the request to the leader"
+            "this node is not the leader (node {leader} is) and the request was already \
+             forwarded once; retry"
         ),
+        leader: None,
         leader_id: Some(leader),
     }
 }
@@ -328,7 +354,12 @@ where
     loop {
         match attempt().await {
             Ok(v) => return Ok(v),
-            Err(Retry::Fail(e)) => return Err(e),
+            Err(Retry::Fail(mut e)) => {
+                if let Some(id) = e.leader_id {
+                    e.leader = state.config.members.get(id).map(|m| m.api_url);
+                }
+                return Err(e);
+            }
             Err(Retry::NoLeader) => {
                 let left = deadline.saturating_duration_since(Instant::now());
                 if left.is_zero() {
@@ -428,6 +459,108 @@ where
     tokio::time::timeout(timeout, reading)
         .await
         .unwrap_or_else(|_| Err(no_leader(timeout)))
+}
+
+// ---------- forwarding to the leader ----------
+
+/// Where a write or a linearizable read must run: `None` for here (this
+/// node leads, or the request was already forwarded once), else the
+/// leader's API URL. Waits for a leader, and for its URL, up to the request
+/// timeout.
+async fn route(state: &AppState, headers: &HeaderMap) -> ApiResult<Option<String>> {
+    if headers.contains_key(FORWARDED_HEADER) {
+        return Ok(None);
+    }
+    let timeout = state.config.request_timeout;
+    let deadline = Instant::now() + timeout;
+    loop {
+        let s = state.node.status().await.ok_or_else(shutting_down)?;
+        let left = deadline.saturating_duration_since(Instant::now());
+        match s.leader {
+            Some(l) if l == s.id => return Ok(None),
+            Some(l) => {
+                let members = &state.config.members;
+                if members.get(l).is_none() {
+                    members.refresh(&state.node).await;
+                }
+                if let Some(m) = members.get(l) {
+                    return Ok(Some(m.api_url));
+                }
+                if left.is_zero() {
+                    return Err(ApiError {
+                        status: StatusCode::SERVICE_UNAVAILABLE,
+                        message: format!(
+                            "the leader (node {l}) has not published its API URL within {} ms; \
+                             retry later",
+                            timeout.as_millis()
+                        ),
+                        leader: None,
+                        leader_id: Some(l),
+                    });
+                }
+                tokio::time::sleep(Duration::from_millis(50).min(left)).await;
+            }
+            None => {
+                if left.is_zero() {
+                    return Err(no_leader(timeout));
+                }
+                match state.node.wait_for_leader(left).await {
+                    Ok(_) => {}
+                    Err(raftwork::WaitError::Timeout) => return Err(no_leader(timeout)),
+                    Err(_) => return Err(shutting_down()),
+                }
+            }
+        }
+    }
+}
+
+/// Sends the request to the leader at `url` and returns its answer as is.
+async fn forward_to(
+    state: &AppState,
+    url: &str,
+    method: &str,
+    uri: &Uri,
+    content_type: Option<&str>,
+    body: &[u8],
+) -> ApiResult<Response> {
+    let path = uri.path_and_query().map_or("/", |p| p.as_str());
+    match forward::send(
+        url,
+        method,
+        path,
+        content_type,
+        body,
+        state.config.request_timeout,
+    )
+    .await
+    {
+        Ok(r) => {
+            let status =
+                StatusCode::from_u16(r.status).unwrap_or(StatusCode::INTERNAL_SERVER_ERROR);
+            let mut response = (status, Bytes::from(r.body)).into_response();
+            if let Some(ct) = r.content_type.and_then(|c| c.parse().ok()) {
+                response.headers_mut().insert(header::CONTENT_TYPE, ct);
+            }
+            Ok(response)
+        }
+        Err(e) => Err(ApiError {
+            status: StatusCode::SERVICE_UNAVAILABLE,
+            message: format!(
+                "forwarding to the leader failed ({e}); a write may or may not be applied"
+            ),
+            leader: Some(url.to_string()),
+            leader_id: None,
+        }),
+    }
+}
+
+fn refuse_reserved(key: &[u8]) -> ApiResult<()> {
+    if key.starts_with(RESERVED_PREFIX) {
+        return Err(ApiError::bad_request(
+            "keys starting with \"\\0raftwork/\" are reserved for the server",
+        ));
+    }
+    Ok(())
 }
 
 // ---------- handlers ----------
@@ -573,10 +706,15 @@ async fn bad_method() -> ApiError {
     )
 }
 
-async fn get_key(State(state): State<Shared>, uri: Uri) -> ApiResult<Response> {
+async fn get_key(State(state): State<Shared>, uri: Uri, headers: HeaderMap) -> ApiResult<Response> {
     let query = Params::parse(&uri, &["consistency"])?;
     let stale = query.stale()?;
     let key = key_of(&uri)?;
+    if !stale {
+        if let Some(url) = route(&state, &headers).await? {
+            return forward_to(&state, &url, "GET", &uri, None, b"").await;
+        }
+    }
     let value = read(&state, stale, move |kv: &KvStore| {
         kv.get(&key).map(<[u8]>::to_vec)
     })
@@ -601,9 +739,10 @@ async fn put_key(
     uri: Uri,
     headers: HeaderMap,
     body: Body,
-) -> ApiResult<Json<IndexBody>> {
+) -> ApiResult<Response> {
     let query = Params::parse(&uri, &["prev_value", "prev_exist"])?;
     let key = key_of(&uri)?;
+    refuse_reserved(&key)?;
     let prev_exist = match query.text("prev_exist")? {
         None => None,
         Some("true") => Some(true),
@@ -626,13 +765,16 @@ async fn put_key(
         (None, None) => None,
     };
     let value = read_value(&headers, body).await?;
+    if let Some(url) = route(&state, &headers).await? {
+        return forward_to(&state, &url, "PUT", &uri, None, &value).await;
+    }
     let command = match expect {
         None => KvCommand::Put { key, value },
         Some(expect) => KvCommand::Cas { key, expect, value },
     };
     let (index, response) = propose(&state, command).await?;
     match response {
-        KvResponse::Written => Ok(Json(IndexBody { index })),
+        KvResponse::Written => Ok(Json(IndexBody { index }).into_response()),
         KvResponse::CasFailed { current } => Err(ApiError::new(
             StatusCode::PRECONDITION_FAILED,
             match current {
@@ -653,15 +795,24 @@ struct DeleteBody {
     deleted: bool,
 }
 
-async fn delete_key(State(state): State<Shared>, uri: Uri) -> ApiResult<Json<DeleteBody>> {
+async fn delete_key(
+    State(state): State<Shared>,
+    uri: Uri,
+    headers: HeaderMap,
+) -> ApiResult<Response> {
     Params::parse(&uri, &[])?;
     let key = key_of(&uri)?;
+    refuse_reserved(&key)?;
+    if let Some(url) = route(&state, &headers).await? {
+        return forward_to(&state, &url, "DELETE", &uri, None, b"").await;
+    }
     let (index, response) = propose(&state, KvCommand::Delete { key }).await?;
     match response {
         KvResponse::Deleted { existed } => Ok(Json(DeleteBody {
             index,
             deleted: existed,
-        })),
+        })
+        .into_response()),
         other => Err(ApiError::new(
             StatusCode::INTERNAL_SERVER_ERROR,
             format!("unexpected state machine response {other:?}"),
@@ -675,7 +826,7 @@ struct Item {
     value: String,
 }
 
-async fn list(State(state): State<Shared>, uri: Uri) -> ApiResult<Json<Vec<Item>>> {
+async fn list(State(state): State<Shared>, uri: Uri, headers: HeaderMap) -> ApiResult<Response> {
     let query = Params::parse(&uri, &["prefix", "limit", "encoding", "consistency"])?;
     let stale = query.stale()?;
     let prefix = query.bytes("prefix").unwrap_or_default().to_vec();
@@ -699,7 +850,15 @@ async fn list(State(state): State<Shared>, uri: Uri) -> ApiResult<Json<Vec<Item>
             )))
         }
     };
-    let entries = read(&state, stale, move |kv: &KvStore| kv.list(&prefix, limit)).await?;
+    if !stale {
+        if let Some(url) = route(&state, &headers).await? {
+            return forward_to(&state, &url, "GET", &uri, None, b"").await;
+        }
+    }
+    let entries = read(&state, stale, move |kv: &KvStore| {
+        kv.list_skipping(&prefix, limit, RESERVED_PREFIX)
+    })
+    .await?;
     let text = |b: &[u8]| {
         if base64 {
             base64::engine::general_purpose::STANDARD.encode(b)
@@ -714,6 +873,115 @@ async fn list(State(state): State<Shared>, uri: Uri) -> ApiResult<Json<Vec<Item>
                 key: text(k),
                 value: text(v),
             })
-            .collect(),
-    ))
+            .collect::<Vec<_>>(),
+    )
+    .into_response())
+}
+
+/// One entry of `GET /cluster/nodes`.
+#[derive(Debug, Serialize)]
+struct NodeItem {
+    id: u64,
+    name: Option<String>,
+    role: &'static str,
+    peer_addr: Option<String>,
+    api_url: Option<String>,
+}
+
+/// Body of `GET /cluster/nodes`.
+#[derive(Debug, Serialize)]
+struct NodesBody {
+    leader: Option<String>,
+    nodes: Vec<NodeItem>,
+}
+
+/// The members in this node's view: Raft's membership for ids and roles,
+/// the member records for names and addresses.
+async fn cluster_nodes(State(state): State<Shared>) -> ApiResult<Json<NodesBody>> {
+    let s = state.node.status().await.ok_or_else(shutting_down)?;
+    let records = state
+        .config
+        .members
+        .refresh(&state.node)
+        .await
+        .unwrap_or_else(|| state.config.members.all());
+    let mut ids: Vec<u64> = s.voters.iter().chain(&s.learners).copied().collect();
+    ids.sort_unstable();
+    ids.dedup();
+    let nodes = ids
+        .into_iter()
+        .map(|id| {
+            let role = if Some(id) == s.leader {
+                "leader"
+            } else if id == s.id {
+                match s.role {
+                    Role::PreCandidate => "candidate",
+                    r => role_name(r),
+                }
+            } else if s.learners.contains(&id) {
+                "learner"
+            } else if s.leader.is_some() {
+                "follower"
+            } else {
+                "unknown"
+            };
+            let m = records.get(&id);
+            NodeItem {
+                id,
+                name: m.map(|m| m.name.clone()),
+                role,
+                peer_addr: m.map(|m| m.peer_addr.clone()),
+                api_url: m.map(|m| m.api_url.clone()),
+            }
+        })
+        .collect();
+    Ok(Json(NodesBody {
+        leader: s
+            .leader
+            .and_then(|l| records.get(&l))
+            .map(|m| m.name.clone()),
+        nodes,
+    }))
+}
+
+/// `PUT /v1/internal/members/{name}`: publishes a member record (see
+/// [`crate::members`]); forwarded to the leader like any write.
+async fn put_member(
+    State(state): State<Shared>,
+    uri: Uri,
+    headers: HeaderMap,
+    body: Body,
+) -> ApiResult<Response> {
+    Params::parse(&uri, &[])?;
+    let name = uri
+        .path()
+        .strip_prefix("/v1/internal/members/")
+        .unwrap_or("");
+    let body = read_value(&headers, body).await?;
+    let info: MemberInfo = serde_json::from_slice(&body)
+        .map_err(|e| ApiError::bad_request(format!("malformed member record: {e}")))?;
+    if info.name != name {
+        return Err(ApiError::bad_request(
+            "the record's name differs from the path",
+        ));
+    }
+    crate::serve::parse_name(&info.name).map_err(ApiError::bad_request)?;
+    if info.id != member_id(&state.config.token, &info.name) {
+        return Err(ApiError::bad_request(
+            "the record's id is not the one its name gives in this cluster",
+        ));
+    }
+    parse_host_port(&info.peer_addr).map_err(ApiError::bad_request)?;
+    if !info.api_url.starts_with("http://") {
+        return Err(ApiError::bad_request("api_url must be http://host:port"));
+    }
+    if let Some(url) = route(&state, &headers).await? {
+        return forward_to(&state, &url, "PUT", &uri, Some("application/json"), &body).await;
+    }
+    let command = KvCommand::Put {
+        key: member_key(&info.name),
+        value: serde_json::to_vec(&info).expect("serializable"),
+    };
+    let (index, _) = propose(&state, command).await?;
+    Ok(Json(IndexBody { index }).into_response())
 }

@@ -263,6 +263,22 @@ impl KvStore {
             .collect()
     }
 
+    /// Like [`KvStore::list`], without the keys that start with `skip`.
+    pub fn list_skipping(
+        &self,
+        prefix: &[u8],
+        limit: usize,
+        skip: &[u8],
+    ) -> Vec<(Vec<u8>, Vec<u8>)> {
+        self.map
+            .range(prefix.to_vec()..)
+            .take_while(|(k, _)| k.starts_with(prefix))
+            .filter(|(k, _)| !k.starts_with(skip))
+            .take(limit)
+            .map(|(k, v)| (k.clone(), v.clone()))
+            .collect()
+    }
+
     /// Number of keys.
     pub fn len(&self) -> usize {
         self.map.len()

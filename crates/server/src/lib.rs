@@ -4,6 +4,8 @@
 //! * [`kv`]: the replicated state machine (command and snapshot formats);
 //! * [`api`]: the REST API (routes, error format, limits);
 //! * [`cluster`]: static bootstrap (`--initial-cluster`, node ids, the `CLUSTER` file);
+//! * [`members`]: member records (names, peer addresses, API URLs) in the replicated state;
+//! * [`forward`]: the small HTTP client that forwards requests to the leader;
 //! * [`serve`]: `raftwork serve` (flags, logging, startup, graceful shutdown).
 
 #![warn(missing_docs)]
@@ -11,5 +13,7 @@
 
 pub mod api;
 pub mod cluster;
+pub mod forward;
 pub mod kv;
+pub mod members;
 pub mod serve;

@@ -20,6 +20,7 @@
 
 use std::net::SocketAddr;
 use std::path::PathBuf;
+use std::sync::Arc;
 use std::time::Duration;
 
 use clap::Args;
@@ -30,6 +31,7 @@ use tracing_subscriber::EnvFilter;
 use crate::api::{self, ApiConfig};
 use crate::cluster::{parse_host_port, parse_initial_cluster, ClusterPlan, ClusterState};
 use crate::kv::{KvStore, MAX_KEY_BYTES, MAX_VALUE_BYTES};
+use crate::members::{self, MemberInfo, Members};
 
 /// Default of `--data-dir`.
 pub const DEFAULT_DATA_DIR: &str = "./raftwork-data";
@@ -215,11 +217,8 @@ impl ServeArgs {
                 None => vec![(name.clone(), advertise_peer_addr.clone())],
             },
         };
-        if !initial_cluster.iter().any(|(n, _)| *n == name) {
-            return Err(format!(
-                "the initial cluster does not name this member {name:?} (--name)"
-            ));
-        }
+        // Whether it names this member is checked against the data dir
+        // (`Settings::plan`): it is ignored once the data dir is initialized.
         let initial_cluster_state = match self.initial_cluster_state {
             Some(s) => s,
             None => match file.initial_cluster_state {
@@ -414,11 +413,27 @@ pub async fn run(args: Settings, plan: ClusterPlan) -> Result<(), ServeError> {
         "raftwork started"
     );
 
+    let request_timeout = Duration::from_millis(args.request_timeout_ms);
+    let members = Arc::new(Members::new());
+    let me = MemberInfo {
+        name: plan.name.clone(),
+        id: plan.id,
+        peer_addr: args.advertise_peer_addr.clone(),
+        api_url: format!(
+            "http://{}",
+            args.advertise_api_addr
+                .clone()
+                .unwrap_or_else(|| api_addr.to_string())
+        ),
+    };
+    let sync = members::spawn_sync(node.clone(), members.clone(), me, request_timeout);
     let router = api::router(
         node.clone(),
         ApiConfig {
             name: args.name.clone(),
-            request_timeout: Duration::from_millis(args.request_timeout_ms),
+            request_timeout,
+            token: plan.token.clone(),
+            members,
         },
     );
     let shutdown = async move {
@@ -431,6 +446,7 @@ pub async fn run(args: Settings, plan: ClusterPlan) -> Result<(), ServeError> {
         .with_graceful_shutdown(shutdown)
         .await;
     node.shutdown().await;
+    sync.abort();
     served.map_err(ServeError::Serve)?;
     tracing::info!("raftwork stopped");
     Ok(())

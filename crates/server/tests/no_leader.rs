@@ -60,6 +60,8 @@ async fn requests_without_a_leader_get_503() {
         ApiConfig {
             name: "lonely".into(),
             request_timeout: Duration::from_millis(300),
+            token: "raftwork".into(),
+            members: Default::default(),
         },
     );
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();

@@ -1,0 +1,309 @@
+//! Three real `raftwork serve` processes on loopback (ephemeral ports, temp
+//! data dirs): they converge on one leader, any node takes any request
+//! (followers forward), the cluster survives kill -9 of its leader, and the
+//! old leader catches up after a restart.
+//!
+//! Every wait below is a poll with a generous hang guard, never a timing
+//! assertion.
+
+use std::io::{Read, Write};
+use std::net::{SocketAddr, TcpListener, TcpStream};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use serde_json::Value;
+
+const BIN: &str = env!("CARGO_BIN_EXE_raftwork");
+const GUARD: Duration = Duration::from_secs(60);
+
+fn free_port() -> u16 {
+    TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
+
+/// One HTTP/1.1 request (`Connection: close`): status and body.
+fn request(
+    addr: SocketAddr,
+    method: &str,
+    path: &str,
+    body: &[u8],
+) -> std::io::Result<(u16, Vec<u8>)> {
+    let mut stream = TcpStream::connect(addr)?;
+    stream.set_read_timeout(Some(GUARD))?;
+    let head = format!(
+        "{method} {path} HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\nContent-Length: {}\r\n\r\n",
+        body.len()
+    );
+    stream.write_all(head.as_bytes())?;
+    stream.write_all(body)?;
+    let mut buf = Vec::new();
+    stream.read_to_end(&mut buf)?;
+    let split = buf
+        .windows(4)
+        .position(|w| w == b"\r\n\r\n")
+        .ok_or_else(|| std::io::Error::other("no end of headers"))?;
+    let head = String::from_utf8_lossy(&buf[..split]).to_ascii_lowercase();
+    assert!(!head.contains("transfer-encoding: chunked"), "{head}");
+    let status = head
+        .split_whitespace()
+        .nth(1)
+        .and_then(|s| s.parse().ok())
+        .ok_or_else(|| std::io::Error::other("bad status line"))?;
+    Ok((status, buf[split + 4..].to_vec()))
+}
+
+struct Member {
+    name: String,
+    api: SocketAddr,
+    peer: String,
+    data: PathBuf,
+    log: PathBuf,
+    child: Option<Child>,
+}
+
+impl Member {
+    fn start(&mut self, initial_cluster: &str) {
+        let mut cmd = Command::new(BIN);
+        for (k, _) in std::env::vars_os() {
+            if k.to_string_lossy().starts_with("RAFTWORK_") {
+                cmd.env_remove(k);
+            }
+        }
+        let log = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(&self.log)
+            .unwrap();
+        cmd.args(["serve", "--name", &self.name, "--log-level", "info"])
+            .arg("--data-dir")
+            .arg(&self.data)
+            .args(["--api-addr", &self.api.to_string()])
+            .args(["--peer-addr", &self.peer])
+            .args(["--initial-cluster", initial_cluster])
+            .args(["--initial-cluster-token", "cluster-test"])
+            .args(["--request-timeout-ms", "10000"])
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(log);
+        self.child = Some(cmd.spawn().expect("start raftwork"));
+    }
+
+    fn kill9(&mut self) {
+        let mut child = self.child.take().expect("running");
+        child.kill().unwrap(); // SIGKILL
+        child.wait().unwrap();
+    }
+
+    fn logs(&self) -> String {
+        std::fs::read_to_string(&self.log).unwrap_or_default()
+    }
+
+    fn req(&self, method: &str, path: &str, body: &[u8]) -> (u16, Vec<u8>) {
+        request(self.api, method, path, body)
+            .unwrap_or_else(|e| panic!("{} {method} {path}: {e}\n{}", self.name, self.logs()))
+    }
+
+    /// Polls `f` until it gives `Some`, checking the process stays up.
+    fn wait<T>(&mut self, what: &str, mut f: impl FnMut(&Self) -> Option<T>) -> T {
+        let deadline = Instant::now() + GUARD;
+        loop {
+            if let Some(child) = self.child.as_mut() {
+                if let Some(status) = child.try_wait().unwrap() {
+                    panic!("{} exited ({status}):\n{}", self.name, self.logs());
+                }
+            }
+            if let Some(v) = f(self) {
+                return v;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "{}: gave up waiting for {what}:\n{}",
+                self.name,
+                self.logs()
+            );
+            std::thread::sleep(Duration::from_millis(100));
+        }
+    }
+
+    /// `GET /cluster/nodes` once every member is listed with its API URL
+    /// and a leader is named: the leader's name.
+    fn converged_leader(&mut self, members: usize) -> String {
+        self.wait("a leader and every member's record", |m| {
+            let (status, body) = request(m.api, "GET", "/cluster/nodes", b"").ok()?;
+            if status != 200 {
+                return None;
+            }
+            let v: Value = serde_json::from_slice(&body).ok()?;
+            let nodes = v["nodes"].as_array()?;
+            let complete = nodes.len() == members
+                && nodes.iter().all(|n| {
+                    n["api_url"].is_string() && n["name"].is_string() && n["peer_addr"].is_string()
+                });
+            let leaders = nodes.iter().filter(|n| n["role"] == "leader").count();
+            match v["leader"].as_str() {
+                Some(l) if complete && leaders == 1 => Some(l.to_string()),
+                _ => None,
+            }
+        })
+    }
+}
+
+impl Drop for Member {
+    fn drop(&mut self) {
+        if let Some(mut c) = self.child.take() {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+}
+
+fn members(dir: &Path) -> (Vec<Member>, String) {
+    let members: Vec<Member> = (1..=3)
+        .map(|i| Member {
+            name: format!("n{i}"),
+            api: format!("127.0.0.1:{}", free_port()).parse().unwrap(),
+            peer: format!("127.0.0.1:{}", free_port()),
+            data: dir.join(format!("n{i}")),
+            log: dir.join(format!("n{i}.log")),
+            child: None,
+        })
+        .collect();
+    let initial = members
+        .iter()
+        .map(|m| format!("{}={}", m.name, m.peer))
+        .collect::<Vec<_>>()
+        .join(",");
+    (members, initial)
+}
+
+/// Agreement on the leader: every running member names the same one.
+fn agreed_leader(ms: &mut [Member], running: &[usize]) -> String {
+    let deadline = Instant::now() + GUARD;
+    loop {
+        let seen: Vec<String> = running.iter().map(|&i| ms[i].converged_leader(3)).collect();
+        if seen.iter().all(|l| *l == seen[0]) {
+            return seen[0].clone();
+        }
+        assert!(Instant::now() < deadline, "no agreement: {seen:?}");
+        std::thread::sleep(Duration::from_millis(100));
+    }
+}
+
+/// A write through `m`, retried while the cluster answers 503 (an
+/// election in progress).
+fn put(m: &mut Member, key: &str, value: &str) {
+    let path = format!("/v1/kv/{key}");
+    m.wait("a successful write", |m| {
+        let (status, body) = m.req("PUT", &path, value.as_bytes());
+        match status {
+            200 => Some(()),
+            503 => None,
+            other => panic!(
+                "PUT {key} via {}: {other} {}",
+                m.name,
+                String::from_utf8_lossy(&body)
+            ),
+        }
+    });
+}
+
+#[test]
+fn three_nodes_converge_forward_fail_over_and_catch_up() {
+    let tmp = tempfile::tempdir().unwrap();
+    let (mut ms, initial) = members(tmp.path());
+    for m in &mut ms {
+        m.start(&initial);
+    }
+
+    // One leader, the same on every node, every member's URL known.
+    let leader = agreed_leader(&mut ms, &[0, 1, 2]);
+    let v: Value = serde_json::from_slice(&ms[0].req("GET", "/cluster/nodes", b"").1).unwrap();
+    for m in &ms {
+        let node = v["nodes"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|n| n["name"] == m.name.as_str())
+            .unwrap_or_else(|| panic!("{} missing from {v}", m.name));
+        assert_eq!(node["api_url"], format!("http://{}", m.api), "{v}");
+        assert_eq!(node["peer_addr"], m.peer.as_str(), "{v}");
+        assert_eq!(
+            node["id"],
+            raftwork_server::cluster::member_id("cluster-test", &m.name),
+            "{v}"
+        );
+    }
+
+    // Writes through every node (followers forward), read on every node:
+    // linearizable (a follower forwards) right away.
+    for m in &mut ms {
+        let name = m.name.clone();
+        put(m, &format!("from-{name}"), &format!("v-{name}"));
+    }
+    for m in &ms {
+        for w in ["n1", "n2", "n3"] {
+            let (status, body) = m.req("GET", &format!("/v1/kv/from-{w}"), b"");
+            assert_eq!(
+                (status, body),
+                (200, format!("v-{w}").into_bytes()),
+                "via {}",
+                m.name
+            );
+        }
+        // Compare-and-set and delete through every node.
+        let (status, _) = m.req("PUT", "/v1/kv/cas?prev_value=nothing", b"x");
+        assert_eq!(status, 412, "via {}", m.name);
+        let (status, body) = m.req("DELETE", &format!("/v1/kv/gone-{}", m.name), b"");
+        assert_eq!(status, 200, "{}", String::from_utf8_lossy(&body));
+        // The member records are not client keys.
+        let (status, body) = m.req("GET", "/v1/kv?prefix=", b"");
+        assert_eq!(status, 200);
+        let list: Value = serde_json::from_slice(&body).unwrap();
+        assert_eq!(list.as_array().unwrap().len(), 3, "{list}");
+    }
+    let (status, _) = ms[0].req("PUT", "/v1/kv/%00raftwork/member/n1", b"{}");
+    assert_eq!(status, 400);
+
+    // kill -9 the leader: the survivors elect another one and writes go on.
+    let old = ms.iter().position(|m| m.name == leader).unwrap();
+    ms[old].kill9();
+    let survivors: Vec<usize> = (0..3).filter(|&i| i != old).collect();
+    let new_leader = loop {
+        let l = agreed_leader(&mut ms, &survivors);
+        if l != leader {
+            break l;
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    };
+    assert_ne!(new_leader, leader);
+    for &i in &survivors {
+        let key = format!("after-{}", ms[i].name);
+        put(&mut ms[i], &key, "later");
+    }
+    for &i in &survivors {
+        for &w in &survivors {
+            let (status, body) = ms[i].req("GET", &format!("/v1/kv/after-{}", ms[w].name), b"");
+            assert_eq!((status, body.as_slice()), (200, &b"later"[..]));
+        }
+    }
+
+    // The old leader restarts on its data dir (its flags are ignored now)
+    // and catches up: a local (stale) read sees the writes made without it.
+    ms[old].start("ignored=127.0.0.1:1");
+    let keys: Vec<String> = survivors
+        .iter()
+        .map(|&w| format!("/v1/kv/after-{}?consistency=stale", ms[w].name))
+        .collect();
+    ms[old].wait("the writes made while it was down", |m| {
+        keys.iter()
+            .all(|k| request(m.api, "GET", k, b"").ok().map(|r| r.0) == Some(200))
+            .then_some(())
+    });
+    let (status, body) = ms[old].req("GET", "/v1/kv/from-n1", b"");
+    assert_eq!((status, body.as_slice()), (200, &b"v-n1"[..]));
+    assert_eq!(agreed_leader(&mut ms, &[0, 1, 2]), new_leader);
+}
