@@ -13,6 +13,10 @@
 //! | `GET /v1/status` | 200 JSON (see [`StatusBody`]) |
 //! | `GET /cluster/nodes` | 200 `{"leader": name, "nodes": [{"id", "name", "role", "peer_addr", "api_url"}]}` |
 //! | `PUT /v1/internal/members/{name}` | publishes a member record (used by the nodes, see [`crate::members`]) |
+//! | `POST /cluster/members` `{"name", "peer_addr", "api_url", "learner"}` | 200 `{"id", "name", "voters", "learners"}` |
+//! | `POST /cluster/members/{name}/promote` | 200 as above |
+//! | `DELETE /cluster/members/{name}` | 200 as above |
+//! | `POST /cluster/transfer-leader` `{"to": name}` | 200 `{"leader", "id"}` |
 //!
 //! Any node takes any request: a follower forwards writes (PUT, DELETE,
 //! compare-and-set) and linearizable reads to the leader's API URL (from
@@ -36,7 +40,9 @@
 //! the leader's API URL when known, and `"leader_id": N` is added when its
 //! id is known; other errors have `"leader": null`. Codes: 400 bad input
 //! (empty, oversized or reserved key, oversized value, unknown or malformed
-//! query parameter), 404 no such key or route, 405 wrong method, 412
+//! query parameter, malformed JSON), 404 no such key, route or member, 405
+//! wrong method, 409 membership conflict (already a member or voter, a
+//! learner as transfer target, no voter left), 412
 //! compare-and-set mismatch, 503 no leader within
 //! [`ApiConfig::request_timeout`], the leader unreachable or without a
 //! published API URL, or shutting down; 500 anything else.
@@ -59,7 +65,7 @@ use axum::response::{IntoResponse, Response};
 use axum::routing::get;
 use axum::{Json, Router};
 use base64::Engine as _;
-use raftwork::{Node, ProposeError, ReadError, Role};
+use raftwork::{ConfChangeError, ConfState, Node, ProposeError, ReadError, Role, TransferError};
 use serde::Serialize;
 
 use crate::cluster::{member_id, parse_host_port};
@@ -107,6 +113,19 @@ pub fn router(node: Node<KvStore>, config: ApiConfig) -> Router {
         .route("/readyz", get(readyz))
         .route("/v1/status", get(status))
         .route("/cluster/nodes", get(cluster_nodes))
+        .route("/cluster/members", axum::routing::post(add_member))
+        .route(
+            "/cluster/members/{name}",
+            axum::routing::delete(remove_member),
+        )
+        .route(
+            "/cluster/members/{name}/promote",
+            axum::routing::post(promote_member),
+        )
+        .route(
+            "/cluster/transfer-leader",
+            axum::routing::post(transfer_leader),
+        )
         .route(
             "/v1/internal/members/{name}",
             axum::routing::put(put_member),
@@ -984,4 +1003,271 @@ async fn put_member(
     };
     let (index, _) = propose(&state, command).await?;
     Ok(Json(IndexBody { index }).into_response())
+}
+
+// ---------- membership ----------
+
+/// Body of `POST /cluster/members`.
+#[derive(Debug, serde::Deserialize)]
+#[serde(deny_unknown_fields)]
+struct AddMember {
+    name: String,
+    peer_addr: String,
+    api_url: String,
+    #[serde(default)]
+    learner: bool,
+}
+
+/// Body of `POST /cluster/transfer-leader`.
+#[derive(Debug, serde::Deserialize)]
+#[serde(deny_unknown_fields)]
+struct TransferTo {
+    to: String,
+}
+
+/// Answer of the membership routes.
+#[derive(Debug, Serialize)]
+struct MembershipBody {
+    id: u64,
+    name: String,
+    voters: Vec<u64>,
+    learners: Vec<u64>,
+}
+
+fn json_of<T: serde::de::DeserializeOwned>(body: &[u8]) -> ApiResult<T> {
+    serde_json::from_slice(body).map_err(|e| ApiError::bad_request(format!("malformed JSON: {e}")))
+}
+
+fn conflict(message: impl Into<String>) -> ApiError {
+    ApiError::new(StatusCode::CONFLICT, message)
+}
+
+fn conf_error(state: &AppState, e: ConfChangeError) -> ApiError {
+    match e {
+        ConfChangeError::NotLeader { leader_hint } => ApiError {
+            status: StatusCode::SERVICE_UNAVAILABLE,
+            message: "leadership moved during the membership change; retry".into(),
+            leader: leader_hint
+                .and_then(|l| state.config.members.get(l))
+                .map(|m| m.api_url),
+            leader_id: leader_hint,
+        },
+        ConfChangeError::UnknownNode(id) => {
+            ApiError::new(StatusCode::NOT_FOUND, format!("node {id} is not a member"))
+        }
+        e @ (ConfChangeError::AlreadyMember(_)
+        | ConfChangeError::NotLearner(_)
+        | ConfChangeError::NoVoterLeft
+        | ConfChangeError::InProgress
+        | ConfChangeError::LearnerNotCaughtUp { .. }) => conflict(e.to_string()),
+        ConfChangeError::Dropped { in_flight } => ApiError::unavailable(if in_flight {
+            "the membership change was dropped in flight; it may or may not be applied"
+        } else {
+            "the membership change was dropped; retry"
+        }),
+        ConfChangeError::Shutdown => shutting_down(),
+        other => ApiError::new(StatusCode::INTERNAL_SERVER_ERROR, other.to_string()),
+    }
+}
+
+/// The member `name` of the current membership: its id, and whether it
+/// is a learner. 404 if it is not a member.
+async fn member_of(state: &AppState, name: &str) -> ApiResult<(u64, bool)> {
+    crate::serve::parse_name(name).map_err(ApiError::bad_request)?;
+    let id = member_id(&state.config.token, name);
+    let s = state.node.status().await.ok_or_else(shutting_down)?;
+    if s.voters.contains(&id) {
+        Ok((id, false))
+    } else if s.learners.contains(&id) {
+        Ok((id, true))
+    } else {
+        Err(ApiError::new(
+            StatusCode::NOT_FOUND,
+            format!("unknown member {name:?}"),
+        ))
+    }
+}
+
+fn membership_body(id: u64, name: &str, cs: ConfState) -> Response {
+    Json(MembershipBody {
+        id,
+        name: name.to_string(),
+        voters: cs.voters,
+        learners: cs.learners,
+    })
+    .into_response()
+}
+
+/// Runs a membership change, retrying while another one is in progress or
+/// the learner is catching up, up to the request timeout.
+async fn change_membership<F, Fut>(state: &AppState, mut change: F) -> ApiResult<ConfState>
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = Result<ConfState, ConfChangeError>>,
+{
+    let deadline = Instant::now() + state.config.request_timeout;
+    loop {
+        match change().await {
+            Ok(cs) => return Ok(cs),
+            Err(ConfChangeError::InProgress | ConfChangeError::LearnerNotCaughtUp { .. })
+                if Instant::now() < deadline =>
+            {
+                tokio::time::sleep(Duration::from_millis(100)).await;
+            }
+            Err(e) => return Err(conf_error(state, e)),
+        }
+    }
+}
+
+/// `POST /cluster/members`: publishes the new member's record, then adds
+/// it (learner or voter) with the record as the change's context.
+async fn add_member(
+    State(state): State<Shared>,
+    uri: Uri,
+    headers: HeaderMap,
+    body: Body,
+) -> ApiResult<Response> {
+    Params::parse(&uri, &[])?;
+    let raw = read_value(&headers, body).await?;
+    let req: AddMember = json_of(&raw)?;
+    crate::serve::parse_name(&req.name).map_err(ApiError::bad_request)?;
+    parse_host_port(&req.peer_addr).map_err(ApiError::bad_request)?;
+    if req
+        .api_url
+        .strip_prefix("http://")
+        .is_none_or(|a| parse_host_port(a).is_err())
+    {
+        return Err(ApiError::bad_request("api_url must be http://host:port"));
+    }
+    if let Some(url) = route(&state, &headers).await? {
+        return forward_to(&state, &url, "POST", &uri, Some("application/json"), &raw).await;
+    }
+    let id = member_id(&state.config.token, &req.name);
+    let s = state.node.status().await.ok_or_else(shutting_down)?;
+    if s.voters.contains(&id) || s.learners.contains(&id) {
+        return Err(conflict(format!("{:?} is already a member", req.name)));
+    }
+    let info = MemberInfo {
+        name: req.name.clone(),
+        id,
+        peer_addr: req.peer_addr.clone(),
+        api_url: req.api_url.clone(),
+    };
+    let record = serde_json::to_vec(&info).expect("serializable");
+    state
+        .node
+        .set_peer_address(id, req.peer_addr.clone())
+        .await
+        .map_err(|e| ApiError::bad_request(e.to_string()))?;
+    propose(
+        &state,
+        KvCommand::Put {
+            key: member_key(&info.name),
+            value: record.clone(),
+        },
+    )
+    .await?;
+    let learner = req.learner;
+    let cs = change_membership(&state, || {
+        let record = record.clone();
+        let node = state.node.clone();
+        async move {
+            if learner {
+                node.add_learner(id, record).await
+            } else {
+                node.add_voter(id, record).await
+            }
+        }
+    })
+    .await?;
+    tracing::info!(name = %info.name, id, learner, "member added");
+    Ok(membership_body(id, &info.name, cs))
+}
+
+/// `POST /cluster/members/{name}/promote`.
+async fn promote_member(
+    State(state): State<Shared>,
+    axum::extract::Path(name): axum::extract::Path<String>,
+    uri: Uri,
+    headers: HeaderMap,
+) -> ApiResult<Response> {
+    Params::parse(&uri, &[])?;
+    if let Some(url) = route(&state, &headers).await? {
+        return forward_to(&state, &url, "POST", &uri, None, b"").await;
+    }
+    let (id, learner) = member_of(&state, &name).await?;
+    if !learner {
+        return Err(conflict(format!("{name:?} is already a voter")));
+    }
+    let cs = change_membership(&state, || state.node.promote_learner(id)).await?;
+    tracing::info!(name = %name, id, "member promoted");
+    Ok(membership_body(id, &name, cs))
+}
+
+/// `DELETE /cluster/members/{name}`: removes the member, then its record.
+async fn remove_member(
+    State(state): State<Shared>,
+    axum::extract::Path(name): axum::extract::Path<String>,
+    uri: Uri,
+    headers: HeaderMap,
+) -> ApiResult<Response> {
+    Params::parse(&uri, &[])?;
+    if let Some(url) = route(&state, &headers).await? {
+        return forward_to(&state, &url, "DELETE", &uri, None, b"").await;
+    }
+    let (id, _) = member_of(&state, &name).await?;
+    let cs = change_membership(&state, || state.node.remove_node(id)).await?;
+    tracing::info!(name = %name, id, "member removed");
+    // Best effort: a leader that removed itself no longer leads.
+    if let Err(e) = propose(
+        &state,
+        KvCommand::Delete {
+            key: member_key(&name),
+        },
+    )
+    .await
+    {
+        tracing::warn!(name = %name, error = %e.message, "the removed member's record stays");
+    }
+    Ok(membership_body(id, &name, cs))
+}
+
+/// `POST /cluster/transfer-leader` with `{"to": name}`.
+async fn transfer_leader(
+    State(state): State<Shared>,
+    uri: Uri,
+    headers: HeaderMap,
+    body: Body,
+) -> ApiResult<Response> {
+    Params::parse(&uri, &[])?;
+    let raw = read_value(&headers, body).await?;
+    let req: TransferTo = json_of(&raw)?;
+    crate::serve::parse_name(&req.to).map_err(ApiError::bad_request)?;
+    if let Some(url) = route(&state, &headers).await? {
+        return forward_to(&state, &url, "POST", &uri, Some("application/json"), &raw).await;
+    }
+    let (id, learner) = member_of(&state, &req.to).await?;
+    if learner {
+        return Err(conflict(format!("{:?} is a learner, not a voter", req.to)));
+    }
+    if id != state.node.id() {
+        state.node.transfer_leader(id).await.map_err(|e| match e {
+            TransferError::NotLeader { leader_hint } => ApiError {
+                status: StatusCode::SERVICE_UNAVAILABLE,
+                message: "this node no longer leads; retry".into(),
+                leader: leader_hint
+                    .and_then(|l| state.config.members.get(l))
+                    .map(|m| m.api_url),
+                leader_id: leader_hint,
+            },
+            e @ (TransferError::NotVoter(_) | TransferError::InProgress) => conflict(e.to_string()),
+            TransferError::Timeout => ApiError::unavailable(
+                "the transfer timed out; leadership may have moved or stayed, see /cluster/nodes",
+            ),
+            TransferError::Shutdown => shutting_down(),
+            other => ApiError::new(StatusCode::INTERNAL_SERVER_ERROR, other.to_string()),
+        })?;
+        tracing::info!(to = %req.to, id, "leadership transferred");
+    }
+    Ok(Json(serde_json::json!({"leader": req.to, "id": id})).into_response())
 }

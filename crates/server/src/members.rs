@@ -19,6 +19,11 @@
 //! * The leader publishes its own record as soon as it leads, so followers
 //!   can always reach it once they know who leads and have applied its
 //!   record.
+//! * `POST /cluster/members` publishes the new member's record before
+//!   adding it, and passes the record as the membership change's context:
+//!   every node gives the new peer address to its transport when it applies
+//!   the change ([`NodeEvent::MembershipChanged`]), without waiting for the
+//!   next poll.
 //! * The public API refuses writes to keys under [`RESERVED_PREFIX`]
 //!   (`"\0raftwork/"`) and hides them from listings.
 
@@ -26,7 +31,7 @@ use std::collections::BTreeMap;
 use std::sync::{Arc, RwLock};
 use std::time::Duration;
 
-use raftwork::{Node, Role};
+use raftwork::{Node, NodeEvent, Role};
 use serde::{Deserialize, Serialize};
 
 use crate::forward;
@@ -116,7 +121,9 @@ pub fn spawn_sync(
     me: MemberInfo,
     request_timeout: Duration,
 ) -> tokio::task::JoinHandle<()> {
+    let events = tokio::spawn(follow_events(node.clone(), me.id));
     tokio::spawn(async move {
+        let _events = AbortOnDrop(events);
         let mut peers: BTreeMap<u64, String> = BTreeMap::new();
         let mut last_error = String::new();
         loop {
@@ -149,6 +156,37 @@ pub fn spawn_sync(
             tokio::time::sleep(SYNC_INTERVAL).await;
         }
     })
+}
+
+struct AbortOnDrop(tokio::task::JoinHandle<()>);
+
+impl Drop for AbortOnDrop {
+    fn drop(&mut self) {
+        self.0.abort();
+    }
+}
+
+/// Gives the transport the peer address of every member added with a
+/// record as its context (`POST /cluster/members`), as soon as the change
+/// is applied here.
+async fn follow_events(node: Node<KvStore>, me: u64) {
+    let mut events = node.subscribe();
+    loop {
+        match events.recv().await {
+            Ok(NodeEvent::MembershipChanged { context, .. }) => {
+                let Ok(m) = serde_json::from_slice::<MemberInfo>(&context) else {
+                    continue;
+                };
+                if m.id != me {
+                    if let Err(e) = node.set_peer_address(m.id, m.peer_addr.clone()).await {
+                        tracing::warn!(peer = m.id, error = %e, "bad peer address");
+                    }
+                }
+            }
+            Ok(_) | Err(tokio::sync::broadcast::error::RecvError::Lagged(_)) => {}
+            Err(tokio::sync::broadcast::error::RecvError::Closed) => return,
+        }
+    }
 }
 
 /// Publishes `me`'s record: proposed here if this node leads, else sent to

@@ -67,6 +67,10 @@ struct Member {
 
 impl Member {
     fn start(&mut self, initial_cluster: &str) {
+        self.start_with(initial_cluster, &[]);
+    }
+
+    fn start_with(&mut self, initial_cluster: &str, extra: &[&str]) {
         let mut cmd = Command::new(BIN);
         for (k, _) in std::env::vars_os() {
             if k.to_string_lossy().starts_with("RAFTWORK_") {
@@ -86,6 +90,7 @@ impl Member {
             .args(["--initial-cluster", initial_cluster])
             .args(["--initial-cluster-token", "cluster-test"])
             .args(["--request-timeout-ms", "10000"])
+            .args(extra)
             .stdin(Stdio::null())
             .stdout(Stdio::null())
             .stderr(log);
@@ -161,8 +166,8 @@ impl Drop for Member {
     }
 }
 
-fn members(dir: &Path) -> (Vec<Member>, String) {
-    let members: Vec<Member> = (1..=3)
+fn members(dir: &Path, n: usize) -> (Vec<Member>, String) {
+    let members: Vec<Member> = (1..=n)
         .map(|i| Member {
             name: format!("n{i}"),
             api: format!("127.0.0.1:{}", free_port()).parse().unwrap(),
@@ -182,9 +187,16 @@ fn members(dir: &Path) -> (Vec<Member>, String) {
 
 /// Agreement on the leader: every running member names the same one.
 fn agreed_leader(ms: &mut [Member], running: &[usize]) -> String {
+    agreed_leader_of(ms, running, 3)
+}
+
+fn agreed_leader_of(ms: &mut [Member], running: &[usize], size: usize) -> String {
     let deadline = Instant::now() + GUARD;
     loop {
-        let seen: Vec<String> = running.iter().map(|&i| ms[i].converged_leader(3)).collect();
+        let seen: Vec<String> = running
+            .iter()
+            .map(|&i| ms[i].converged_leader(size))
+            .collect();
         if seen.iter().all(|l| *l == seen[0]) {
             return seen[0].clone();
         }
@@ -214,7 +226,7 @@ fn put(m: &mut Member, key: &str, value: &str) {
 #[test]
 fn three_nodes_converge_forward_fail_over_and_catch_up() {
     let tmp = tempfile::tempdir().unwrap();
-    let (mut ms, initial) = members(tmp.path());
+    let (mut ms, initial) = members(tmp.path(), 3);
     for m in &mut ms {
         m.start(&initial);
     }
@@ -306,4 +318,108 @@ fn three_nodes_converge_forward_fail_over_and_catch_up() {
     let (status, body) = ms[old].req("GET", "/v1/kv/from-n1", b"");
     assert_eq!((status, body.as_slice()), (200, &b"v-n1"[..]));
     assert_eq!(agreed_leader(&mut ms, &[0, 1, 2]), new_leader);
+}
+
+fn json(body: &[u8]) -> Value {
+    serde_json::from_slice(body)
+        .unwrap_or_else(|e| panic!("not JSON ({e}): {}", String::from_utf8_lossy(body)))
+}
+
+#[test]
+fn a_fourth_node_joins_as_a_learner_is_promoted_leads_and_is_removed() {
+    let tmp = tempfile::tempdir().unwrap();
+    let (mut ms, all) = members(tmp.path(), 4);
+    let founders = all.rsplit_once(',').unwrap().0.to_string();
+    for m in &mut ms[..3] {
+        m.start(&founders);
+    }
+    let leader = agreed_leader(&mut ms, &[0, 1, 2]);
+    put(&mut ms[0], "before-join", "x");
+    let follower = (0..3).find(|&i| ms[i].name != leader).unwrap();
+    let id4 = raftwork_server::cluster::member_id("cluster-test", "n4");
+
+    // Bad requests.
+    let (status, _) = ms[follower].req("POST", "/cluster/members", b"{not json");
+    assert_eq!(status, 400);
+    let (status, _) = ms[follower].req("POST", "/cluster/members", br#"{"name":"n5"}"#);
+    assert_eq!(status, 400);
+    let dup = format!(
+        r#"{{"name":"n1","peer_addr":"{}","api_url":"http://{}","learner":true}}"#,
+        ms[0].peer, ms[0].api
+    );
+    let (status, body) = ms[follower].req("POST", "/cluster/members", dup.as_bytes());
+    assert_eq!(status, 409, "{}", String::from_utf8_lossy(&body));
+    for (method, path, body) in [
+        ("POST", "/cluster/members/nobody/promote", &b""[..]),
+        ("DELETE", "/cluster/members/nobody", b""),
+        ("POST", "/cluster/transfer-leader", br#"{"to":"nobody"}"#),
+    ] {
+        let (status, text) = ms[follower].req(method, path, body);
+        assert_eq!(
+            status,
+            404,
+            "{method} {path}: {}",
+            String::from_utf8_lossy(&text)
+        );
+        assert!(json(&text)["error"]
+            .as_str()
+            .unwrap()
+            .contains("unknown member"));
+    }
+
+    // n4 starts empty and waits; a follower adds it as a learner (forwarded).
+    ms[3].start_with(&all, &["--initial-cluster-state", "existing"]);
+    let add = format!(
+        r#"{{"name":"n4","peer_addr":"{}","api_url":"http://{}","learner":true}}"#,
+        ms[3].peer, ms[3].api
+    );
+    let (status, body) = ms[follower].req("POST", "/cluster/members", add.as_bytes());
+    assert_eq!(status, 200, "{}", String::from_utf8_lossy(&body));
+    let v = json(&body);
+    assert_eq!(v["id"], id4);
+    assert!(
+        v["learners"].as_array().unwrap().contains(&id4.into()),
+        "{v}"
+    );
+
+    // It catches up, then is promoted (through itself: it forwards).
+    ms[3].wait("the learner to catch up", |m| {
+        let (status, _) =
+            request(m.api, "GET", "/v1/kv/before-join?consistency=stale", b"").ok()?;
+        (status == 200).then_some(())
+    });
+    let (status, body) = ms[3].req("POST", "/cluster/members/n4/promote", b"");
+    assert_eq!(status, 200, "{}", String::from_utf8_lossy(&body));
+    assert!(json(&body)["voters"]
+        .as_array()
+        .unwrap()
+        .contains(&id4.into()));
+    let (status, _) = ms[3].req("POST", "/cluster/members/n4/promote", b"");
+    assert_eq!(status, 409);
+    agreed_leader_of(&mut ms, &[0, 1, 2, 3], 4);
+
+    // Leadership moves to n4 and back to n1.
+    for to in ["n4", "n1"] {
+        let body = format!(r#"{{"to":"{to}"}}"#);
+        let (status, text) = ms[follower].req("POST", "/cluster/transfer-leader", body.as_bytes());
+        assert_eq!(status, 200, "{}", String::from_utf8_lossy(&text));
+        let deadline = Instant::now() + GUARD;
+        while agreed_leader_of(&mut ms, &[0, 1, 2, 3], 4) != to {
+            assert!(Instant::now() < deadline, "leadership did not move to {to}");
+            std::thread::sleep(Duration::from_millis(100));
+        }
+    }
+    put(&mut ms[3], "after-promote", "y");
+
+    // Removed through a follower; the three others go on.
+    let (status, body) = ms[1].req("DELETE", "/cluster/members/n4", b"");
+    assert_eq!(status, 200, "{}", String::from_utf8_lossy(&body));
+    assert!(!json(&body)["voters"]
+        .as_array()
+        .unwrap()
+        .contains(&id4.into()));
+    assert_eq!(agreed_leader(&mut ms, &[0, 1, 2]), "n1");
+    put(&mut ms[2], "after-remove", "z");
+    let (status, _) = ms[1].req("POST", "/cluster/members/n4/promote", b"");
+    assert_eq!(status, 404);
 }
