@@ -83,7 +83,7 @@ pub struct ServeArgs {
     #[arg(long, env = "RAFTWORK_ADVERTISE_PEER_ADDR", value_parser = parse_host_port)]
     pub advertise_peer_addr: Option<String>,
     /// API address (host:port) clients and other members use to reach this
-    /// one; published as http://<addr> [default: the bound --api-addr].
+    /// one; published as http://HOST:PORT [default: the bound --api-addr].
     #[arg(long, env = "RAFTWORK_ADVERTISE_API_ADDR", value_parser = parse_host_port)]
     pub advertise_api_addr: Option<String>,
     /// Founding members and their peer addresses: name=host:port,...
@@ -488,6 +488,48 @@ mod tests {
         assert_eq!(s.api_addr.to_string(), "127.0.0.1:8080");
         assert_eq!(s.log_level, "info");
         assert_eq!(s.request_timeout_ms, 5000);
+    }
+
+    #[test]
+    fn bootstrap_settings_from_the_config_file() {
+        let (_dir, path) = write_config(
+            "name = \"b\"\ninitial-cluster = \"a=h:1,b=h:2\"\n\
+             initial-cluster-state = \"existing\"\ninitial-cluster-token = \"t\"\n\
+             advertise-peer-addr = \"h:2\"\nadvertise-api-addr = \"h:80\"\n",
+        );
+        let s = ServeArgs {
+            config: Some(path),
+            ..ServeArgs::default()
+        }
+        .resolve()
+        .unwrap();
+        assert_eq!(s.initial_cluster.len(), 2);
+        assert_eq!(s.initial_cluster_state, ClusterState::Existing);
+        assert_eq!(s.initial_cluster_token.as_deref(), Some("t"));
+        assert_eq!(s.advertise_peer_addr, "h:2");
+        assert_eq!(s.advertise_api_addr.as_deref(), Some("h:80"));
+        for bad in [
+            "initial-cluster = \"a\"",
+            "initial-cluster-state = \"old\"",
+            "initial-cluster-token = \"a b\"",
+            "advertise-api-addr = \"nohost\"",
+        ] {
+            let (_dir, path) = write_config(bad);
+            let err = ServeArgs {
+                config: Some(path),
+                ..ServeArgs::default()
+            }
+            .resolve()
+            .unwrap_err();
+            assert!(err.contains("--config"), "{bad}: {err}");
+        }
+        // Without --initial-cluster: this member alone, at its advertised
+        // peer address.
+        let s = ServeArgs::default().resolve().unwrap();
+        assert_eq!(
+            s.initial_cluster,
+            vec![("default".to_string(), "127.0.0.1:2380".to_string())]
+        );
     }
 
     #[test]

@@ -280,6 +280,28 @@ fn three_nodes_converge_forward_fail_over_and_catch_up() {
     let (status, _) = ms[0].req("PUT", "/v1/kv/%00raftwork/member/n1", b"{}");
     assert_eq!(status, 400);
 
+    // A request already forwarded once is not forwarded again: a follower
+    // answers 503 and names the leader's API URL.
+    let follower = ms.iter().find(|m| m.name != leader).unwrap();
+    let leader_url = format!(
+        "http://{}",
+        ms.iter().find(|m| m.name == leader).unwrap().api
+    );
+    let mut stream = TcpStream::connect(follower.api).unwrap();
+    stream.set_read_timeout(Some(GUARD)).unwrap();
+    stream
+        .write_all(
+            b"PUT /v1/kv/loop HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\
+              x-raftwork-forwarded: 1\r\nContent-Length: 1\r\n\r\nx",
+        )
+        .unwrap();
+    let mut buf = Vec::new();
+    stream.read_to_end(&mut buf).unwrap();
+    let text = String::from_utf8_lossy(&buf);
+    assert!(text.starts_with("HTTP/1.1 503"), "{text}");
+    let body: Value = serde_json::from_str(text.split("\r\n\r\n").nth(1).unwrap()).unwrap();
+    assert_eq!(body["leader"], leader_url.as_str(), "{body}");
+
     // kill -9 the leader: the survivors elect another one and writes go on.
     let old = ms.iter().position(|m| m.name == leader).unwrap();
     ms[old].kill9();
