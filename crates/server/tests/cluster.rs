@@ -445,3 +445,57 @@ fn a_fourth_node_joins_as_a_learner_is_promoted_leads_and_is_removed() {
     let (status, _) = ms[1].req("POST", "/cluster/members/n4/promote", b"");
     assert_eq!(status, 404);
 }
+
+#[test]
+fn a_thousand_acknowledged_writes_survive_kill_9_of_every_node() {
+    let tmp = tempfile::tempdir().unwrap();
+    let (mut ms, initial) = members(tmp.path(), 3);
+    for m in &mut ms {
+        m.start(&initial);
+    }
+    agreed_leader(&mut ms, &[0, 1, 2]);
+    // 8 clients, spread over the three nodes (followers forward); a write
+    // counts once it is acknowledged with 200.
+    let apis: Vec<SocketAddr> = ms.iter().map(|m| m.api).collect();
+    let clients: Vec<_> = (0..8)
+        .map(|c| {
+            let api = apis[c % 3];
+            std::thread::spawn(move || {
+                for i in (c..1000).step_by(8) {
+                    let deadline = Instant::now() + GUARD;
+                    loop {
+                        let path = format!("/v1/kv/d/{i:04}");
+                        match request(api, "PUT", &path, format!("v{i}").as_bytes()) {
+                            Ok((200, _)) => break,
+                            Ok((503, _)) | Err(_) if Instant::now() < deadline => {
+                                std::thread::sleep(Duration::from_millis(50))
+                            }
+                            other => panic!("PUT {path}: {other:?}"),
+                        }
+                    }
+                }
+            })
+        })
+        .collect();
+    for c in clients {
+        c.join().unwrap();
+    }
+    for m in &mut ms {
+        m.kill9();
+    }
+    for m in &mut ms {
+        m.start(&initial);
+    }
+    agreed_leader(&mut ms, &[0, 1, 2]);
+    for m in &mut ms {
+        let (status, body) = m.req("GET", "/v1/kv?prefix=d/&limit=10000", b"");
+        assert_eq!(status, 200);
+        let list = json(&body);
+        let list = list.as_array().unwrap();
+        assert_eq!(list.len(), 1000, "via {}", m.name);
+        for (i, item) in list.iter().enumerate() {
+            assert_eq!(item["key"], format!("d/{i:04}"));
+            assert_eq!(item["value"], format!("v{i}"));
+        }
+    }
+}
