@@ -498,4 +498,15 @@ fn a_thousand_acknowledged_writes_survive_kill_9_of_every_node() {
             assert_eq!(item["value"], format!("v{i}"));
         }
     }
+    // SIGTERM: every member of the cluster exits 0.
+    for m in &mut ms {
+        let mut child = m.child.take().unwrap();
+        let killed = Command::new("kill")
+            .args(["-TERM", &child.id().to_string()])
+            .status()
+            .unwrap();
+        assert!(killed.success());
+        let status = child.wait().unwrap();
+        assert!(status.success(), "{}: {status}\n{}", m.name, m.logs());
+    }
 }
