@@ -1,5 +1,6 @@
 //! A minimal HTTP/1.1 client over `TcpStream`, to forward requests to the
-//! leader's API and to register this member there.
+//! leader's API and to register this member there; the CLI client uses it
+//! too ([`request`], not marked as forwarded).
 //!
 //! One request per connection (`Connection: close`); the answer is read to
 //! the end of the stream, with `Content-Length` or chunked bodies. Only
@@ -42,7 +43,26 @@ pub async fn send(
 ) -> Result<HttpResponse, String> {
     tokio::time::timeout(
         timeout,
-        send_inner(base_url, method, path_and_query, content_type, body),
+        send_inner(base_url, method, path_and_query, content_type, body, true),
+    )
+    .await
+    .unwrap_or_else(|_| Err(format!("no answer from {base_url} within {timeout:?}")))
+}
+
+/// Like [`send`], but not marked as forwarded: a client's request, which
+/// the receiving node may forward to the leader (the CLI client's).
+/// `Err` means no answer (connection refused, broken, or `timeout`).
+pub async fn request(
+    base_url: &str,
+    method: &str,
+    path_and_query: &str,
+    content_type: Option<&str>,
+    body: &[u8],
+    timeout: Duration,
+) -> Result<HttpResponse, String> {
+    tokio::time::timeout(
+        timeout,
+        send_inner(base_url, method, path_and_query, content_type, body, false),
     )
     .await
     .unwrap_or_else(|_| Err(format!("no answer from {base_url} within {timeout:?}")))
@@ -54,6 +74,7 @@ async fn send_inner(
     path_and_query: &str,
     content_type: Option<&str>,
     body: &[u8],
+    forwarded: bool,
 ) -> Result<HttpResponse, String> {
     let authority = base_url
         .strip_prefix("http://")
@@ -65,9 +86,12 @@ async fn send_inner(
     let _ = stream.set_nodelay(true);
     let mut head = format!(
         "{method} {path_and_query} HTTP/1.1\r\nHost: {authority}\r\nConnection: close\r\n\
-         {FORWARDED_HEADER}: 1\r\nContent-Length: {}\r\n",
+         Content-Length: {}\r\n",
         body.len()
     );
+    if forwarded {
+        head.push_str(&format!("{FORWARDED_HEADER}: 1\r\n"));
+    }
     if let Some(ct) = content_type {
         head.push_str(&format!("Content-Type: {ct}\r\n"));
     }

@@ -6,12 +6,14 @@
 //! * [`cluster`]: static bootstrap (`--initial-cluster`, node ids, the `CLUSTER` file);
 //! * [`members`]: member records (names, peer addresses, API URLs) in the replicated state;
 //! * [`forward`]: the small HTTP client that forwards requests to the leader;
+//! * [`client`]: the CLI client (`raftwork kv|member|status`);
 //! * [`serve`]: `raftwork serve` (flags, logging, startup, graceful shutdown).
 
 #![warn(missing_docs)]
 #![forbid(unsafe_code)]
 
 pub mod api;
+pub mod client;
 pub mod cluster;
 pub mod forward;
 pub mod kv;

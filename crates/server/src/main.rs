@@ -3,6 +3,7 @@
 use std::process::ExitCode;
 
 use clap::{Parser, Subcommand};
+use raftwork_server::client::{self, KvArgs, MemberArgs, StatusArgs};
 use raftwork_server::serve::{init_logging, run, ServeArgs};
 
 /// raftwork: a replicated key-value store on Raft.
@@ -18,12 +19,21 @@ enum Command {
     /// Run a node. With no flags: a durable single-node cluster in
     /// ./raftwork-data, API on 127.0.0.1:8080, peers on 127.0.0.1:2380.
     Serve(ServeArgs),
+    /// Keys and values: put, get, del, list (any member takes any request).
+    Kv(KvArgs),
+    /// Cluster members: list, add, remove, promote.
+    Member(MemberArgs),
+    /// The answering node's status (GET /v1/status), pretty-printed.
+    Status(StatusArgs),
 }
 
 fn main() -> ExitCode {
     // Bad flags exit here (code 2) with clap's message, before any file is touched.
     let cli = Cli::parse();
     match cli.command {
+        Command::Kv(args) => client::kv(args),
+        Command::Member(args) => client::member(args),
+        Command::Status(args) => client::status(args),
         Command::Serve(args) => {
             let args = match args.resolve() {
                 Ok(settings) => settings,

@@ -1,0 +1,441 @@
+//! The CLI client, in the style of etcdctl: `raftwork kv`, `raftwork
+//! member`, `raftwork status`, against `--endpoints url,url,...`
+//! (`RAFTWORK_ENDPOINTS`; default `http://127.0.0.1:8080`).
+//!
+//! Each command tries the endpoints in order until one answers; any node
+//! takes any request, so the first that answers is enough. A connection
+//! that cannot be opened moves on to the next endpoint; so does a read
+//! whose connection breaks or gets no answer within `--timeout-ms`, but
+//! not a change (put, del, member changes), whose outcome is then unknown:
+//! it fails rather than risk applying twice. A non-2xx answer prints the server's JSON `error` message on
+//! stderr and exits 1; no endpoint answering exits 1 too; bad arguments
+//! exit 2.
+
+use std::io::Write;
+use std::process::ExitCode;
+use std::time::Duration;
+
+use clap::{Args, Subcommand};
+use serde_json::Value;
+
+use crate::forward::{self, HttpResponse};
+
+/// Default of `--endpoints`.
+pub const DEFAULT_ENDPOINT: &str = "http://127.0.0.1:8080";
+
+/// Where and how long to ask.
+#[derive(Debug, Clone, Args)]
+pub struct Conn {
+    /// API URLs of the cluster's members (http://host:port), comma
+    /// separated; tried in order until one answers.
+    #[arg(long, global = true, env = "RAFTWORK_ENDPOINTS", value_delimiter = ',',
+          default_value = DEFAULT_ENDPOINT, value_parser = parse_endpoint)]
+    pub endpoints: Vec<String>,
+    /// How long to wait for each endpoint's answer, in milliseconds.
+    #[arg(long, global = true, env = "RAFTWORK_TIMEOUT_MS", default_value_t = 30_000,
+          value_parser = clap::value_parser!(u64).range(1..=600_000))]
+    pub timeout_ms: u64,
+}
+
+/// `raftwork kv ...`.
+#[derive(Debug, Args)]
+pub struct KvArgs {
+    #[command(flatten)]
+    conn: Conn,
+    #[command(subcommand)]
+    command: KvCommand,
+}
+
+#[derive(Debug, Subcommand)]
+enum KvCommand {
+    /// Write a value (prints OK and the log index). With --prev-value or
+    /// --prev-exist, a compare-and-set (exit 1 if the condition fails).
+    Put {
+        /// The key.
+        key: String,
+        /// The value.
+        value: String,
+        /// Write only if the current value is this.
+        #[arg(long, conflicts_with = "prev_exist")]
+        prev_value: Option<String>,
+        /// true: write only if the key exists; false: only if it does not.
+        #[arg(long, action = clap::ArgAction::Set)]
+        prev_exist: Option<bool>,
+    },
+    /// Print a key's raw value (no newline added); exit 1 if missing.
+    Get {
+        /// The key.
+        key: String,
+        /// Read the answering node's local copy (possibly stale) instead of
+        /// a linearizable read.
+        #[arg(long)]
+        stale: bool,
+    },
+    /// Delete a key (prints 1 if it existed, else 0).
+    Del {
+        /// The key.
+        key: String,
+    },
+    /// List keys and values in key order, one "key<TAB>value" a line.
+    List {
+        /// Only keys starting with this.
+        #[arg(long)]
+        prefix: Option<String>,
+        /// At most this many entries (1 to 10000) [server default: 1000].
+        #[arg(long)]
+        limit: Option<u32>,
+    },
+}
+
+/// `raftwork member ...`.
+#[derive(Debug, Args)]
+pub struct MemberArgs {
+    #[command(flatten)]
+    conn: Conn,
+    #[command(subcommand)]
+    command: MemberCommand,
+}
+
+#[derive(Debug, Subcommand)]
+enum MemberCommand {
+    /// A table of the members (GET /cluster/nodes).
+    List,
+    /// Add a member; start it first with --initial-cluster-state existing.
+    Add {
+        /// Its name (--name of its `raftwork serve`).
+        name: String,
+        /// Its peer address (host:port).
+        #[arg(long)]
+        peer_addr: String,
+        /// Its API URL (http://host:port).
+        #[arg(long)]
+        api_url: String,
+        /// Add it as a learner (non-voting); promote it later.
+        #[arg(long)]
+        learner: bool,
+    },
+    /// Remove a member.
+    Remove {
+        /// Its name.
+        name: String,
+    },
+    /// Promote a learner to a voter.
+    Promote {
+        /// Its name.
+        name: String,
+    },
+}
+
+/// `raftwork status`.
+#[derive(Debug, Args)]
+pub struct StatusArgs {
+    #[command(flatten)]
+    conn: Conn,
+}
+
+fn parse_endpoint(s: &str) -> Result<String, String> {
+    let s = s.trim().trim_end_matches('/');
+    match s.strip_prefix("http://") {
+        Some(rest) if !rest.is_empty() && !rest.contains('/') => Ok(s.to_string()),
+        _ => Err(format!("{s:?} is not an http://host:port URL")),
+    }
+}
+
+/// Percent-encodes `s` for a path or query value: everything but
+/// unreserved characters (and `/` when `keep_slash`).
+fn encode(s: &str, keep_slash: bool) -> String {
+    let mut out = String::with_capacity(s.len());
+    for &b in s.as_bytes() {
+        if b.is_ascii_alphanumeric()
+            || matches!(b, b'-' | b'_' | b'.' | b'~')
+            || (keep_slash && b == b'/')
+        {
+            out.push(b as char);
+        } else {
+            out.push_str(&format!("%{b:02X}"));
+        }
+    }
+    out
+}
+
+/// A failed command: the message for stderr.
+struct Failure(String);
+
+type CmdResult = Result<(), Failure>;
+
+/// Sends the request to each endpoint in turn until one answers.
+async fn call(
+    conn: &Conn,
+    method: &str,
+    path: &str,
+    json_body: Option<&Value>,
+    raw_body: &[u8],
+) -> Result<HttpResponse, Failure> {
+    let timeout = Duration::from_millis(conn.timeout_ms);
+    let body = json_body.map(|v| v.to_string().into_bytes());
+    let (content_type, body) = match &body {
+        Some(b) => (Some("application/json"), b.as_slice()),
+        None => (None, raw_body),
+    };
+    let mut errors = Vec::new();
+    for url in &conn.endpoints {
+        match forward::request(url, method, path, content_type, body, timeout).await {
+            Ok(r) => return Ok(r),
+            // A change that may have reached a node is not sent again.
+            Err(e) if method != "GET" && !e.starts_with("cannot connect") => {
+                errors.push(e);
+                return Err(Failure(format!(
+                    "outcome unknown, not retried on another endpoint: {}",
+                    errors.join("; ")
+                )));
+            }
+            Err(e) => errors.push(e),
+        }
+    }
+    Err(Failure(format!(
+        "no endpoint answered: {}",
+        errors.join("; ")
+    )))
+}
+
+/// `Ok(body)` on 2xx; otherwise the server's error message.
+fn success(r: HttpResponse) -> Result<Vec<u8>, Failure> {
+    if (200..300).contains(&r.status) {
+        return Ok(r.body);
+    }
+    let message = serde_json::from_slice::<Value>(&r.body)
+        .ok()
+        .and_then(|v| v["error"].as_str().map(str::to_string))
+        .unwrap_or_else(|| String::from_utf8_lossy(&r.body).into_owned());
+    Err(Failure(format!("{message} (HTTP {})", r.status)))
+}
+
+fn json(body: &[u8]) -> Result<Value, Failure> {
+    serde_json::from_slice(body)
+        .map_err(|e| Failure(format!("the server's answer is not JSON: {e}")))
+}
+
+fn out(bytes: &[u8]) -> CmdResult {
+    let mut stdout = std::io::stdout().lock();
+    stdout
+        .write_all(bytes)
+        .and_then(|_| stdout.flush())
+        .map_err(|e| Failure(format!("cannot write to stdout: {e}")))
+}
+
+fn finish(result: CmdResult) -> ExitCode {
+    match result {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(Failure(message)) => {
+            eprintln!("raftwork: {message}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+fn block_on<F: std::future::Future<Output = CmdResult>>(f: F) -> ExitCode {
+    match tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+    {
+        Ok(rt) => finish(rt.block_on(f)),
+        Err(e) => finish(Err(Failure(format!("cannot start the async runtime: {e}")))),
+    }
+}
+
+/// Runs `raftwork kv ...`.
+pub fn kv(args: KvArgs) -> ExitCode {
+    block_on(kv_inner(args))
+}
+
+async fn kv_inner(args: KvArgs) -> CmdResult {
+    let conn = &args.conn;
+    match args.command {
+        KvCommand::Put {
+            key,
+            value,
+            prev_value,
+            prev_exist,
+        } => {
+            let mut path = format!("/v1/kv/{}", encode(&key, true));
+            if let Some(v) = prev_value {
+                path.push_str(&format!("?prev_value={}", encode(&v, false)));
+            } else if let Some(e) = prev_exist {
+                path.push_str(&format!("?prev_exist={e}"));
+            }
+            let r = call(conn, "PUT", &path, None, value.as_bytes()).await?;
+            let v = json(&success(r)?)?;
+            out(format!("OK (index {})\n", v["index"]).as_bytes())
+        }
+        KvCommand::Get { key, stale } => {
+            let mut path = format!("/v1/kv/{}", encode(&key, true));
+            if stale {
+                path.push_str("?consistency=stale");
+            }
+            let r = call(conn, "GET", &path, None, b"").await?;
+            if r.status == 404 {
+                return Err(Failure(format!("key not found: {key}")));
+            }
+            out(&success(r)?)
+        }
+        KvCommand::Del { key } => {
+            let path = format!("/v1/kv/{}", encode(&key, true));
+            let r = call(conn, "DELETE", &path, None, b"").await?;
+            let v = json(&success(r)?)?;
+            let n = if v["deleted"].as_bool() == Some(true) {
+                1
+            } else {
+                0
+            };
+            out(format!("{n}\n").as_bytes())
+        }
+        KvCommand::List { prefix, limit } => {
+            let mut query = Vec::new();
+            if let Some(p) = prefix {
+                query.push(format!("prefix={}", encode(&p, false)));
+            }
+            if let Some(n) = limit {
+                query.push(format!("limit={n}"));
+            }
+            let mut path = "/v1/kv".to_string();
+            if !query.is_empty() {
+                path = format!("{path}?{}", query.join("&"));
+            }
+            let r = call(conn, "GET", &path, None, b"").await?;
+            let v = json(&success(r)?)?;
+            let mut text = String::new();
+            for item in v.as_array().into_iter().flatten() {
+                text.push_str(&format!(
+                    "{}\t{}\n",
+                    item["key"].as_str().unwrap_or_default(),
+                    item["value"].as_str().unwrap_or_default()
+                ));
+            }
+            out(text.as_bytes())
+        }
+    }
+}
+
+/// Runs `raftwork member ...`.
+pub fn member(args: MemberArgs) -> ExitCode {
+    block_on(member_inner(args))
+}
+
+/// The `GET /cluster/nodes` answer as a table.
+fn members_table(v: &Value) -> String {
+    let cell = |x: &Value| match x {
+        Value::Null => "-".to_string(),
+        Value::String(s) => s.clone(),
+        other => other.to_string(),
+    };
+    let mut rows = vec![["ID", "NAME", "ROLE", "PEER ADDR", "API URL"].map(str::to_string)];
+    for n in v["nodes"].as_array().into_iter().flatten() {
+        rows.push([
+            cell(&n["id"]),
+            cell(&n["name"]),
+            cell(&n["role"]),
+            cell(&n["peer_addr"]),
+            cell(&n["api_url"]),
+        ]);
+    }
+    let widths: Vec<usize> = (0..5)
+        .map(|c| rows.iter().map(|r| r[c].chars().count()).max().unwrap_or(0))
+        .collect();
+    let mut text = String::new();
+    for row in &rows {
+        let line: Vec<String> = row
+            .iter()
+            .zip(&widths)
+            .map(|(s, w)| format!("{s:<w$}"))
+            .collect();
+        text.push_str(line.join("  ").trim_end());
+        text.push('\n');
+    }
+    text
+}
+
+async fn member_inner(args: MemberArgs) -> CmdResult {
+    let conn = &args.conn;
+    let changed = |verb: &str, name: &str, v: &Value| {
+        format!(
+            "member {name} {verb} (id {}); voters {}, learners {}\n",
+            v["id"], v["voters"], v["learners"]
+        )
+    };
+    match args.command {
+        MemberCommand::List => {
+            let r = call(conn, "GET", "/cluster/nodes", None, b"").await?;
+            let v = json(&success(r)?)?;
+            out(members_table(&v).as_bytes())
+        }
+        MemberCommand::Add {
+            name,
+            peer_addr,
+            api_url,
+            learner,
+        } => {
+            let body = serde_json::json!({
+                "name": name, "peer_addr": peer_addr, "api_url": api_url, "learner": learner,
+            });
+            let r = call(conn, "POST", "/cluster/members", Some(&body), b"").await?;
+            let v = json(&success(r)?)?;
+            let verb = if learner {
+                "added as a learner"
+            } else {
+                "added"
+            };
+            out(changed(verb, &name, &v).as_bytes())
+        }
+        MemberCommand::Remove { name } => {
+            let path = format!("/cluster/members/{}", encode(&name, false));
+            let r = call(conn, "DELETE", &path, None, b"").await?;
+            let v = json(&success(r)?)?;
+            out(changed("removed", &name, &v).as_bytes())
+        }
+        MemberCommand::Promote { name } => {
+            let path = format!("/cluster/members/{}/promote", encode(&name, false));
+            let r = call(conn, "POST", &path, None, b"").await?;
+            let v = json(&success(r)?)?;
+            out(changed("promoted", &name, &v).as_bytes())
+        }
+    }
+}
+
+/// Runs `raftwork status`: the answering node's `GET /v1/status`, pretty.
+pub fn status(args: StatusArgs) -> ExitCode {
+    block_on(async move {
+        let r = call(&args.conn, "GET", "/v1/status", None, b"").await?;
+        let v = json(&success(r)?)?;
+        let text = serde_json::to_string_pretty(&v).unwrap_or_default();
+        out(format!("{text}\n").as_bytes())
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn endpoints_and_encoding() {
+        assert_eq!(parse_endpoint("http://h:1/").unwrap(), "http://h:1");
+        for bad in ["h:1", "https://h:1", "http://", "http://h:1/x"] {
+            assert!(parse_endpoint(bad).is_err(), "{bad}");
+        }
+        assert_eq!(encode("a/b c%é", true), "a/b%20c%25%C3%A9");
+        assert_eq!(encode("a/b&=", false), "a%2Fb%26%3D");
+    }
+
+    #[test]
+    fn table() {
+        let v = serde_json::json!({"leader": "n1", "nodes": [
+            {"id": 7, "name": "n1", "role": "leader", "peer_addr": "h:1", "api_url": "http://h:2"},
+            {"id": 12345, "name": null, "role": "unknown", "peer_addr": null, "api_url": null},
+        ]});
+        assert_eq!(
+            members_table(&v),
+            "ID     NAME  ROLE     PEER ADDR  API URL\n\
+             7      n1    leader   h:1        http://h:2\n\
+             12345  -     unknown  -          -\n"
+        );
+    }
+}
