@@ -7,6 +7,7 @@
 //! * [`members`]: member records (names, peer addresses, API URLs) in the replicated state;
 //! * [`forward`]: the small HTTP client that forwards requests to the leader;
 //! * [`client`]: the CLI client (`raftwork kv|member|status`);
+//! * [`local`]: `raftwork local-cluster` (N child processes on loopback);
 //! * [`serve`]: `raftwork serve` (flags, logging, startup, graceful shutdown).
 
 #![warn(missing_docs)]
@@ -17,5 +18,6 @@ pub mod client;
 pub mod cluster;
 pub mod forward;
 pub mod kv;
+pub mod local;
 pub mod members;
 pub mod serve;

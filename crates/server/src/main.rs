@@ -4,6 +4,7 @@ use std::process::ExitCode;
 
 use clap::{Parser, Subcommand};
 use raftwork_server::client::{self, KvArgs, MemberArgs, StatusArgs};
+use raftwork_server::local::{self, LocalClusterArgs};
 use raftwork_server::serve::{init_logging, run, ServeArgs};
 
 /// raftwork: a replicated key-value store on Raft.
@@ -23,6 +24,9 @@ enum Command {
     Kv(KvArgs),
     /// Cluster members: list, add, remove, promote.
     Member(MemberArgs),
+    /// Start N nodes on loopback as child processes (data under
+    /// --base-dir), print their API URLs, stop them all on Ctrl-C/SIGTERM.
+    LocalCluster(LocalClusterArgs),
     /// The answering node's status (GET /v1/status), pretty-printed.
     Status(StatusArgs),
 }
@@ -34,6 +38,7 @@ fn main() -> ExitCode {
         Command::Kv(args) => client::kv(args),
         Command::Member(args) => client::member(args),
         Command::Status(args) => client::status(args),
+        Command::LocalCluster(args) => local::run(args),
         Command::Serve(args) => {
             let args = match args.resolve() {
                 Ok(settings) => settings,

@@ -293,7 +293,8 @@ pub fn parse_name(s: &str) -> Result<String, String> {
 
 const LEVELS: [&str; 6] = ["error", "warn", "info", "debug", "trace", "off"];
 
-fn parse_log_level(s: &str) -> Result<String, String> {
+/// Checks a `--log-level` value: a level, or `target=level` directives.
+pub fn parse_log_level(s: &str) -> Result<String, String> {
     // A bare word that is no level would be read by EnvFilter as a target
     // name and silently log nothing: accept only levels or `x=level` lists.
     for directive in s.split(',') {
