@@ -3,6 +3,7 @@
 use std::process::ExitCode;
 
 use clap::{Parser, Subcommand};
+use raftwork_server::bench::{self, BenchArgs};
 use raftwork_server::client::{self, KvArgs, MemberArgs, StatusArgs};
 use raftwork_server::local::{self, LocalClusterArgs};
 use raftwork_server::serve::{init_logging, run, ServeArgs};
@@ -29,6 +30,9 @@ enum Command {
     LocalCluster(LocalClusterArgs),
     /// The answering node's status (GET /v1/status), pretty-printed.
     Status(StatusArgs),
+    /// Closed-loop load: N clients putting V-byte values for D seconds
+    /// against raftwork (REST) or etcd (v3 gRPC); prints ops/s, p50/p99/max.
+    Bench(BenchArgs),
 }
 
 fn main() -> ExitCode {
@@ -39,6 +43,7 @@ fn main() -> ExitCode {
         Command::Member(args) => client::member(args),
         Command::Status(args) => client::status(args),
         Command::LocalCluster(args) => local::run(args),
+        Command::Bench(args) => bench::run(args),
         Command::Serve(args) => {
             let args = match args.resolve() {
                 Ok(settings) => settings,

@@ -1,0 +1,463 @@
+//! `raftwork bench`: a closed-loop load generator. `--clients` concurrent
+//! clients each issue puts of `--value-bytes`-byte values (keys spread
+//! over `--keys` keys) one after another for `--seconds`, after a warm-up;
+//! the figures (ops/s, p50/p99/max latency from an HDR histogram, errors)
+//! cover the measured window only.
+//!
+//! * `--target raftwork`: `PUT /v1/kv/{key}` over HTTP/1.1, one keep-alive
+//!   connection per client (reopened only after an error).
+//! * `--target etcd`: etcd's v3 gRPC `/etcdserverpb.KV/Put`, one tonic
+//!   channel (one HTTP/2 connection) per client, with hand-written prost
+//!   messages (no protoc).
+//!
+//! Client `i` talks to endpoint `i % endpoints`.
+
+use std::process::ExitCode;
+use std::time::{Duration, Instant};
+
+use axum::http::uri::PathAndQuery;
+use clap::{Args, ValueEnum};
+use hdrhistogram::Histogram;
+use tokio::io::{AsyncBufReadExt, AsyncReadExt, AsyncWriteExt, BufReader};
+use tokio::net::TcpStream;
+use tonic::codec::ProstCodec;
+use tonic::transport::{Channel, Endpoint};
+
+/// etcd's v3 put method.
+pub const ETCD_PUT_PATH: &str = "/etcdserverpb.KV/Put";
+
+/// What to load.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum Target {
+    /// raftwork's REST API (`PUT /v1/kv/{key}`).
+    Raftwork,
+    /// etcd's v3 gRPC API (`KV/Put`).
+    Etcd,
+}
+
+/// `raftwork bench ...`.
+#[derive(Debug, Clone, Args)]
+pub struct BenchArgs {
+    /// raftwork or etcd.
+    #[arg(long, value_enum)]
+    pub target: Target,
+    /// URLs (http://host:port) of the members to load, comma separated;
+    /// client i uses endpoint i % count.
+    #[arg(long, required = true, value_delimiter = ',', value_parser = parse_url)]
+    pub endpoints: Vec<String>,
+    /// Concurrent clients, each with one request in flight.
+    #[arg(long, default_value_t = 1, value_parser = clap::value_parser!(u32).range(1..=100_000))]
+    pub clients: u32,
+    /// Bytes per value.
+    #[arg(long, default_value_t = 256, value_parser = clap::value_parser!(u32).range(0..=1_048_576))]
+    pub value_bytes: u32,
+    /// Measured duration, in seconds.
+    #[arg(long, default_value_t = 5.0, value_parser = parse_seconds)]
+    pub seconds: f64,
+    /// Warm-up before the measured window, in milliseconds (not counted).
+    #[arg(long, default_value_t = 500, value_parser = clap::value_parser!(u64).range(0..=600_000))]
+    pub warmup_ms: u64,
+    /// Distinct keys the puts are spread over.
+    #[arg(long, default_value_t = 1000, value_parser = clap::value_parser!(u32).range(1..))]
+    pub keys: u32,
+    /// Give up on a request after this many milliseconds (counted as an error).
+    #[arg(long, default_value_t = 10_000, value_parser = clap::value_parser!(u64).range(1..=600_000))]
+    pub timeout_ms: u64,
+}
+
+fn parse_url(s: &str) -> Result<String, String> {
+    let rest = s
+        .strip_prefix("http://")
+        .ok_or_else(|| format!("{s:?}: expected http://host:port"))?
+        .trim_end_matches('/');
+    match rest.rsplit_once(':') {
+        Some((host, port)) if !host.is_empty() && port.parse::<u16>().is_ok() => {
+            Ok(format!("http://{rest}"))
+        }
+        _ => Err(format!("{s:?}: expected http://host:port")),
+    }
+}
+
+fn parse_seconds(s: &str) -> Result<f64, String> {
+    match s.parse::<f64>() {
+        Ok(v) if v > 0.0 && v <= 86_400.0 => Ok(v),
+        _ => Err(format!("{s:?}: expected seconds in (0, 86400]")),
+    }
+}
+
+/// etcd's `PutRequest` (the fields the load needs).
+#[derive(Clone, PartialEq, prost::Message)]
+pub struct PutRequest {
+    /// Field 1.
+    #[prost(bytes = "vec", tag = "1")]
+    pub key: Vec<u8>,
+    /// Field 2.
+    #[prost(bytes = "vec", tag = "2")]
+    pub value: Vec<u8>,
+}
+
+/// etcd's `PutResponse`, decoded as an empty message (its header is skipped).
+#[derive(Clone, PartialEq, prost::Message)]
+pub struct PutResponse {}
+
+/// The key of put number `n` of a client (`bench-000042`).
+pub fn key_name(n: u32) -> String {
+    format!("bench-{n:06}")
+}
+
+/// One client's results.
+struct Tally {
+    hist: Histogram<u64>,
+    errors: u64,
+    first_error: Option<String>,
+}
+
+fn new_hist() -> Histogram<u64> {
+    // Microseconds, 1 µs to 10 minutes, 3 significant digits.
+    Histogram::new_with_bounds(1, 600_000_000, 3).expect("valid histogram bounds")
+}
+
+/// A put over one connection; reconnects lazily after an error.
+enum Conn {
+    Http {
+        authority: String,
+        stream: Option<BufReader<TcpStream>>,
+    },
+    Grpc(tonic::client::Grpc<Channel>),
+}
+
+impl Conn {
+    async fn open(target: Target, url: &str) -> Result<Conn, String> {
+        match target {
+            Target::Raftwork => Ok(Conn::Http {
+                authority: url.trim_start_matches("http://").to_string(),
+                stream: None,
+            }),
+            Target::Etcd => {
+                let channel = Endpoint::from_shared(url.to_string())
+                    .map_err(|e| format!("{url}: {e}"))?
+                    .connect_timeout(Duration::from_secs(5))
+                    .tcp_nodelay(true)
+                    .connect()
+                    .await
+                    .map_err(|e| format!("cannot connect to {url}: {e}"))?;
+                Ok(Conn::Grpc(tonic::client::Grpc::new(channel)))
+            }
+        }
+    }
+
+    async fn put(&mut self, key: &[u8], value: &[u8]) -> Result<(), String> {
+        match self {
+            Conn::Http { authority, stream } => {
+                let result = http_put(authority, stream, key, value).await;
+                if result.is_err() {
+                    *stream = None;
+                }
+                result
+            }
+            Conn::Grpc(grpc) => {
+                grpc.ready().await.map_err(|e| format!("channel: {e}"))?;
+                let request = PutRequest {
+                    key: key.to_vec(),
+                    value: value.to_vec(),
+                };
+                grpc.unary(
+                    tonic::Request::new(request),
+                    PathAndQuery::from_static(ETCD_PUT_PATH),
+                    ProstCodec::<PutRequest, PutResponse>::default(),
+                )
+                .await
+                .map(|_| ())
+                .map_err(|s| format!("etcd: {:?}: {}", s.code(), s.message()))
+            }
+        }
+    }
+}
+
+async fn http_put(
+    authority: &str,
+    stream: &mut Option<BufReader<TcpStream>>,
+    key: &[u8],
+    value: &[u8],
+) -> Result<(), String> {
+    if stream.is_none() {
+        let s = TcpStream::connect(authority)
+            .await
+            .map_err(|e| format!("cannot connect to {authority}: {e}"))?;
+        let _ = s.set_nodelay(true);
+        *stream = Some(BufReader::new(s));
+    }
+    let s = stream.as_mut().expect("just opened");
+    let io = |e: std::io::Error| format!("{authority}: {e}");
+    // Bench keys are ASCII (`bench-NNNNNN`): no percent-encoding needed.
+    let mut request = format!(
+        "PUT /v1/kv/{} HTTP/1.1\r\nHost: {authority}\r\nContent-Length: {}\r\n\r\n",
+        String::from_utf8_lossy(key),
+        value.len()
+    )
+    .into_bytes();
+    request.extend_from_slice(value);
+    s.get_mut().write_all(&request).await.map_err(io)?;
+    // Status line and headers, then a Content-Length body.
+    let mut line = String::new();
+    let mut status = None;
+    let mut length = 0usize;
+    loop {
+        line.clear();
+        if s.read_line(&mut line).await.map_err(io)? == 0 {
+            return Err(format!("{authority}: connection closed"));
+        }
+        let text = line.trim_end();
+        if status.is_none() {
+            status = text
+                .split_whitespace()
+                .nth(1)
+                .and_then(|c| c.parse::<u16>().ok());
+            if status.is_none() {
+                return Err(format!("{authority}: bad status line {text:?}"));
+            }
+        } else if text.is_empty() {
+            break;
+        } else if let Some((name, v)) = text.split_once(':') {
+            if name.trim().eq_ignore_ascii_case("content-length") {
+                length = v.trim().parse().map_err(|_| "bad content-length")?;
+            } else if name.trim().eq_ignore_ascii_case("transfer-encoding") {
+                return Err(format!("{authority}: chunked answers are not supported"));
+            }
+        }
+    }
+    let mut body = vec![0; length];
+    s.read_exact(&mut body).await.map_err(io)?;
+    match status {
+        Some(200) => Ok(()),
+        Some(code) => Err(format!(
+            "HTTP {code}: {}",
+            String::from_utf8_lossy(&body).trim()
+        )),
+        None => unreachable!("status checked above"),
+    }
+}
+
+async fn client(args: BenchArgs, id: u32, measure_from: Instant, end: Instant) -> Tally {
+    let mut tally = Tally {
+        hist: new_hist(),
+        errors: 0,
+        first_error: None,
+    };
+    let url = &args.endpoints[id as usize % args.endpoints.len()];
+    let timeout = Duration::from_millis(args.timeout_ms);
+    let value = vec![b'x'; args.value_bytes as usize];
+    // xorshift64, seeded per client: keys spread over --keys.
+    let mut rng =
+        0x9E37_79B9_7F4A_7C15u64 ^ (u64::from(id) + 1).wrapping_mul(0xBF58_476D_1CE4_E5B9);
+    let mut conn = None;
+    loop {
+        let now = Instant::now();
+        if now >= end {
+            break;
+        }
+        rng ^= rng << 13;
+        rng ^= rng >> 7;
+        rng ^= rng << 17;
+        let key = key_name((rng % u64::from(args.keys)) as u32);
+        let began = Instant::now();
+        let result = tokio::time::timeout(timeout, async {
+            if conn.is_none() {
+                conn = Some(Conn::open(args.target, url).await?);
+            }
+            conn.as_mut()
+                .expect("just opened")
+                .put(key.as_bytes(), &value)
+                .await
+        })
+        .await
+        .unwrap_or_else(|_| Err(format!("no answer within {timeout:?}")));
+        let done = Instant::now();
+        if result.is_err() && args.target == Target::Etcd {
+            conn = None;
+        }
+        if began < measure_from || done > end {
+            // Warm-up, or a put that straddles the end: not counted.
+            if result.is_err() {
+                tokio::time::sleep(Duration::from_millis(10)).await;
+            }
+            continue;
+        }
+        match result {
+            Ok(()) => {
+                let us = (done - began).as_micros().max(1) as u64;
+                tally.hist.saturating_record(us);
+            }
+            Err(e) => {
+                tally.errors += 1;
+                tally.first_error.get_or_insert(e);
+                tokio::time::sleep(Duration::from_millis(10)).await;
+            }
+        }
+    }
+    tally
+}
+
+/// The measured figures.
+#[derive(Debug)]
+pub struct Report {
+    /// Successful puts in the window.
+    pub ops: u64,
+    /// Failed puts in the window.
+    pub errors: u64,
+    /// The window, in seconds.
+    pub seconds: f64,
+    /// Latency percentiles in microseconds: p50, p99, max.
+    pub p50_us: u64,
+    /// p99.
+    pub p99_us: u64,
+    /// max.
+    pub max_us: u64,
+    /// One error message, if any.
+    pub first_error: Option<String>,
+}
+
+/// Runs the load and returns the figures.
+pub async fn run_load(args: BenchArgs) -> Report {
+    let start = Instant::now();
+    let measure_from = start + Duration::from_millis(args.warmup_ms);
+    let end = measure_from + Duration::from_secs_f64(args.seconds);
+    let tasks: Vec<_> = (0..args.clients)
+        .map(|id| tokio::spawn(client(args.clone(), id, measure_from, end)))
+        .collect();
+    let mut hist = new_hist();
+    let (mut errors, mut first_error) = (0, None);
+    for task in tasks {
+        match task.await {
+            Ok(t) => {
+                hist.add(&t.hist).expect("same bounds");
+                errors += t.errors;
+                if first_error.is_none() {
+                    first_error = t.first_error;
+                }
+            }
+            Err(e) => {
+                errors += 1;
+                first_error.get_or_insert(format!("client task failed: {e}"));
+            }
+        }
+    }
+    Report {
+        ops: hist.len(),
+        errors,
+        seconds: args.seconds,
+        p50_us: hist.value_at_quantile(0.50),
+        p99_us: hist.value_at_quantile(0.99),
+        max_us: hist.max(),
+        first_error,
+    }
+}
+
+/// `raftwork bench`: runs the load and prints one `key=value` line.
+/// Exit 0 if any put succeeded, 1 otherwise.
+pub fn run(args: BenchArgs) -> ExitCode {
+    let runtime = match tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+    {
+        Ok(rt) => rt,
+        Err(e) => {
+            eprintln!("raftwork: cannot start the async runtime: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    let target = match args.target {
+        Target::Raftwork => "raftwork",
+        Target::Etcd => "etcd",
+    };
+    let (clients, value_bytes) = (args.clients, args.value_bytes);
+    let r = runtime.block_on(run_load(args));
+    println!(
+        "target={target} clients={clients} value_bytes={value_bytes} seconds={:.2} ops={} \
+         ops_per_sec={:.1} p50_us={} p99_us={} max_us={} errors={}",
+        r.seconds,
+        r.ops,
+        r.ops as f64 / r.seconds,
+        r.p50_us,
+        r.p99_us,
+        r.max_us,
+        r.errors
+    );
+    if let Some(e) = &r.first_error {
+        eprintln!("raftwork bench: {} errors, first: {e}", r.errors);
+    }
+    if r.ops == 0 {
+        ExitCode::FAILURE
+    } else {
+        ExitCode::SUCCESS
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use clap::Parser;
+    use prost::Message;
+
+    #[derive(Parser)]
+    struct Cli {
+        #[command(flatten)]
+        bench: BenchArgs,
+    }
+
+    #[test]
+    fn parses_arguments() {
+        let cli = Cli::try_parse_from([
+            "x",
+            "--target",
+            "etcd",
+            "--endpoints",
+            "http://127.0.0.1:2379,http://127.0.0.1:22379/",
+            "--clients",
+            "64",
+            "--value-bytes",
+            "256",
+            "--seconds",
+            "2.5",
+        ])
+        .unwrap();
+        let b = cli.bench;
+        assert_eq!(b.target, Target::Etcd);
+        assert_eq!(
+            b.endpoints,
+            ["http://127.0.0.1:2379", "http://127.0.0.1:22379"]
+        );
+        assert_eq!((b.clients, b.value_bytes, b.keys), (64, 256, 1000));
+        assert_eq!(b.seconds, 2.5);
+        let parse = |extra: &[&str]| {
+            let mut argv = vec!["x", "--target", "raftwork", "--endpoints", "http://h:1"];
+            argv.extend_from_slice(extra);
+            Cli::try_parse_from(argv).map(|c| c.bench)
+        };
+        assert_eq!(parse(&["--keys", "7"]).unwrap().keys, 7);
+        assert!(parse(&["--clients", "0"]).is_err());
+        assert!(parse(&["--seconds", "0"]).is_err());
+        assert!(parse(&["--keys", "0"]).is_err());
+        assert!(Cli::try_parse_from(["x", "--target", "raftwork"]).is_err());
+        assert!(Cli::try_parse_from(["x", "--target", "zk", "--endpoints", "http://h:1"]).is_err());
+        assert!(
+            Cli::try_parse_from(["x", "--target", "etcd", "--endpoints", "127.0.0.1:2379"])
+                .is_err()
+        );
+    }
+
+    #[test]
+    fn encodes_etcd_messages() {
+        let req = PutRequest {
+            key: b"k".to_vec(),
+            value: b"vv".to_vec(),
+        };
+        // field 1 (bytes): 0x0a len 'k'; field 2 (bytes): 0x12 len 'v' 'v'.
+        assert_eq!(req.encode_to_vec(), [0x0a, 1, b'k', 0x12, 2, b'v', b'v']);
+        // A PutResponse with a header (field 1, a message) and a prev_kv
+        // (field 2) decodes as the empty message: unknown fields are skipped.
+        let answer = [0x0a, 4, 0x08, 1, 0x10, 2, 0x12, 0];
+        assert_eq!(PutResponse::decode(&answer[..]).unwrap(), PutResponse {});
+        assert_eq!(key_name(42), "bench-000042");
+    }
+}
