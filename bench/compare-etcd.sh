@@ -167,7 +167,7 @@ echo "3 members each on loopback, fsync on, ${VALUE_BYTES} B puts to the leader 
 echo "etcd $ETCD_VERSION (v3 gRPC KV/Put) vs raftwork $("$RAFTWORK" --version | awk '{print $2}') (REST PUT /v1/kv); latencies in ms"
 printf '\n| %7s | %11s | %8s | %8s | %6s | %11s | %8s | %8s | %6s | %14s | %14s |\n' \
     clients "etcd ops/s" "etcd p50" "etcd p99" "errors" "rw ops/s" "rw p50" "rw p99" errors \
-    "ops/s rw÷etcd" "p50 rw÷etcd"
+    "ops/s rw/etcd" "p50 rw/etcd"
 echo "|--------:|------------:|---------:|---------:|-------:|------------:|---------:|---------:|-------:|---------------:|---------------:|"
 for row in "${ROWS[@]}"; do
     IFS='|' read -r c e r <<<"$row"
