@@ -272,20 +272,45 @@ impl Cluster {
         self.members.insert(id, Member { node, transport: t });
     }
 
+    /// Writes `from..=to` through `via`, following the leader if it moves.
+    /// Only proposals that certainly did not apply are retried, so every
+    /// write still applies exactly once.
     async fn write(&self, via: NodeId, from: u64, to: u64) -> u64 {
-        let node = self.node(via).clone();
+        let nodes: HashMap<NodeId, Node<Sum>> = self
+            .members
+            .iter()
+            .map(|(&id, m)| (id, m.node.clone()))
+            .collect();
         let mut tasks = Vec::new();
         for chunk in 0..8u64 {
-            let node = node.clone();
+            let nodes = nodes.clone();
             tasks.push(tokio::spawn(async move {
                 let mut last = 0;
+                let mut target = via;
                 for i in (from..=to).filter(|i| i % 8 == chunk) {
-                    last = last.max(
-                        node.propose(format!("c{i}").into_bytes())
-                            .await
-                            .expect("applied")
-                            .0,
-                    );
+                    let deadline = tokio::time::Instant::now() + WAIT;
+                    loop {
+                        match nodes[&target].propose(format!("c{i}").into_bytes()).await {
+                            Ok((index, _)) => {
+                                last = last.max(index);
+                                break;
+                            }
+                            Err(raftwork::ProposeError::NotLeader {
+                                leader_hint,
+                                in_flight: false,
+                            }) => {
+                                assert!(
+                                    tokio::time::Instant::now() < deadline,
+                                    "no leader to write to"
+                                );
+                                if let Some(l) = leader_hint.filter(|l| nodes.contains_key(l)) {
+                                    target = l;
+                                }
+                                tokio::time::sleep(TICK).await;
+                            }
+                            Err(e) => panic!("write {i} failed: {e}"),
+                        }
+                    }
                 }
                 last
             }));
