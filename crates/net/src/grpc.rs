@@ -80,10 +80,7 @@ use std::time::Duration;
 use bytes::Bytes;
 use hyper::http;
 use hyper_util::rt::TokioIo;
-use raftwork_storage::SnapshotStore;
-use raftwork_transport::{
-    Envelope, Inbox, NodeId, Transport, TransportError, INBOX_CAPACITY_ENVELOPES,
-};
+use raftwork_transport::{Inbox, NodeId};
 use tokio::io::{AsyncRead, AsyncWrite, AsyncWriteExt, ReadBuf};
 use tokio::net::{TcpListener, ToSocketAddrs};
 use tokio::sync::{mpsc, watch};
@@ -163,14 +160,7 @@ impl GrpcTransport {
         listen: impl ToSocketAddrs + std::fmt::Debug,
         config: NetConfig,
     ) -> Result<(Self, Inbox), NetError> {
-        let addr_text = format!("{listen:?}");
-        let listener = TcpListener::bind(listen)
-            .await
-            .map_err(|source| NetError::Bind {
-                addr: addr_text,
-                source,
-            })?;
-        Self::serve_on(id, listener, config)
+        Self::serve_on(id, tcp::listen(listen).await?, config)
     }
 
     /// Like [`GrpcTransport::bind`], without awaiting (for synchronous
@@ -180,14 +170,7 @@ impl GrpcTransport {
         listen: SocketAddr,
         config: NetConfig,
     ) -> Result<(Self, Inbox), NetError> {
-        let bind_err = |source| NetError::Bind {
-            addr: listen.to_string(),
-            source,
-        };
-        let std_listener = std::net::TcpListener::bind(listen).map_err(bind_err)?;
-        std_listener.set_nonblocking(true).map_err(bind_err)?;
-        let listener = TcpListener::from_std(std_listener).map_err(bind_err)?;
-        Self::serve_on(id, listener, config)
+        Self::serve_on(id, tcp::listen_now(listen)?, config)
     }
 
     fn serve_on(
@@ -195,24 +178,24 @@ impl GrpcTransport {
         listener: TcpListener,
         config: NetConfig,
     ) -> Result<(Self, Inbox), NetError> {
-        config.validate(id)?;
-        let tls = config.tls.as_ref().map(Tls::new).transpose()?;
-        let local_addr = listener.local_addr().map_err(|source| NetError::Bind {
-            addr: "listener".into(),
-            source,
-        })?;
-        let (inbox_tx, inbox) = mpsc::channel(INBOX_CAPACITY_ENVELOPES);
+        let p = tcp::prepare(id, &config, &listener)?;
         let link = GrpcLink(Arc::new(LinkInner {
-            tls: tls.clone(),
+            tls: p.tls.clone(),
             connect_timeout: config.connect_timeout,
             settle_grace: config.connect_timeout / 2,
             last: Mutex::new(HashMap::new()),
         }));
-        let shared = Shared::new(id, config, inbox_tx, Arc::new(link));
+        let shared = Shared::new(id, config, p.inbox_tx, Arc::new(link));
         let (accepted_tx, accepted) = mpsc::channel(ACCEPTED_QUEUED);
-        tokio::spawn(accept_loop(shared.clone(), listener, tls, accepted_tx));
+        tokio::spawn(accept_loop(shared.clone(), listener, p.tls, accepted_tx));
         tokio::spawn(serve(shared.clone(), accepted));
-        Ok((Self { shared, local_addr }, inbox))
+        Ok((
+            Self {
+                shared,
+                local_addr: p.local_addr,
+            },
+            p.inbox,
+        ))
     }
 
     /// The address the transport listens on.
@@ -221,31 +204,7 @@ impl GrpcTransport {
     }
 }
 
-impl Transport for GrpcTransport {
-    fn send(&self, envelope: Envelope) {
-        self.shared.send(envelope)
-    }
-
-    fn set_peer(&self, id: NodeId, address: &str) -> Result<(), TransportError> {
-        self.shared.set_peer(id, address)
-    }
-
-    fn remove_peer(&self, id: NodeId) {
-        self.shared.remove_peer(id)
-    }
-
-    fn shutdown(&self) {
-        self.shared.shutdown()
-    }
-
-    fn streams_snapshots(&self) -> bool {
-        true
-    }
-
-    fn attach_snapshots(&self, store: Arc<dyn SnapshotStore>) {
-        self.shared.attach_snapshots(store)
-    }
-}
+crate::peer::delegate_transport!(GrpcTransport);
 
 /// Resolves once the transport shuts down (at once if it already has).
 async fn wait_shutdown(rx: &mut watch::Receiver<bool>) {

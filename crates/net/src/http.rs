@@ -93,10 +93,7 @@ use hyper::client::conn::http1::SendRequest;
 use hyper::header::{HeaderValue, CONNECTION, CONTENT_TYPE, HOST, UPGRADE};
 use hyper::{Method, Request, Response, StatusCode};
 use hyper_util::rt::{TokioIo, TokioTimer};
-use raftwork_storage::SnapshotStore;
-use raftwork_transport::{
-    Envelope, Inbox, NodeId, Transport, TransportError, INBOX_CAPACITY_ENVELOPES,
-};
+use raftwork_transport::{Inbox, NodeId};
 use tokio::io::{AsyncRead, ReadBuf};
 use tokio::net::{TcpListener, ToSocketAddrs};
 use tokio::sync::{mpsc, watch};
@@ -165,14 +162,7 @@ impl HttpTransport {
         config: NetConfig,
         mode: HttpMode,
     ) -> Result<(Self, Inbox), NetError> {
-        let addr_text = format!("{listen:?}");
-        let listener = TcpListener::bind(listen)
-            .await
-            .map_err(|source| NetError::Bind {
-                addr: addr_text,
-                source,
-            })?;
-        Self::serve(id, listener, config, mode)
+        Self::serve(id, tcp::listen(listen).await?, config, mode)
     }
 
     /// Like [`HttpTransport::bind`], without awaiting (for synchronous
@@ -183,14 +173,7 @@ impl HttpTransport {
         config: NetConfig,
         mode: HttpMode,
     ) -> Result<(Self, Inbox), NetError> {
-        let bind_err = |source| NetError::Bind {
-            addr: listen.to_string(),
-            source,
-        };
-        let std_listener = std::net::TcpListener::bind(listen).map_err(bind_err)?;
-        std_listener.set_nonblocking(true).map_err(bind_err)?;
-        let listener = TcpListener::from_std(std_listener).map_err(bind_err)?;
-        Self::serve(id, listener, config, mode)
+        Self::serve(id, tcp::listen_now(listen)?, config, mode)
     }
 
     fn serve(
@@ -199,30 +182,24 @@ impl HttpTransport {
         config: NetConfig,
         mode: HttpMode,
     ) -> Result<(Self, Inbox), NetError> {
-        config.validate(id)?;
-        let tls = config.tls.as_ref().map(Tls::new).transpose()?;
-        let local_addr = listener.local_addr().map_err(|source| NetError::Bind {
-            addr: "listener".into(),
-            source,
-        })?;
-        let (inbox_tx, inbox) = mpsc::channel(INBOX_CAPACITY_ENVELOPES);
+        let p = tcp::prepare(id, &config, &listener)?;
         let link = HttpLink(Arc::new(LinkInner {
-            tls: tls.clone(),
+            tls: p.tls.clone(),
             mode,
             connect_timeout: config.connect_timeout,
             settle_grace: config.connect_timeout / 2,
             idle_redial: config.handshake_timeout / 2,
             last: Mutex::new(HashMap::new()),
         }));
-        let shared = Shared::new(id, config, inbox_tx, Arc::new(link));
-        tokio::spawn(accept_loop(shared.clone(), listener, tls));
+        let shared = Shared::new(id, config, p.inbox_tx, Arc::new(link));
+        tokio::spawn(accept_loop(shared.clone(), listener, p.tls));
         Ok((
             Self {
                 shared,
-                local_addr,
+                local_addr: p.local_addr,
                 mode,
             },
-            inbox,
+            p.inbox,
         ))
     }
 
@@ -237,31 +214,7 @@ impl HttpTransport {
     }
 }
 
-impl Transport for HttpTransport {
-    fn send(&self, envelope: Envelope) {
-        self.shared.send(envelope)
-    }
-
-    fn set_peer(&self, id: NodeId, address: &str) -> Result<(), TransportError> {
-        self.shared.set_peer(id, address)
-    }
-
-    fn remove_peer(&self, id: NodeId) {
-        self.shared.remove_peer(id)
-    }
-
-    fn shutdown(&self) {
-        self.shared.shutdown()
-    }
-
-    fn streams_snapshots(&self) -> bool {
-        true
-    }
-
-    fn attach_snapshots(&self, store: Arc<dyn SnapshotStore>) {
-        self.shared.attach_snapshots(store)
-    }
-}
+crate::peer::delegate_transport!(HttpTransport);
 
 // ---------------------------------------------------------------- server
 

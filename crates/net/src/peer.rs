@@ -128,6 +128,44 @@ pub enum NetError {
     Config(String),
 }
 
+/// Implements [`raftwork_transport::Transport`] for a transport handle with
+/// a `shared: Arc<Shared>` field: every network transport behaves the same
+/// above its link, and streams snapshots.
+macro_rules! delegate_transport {
+    ($t:ty) => {
+        impl raftwork_transport::Transport for $t {
+            fn send(&self, envelope: raftwork_transport::Envelope) {
+                self.shared.send(envelope)
+            }
+
+            fn set_peer(
+                &self,
+                id: raftwork_transport::NodeId,
+                address: &str,
+            ) -> Result<(), raftwork_transport::TransportError> {
+                self.shared.set_peer(id, address)
+            }
+
+            fn remove_peer(&self, id: raftwork_transport::NodeId) {
+                self.shared.remove_peer(id)
+            }
+
+            fn shutdown(&self) {
+                self.shared.shutdown()
+            }
+
+            fn streams_snapshots(&self) -> bool {
+                true
+            }
+
+            fn attach_snapshots(&self, store: std::sync::Arc<dyn raftwork_storage::SnapshotStore>) {
+                self.shared.attach_snapshots(store)
+            }
+        }
+    };
+}
+pub(crate) use delegate_transport;
+
 /// A boxed future, for the object-safe link traits.
 pub(crate) type BoxFuture<'a, T> = Pin<Box<dyn Future<Output = T> + Send + 'a>>;
 

@@ -6,10 +6,7 @@ use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Duration;
 
-use raftwork_storage::SnapshotStore;
-use raftwork_transport::{
-    Envelope, Inbox, NodeId, Transport, TransportError, INBOX_CAPACITY_ENVELOPES,
-};
+use raftwork_transport::{Inbox, NodeId, INBOX_CAPACITY_ENVELOPES};
 use tokio::io::{AsyncRead, AsyncWrite, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream, ToSocketAddrs};
 use tokio::sync::mpsc;
@@ -43,6 +40,60 @@ pub(crate) async fn accept(tls: Option<&Tls>, tcp: TcpStream) -> std::io::Result
             Box::new(acceptor.accept(tcp).await?)
         }
         None => Box::new(tcp),
+    })
+}
+
+/// Binds the listener of a transport.
+pub(crate) async fn listen(
+    addr: impl ToSocketAddrs + std::fmt::Debug,
+) -> Result<TcpListener, NetError> {
+    let addr_text = format!("{addr:?}");
+    TcpListener::bind(addr)
+        .await
+        .map_err(|source| NetError::Bind {
+            addr: addr_text,
+            source,
+        })
+}
+
+/// Binds the listener of a transport without awaiting (for synchronous
+/// builders). Must be called inside a tokio runtime.
+pub(crate) fn listen_now(addr: SocketAddr) -> Result<TcpListener, NetError> {
+    let bind_err = |source| NetError::Bind {
+        addr: addr.to_string(),
+        source,
+    };
+    let std_listener = std::net::TcpListener::bind(addr).map_err(bind_err)?;
+    std_listener.set_nonblocking(true).map_err(bind_err)?;
+    TcpListener::from_std(std_listener).map_err(bind_err)
+}
+
+/// What every transport derives from its settings and listener before it
+/// starts: the checked settings' TLS, the bound address, and the inbox.
+pub(crate) struct Prepared {
+    pub(crate) tls: Option<Tls>,
+    pub(crate) local_addr: SocketAddr,
+    pub(crate) inbox_tx: raftwork_transport::InboxSender,
+    pub(crate) inbox: Inbox,
+}
+
+pub(crate) fn prepare(
+    id: NodeId,
+    config: &NetConfig,
+    listener: &TcpListener,
+) -> Result<Prepared, NetError> {
+    config.validate(id)?;
+    let tls = config.tls.as_ref().map(Tls::new).transpose()?;
+    let local_addr = listener.local_addr().map_err(|source| NetError::Bind {
+        addr: "listener".into(),
+        source,
+    })?;
+    let (inbox_tx, inbox) = mpsc::channel(INBOX_CAPACITY_ENVELOPES);
+    Ok(Prepared {
+        tls,
+        local_addr,
+        inbox_tx,
+        inbox,
     })
 }
 
@@ -118,14 +169,7 @@ impl TcpTransport {
         listen: impl ToSocketAddrs + std::fmt::Debug,
         config: NetConfig,
     ) -> Result<(Self, Inbox), NetError> {
-        let addr_text = format!("{listen:?}");
-        let listener = TcpListener::bind(listen)
-            .await
-            .map_err(|source| NetError::Bind {
-                addr: addr_text,
-                source,
-            })?;
-        Self::serve(id, listener, config)
+        Self::serve(id, self::listen(listen).await?, config)
     }
 
     /// Like [`TcpTransport::bind`], without awaiting (for synchronous
@@ -135,14 +179,7 @@ impl TcpTransport {
         listen: SocketAddr,
         config: NetConfig,
     ) -> Result<(Self, Inbox), NetError> {
-        let bind_err = |source| NetError::Bind {
-            addr: listen.to_string(),
-            source,
-        };
-        let std_listener = std::net::TcpListener::bind(listen).map_err(bind_err)?;
-        std_listener.set_nonblocking(true).map_err(bind_err)?;
-        let listener = TcpListener::from_std(std_listener).map_err(bind_err)?;
-        Self::serve(id, listener, config)
+        Self::serve(id, listen_now(listen)?, config)
     }
 
     fn serve(
@@ -150,16 +187,17 @@ impl TcpTransport {
         listener: TcpListener,
         config: NetConfig,
     ) -> Result<(Self, Inbox), NetError> {
-        config.validate(id)?;
-        let tls = config.tls.as_ref().map(Tls::new).transpose()?;
-        let local_addr = listener.local_addr().map_err(|source| NetError::Bind {
-            addr: "listener".into(),
-            source,
-        })?;
-        let (inbox_tx, inbox) = mpsc::channel(INBOX_CAPACITY_ENVELOPES);
-        let shared = Shared::new(id, config, inbox_tx, Arc::new(TcpLink { tls: tls.clone() }));
-        tokio::spawn(accept_loop(shared.clone(), listener, tls));
-        Ok((Self { shared, local_addr }, inbox))
+        let p = prepare(id, &config, &listener)?;
+        let link = Arc::new(TcpLink { tls: p.tls.clone() });
+        let shared = Shared::new(id, config, p.inbox_tx, link);
+        tokio::spawn(accept_loop(shared.clone(), listener, p.tls));
+        Ok((
+            Self {
+                shared,
+                local_addr: p.local_addr,
+            },
+            p.inbox,
+        ))
     }
 
     /// The address the transport listens on.
@@ -168,31 +206,7 @@ impl TcpTransport {
     }
 }
 
-impl Transport for TcpTransport {
-    fn send(&self, envelope: Envelope) {
-        self.shared.send(envelope)
-    }
-
-    fn set_peer(&self, id: NodeId, address: &str) -> Result<(), TransportError> {
-        self.shared.set_peer(id, address)
-    }
-
-    fn remove_peer(&self, id: NodeId) {
-        self.shared.remove_peer(id)
-    }
-
-    fn shutdown(&self) {
-        self.shared.shutdown()
-    }
-
-    fn streams_snapshots(&self) -> bool {
-        true
-    }
-
-    fn attach_snapshots(&self, store: Arc<dyn SnapshotStore>) {
-        self.shared.attach_snapshots(store)
-    }
-}
+crate::peer::delegate_transport!(TcpTransport);
 
 async fn accept_loop(shared: Arc<Shared>, listener: TcpListener, tls: Option<Tls>) {
     let mut shutdown = shared.shutdown.subscribe();
