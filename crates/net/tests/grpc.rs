@@ -6,7 +6,7 @@
 
 mod common;
 
-use std::io::{Read, Write};
+use std::io::Write;
 use std::net::SocketAddr;
 use std::pin::Pin;
 use std::sync::Arc;
@@ -16,10 +16,10 @@ use std::time::Duration;
 use common::*;
 use hyper::http::uri::PathAndQuery;
 use hyper_util::rt::TokioIo;
-use raft::prelude::{Message, MessageType, SnapshotMetadata};
+use raft::prelude::{MessageType, SnapshotMetadata};
 use raftwork_net::{
-    frame, Envelope, GrpcTransport, Inbound, Inbox, NetConfig, TlsConfig, Transport,
-    GRPC_CHUNK_BYTES_MAX, GRPC_SEND_PATH, GRPC_SNAPSHOT_PATH,
+    Envelope, GrpcTransport, Inbound, Inbox, NetConfig, TlsConfig, Transport, GRPC_CHUNK_BYTES_MAX,
+    GRPC_SEND_PATH, GRPC_SNAPSHOT_PATH,
 };
 use raftwork_storage::{FileSnapshotStore, SnapshotCompression, SnapshotStore};
 use tokio::net::TcpStream;
@@ -31,13 +31,6 @@ async fn bind(id: u64, config: NetConfig) -> (GrpcTransport, Inbox) {
     GrpcTransport::bind(id, "127.0.0.1:0", config)
         .await
         .unwrap()
-}
-
-fn with_tls(tls: Option<TlsConfig>) -> NetConfig {
-    NetConfig {
-        tls,
-        ..Default::default()
-    }
 }
 
 /// Nodes 1 and 2, each knowing the other.
@@ -53,19 +46,6 @@ async fn pair(
     a.0.set_peer(2, &b.0.local_addr().to_string()).unwrap();
     b.0.set_peer(1, &a.0.local_addr().to_string()).unwrap();
     (a, b)
-}
-
-/// Receives heartbeats until term `last`, checking they come in order from
-/// term `first`.
-async fn expect_terms(inbox: &mut Inbox, first: u64, last: u64) {
-    let mut next = first;
-    while next <= last {
-        let env = next_messages(inbox, WAIT).await.expect("delivered");
-        for m in env.messages {
-            assert_eq!(m.term, next, "order kept");
-            next += 1;
-        }
-    }
 }
 
 /// Sends a heartbeat from 1 to 2 every 20 ms until node 1 hears that 2 is
@@ -303,22 +283,6 @@ async fn connect_and_send(
     send_call(&mut grpc, chunks).await
 }
 
-fn hello(to: u64) -> Vec<u8> {
-    let mut b = Vec::new();
-    frame::encode_hello(&mut b, 1, to);
-    b
-}
-
-fn batch(from: u64, term: u64) -> Vec<u8> {
-    let mut b = Vec::new();
-    frame::encode_batch(&mut b, 1, from, 2, &[heartbeat(from, 2, term)]);
-    b
-}
-
-fn cat(parts: &[&[u8]]) -> Vec<u8> {
-    parts.concat()
-}
-
 #[tokio::test]
 async fn malformed_bytes_end_their_stream_and_the_node_keeps_serving() {
     init_logging();
@@ -484,31 +448,6 @@ async fn mutual_tls_delivers() {
     expect_terms(&mut ia, 1, 20).await;
 }
 
-fn client_config(ca_pem: &[u8], cert: Option<(&[u8], &[u8])>) -> rustls::ClientConfig {
-    use rustls::pki_types::pem::PemObject;
-    use rustls::pki_types::{CertificateDer, PrivateKeyDer};
-    let provider = Arc::new(rustls::crypto::ring::default_provider());
-    let mut roots = rustls::RootCertStore::empty();
-    for c in CertificateDer::pem_slice_iter(ca_pem) {
-        roots.add(c.unwrap()).unwrap();
-    }
-    let builder = rustls::ClientConfig::builder_with_provider(provider)
-        .with_safe_default_protocol_versions()
-        .unwrap()
-        .with_root_certificates(roots);
-    match cert {
-        Some((cert, key)) => builder
-            .with_client_auth_cert(
-                CertificateDer::pem_slice_iter(cert)
-                    .map(|c| c.unwrap())
-                    .collect(),
-                PrivateKeyDer::from_pem_slice(key).unwrap(),
-            )
-            .unwrap(),
-        None => builder.with_no_client_auth(),
-    }
-}
-
 #[tokio::test]
 async fn foreign_certificates_and_plaintext_are_refused_by_a_tls_port() {
     init_logging();
@@ -592,19 +531,6 @@ async fn foreign_certificates_and_plaintext_are_refused_by_a_tls_port() {
 
 // ------------------------------------------------------------- snapshots
 
-fn snapshot_message(index: u64, term: u64) -> Message {
-    let mut m = Message::default();
-    m.set_msg_type(MessageType::MsgSnapshot);
-    m.from = 1;
-    m.to = 2;
-    m.term = term;
-    let meta = m.mut_snapshot().mut_metadata();
-    meta.index = index;
-    meta.term = term;
-    meta.mut_conf_state().voters = vec![1, 2];
-    m
-}
-
 /// Pseudo-random (incompressible) bytes.
 fn fill(buf: &mut [u8], seed: &mut u64) {
     for chunk in buf.chunks_mut(8) {
@@ -614,20 +540,6 @@ fn fill(buf: &mut [u8], seed: &mut u64) {
         let b = seed.to_le_bytes();
         chunk.copy_from_slice(&b[..chunk.len()]);
     }
-}
-
-fn stored_crc(store: &FileSnapshotStore, index: u64) -> (u64, u32) {
-    let (info, mut reader) = store.open(index).unwrap();
-    let mut crc = 0u32;
-    let mut buf = vec![0u8; 1 << 20];
-    loop {
-        let n = reader.read(&mut buf).unwrap();
-        if n == 0 {
-            break;
-        }
-        crc = crc32c::crc32c_append(crc, &buf[..n]);
-    }
-    (info.size_bytes, crc)
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -5,15 +5,15 @@
 
 mod common;
 
-use std::io::{Read, Write};
+use std::io::Write;
 use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Duration;
 
 use common::*;
-use raft::prelude::{Message, MessageType, SnapshotMetadata};
+use raft::prelude::{MessageType, SnapshotMetadata};
 use raftwork_net::{
-    frame, Envelope, HttpMode, HttpTransport, Inbound, Inbox, NetConfig, TlsConfig, Transport,
+    Envelope, HttpMode, HttpTransport, Inbound, Inbox, NetConfig, TlsConfig, Transport,
     HTTP_BATCH_PATH, HTTP_SNAPSHOT_PATH, HTTP_STREAM_PATH,
 };
 use raftwork_storage::{FileSnapshotStore, SnapshotCompression, SnapshotStore};
@@ -26,13 +26,6 @@ async fn bind(id: u64, mode: HttpMode, config: NetConfig) -> (HttpTransport, Inb
     HttpTransport::bind(id, "127.0.0.1:0", config, mode)
         .await
         .unwrap()
-}
-
-fn with_tls(tls: Option<TlsConfig>) -> NetConfig {
-    NetConfig {
-        tls,
-        ..Default::default()
-    }
 }
 
 /// Nodes 1 and 2, each knowing the other.
@@ -49,19 +42,6 @@ async fn pair(
     a.0.set_peer(2, &b.0.local_addr().to_string()).unwrap();
     b.0.set_peer(1, &a.0.local_addr().to_string()).unwrap();
     (a, b)
-}
-
-/// Receives heartbeats until term `last`, checking they come in order from
-/// term `first`.
-async fn expect_terms(inbox: &mut Inbox, first: u64, last: u64) {
-    let mut next = first;
-    while next <= last {
-        let env = next_messages(inbox, WAIT).await.expect("delivered");
-        for m in env.messages {
-            assert_eq!(m.term, next, "order kept");
-            next += 1;
-        }
-    }
 }
 
 /// Sends a heartbeat from 1 to 2 every 20 ms until node 1 hears that 2 is
@@ -337,22 +317,6 @@ fn post(path: &str, body: &[u8]) -> Vec<u8> {
     r
 }
 
-fn hello(to: u64) -> Vec<u8> {
-    let mut b = Vec::new();
-    frame::encode_hello(&mut b, 1, to);
-    b
-}
-
-fn batch(from: u64, term: u64) -> Vec<u8> {
-    let mut b = Vec::new();
-    frame::encode_batch(&mut b, 1, from, 2, &[heartbeat(from, 2, term)]);
-    b
-}
-
-fn cat(parts: &[&[u8]]) -> Vec<u8> {
-    parts.concat()
-}
-
 #[tokio::test]
 async fn malformed_requests_are_refused_and_the_node_keeps_serving() {
     init_logging();
@@ -526,33 +490,6 @@ async fn plaintext_and_foreign_certificates_are_refused_by_a_tls_port() {
 }
 
 // ------------------------------------------------------------- snapshots
-
-fn snapshot_message(index: u64, term: u64) -> Message {
-    let mut m = Message::default();
-    m.set_msg_type(MessageType::MsgSnapshot);
-    m.from = 1;
-    m.to = 2;
-    m.term = term;
-    let meta = m.mut_snapshot().mut_metadata();
-    meta.index = index;
-    meta.term = term;
-    meta.mut_conf_state().voters = vec![1, 2];
-    m
-}
-
-fn stored_crc(store: &FileSnapshotStore, index: u64) -> (u64, u32) {
-    let (info, mut reader) = store.open(index).unwrap();
-    let mut crc = 0u32;
-    let mut buf = vec![0u8; 1 << 20];
-    loop {
-        let n = reader.read(&mut buf).unwrap();
-        if n == 0 {
-            break;
-        }
-        crc = crc32c::crc32c_append(crc, &buf[..n]);
-    }
-    (info.size_bytes, crc)
-}
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn snapshots_stream_on_an_upgraded_connection_in_both_modes() {

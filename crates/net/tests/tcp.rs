@@ -198,31 +198,6 @@ async fn tls_refused(addr: std::net::SocketAddr, client: rustls::ClientConfig) -
     )
 }
 
-fn client_config(ca_pem: &[u8], cert: Option<(&[u8], &[u8])>) -> rustls::ClientConfig {
-    use rustls::pki_types::pem::PemObject;
-    use rustls::pki_types::{CertificateDer, PrivateKeyDer};
-    let provider = std::sync::Arc::new(rustls::crypto::ring::default_provider());
-    let mut roots = rustls::RootCertStore::empty();
-    for c in CertificateDer::pem_slice_iter(ca_pem) {
-        roots.add(c.unwrap()).unwrap();
-    }
-    let builder = rustls::ClientConfig::builder_with_provider(provider)
-        .with_safe_default_protocol_versions()
-        .unwrap()
-        .with_root_certificates(roots);
-    match cert {
-        Some((cert, key)) => builder
-            .with_client_auth_cert(
-                CertificateDer::pem_slice_iter(cert)
-                    .map(|c| c.unwrap())
-                    .collect(),
-                PrivateKeyDer::from_pem_slice(key).unwrap(),
-            )
-            .unwrap(),
-        None => builder.with_no_client_auth(),
-    }
-}
-
 #[tokio::test]
 async fn tls_rejects_wrong_ca_expired_certificates_missing_client_certificates_and_plaintext() {
     init_logging();

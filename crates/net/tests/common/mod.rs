@@ -2,10 +2,12 @@
 
 #![allow(dead_code)]
 
+use std::sync::Arc;
 use std::time::Duration;
 
 use raft::prelude::{Message, MessageType};
-use raftwork_net::{Envelope, Inbound, Inbox, TlsConfig};
+use raftwork_net::{frame, Envelope, Inbound, Inbox, NetConfig, TlsConfig};
+use raftwork_storage::{FileSnapshotStore, SnapshotStore};
 use rcgen::{BasicConstraints, Certificate, CertificateParams, IsCa, KeyPair};
 
 /// Hang guard for waits.
@@ -98,5 +100,95 @@ pub fn init_logging() {
             .with_env_filter(tracing_subscriber::EnvFilter::from_default_env())
             .with_test_writer()
             .try_init();
+    }
+}
+
+// ---- shared by the per-transport tests ----
+
+pub fn with_tls(tls: Option<TlsConfig>) -> NetConfig {
+    NetConfig {
+        tls,
+        ..Default::default()
+    }
+}
+
+/// Receives heartbeats until term `last`, checking they come in order from
+/// term `first`.
+pub async fn expect_terms(inbox: &mut Inbox, first: u64, last: u64) {
+    let mut next = first;
+    while next <= last {
+        let env = next_messages(inbox, WAIT).await.expect("delivered");
+        for m in env.messages {
+            assert_eq!(m.term, next, "order kept");
+            next += 1;
+        }
+    }
+}
+
+pub fn hello(to: u64) -> Vec<u8> {
+    let mut b = Vec::new();
+    frame::encode_hello(&mut b, 1, to);
+    b
+}
+
+pub fn batch(from: u64, term: u64) -> Vec<u8> {
+    let mut b = Vec::new();
+    frame::encode_batch(&mut b, 1, from, 2, &[heartbeat(from, 2, term)]);
+    b
+}
+
+pub fn cat(parts: &[&[u8]]) -> Vec<u8> {
+    parts.concat()
+}
+
+pub fn stored_crc(store: &FileSnapshotStore, index: u64) -> (u64, u32) {
+    let (info, mut reader) = store.open(index).unwrap();
+    let mut crc = 0u32;
+    let mut buf = vec![0u8; 1 << 20];
+    loop {
+        let n = reader.read(&mut buf).unwrap();
+        if n == 0 {
+            break;
+        }
+        crc = crc32c::crc32c_append(crc, &buf[..n]);
+    }
+    (info.size_bytes, crc)
+}
+
+pub fn snapshot_message(index: u64, term: u64) -> Message {
+    let mut m = Message::default();
+    m.set_msg_type(MessageType::MsgSnapshot);
+    m.from = 1;
+    m.to = 2;
+    m.term = term;
+    let meta = m.mut_snapshot().mut_metadata();
+    meta.index = index;
+    meta.term = term;
+    meta.mut_conf_state().voters = vec![1, 2];
+    m
+}
+
+pub fn client_config(ca_pem: &[u8], cert: Option<(&[u8], &[u8])>) -> rustls::ClientConfig {
+    use rustls::pki_types::pem::PemObject;
+    use rustls::pki_types::{CertificateDer, PrivateKeyDer};
+    let provider = Arc::new(rustls::crypto::ring::default_provider());
+    let mut roots = rustls::RootCertStore::empty();
+    for c in CertificateDer::pem_slice_iter(ca_pem) {
+        roots.add(c.unwrap()).unwrap();
+    }
+    let builder = rustls::ClientConfig::builder_with_provider(provider)
+        .with_safe_default_protocol_versions()
+        .unwrap()
+        .with_root_certificates(roots);
+    match cert {
+        Some((cert, key)) => builder
+            .with_client_auth_cert(
+                CertificateDer::pem_slice_iter(cert)
+                    .map(|c| c.unwrap())
+                    .collect(),
+                PrivateKeyDer::from_pem_slice(key).unwrap(),
+            )
+            .unwrap(),
+        None => builder.with_no_client_auth(),
     }
 }
