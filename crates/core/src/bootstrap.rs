@@ -7,7 +7,9 @@
 //! way etcd bootstraps), and no founding member needs a snapshot to start.
 
 use protobuf::Message as _;
-use raft::prelude::{ConfChange, ConfChangeType, ConfState, Entry, EntryType, HardState};
+use raft::prelude::{
+    ConfChange, ConfChangeType, ConfState, Entry, EntryType, HardState, SnapshotMetadata,
+};
 use raftwork_storage::{LogStore, StorageError, WriteBatch};
 
 use crate::NodeId;
@@ -73,4 +75,40 @@ pub fn bootstrap<S: LogStore>(
     })?;
     store.sync()?;
     Ok(Some(n))
+}
+
+/// Settles which snapshot a restarting node starts from, and returns its
+/// metadata (index 0: none, replay the whole log).
+///
+/// `stored` is the newest snapshot in the node's snapshot store. If it is
+/// newer than the one the log records (a crash between writing the file and
+/// recording it, or a received snapshot saved before raft installed it), the
+/// log adopts it: recorded if the log holds its entry, installed otherwise,
+/// and synced. The caller then restores the state machine from the returned
+/// snapshot's data.
+pub fn adopt_snapshot<S: LogStore>(
+    store: &S,
+    group_id: u64,
+    stored: Option<SnapshotMetadata>,
+) -> Result<SnapshotMetadata, StorageError> {
+    let logged = raft::Storage::snapshot(store, 0, 0)
+        .map(|s| s.get_metadata().clone())
+        .unwrap_or_default();
+    let Some(m) = stored.filter(|m| m.index > logged.index) else {
+        return Ok(logged);
+    };
+    let last =
+        raft::Storage::last_index(store).map_err(|e| StorageError::Invalid(e.to_string()))?;
+    let covered = m.index <= last && raft::Storage::term(store, m.index).ok() == Some(m.term);
+    if covered {
+        store.record_snapshot(m.clone())?;
+    } else {
+        store.stage(WriteBatch {
+            group_id,
+            snapshot: Some(m.clone()),
+            ..Default::default()
+        })?;
+    }
+    store.sync()?;
+    Ok(m)
 }

@@ -44,7 +44,7 @@ mod config;
 mod core;
 mod error;
 
-pub use crate::bootstrap::bootstrap;
+pub use crate::bootstrap::{adopt_snapshot, bootstrap};
 pub use crate::config::{ConfigError, CoreConfig};
 pub use crate::core::{
     is_command, Action, ApplyBatch, Core, MembershipChange, NodeEvent, RequestId, Role, Status,

@@ -15,11 +15,11 @@ use std::sync::atomic::AtomicBool;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use raftwork_core::{bootstrap, ConfigError, Core, CoreConfig, FatalError, NodeId};
+use raftwork_core::{adopt_snapshot, bootstrap, ConfigError, Core, CoreConfig, FatalError, NodeId};
 use raftwork_net::{GrpcTransport, HttpMode, HttpTransport, NetConfig, NetError, TcpTransport};
 use raftwork_storage::{
     FileSnapshotStore, LogStore, MemLogStore, MemSnapshotStore, SnapshotCompression, SnapshotStore,
-    StorageError, Wal, WalOptions, WriteBatch,
+    StorageError, Wal, WalOptions,
 };
 use raftwork_transport::{Inbox, MemNetwork, Transport};
 use tokio::sync::{broadcast, mpsc};
@@ -534,41 +534,16 @@ impl<SM: StateMachine, S: LogStore> Builder<SM, S> {
 
 /// On an existing log, restores `sm` from the newest snapshot that either the
 /// log or the snapshot store knows, and returns the index and term the node
-/// starts applied at. A snapshot file newer than the log's record (a crash
-/// between writing the file and recording it) is recorded, or installed if
-/// the log does not reach it.
+/// starts applied at ([`adopt_snapshot`] settles a snapshot file newer than
+/// the log's record).
 fn restore_from_snapshot<S: LogStore, SM: StateMachine>(
     store: &S,
     group_id: u64,
     snapshots: &dyn SnapshotStore,
     sm: &mut SM,
 ) -> Result<(u64, u64), BuildError> {
-    let logged = match raft::Storage::snapshot(store, 0, 0) {
-        Ok(snap) => snap.get_metadata().clone(),
-        Err(_) => Default::default(),
-    };
-    let stored = snapshots.latest()?;
-    let meta = match stored {
-        Some(s) if s.metadata.index > logged.index => {
-            let m = s.metadata;
-            let last = raft::Storage::last_index(store)
-                .map_err(|e| StorageError::Invalid(e.to_string()))?;
-            let covered =
-                m.index <= last && raft::Storage::term(store, m.index).ok() == Some(m.term);
-            if covered {
-                store.record_snapshot(m.clone())?;
-            } else {
-                store.stage(WriteBatch {
-                    group_id,
-                    snapshot: Some(m.clone()),
-                    ..Default::default()
-                })?;
-            }
-            store.sync()?;
-            m
-        }
-        _ => logged,
-    };
+    let stored = snapshots.latest()?.map(|s| s.metadata);
+    let meta = adopt_snapshot(store, group_id, stored)?;
     if meta.index == 0 {
         return Ok((0, 0));
     }

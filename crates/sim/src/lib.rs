@@ -31,7 +31,7 @@ use std::collections::{BTreeMap, BTreeSet, BinaryHeap};
 use raft::prelude::{ConfState, Entry, EntryType, Message, MessageType, SnapshotMetadata};
 use raftwork_check::{Input, Operation, Output};
 use raftwork_core::{is_command, Action, Core, CoreConfig, NodeEvent, ProposeError, RequestId};
-use raftwork_storage::{LogStore, WriteBatch};
+use raftwork_storage::LogStore;
 
 pub use store::SimStore;
 
@@ -376,48 +376,21 @@ impl Sim {
         // As the builder does: restore from the newest snapshot the log or
         // the snapshot store knows.
         let store = self.nodes[k].store.clone();
-        let logged = raft::Storage::snapshot(&store, 0, 0)
-            .map(|s| s.get_metadata().clone())
-            .unwrap_or_default();
         let stored = self.nodes[k]
             .snapshots
             .last_key_value()
-            .map(|(_, v)| v.clone());
-        let mut base = logged.clone();
-        let mut data = None;
-        if let Some((meta, bytes)) = stored {
-            if meta.index > logged.index {
-                let last = raft::Storage::last_index(&store).unwrap();
-                let covered = meta.index <= last
-                    && raft::Storage::term(&store, meta.index).ok() == Some(meta.term);
-                let r = if covered {
-                    store.record_snapshot(meta.clone())
-                } else {
-                    store.stage(WriteBatch {
-                        group_id: 1,
-                        snapshot: Some(meta.clone()),
-                        ..Default::default()
-                    })
-                };
-                r.and_then(|_| store.sync())
-                    .map_err(|e| self.fail(e.to_string()))?;
-                base = meta.clone();
-                data = Some(bytes);
-            } else if meta.index == logged.index {
-                data = Some(bytes);
-            }
-        }
+            .map(|(_, (meta, _))| meta.clone());
+        let base = raftwork_core::adopt_snapshot(&store, 1, stored)
+            .map_err(|e| self.fail(e.to_string()))?;
+        let data = self.nodes[k]
+            .snapshots
+            .get(&base.index)
+            .map(|(_, d)| d.clone());
         if base.index > 0 && data.is_none() {
-            data = self.nodes[k]
-                .snapshots
-                .get(&base.index)
-                .map(|(_, d)| d.clone());
-            if data.is_none() {
-                return Err(self.fail(format!(
-                    "node {id}: the log records snapshot {} but its data is gone",
-                    base.index
-                )));
-            }
+            return Err(self.fail(format!(
+                "node {id}: the log records snapshot {} but its data is gone",
+                base.index
+            )));
         }
         let node = &mut self.nodes[k];
         node.kv = data.as_deref().map(decode_kv).unwrap_or_default();
