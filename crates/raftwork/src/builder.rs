@@ -488,6 +488,7 @@ impl<SM: StateMachine, S: LogStore> Builder<SM, S> {
             events: applied_tx,
         };
         let (events, _) = broadcast::channel(1024);
+        let (leader, _) = tokio::sync::watch::channel(None);
         let stopped = Arc::new(AtomicBool::new(false));
         let ready_loop = ReadyLoop {
             core,
@@ -497,6 +498,7 @@ impl<SM: StateMachine, S: LogStore> Builder<SM, S> {
             apply_tx,
             applied_rx,
             events: events.clone(),
+            leader: leader.clone(),
             snapshots,
             tick_interval: config.tick_interval,
             stopped: stopped.clone(),
@@ -522,6 +524,7 @@ impl<SM: StateMachine, S: LogStore> Builder<SM, S> {
                 id,
                 requests: requests_tx,
                 events,
+                leader,
                 tasks: Mutex::new(tasks),
                 stopped,
                 // The core times reads out in ticks; this is only a hang guard.

@@ -12,7 +12,7 @@ use raftwork_core::{
 };
 use raftwork_storage::SnapshotMeta;
 use raftwork_transport::TransportError;
-use tokio::sync::{broadcast, mpsc, oneshot};
+use tokio::sync::{broadcast, mpsc, oneshot, watch};
 use tokio::task::JoinHandle;
 
 use crate::state_machine::StateMachine;
@@ -89,6 +89,8 @@ pub(crate) struct Shared<SM: StateMachine> {
     pub(crate) id: NodeId,
     pub(crate) requests: mpsc::Sender<Request<SM>>,
     pub(crate) events: broadcast::Sender<NodeEvent>,
+    /// The leader the ready loop last learned; `None` once it stopped.
+    pub(crate) leader: watch::Sender<Option<NodeId>>,
     pub(crate) tasks: Mutex<Vec<JoinHandle<()>>>,
     pub(crate) stopped: Arc<AtomicBool>,
     pub(crate) read_timeout: Duration,
@@ -296,26 +298,31 @@ impl<SM: StateMachine> Node<SM> {
         rx.await.unwrap_or(Ok(()))
     }
 
+    /// The leader this node knows now (itself when it leads), without a
+    /// round trip to the ready loop: the value of the newest
+    /// [`NodeEvent::LeaderChanged`]. `None` while no leader is known and once
+    /// the node stopped. As any leader hint, it may be stale by the time it
+    /// is used; proposals on a node that lost leadership still fail with
+    /// [`ProposeError::NotLeader`].
+    pub fn leader(&self) -> Option<NodeId> {
+        *self.shared.leader.borrow()
+    }
+
     /// Waits until this node knows a leader, and returns it.
     pub async fn wait_for_leader(&self, timeout: Duration) -> Result<NodeId, WaitError> {
-        let mut events = self.subscribe();
+        let mut leader = self.shared.leader.subscribe();
         let wait = async {
             loop {
-                match self.status().await {
-                    None => return Err(WaitError::Shutdown),
-                    Some(Status {
-                        leader: Some(leader),
-                        ..
-                    }) => return Ok(leader),
-                    Some(_) => {}
+                if let Some(l) = *leader.borrow_and_update() {
+                    return Ok(l);
                 }
-                match events.recv().await {
-                    Ok(NodeEvent::LeaderChanged {
-                        leader: Some(leader),
-                        ..
-                    }) => return Ok(leader),
-                    Ok(_) | Err(broadcast::error::RecvError::Lagged(_)) => {}
-                    Err(broadcast::error::RecvError::Closed) => return Err(WaitError::Shutdown),
+                if self.is_stopped() {
+                    return Err(WaitError::Shutdown);
+                }
+                // The sender lives as long as the node's handles: a closed
+                // channel cannot happen while `self` exists; treat it as a stop.
+                if leader.changed().await.is_err() {
+                    return Err(WaitError::Shutdown);
                 }
             }
         };

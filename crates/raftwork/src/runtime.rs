@@ -23,7 +23,8 @@ use std::sync::Arc;
 
 use raft::prelude::{ConfState, Message, MessageType, SnapshotMetadata};
 use raftwork_core::{
-    is_command, Action, ApplyBatch, ConfChangeError, Core, NodeEvent, RequestId, TransferError,
+    is_command, Action, ApplyBatch, ConfChangeError, Core, NodeEvent, NodeId, RequestId,
+    TransferError,
 };
 use raftwork_storage::{LogStore, SnapshotMeta, SnapshotStore, StorageError};
 use raftwork_transport::{Envelope, Inbound, Inbox, Transport};
@@ -262,6 +263,8 @@ pub(crate) struct ReadyLoop<SM: StateMachine, S: LogStore> {
     pub(crate) applied_rx: mpsc::UnboundedReceiver<ApplyEvent>,
     pub(crate) snapshots: Arc<dyn SnapshotStore>,
     pub(crate) events: broadcast::Sender<NodeEvent>,
+    /// The leader this node knows, for `Node::leader` (no round trip).
+    pub(crate) leader: tokio::sync::watch::Sender<Option<NodeId>>,
     pub(crate) tick_interval: std::time::Duration,
     pub(crate) stopped: Arc<std::sync::atomic::AtomicBool>,
     pub(crate) sync: SyncMode,
@@ -365,7 +368,10 @@ impl<SM: StateMachine, S: LogStore> ReadyLoop<SM, S> {
             drop(r);
         }
         self.transport.shutdown();
+        // Stopped before the leader is cleared: a waiter woken by the
+        // change must see the stop (Node::wait_for_leader).
         self.stopped.store(true, Ordering::Release);
+        self.leader.send_replace(None);
         // Dropping apply_tx ends the apply task after its queue drains;
         // dropping the sync jobs sender ends the sync worker.
     }
@@ -617,6 +623,7 @@ impl<SM: StateMachine, S: LogStore> ReadyLoop<SM, S> {
                 Action::Event(event) => {
                     if let NodeEvent::LeaderChanged { leader, term } = &event {
                         tracing::info!(node = self.core.id(), leader = ?leader, term, "leader changed");
+                        self.leader.send_replace(*leader);
                     }
                     let _ = self.events.send(event);
                 }

@@ -78,6 +78,11 @@ async fn losing_the_leader_fails_its_pending_proposals_and_a_new_leader_takes_ov
     let rest: Vec<u64> = [1, 2, 3].into_iter().filter(|&id| id != old).collect();
     let new = c.wait_leader(&rest).await;
     assert_ne!(new, old);
+    // The cached leader (no round trip) moved with the status: the loop
+    // updates it before it answers a later status request.
+    for &id in &rest {
+        assert_eq!(c.node(id).leader(), Some(new), "node {id}");
+    }
 
     // Proposals resume on the new leader.
     let (index, _) = c.node(new).propose(b"after".to_vec()).await.unwrap();
@@ -94,8 +99,14 @@ async fn losing_the_leader_fails_its_pending_proposals_and_a_new_leader_takes_ov
             other => panic!("expected NotLeader, got {other:?}"),
         }
     }
-    // The old leader is now a follower; kill it for good.
+    // The old leader is now a follower; kill it for good. A stopped node
+    // knows no leader and a wait for one ends at once.
     c.node(old).shutdown().await;
+    assert_eq!(c.node(old).leader(), None);
+    assert_eq!(
+        c.node(old).wait_for_leader(WAIT).await,
+        Err(raftwork::WaitError::Shutdown)
+    );
     let (_, _) = c.node(new).propose(b"still".to_vec()).await.unwrap();
     c.shutdown().await;
 }

@@ -493,10 +493,14 @@ async fn route(state: &AppState, headers: &HeaderMap) -> ApiResult<Option<String
     let timeout = state.config.request_timeout;
     let deadline = Instant::now() + timeout;
     loop {
-        let s = state.node.status().await.ok_or_else(shutting_down)?;
+        // The cached leader: no round trip to the ready loop per request.
+        let leader = state.node.leader();
+        if leader.is_none() && state.node.is_stopped() {
+            return Err(shutting_down());
+        }
         let left = deadline.saturating_duration_since(Instant::now());
-        match s.leader {
-            Some(l) if l == s.id => return Ok(None),
+        match leader {
+            Some(l) if l == state.node.id() => return Ok(None),
             Some(l) => {
                 let members = &state.config.members;
                 if members.get(l).is_none() {
