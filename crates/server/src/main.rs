@@ -8,6 +8,12 @@ use raftwork_server::client::{self, KvArgs, MemberArgs, StatusArgs};
 use raftwork_server::local::{self, LocalClusterArgs};
 use raftwork_server::serve::{init_logging, run, ServeArgs};
 
+/// mimalloc instead of the system allocator: a node allocates and frees
+/// small buffers for every request, message and entry, and glibc's malloc
+/// was ~12% of a leader's CPU under load (see BENCHMARKS.md).
+#[global_allocator]
+static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
 /// raftwork: a replicated key-value store on Raft.
 #[derive(Debug, Parser)]
 #[command(name = "raftwork", version, about)]
