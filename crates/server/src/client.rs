@@ -1,6 +1,7 @@
 //! The CLI client, in the style of etcdctl: `raftwork kv`, `raftwork
-//! member`, `raftwork status`, against `--endpoints url,url,...`
-//! (`RAFTWORK_ENDPOINTS`; default `http://127.0.0.1:8080`).
+//! member` (list, add, remove, promote, transfer-leader), `raftwork
+//! status`, against `--endpoints url,url,...` (`RAFTWORK_ENDPOINTS`;
+//! default `http://127.0.0.1:8080`).
 //!
 //! Each command tries the endpoints in order until one answers; any node
 //! takes any request, so the first that answers is enough. A connection
@@ -122,6 +123,11 @@ enum MemberCommand {
     /// Promote a learner to a voter.
     Promote {
         /// Its name.
+        name: String,
+    },
+    /// Hand leadership to a voter; returns once it leads.
+    TransferLeader {
+        /// The voter's name.
         name: String,
     },
 }
@@ -397,6 +403,12 @@ async fn member_inner(args: MemberArgs) -> CmdResult {
             let r = call(conn, "POST", &path, None, b"").await?;
             let v = json(&success(r)?)?;
             out(changed("promoted", &name, &v).as_bytes())
+        }
+        MemberCommand::TransferLeader { name } => {
+            let body = serde_json::json!({ "to": name });
+            let r = call(conn, "POST", "/cluster/transfer-leader", Some(&body), b"").await?;
+            let v = json(&success(r)?)?;
+            out(format!("leader is now {name} (id {})\n", v["id"]).as_bytes())
         }
     }
 }

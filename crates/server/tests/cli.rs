@@ -195,6 +195,11 @@ fn member_and_status_commands_against_a_real_server() {
         1,
     );
     assert!(err.contains("409"), "{err}");
+    // Leadership goes to voters only; to itself it is a no-op.
+    let err = fails(url, &["member", "transfer-leader", "ghost"], 1);
+    assert!(err.contains("409") && err.contains("learner"), "{err}");
+    let out = ok(url, &["member", "transfer-leader", "cli"]);
+    assert!(out.starts_with("leader is now cli (id "), "{out}");
     let out = ok(url, &["member", "remove", "ghost"]);
     assert!(out.contains("member ghost removed"), "{out}");
     assert_eq!(ok(url, &["member", "list"]).lines().count(), 2);
@@ -203,6 +208,8 @@ fn member_and_status_commands_against_a_real_server() {
     let err = fails(url, &["member", "promote", "nobody"], 1);
     assert!(err.contains("404") && err.contains("nobody"), "{err}");
     let err = fails(url, &["member", "remove", "nobody"], 1);
+    assert!(err.contains("404"), "{err}");
+    let err = fails(url, &["member", "transfer-leader", "nobody"], 1);
     assert!(err.contains("404"), "{err}");
     let err = fails(
         url,
