@@ -443,6 +443,14 @@ pub async fn run(args: Settings, plan: ClusterPlan) -> Result<(), ServeError> {
             _ = sigint.recv() => tracing::info!(signal = "SIGINT", "shutting down"),
         }
     };
+    // TCP_NODELAY on every API connection (axum::serve leaves Nagle on): a
+    // response written in more than one segment must not wait for the
+    // client's delayed ACK.
+    let listener = axum::serve::ListenerExt::tap_io(listener, |tcp| {
+        if let Err(e) = tcp.set_nodelay(true) {
+            tracing::debug!(error = %e, "cannot set TCP_NODELAY on an API connection");
+        }
+    });
     let served = axum::serve(listener, router)
         .with_graceful_shutdown(shutdown)
         .await;
