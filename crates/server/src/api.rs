@@ -69,7 +69,7 @@ use raftwork::{ConfChangeError, ConfState, Node, ProposeError, ReadError, Role, 
 use serde::Serialize;
 
 use crate::cluster::{member_id, parse_host_port};
-use crate::forward::{self, FORWARDED_HEADER};
+use crate::forward::{HttpClient, FORWARDED_HEADER};
 use crate::kv::{Expect, KvCommand, KvResponse, KvStore, MAX_KEY_BYTES, MAX_VALUE_BYTES};
 use crate::members::{member_key, MemberInfo, Members, RESERVED_PREFIX};
 
@@ -89,6 +89,8 @@ pub struct ApiConfig {
     pub token: String,
     /// The member records this node knows (see [`crate::members`]).
     pub members: Arc<Members>,
+    /// Pooled connections to the leader, for forwarding.
+    pub http: HttpClient,
 }
 
 struct AppState {
@@ -547,15 +549,18 @@ async fn forward_to(
     body: &[u8],
 ) -> ApiResult<Response> {
     let path = uri.path_and_query().map_or("/", |p| p.as_str());
-    match forward::send(
-        url,
-        method,
-        path,
-        content_type,
-        body,
-        state.config.request_timeout,
-    )
-    .await
+    match state
+        .config
+        .http
+        .forward(
+            url,
+            method,
+            path,
+            content_type,
+            body,
+            state.config.request_timeout,
+        )
+        .await
     {
         Ok(r) => {
             let status =

@@ -19,7 +19,10 @@ use std::time::Duration;
 use clap::{Args, Subcommand};
 use serde_json::Value;
 
-use crate::forward::{self, HttpResponse};
+use crate::forward::{HttpClient, HttpResponse, SendError};
+
+/// How long opening a connection to an endpoint may take.
+const CONNECT_TIMEOUT: Duration = Duration::from_secs(3);
 
 /// Default of `--endpoints`.
 pub const DEFAULT_ENDPOINT: &str = "http://127.0.0.1:8080";
@@ -184,18 +187,24 @@ async fn call(
         None => (None, raw_body),
     };
     let mut errors = Vec::new();
+    // Connecting gives up sooner than waiting for an answer, so that a
+    // node that is down reads as "not sent" and the next one is tried.
+    let http = HttpClient::new(timeout.min(CONNECT_TIMEOUT));
     for url in &conn.endpoints {
-        match forward::request(url, method, path, content_type, body, timeout).await {
+        match http
+            .request(url, method, path, content_type, body, timeout)
+            .await
+        {
             Ok(r) => return Ok(r),
             // A change that may have reached a node is not sent again.
-            Err(e) if method != "GET" && !e.starts_with("cannot connect") => {
-                errors.push(e);
+            Err(e) if method != "GET" && !matches!(e, SendError::Connect { .. }) => {
+                errors.push(e.to_string());
                 return Err(Failure(format!(
                     "outcome unknown, not retried on another endpoint: {}",
                     errors.join("; ")
                 )));
             }
-            Err(e) => errors.push(e),
+            Err(e) => errors.push(e.to_string()),
         }
     }
     Err(Failure(format!(

@@ -1,15 +1,27 @@
-//! A minimal HTTP/1.1 client over `TcpStream`, to forward requests to the
-//! leader's API and to register this member there; the CLI client uses it
-//! too ([`request`], not marked as forwarded).
+//! The HTTP client the server uses to forward requests to the leader's API
+//! and to register this member there; the CLI client and `local-cluster`
+//! use it too ([`HttpClient::request`], not marked as forwarded).
 //!
-//! One request per connection (`Connection: close`); the answer is read to
-//! the end of the stream, with `Content-Length` or chunked bodies. Only
-//! `http://host:port` URLs (the API URLs the members publish).
+//! hyper-util's pooled client over plain TCP with `TCP_NODELAY`: a follower
+//! that forwards many requests keeps a few keep-alive connections to the
+//! leader instead of opening one per request (which costs a handshake each
+//! and leaves a TIME_WAIT socket behind each). Only `http://host:port`
+//! URLs (the API URLs the members publish). Clone it freely: clones share
+//! the pool. A client's pooled connections run on the tokio runtime that
+//! opened them, so make one per runtime (the server makes one at start).
+//!
+//! Retries: the pool re-sends a request only when its connection turned
+//! out closed before any byte of the request was written (hyper's
+//! "canceled" requests), so a forwarded write is never sent twice.
 
 use std::time::Duration;
 
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
-use tokio::net::TcpStream;
+use bytes::Bytes;
+use http_body_util::{BodyExt, Full, Limited};
+use hyper::header::CONTENT_TYPE;
+use hyper_util::client::legacy::connect::HttpConnector;
+use hyper_util::client::legacy::Client;
+use hyper_util::rt::{TokioExecutor, TokioTimer};
 
 /// Header a forwarded request carries: the receiver never forwards it
 /// again (no loops while leadership moves).
@@ -18,6 +30,14 @@ pub const FORWARDED_HEADER: &str = "x-raftwork-forwarded";
 /// Largest answer accepted (a listing of 10000 maximal entries is far
 /// smaller in practice; values are at most 1 MiB).
 const MAX_RESPONSE_BYTES: usize = 64 * 1024 * 1024;
+
+/// How long an unused pooled connection is kept.
+const POOL_IDLE_TIMEOUT: Duration = Duration::from_secs(30);
+
+/// Idle connections kept per host (the leader, in practice). Enough for
+/// the forwarded requests a loaded follower has in flight at once; more
+/// are opened on demand and closed after use.
+const POOL_MAX_IDLE_PER_HOST: usize = 64;
 
 /// An HTTP answer.
 #[derive(Debug)]
@@ -30,167 +50,274 @@ pub struct HttpResponse {
     pub body: Vec<u8>,
 }
 
-/// Sends `method path_and_query` with `body` to `base_url`
-/// (`http://host:port`), marked as forwarded, and reads the answer, all
-/// within `timeout`.
-pub async fn send(
-    base_url: &str,
-    method: &str,
-    path_and_query: &str,
-    content_type: Option<&str>,
-    body: &[u8],
-    timeout: Duration,
-) -> Result<HttpResponse, String> {
-    tokio::time::timeout(
-        timeout,
-        send_inner(base_url, method, path_and_query, content_type, body, true),
-    )
-    .await
-    .unwrap_or_else(|_| Err(format!("no answer from {base_url} within {timeout:?}")))
+/// Why no answer came.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum SendError {
+    /// No connection could be opened: the request was certainly not sent.
+    #[error("cannot connect to {url}: {reason}")]
+    Connect {
+        /// The base URL.
+        url: String,
+        /// Cause.
+        reason: String,
+    },
+    /// The request may have been sent, but no whole answer came (broken
+    /// connection, timeout, malformed or oversized answer).
+    #[error("no answer from {url}: {reason}")]
+    NoAnswer {
+        /// The base URL.
+        url: String,
+        /// Cause.
+        reason: String,
+    },
+    /// The URL is not `http://host:port`; nothing was sent.
+    #[error("unsupported URL {0:?} (http://host:port only)")]
+    BadUrl(String),
 }
 
-/// Like [`send`], but not marked as forwarded: a client's request, which
-/// the receiving node may forward to the leader (the CLI client's).
-/// `Err` means no answer (connection refused, broken, or `timeout`).
-pub async fn request(
-    base_url: &str,
-    method: &str,
-    path_and_query: &str,
-    content_type: Option<&str>,
-    body: &[u8],
-    timeout: Duration,
-) -> Result<HttpResponse, String> {
-    tokio::time::timeout(
-        timeout,
-        send_inner(base_url, method, path_and_query, content_type, body, false),
-    )
-    .await
-    .unwrap_or_else(|_| Err(format!("no answer from {base_url} within {timeout:?}")))
+/// A pooled HTTP/1.1 client. Cheap to clone.
+#[derive(Clone)]
+pub struct HttpClient {
+    inner: Client<HttpConnector, Full<Bytes>>,
 }
 
-async fn send_inner(
-    base_url: &str,
-    method: &str,
-    path_and_query: &str,
-    content_type: Option<&str>,
-    body: &[u8],
-    forwarded: bool,
-) -> Result<HttpResponse, String> {
-    let authority = base_url
-        .strip_prefix("http://")
-        .ok_or_else(|| format!("unsupported URL {base_url:?} (http:// only)"))?
-        .trim_end_matches('/');
-    let mut stream = TcpStream::connect(authority)
+impl std::fmt::Debug for HttpClient {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("HttpClient").finish_non_exhaustive()
+    }
+}
+
+impl HttpClient {
+    /// A client whose connection attempts give up after `connect_timeout`
+    /// (keep it shorter than the calls' timeouts, so that a connection
+    /// that cannot be opened reads as [`SendError::Connect`]).
+    pub fn new(connect_timeout: Duration) -> Self {
+        let mut connector = HttpConnector::new();
+        connector.set_nodelay(true);
+        connector.set_connect_timeout(Some(connect_timeout));
+        let inner = Client::builder(TokioExecutor::new())
+            .pool_timer(TokioTimer::new())
+            .pool_idle_timeout(POOL_IDLE_TIMEOUT)
+            .pool_max_idle_per_host(POOL_MAX_IDLE_PER_HOST)
+            .build(connector);
+        Self { inner }
+    }
+
+    /// Sends `method path_and_query` with `body` to `base_url`
+    /// (`http://host:port`), marked as forwarded, and reads the answer, all
+    /// within `timeout`.
+    pub async fn forward(
+        &self,
+        base_url: &str,
+        method: &str,
+        path_and_query: &str,
+        content_type: Option<&str>,
+        body: &[u8],
+        timeout: Duration,
+    ) -> Result<HttpResponse, SendError> {
+        self.send(
+            base_url,
+            method,
+            path_and_query,
+            content_type,
+            body,
+            timeout,
+            true,
+        )
         .await
-        .map_err(|e| format!("cannot connect to {base_url}: {e}"))?;
-    let _ = stream.set_nodelay(true);
-    let mut head = format!(
-        "{method} {path_and_query} HTTP/1.1\r\nHost: {authority}\r\nConnection: close\r\n\
-         Content-Length: {}\r\n",
-        body.len()
-    );
-    if forwarded {
-        head.push_str(&format!("{FORWARDED_HEADER}: 1\r\n"));
     }
-    if let Some(ct) = content_type {
-        head.push_str(&format!("Content-Type: {ct}\r\n"));
-    }
-    head.push_str("\r\n");
-    let io = |e: std::io::Error| format!("talking to {base_url}: {e}");
-    stream.write_all(head.as_bytes()).await.map_err(io)?;
-    stream.write_all(body).await.map_err(io)?;
-    let mut buf = Vec::new();
-    (&mut stream)
-        .take(MAX_RESPONSE_BYTES as u64 + 1)
-        .read_to_end(&mut buf)
-        .await
-        .map_err(io)?;
-    if buf.len() > MAX_RESPONSE_BYTES {
-        return Err(format!("the answer of {base_url} is too large"));
-    }
-    parse_response(&buf).map_err(|e| format!("bad answer from {base_url}: {e}"))
-}
 
-fn parse_response(buf: &[u8]) -> Result<HttpResponse, String> {
-    let split = buf
-        .windows(4)
-        .position(|w| w == b"\r\n\r\n")
-        .ok_or("no end of headers")?;
-    let head = std::str::from_utf8(&buf[..split]).map_err(|_| "headers are not UTF-8")?;
-    let mut lines = head.split("\r\n");
-    let status: u16 = lines
-        .next()
-        .and_then(|l| l.split_whitespace().nth(1))
-        .and_then(|s| s.parse().ok())
-        .ok_or("bad status line")?;
-    let (mut content_type, mut length, mut chunked) = (None, None, false);
-    for line in lines {
-        let Some((name, value)) = line.split_once(':') else {
-            continue;
+    /// Like [`HttpClient::forward`], but not marked as forwarded: a client's
+    /// request, which the receiving node may forward to the leader (the CLI
+    /// client's).
+    pub async fn request(
+        &self,
+        base_url: &str,
+        method: &str,
+        path_and_query: &str,
+        content_type: Option<&str>,
+        body: &[u8],
+        timeout: Duration,
+    ) -> Result<HttpResponse, SendError> {
+        self.send(
+            base_url,
+            method,
+            path_and_query,
+            content_type,
+            body,
+            timeout,
+            false,
+        )
+        .await
+    }
+
+    #[allow(clippy::too_many_arguments)]
+    async fn send(
+        &self,
+        base_url: &str,
+        method: &str,
+        path_and_query: &str,
+        content_type: Option<&str>,
+        body: &[u8],
+        timeout: Duration,
+        forwarded: bool,
+    ) -> Result<HttpResponse, SendError> {
+        let base = base_url.trim_end_matches('/');
+        base.strip_prefix("http://")
+            .filter(|a| !a.is_empty() && !a.contains('/'))
+            .ok_or_else(|| SendError::BadUrl(base_url.to_string()))?;
+        let mut req = hyper::Request::builder()
+            .method(method)
+            .uri(format!("{base}{path_and_query}"));
+        if forwarded {
+            req = req.header(FORWARDED_HEADER, "1");
+        }
+        if let Some(ct) = content_type {
+            req = req.header(CONTENT_TYPE, ct);
+        }
+        let req = req
+            .body(Full::new(Bytes::copy_from_slice(body)))
+            .map_err(|e| SendError::BadUrl(format!("{base}{path_and_query}: {e}")))?;
+        let no_answer = |reason: String| SendError::NoAnswer {
+            url: base.to_string(),
+            reason,
         };
-        let value = value.trim();
-        match name.trim().to_ascii_lowercase().as_str() {
-            "content-type" => content_type = Some(value.to_string()),
-            "content-length" => length = value.parse::<usize>().ok(),
-            "transfer-encoding" => chunked = value.to_ascii_lowercase().contains("chunked"),
-            _ => {}
-        }
+        let exchange = async {
+            let response = self.inner.request(req).await.map_err(|e| {
+                if e.is_connect() {
+                    SendError::Connect {
+                        url: base.to_string(),
+                        reason: error_chain(&e),
+                    }
+                } else {
+                    no_answer(error_chain(&e))
+                }
+            })?;
+            let status = response.status().as_u16();
+            let content_type = response
+                .headers()
+                .get(CONTENT_TYPE)
+                .and_then(|v| v.to_str().ok())
+                .map(str::to_string);
+            let body = Limited::new(response.into_body(), MAX_RESPONSE_BYTES)
+                .collect()
+                .await
+                .map_err(|e| no_answer(format!("reading the answer: {e}")))?
+                .to_bytes()
+                .to_vec();
+            Ok(HttpResponse {
+                status,
+                content_type,
+                body,
+            })
+        };
+        // A connection attempt that times out (connect_timeout, shorter)
+        // is a Connect error from the connector; this one may have sent.
+        tokio::time::timeout(timeout, exchange)
+            .await
+            .unwrap_or_else(|_| Err(no_answer(format!("timed out after {timeout:?}"))))
     }
-    let rest = &buf[split + 4..];
-    let body = if chunked {
-        dechunk(rest)?
-    } else if let Some(n) = length {
-        rest.get(..n).ok_or("truncated body")?.to_vec()
-    } else {
-        rest.to_vec()
-    };
-    Ok(HttpResponse {
-        status,
-        content_type,
-        body,
-    })
 }
 
-fn dechunk(mut rest: &[u8]) -> Result<Vec<u8>, String> {
-    let mut out = Vec::new();
-    loop {
-        let eol = rest
-            .windows(2)
-            .position(|w| w == b"\r\n")
-            .ok_or("truncated chunk size")?;
-        let size_text = std::str::from_utf8(&rest[..eol]).map_err(|_| "bad chunk size")?;
-        let size_text = size_text.split(';').next().unwrap_or("").trim();
-        let size = usize::from_str_radix(size_text, 16).map_err(|_| "bad chunk size")?;
-        rest = &rest[eol + 2..];
-        if size == 0 {
-            return Ok(out);
-        }
-        let chunk = rest.get(..size).ok_or("truncated chunk")?;
-        out.extend_from_slice(chunk);
-        rest = rest.get(size + 2..).ok_or("truncated chunk")?;
+/// An error and its causes, `: `-separated (hyper's own message alone is
+/// often just "client error (Connect)").
+fn error_chain(e: &(dyn std::error::Error + 'static)) -> String {
+    let mut text = e.to_string();
+    let mut source = e.source();
+    while let Some(s) = source {
+        text.push_str(": ");
+        text.push_str(&s.to_string());
+        source = s.source();
     }
+    text
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
 
-    #[test]
-    fn parses_length_and_chunked_bodies() {
-        let r = parse_response(
-            b"HTTP/1.1 200 OK\r\ncontent-type: text/plain\r\ncontent-length: 5\r\n\r\nhello",
-        )
-        .unwrap();
-        assert_eq!(
-            (r.status, r.content_type.as_deref(), r.body.as_slice()),
-            (200, Some("text/plain"), &b"hello"[..])
+    #[tokio::test]
+    async fn connect_errors_and_bad_urls_are_told_apart() {
+        let client = HttpClient::new(Duration::from_secs(1));
+        // A port nobody listens on: bind one, note it, close it.
+        let port = std::net::TcpListener::bind("127.0.0.1:0")
+            .unwrap()
+            .local_addr()
+            .unwrap()
+            .port();
+        let url = format!("http://127.0.0.1:{port}");
+        let e = client
+            .request(&url, "GET", "/healthz", None, b"", Duration::from_secs(5))
+            .await
+            .unwrap_err();
+        assert!(matches!(e, SendError::Connect { .. }), "{e}");
+        for bad in ["https://h:1", "h:1", "http://", "http://h:1/x"] {
+            let e = client
+                .request(bad, "GET", "/", None, b"", Duration::from_secs(1))
+                .await
+                .unwrap_err();
+            assert!(matches!(e, SendError::BadUrl(_)), "{bad}: {e}");
+        }
+    }
+
+    #[tokio::test]
+    async fn a_broken_answer_is_no_answer() {
+        // A server that reads the request and closes without answering.
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let url = format!("http://{}", listener.local_addr().unwrap());
+        tokio::spawn(async move {
+            use tokio::io::AsyncReadExt;
+            while let Ok((mut s, _)) = listener.accept().await {
+                let mut buf = [0u8; 1024];
+                let _ = s.read(&mut buf).await;
+            }
+        });
+        let client = HttpClient::new(Duration::from_secs(1));
+        let e = client
+            .forward(&url, "PUT", "/v1/kv/a", None, b"x", Duration::from_secs(5))
+            .await
+            .unwrap_err();
+        assert!(matches!(e, SendError::NoAnswer { .. }), "{e}");
+    }
+
+    #[tokio::test]
+    async fn sequential_requests_reuse_one_connection() {
+        use std::sync::atomic::{AtomicUsize, Ordering};
+        use std::sync::Arc;
+        let accepted = Arc::new(AtomicUsize::new(0));
+        let counter = accepted.clone();
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let url = format!("http://{}", listener.local_addr().unwrap());
+        let listener = axum::serve::ListenerExt::tap_io(listener, move |_| {
+            counter.fetch_add(1, Ordering::SeqCst);
+        });
+        let app = axum::Router::new().route(
+            "/echo",
+            axum::routing::put(|headers: axum::http::HeaderMap, body: Bytes| async move {
+                let marked = headers.contains_key(FORWARDED_HEADER);
+                (
+                    [(CONTENT_TYPE, "text/plain")],
+                    format!("{marked}:{}", body.len()),
+                )
+            }),
         );
-        let r = parse_response(
-            b"HTTP/1.1 404 Not Found\r\ntransfer-encoding: chunked\r\n\r\n3\r\nabc\r\n2\r\nde\r\n0\r\n\r\n",
-        )
-        .unwrap();
-        assert_eq!((r.status, r.body.as_slice()), (404, &b"abcde"[..]));
-        assert!(parse_response(b"HTTP/1.1 200 OK\r\ncontent-length: 9\r\n\r\nabc").is_err());
-        assert!(parse_response(b"garbage").is_err());
+        tokio::spawn(async move { axum::serve(listener, app).await });
+        let client = HttpClient::new(Duration::from_secs(1));
+        for i in 0..20 {
+            let body = vec![b'x'; i];
+            let r = client
+                .forward(&url, "PUT", "/echo", None, &body, Duration::from_secs(5))
+                .await
+                .unwrap();
+            assert_eq!(r.status, 200);
+            assert_eq!(r.content_type.as_deref(), Some("text/plain"));
+            assert_eq!(r.body, format!("true:{i}").into_bytes());
+        }
+        let r = client
+            .request(&url, "PUT", "/echo", None, b"", Duration::from_secs(5))
+            .await
+            .unwrap();
+        assert_eq!(r.body, b"false:0");
+        assert_eq!(accepted.load(Ordering::SeqCst), 1, "one pooled connection");
     }
 }

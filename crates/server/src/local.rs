@@ -24,7 +24,7 @@ use std::time::{Duration, Instant};
 
 use clap::Args;
 
-use crate::forward;
+use crate::forward::HttpClient;
 
 /// Token of the local cluster's members.
 pub const LOCAL_TOKEN: &str = "local-cluster";
@@ -313,6 +313,7 @@ async fn run_async(args: LocalClusterArgs) -> ExitCode {
         }
     }
 
+    let http = HttpClient::new(Duration::from_secs(1));
     let started = Instant::now();
     let mut announced = false;
     loop {
@@ -332,9 +333,9 @@ async fn run_async(args: LocalClusterArgs) -> ExitCode {
         }
         if !announced {
             for n in nodes.iter_mut().filter(|n| !n.healthy) {
-                let r =
-                    forward::request(&n.url, "GET", "/healthz", None, b"", Duration::from_secs(1))
-                        .await;
+                let r = http
+                    .request(&n.url, "GET", "/healthz", None, b"", Duration::from_secs(1))
+                    .await;
                 n.healthy = matches!(r, Ok(r) if r.status == 200);
             }
             if nodes.iter().all(|n| n.healthy) {

@@ -34,7 +34,7 @@ use std::time::Duration;
 use raftwork::{Node, NodeEvent, Role};
 use serde::{Deserialize, Serialize};
 
-use crate::forward;
+use crate::forward::HttpClient;
 use crate::kv::{KvCommand, KvStore};
 
 /// Keys under this prefix belong to the server, not to clients.
@@ -120,6 +120,7 @@ pub fn spawn_sync(
     members: Arc<Members>,
     me: MemberInfo,
     request_timeout: Duration,
+    http: HttpClient,
 ) -> tokio::task::JoinHandle<()> {
     let events = tokio::spawn(follow_events(node.clone(), me.id));
     tokio::spawn(async move {
@@ -146,7 +147,7 @@ pub fn spawn_sync(
                 }
             }
             if now.get(&me.id) != Some(&me) {
-                if let Err(e) = publish(&node, &members, &me, request_timeout).await {
+                if let Err(e) = publish(&node, &members, &me, &http, request_timeout).await {
                     if e != last_error {
                         tracing::debug!(error = %e, "member record not published yet");
                         last_error = e;
@@ -195,6 +196,7 @@ async fn publish(
     node: &Node<KvStore>,
     members: &Members,
     me: &MemberInfo,
+    http: &HttpClient,
     timeout: Duration,
 ) -> Result<(), String> {
     let status = node.status().await.ok_or("node stopped")?;
@@ -217,15 +219,17 @@ async fn publish(
         .get(leader)
         .map(|m| m.api_url)
         .ok_or_else(|| format!("the API URL of leader {leader} is not known yet"))?;
-    let r = forward::send(
-        &url,
-        "PUT",
-        &format!("/v1/internal/members/{}", me.name),
-        Some("application/json"),
-        &value,
-        timeout,
-    )
-    .await?;
+    let r = http
+        .forward(
+            &url,
+            "PUT",
+            &format!("/v1/internal/members/{}", me.name),
+            Some("application/json"),
+            &value,
+            timeout,
+        )
+        .await
+        .map_err(|e| e.to_string())?;
     if r.status == 200 {
         tracing::info!(name = %me.name, leader = %url, "published this member's record");
         Ok(())

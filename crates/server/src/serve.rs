@@ -30,6 +30,7 @@ use tracing_subscriber::EnvFilter;
 
 use crate::api::{self, ApiConfig};
 use crate::cluster::{parse_host_port, parse_initial_cluster, ClusterPlan, ClusterState};
+use crate::forward::HttpClient;
 use crate::kv::{KvStore, MAX_KEY_BYTES, MAX_VALUE_BYTES};
 use crate::members::{self, MemberInfo, Members};
 
@@ -427,7 +428,16 @@ pub async fn run(args: Settings, plan: ClusterPlan) -> Result<(), ServeError> {
                 .unwrap_or_else(|| api_addr.to_string())
         ),
     };
-    let sync = members::spawn_sync(node.clone(), members.clone(), me, request_timeout);
+    // One pooled client for forwarding and publishing; a connection to the
+    // leader that cannot be opened within a second is reported as such.
+    let http = HttpClient::new(request_timeout.min(Duration::from_secs(1)));
+    let sync = members::spawn_sync(
+        node.clone(),
+        members.clone(),
+        me,
+        request_timeout,
+        http.clone(),
+    );
     let router = api::router(
         node.clone(),
         ApiConfig {
@@ -435,6 +445,7 @@ pub async fn run(args: Settings, plan: ClusterPlan) -> Result<(), ServeError> {
             request_timeout,
             token: plan.token.clone(),
             members,
+            http,
         },
     );
     let shutdown = async move {
