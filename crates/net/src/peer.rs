@@ -551,12 +551,20 @@ async fn peer_task(
             while end < batch.len() && batch[end].group_id == group {
                 end += 1;
             }
-            let messages: Vec<_> = batch[k..end]
-                .iter()
-                .flat_map(|e| e.messages.iter().cloned())
-                .collect();
+            // The common case, one envelope of the group, encodes in place;
+            // several are joined (cloning their messages) into one frame.
+            let joined: Vec<_>;
+            let messages = if end == k + 1 {
+                &batch[k].messages
+            } else {
+                joined = batch[k..end]
+                    .iter()
+                    .flat_map(|e| e.messages.iter().cloned())
+                    .collect();
+                &joined
+            };
             let start = buf.len();
-            let len = frame::encode_batch(&mut buf, group, shared.id, peer, &messages);
+            let len = frame::encode_batch(&mut buf, group, shared.id, peer, messages);
             if len > cfg.max_frame_bytes {
                 tracing::error!(
                     node = shared.id,
