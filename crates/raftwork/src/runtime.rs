@@ -276,6 +276,21 @@ pub(crate) struct ReadyLoop<SM: StateMachine, S: LogStore> {
     pub(crate) transfers: HashMap<RequestId, oneshot::Sender<Result<(), TransferError>>>,
 }
 
+/// Marks the node stopped and clears its known leader when dropped.
+struct StopGuard {
+    stopped: Arc<std::sync::atomic::AtomicBool>,
+    leader: tokio::sync::watch::Sender<Option<NodeId>>,
+}
+
+impl Drop for StopGuard {
+    fn drop(&mut self) {
+        // Stopped before the leader is cleared: a waiter woken by the
+        // change must see the stop (Node::wait_for_leader).
+        self.stopped.store(true, Ordering::Release);
+        self.leader.send_replace(None);
+    }
+}
+
 /// How persists are made durable.
 pub(crate) enum SyncMode {
     /// The store keeps nothing across a crash: acknowledge at once.
@@ -332,6 +347,13 @@ enum Step<SM: StateMachine> {
 
 impl<SM: StateMachine, S: LogStore> ReadyLoop<SM, S> {
     pub(crate) async fn run(mut self) {
+        // Marks the node stopped however the loop ends, a panic included
+        // (raft-rs panics on a broken invariant), so `Node::leader` and
+        // `wait_for_leader` never report a leader of a dead loop.
+        let stop_guard = StopGuard {
+            stopped: self.stopped.clone(),
+            leader: self.leader.clone(),
+        };
         let mut ticker = tokio::time::interval(self.tick_interval);
         ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         ticker.tick().await;
@@ -368,10 +390,7 @@ impl<SM: StateMachine, S: LogStore> ReadyLoop<SM, S> {
             drop(r);
         }
         self.transport.shutdown();
-        // Stopped before the leader is cleared: a waiter woken by the
-        // change must see the stop (Node::wait_for_leader).
-        self.stopped.store(true, Ordering::Release);
-        self.leader.send_replace(None);
+        drop(stop_guard);
         // Dropping apply_tx ends the apply task after its queue drains;
         // dropping the sync jobs sender ends the sync worker.
     }
@@ -552,7 +571,16 @@ impl<SM: StateMachine, S: LogStore> ReadyLoop<SM, S> {
                 let _ = self.apply_tx.send(ApplyMsg::Snapshot(reply));
             }
             Request::Status { reply } => {
-                let _ = reply.send(self.core.status());
+                let status = self.core.status();
+                // A message handled earlier in this iteration may have
+                // changed the leader before the event goes out in `drive`:
+                // never let a status answer run ahead of `Node::leader`.
+                self.leader.send_if_modified(|l| {
+                    let changed = *l != status.leader;
+                    *l = status.leader;
+                    changed
+                });
+                let _ = reply.send(status);
             }
             Request::Shutdown => return Err(StopReason::Shutdown),
         }

@@ -79,7 +79,7 @@ async fn losing_the_leader_fails_its_pending_proposals_and_a_new_leader_takes_ov
     let new = c.wait_leader(&rest).await;
     assert_ne!(new, old);
     // The cached leader (no round trip) moved with the status: the loop
-    // updates it before it answers a later status request.
+    // brings it up to date before it answers a status request.
     for &id in &rest {
         assert_eq!(c.node(id).leader(), Some(new), "node {id}");
     }

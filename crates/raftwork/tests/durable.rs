@@ -239,6 +239,8 @@ struct FailingSync {
     inner: raftwork::MemLogStore,
     fail: std::sync::Arc<std::sync::atomic::AtomicBool>,
     syncs: std::sync::Arc<std::sync::atomic::AtomicU64>,
+    /// Makes `stage` panic, as a store that finds a broken invariant does.
+    panic_on_stage: std::sync::Arc<std::sync::atomic::AtomicBool>,
 }
 
 impl raft::Storage for FailingSync {
@@ -270,6 +272,12 @@ impl raft::Storage for FailingSync {
 
 impl raftwork::LogStore for FailingSync {
     fn stage(&self, batch: raftwork::storage::WriteBatch) -> Result<(), raftwork::StorageError> {
+        if self
+            .panic_on_stage
+            .load(std::sync::atomic::Ordering::SeqCst)
+        {
+            panic!("test store: broken invariant while staging");
+        }
         self.inner.stage(batch)
     }
     fn sync(&self) -> Result<(), raftwork::StorageError> {
@@ -302,6 +310,7 @@ async fn an_fsync_error_stops_the_node_and_is_never_retried() {
         inner: raftwork::MemLogStore::new(),
         fail: Default::default(),
         syncs: Default::default(),
+        panic_on_stage: Default::default(),
     };
     let node = Builder::new(1, HashSm::default())
         .log_store(store.clone())
@@ -332,6 +341,41 @@ async fn an_fsync_error_stops_the_node_and_is_never_retried() {
         "no sync after the failure"
     );
     assert!(node.status().await.is_none(), "the node is stopped");
+    node.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_panicking_loop_leaves_a_stopped_node_without_a_leader() {
+    use std::sync::atomic::Ordering;
+    let store = FailingSync {
+        inner: raftwork::MemLogStore::new(),
+        fail: Default::default(),
+        syncs: Default::default(),
+        panic_on_stage: Default::default(),
+    };
+    let node = Builder::new(1, HashSm::default())
+        .log_store(store.clone())
+        .snapshot_store(raftwork::MemSnapshotStore::new(2))
+        .configure(|c| c.tick_interval = TICK)
+        .build()
+        .unwrap();
+    node.wait_for_leader(WAIT).await.unwrap();
+    write(&node, 1, 5).await;
+    assert_eq!(node.leader(), Some(1));
+
+    // The loop panics while staging the next write.
+    store.panic_on_stage.store(true, Ordering::SeqCst);
+    let err = node.propose(b"boom".to_vec()).await.unwrap_err();
+    assert!(matches!(err, raftwork::ProposeError::Shutdown), "{err:?}");
+    let deadline = tokio::time::Instant::now() + WAIT;
+    while !node.is_stopped() {
+        assert!(tokio::time::Instant::now() < deadline, "not marked stopped");
+        tokio::time::sleep(TICK).await;
+    }
+    // No stale leader, and waiting for one ends at once, not at the timeout.
+    assert_eq!(node.leader(), None);
+    let waited = tokio::time::timeout(WAIT, node.wait_for_leader(WAIT * 10)).await;
+    assert_eq!(waited, Ok(Err(raftwork::WaitError::Shutdown)));
     node.shutdown().await;
 }
 
