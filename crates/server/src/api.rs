@@ -69,7 +69,7 @@ use raftwork::{ConfChangeError, ConfState, Node, ProposeError, ReadError, Role, 
 use serde::Serialize;
 
 use crate::cluster::{member_id, parse_host_port};
-use crate::forward::{HttpClient, FORWARDED_HEADER};
+use crate::forward::{HttpClient, SendError, FORWARDED_HEADER};
 use crate::kv::{Expect, KvCommand, KvResponse, KvStore, MAX_KEY_BYTES, MAX_VALUE_BYTES};
 use crate::members::{member_key, MemberInfo, Members, RESERVED_PREFIX};
 
@@ -573,9 +573,14 @@ async fn forward_to(
         }
         Err(e) => Err(ApiError {
             status: StatusCode::SERVICE_UNAVAILABLE,
-            message: format!(
-                "forwarding to the leader failed ({e}); a write may or may not be applied"
-            ),
+            message: match e {
+                SendError::NoAnswer { .. } => format!(
+                    "forwarding to the leader failed ({e}); a write may or may not be applied"
+                ),
+                SendError::Connect { .. } | SendError::BadUrl(_) => {
+                    format!("forwarding to the leader failed ({e}); nothing was applied")
+                }
+            },
             leader: Some(url.to_string()),
             leader_id: None,
         }),

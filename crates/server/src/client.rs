@@ -8,9 +8,9 @@
 //! that cannot be opened moves on to the next endpoint; so does a read
 //! whose connection breaks or gets no answer within `--timeout-ms`, but
 //! not a change (put, del, member changes), whose outcome is then unknown:
-//! it fails rather than risk applying twice. A non-2xx answer prints the server's JSON `error` message on
-//! stderr and exits 1; no endpoint answering exits 1 too; bad arguments
-//! exit 2.
+//! it fails rather than risk applying twice. A non-2xx answer prints the
+//! server's JSON `error` message on stderr and exits 1; no endpoint
+//! answering exits 1 too; bad arguments exit 2.
 
 use std::io::Write;
 use std::process::ExitCode;
@@ -189,7 +189,7 @@ async fn call(
     let mut errors = Vec::new();
     // Connecting gives up sooner than waiting for an answer, so that a
     // node that is down reads as "not sent" and the next one is tried.
-    let http = HttpClient::new(timeout.min(CONNECT_TIMEOUT));
+    let http = HttpClient::new((timeout / 2).min(CONNECT_TIMEOUT));
     for url in &conn.endpoints {
         match http
             .request(url, method, path, content_type, body, timeout)
