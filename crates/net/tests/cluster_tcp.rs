@@ -23,11 +23,15 @@ use raftwork_net::{
 
 const TICK: Duration = Duration::from_millis(50);
 
-/// Sum and count of the commands, as a fingerprint.
+/// A fingerprint of the commands (`c<i>`) in log order, and their count.
+/// Idempotent: a command whose `i` was applied before is a no-op, so a
+/// write whose outcome is unknown (leadership lost while in flight) can be
+/// sent again, as a client with sessions would.
 #[derive(Default)]
 struct Sum {
     hash: u64,
     count: u64,
+    seen: std::collections::BTreeSet<u64>,
 }
 
 impl StateMachine for Sum {
@@ -36,17 +40,28 @@ impl StateMachine for Sum {
         commands
             .iter()
             .map(|c| {
-                for b in c.data {
-                    self.hash = (self.hash ^ *b as u64).wrapping_mul(0x100000001b3);
+                let i = std::str::from_utf8(c.data)
+                    .ok()
+                    .and_then(|t| t.strip_prefix('c'))
+                    .and_then(|n| n.parse::<u64>().ok())
+                    .expect("commands are c<i>");
+                if self.seen.insert(i) {
+                    for b in c.data {
+                        self.hash = (self.hash ^ *b as u64).wrapping_mul(0x100000001b3);
+                    }
+                    self.count += 1;
                 }
-                self.count += 1;
                 self.count
             })
             .collect()
     }
     fn snapshot(&self, w: &mut dyn Write) -> std::io::Result<()> {
         w.write_all(&self.hash.to_le_bytes())?;
-        w.write_all(&self.count.to_le_bytes())
+        w.write_all(&self.count.to_le_bytes())?;
+        for i in &self.seen {
+            w.write_all(&i.to_le_bytes())?;
+        }
+        Ok(())
     }
     fn restore(&mut self, r: &mut dyn Read) -> std::io::Result<()> {
         let mut b = [0u8; 8];
@@ -54,6 +69,11 @@ impl StateMachine for Sum {
         self.hash = u64::from_le_bytes(b);
         r.read_exact(&mut b)?;
         self.count = u64::from_le_bytes(b);
+        self.seen.clear();
+        for _ in 0..self.count {
+            r.read_exact(&mut b)?;
+            self.seen.insert(u64::from_le_bytes(b));
+        }
         Ok(())
     }
 }
@@ -273,8 +293,9 @@ impl Cluster {
     }
 
     /// Writes `from..=to` through `via`, following the leader if it moves.
-    /// Only proposals that certainly did not apply are retried, so every
-    /// write still applies exactly once.
+    /// A write whose outcome is unknown (leadership lost while it was in
+    /// flight, a timeout) is sent again: the state machine ignores a
+    /// command it applied before, so every write still counts once.
     async fn write(&self, via: NodeId, from: u64, to: u64) -> u64 {
         let nodes: HashMap<NodeId, Node<Sum>> = self
             .members
@@ -295,20 +316,24 @@ impl Cluster {
                                 last = last.max(index);
                                 break;
                             }
-                            Err(raftwork::ProposeError::NotLeader {
-                                leader_hint,
-                                in_flight: false,
-                            }) => {
+                            Err(e) => {
+                                let hint = match e {
+                                    raftwork::ProposeError::NotLeader { leader_hint, .. } => {
+                                        leader_hint
+                                    }
+                                    raftwork::ProposeError::Dropped
+                                    | raftwork::ProposeError::Timeout => None,
+                                    e => panic!("write {i} failed: {e}"),
+                                };
                                 assert!(
                                     tokio::time::Instant::now() < deadline,
-                                    "no leader to write to"
+                                    "write {i}: no leader to write to ({e})"
                                 );
-                                if let Some(l) = leader_hint.filter(|l| nodes.contains_key(l)) {
+                                if let Some(l) = hint.filter(|l| nodes.contains_key(l)) {
                                     target = l;
                                 }
                                 tokio::time::sleep(TICK).await;
                             }
-                            Err(e) => panic!("write {i} failed: {e}"),
                         }
                     }
                 }
