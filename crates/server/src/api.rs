@@ -89,7 +89,8 @@ pub struct ApiConfig {
     pub token: String,
     /// The member records this node knows (see [`crate::members`]).
     pub members: Arc<Members>,
-    /// Pooled connections to the leader, for forwarding.
+    /// Pooled connections to the leader, for forwarding (a
+    /// [`HttpClient::forwarding`] client: it marks what it sends).
     pub http: HttpClient,
 }
 
@@ -552,7 +553,7 @@ async fn forward_to(
     match state
         .config
         .http
-        .forward(
+        .request(
             url,
             method,
             path,

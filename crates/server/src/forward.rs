@@ -1,6 +1,7 @@
 //! The HTTP client the server uses to forward requests to the leader's API
-//! and to register this member there; the CLI client and `local-cluster`
-//! use it too ([`HttpClient::request`], not marked as forwarded).
+//! and to register this member there ([`HttpClient::forwarding`], requests
+//! marked as forwarded); the CLI client and `local-cluster` use it too
+//! ([`HttpClient::new`], ordinary requests).
 //!
 //! hyper-util's pooled client over plain TCP with `TCP_NODELAY`: a follower
 //! that forwards many requests keeps a few keep-alive connections to the
@@ -75,15 +76,23 @@ pub enum SendError {
     BadUrl(String),
 }
 
-/// A pooled HTTP/1.1 client. Cheap to clone.
+/// A pooled HTTP/1.1 client. Cheap to clone (clones share the pool).
+///
+/// A forwarding client ([`HttpClient::forwarding`], the server's) marks
+/// every request with [`FORWARDED_HEADER`] so the receiver never forwards
+/// it again; a plain one ([`HttpClient::new`], the CLI's) sends ordinary
+/// client requests, which a follower may forward.
 #[derive(Clone)]
 pub struct HttpClient {
     inner: Client<HttpConnector, Full<Bytes>>,
+    mark_forwarded: bool,
 }
 
 impl std::fmt::Debug for HttpClient {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("HttpClient").finish_non_exhaustive()
+        f.debug_struct("HttpClient")
+            .field("mark_forwarded", &self.mark_forwarded)
+            .finish_non_exhaustive()
     }
 }
 
@@ -100,36 +109,22 @@ impl HttpClient {
             .pool_idle_timeout(POOL_IDLE_TIMEOUT)
             .pool_max_idle_per_host(POOL_MAX_IDLE_PER_HOST)
             .build(connector);
-        Self { inner }
+        Self {
+            inner,
+            mark_forwarded: false,
+        }
+    }
+
+    /// Like [`HttpClient::new`], but every request is marked as forwarded.
+    pub fn forwarding(connect_timeout: Duration) -> Self {
+        Self {
+            mark_forwarded: true,
+            ..Self::new(connect_timeout)
+        }
     }
 
     /// Sends `method path_and_query` with `body` to `base_url`
-    /// (`http://host:port`), marked as forwarded, and reads the answer, all
-    /// within `timeout`.
-    pub async fn forward(
-        &self,
-        base_url: &str,
-        method: &str,
-        path_and_query: &str,
-        content_type: Option<&str>,
-        body: &[u8],
-        timeout: Duration,
-    ) -> Result<HttpResponse, SendError> {
-        self.send(
-            base_url,
-            method,
-            path_and_query,
-            content_type,
-            body,
-            timeout,
-            true,
-        )
-        .await
-    }
-
-    /// Like [`HttpClient::forward`], but not marked as forwarded: a client's
-    /// request, which the receiving node may forward to the leader (the CLI
-    /// client's).
+    /// (`http://host:port`) and reads the answer, all within `timeout`.
     pub async fn request(
         &self,
         base_url: &str,
@@ -139,29 +134,6 @@ impl HttpClient {
         body: &[u8],
         timeout: Duration,
     ) -> Result<HttpResponse, SendError> {
-        self.send(
-            base_url,
-            method,
-            path_and_query,
-            content_type,
-            body,
-            timeout,
-            false,
-        )
-        .await
-    }
-
-    #[allow(clippy::too_many_arguments)]
-    async fn send(
-        &self,
-        base_url: &str,
-        method: &str,
-        path_and_query: &str,
-        content_type: Option<&str>,
-        body: &[u8],
-        timeout: Duration,
-        forwarded: bool,
-    ) -> Result<HttpResponse, SendError> {
         let base = base_url.trim_end_matches('/');
         base.strip_prefix("http://")
             .filter(|a| !a.is_empty() && !a.contains('/'))
@@ -169,7 +141,7 @@ impl HttpClient {
         let mut req = hyper::Request::builder()
             .method(method)
             .uri(format!("{base}{path_and_query}"));
-        if forwarded {
+        if self.mark_forwarded {
             req = req.header(FORWARDED_HEADER, "1");
         }
         if let Some(ct) = content_type {
@@ -272,9 +244,9 @@ mod tests {
                 let _ = s.read(&mut buf).await;
             }
         });
-        let client = HttpClient::new(Duration::from_secs(1));
+        let client = HttpClient::forwarding(Duration::from_secs(1));
         let e = client
-            .forward(&url, "PUT", "/v1/kv/a", None, b"x", Duration::from_secs(5))
+            .request(&url, "PUT", "/v1/kv/a", None, b"x", Duration::from_secs(5))
             .await
             .unwrap_err();
         assert!(matches!(e, SendError::NoAnswer { .. }), "{e}");
@@ -302,22 +274,23 @@ mod tests {
             }),
         );
         tokio::spawn(async move { axum::serve(listener, app).await });
-        let client = HttpClient::new(Duration::from_secs(1));
+        let client = HttpClient::forwarding(Duration::from_secs(1));
         for i in 0..20 {
             let body = vec![b'x'; i];
             let r = client
-                .forward(&url, "PUT", "/echo", None, &body, Duration::from_secs(5))
+                .request(&url, "PUT", "/echo", None, &body, Duration::from_secs(5))
                 .await
                 .unwrap();
             assert_eq!(r.status, 200);
             assert_eq!(r.content_type.as_deref(), Some("text/plain"));
             assert_eq!(r.body, format!("true:{i}").into_bytes());
         }
-        let r = client
+        assert_eq!(accepted.load(Ordering::SeqCst), 1, "one pooled connection");
+        // A plain client's requests are not marked.
+        let r = HttpClient::new(Duration::from_secs(1))
             .request(&url, "PUT", "/echo", None, b"", Duration::from_secs(5))
             .await
             .unwrap();
         assert_eq!(r.body, b"false:0");
-        assert_eq!(accepted.load(Ordering::SeqCst), 1, "one pooled connection");
     }
 }

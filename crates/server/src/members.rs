@@ -220,7 +220,7 @@ async fn publish(
         .map(|m| m.api_url)
         .ok_or_else(|| format!("the API URL of leader {leader} is not known yet"))?;
     let r = http
-        .forward(
+        .request(
             &url,
             "PUT",
             &format!("/v1/internal/members/{}", me.name),

@@ -431,7 +431,7 @@ pub async fn run(args: Settings, plan: ClusterPlan) -> Result<(), ServeError> {
     // One pooled client for forwarding and publishing; a connection to the
     // leader that cannot be opened within a second (half the request
     // timeout if shorter) is reported as such.
-    let http = HttpClient::new((request_timeout / 2).min(Duration::from_secs(1)));
+    let http = HttpClient::forwarding((request_timeout / 2).min(Duration::from_secs(1)));
     let sync = members::spawn_sync(
         node.clone(),
         members.clone(),

@@ -62,7 +62,7 @@ async fn requests_without_a_leader_get_503() {
             request_timeout: Duration::from_millis(300),
             token: "raftwork".into(),
             members: Default::default(),
-            http: raftwork_server::forward::HttpClient::new(Duration::from_secs(1)),
+            http: raftwork_server::forward::HttpClient::forwarding(Duration::from_secs(1)),
         },
     );
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
