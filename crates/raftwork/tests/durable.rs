@@ -303,9 +303,8 @@ impl raftwork::LogStore for FailingSync {
     // Not volatile: the node must sync through the sync worker.
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn an_fsync_error_stops_the_node_and_is_never_retried() {
-    use std::sync::atomic::Ordering;
+/// A single-voter node on a fresh [`FailingSync`] store, and the store.
+fn single_node_on_failing_store() -> (FailingSync, raftwork::Node<HashSm>) {
     let store = FailingSync {
         inner: raftwork::MemLogStore::new(),
         fail: Default::default(),
@@ -318,6 +317,13 @@ async fn an_fsync_error_stops_the_node_and_is_never_retried() {
         .configure(|c| c.tick_interval = TICK)
         .build()
         .unwrap();
+    (store, node)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_fsync_error_stops_the_node_and_is_never_retried() {
+    use std::sync::atomic::Ordering;
+    let (store, node) = single_node_on_failing_store();
     node.wait_for_leader(WAIT).await.unwrap();
     write(&node, 1, 20).await;
     assert!(store.syncs.load(Ordering::SeqCst) > 0, "writes were synced");
@@ -347,18 +353,7 @@ async fn an_fsync_error_stops_the_node_and_is_never_retried() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_panicking_loop_leaves_a_stopped_node_without_a_leader() {
     use std::sync::atomic::Ordering;
-    let store = FailingSync {
-        inner: raftwork::MemLogStore::new(),
-        fail: Default::default(),
-        syncs: Default::default(),
-        panic_on_stage: Default::default(),
-    };
-    let node = Builder::new(1, HashSm::default())
-        .log_store(store.clone())
-        .snapshot_store(raftwork::MemSnapshotStore::new(2))
-        .configure(|c| c.tick_interval = TICK)
-        .build()
-        .unwrap();
+    let (store, node) = single_node_on_failing_store();
     node.wait_for_leader(WAIT).await.unwrap();
     write(&node, 1, 5).await;
     assert_eq!(node.leader(), Some(1));
