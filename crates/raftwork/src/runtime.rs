@@ -575,16 +575,22 @@ impl<SM: StateMachine, S: LogStore> ReadyLoop<SM, S> {
                 // A message handled earlier in this iteration may have
                 // changed the leader before the event goes out in `drive`:
                 // never let a status answer run ahead of `Node::leader`.
-                self.leader.send_if_modified(|l| {
-                    let changed = *l != status.leader;
-                    *l = status.leader;
-                    changed
-                });
+                self.publish_leader(status.leader);
                 let _ = reply.send(status);
             }
             Request::Shutdown => return Err(StopReason::Shutdown),
         }
         Ok(())
+    }
+
+    /// Makes `leader` what `Node::leader` answers; waiters wake only on a
+    /// change.
+    fn publish_leader(&self, leader: Option<NodeId>) {
+        self.leader.send_if_modified(|l| {
+            let changed = *l != leader;
+            *l = leader;
+            changed
+        });
     }
 
     /// Carries out actions in order. Returns the highest ready number that
@@ -651,7 +657,7 @@ impl<SM: StateMachine, S: LogStore> ReadyLoop<SM, S> {
                 Action::Event(event) => {
                     if let NodeEvent::LeaderChanged { leader, term } = &event {
                         tracing::info!(node = self.core.id(), leader = ?leader, term, "leader changed");
-                        self.leader.send_replace(*leader);
+                        self.publish_leader(*leader);
                     }
                     let _ = self.events.send(event);
                 }
