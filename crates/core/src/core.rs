@@ -24,6 +24,7 @@ use raftwork_storage::{LogStore, WriteBatch};
 
 use crate::config::CoreConfig;
 use crate::error::{ConfChangeError, FatalError, ProposeError, ReadError, TransferError};
+use crate::validate::{self, Rejected};
 use crate::NodeId;
 
 /// Id the shell gives each request (proposal, read, conf change, transfer) so
@@ -68,6 +69,8 @@ pub struct Status {
     pub voters: Vec<NodeId>,
     /// Non-voting members.
     pub learners: Vec<NodeId>,
+    /// Messages from peers dropped by validation since this node started.
+    pub messages_rejected: u64,
 }
 
 /// A membership change request.
@@ -290,6 +293,8 @@ pub struct Core<S: LogStore> {
     /// This node is the only voter and should campaign as soon as raft has
     /// applied everything committed.
     sole_voter_campaign: bool,
+    /// Peer messages dropped by validation.
+    messages_rejected: u64,
     actions: Vec<Action>,
 }
 
@@ -336,6 +341,7 @@ impl<S: LogStore> Core<S> {
             was_member,
             removed: false,
             sole_voter_campaign,
+            messages_rejected: 0,
             actions: Vec::new(),
         })
     }
@@ -407,6 +413,7 @@ impl<S: LogStore> Core<S> {
             snapshot_index,
             voters: cs.voters,
             learners: cs.learners,
+            messages_rejected: self.messages_rejected,
         }
     }
 
@@ -442,16 +449,34 @@ impl<S: LogStore> Core<S> {
         }
     }
 
-    /// A message from a peer. Garbage is dropped with a log line, never a panic
-    /// (raft-rs itself rejects messages it cannot use).
-    pub fn handle_message(&mut self, msg: Message) {
-        if msg.to != self.config.id {
-            slog::warn!(self.logger, "dropping message for another node"; "to" => msg.to);
-            return;
-        }
+    /// A message from a peer. It is checked against this node's state first
+    /// ([`Core::check_message`]): a message raft-rs could not survive is
+    /// dropped and returned as the error. The node carries on either way.
+    pub fn handle_message(&mut self, msg: Message) -> Result<(), Rejected> {
+        self.check_message(&msg)?;
         if let Err(e) = self.raw.step(msg) {
             slog::debug!(self.logger, "step refused a message"; "error" => %e);
         }
+        Ok(())
+    }
+
+    /// Checks a message from a peer against this node's state (the rules in
+    /// [`Rejected`]'s module) without stepping it. A rejection is counted in
+    /// [`Status::messages_rejected`] and logged with the sender. A shell calls
+    /// this before acting on a message itself (saving a snapshot's data).
+    pub fn check_message(&mut self, msg: &Message) -> Result<(), Rejected> {
+        validate::check(&self.raw.raft, msg).map_err(|r| self.reject(msg, r))
+    }
+
+    /// Counts and logs a message the shell refused for a reason of its own
+    /// (for example a snapshot whose data it does not hold), and returns the
+    /// reason.
+    pub fn reject(&mut self, msg: &Message, reason: Rejected) -> Rejected {
+        self.messages_rejected += 1;
+        slog::warn!(self.logger, "rejected a message from a peer";
+            "from" => msg.from, "type" => ?msg.get_msg_type(), "term" => msg.term,
+            "reason" => %reason, "rejected_total" => self.messages_rejected);
+        reason
     }
 
     /// A peer could not be reached.

@@ -43,6 +43,7 @@ mod bootstrap;
 mod config;
 mod core;
 mod error;
+mod validate;
 
 pub use crate::bootstrap::{adopt_snapshot, bootstrap};
 pub use crate::config::{ConfigError, CoreConfig};
@@ -51,6 +52,7 @@ pub use crate::core::{
     COMMAND_CONTEXT,
 };
 pub use crate::error::{ConfChangeError, FatalError, ProposeError, ReadError, TransferError};
+pub use crate::validate::{Rejected, CONF_STATE_IDS_MAX, WIRE_VALUE_MAX};
 pub use raftwork_storage::LogStore;
 
 /// Node id within a Raft group (never 0).

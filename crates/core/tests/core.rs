@@ -78,7 +78,8 @@ impl Net {
                 progressed = true;
                 let to = m.to;
                 if let Some(c) = self.cores.iter_mut().find(|c| c.id() == to) {
-                    c.handle_message(m);
+                    c.handle_message(m)
+                        .expect("a correct peer's message was rejected");
                 }
             }
             if !progressed {

@@ -23,6 +23,7 @@
 #![warn(missing_docs)]
 #![forbid(unsafe_code)]
 
+pub mod hostile;
 mod store;
 
 use std::cmp::Reverse;
@@ -30,7 +31,9 @@ use std::collections::{BTreeMap, BTreeSet, BinaryHeap};
 
 use raft::prelude::{ConfState, Entry, EntryType, Message, MessageType, SnapshotMetadata};
 use raftwork_check::{Input, Operation, Output};
-use raftwork_core::{is_command, Action, Core, CoreConfig, NodeEvent, ProposeError, RequestId};
+use raftwork_core::{
+    is_command, Action, Core, CoreConfig, NodeEvent, ProposeError, Rejected, RequestId,
+};
 use raftwork_storage::LogStore;
 
 pub use store::SimStore;
@@ -450,7 +453,7 @@ impl Sim {
             }
             Event::Deliver { to, msg } => {
                 let k = self.node_index(to);
-                self.deliver(k, msg);
+                self.deliver(k, msg)?;
                 // Everything else arriving for this node at this instant is
                 // taken before the core is polled, as the runtime drains its
                 // inbox: raft then sees bursts, not one message per poll.
@@ -463,7 +466,7 @@ impl Sim {
                     let Reverse(q) = self.queue.pop().unwrap();
                     self.events += 1;
                     if let Event::Deliver { msg, .. } = q.event {
-                        self.deliver(k, msg);
+                        self.deliver(k, msg)?;
                     }
                 }
                 self.drive(k)?;
@@ -514,15 +517,18 @@ impl Sim {
         Ok(())
     }
 
-    /// Hands one message to node `k`'s core (no poll).
-    fn deliver(&mut self, k: usize, mut msg: Message) {
+    /// Hands one message to node `k`'s core (no poll). Fails the run if the
+    /// core rejects a message no correct peer could have sent: every message
+    /// here comes from a correct core, so only the rules that a stale
+    /// (delayed, duplicated) message can break may fire.
+    fn deliver(&mut self, k: usize, mut msg: Message) -> Result<(), Failure> {
         fnv(
             &mut self.trace,
             2 + self.nodes[k].id * 16 + msg.get_msg_type() as u64 * 256,
         );
         fnv(&mut self.trace, msg.term * 31 + msg.index);
         if self.nodes[k].core.is_none() {
-            return;
+            return Ok(());
         }
         if msg.get_msg_type() == MessageType::MsgSnapshot {
             // Saved before raft sees it, as the runtime does.
@@ -534,7 +540,16 @@ impl Sim {
                 .insert(meta.index, (meta, data.clone()));
             snap.data = data.into();
         }
-        self.nodes[k].core.as_mut().unwrap().handle_message(msg);
+        let (from, msg_type) = (msg.from, msg.get_msg_type());
+        match self.nodes[k].core.as_mut().unwrap().handle_message(msg) {
+            Ok(()) | Err(Rejected::NotFromLeader { .. }) | Err(Rejected::AckBeyondLog { .. }) => {
+                Ok(())
+            }
+            Err(rejected) => Err(self.fail(format!(
+                "node {} rejected {msg_type:?} from correct node {from}: {rejected}",
+                self.nodes[k].id
+            ))),
+        }
     }
 
     /// The membership as the most advanced running node knows it.
