@@ -490,6 +490,7 @@ impl<SM: StateMachine, S: LogStore> Builder<SM, S> {
         let (events, _) = broadcast::channel(1024);
         let (leader, _) = tokio::sync::watch::channel(None);
         let stopped = Arc::new(AtomicBool::new(false));
+        let (stop, _) = tokio::sync::watch::channel(None);
         let ready_loop = ReadyLoop {
             core,
             transport,
@@ -502,6 +503,7 @@ impl<SM: StateMachine, S: LogStore> Builder<SM, S> {
             snapshots,
             tick_interval: config.tick_interval,
             stopped: stopped.clone(),
+            stop: stop.clone(),
             sync,
             next_request_id: 1,
             proposals: HashMap::new(),
@@ -527,6 +529,7 @@ impl<SM: StateMachine, S: LogStore> Builder<SM, S> {
                 leader,
                 tasks: Mutex::new(tasks),
                 stopped,
+                stop,
                 // The core times reads out in ticks; this is only a hang guard.
                 read_timeout: config.tick_interval * read_ticks * 2,
                 membership_timeout: config.membership_timeout,

@@ -39,6 +39,74 @@ pub enum SnapshotError {
     Shutdown,
 }
 
+/// Why a node stopped. Read it with [`Node::stop_reason`] or wait for it
+/// with [`Node::stopped`].
+#[derive(Debug, Clone, PartialEq, Eq)]
+#[non_exhaustive]
+pub enum Stopped {
+    /// [`Node::shutdown`] was called, or every handle was dropped.
+    Shutdown,
+    /// The node hit an error it cannot go on from. Every request fails with
+    /// a shutdown error from then on; an application should end its process
+    /// (non-zero) so that its supervisor restarts it, after an operator fixed
+    /// the cause if the reason says so.
+    Fatal(FatalReason),
+}
+
+/// Why a node stopped on its own. Each variant says what failed; `detail`
+/// and `message` carry the underlying error for the log.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[non_exhaustive]
+pub enum FatalReason {
+    /// The log store failed to write, sync, record a snapshot or compact:
+    /// durability can no longer be promised. Fix the disk, then restart.
+    #[error("log store failed: {detail}")]
+    LogStore {
+        /// The storage error.
+        detail: String,
+    },
+    /// raft-rs returned an error the node cannot continue from.
+    #[error("raft failed: {detail}")]
+    Raft {
+        /// The raft error.
+        detail: String,
+    },
+    /// A snapshot raft installed could not be read back or restored into the
+    /// state machine; the state machine would diverge if the node went on.
+    #[error("cannot restore snapshot {index}: {detail}")]
+    SnapshotRestore {
+        /// The snapshot's index.
+        index: u64,
+        /// Why.
+        detail: String,
+    },
+    /// The state machine panicked (in `apply`, `snapshot` or `restore`), or
+    /// broke its contract (for example one response per command).
+    #[error("the state machine panicked: {message}")]
+    StateMachinePanicked {
+        /// The panic message.
+        message: String,
+    },
+    /// The ready loop panicked: a broken invariant in raftwork or raft-rs (a
+    /// bug; the log has the details).
+    #[error("the ready loop panicked: {message}")]
+    LoopPanicked {
+        /// The panic message.
+        message: String,
+    },
+}
+
+/// The message of a caught panic.
+pub(crate) fn panic_message(payload: &(dyn std::any::Any + Send)) -> String {
+    if let Some(s) = payload.downcast_ref::<&str>() {
+        (*s).to_string()
+    } else if let Some(s) = payload.downcast_ref::<String>() {
+        s.clone()
+    } else {
+        "a panic without a message".to_string()
+    }
+}
+
 /// Why a wait ended without its condition.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 #[non_exhaustive]
@@ -93,6 +161,8 @@ pub(crate) struct Shared<SM: StateMachine> {
     pub(crate) leader: watch::Sender<Option<NodeId>>,
     pub(crate) tasks: Mutex<Vec<JoinHandle<()>>>,
     pub(crate) stopped: Arc<AtomicBool>,
+    /// Why the ready loop stopped; `None` while it runs.
+    pub(crate) stop: watch::Sender<Option<Stopped>>,
     pub(crate) read_timeout: Duration,
     pub(crate) membership_timeout: Duration,
 }
@@ -339,6 +409,25 @@ impl<SM: StateMachine> Node<SM> {
     /// True once the node's ready loop has stopped (shutdown or fatal error).
     pub fn is_stopped(&self) -> bool {
         self.shared.stopped.load(Ordering::Acquire)
+    }
+
+    /// Why the node stopped, once it has; `None` while it runs.
+    pub fn stop_reason(&self) -> Option<Stopped> {
+        self.shared.stop.borrow().clone()
+    }
+
+    /// Resolves when the node stops, with why. An application that runs
+    /// a node for the life of its process waits on this beside its other
+    /// work and exits non-zero on [`Stopped::Fatal`].
+    pub async fn stopped(&self) -> Stopped {
+        let mut stop = self.shared.stop.subscribe();
+        let reason = match stop.wait_for(Option::is_some).await {
+            Ok(reason) => reason.clone().expect("waited for Some"),
+            // The sender lives in `self.shared`: it cannot close while
+            // `self` exists.
+            Err(_) => Stopped::Shutdown,
+        };
+        reason
     }
 
     /// Stops the node and resolves when every task it started has ended.

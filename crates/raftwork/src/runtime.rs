@@ -30,7 +30,9 @@ use raftwork_storage::{LogStore, SnapshotMeta, SnapshotStore, StorageError};
 use raftwork_transport::{Envelope, Inbound, Inbox, Transport};
 use tokio::sync::{broadcast, mpsc, oneshot};
 
-use crate::node::{ProposeReply, ReadFn, Request, SnapshotError};
+use crate::node::{
+    panic_message, FatalReason, ProposeReply, ReadFn, Request, SnapshotError, Stopped,
+};
 use crate::state_machine::{Command, StateMachine};
 
 /// Most events drained per channel before the core is polled; bounds the
@@ -54,9 +56,10 @@ pub(crate) enum ApplyMsg<SM: StateMachine> {
 pub(crate) enum ApplyEvent {
     /// Everything up to this index is applied.
     Applied(u64),
-    /// The log store failed while recording a snapshot or compacting: the
-    /// node must stop.
-    Fatal(String),
+    /// The node must stop: the log store failed while recording a snapshot
+    /// or compacting, a snapshot could not be restored, or the state machine
+    /// panicked.
+    Fatal(FatalReason),
 }
 
 /// The state-machine side: applies in order, takes snapshots and compacts
@@ -81,16 +84,25 @@ pub(crate) async fn apply_task<SM: StateMachine, S: LogStore>(
     mut rx: mpsc::UnboundedReceiver<ApplyMsg<SM>>,
 ) {
     while let Some(msg) = rx.recv().await {
-        if let Err(fatal) = applier.handle(msg) {
-            tracing::error!(error = %fatal, "apply task stopping on a fatal error");
-            let _ = applier.events.send(ApplyEvent::Fatal(fatal));
-            return;
-        }
+        // A panicking state machine stops the node with a reason, instead of
+        // leaving a loop whose applies go nowhere.
+        let handled =
+            std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| applier.handle(msg)));
+        let fatal = match handled {
+            Ok(Ok(())) => continue,
+            Ok(Err(fatal)) => fatal,
+            Err(payload) => FatalReason::StateMachinePanicked {
+                message: panic_message(payload.as_ref()),
+            },
+        };
+        tracing::error!(error = %fatal, "apply task stopping on a fatal error");
+        let _ = applier.events.send(ApplyEvent::Fatal(fatal));
+        return;
     }
 }
 
 impl<SM: StateMachine, S: LogStore> Applier<SM, S> {
-    fn handle(&mut self, msg: ApplyMsg<SM>) -> Result<(), String> {
+    fn handle(&mut self, msg: ApplyMsg<SM>) -> Result<(), FatalReason> {
         match msg {
             ApplyMsg::Apply { batch, replies } => {
                 let Some(last) = batch.entries.last() else {
@@ -126,21 +138,27 @@ impl<SM: StateMachine, S: LogStore> Applier<SM, S> {
                             tracing::error!(error = %e, "automatic snapshot failed");
                             self.applied_since_snapshot = 0;
                         }
-                        Err(SnapshotError::Fatal(e)) => return Err(e),
+                        Err(SnapshotError::Fatal(detail)) => {
+                            return Err(FatalReason::LogStore { detail })
+                        }
                         Err(SnapshotError::Shutdown) => {}
                     }
                 }
             }
             ApplyMsg::Restore(meta) => {
+                let restore_failed = |detail: String| FatalReason::SnapshotRestore {
+                    index: meta.index,
+                    detail,
+                };
                 let (_, mut reader) = self
                     .snapshots
                     .open(meta.index)
-                    .map_err(|e| format!("opening received snapshot {}: {e}", meta.index))?;
+                    .map_err(|e| restore_failed(format!("opening it: {e}")))?;
                 // A snapshot that cannot be restored leaves the state machine
                 // undefined; continuing would diverge.
                 self.sm
                     .restore(&mut reader)
-                    .map_err(|e| format!("restoring snapshot {}: {e}", meta.index))?;
+                    .map_err(|e| restore_failed(e.to_string()))?;
                 self.applied_index = meta.index;
                 self.applied_term = meta.term;
                 self.conf_state = meta.get_conf_state().clone();
@@ -154,10 +172,10 @@ impl<SM: StateMachine, S: LogStore> Applier<SM, S> {
             }
             ApplyMsg::Snapshot(reply) => {
                 let result = self.take_snapshot();
-                if let Err(SnapshotError::Fatal(e)) = &result {
-                    let e = e.clone();
+                if let Err(SnapshotError::Fatal(detail)) = &result {
+                    let detail = detail.clone();
                     let _ = reply.send(result);
-                    return Err(e);
+                    return Err(FatalReason::LogStore { detail });
                 }
                 let _ = reply.send(result);
             }
@@ -267,6 +285,8 @@ pub(crate) struct ReadyLoop<SM: StateMachine, S: LogStore> {
     pub(crate) leader: tokio::sync::watch::Sender<Option<NodeId>>,
     pub(crate) tick_interval: std::time::Duration,
     pub(crate) stopped: Arc<std::sync::atomic::AtomicBool>,
+    /// Why the loop stopped, for `Node::stop_reason`.
+    pub(crate) stop: tokio::sync::watch::Sender<Option<Stopped>>,
     pub(crate) sync: SyncMode,
     pub(crate) next_request_id: RequestId,
     pub(crate) proposals: HashMap<RequestId, ProposeReply<SM>>,
@@ -276,10 +296,15 @@ pub(crate) struct ReadyLoop<SM: StateMachine, S: LogStore> {
     pub(crate) transfers: HashMap<RequestId, oneshot::Sender<Result<(), TransferError>>>,
 }
 
-/// Marks the node stopped and clears its known leader when dropped.
+/// Marks the node stopped, clears its known leader and publishes why it
+/// stopped when dropped.
 struct StopGuard {
     stopped: Arc<std::sync::atomic::AtomicBool>,
     leader: tokio::sync::watch::Sender<Option<NodeId>>,
+    stop: tokio::sync::watch::Sender<Option<Stopped>>,
+    /// Set by the loop as it ends; a guard dropped without one is unwinding
+    /// from a panic outside the loop's own catch.
+    reason: Option<Stopped>,
 }
 
 impl Drop for StopGuard {
@@ -288,6 +313,12 @@ impl Drop for StopGuard {
         // change must see the stop (Node::wait_for_leader).
         self.stopped.store(true, Ordering::Release);
         self.leader.send_replace(None);
+        let reason = self.reason.take().unwrap_or_else(|| {
+            Stopped::Fatal(FatalReason::LoopPanicked {
+                message: "the ready loop ended by a panic (see the log)".into(),
+            })
+        });
+        self.stop.send_replace(Some(reason));
     }
 }
 
@@ -340,6 +371,9 @@ enum Step<SM: StateMachine> {
     Request(Request<SM>),
     Inbound(Inbound),
     Applied(ApplyEvent),
+    /// The apply task ended (it only does on a fatal error it reported, or
+    /// a panic it could not catch).
+    ApplyTaskGone,
     Persisted(Result<u64, String>),
     Tick,
     Closed,
@@ -350,46 +384,61 @@ impl<SM: StateMachine, S: LogStore> ReadyLoop<SM, S> {
         // Marks the node stopped however the loop ends, a panic included
         // (raft-rs panics on a broken invariant), so `Node::leader` and
         // `wait_for_leader` never report a leader of a dead loop.
-        let stop_guard = StopGuard {
+        let mut stop_guard = StopGuard {
             stopped: self.stopped.clone(),
             leader: self.leader.clone(),
+            stop: self.stop.clone(),
+            reason: None,
         };
         let mut ticker = tokio::time::interval(self.tick_interval);
         ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         ticker.tick().await;
+        let mut panicked = false;
         let reason = loop {
             let step = tokio::select! {
                 biased;
                 r = Self::next_persisted(&mut self.sync) => Step::Persisted(r),
-                Some(i) = self.applied_rx.recv() => Step::Applied(i),
+                i = self.applied_rx.recv() => i.map_or(Step::ApplyTaskGone, Step::Applied),
                 Some(m) = self.inbox.recv() => Step::Inbound(m),
                 r = self.requests.recv() => r.map_or(Step::Closed, Step::Request),
                 _ = ticker.tick() => Step::Tick,
             };
-            if let Err(reason) = self.handle_step(step) {
-                break reason;
-            }
-            if let Err(reason) = self.drain() {
-                break reason;
-            }
-            if let Err(reason) = self.drive() {
-                break reason;
+            // A panic (a broken invariant here or in raft-rs) stops the node
+            // with a reason instead of leaving handles to a dead loop.
+            let stepped = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+                self.handle_step(step)?;
+                self.drain()?;
+                self.drive()
+            }));
+            match stepped {
+                Ok(Ok(())) => {}
+                Ok(Err(reason)) => break reason,
+                Err(payload) => {
+                    panicked = true;
+                    break Stopped::Fatal(FatalReason::LoopPanicked {
+                        message: panic_message(payload.as_ref()),
+                    });
+                }
             }
         };
+        let node = self.core.id();
         match &reason {
-            StopReason::Shutdown => tracing::info!(node = self.core.id(), "node stopped"),
-            StopReason::Fatal(e) => {
-                tracing::error!(node = self.core.id(), error = %e, "node stopped on a fatal error")
-            }
+            Stopped::Fatal(e) => tracing::error!(node, error = %e, "node stopped on a fatal error"),
+            _ => tracing::info!(node, "node stopped"),
         }
-        let actions = self.core.shutdown();
-        self.execute(actions);
+        // After a panic the core's state is unknown: fail everything by
+        // dropping it instead of asking it for its last actions.
+        if !panicked {
+            let actions = self.core.shutdown();
+            self.execute(actions);
+        }
         // Requests still queued get their shutdown error as their replies drop.
         self.requests.close();
         while let Ok(r) = self.requests.try_recv() {
             drop(r);
         }
         self.transport.shutdown();
+        stop_guard.reason = Some(reason);
         drop(stop_guard);
         // Dropping apply_tx ends the apply task after its queue drains;
         // dropping the sync jobs sender ends the sync worker.
@@ -405,7 +454,7 @@ impl<SM: StateMachine, S: LogStore> ReadyLoop<SM, S> {
         }
     }
 
-    fn handle_step(&mut self, step: Step<SM>) -> Result<(), StopReason> {
+    fn handle_step(&mut self, step: Step<SM>) -> Result<(), Stopped> {
         match step {
             Step::Request(r) => self.handle_request(r),
             Step::Inbound(m) => self.handle_inbound(m),
@@ -413,22 +462,27 @@ impl<SM: StateMachine, S: LogStore> ReadyLoop<SM, S> {
                 self.core.handle_applied(i);
                 Ok(())
             }
-            Step::Applied(ApplyEvent::Fatal(e)) => Err(StopReason::Fatal(e)),
+            Step::Applied(ApplyEvent::Fatal(e)) => Err(Stopped::Fatal(e)),
+            Step::ApplyTaskGone => Err(Stopped::Fatal(FatalReason::StateMachinePanicked {
+                message: "the apply task ended".into(),
+            })),
             Step::Persisted(Ok(n)) => {
                 self.core.handle_persisted(n);
                 Ok(())
             }
-            Step::Persisted(Err(e)) => Err(StopReason::Fatal(format!("sync failed: {e}"))),
+            Step::Persisted(Err(detail)) => Err(Stopped::Fatal(FatalReason::LogStore {
+                detail: format!("sync failed: {detail}"),
+            })),
             Step::Tick => {
                 self.core.handle_tick();
                 Ok(())
             }
-            Step::Closed => Err(StopReason::Shutdown),
+            Step::Closed => Err(Stopped::Shutdown),
         }
     }
 
     /// Takes whatever else is already queued, so one poll covers a burst.
-    fn drain(&mut self) -> Result<(), StopReason> {
+    fn drain(&mut self) -> Result<(), Stopped> {
         for _ in 0..DRAIN_EVENTS_MAX {
             match self.inbox.try_recv() {
                 Ok(m) => self.handle_inbound(m)?,
@@ -444,19 +498,25 @@ impl<SM: StateMachine, S: LogStore> ReadyLoop<SM, S> {
         while let Ok(event) = self.applied_rx.try_recv() {
             match event {
                 ApplyEvent::Applied(i) => self.core.handle_applied(i),
-                ApplyEvent::Fatal(e) => return Err(StopReason::Fatal(e)),
+                ApplyEvent::Fatal(e) => return Err(Stopped::Fatal(e)),
             }
         }
         Ok(())
     }
 
     /// Polls the core until it has nothing more to do.
-    fn drive(&mut self) -> Result<(), StopReason> {
+    fn drive(&mut self) -> Result<(), Stopped> {
         loop {
-            let actions = self
-                .core
-                .poll()
-                .map_err(|e| StopReason::Fatal(e.to_string()))?;
+            let actions = self.core.poll().map_err(|e| {
+                Stopped::Fatal(match e {
+                    raftwork_core::FatalError::Raft(e) => FatalReason::Raft {
+                        detail: e.to_string(),
+                    },
+                    e => FatalReason::LogStore {
+                        detail: e.to_string(),
+                    },
+                })
+            })?;
             if actions.is_empty() {
                 return Ok(());
             }
@@ -466,7 +526,7 @@ impl<SM: StateMachine, S: LogStore> ReadyLoop<SM, S> {
         }
     }
 
-    fn handle_inbound(&mut self, inbound: Inbound) -> Result<(), StopReason> {
+    fn handle_inbound(&mut self, inbound: Inbound) -> Result<(), Stopped> {
         match inbound {
             Inbound::Messages(env) => {
                 if env.group_id != self.core.group_id() {
@@ -477,10 +537,13 @@ impl<SM: StateMachine, S: LogStore> ReadyLoop<SM, S> {
                     return Ok(());
                 }
                 for mut m in env.messages {
-                    if m.get_msg_type() == MessageType::MsgSnapshot {
-                        self.save_incoming_snapshot(&mut m)?;
+                    if m.get_msg_type() == MessageType::MsgSnapshot
+                        && !self.check_incoming_snapshot(&mut m)
+                    {
+                        continue;
                     }
-                    self.core.handle_message(m);
+                    // A rejected message is counted and logged by the core.
+                    let _ = self.core.handle_message(m);
                 }
             }
             Inbound::Unreachable { group_id, to } => {
@@ -497,35 +560,54 @@ impl<SM: StateMachine, S: LogStore> ReadyLoop<SM, S> {
         Ok(())
     }
 
-    /// Writes an incoming snapshot's data to the snapshot store *before* raft
-    /// sees the message, so the log can never record an installed snapshot
-    /// whose data is missing. The message goes on with its data emptied; the
-    /// apply task reads the data back from the store.
+    /// Lets a `MsgSnapshot` on to the core only if the core accepts its
+    /// metadata and the node holds its data under that same metadata. Data
+    /// carried in the message (the in-process network) is written to the
+    /// snapshot store first, *before* raft sees the message, so the log can
+    /// never record an installed snapshot whose data is missing; the message
+    /// goes on with its data emptied and the apply task reads it back from
+    /// the store. A message without data (the streaming network transports
+    /// received it into the store already) must name a snapshot the store
+    /// holds: a forged one would otherwise reset the log to a point with no
+    /// data, and the node could not start again.
     ///
-    /// This holds the loop while the data is written; the streaming network
-    /// transports receive snapshots into the store themselves.
-    fn save_incoming_snapshot(&mut self, m: &mut Message) -> Result<(), StopReason> {
-        let snap = m.mut_snapshot();
-        if snap.data.is_empty() {
-            return Ok(());
+    /// Writing the data holds the loop; the streaming transports write
+    /// snapshots off the loop.
+    fn check_incoming_snapshot(&mut self, m: &mut Message) -> bool {
+        if self.core.check_message(m).is_err() {
+            return false;
         }
-        let meta = snap.get_metadata().clone();
-        let data = std::mem::take(&mut snap.data);
-        let result = self.snapshots.create(meta.clone()).and_then(|mut w| {
-            std::io::Write::write_all(&mut w, &data)
-                .map_err(|e| StorageError::Invalid(e.to_string()))?;
-            w.commit()
-        });
-        match result {
-            Ok(_) => Ok(()),
-            Err(e) => Err(StopReason::Fatal(format!(
-                "saving snapshot {} from {}: {e}",
-                meta.index, m.from
-            ))),
+        let meta = m.get_snapshot().get_metadata().clone();
+        let data = std::mem::take(&mut m.mut_snapshot().data);
+        if !data.is_empty() {
+            let saved = self.snapshots.create(meta.clone()).and_then(|mut w| {
+                std::io::Write::write_all(&mut w, &data)
+                    .map_err(|e| StorageError::Invalid(e.to_string()))?;
+                w.commit()
+            });
+            if let Err(e) = saved {
+                // Nothing was promised yet: raft sends the snapshot again.
+                tracing::error!(index = meta.index, from = m.from, error = %e,
+                    "cannot save a received snapshot; dropping it");
+                return false;
+            }
         }
+        let held = self
+            .snapshots
+            .open(meta.index)
+            .map(|(info, _)| info.metadata);
+        if held.as_ref().ok() != Some(&meta) {
+            let reason = raftwork_core::Rejected::SnapshotDataMissing {
+                index: meta.index,
+                term: meta.term,
+            };
+            let _ = self.core.reject(m, reason);
+            return false;
+        }
+        true
     }
 
-    fn handle_request(&mut self, request: Request<SM>) -> Result<(), StopReason> {
+    fn handle_request(&mut self, request: Request<SM>) -> Result<(), Stopped> {
         let id = self.next_request_id;
         self.next_request_id += 1;
         match request {
@@ -578,7 +660,7 @@ impl<SM: StateMachine, S: LogStore> ReadyLoop<SM, S> {
                 self.publish_leader(status.leader);
                 let _ = reply.send(status);
             }
-            Request::Shutdown => return Err(StopReason::Shutdown),
+            Request::Shutdown => return Err(Stopped::Shutdown),
         }
         Ok(())
     }
@@ -734,9 +816,4 @@ impl<SM: StateMachine, S: LogStore> ReadyLoop<SM, S> {
             }
         }
     }
-}
-
-enum StopReason {
-    Shutdown,
-    Fatal(String),
 }

@@ -343,3 +343,38 @@ fn lease_reads_require_check_quorum() {
     config.core.check_quorum = false;
     assert!(config.validate().is_err());
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_panicking_state_machine_stops_its_node_with_a_reason_and_the_rest_go_on() {
+    let c = Cluster::start(3);
+    let old = c.wait_leader(&[1, 2, 3]).await;
+    assert_eq!(c.node(old).stop_reason(), None);
+    // Applied everywhere; only the leader's state machine panics on it.
+    let poison = format!("poison-{old}").into_bytes();
+    let _ = c.node(old).propose(poison).await;
+    let stopped = tokio::time::timeout(WAIT, c.node(old).stopped())
+        .await
+        .expect("the node stops");
+    match &stopped {
+        raftwork::Stopped::Fatal(raftwork::FatalReason::StateMachinePanicked { message }) => {
+            assert!(message.contains("poisoned"), "{message}")
+        }
+        other => panic!("expected a state machine panic, got {other:?}"),
+    }
+    assert_eq!(c.node(old).stop_reason(), Some(stopped));
+    assert!(c.node(old).is_stopped());
+    // No zombie: requests fail at once instead of being queued forever.
+    assert_eq!(
+        c.node(old).propose(b"x".to_vec()).await,
+        Err(ProposeError::Shutdown)
+    );
+    // The others elect a new leader and go on.
+    let rest: Vec<u64> = [1, 2, 3].into_iter().filter(|&id| id != old).collect();
+    let new = c.wait_leader(&rest).await;
+    let (index, _) = c.node(new).propose(b"after".to_vec()).await.unwrap();
+    c.wait_applied(&rest, index).await;
+    let hashes = c.hashes(&rest).await;
+    assert_eq!(hashes[0], hashes[1]);
+    c.shutdown().await;
+    assert_eq!(c.node(new).stop_reason(), Some(raftwork::Stopped::Shutdown));
+}

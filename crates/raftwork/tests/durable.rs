@@ -347,6 +347,12 @@ async fn an_fsync_error_stops_the_node_and_is_never_retried() {
         "no sync after the failure"
     );
     assert!(node.status().await.is_none(), "the node is stopped");
+    match node.stop_reason() {
+        Some(raftwork::Stopped::Fatal(raftwork::FatalReason::LogStore { detail })) => {
+            assert!(detail.contains("sync"), "{detail}")
+        }
+        other => panic!("expected a log store failure, got {other:?}"),
+    }
     node.shutdown().await;
 }
 
@@ -371,6 +377,13 @@ async fn a_panicking_loop_leaves_a_stopped_node_without_a_leader() {
     assert_eq!(node.leader(), None);
     let waited = tokio::time::timeout(WAIT, node.wait_for_leader(WAIT * 10)).await;
     assert_eq!(waited, Ok(Err(raftwork::WaitError::Shutdown)));
+    // The panic is the typed stop reason, with its message.
+    match node.stopped().await {
+        raftwork::Stopped::Fatal(raftwork::FatalReason::LoopPanicked { message }) => {
+            assert!(!message.is_empty())
+        }
+        other => panic!("expected a loop panic, got {other:?}"),
+    }
     node.shutdown().await;
 }
 

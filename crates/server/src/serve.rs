@@ -356,6 +356,10 @@ pub enum ServeError {
     /// The API server failed.
     #[error("API server failed: {0}")]
     Serve(std::io::Error),
+    /// The node stopped on an error it cannot go on from; the process exits
+    /// non-zero so that a supervisor restarts it.
+    #[error("the node stopped: {0}")]
+    NodeFailed(raftwork::FatalReason),
 }
 
 /// Runs `raftwork serve` until SIGTERM or SIGINT.
@@ -449,10 +453,14 @@ pub async fn run(args: Settings, plan: ClusterPlan) -> Result<(), ServeError> {
             http,
         },
     );
+    // A node that stops on its own (a fatal error) ends the process too: a
+    // process that answers "shutting down" forever is never restarted.
+    let watched = node.clone();
     let shutdown = async move {
         tokio::select! {
             _ = sigterm.recv() => tracing::info!(signal = "SIGTERM", "shutting down"),
             _ = sigint.recv() => tracing::info!(signal = "SIGINT", "shutting down"),
+            reason = watched.stopped() => tracing::error!(?reason, "the node stopped; shutting down"),
         }
     };
     // TCP_NODELAY on every API connection (axum::serve leaves Nagle on): a
@@ -466,9 +474,17 @@ pub async fn run(args: Settings, plan: ClusterPlan) -> Result<(), ServeError> {
     let served = axum::serve(listener, router)
         .with_graceful_shutdown(shutdown)
         .await;
+    // A loop that already ended keeps its reason through our shutdown.
+    let failed = match node.stop_reason() {
+        Some(raftwork::Stopped::Fatal(reason)) => Some(reason),
+        _ => None,
+    };
     node.shutdown().await;
     sync.abort();
     served.map_err(ServeError::Serve)?;
+    if let Some(reason) = failed {
+        return Err(ServeError::NodeFailed(reason));
+    }
     tracing::info!("raftwork stopped");
     Ok(())
 }

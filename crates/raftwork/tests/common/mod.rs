@@ -16,6 +16,9 @@ pub struct HashSm {
     pub count: u64,
     pub last: Vec<u8>,
     pub last_index: u64,
+    /// A command that makes this state machine panic (for the tests of a
+    /// node whose state machine fails); `start_node` sets `poison-<id>`.
+    pub poison: Option<Vec<u8>>,
 }
 
 fn fnv(mut h: u64, bytes: &[u8]) -> u64 {
@@ -36,6 +39,9 @@ impl StateMachine for HashSm {
         commands
             .iter()
             .map(|c| {
+                if self.poison.as_deref() == Some(c.data) {
+                    panic!("poisoned by command {}", c.index);
+                }
                 assert!(c.index > self.last_index, "commands out of order");
                 self.last_index = c.index;
                 self.hash = fnv(self.hash, &c.index.to_le_bytes());
@@ -84,7 +90,11 @@ pub struct Cluster {
 
 pub fn start_node(network: &MemNetwork, id: NodeId, voters: Option<&[NodeId]>) -> Node<HashSm> {
     let (transport, inbox) = network.join(id);
-    let mut b = Builder::new(id, HashSm::default())
+    let sm = HashSm {
+        poison: Some(format!("poison-{id}").into_bytes()),
+        ..HashSm::default()
+    };
+    let mut b = Builder::new(id, sm)
         .log_store(MemLogStore::new())
         .transport(transport, inbox)
         .configure(|c| c.tick_interval = TICK);
