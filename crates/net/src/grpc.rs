@@ -271,6 +271,8 @@ struct Accepted {
     stream: BoxStream,
     remote: SocketAddr,
     first_bytes_by: Option<Pin<Box<tokio::time::Sleep>>>,
+    /// Counts the connection against its address until tonic drops it.
+    _admitted: crate::peer::Admitted,
 }
 
 /// The peer address of the connection a request came on (a request
@@ -362,6 +364,11 @@ async fn accept_loop(
         };
         match next {
             Ok((tcp, remote)) => {
+                // Counted until the connection ends; over the cap it is
+                // closed at once.
+                let Some(admitted) = shared.admit(remote) else {
+                    continue;
+                };
                 let _ = tcp.set_nodelay(true);
                 let shared = shared.clone();
                 let tls = tls.clone();
@@ -380,6 +387,7 @@ async fn accept_loop(
                                 stream,
                                 remote,
                                 first_bytes_by,
+                                _admitted: admitted,
                             };
                             let _ = accepted.send(conn).await;
                         }

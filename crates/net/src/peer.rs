@@ -16,6 +16,7 @@
 
 use std::collections::HashMap;
 use std::future::Future;
+use std::net::{IpAddr, SocketAddr};
 use std::pin::Pin;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
@@ -26,7 +27,7 @@ use tokio::sync::{mpsc, watch};
 use tokio::time::Instant;
 
 use crate::frame::{self, FrameError};
-use crate::snapshot::{self, Partial};
+use crate::snapshot;
 use crate::tcp::BoxStream;
 use crate::tls::{TlsConfig, TlsConfigError};
 use raft::prelude::MessageType;
@@ -60,6 +61,24 @@ pub struct NetConfig {
     /// Snapshot data per chunk, before compression. Default: 1 MiB. At most
     /// `max_frame_bytes - 64`.
     pub snapshot_chunk_bytes: usize,
+    /// Connections accepted at once from one IP address; more are closed at
+    /// once. Default: 32. Minimum: 1.
+    pub connections_per_address_max: usize,
+    /// Snapshots being received or kept for a resume at once; an offer past
+    /// it is refused (after dropping kept ones that expired, then the oldest
+    /// kept one). With `snapshot_receive_bytes_max` this bounds the disk that
+    /// incoming snapshots can take. Default: 4. Minimum: 1.
+    pub snapshot_receives_max: usize,
+    /// Largest snapshot accepted, in bytes of data (uncompressed); a transfer
+    /// that goes past it is refused and its partial data deleted.
+    /// Default: 64 GiB.
+    pub snapshot_receive_bytes_max: u64,
+    /// Time a snapshot transfer may go without a frame; past it the
+    /// connection is closed and what arrived is kept for a resume.
+    /// Default: 30 s.
+    pub snapshot_idle_timeout: Duration,
+    /// Time a broken transfer's data is kept for a resume. Default: 5 min.
+    pub snapshot_resume_window: Duration,
 }
 
 impl Default for NetConfig {
@@ -74,6 +93,11 @@ impl Default for NetConfig {
             tls: None,
             snapshot_rate_bytes_per_sec: 0,
             snapshot_chunk_bytes: 1 << 20,
+            connections_per_address_max: 32,
+            snapshot_receives_max: 4,
+            snapshot_receive_bytes_max: 64 << 30,
+            snapshot_idle_timeout: Duration::from_secs(30),
+            snapshot_resume_window: Duration::from_secs(300),
         }
     }
 }
@@ -96,6 +120,16 @@ impl NetConfig {
         if self.snapshot_chunk_bytes == 0 || self.snapshot_chunk_bytes + 64 > self.max_frame_bytes {
             return Err(NetError::Config(
                 "snapshot_chunk_bytes must be between 1 and max_frame_bytes - 64".into(),
+            ));
+        }
+        if self.connections_per_address_max == 0 || self.snapshot_receives_max == 0 {
+            return Err(NetError::Config(
+                "connections_per_address_max and snapshot_receives_max must be at least 1".into(),
+            ));
+        }
+        if self.snapshot_idle_timeout.is_zero() {
+            return Err(NetError::Config(
+                "snapshot_idle_timeout must be above zero".into(),
             ));
         }
         if self.backoff_min.is_zero() || self.backoff_min > self.backoff_max {
@@ -221,8 +255,10 @@ pub(crate) struct Shared {
     pub(crate) own_inbox: InboxSender,
     /// The node's snapshot store, once attached: snapshots are then streamed.
     snapshots: Mutex<Option<Arc<dyn SnapshotStore>>>,
-    /// Snapshots being received, by (sender, group), kept for resuming.
-    pub(crate) partials: Mutex<HashMap<(NodeId, u64), Partial>>,
+    /// Snapshots being received or kept for resuming (see `snapshot.rs`).
+    pub(crate) partials: Mutex<snapshot::Partials>,
+    /// Connections open per remote IP address (see [`Shared::admit`]).
+    connections: Arc<Mutex<HashMap<IpAddr, usize>>>,
     peers: Mutex<HashMap<NodeId, PeerHandle>>,
     pub(crate) shutdown: watch::Sender<bool>,
     runtime: tokio::runtime::Handle,
@@ -242,7 +278,8 @@ impl Shared {
             config,
             own_inbox,
             snapshots: Mutex::new(None),
-            partials: Mutex::new(HashMap::new()),
+            partials: Mutex::default(),
+            connections: Arc::default(),
             peers: Mutex::new(HashMap::new()),
             shutdown: watch::channel(false).0,
             runtime: tokio::runtime::Handle::current(),
@@ -265,65 +302,106 @@ impl Shared {
         self.snapshots.lock().unwrap().clone()
     }
 
-    /// Serves an accepted two-way stream: a message stream (it opens with a
-    /// hello) or a snapshot transfer (it opens with an offer).
+    /// Admits a connection from `remote` if fewer than
+    /// `connections_per_address_max` from its IP address are open; the
+    /// connection counts until the returned guard drops.
+    pub(crate) fn admit(&self, remote: SocketAddr) -> Option<Admitted> {
+        let ip = remote.ip();
+        let mut open = self.connections.lock().unwrap();
+        let count = open.entry(ip).or_insert(0);
+        if *count >= self.config.connections_per_address_max {
+            drop(open);
+            tracing::warn!(
+                node = self.id,
+                %remote,
+                limit = self.config.connections_per_address_max,
+                "refusing connection: too many from this address"
+            );
+            return None;
+        }
+        *count += 1;
+        Some(Admitted {
+            connections: self.connections.clone(),
+            ip,
+        })
+    }
+
+    /// Serves an accepted two-way stream. It must open with a hello within
+    /// `handshake_timeout` (nothing else is read from a connection that has
+    /// not said who it is); the next frame says what it is: a snapshot
+    /// transfer (an offer) or a message stream (batches).
     pub(crate) async fn serve_stream(&self, stream: BoxStream, remote: &str) {
         let mut reader = tokio::io::BufReader::with_capacity(256 << 10, stream);
-        let first = tokio::time::timeout(
-            self.config.handshake_timeout,
-            frame::read_frame(&mut reader, 64 << 10),
-        )
-        .await;
+        let from = match self.read_hello(&mut reader, remote).await {
+            Ok(from) => from,
+            Err(_) => return, // logged inside
+        };
+        let mut shutdown = self.shutdown.subscribe();
+        let first = tokio::select! {
+            f = frame::read_frame(&mut reader, self.config.max_frame_bytes) => f,
+            _ = shutdown.changed() => return,
+        };
         let (kind, body) = match first {
-            Ok(Ok(Some(f))) => f,
-            Ok(Ok(None)) => return,
-            Ok(Err(e)) => {
-                tracing::warn!(node = self.id, remote, reason = %e, "refusing connection");
-                return;
-            }
-            Err(_) => {
-                tracing::warn!(
-                    node = self.id,
-                    remote,
-                    "refusing connection: nothing received in time"
-                );
+            Ok(Some(f)) => f,
+            Ok(None) => return,
+            Err(e) => {
+                tracing::warn!(node = self.id, remote, from, reason = %e, "closing connection");
                 return;
             }
         };
-        if kind == frame::KIND_SNAP_OFFER {
-            let Some(store) = self.snapshot_store() else {
-                tracing::warn!(
-                    node = self.id,
-                    remote,
-                    "refusing a snapshot: no snapshot store attached"
-                );
-                return;
-            };
-            let mut shutdown = self.shutdown.subscribe();
-            let outcome = tokio::select! {
-                r = snapshot::receive(self, store, &mut reader, &body) => r,
-                _ = shutdown.changed() => Err("transport shut down".to_string()),
-            };
-            if let Err(reason) = outcome {
-                tracing::warn!(node = self.id, remote, %reason, "snapshot transfer failed");
-            }
+        if kind != frame::KIND_SNAP_OFFER {
+            let _ = self
+                .batch_loop(reader, remote, from, Some((kind, body)))
+                .await;
             return;
         }
-        let hello = frame::decode_hello(kind, &body).and_then(|(from, to)| {
-            if to == self.id {
-                Ok(from)
-            } else {
-                Err(FrameError::Malformed(format!(
-                    "hello from node {from} is for node {to}"
-                )))
+        let Some(store) = self.snapshot_store() else {
+            tracing::warn!(
+                node = self.id,
+                remote,
+                from,
+                "refusing a snapshot: no snapshot store attached"
+            );
+            return;
+        };
+        let outcome = tokio::select! {
+            r = snapshot::receive(self, store, &mut reader, from, &body) => r,
+            _ = shutdown.changed() => Err("transport shut down".to_string()),
+        };
+        if let Err(reason) = outcome {
+            tracing::warn!(node = self.id, remote, from, %reason, "snapshot transfer failed");
+        }
+    }
+
+    /// Reads the hello that opens every connection, within
+    /// `handshake_timeout`, and returns the node it names as the sender.
+    async fn read_hello<R: AsyncRead + Unpin>(
+        &self,
+        reader: &mut R,
+        remote: &str,
+    ) -> Result<NodeId, String> {
+        let node = self.id;
+        let hello = async {
+            let (kind, body) = frame::read_frame(reader, 64)
+                .await
+                .map_err(|e| format!("bad hello: {e}"))?
+                .ok_or("closed before hello")?;
+            let (from, to) = frame::decode_hello(kind, &body).map_err(|e| e.to_string())?;
+            if to != node {
+                return Err(format!("hello from node {from} is for node {to}"));
             }
-        });
-        match hello {
-            // Refusals are logged inside.
-            Ok(from) => {
-                let _ = self.batch_loop(reader, remote, from).await;
+            Ok::<_, String>(from)
+        };
+        match tokio::time::timeout(self.config.handshake_timeout, hello).await {
+            Ok(Ok(from)) => Ok(from),
+            Ok(Err(reason)) => {
+                tracing::warn!(node, remote, %reason, "refusing connection");
+                Err(reason)
             }
-            Err(e) => tracing::warn!(node = self.id, remote, reason = %e, "refusing connection"),
+            Err(_) => {
+                tracing::warn!(node, remote, "refusing connection: no hello in time");
+                Err("no hello in time".into())
+            }
         }
     }
 
@@ -398,47 +476,29 @@ impl Shared {
         mut reader: R,
         remote: &str,
     ) -> Result<(), String> {
-        let node = self.id;
-        let cfg = &self.config;
-        let hello = async {
-            let (kind, body) = frame::read_frame(&mut reader, 64)
-                .await
-                .map_err(|e| format!("bad hello: {e}"))?
-                .ok_or("closed before hello")?;
-            let (from, to) = frame::decode_hello(kind, &body).map_err(|e| e.to_string())?;
-            if to != node {
-                return Err(format!("hello from node {from} is for node {to}"));
-            }
-            Ok::<_, String>(from)
-        };
-        let from = match tokio::time::timeout(cfg.handshake_timeout, hello).await {
-            Ok(Ok(from)) => from,
-            Ok(Err(reason)) => {
-                tracing::warn!(node, remote, %reason, "refusing connection");
-                return Err(reason);
-            }
-            Err(_) => {
-                tracing::warn!(node, remote, "refusing connection: no hello in time");
-                return Err("no hello in time".into());
-            }
-        };
-        self.batch_loop(reader, remote, from).await
+        let from = self.read_hello(&mut reader, remote).await?;
+        self.batch_loop(reader, remote, from, None).await
     }
 
-    /// Delivers batch frames from `from` until the stream ends or breaks a rule.
+    /// Delivers batch frames from `from` (starting with `first`, if the
+    /// caller read it already) until the stream ends or breaks a rule.
     async fn batch_loop<R: AsyncRead + Unpin>(
         &self,
         mut reader: R,
         remote: &str,
         from: NodeId,
+        mut first: Option<(u8, bytes::Bytes)>,
     ) -> Result<(), String> {
         let node = self.id;
         let cfg = &self.config;
         let mut shutdown = self.shutdown.subscribe();
         loop {
-            let next = tokio::select! {
-                f = frame::read_frame(&mut reader, cfg.max_frame_bytes) => f,
-                _ = shutdown.changed() => return Ok(()),
+            let next = match first.take() {
+                Some(f) => Ok(Some(f)),
+                None => tokio::select! {
+                    f = frame::read_frame(&mut reader, cfg.max_frame_bytes) => f,
+                    _ = shutdown.changed() => return Ok(()),
+                },
             };
             let env = match next {
                 Ok(Some((kind, body))) => frame::decode_batch(kind, &body),
@@ -457,6 +517,24 @@ impl Shared {
             };
             if self.own_inbox.send(Inbound::Messages(env)).await.is_err() {
                 return Ok(());
+            }
+        }
+    }
+}
+
+/// A connection counted by [`Shared::admit`]; dropping it uncounts it.
+pub(crate) struct Admitted {
+    connections: Arc<Mutex<HashMap<IpAddr, usize>>>,
+    ip: IpAddr,
+}
+
+impl Drop for Admitted {
+    fn drop(&mut self) {
+        let mut open = self.connections.lock().unwrap();
+        if let Some(count) = open.get_mut(&self.ip) {
+            *count -= 1;
+            if *count == 0 {
+                open.remove(&self.ip);
             }
         }
     }

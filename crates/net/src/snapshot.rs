@@ -4,6 +4,7 @@
 //!
 //! ```text
 //!  sender                                   receiver
+//!    ── Hello(from, to) ─────────────────────────▶  within handshake_timeout
 //!    ── SnapOffer(from, to, group, MsgSnapshot) ──▶  finds or starts a partial
 //!    ◀──────────── SnapResume(offset) ───────────    snapshot for (from, group)
 //!    ── SnapChunk(offset, codec, raw_len, bytes) ─▶  verify (frame CRC), inflate,
@@ -24,8 +25,15 @@
 //!   store writer) keyed by sender and group; the next offer of the same
 //!   snapshot resumes at the bytes already held. A different snapshot from the
 //!   same sender discards it. Partials live in memory of the process (not
-//!   across a receiver restart).
+//!   across a receiver restart);
+//! * what a stranger can hold is bounded: an offer is read only after a
+//!   hello naming its sender; at most `snapshot_receives_max` snapshots are
+//!   being received or kept at once (kept ones expire after
+//!   `snapshot_resume_window`, and the oldest kept one makes room for a new
+//!   offer), each at most `snapshot_receive_bytes_max` bytes, and a transfer
+//!   silent for `snapshot_idle_timeout` is cut.
 
+use std::collections::HashMap;
 use std::io::{Read, Write};
 use std::sync::Arc;
 use std::time::Duration;
@@ -47,6 +55,61 @@ pub(crate) struct Partial {
     writer: Box<dyn SnapshotWriter>,
     written_bytes: u64,
     crc: u32,
+}
+
+/// The receiver's snapshots in flight: how many transfers are running, and
+/// the broken ones kept for a resume, by (sender, group), with when they
+/// broke.
+#[derive(Default)]
+pub(crate) struct Partials {
+    receiving_count: usize,
+    kept: HashMap<(NodeId, u64), (Partial, Instant)>,
+}
+
+impl Partials {
+    /// Takes a slot for a transfer from `key`, with its kept partial if any;
+    /// `Err` when every slot is busy with a running transfer.
+    fn start(
+        &mut self,
+        key: (NodeId, u64),
+        max: usize,
+        window: Duration,
+    ) -> Result<Option<Partial>, String> {
+        let now = Instant::now();
+        self.kept
+            .retain(|_, (_, at)| now.duration_since(*at) < window);
+        let held = self.kept.remove(&key).map(|(p, _)| p);
+        while self.receiving_count + self.kept.len() >= max {
+            let oldest = self
+                .kept
+                .iter()
+                .min_by_key(|(_, (_, at))| *at)
+                .map(|(k, _)| *k);
+            match oldest {
+                Some(k) => {
+                    self.kept.remove(&k);
+                }
+                None => {
+                    if let Some(p) = held {
+                        self.kept.insert(key, (p, now));
+                    }
+                    return Err(format!(
+                        "refusing a snapshot offer: {max} transfers already running"
+                    ));
+                }
+            }
+        }
+        self.receiving_count += 1;
+        Ok(held)
+    }
+
+    /// Ends a transfer, keeping `partial` for a resume if given.
+    fn finish(&mut self, key: (NodeId, u64), partial: Option<Partial>) {
+        self.receiving_count -= 1;
+        if let Some(p) = partial {
+            self.kept.insert(key, (p, Instant::now()));
+        }
+    }
 }
 
 const CODEC_RAW: u8 = 0;
@@ -111,6 +174,9 @@ pub(crate) async fn send<S: AsyncRead + AsyncWrite + Unpin>(
 ) -> Result<(), String> {
     let meta = msg.get_snapshot().get_metadata().clone();
     let encoded = msg.write_to_bytes().map_err(io)?;
+    let mut hello = Vec::new();
+    frame::encode_hello(&mut hello, shared.id, to);
+    stream.write_all(&hello).await.map_err(io)?;
     write_frame(stream, frame::KIND_SNAP_OFFER, |b| {
         b.extend_from_slice(&shared.id.to_le_bytes());
         b.extend_from_slice(&to.to_le_bytes());
@@ -220,17 +286,20 @@ fn read_full(r: &mut dyn Read, buf: &mut [u8]) -> std::io::Result<usize> {
     Ok(n)
 }
 
-/// Receives a snapshot offered by `from` on `stream` (the offer frame already
-/// read). Delivers the `MsgSnapshot` to the node only once the data is
-/// verified and committed to the snapshot store.
+/// Receives a snapshot offered on `stream` by `hello_from`, the node that
+/// said hello on it (the offer frame already read). Delivers the
+/// `MsgSnapshot` to the node only once the data is verified and committed to
+/// the snapshot store.
 pub(crate) async fn receive<S: AsyncRead + AsyncWrite + Unpin>(
     shared: &Shared,
     store: Arc<dyn SnapshotStore>,
     stream: &mut S,
+    hello_from: NodeId,
     offer: &[u8],
 ) -> Result<(), String> {
     let (from, to, group, msg) = frame::decode_snap_offer(offer).map_err(io)?;
     if to != shared.id
+        || from != hello_from
         || msg.to != shared.id
         || msg.from != from
         || msg.get_msg_type() != MessageType::MsgSnapshot
@@ -245,11 +314,40 @@ pub(crate) async fn receive<S: AsyncRead + AsyncWrite + Unpin>(
         return Err("snapshot offer at index 0".into());
     }
     let key = (from, group);
-    let held = shared.partials.lock().unwrap().remove(&key);
+    let cfg = &shared.config;
+    let held = shared.partials.lock().unwrap().start(
+        key,
+        cfg.snapshot_receives_max,
+        cfg.snapshot_resume_window,
+    )?;
+    let held = held.filter(|p| p.index == meta.index && p.term == meta.term);
+    let outcome = receive_into(shared, store, stream, from, group, &msg, held).await;
+    let (result, keep) = match outcome {
+        Ok(()) => (Ok(()), None),
+        Err((reason, keep)) => (Err(reason), keep),
+    };
+    shared.partials.lock().unwrap().finish(key, keep);
+    result
+}
+
+/// The transfer itself, in its slot. An `Err` carries the partial snapshot
+/// when it is worth keeping for a resume (the connection broke or went
+/// silent).
+async fn receive_into<S: AsyncRead + AsyncWrite + Unpin>(
+    shared: &Shared,
+    store: Arc<dyn SnapshotStore>,
+    stream: &mut S,
+    from: NodeId,
+    group: u64,
+    msg: &Message,
+    held: Option<Partial>,
+) -> Result<(), (String, Option<Partial>)> {
+    let fail = |reason: String| (reason, None);
+    let meta = msg.get_snapshot().get_metadata().clone();
     let mut partial = match held {
-        Some(p) if p.index == meta.index && p.term == meta.term => p,
-        _ => {
-            let writer = store.create(meta.clone()).map_err(io)?;
+        Some(p) => p,
+        None => {
+            let writer = store.create(meta.clone()).map_err(|e| fail(io(e)))?;
             Partial {
                 index: meta.index,
                 term: meta.term,
@@ -271,55 +369,70 @@ pub(crate) async fn receive<S: AsyncRead + AsyncWrite + Unpin>(
     write_frame(stream, frame::KIND_SNAP_RESUME, |b| {
         b.extend_from_slice(&partial.written_bytes.to_le_bytes())
     })
-    .await?;
-    let max = shared.config.max_frame_bytes;
+    .await
+    .map_err(fail)?;
+    let cfg = &shared.config;
+    let max = cfg.max_frame_bytes;
     loop {
-        let next = match frame::read_frame(stream, max).await {
-            Ok(Some(f)) => f,
-            Ok(None) | Err(FrameError::Io(_)) => {
-                // The connection broke: keep what we have for a resume.
+        let next =
+            tokio::time::timeout(cfg.snapshot_idle_timeout, frame::read_frame(stream, max)).await;
+        let next = match next {
+            Ok(Ok(Some(f))) => f,
+            Ok(Ok(None)) | Ok(Err(FrameError::Io(_))) | Err(_) => {
+                // The connection broke or went silent: keep what we have for
+                // a resume.
                 let at = partial.written_bytes;
-                shared.partials.lock().unwrap().insert(key, partial);
-                return Err(format!("connection broke at byte {at}; kept for a resume"));
+                return Err((
+                    format!("connection broke or went silent at byte {at}; kept for a resume"),
+                    Some(partial),
+                ));
             }
-            Err(e) => return Err(e.to_string()),
+            Ok(Err(e)) => return Err(fail(e.to_string())),
         };
         match next.0 {
             frame::KIND_SNAP_CHUNK => {
                 let (offset, codec, raw_len, bytes) =
-                    frame::decode_snap_chunk(&next.1).map_err(io)?;
+                    frame::decode_snap_chunk(&next.1).map_err(|e| fail(io(e)))?;
                 if offset != partial.written_bytes {
-                    return Err(format!(
+                    return Err(fail(format!(
                         "chunk at {offset}, expected {}",
                         partial.written_bytes
-                    ));
+                    )));
                 }
                 if raw_len > max {
-                    return Err(format!("chunk of {raw_len} bytes over the frame limit"));
+                    return Err(fail(format!(
+                        "chunk of {raw_len} bytes over the frame limit"
+                    )));
+                }
+                if partial.written_bytes + raw_len as u64 > cfg.snapshot_receive_bytes_max {
+                    return Err(fail(format!(
+                        "snapshot {} grows past snapshot_receive_bytes_max ({} bytes)",
+                        meta.index, cfg.snapshot_receive_bytes_max
+                    )));
                 }
                 let raw = match codec {
                     CODEC_RAW => bytes.to_vec(),
                     CODEC_ZSTD => zstd::bulk::decompress(&bytes, raw_len)
-                        .map_err(|e| format!("chunk at {offset} does not inflate: {e}"))?,
-                    c => return Err(format!("unknown chunk codec {c}")),
+                        .map_err(|e| fail(format!("chunk at {offset} does not inflate: {e}")))?,
+                    c => return Err(fail(format!("unknown chunk codec {c}"))),
                 };
                 if raw.len() != raw_len {
-                    return Err(format!(
+                    return Err(fail(format!(
                         "chunk at {offset} inflates to {} bytes, not {raw_len}",
                         raw.len()
-                    ));
+                    )));
                 }
-                partial.writer.write_all(&raw).map_err(io)?;
+                partial.writer.write_all(&raw).map_err(|e| fail(io(e)))?;
                 partial.crc = crc32c::crc32c_append(partial.crc, &raw);
                 partial.written_bytes += raw_len as u64;
             }
             frame::KIND_SNAP_END => {
                 let body = &next.1;
-                let size_bytes = frame::decode_u64(body).map_err(io)?;
+                let size_bytes = frame::decode_u64(body).map_err(|e| fail(io(e)))?;
                 let crc = body
                     .get(8..12)
                     .map(|s| u32::from_le_bytes(s.try_into().unwrap()))
-                    .ok_or("short end frame")?;
+                    .ok_or_else(|| fail("short end frame".into()))?;
                 let verdict = if size_bytes != partial.written_bytes || crc != partial.crc {
                     Err(format!(
                         "snapshot {} does not verify: {} bytes (crc {:08x}) received, {size_bytes} (crc {crc:08x}) sent",
@@ -329,7 +442,7 @@ pub(crate) async fn receive<S: AsyncRead + AsyncWrite + Unpin>(
                     let writer = partial.writer;
                     tokio::task::spawn_blocking(move || writer.commit())
                         .await
-                        .map_err(io)?
+                        .map_err(|e| fail(io(e)))?
                         .map(|_| ())
                         .map_err(|e| format!("storing snapshot {}: {e}", meta.index))
                 };
@@ -342,7 +455,7 @@ pub(crate) async fn receive<S: AsyncRead + AsyncWrite + Unpin>(
                             messages: vec![msg.clone()],
                         };
                         if shared.own_inbox.send(Inbound::Messages(env)).await.is_err() {
-                            return Err("node stopped".into());
+                            return Err(fail("node stopped".into()));
                         }
                         tracing::info!(
                             node = shared.id,
@@ -362,10 +475,15 @@ pub(crate) async fn receive<S: AsyncRead + AsyncWrite + Unpin>(
                 write_frame(stream, frame::KIND_SNAP_RESULT, |b| {
                     b.extend_from_slice(&reply)
                 })
-                .await?;
-                return verdict;
+                .await
+                .map_err(fail)?;
+                return verdict.map_err(fail);
             }
-            k => return Err(format!("unexpected frame kind {k} in a snapshot transfer")),
+            k => {
+                return Err(fail(format!(
+                    "unexpected frame kind {k} in a snapshot transfer"
+                )))
+            }
         }
     }
 }

@@ -217,10 +217,16 @@ async fn accept_loop(shared: Arc<Shared>, listener: TcpListener, tls: Option<Tls
         };
         match accepted {
             Ok((tcp, remote)) => {
+                // Counted until the connection ends; over the cap it is
+                // closed at once.
+                let Some(admitted) = shared.admit(remote) else {
+                    continue;
+                };
                 let _ = tcp.set_nodelay(true);
                 let shared = shared.clone();
                 let tls = tls.clone();
                 tokio::spawn(async move {
+                    let _admitted = admitted;
                     let remote = remote.to_string();
                     let handshake = tokio::time::timeout(
                         shared.config.handshake_timeout,
