@@ -123,6 +123,18 @@ pub fn encode_batch(
     buf.len() - start
 }
 
+/// Appends a SnapOffer frame: `msg` (a `MsgSnapshot` without data) from
+/// `from` to `to` for group `group`.
+pub fn encode_snap_offer(buf: &mut Vec<u8>, from: NodeId, to: NodeId, group: u64, msg: &Message) {
+    encode_with(buf, KIND_SNAP_OFFER, |b| {
+        b.extend_from_slice(&from.to_le_bytes());
+        b.extend_from_slice(&to.to_le_bytes());
+        b.extend_from_slice(&group.to_le_bytes());
+        msg.write_to_vec(b)
+            .expect("encoding a raft message cannot fail");
+    });
+}
+
 /// Appends a frame of `kind` whose body `body` writes.
 pub(crate) fn encode_with(buf: &mut Vec<u8>, kind: u8, body: impl FnOnce(&mut Vec<u8>)) -> usize {
     let start = buf.len();

@@ -38,7 +38,6 @@ use std::io::{Read, Write};
 use std::sync::Arc;
 use std::time::Duration;
 
-use protobuf::Message as _;
 use raft::prelude::{Message, MessageType};
 use raftwork_storage::{SnapshotStore, SnapshotWriter};
 use raftwork_transport::{Envelope, Inbound, NodeId};
@@ -173,17 +172,11 @@ pub(crate) async fn send<S: AsyncRead + AsyncWrite + Unpin>(
     msg: &Message,
 ) -> Result<(), String> {
     let meta = msg.get_snapshot().get_metadata().clone();
-    let encoded = msg.write_to_bytes().map_err(io)?;
-    let mut hello = Vec::new();
-    frame::encode_hello(&mut hello, shared.id, to);
-    stream.write_all(&hello).await.map_err(io)?;
-    write_frame(stream, frame::KIND_SNAP_OFFER, |b| {
-        b.extend_from_slice(&shared.id.to_le_bytes());
-        b.extend_from_slice(&to.to_le_bytes());
-        b.extend_from_slice(&group.to_le_bytes());
-        b.extend_from_slice(&encoded);
-    })
-    .await?;
+    let mut opening = Vec::new();
+    frame::encode_hello(&mut opening, shared.id, to);
+    frame::encode_snap_offer(&mut opening, shared.id, to, group, msg);
+    stream.write_all(&opening).await.map_err(io)?;
+    stream.flush().await.map_err(io)?;
     let offset =
         frame::decode_u64(&read_kind(stream, frame::KIND_SNAP_RESUME, 64).await?).map_err(io)?;
 

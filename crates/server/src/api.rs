@@ -645,6 +645,10 @@ pub struct StatusBody {
     pub voters: Vec<u64>,
     /// Learners.
     pub learners: Vec<u64>,
+    /// Messages from peers dropped by validation since the node started
+    /// (forged, corrupt, or from a broken peer; each is logged with its
+    /// sender).
+    pub peer_messages_rejected: u64,
     /// Process id.
     pub pid: u32,
     /// Resident set size in bytes (VmRSS of /proc/self/status), if known.
@@ -707,6 +711,7 @@ async fn status(State(state): State<Shared>) -> ApiResult<Json<StatusBody>> {
         snapshot_index: s.snapshot_index,
         voters: s.voters,
         learners: s.learners,
+        peer_messages_rejected: s.messages_rejected,
         pid: std::process::id(),
         rss_bytes: rss_bytes(),
         cpu_percent_avg: cpu_seconds()
