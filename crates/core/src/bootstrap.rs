@@ -81,14 +81,16 @@ pub fn bootstrap<S: LogStore>(
 /// metadata (index 0: none, replay the whole log).
 ///
 /// `stored` is the newest snapshot in the node's snapshot store. If it is
-/// newer than the one the log records (a crash between writing the file and
-/// recording it, or a received snapshot saved before raft installed it), the
-/// log adopts it: recorded if the log holds its entry, installed otherwise,
-/// and synced. The caller then restores the state machine from the returned
-/// snapshot's data.
+/// newer than the one the log records and the log holds its entry (a crash
+/// between writing our own snapshot and recording it), the log records it,
+/// synced, and the node starts from it. A stored snapshot the log does not
+/// cover is left alone: it was received but never installed (a crash before
+/// the install was durable, or a snapshot raft refused), nothing this node
+/// acknowledged depends on it, and installing unvetted data at start-up
+/// would let whatever reached the snapshot store replace the log. The caller
+/// restores the state machine from the returned snapshot's data.
 pub fn adopt_snapshot<S: LogStore>(
     store: &S,
-    group_id: u64,
     stored: Option<SnapshotMetadata>,
 ) -> Result<SnapshotMetadata, StorageError> {
     let logged = raft::Storage::snapshot(store, 0, 0)
@@ -100,15 +102,10 @@ pub fn adopt_snapshot<S: LogStore>(
     let last =
         raft::Storage::last_index(store).map_err(|e| StorageError::Invalid(e.to_string()))?;
     let covered = m.index <= last && raft::Storage::term(store, m.index).ok() == Some(m.term);
-    if covered {
-        store.record_snapshot(m.clone())?;
-    } else {
-        store.stage(WriteBatch {
-            group_id,
-            snapshot: Some(m.clone()),
-            ..Default::default()
-        })?;
+    if !covered {
+        return Ok(logged);
     }
+    store.record_snapshot(m.clone())?;
     store.sync()?;
     Ok(m)
 }

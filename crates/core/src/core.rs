@@ -1077,21 +1077,29 @@ impl<S: LogStore> Core<S> {
             let ctx = cc.context.clone();
             (cc.changes.to_vec(), ctx, self.raw.apply_conf_change(&cc))
         };
-        let conf_state = match result {
-            Ok(cs) => cs,
+        let applied = match result {
+            Ok(cs) => Some(cs),
             Err(err) => {
-                // raft validated the change when it was proposed; a committed
-                // change that no longer applies is a broken invariant.
-                panic!(
-                    "committed conf change at {} failed to apply: {}",
-                    e.index, err
-                );
+                // This core validates its own changes before proposing them,
+                // so only a forged entry (a plaintext peer claiming to lead)
+                // gets here. raft-rs changed nothing, and every replica that
+                // commits the same entry refuses it the same way: a no-op
+                // keeps them in agreement where a panic would stop them.
+                slog::error!(self.logger, "a committed conf change does not apply; ignoring it";
+                    "index" => e.index, "term" => e.term, "error" => %err);
+                None
             }
         };
+        let conf_state = applied.clone().unwrap_or_else(|| self.conf_state());
         if let Some(p) = self.conf_changes.front() {
             if p.index == e.index {
                 let p = self.conf_changes.pop_front().unwrap();
-                if p.term == e.term {
+                if applied.is_none() {
+                    self.actions.push(Action::ConfChangeFailed {
+                        id: p.id,
+                        error: ConfChangeError::Dropped { in_flight: false },
+                    });
+                } else if p.term == e.term {
                     // Answered once applied: raft accepts the next change only then.
                     self.conf_changes_applying
                         .push_back((e.index, p.id, conf_state.clone()));
@@ -1102,6 +1110,9 @@ impl<S: LogStore> Core<S> {
                     });
                 }
             }
+        }
+        if applied.is_none() {
+            return conf_state;
         }
         let me = self.config.id;
         let still_member = conf_state.voters.contains(&me)

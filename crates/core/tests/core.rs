@@ -322,3 +322,32 @@ fn proposals_during_a_transfer_are_dropped_and_the_transfer_completes() {
     assert_eq!(net.core(target).role(), Role::Leader);
     assert_eq!(net.core(leader).leader(), Some(target));
 }
+
+#[test]
+fn a_stored_snapshot_the_log_does_not_cover_is_not_adopted_at_start() {
+    use raft::prelude::SnapshotMetadata;
+    use raft::Storage;
+    let store = MemLogStore::new();
+    let last = raftwork_core::bootstrap(&store, 1, &[1, 2, 3])
+        .unwrap()
+        .unwrap();
+    let term = store.term(last).unwrap();
+    // Received but never installed: far ahead of the log.
+    let ahead = SnapshotMetadata {
+        index: last + 1_000,
+        term: 7,
+        ..Default::default()
+    };
+    let adopted = raftwork_core::adopt_snapshot(&store, Some(ahead)).unwrap();
+    assert_eq!(adopted.index, 0, "the log's own (none) stays the base");
+    assert_eq!(store.last_index().unwrap(), last, "the log is untouched");
+    // Our own snapshot, written but not recorded before a crash: covered.
+    let own = SnapshotMetadata {
+        index: last,
+        term,
+        ..Default::default()
+    };
+    let adopted = raftwork_core::adopt_snapshot(&store, Some(own.clone())).unwrap();
+    assert_eq!(adopted, own);
+    assert_eq!(store.snapshot(0, 0).unwrap().get_metadata().index, last);
+}

@@ -415,12 +415,7 @@ impl<SM: StateMachine, S: LogStore> Builder<SM, S> {
         }
         let (applied_index, applied_term) = match bootstrapped {
             Some(applied) => (applied, 1),
-            None => restore_from_snapshot(
-                &store,
-                config.core.group_id,
-                snapshots.as_ref(),
-                &mut state_machine,
-            )?,
+            None => restore_from_snapshot(&store, snapshots.as_ref(), &mut state_machine)?,
         };
         config.core.applied_index = applied_index;
         let conf_state = raft::Storage::initial_state(&store)
@@ -544,12 +539,11 @@ impl<SM: StateMachine, S: LogStore> Builder<SM, S> {
 /// the log's record).
 fn restore_from_snapshot<S: LogStore, SM: StateMachine>(
     store: &S,
-    group_id: u64,
     snapshots: &dyn SnapshotStore,
     sm: &mut SM,
 ) -> Result<(u64, u64), BuildError> {
     let stored = snapshots.latest()?.map(|s| s.metadata);
-    let meta = adopt_snapshot(store, group_id, stored)?;
+    let meta = adopt_snapshot(store, stored)?;
     if meta.index == 0 {
         return Ok((0, 0));
     }

@@ -141,6 +141,9 @@ impl Cluster {
                     }
                 }
             }
+            // Right after the polls, each store holds everything raft
+            // has (a message stepped since could have raft ahead of it).
+            self.check();
             while let Some(m) = self.queue.pop_front() {
                 progressed = true;
                 if let Some(c) = self.cores.iter_mut().find(|c| c.id() == m.to) {
@@ -149,7 +152,6 @@ impl Cluster {
                     let _ = c.handle_message(m);
                 }
             }
-            self.check();
             if !progressed {
                 return;
             }
@@ -370,6 +372,9 @@ pub fn run(input: &[u8]) -> Summary {
     };
     let mut cluster = Cluster::new();
     let mut summary = Summary::default();
+    // RAFTWORK_HOSTILE_TRACE=1 prints every hostile message and its verdict
+    // (for reading a failing case).
+    let trace = std::env::var_os("RAFTWORK_HOSTILE_TRACE").is_some();
     // A leader and some committed entries first, so attacks meet real state.
     for _ in 0..40 {
         for c in &mut cluster.cores {
@@ -408,7 +413,14 @@ pub fn run(input: &[u8]) -> Summary {
                 let k = input.u8() as usize % cluster.cores.len();
                 let m = hostile_message(&mut input, &cluster.cores[k]);
                 summary.hostile_messages += 1;
-                if let Err(r) = cluster.cores[k].handle_message(m) {
+                if trace {
+                    eprintln!("to node {}: {m:?}", cluster.cores[k].id());
+                }
+                let verdict = cluster.cores[k].handle_message(m);
+                if trace {
+                    eprintln!("  -> {verdict:?}; status {:?}", cluster.cores[k].status());
+                }
+                if let Err(r) = verdict {
                     summary.rejected += 1;
                     let debug = format!("{r:?}");
                     let variant = debug.split([' ', '{', '(']).next().unwrap_or_default();

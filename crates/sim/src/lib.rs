@@ -383,8 +383,8 @@ impl Sim {
             .snapshots
             .last_key_value()
             .map(|(_, (meta, _))| meta.clone());
-        let base = raftwork_core::adopt_snapshot(&store, 1, stored)
-            .map_err(|e| self.fail(e.to_string()))?;
+        let base =
+            raftwork_core::adopt_snapshot(&store, stored).map_err(|e| self.fail(e.to_string()))?;
         let data = self.nodes[k]
             .snapshots
             .get(&base.index)
