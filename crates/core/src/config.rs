@@ -59,6 +59,12 @@ pub struct CoreConfig {
     /// `[election_ticks, 2 * election_ticks)`. Set by the deterministic
     /// simulator, which draws it from its seed. Default: None.
     pub fixed_election_ticks: Option<usize>,
+    /// A number that differs between any two starts of this node. It goes
+    /// into every ReadIndex context (with the node id and a counter), so a
+    /// late answer to a read from an earlier run never matches a read of this
+    /// one. The tokio shell draws it from OS randomness at every start; the
+    /// simulator from its seed. Default: 0.
+    pub incarnation: u64,
 }
 
 impl Default for CoreConfig {
@@ -83,6 +89,7 @@ impl Default for CoreConfig {
             promote_lag_entries_max: 1000,
             applied_index: 0,
             fixed_election_ticks: None,
+            incarnation: 0,
         }
     }
 }

@@ -244,6 +244,32 @@ pub fn is_command(entry: &Entry) -> bool {
     entry.get_entry_type() == EntryType::EntryNormal && entry.context.as_ref() == COMMAND_CONTEXT
 }
 
+/// A ReadIndex context: who asks, in which run, and which request.
+///
+/// ```text
+/// +-----------+-----------------+-------------+
+/// | node u64  | incarnation u64 | counter u64 |   big-endian, 24 bytes
+/// +-----------+-----------------+-------------+
+/// ```
+///
+/// raft-rs keys a leader's pending reads by context, so two followers must
+/// never send the same one (the second would be dropped as a duplicate),
+/// and an answer to an earlier run's request must not match this run's.
+fn read_context(id: NodeId, incarnation: u64, counter: u64) -> [u8; 24] {
+    let mut ctx = [0u8; 24];
+    ctx[..8].copy_from_slice(&id.to_be_bytes());
+    ctx[8..16].copy_from_slice(&incarnation.to_be_bytes());
+    ctx[16..].copy_from_slice(&counter.to_be_bytes());
+    ctx
+}
+
+/// The counter of a context [`read_context`] made for this node and run.
+fn parse_read_context(id: NodeId, incarnation: u64, ctx: &[u8]) -> Option<u64> {
+    let ctx: &[u8; 24] = ctx.try_into().ok()?;
+    let prefix = read_context(id, incarnation, 0);
+    (ctx[..16] == prefix[..16]).then(|| u64::from_be_bytes(ctx[16..].try_into().unwrap()))
+}
+
 /// Most read-index requests re-sent for one batch; past it the batch waits
 /// for an answer or its timeout without sending more.
 const READ_CONTEXTS_PER_BATCH_MAX: usize = 64;
@@ -1221,14 +1247,15 @@ impl<S: LogStore> Core<S> {
         self.next_read_context += 1;
         batch.contexts.push(ctx);
         batch.sent_tick = tick.max(1);
-        self.raw.read_index(ctx.to_be_bytes().to_vec());
+        let context = read_context(self.config.id, self.config.incarnation, ctx);
+        self.raw.read_index(context.to_vec());
     }
 
     fn on_read_state(&mut self, index: u64, ctx: &[u8]) {
-        let Ok(bytes) = <[u8; 8]>::try_from(ctx) else {
+        // Another node's, or an earlier run's: not ours to answer.
+        let Some(ctx) = parse_read_context(self.config.id, self.config.incarnation, ctx) else {
             return;
         };
-        let ctx = u64::from_be_bytes(bytes);
         let matches = self
             .read_inflight
             .as_ref()

@@ -351,3 +351,80 @@ fn a_stored_snapshot_the_log_does_not_cover_is_not_adopted_at_start() {
     assert_eq!(adopted, own);
     assert_eq!(store.snapshot(0, 0).unwrap().get_metadata().index, last);
 }
+
+#[test]
+fn two_followers_reading_at_once_are_both_answered_in_one_round() {
+    let mut net = Net::new(&[1, 2, 3]);
+    let leader = net.tick_until_leader();
+    assert_eq!(leader, 1);
+    // Same counter on both followers: only their ids tell the contexts
+    // apart, and raft-rs drops a second pending read with the same context.
+    net.core(2).handle_read(20);
+    net.core(3).handle_read(30);
+    net.pump(); // no tick: a retry cannot help
+    for (k, id) in [(1usize, 20u64), (2, 30)] {
+        let released = net.outputs[k].iter().any(|a| {
+            matches!(a, Action::ReadReady { ids, .. } if ids == &vec![id])
+        });
+        assert!(released, "node {}'s read was not answered", k + 1);
+    }
+}
+
+/// A context as the core builds it (format drawn in core.rs).
+fn read_context(node: u64, incarnation: u64, counter: u64) -> Vec<u8> {
+    [node, incarnation, counter]
+        .iter()
+        .flat_map(|x| x.to_be_bytes())
+        .collect()
+}
+
+#[test]
+fn an_answer_to_an_earlier_runs_read_does_not_release_a_read() {
+    use raft::prelude::{Entry, MessageType};
+    for (incarnation, released) in [(1u64, false), (0, true)] {
+        let mut net = Net::new(&[1, 2, 3]);
+        let leader = net.tick_until_leader();
+        net.core(3).handle_read(7);
+        // The request goes nowhere: only the answer below arrives.
+        let mut dropped = 0;
+        loop {
+            let actions = net.core(3).poll().unwrap();
+            if actions.is_empty() {
+                break;
+            }
+            for a in actions {
+                match a {
+                    Action::Persist { number, .. } => net.core(3).handle_persisted(number),
+                    Action::Send(msgs) => {
+                        for m in msgs {
+                            if m.get_msg_type() == MessageType::MsgReadIndex {
+                                dropped += 1;
+                            } else {
+                                net.queue.push_back(m);
+                            }
+                        }
+                    }
+                    other => net.outputs[2].push(other),
+                }
+            }
+        }
+        assert_eq!(dropped, 1);
+        let status = net.core(leader).status();
+        let mut resp = Message::default();
+        resp.set_msg_type(MessageType::MsgReadIndexResp);
+        resp.from = leader;
+        resp.to = 3;
+        resp.term = status.term;
+        resp.index = status.commit_index;
+        resp.entries.push(Entry {
+            data: read_context(3, incarnation, 1).into(),
+            ..Default::default()
+        });
+        net.core(3).handle_message(resp).unwrap();
+        net.pump();
+        let got = net.outputs[2]
+            .iter()
+            .any(|a| matches!(a, Action::ReadReady { ids, .. } if ids == &vec![7]));
+        assert_eq!(got, released, "incarnation {incarnation}: {:?}", net.outputs[2]);
+    }
+}

@@ -418,6 +418,7 @@ impl<SM: StateMachine, S: LogStore> Builder<SM, S> {
             None => restore_from_snapshot(&store, snapshots.as_ref(), &mut state_machine)?,
         };
         config.core.applied_index = applied_index;
+        config.core.incarnation = incarnation();
         let conf_state = raft::Storage::initial_state(&store)
             .map_err(|e| StorageError::Invalid(e.to_string()))?
             .conf_state;
@@ -531,6 +532,21 @@ impl<SM: StateMachine, S: LogStore> Builder<SM, S> {
             }),
         })
     }
+}
+
+/// A number that differs between two starts of a node (see
+/// `CoreConfig::incarnation`): OS randomness (std seeds `RandomState` from
+/// it) mixed with the clock and the process id.
+fn incarnation() -> u64 {
+    use std::hash::{BuildHasher, Hasher};
+    let mut h = std::collections::hash_map::RandomState::new().build_hasher();
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_nanos())
+        .unwrap_or(0);
+    h.write_u128(now);
+    h.write_u32(std::process::id());
+    h.finish()
 }
 
 /// On an existing log, restores `sm` from the newest snapshot that either the

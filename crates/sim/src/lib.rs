@@ -368,6 +368,7 @@ impl Sim {
             applied_index: applied,
             // The election timeout is drawn from the seed, per incarnation.
             fixed_election_ticks: Some(10 + self.rng.below(10) as usize),
+            incarnation: self.rng.next_u64(),
             propose_timeout_ticks: 60,
             read_timeout_ticks: 30,
             ..CoreConfig::default()
