@@ -363,9 +363,9 @@ fn two_followers_reading_at_once_are_both_answered_in_one_round() {
     net.core(3).handle_read(30);
     net.pump(); // no tick: a retry cannot help
     for (k, id) in [(1usize, 20u64), (2, 30)] {
-        let released = net.outputs[k].iter().any(|a| {
-            matches!(a, Action::ReadReady { ids, .. } if ids == &vec![id])
-        });
+        let released = net.outputs[k]
+            .iter()
+            .any(|a| matches!(a, Action::ReadReady { ids, .. } if ids == &vec![id]));
         assert!(released, "node {}'s read was not answered", k + 1);
     }
 }
@@ -425,6 +425,10 @@ fn an_answer_to_an_earlier_runs_read_does_not_release_a_read() {
         let got = net.outputs[2]
             .iter()
             .any(|a| matches!(a, Action::ReadReady { ids, .. } if ids == &vec![7]));
-        assert_eq!(got, released, "incarnation {incarnation}: {:?}", net.outputs[2]);
+        assert_eq!(
+            got, released,
+            "incarnation {incarnation}: {:?}",
+            net.outputs[2]
+        );
     }
 }

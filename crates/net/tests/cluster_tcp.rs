@@ -23,14 +23,20 @@ use raftwork_net::{
 
 const TICK: Duration = Duration::from_millis(50);
 
-/// A fingerprint of the commands (`c<i>`) in log order, and their count.
-/// Idempotent: a command whose `i` was applied before is a no-op, so a
-/// write whose outcome is unknown (leadership lost while in flight) can be
-/// sent again, as a client with sessions would.
+/// A fingerprint of every command entry (`c<i>`) applied, in log order, and
+/// the count of distinct `i`. A write whose outcome is unknown (leadership
+/// lost while in flight) is sent again, as a client with sessions would, so
+/// one `i` may sit in the log twice; the count ignores the second, but the
+/// fingerprint covers every entry with its index, so a node that applies an
+/// entry twice (or skips one) differs from the others. Entries must arrive
+/// in strictly increasing index order; `out_of_order` counts any that did
+/// not (an entry applied twice is one).
 #[derive(Default)]
 struct Sum {
     hash: u64,
     count: u64,
+    last_index: u64,
+    out_of_order: u64,
     seen: std::collections::BTreeSet<u64>,
 }
 
@@ -45,10 +51,14 @@ impl StateMachine for Sum {
                     .and_then(|t| t.strip_prefix('c'))
                     .and_then(|n| n.parse::<u64>().ok())
                     .expect("commands are c<i>");
+                if c.index <= self.last_index {
+                    self.out_of_order += 1;
+                }
+                self.last_index = self.last_index.max(c.index);
+                for b in c.index.to_le_bytes().iter().chain(c.data) {
+                    self.hash = (self.hash ^ *b as u64).wrapping_mul(0x100000001b3);
+                }
                 if self.seen.insert(i) {
-                    for b in c.data {
-                        self.hash = (self.hash ^ *b as u64).wrapping_mul(0x100000001b3);
-                    }
                     self.count += 1;
                 }
                 self.count
@@ -58,6 +68,8 @@ impl StateMachine for Sum {
     fn snapshot(&self, w: &mut dyn Write) -> std::io::Result<()> {
         w.write_all(&self.hash.to_le_bytes())?;
         w.write_all(&self.count.to_le_bytes())?;
+        w.write_all(&self.last_index.to_le_bytes())?;
+        w.write_all(&self.out_of_order.to_le_bytes())?;
         for i in &self.seen {
             w.write_all(&i.to_le_bytes())?;
         }
@@ -69,6 +81,10 @@ impl StateMachine for Sum {
         self.hash = u64::from_le_bytes(b);
         r.read_exact(&mut b)?;
         self.count = u64::from_le_bytes(b);
+        r.read_exact(&mut b)?;
+        self.last_index = u64::from_le_bytes(b);
+        r.read_exact(&mut b)?;
+        self.out_of_order = u64::from_le_bytes(b);
         self.seen.clear();
         for _ in 0..self.count {
             r.read_exact(&mut b)?;
@@ -254,11 +270,12 @@ impl Cluster {
     async fn fingerprints(&self) -> Vec<(NodeId, u64, u64)> {
         let mut v = Vec::new();
         for (&id, m) in &self.members {
-            let (h, c) = m
+            let (h, c, out_of_order) = m
                 .node
-                .read_stale(|s: &Sum| (s.hash, s.count))
+                .read_stale(|s: &Sum| (s.hash, s.count, s.out_of_order))
                 .await
                 .unwrap();
+            assert_eq!(out_of_order, 0, "node {id} applied an entry twice");
             v.push((id, h, c));
         }
         v.sort();
