@@ -289,7 +289,10 @@ fn check_append<S: Storage>(raft: &Raft<S>, m: &Message) -> Result<(), Rejected>
         }
     }
     let committed = raft.raft_log.committed;
-    if m.index >= committed {
+    // The committed entry's term is at most this node's term: an append at
+    // a log term that high needs no lookup (the common case, a leader
+    // appending after an entry of its own term).
+    if m.index >= committed && m.log_term < raft.term {
         // Log matching: the committed entry is in every later leader's log,
         // and terms never decrease along a log.
         let committed_term = raft.raft_log.term(committed).unwrap_or(0);

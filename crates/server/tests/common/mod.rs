@@ -1,11 +1,11 @@
-//! Helpers shared by the tests that start a real single-node `raftwork serve`.
+//! Helpers shared by the tests that start real `raftwork serve` processes:
+//! one node here, a cluster of them in `members`.
 
 #![allow(dead_code)]
 
 pub mod members;
 
-use std::io::{Read, Write};
-use std::net::{SocketAddr, TcpListener, TcpStream};
+use std::net::{SocketAddr, TcpListener};
 use std::path::Path;
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
@@ -35,25 +35,7 @@ pub fn raftwork() -> Command {
 
 /// Status and body of `GET path` (`Connection: close`).
 pub fn get(addr: SocketAddr, path: &str) -> std::io::Result<(u16, Vec<u8>)> {
-    let mut stream = TcpStream::connect(addr)?;
-    stream.set_read_timeout(Some(Duration::from_secs(60)))?;
-    write!(
-        stream,
-        "GET {path} HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\n\r\n"
-    )?;
-    let mut buf = Vec::new();
-    stream.read_to_end(&mut buf)?;
-    let split = buf
-        .windows(4)
-        .position(|w| w == b"\r\n\r\n")
-        .ok_or_else(|| std::io::Error::other("no end of headers"))?;
-    let head = String::from_utf8_lossy(&buf[..split]).into_owned();
-    let status = head
-        .split_whitespace()
-        .nth(1)
-        .and_then(|s| s.parse().ok())
-        .ok_or_else(|| std::io::Error::other("bad status line"))?;
-    Ok((status, buf[split + 4..].to_vec()))
+    members::request(addr, "GET", path, b"")
 }
 
 pub struct Server {
