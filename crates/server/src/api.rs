@@ -77,6 +77,13 @@ use crate::members::{member_key, MemberInfo, Members, RESERVED_PREFIX};
 pub const DEFAULT_LIST_LIMIT: usize = 1000;
 /// Largest `limit` a listing accepts.
 pub const MAX_LIST_LIMIT: usize = 10_000;
+/// Most bytes of keys and values one listing returns (at least one entry
+/// always fits: a key and a value are at most 4 KiB + 1 MiB). A listing cut
+/// short by this or by `limit` says so in [`LIST_MORE_HEADER`].
+pub const MAX_LIST_BYTES: usize = 4 << 20;
+/// Response header of a listing: `true` when more entries match past the
+/// last one returned (continue with a prefix or a key after it).
+pub const LIST_MORE_HEADER: &str = "raftwork-list-more";
 
 /// Settings of the API.
 #[derive(Debug, Clone)]
@@ -894,8 +901,10 @@ async fn list(State(state): State<Shared>, uri: Uri, headers: HeaderMap) -> ApiR
             return forward_to(&state, &url, "GET", &uri, None, b"").await;
         }
     }
-    let entries = read(&state, stale, move |kv: &KvStore| {
-        kv.list_skipping(&prefix, limit, RESERVED_PREFIX)
+    // On the apply task this only takes references (the store shares its
+    // buffers); the bytes are copied into the response here.
+    let page = read(&state, stale, move |kv: &KvStore| {
+        kv.list_page(&prefix, limit, MAX_LIST_BYTES, RESERVED_PREFIX)
     })
     .await?;
     let text = |b: &[u8]| {
@@ -905,8 +914,8 @@ async fn list(State(state): State<Shared>, uri: Uri, headers: HeaderMap) -> ApiR
             String::from_utf8_lossy(b).into_owned()
         }
     };
-    Ok(Json(
-        entries
+    let mut response = Json(
+        page.entries
             .iter()
             .map(|(k, v)| Item {
                 key: text(k),
@@ -914,7 +923,12 @@ async fn list(State(state): State<Shared>, uri: Uri, headers: HeaderMap) -> ApiR
             })
             .collect::<Vec<_>>(),
     )
-    .into_response())
+    .into_response();
+    response.headers_mut().insert(
+        LIST_MORE_HEADER,
+        axum::http::HeaderValue::from_static(if page.more { "true" } else { "false" }),
+    );
+    Ok(response)
 }
 
 /// One entry of `GET /cluster/nodes`.

@@ -1,7 +1,10 @@
 //! The replicated key-value state machine of the `raftwork` server.
 //!
 //! Keys and values are arbitrary bytes, kept in a `BTreeMap` (ordered, so
-//! prefix listings and snapshots are deterministic).
+//! prefix listings and snapshots are deterministic) as shared buffers
+//! (`Bytes`): a listing runs on the apply task, and taking an entry costs it
+//! a reference count, not a copy, so a large listing never holds up applies
+//! while its bytes are copied out (that happens on the API's task).
 //!
 //! # Command format (one Raft log entry)
 //! All integers are little-endian. `klen`/`elen` are `u32`. The value of a
@@ -44,6 +47,9 @@
 
 use std::collections::BTreeMap;
 use std::io::{self, Read, Write};
+use std::ops::Bound;
+
+use bytes::Bytes;
 
 use raftwork::{Command, StateMachine};
 
@@ -239,7 +245,17 @@ impl KvCommand {
 /// The replicated map.
 #[derive(Debug, Default, Clone, PartialEq, Eq)]
 pub struct KvStore {
-    map: BTreeMap<Vec<u8>, Vec<u8>>,
+    map: BTreeMap<Bytes, Bytes>,
+}
+
+/// One page of a listing: entries in key order, and whether more entries
+/// match past it.
+#[derive(Debug, Default, Clone, PartialEq, Eq)]
+pub struct Listing {
+    /// The entries (shared with the store: no bytes were copied).
+    pub entries: Vec<(Bytes, Bytes)>,
+    /// True when the count or byte limit cut the listing short.
+    pub more: bool,
 }
 
 impl KvStore {
@@ -250,33 +266,37 @@ impl KvStore {
 
     /// The value of `key`.
     pub fn get(&self, key: &[u8]) -> Option<&[u8]> {
-        self.map.get(key).map(Vec::as_slice)
+        self.map.get(key).map(|v| &v[..])
     }
 
     /// Up to `limit` entries whose key starts with `prefix`, in key order.
-    pub fn list(&self, prefix: &[u8], limit: usize) -> Vec<(Vec<u8>, Vec<u8>)> {
-        self.map
-            .range(prefix.to_vec()..)
-            .take_while(|(k, _)| k.starts_with(prefix))
-            .take(limit)
-            .map(|(k, v)| (k.clone(), v.clone()))
-            .collect()
+    pub fn list(&self, prefix: &[u8], limit: usize) -> Vec<(Bytes, Bytes)> {
+        self.list_page(prefix, limit, usize::MAX, &[]).entries
     }
 
-    /// Like [`KvStore::list`], without the keys that start with `skip`.
-    pub fn list_skipping(
-        &self,
-        prefix: &[u8],
-        limit: usize,
-        skip: &[u8],
-    ) -> Vec<(Vec<u8>, Vec<u8>)> {
-        self.map
-            .range(prefix.to_vec()..)
+    /// The entries whose key starts with `prefix` and not with `skip` (an
+    /// empty `skip` skips nothing), in key order: at most `limit` of them,
+    /// and no more than `bytes_max` of keys and values together (always at
+    /// least one entry, if any matches).
+    pub fn list_page(&self, prefix: &[u8], limit: usize, bytes_max: usize, skip: &[u8]) -> Listing {
+        let matching = self
+            .map
+            .range::<[u8], _>((Bound::Included(prefix), Bound::Unbounded))
             .take_while(|(k, _)| k.starts_with(prefix))
-            .filter(|(k, _)| !k.starts_with(skip))
-            .take(limit)
-            .map(|(k, v)| (k.clone(), v.clone()))
-            .collect()
+            .filter(|(k, _)| skip.is_empty() || !k.starts_with(skip));
+        let mut page = Listing::default();
+        let mut bytes = 0usize;
+        for (k, v) in matching {
+            let size = k.len() + v.len();
+            if page.entries.len() == limit || (!page.entries.is_empty() && bytes + size > bytes_max)
+            {
+                page.more = true;
+                break;
+            }
+            bytes += size;
+            page.entries.push((k.clone(), v.clone()));
+        }
+        page
     }
 
     /// Number of keys.
@@ -297,26 +317,26 @@ impl KvStore {
         };
         match command {
             KvCommand::Put { key, value } => {
-                self.map.insert(key, value);
+                self.map.insert(key.into(), value.into());
                 KvResponse::Written
             }
             KvCommand::Delete { key } => KvResponse::Deleted {
-                existed: self.map.remove(&key).is_some(),
+                existed: self.map.remove(&key[..]).is_some(),
             },
             KvCommand::Cas { key, expect, value } => {
-                let current = self.map.get(&key);
+                let current = self.map.get(&key[..]);
                 let ok = match (&expect, current) {
                     (Expect::Absent, None) => true,
                     (Expect::Present, Some(_)) => true,
-                    (Expect::Value(want), Some(have)) => want == have,
+                    (Expect::Value(want), Some(have)) => want[..] == have[..],
                     _ => false,
                 };
                 if ok {
-                    self.map.insert(key, value);
+                    self.map.insert(key.into(), value.into());
                     KvResponse::Written
                 } else {
                     KvResponse::CasFailed {
-                        current: current.cloned(),
+                        current: current.map(|v| v.to_vec()),
                     }
                 }
             }
@@ -386,7 +406,7 @@ impl StateMachine for KvStore {
             let key = read_field(r, klen)?;
             let vlen = read_u32(r)?;
             let value = read_field(r, vlen)?;
-            map.insert(key, value);
+            map.insert(Bytes::from(key), Bytes::from(value));
         }
         if r.read(&mut [0u8; 1])? != 0 {
             return Err(invalid("trailing bytes"));
@@ -545,11 +565,41 @@ mod tests {
                 put("c", "w"),
             ],
         );
-        let keys: Vec<Vec<u8>> = s.list(b"b/", 10).into_iter().map(|(k, _)| k).collect();
+        let keys: Vec<Vec<u8>> = s
+            .list(b"b/", 10)
+            .into_iter()
+            .map(|(k, _)| k.to_vec())
+            .collect();
         assert_eq!(keys, vec![b"b/1".to_vec(), b"b/2".to_vec()]);
         assert_eq!(s.list(b"", 2).len(), 2);
         assert_eq!(s.list(b"", 100).len(), 4);
         assert!(s.list(b"zz", 100).is_empty());
+    }
+
+    #[test]
+    fn a_listing_is_bounded_by_bytes_and_count_and_copies_nothing() {
+        let mut s = KvStore::new();
+        let big = "v".repeat(1000);
+        let commands: Vec<_> = (0..10).map(|i| put(&format!("k{i}"), &big)).collect();
+        apply_all(&mut s, &commands);
+        // 2 bytes of key + 1,000 of value per entry.
+        let page = s.list_page(b"k", 100, 3_500, b"");
+        assert_eq!(page.entries.len(), 3);
+        assert!(page.more);
+        let page = s.list_page(b"k", 4, usize::MAX, b"");
+        assert_eq!((page.entries.len(), page.more), (4, true));
+        let page = s.list_page(b"k", 10, usize::MAX, b"");
+        assert_eq!((page.entries.len(), page.more), (10, false));
+        // One entry always fits, however small the byte limit.
+        assert_eq!(s.list_page(b"k", 10, 1, b"").entries.len(), 1);
+        // Skipped keys neither appear nor count.
+        let page = s.list_page(b"k", 100, usize::MAX, b"k1");
+        assert_eq!(page.entries.len(), 9);
+        // The listing shares the store's buffers: taking it copied no bytes
+        // (it cannot hold up applies while values are copied out).
+        let stored = s.map.get(&b"k3"[..]).unwrap();
+        let listed = &s.list(b"k3", 1)[0].1;
+        assert_eq!(stored.as_ptr(), listed.as_ptr());
     }
 
     #[test]

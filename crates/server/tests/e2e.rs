@@ -273,8 +273,10 @@ fn put_get_delete_list_and_cas() {
         .map(|i| i["key"].as_str().unwrap())
         .collect();
     assert_eq!(keys, ["dir/empty", "dir/sub/bin"]);
+    assert!(r.head.contains("raftwork-list-more: false"), "{}", r.head);
     let r = s.req("GET", "/v1/kv?prefix=dir/&limit=1", b"");
     assert_eq!(r.json().as_array().unwrap().len(), 1);
+    assert!(r.head.contains("raftwork-list-more: true"), "{}", r.head);
     let r = s.req("GET", "/v1/kv?prefix=dir/sub&encoding=base64", b"");
     assert_eq!(r.json()[0]["key"], "ZGlyL3N1Yi9iaW4=");
     assert_eq!(r.json()[0]["value"], "AP8KDQA=");
@@ -282,6 +284,23 @@ fn put_get_delete_list_and_cas() {
     assert_eq!(r.json().as_array().unwrap().len(), 4);
     let r = s.req("GET", "/v1/kv?prefix=nothing", b"");
     assert_eq!(r.json(), serde_json::json!([]));
+
+    // A listing stops at 4 MiB of keys and values, and says there is more.
+    let big = vec![b'x'; 1 << 20];
+    for i in 0..6 {
+        assert_eq!(s.req("PUT", &format!("/v1/kv/big/{i}"), &big).status, 200);
+    }
+    let r = s.req("GET", "/v1/kv?prefix=big/", b"");
+    assert_eq!(r.status, 200);
+    assert_eq!(
+        r.json().as_array().unwrap().len(),
+        3,
+        "three 1 MiB values fit in 4 MiB"
+    );
+    assert!(r.head.contains("raftwork-list-more: true"), "{}", r.head);
+    for i in 0..6 {
+        assert_eq!(s.req("DELETE", &format!("/v1/kv/big/{i}"), b"").status, 200);
+    }
 
     // Delete: then 404; deleting again is fine.
     let r = s.req("DELETE", "/v1/kv/greeting", b"");
