@@ -96,7 +96,7 @@ use tonic::{Request, Response, Status};
 use crate::frame;
 use crate::peer::{BoxFuture, FrameSink, Link, NetConfig, NetError, Shared};
 use crate::tcp::{self, BoxStream};
-use crate::tls::Tls;
+use crate::tls::{PeerCert, Tls};
 
 /// Path of `rpc Send(stream Chunk) returns (Ack)`: a hello frame and batch
 /// frames from one node to one peer.
@@ -270,21 +270,23 @@ async fn pump_in<W: AsyncWrite + Unpin>(mut messages: Streaming<Chunk>, mut pipe
 struct Accepted {
     stream: BoxStream,
     remote: SocketAddr,
+    /// The client's certificate, for the identity check after the hello.
+    cert: PeerCert,
     first_bytes_by: Option<Pin<Box<tokio::time::Sleep>>>,
     /// Counts the connection against its address until tonic drops it.
     _admitted: crate::peer::Admitted,
 }
 
-/// The peer address of the connection a request came on (a request
-/// extension, set by tonic from [`Connected`]).
-#[derive(Clone, Copy)]
-struct RemoteAddr(SocketAddr);
+/// The peer address and certificate of the connection a request came on (a
+/// request extension, set by tonic from [`Connected`]).
+#[derive(Clone)]
+struct RemoteAddr(SocketAddr, PeerCert);
 
 impl Connected for Accepted {
     type ConnectInfo = RemoteAddr;
 
     fn connect_info(&self) -> RemoteAddr {
-        RemoteAddr(self.remote)
+        RemoteAddr(self.remote, self.cert.clone())
     }
 }
 
@@ -379,13 +381,14 @@ async fn accept_loop(
                         tcp::accept(tls.as_ref(), tcp),
                     );
                     match handshake.await {
-                        Ok(Ok(stream)) => {
+                        Ok(Ok((stream, cert))) => {
                             let first_bytes_by = Some(Box::pin(tokio::time::sleep(
                                 shared.config.handshake_timeout,
                             )));
                             let conn = Accepted {
                                 stream,
                                 remote,
+                                cert,
                                 first_bytes_by,
                                 _admitted: admitted,
                             };
@@ -474,10 +477,12 @@ impl tower_service::Service<HttpRequest> for RaftService {
     }
 }
 
-fn remote_of<T>(req: &Request<T>) -> String {
-    req.extensions()
-        .get::<RemoteAddr>()
-        .map_or_else(|| "unknown".to_string(), |r| r.0.to_string())
+/// The peer address (for logs) and certificate of a request's connection.
+fn remote_of<T>(req: &Request<T>) -> (String, PeerCert) {
+    match req.extensions().get::<RemoteAddr>() {
+        Some(r) => (r.0.to_string(), r.1.clone()),
+        None => ("unknown".to_string(), PeerCert::default()),
+    }
 }
 
 /// `Send`: the request's bytes go to `Shared::serve_frames`.
@@ -494,9 +499,9 @@ impl tonic::server::ClientStreamingService<Chunk> for SendMethod {
             if shutting_down() {
                 return Err(Status::unavailable("shutting down"));
             }
-            let remote = remote_of(&req);
+            let (remote, cert) = remote_of(&req);
             match shared
-                .serve_frames(chunk_reader(req.into_inner()), &remote)
+                .serve_frames(chunk_reader(req.into_inner()), &remote, &cert)
                 .await
             {
                 // serve_frames also stops (with Ok) when the transport shuts
@@ -524,7 +529,7 @@ impl tonic::server::StreamingService<Chunk> for SnapshotMethod {
     #[allow(clippy::result_large_err)] // tonic's Status, in the response stream
     fn call(&mut self, req: Request<Streaming<Chunk>>) -> Self::Future {
         let shared = self.0.clone();
-        let remote = remote_of(&req);
+        let (remote, cert) = remote_of(&req);
         let (ours, theirs) = tokio::io::duplex(PIPE_BYTES);
         let (their_read, their_write) = tokio::io::split(theirs);
         tokio::spawn(pump_in(req.into_inner(), their_write));
@@ -533,7 +538,7 @@ impl tonic::server::StreamingService<Chunk> for SnapshotMethod {
             // Refusals and failures are logged inside. Dropping the pipe
             // ends the response stream, which ends the call.
             tokio::select! {
-                () = shared.serve_stream(Box::new(ours), &remote) => {}
+                () = shared.serve_stream(Box::new(ours), &remote, &cert) => {}
                 () = wait_shutdown(&mut shutdown) => {}
             }
         });
@@ -563,6 +568,7 @@ struct LinkInner {
 #[derive(Clone)]
 struct Dialer {
     tls: Option<Tls>,
+    to: NodeId,
     addr: String,
 }
 
@@ -576,8 +582,8 @@ impl tower_service::Service<Uri> for Dialer {
     }
 
     fn call(&mut self, _: Uri) -> Self::Future {
-        let (tls, addr) = (self.tls.clone(), self.addr.clone());
-        Box::pin(async move { Ok(TokioIo::new(tcp::connect(tls.as_ref(), &addr).await?)) })
+        let (tls, to, addr) = (self.tls.clone(), self.to, self.addr.clone());
+        Box::pin(async move { Ok(TokioIo::new(tcp::connect(tls.as_ref(), to, &addr).await?)) })
     }
 }
 
@@ -623,8 +629,9 @@ impl LinkInner {
         }
     }
 
-    /// A channel over one new connection to `addr`, HTTP/2 handshake done.
-    async fn dial(&self, addr: &str) -> io::Result<tonic::client::Grpc<Channel>> {
+    /// A channel over one new connection to peer `to` at `addr`, HTTP/2
+    /// handshake done.
+    async fn dial(&self, to: NodeId, addr: &str) -> io::Result<tonic::client::Grpc<Channel>> {
         let endpoint = Endpoint::from_shared(format!("http://{addr}"))
             .map_err(|e| io::Error::new(io::ErrorKind::InvalidInput, chain(&e)))?
             .connect_timeout(self.connect_timeout)
@@ -633,6 +640,7 @@ impl LinkInner {
         let channel = endpoint
             .connect_with_connector(Dialer {
                 tls: self.tls.clone(),
+                to,
                 addr: addr.to_string(),
             })
             .await
@@ -648,7 +656,7 @@ impl LinkInner {
     /// Opens a Send call to `to` and pushes the hello into it.
     async fn open_send(&self, from: NodeId, to: NodeId, addr: &str) -> io::Result<SendSink> {
         self.settle_previous(to).await;
-        let mut grpc = self.dial(addr).await?;
+        let mut grpc = self.dial(to, addr).await?;
         let (chunks, rx) = mpsc::channel(SEND_CHUNKS_QUEUED);
         let mut hello = Vec::new();
         frame::encode_hello(&mut hello, from, to);
@@ -675,8 +683,8 @@ impl LinkInner {
     }
 
     /// Opens a Snapshot call to `addr` and returns its two-way byte stream.
-    async fn open_snapshot(&self, addr: &str) -> io::Result<BoxStream> {
-        let mut grpc = self.dial(addr).await?;
+    async fn open_snapshot(&self, to: NodeId, addr: &str) -> io::Result<BoxStream> {
+        let mut grpc = self.dial(to, addr).await?;
         let (ours, theirs) = tokio::io::duplex(PIPE_BYTES);
         let (their_read, their_write) = tokio::io::split(theirs);
         // A read from the pipe fails only if it is gone: the stream then ends.
@@ -712,10 +720,14 @@ impl Link for GrpcLink {
         })
     }
 
-    fn open_duplex<'a>(&'a self, addr: &'a str) -> BoxFuture<'a, io::Result<BoxStream>> {
+    fn open_duplex<'a>(
+        &'a self,
+        to: NodeId,
+        addr: &'a str,
+    ) -> BoxFuture<'a, io::Result<BoxStream>> {
         Box::pin(async move {
             // The caller sets no deadline of its own.
-            tokio::time::timeout(self.0.connect_timeout, self.0.open_snapshot(addr))
+            tokio::time::timeout(self.0.connect_timeout, self.0.open_snapshot(to, addr))
                 .await
                 .map_err(|_| io::Error::new(io::ErrorKind::TimedOut, "snapshot call timed out"))?
         })

@@ -103,7 +103,7 @@ use tokio::time::Instant;
 use crate::frame;
 use crate::peer::{BoxFuture, FrameSink, Link, NetConfig, NetError, Shared};
 use crate::tcp::{self, BoxStream};
-use crate::tls::Tls;
+use crate::tls::{PeerCert, Tls};
 
 /// Route of the stream mode: one long request whose body is a hello frame
 /// followed by batch frames.
@@ -243,7 +243,9 @@ async fn accept_loop(shared: Arc<Shared>, listener: TcpListener, tls: Option<Tls
                         tcp::accept(tls.as_ref(), tcp),
                     );
                     match handshake.await {
-                        Ok(Ok(stream)) => serve_connection(shared, stream, remote).await,
+                        Ok(Ok((stream, cert))) => {
+                            serve_connection(shared, stream, remote, cert).await
+                        }
                         Ok(Err(e)) => {
                             tracing::warn!(node = shared.id, remote, reason = %e, "refusing connection: TLS handshake failed")
                         }
@@ -271,14 +273,15 @@ async fn wait_shutdown(rx: &mut watch::Receiver<bool>) {
 
 /// Serves HTTP/1.1 requests on one accepted connection until it closes or the
 /// transport shuts down.
-async fn serve_connection(shared: Arc<Shared>, stream: BoxStream, remote: String) {
+async fn serve_connection(shared: Arc<Shared>, stream: BoxStream, remote: String, cert: PeerCert) {
     let service = {
         let shared = shared.clone();
         let remote = remote.clone();
         hyper::service::service_fn(move |req| {
             let shared = shared.clone();
             let remote = remote.clone();
-            async move { Ok::<_, Infallible>(answer(&shared, req, &remote).await) }
+            let cert = cert.clone();
+            async move { Ok::<_, Infallible>(answer(&shared, req, &remote, &cert).await) }
         })
     };
     let conn = hyper::server::conn::http1::Builder::new()
@@ -308,6 +311,7 @@ async fn answer(
     shared: &Arc<Shared>,
     req: Request<Incoming>,
     remote: &str,
+    cert: &PeerCert,
 ) -> Response<Full<Bytes>> {
     let route_ok = req.method() == Method::POST
         && matches!(
@@ -323,12 +327,12 @@ async fn answer(
         return respond(StatusCode::SERVICE_UNAVAILABLE, "shutting down");
     }
     if req.uri().path() == HTTP_SNAPSHOT_PATH {
-        return upgrade_for_snapshot(shared, req, remote);
+        return upgrade_for_snapshot(shared, req, remote, cert);
     }
     // Both routes carry the same bytes: a hello, then batches. The stream
     // route's body just ends much later.
     match shared
-        .serve_frames(BodyReader::new(req.into_body()), remote)
+        .serve_frames(BodyReader::new(req.into_body()), remote, cert)
         .await
     {
         // serve_frames also stops (with Ok) when the transport shuts down or
@@ -349,6 +353,7 @@ fn upgrade_for_snapshot(
     shared: &Arc<Shared>,
     mut req: Request<Incoming>,
     remote: &str,
+    cert: &PeerCert,
 ) -> Response<Full<Bytes>> {
     let asks_upgrade = req.headers().get(UPGRADE).is_some_and(|v| {
         v.as_bytes()
@@ -363,11 +368,12 @@ fn upgrade_for_snapshot(
     let upgrade = hyper::upgrade::on(&mut req);
     let shared = shared.clone();
     let remote = remote.to_string();
+    let cert = cert.clone();
     tokio::spawn(async move {
         match upgrade.await {
             Ok(upgraded) => {
                 shared
-                    .serve_stream(Box::new(TokioIo::new(upgraded)), &remote)
+                    .serve_stream(Box::new(TokioIo::new(upgraded)), &remote, &cert)
                     .await
             }
             Err(e) => {
@@ -513,7 +519,7 @@ impl LinkInner {
         B::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
     {
         self.settle_previous(to).await;
-        let stream = tcp::connect(self.tls.as_ref(), addr).await?;
+        let stream = tcp::connect(self.tls.as_ref(), to, addr).await?;
         let (sender, conn) = hyper::client::conn::http1::handshake(TokioIo::new(stream))
             .await
             .map_err(io::Error::other)?;
@@ -569,8 +575,8 @@ impl LinkInner {
 impl LinkInner {
     /// Opens a snapshot transfer: a new connection whose request is upgraded
     /// to a raw two-way stream.
-    async fn open_snapshot(&self, addr: &str) -> io::Result<BoxStream> {
-        let stream = tcp::connect(self.tls.as_ref(), addr).await?;
+    async fn open_snapshot(&self, to: NodeId, addr: &str) -> io::Result<BoxStream> {
+        let stream = tcp::connect(self.tls.as_ref(), to, addr).await?;
         let (mut sender, conn) =
             hyper::client::conn::http1::handshake::<_, Empty<Bytes>>(TokioIo::new(stream))
                 .await
@@ -615,9 +621,13 @@ impl Link for HttpLink {
         })
     }
 
-    fn open_duplex<'a>(&'a self, addr: &'a str) -> BoxFuture<'a, io::Result<BoxStream>> {
+    fn open_duplex<'a>(
+        &'a self,
+        to: NodeId,
+        addr: &'a str,
+    ) -> BoxFuture<'a, io::Result<BoxStream>> {
         Box::pin(async move {
-            tokio::time::timeout(self.0.connect_timeout, self.0.open_snapshot(addr))
+            tokio::time::timeout(self.0.connect_timeout, self.0.open_snapshot(to, addr))
                 .await
                 .map_err(|_| {
                     io::Error::new(io::ErrorKind::TimedOut, "snapshot upgrade timed out")

@@ -43,6 +43,6 @@ pub use http::{
 };
 pub use peer::{NetConfig, NetError};
 pub use tcp::TcpTransport;
-pub use tls::{TlsConfig, TlsConfigError};
+pub use tls::{NodeNames, TlsConfig, TlsConfigError};
 
 pub use raftwork_transport::{Envelope, Inbound, Inbox, NodeId, Transport, TransportError};

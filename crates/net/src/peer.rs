@@ -29,7 +29,7 @@ use tokio::time::Instant;
 use crate::frame::{self, FrameError};
 use crate::snapshot;
 use crate::tcp::BoxStream;
-use crate::tls::{TlsConfig, TlsConfigError};
+use crate::tls::{check_peer_identity, PeerCert, TlsConfig, TlsConfigError};
 use raft::prelude::MessageType;
 use raftwork_storage::SnapshotStore;
 
@@ -213,11 +213,15 @@ pub(crate) trait Link: Send + Sync + 'static {
         addr: &'a str,
     ) -> BoxFuture<'a, std::io::Result<Box<dyn FrameSink>>>;
 
-    /// Opens a two-way byte stream to the peer at `addr`, for a snapshot
+    /// Opens a two-way byte stream to peer `to` at `addr`, for a snapshot
     /// transfer. Links that cannot say no: the transport then does not
     /// stream snapshots (they travel inline in the message).
-    fn open_duplex<'a>(&'a self, addr: &'a str) -> BoxFuture<'a, std::io::Result<BoxStream>> {
-        let _ = addr;
+    fn open_duplex<'a>(
+        &'a self,
+        to: NodeId,
+        addr: &'a str,
+    ) -> BoxFuture<'a, std::io::Result<BoxStream>> {
+        let _ = (to, addr);
         Box::pin(async {
             Err(std::io::Error::new(
                 std::io::ErrorKind::Unsupported,
@@ -330,9 +334,9 @@ impl Shared {
     /// `handshake_timeout` (nothing else is read from a connection that has
     /// not said who it is); the next frame says what it is: a snapshot
     /// transfer (an offer) or a message stream (batches).
-    pub(crate) async fn serve_stream(&self, stream: BoxStream, remote: &str) {
+    pub(crate) async fn serve_stream(&self, stream: BoxStream, remote: &str, cert: &PeerCert) {
         let mut reader = tokio::io::BufReader::with_capacity(256 << 10, stream);
-        let from = match self.read_hello(&mut reader, remote).await {
+        let from = match self.read_hello(&mut reader, remote, cert).await {
             Ok(from) => from,
             Err(_) => return, // logged inside
         };
@@ -374,11 +378,13 @@ impl Shared {
     }
 
     /// Reads the hello that opens every connection, within
-    /// `handshake_timeout`, and returns the node it names as the sender.
+    /// `handshake_timeout`, and returns the node it names as the sender, once
+    /// `cert` proves it is that node (when certificates are bound to nodes).
     async fn read_hello<R: AsyncRead + Unpin>(
         &self,
         reader: &mut R,
         remote: &str,
+        cert: &PeerCert,
     ) -> Result<NodeId, String> {
         let node = self.id;
         let hello = async {
@@ -390,6 +396,7 @@ impl Shared {
             if to != node {
                 return Err(format!("hello from node {from} is for node {to}"));
             }
+            check_peer_identity(self.config.tls.as_ref(), from, cert)?;
             Ok::<_, String>(from)
         };
         match tokio::time::timeout(self.config.handshake_timeout, hello).await {
@@ -475,8 +482,9 @@ impl Shared {
         &self,
         mut reader: R,
         remote: &str,
+        cert: &PeerCert,
     ) -> Result<(), String> {
-        let from = self.read_hello(&mut reader, remote).await?;
+        let from = self.read_hello(&mut reader, remote, cert).await?;
         self.batch_loop(reader, remote, from, None).await
     }
 
@@ -690,7 +698,7 @@ fn start_snapshot_transfers(
             tokio::spawn(async move {
                 let index = msg.get_snapshot().get_metadata().index;
                 let outcome = async {
-                    let dial = shared.link.open_duplex(&addr);
+                    let dial = shared.link.open_duplex(peer, &addr);
                     let mut stream = tokio::time::timeout(shared.config.connect_timeout, dial)
                         .await
                         .map_err(|_| "timed out opening the snapshot connection".to_string())?

@@ -13,33 +13,50 @@ use tokio::sync::mpsc;
 
 use crate::frame;
 use crate::peer::{BoxFuture, FrameSink, Link, NetConfig, NetError, Shared};
-use crate::tls::Tls;
+use crate::tls::{PeerCert, Tls};
 
 pub(crate) trait Stream: AsyncRead + AsyncWrite + Unpin + Send {}
 impl<T: AsyncRead + AsyncWrite + Unpin + Send> Stream for T {}
 pub(crate) type BoxStream = Box<dyn Stream>;
 
-/// Opens a TCP connection, with TLS when configured.
-pub(crate) async fn connect(tls: Option<&Tls>, addr: &str) -> std::io::Result<BoxStream> {
+/// Opens a TCP connection to peer `to` at `addr`, with TLS when configured
+/// (then the peer's certificate must be valid for its name, see
+/// [`Tls::name_for`]).
+pub(crate) async fn connect(
+    tls: Option<&Tls>,
+    to: NodeId,
+    addr: &str,
+) -> std::io::Result<BoxStream> {
     let tcp = TcpStream::connect(addr).await?;
     tcp.set_nodelay(true)?;
     Ok(match tls {
         Some(tls) => {
             let connector = tokio_rustls::TlsConnector::from(tls.client.clone());
-            Box::new(connector.connect(tls.name_for(addr)?, tcp).await?)
+            Box::new(connector.connect(tls.name_for(to, addr)?, tcp).await?)
         }
         None => Box::new(tcp),
     })
 }
 
-/// Finishes the server side of TLS on an accepted connection, if configured.
-pub(crate) async fn accept(tls: Option<&Tls>, tcp: TcpStream) -> std::io::Result<BoxStream> {
+/// Finishes the server side of TLS on an accepted connection, if configured,
+/// and returns the client's certificate if it presented one.
+pub(crate) async fn accept(
+    tls: Option<&Tls>,
+    tcp: TcpStream,
+) -> std::io::Result<(BoxStream, PeerCert)> {
     Ok(match tls {
         Some(tls) => {
             let acceptor = tokio_rustls::TlsAcceptor::from(tls.server.clone());
-            Box::new(acceptor.accept(tcp).await?)
+            let stream = acceptor.accept(tcp).await?;
+            let cert = stream
+                .get_ref()
+                .1
+                .peer_certificates()
+                .and_then(|chain| chain.first())
+                .map(|c| Arc::new(c.clone().into_owned()));
+            (Box::new(stream), PeerCert(cert))
         }
-        None => Box::new(tcp),
+        None => (Box::new(tcp), PeerCert::default()),
     })
 }
 
@@ -135,7 +152,7 @@ impl Link for TcpLink {
         addr: &'a str,
     ) -> BoxFuture<'a, std::io::Result<Box<dyn FrameSink>>> {
         Box::pin(async move {
-            let mut stream = connect(self.tls.as_ref(), addr).await?;
+            let mut stream = connect(self.tls.as_ref(), to, addr).await?;
             let mut hello = Vec::new();
             frame::encode_hello(&mut hello, from, to);
             stream.write_all(&hello).await?;
@@ -144,8 +161,12 @@ impl Link for TcpLink {
         })
     }
 
-    fn open_duplex<'a>(&'a self, addr: &'a str) -> BoxFuture<'a, std::io::Result<BoxStream>> {
-        Box::pin(connect(self.tls.as_ref(), addr))
+    fn open_duplex<'a>(
+        &'a self,
+        to: NodeId,
+        addr: &'a str,
+    ) -> BoxFuture<'a, std::io::Result<BoxStream>> {
+        Box::pin(connect(self.tls.as_ref(), to, addr))
     }
 }
 
@@ -234,7 +255,7 @@ async fn accept_loop(shared: Arc<Shared>, listener: TcpListener, tls: Option<Tls
                     );
                     match handshake.await {
                         // Refusals are logged inside.
-                        Ok(Ok(stream)) => shared.serve_stream(stream, &remote).await,
+                        Ok(Ok((stream, cert))) => shared.serve_stream(stream, &remote, &cert).await,
                         Ok(Err(e)) => {
                             tracing::warn!(node = shared.id, remote, reason = %e, "refusing connection: TLS handshake failed")
                         }

@@ -5,8 +5,17 @@
 //! dial. Peers are verified against `ca_pem`. With `require_client_auth`,
 //! a dialer without a certificate signed by that CA is refused during the
 //! handshake.
+//!
+//! With [`TlsConfig::node_names`], a certificate is also bound to a node:
+//! node `id`'s certificate must be valid for the DNS name `node_names(id)`.
+//! An accepted connection whose hello claims node `id` is refused unless its
+//! client certificate is for that name (so one member's certificate cannot
+//! speak for another), and a dialer checks that the peer it reached holds
+//! the certificate of the node it meant to reach.
 
 use std::sync::Arc;
+
+use raftwork_transport::NodeId;
 
 use rustls::pki_types::pem::PemObject;
 use rustls::pki_types::{CertificateDer, PrivateKeyDer, ServerName};
@@ -27,15 +36,25 @@ pub struct TlsConfig {
     pub require_client_auth: bool,
     /// Name to verify in peers' certificates instead of the host part of
     /// their address (for addresses that are IPs while certificates name
-    /// hosts). Default: none.
+    /// hosts). Ignored when `node_names` is set. Default: none.
     pub server_name: Option<String>,
+    /// The DNS name node `id`'s certificate is issued for (`None`: not a
+    /// node this one knows, refused). When set, every peer's certificate must
+    /// name the node it claims to be, both ways (see the module docs); needs
+    /// `require_client_auth`. Default: none (any certificate the CA signed
+    /// may claim any node id).
+    pub node_names: Option<NodeNames>,
 }
+
+/// Maps a node id to the DNS name its certificate is issued for.
+pub type NodeNames = Arc<dyn Fn(NodeId) -> Option<String> + Send + Sync>;
 
 impl std::fmt::Debug for TlsConfig {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("TlsConfig")
             .field("require_client_auth", &self.require_client_auth)
             .field("server_name", &self.server_name)
+            .field("node_names", &self.node_names.is_some())
             .finish_non_exhaustive()
     }
 }
@@ -53,7 +72,18 @@ impl TlsConfig {
             key_pem: key_pem.into(),
             require_client_auth: true,
             server_name: None,
+            node_names: None,
         }
+    }
+
+    /// Binds certificates to nodes: node `id`'s certificate must be valid for
+    /// the DNS name `names(id)` (see [`TlsConfig::node_names`]).
+    pub fn with_node_names(
+        mut self,
+        names: impl Fn(NodeId) -> Option<String> + Send + Sync + 'static,
+    ) -> Self {
+        self.node_names = Some(Arc::new(names));
+        self
     }
 }
 
@@ -96,10 +126,17 @@ pub(crate) struct Tls {
     pub(crate) server: Arc<ServerConfig>,
     pub(crate) client: Arc<ClientConfig>,
     pub(crate) server_name: Option<String>,
+    pub(crate) node_names: Option<NodeNames>,
 }
 
 impl Tls {
     pub(crate) fn new(c: &TlsConfig) -> Result<Self, TlsConfigError> {
+        if c.node_names.is_some() && !c.require_client_auth {
+            return Err(TlsConfigError(
+                "node_names binds client certificates to nodes: it needs require_client_auth"
+                    .into(),
+            ));
+        }
         let roots = Arc::new(roots(&c.ca_pem)?);
         let chain = certs(&c.cert_pem, "certificate")?;
         let verifier = if c.require_client_auth {
@@ -125,14 +162,23 @@ impl Tls {
             server: Arc::new(server),
             client: Arc::new(client),
             server_name: c.server_name.clone(),
+            node_names: c.node_names.clone(),
         })
     }
 
-    /// The name to verify for a peer at `addr` (`host:port`).
-    pub(crate) fn name_for(&self, addr: &str) -> std::io::Result<ServerName<'static>> {
-        let host = match &self.server_name {
-            Some(n) => n.clone(),
-            None => addr
+    /// The name to verify in the certificate of peer `to` at `addr`
+    /// (`host:port`): its node name when certificates are bound to nodes,
+    /// else `server_name` or the host part of the address.
+    pub(crate) fn name_for(&self, to: NodeId, addr: &str) -> std::io::Result<ServerName<'static>> {
+        let host = match (&self.node_names, &self.server_name) {
+            (Some(names), _) => names(to).ok_or_else(|| {
+                std::io::Error::new(
+                    std::io::ErrorKind::InvalidInput,
+                    format!("no certificate name known for node {to}"),
+                )
+            })?,
+            (None, Some(n)) => n.clone(),
+            (None, None) => addr
                 .rsplit_once(':')
                 .map(|(h, _)| h.trim_start_matches('[').trim_end_matches(']').to_string())
                 .unwrap_or_else(|| addr.to_string()),
@@ -140,4 +186,34 @@ impl Tls {
         ServerName::try_from(host)
             .map_err(|e| std::io::Error::new(std::io::ErrorKind::InvalidInput, e))
     }
+}
+
+/// What the TLS handshake of an accepted connection proved: the client's
+/// end-entity certificate (none without TLS, or without client auth).
+#[derive(Clone, Default)]
+pub(crate) struct PeerCert(pub(crate) Option<Arc<CertificateDer<'static>>>);
+
+/// Checks that `cert` is node `from`'s certificate when `tls` binds
+/// certificates to nodes (always `Ok` otherwise).
+pub(crate) fn check_peer_identity(
+    tls: Option<&TlsConfig>,
+    from: NodeId,
+    cert: &PeerCert,
+) -> Result<(), String> {
+    let Some(names) = tls.and_then(|t| t.node_names.as_ref()) else {
+        return Ok(());
+    };
+    let name = names(from).ok_or_else(|| format!("node {from} has no known certificate name"))?;
+    let Some(cert) = &cert.0 else {
+        return Err(format!("no client certificate for node {from}"));
+    };
+    let subject = ServerName::try_from(name.clone())
+        .map_err(|e| format!("certificate name {name:?} of node {from}: {e}"))?;
+    let parsed = webpki::EndEntityCert::try_from(cert.as_ref())
+        .map_err(|e| format!("client certificate does not parse: {e}"))?;
+    parsed
+        .verify_is_valid_for_subject_name(&subject)
+        .map_err(|_| {
+            format!("the client certificate is not node {from}'s (not valid for {name:?})")
+        })
 }

@@ -309,3 +309,116 @@ async fn tls_rejects_wrong_ca_expired_certificates_missing_client_certificates_a
         "nothing from the rejected node was delivered"
     );
 }
+
+/// Dials `addr` with TLS as `tls`'s certificate, says hello as node `from`
+/// to node 2, and returns true if the server closed the connection.
+async fn hello_refused(addr: std::net::SocketAddr, tls: &TlsConfig, from: u64) -> bool {
+    let client = client_config(&tls.ca_pem, Some((&tls.cert_pem, &tls.key_pem)));
+    let tcp = TcpStream::connect(addr).await.unwrap();
+    let connector = tokio_rustls::TlsConnector::from(std::sync::Arc::new(client));
+    let name = rustls::pki_types::ServerName::try_from("localhost").unwrap();
+    let Ok(mut s) = connector.connect(name, tcp).await else {
+        return true;
+    };
+    let mut hello = Vec::new();
+    frame::encode_hello(&mut hello, from, 2);
+    if s.write_all(&hello).await.is_err() || s.flush().await.is_err() {
+        return true;
+    }
+    let mut buf = [0u8; 16];
+    // An accepted connection stays open: the read times out.
+    matches!(
+        tokio::time::timeout(Duration::from_secs(2), s.read(&mut buf)).await,
+        Ok(Ok(0)) | Ok(Err(_))
+    )
+}
+
+#[tokio::test]
+async fn a_certificate_speaks_only_for_the_node_it_names() {
+    init_logging();
+    let ca = Ca::new("raftwork test CA");
+    let (b, mut ib) = TcpTransport::bind(
+        2,
+        "127.0.0.1:0",
+        NetConfig {
+            tls: Some(ca.named_tls("node-2")),
+            ..Default::default()
+        },
+    )
+    .await
+    .unwrap();
+    let addr = b.local_addr();
+
+    // Node 1 with node 1's certificate: delivered.
+    let (a, _ia) = TcpTransport::bind(
+        1,
+        "127.0.0.1:0",
+        NetConfig {
+            tls: Some(ca.named_tls("node-1")),
+            ..Default::default()
+        },
+    )
+    .await
+    .unwrap();
+    a.set_peer(2, &addr.to_string()).unwrap();
+    a.send(envelope(1, 2, 3));
+    let env = next_messages(&mut ib, WAIT).await.expect("delivered");
+    assert_eq!(env.messages[0].term, 3);
+
+    // Node 3's certificate (signed by the same CA) claiming to be node 1:
+    // refused after the hello. Claiming to be node 3, it is accepted.
+    let three = ca.named_tls("node-3");
+    assert!(
+        hello_refused(addr, &three, 1).await,
+        "node 3 speaking as node 1"
+    );
+    assert!(!hello_refused(addr, &three, 3).await, "node 3 as itself");
+    // A certificate that names no node at all.
+    let nameless = ca.node_tls(false);
+    assert!(
+        hello_refused(addr, &nameless, 1).await,
+        "a certificate naming no node"
+    );
+
+    // The dialer checks too: node 1 sent to an impostor listening as node 2
+    // with node 3's certificate reaches nothing.
+    let (impostor, mut iimp) = TcpTransport::bind(
+        2,
+        "127.0.0.1:0",
+        NetConfig {
+            tls: Some(ca.named_tls("node-3")),
+            ..Default::default()
+        },
+    )
+    .await
+    .unwrap();
+    a.set_peer(2, &impostor.local_addr().to_string()).unwrap();
+    for term in 10..20 {
+        a.send(envelope(1, 2, term));
+    }
+    assert!(
+        next_messages(&mut iimp, Duration::from_secs(2))
+            .await
+            .is_none(),
+        "the impostor received a message"
+    );
+}
+
+#[tokio::test]
+async fn binding_certificates_to_nodes_needs_mutual_tls() {
+    let ca = Ca::new("raftwork test CA");
+    let mut tls = ca.named_tls("node-1");
+    tls.require_client_auth = false;
+    let err = TcpTransport::bind(
+        1,
+        "127.0.0.1:0",
+        NetConfig {
+            tls: Some(tls),
+            ..Default::default()
+        },
+    )
+    .await
+    .err()
+    .expect("refused");
+    assert!(err.to_string().contains("require_client_auth"), "{err}");
+}

@@ -113,11 +113,12 @@ fn forged_peer_messages_neither_stop_nor_wipe_a_node() {
         append.index = commit;
         append.log_term = term;
         for index in [commit + 1, commit + 3, commit + 2] {
-            let mut e = Entry::default();
-            e.index = index;
-            e.term = term;
-            e.data = b"forged".to_vec().into();
-            append.entries.push(e);
+            append.entries.push(Entry {
+                index,
+                term,
+                data: b"forged".to_vec().into(),
+                ..Default::default()
+            });
         }
         send_as(target, from, &batch(from, to, &[append]));
     }

@@ -33,9 +33,21 @@ impl Ca {
 
     /// A node certificate for localhost / 127.0.0.1, valid now unless `expired`.
     pub fn node_tls(&self, expired: bool) -> TlsConfig {
+        self.tls_for(&[], expired)
+    }
+
+    /// A node certificate that also names `name` (a DNS SAN), with every
+    /// node's certificate bound to `node-<id>` (`TlsConfig::node_names`).
+    pub fn named_tls(&self, name: &str) -> TlsConfig {
+        self.tls_for(&[name], false)
+            .with_node_names(|id| Some(format!("node-{id}")))
+    }
+
+    fn tls_for(&self, names: &[&str], expired: bool) -> TlsConfig {
         let key = KeyPair::generate().unwrap();
-        let mut params =
-            CertificateParams::new(vec!["localhost".to_string(), "127.0.0.1".to_string()]).unwrap();
+        let mut sans = vec!["localhost".to_string(), "127.0.0.1".to_string()];
+        sans.extend(names.iter().map(|n| n.to_string()));
+        let mut params = CertificateParams::new(sans).unwrap();
         if expired {
             params.not_before = rcgen::date_time_ymd(2020, 1, 1);
             params.not_after = rcgen::date_time_ymd(2021, 1, 1);
