@@ -80,8 +80,9 @@ pub enum FatalReason {
         /// Why.
         detail: String,
     },
-    /// The state machine panicked (in `apply`, `snapshot` or `restore`), or
-    /// broke its contract (for example one response per command).
+    /// The state machine panicked (in `apply`, `snapshot`, `restore`, or a
+    /// read closure run on it), or broke its contract (for example one
+    /// response per command). Its state is unknown from then on.
     #[error("the state machine panicked: {message}")]
     StateMachinePanicked {
         /// The panic message.
