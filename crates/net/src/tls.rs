@@ -76,6 +76,13 @@ impl TlsConfig {
         }
     }
 
+    /// Checks that the PEM blobs parse and fit together (the certificate
+    /// chains, the key matches it, the settings agree), as a transport will
+    /// when it starts: for checking settings before anything else starts.
+    pub fn check(&self) -> Result<(), TlsConfigError> {
+        Tls::new(self).map(|_| ())
+    }
+
     /// Binds certificates to nodes: node `id`'s certificate must be valid for
     /// the DNS name `names(id)` (see [`TlsConfig::node_names`]).
     pub fn with_node_names(

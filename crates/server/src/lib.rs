@@ -23,3 +23,4 @@ pub mod kv;
 pub mod local;
 pub mod members;
 pub mod serve;
+pub mod tls;

@@ -14,6 +14,10 @@
 //! (Ctrl-C) or SIGTERM it sends SIGTERM to every child, waits for them
 //! (SIGKILL after 30 s) and exits 0. A child that exits on its own stops
 //! the others and exits 1.
+//!
+//! With `--tls` the peers talk mutual TLS: `raftwork tls init` writes a CA
+//! and one certificate per node into `<base-dir>/certs` on the first run
+//! (later runs reuse them), and every node gets the `--peer-*-file` flags.
 
 use std::fmt::Write as _;
 use std::io::Write as _;
@@ -28,6 +32,25 @@ use crate::forward::HttpClient;
 
 /// Token of the local cluster's members.
 pub const LOCAL_TOKEN: &str = "local-cluster";
+
+/// Where `--tls` keeps the certificates, under the base dir.
+pub const CERTS_DIR: &str = "certs";
+
+/// Makes the certificates of `--tls` on the first run (later runs reuse
+/// them).
+fn ensure_certs(args: &LocalClusterArgs) -> Result<(), String> {
+    let dir = args.base_dir.join(CERTS_DIR);
+    if dir.join("ca.pem").exists() {
+        return Ok(());
+    }
+    crate::tls::init(&crate::tls::TlsInitArgs {
+        names: (1..=args.nodes).map(|i| format!("n{i}")).collect(),
+        out: dir,
+        hosts: Vec::new(),
+        days: 365,
+    })
+    .map(|_| ())
+}
 
 /// How long the nodes get to answer `/healthz`, and to exit after SIGTERM.
 const GUARD: Duration = Duration::from_secs(30);
@@ -48,6 +71,10 @@ pub struct LocalClusterArgs {
     /// --log-level of the nodes (their logs go to <base-dir>/n<i>.log).
     #[arg(long, default_value = "info")]
     pub log_level: String,
+    /// Peer TLS: certificates in <base-dir>/certs (made on the first run by
+    /// `raftwork tls init`), mutual and bound to the node names.
+    #[arg(long)]
+    pub tls: bool,
 }
 
 /// One node's ports.
@@ -188,14 +215,23 @@ fn spawn_node(
             cmd.env_remove(k);
         }
     }
-    let child = cmd
-        .args(["serve", "--name", name, "--log-level", &args.log_level])
+    cmd.args(["serve", "--name", name, "--log-level", &args.log_level])
         .arg("--data-dir")
         .arg(&data)
         .args(["--api-addr", &format!("127.0.0.1:{}", ports.api)])
         .args(["--peer-addr", &format!("127.0.0.1:{}", ports.peer)])
         .args(["--initial-cluster", initial_cluster])
-        .args(["--initial-cluster-token", LOCAL_TOKEN])
+        .args(["--initial-cluster-token", LOCAL_TOKEN]);
+    if args.tls {
+        let certs = args.base_dir.join(CERTS_DIR);
+        cmd.arg("--peer-cert-file")
+            .arg(certs.join(format!("{name}.pem")))
+            .arg("--peer-key-file")
+            .arg(certs.join(format!("{name}-key.pem")))
+            .arg("--peer-trusted-ca-file")
+            .arg(certs.join("ca.pem"));
+    }
+    let child = cmd
         .stdin(Stdio::null())
         .stdout(Stdio::null())
         .stderr(log_file)
@@ -295,6 +331,12 @@ async fn run_async(args: LocalClusterArgs) -> ExitCode {
             return ExitCode::FAILURE;
         }
     };
+    if args.tls {
+        if let Err(e) = ensure_certs(&args) {
+            eprintln!("raftwork: {e}");
+            return ExitCode::FAILURE;
+        }
+    }
     let initial_cluster = ports
         .iter()
         .enumerate()

@@ -7,6 +7,7 @@ use raftwork_server::bench::{self, BenchArgs};
 use raftwork_server::client::{self, KvArgs, MemberArgs, StatusArgs};
 use raftwork_server::local::{self, LocalClusterArgs};
 use raftwork_server::serve::{init_logging, run, ServeArgs};
+use raftwork_server::tls::{self, TlsInitArgs};
 
 /// mimalloc instead of the system allocator: a node allocates and frees
 /// small buffers for every request, message and entry, and glibc's malloc
@@ -26,7 +27,7 @@ struct Cli {
 enum Command {
     /// Run a node. With no flags: a durable single-node cluster in
     /// ./raftwork-data, API on 127.0.0.1:8080, peers on 127.0.0.1:2380.
-    Serve(ServeArgs),
+    Serve(Box<ServeArgs>),
     /// Keys and values: put, get, del, list (any member takes any request).
     Kv(KvArgs),
     /// Cluster members: list, add, remove, promote.
@@ -39,6 +40,16 @@ enum Command {
     /// Closed-loop load: N clients putting V-byte values for D seconds
     /// against raftwork (REST) or etcd (v3 gRPC); prints ops/s, p50/p99/max.
     Bench(BenchArgs),
+    /// Certificates for peer TLS.
+    #[command(subcommand)]
+    Tls(TlsCommand),
+}
+
+#[derive(Debug, Subcommand)]
+enum TlsCommand {
+    /// Write a CA and one certificate per member name (each naming its
+    /// member) into --out, for `serve --peer-cert-file ...`.
+    Init(TlsInitArgs),
 }
 
 fn main() -> ExitCode {
@@ -50,14 +61,21 @@ fn main() -> ExitCode {
         Command::Status(args) => client::status(args),
         Command::LocalCluster(args) => local::run(args),
         Command::Bench(args) => bench::run(args),
+        Command::Tls(TlsCommand::Init(args)) => tls::run(args),
         Command::Serve(args) => {
-            let args = match args.resolve() {
+            let args = match (*args).resolve() {
                 Ok(settings) => settings,
                 Err(e) => {
                     eprintln!("raftwork: {e}");
                     return ExitCode::from(2);
                 }
             };
+            // Unusable TLS files are a bad setting: refused before the data
+            // dir is touched.
+            if let Some(Err(e)) = args.peer_tls.as_ref().map(|f| f.load()) {
+                eprintln!("raftwork: peer TLS: {e}");
+                return ExitCode::from(2);
+            }
             let plan = match args.plan() {
                 Ok(plan) => plan,
                 Err(e) => {

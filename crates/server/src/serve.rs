@@ -29,7 +29,9 @@ use tokio::net::TcpListener;
 use tracing_subscriber::EnvFilter;
 
 use crate::api::{self, ApiConfig};
-use crate::cluster::{parse_host_port, parse_initial_cluster, ClusterPlan, ClusterState};
+use crate::cluster::{
+    member_id, parse_host_port, parse_initial_cluster, ClusterPlan, ClusterState,
+};
 use crate::forward::HttpClient;
 use crate::kv::{KvStore, MAX_KEY_BYTES, MAX_VALUE_BYTES};
 use crate::members::{self, MemberInfo, Members};
@@ -102,6 +104,20 @@ pub struct ServeArgs {
     /// [default: raftwork].
     #[arg(long, env = "RAFTWORK_INITIAL_CLUSTER_TOKEN", value_parser = parse_name)]
     pub initial_cluster_token: Option<String>,
+    /// This member's certificate for the peer port (PEM, leaf first). With
+    /// --peer-key-file and --peer-trusted-ca-file it turns on peer TLS:
+    /// always mutual, and each member's certificate must name it (a DNS SAN
+    /// equal to its --name), so one member's certificate cannot speak for
+    /// another; plaintext peers are refused. `raftwork tls init` makes such
+    /// certificates [default: none, plaintext peers].
+    #[arg(long, env = "RAFTWORK_PEER_CERT_FILE")]
+    pub peer_cert_file: Option<PathBuf>,
+    /// The private key of --peer-cert-file (PEM).
+    #[arg(long, env = "RAFTWORK_PEER_KEY_FILE")]
+    pub peer_key_file: Option<PathBuf>,
+    /// CA certificates (PEM) that sign every member's peer certificate.
+    #[arg(long, env = "RAFTWORK_PEER_TRUSTED_CA_FILE")]
+    pub peer_trusted_ca_file: Option<PathBuf>,
 }
 
 /// The `--config` file: the same settings as the flags, all optional.
@@ -119,6 +135,63 @@ struct FileConfig {
     initial_cluster: Option<String>,
     initial_cluster_state: Option<String>,
     initial_cluster_token: Option<String>,
+    peer_cert_file: Option<PathBuf>,
+    peer_key_file: Option<PathBuf>,
+    peer_trusted_ca_file: Option<PathBuf>,
+}
+
+/// The files of a TLS setting: certificate, key and trusted CAs (PEM).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct TlsFiles {
+    /// Certificate chain, leaf first.
+    pub cert: PathBuf,
+    /// Private key of the certificate.
+    pub key: PathBuf,
+    /// CA certificates to verify the other side with.
+    pub trusted_ca: PathBuf,
+}
+
+impl TlsFiles {
+    /// All three or none; `flag` names the flags' prefix in errors.
+    fn from_parts(
+        flag: &str,
+        cert: Option<PathBuf>,
+        key: Option<PathBuf>,
+        trusted_ca: Option<PathBuf>,
+    ) -> Result<Option<Self>, String> {
+        match (cert, key, trusted_ca) {
+            (None, None, None) => Ok(None),
+            (Some(cert), Some(key), Some(trusted_ca)) => Ok(Some(Self {
+                cert,
+                key,
+                trusted_ca,
+            })),
+            _ => Err(format!(
+                "--{flag}cert-file, --{flag}key-file and --{flag}trusted-ca-file go together: give all three or none"
+            )),
+        }
+    }
+
+    /// Reads the three files into a mutual-TLS configuration and checks that
+    /// they fit together.
+    pub fn load(&self) -> Result<raftwork::net::TlsConfig, String> {
+        let read =
+            |p: &PathBuf| std::fs::read(p).map_err(|e| format!("cannot read {}: {e}", p.display()));
+        let tls = raftwork::net::TlsConfig::new(
+            read(&self.trusted_ca)?,
+            read(&self.cert)?,
+            read(&self.key)?,
+        );
+        tls.check().map_err(|e| {
+            format!(
+                "{e} (certificate {}, key {}, CA {})",
+                self.cert.display(),
+                self.key.display(),
+                self.trusted_ca.display()
+            )
+        })?;
+        Ok(tls)
+    }
 }
 
 /// The settings `raftwork serve` runs with, after flags, environment,
@@ -147,6 +220,8 @@ pub struct Settings {
     pub initial_cluster_state: ClusterState,
     /// The cluster token, if given.
     pub initial_cluster_token: Option<String>,
+    /// Peer TLS (`None`: plaintext peers).
+    pub peer_tls: Option<TlsFiles>,
 }
 
 impl ServeArgs {
@@ -236,7 +311,14 @@ impl ServeArgs {
                 None => None,
             },
         };
+        let peer_tls = TlsFiles::from_parts(
+            "peer-",
+            self.peer_cert_file.or(file.peer_cert_file),
+            self.peer_key_file.or(file.peer_key_file),
+            self.peer_trusted_ca_file.or(file.peer_trusted_ca_file),
+        )?;
         Ok(Settings {
+            peer_tls,
             advertise_peer_addr,
             advertise_api_addr,
             initial_cluster,
@@ -356,10 +438,33 @@ pub enum ServeError {
     /// The API server failed.
     #[error("API server failed: {0}")]
     Serve(std::io::Error),
+    /// The peer TLS files cannot be used.
+    #[error("peer TLS: {0}")]
+    PeerTls(String),
     /// The node stopped on an error it cannot go on from; the process exits
     /// non-zero so that a supervisor restarts it.
     #[error("the node stopped: {0}")]
     NodeFailed(raftwork::FatalReason),
+}
+
+/// The DNS name each member's peer certificate must carry: its name. The
+/// names known are the initial members' and those in the member records; a
+/// name counts for an id only if the id derives from it (token and name), so
+/// a record cannot lend one member's name to another's id.
+fn node_names(plan: &ClusterPlan, members: Arc<Members>) -> impl Fn(u64) -> Option<String> {
+    let token = plan.token.clone();
+    let initial: std::collections::HashMap<u64, String> = plan
+        .member_ids()
+        .into_iter()
+        .map(|(id, name, _)| (id, name))
+        .collect();
+    move |id| {
+        initial
+            .get(&id)
+            .cloned()
+            .or_else(|| members.get(id).map(|m| m.name))
+            .filter(|name| member_id(&token, name) == id)
+    }
 }
 
 /// Runs `raftwork serve` until SIGTERM or SIGINT.
@@ -385,17 +490,25 @@ pub async fn run(args: Settings, plan: ClusterPlan) -> Result<(), ServeError> {
             dir: args.data_dir.clone(),
             source,
         })?;
+    let members = Arc::new(Members::new());
     let mut builder = Builder::new(plan.id, KvStore::new())
         .data_dir(&args.data_dir)
         .listen(args.peer_addr);
-    let members = plan.member_ids();
-    for (id, _, addr) in &members {
+    if let Some(files) = &args.peer_tls {
+        let tls = files.load().map_err(ServeError::PeerTls)?;
+        builder = builder.net_config(raftwork::net::NetConfig {
+            tls: Some(tls.with_node_names(node_names(&plan, members.clone()))),
+            ..Default::default()
+        });
+    }
+    let initial = plan.member_ids();
+    for (id, _, addr) in &initial {
         if *id != plan.id {
             builder = builder.peer(*id, addr.clone());
         }
     }
     builder = match plan.state {
-        ClusterState::New => builder.initial_voters(members.iter().map(|(id, _, _)| *id)),
+        ClusterState::New => builder.initial_voters(initial.iter().map(|(id, _, _)| *id)),
         ClusterState::Existing => builder.join_existing(),
     };
     let node = builder
@@ -420,7 +533,6 @@ pub async fn run(args: Settings, plan: ClusterPlan) -> Result<(), ServeError> {
     );
 
     let request_timeout = Duration::from_millis(args.request_timeout_ms);
-    let members = Arc::new(Members::new());
     let me = MemberInfo {
         name: plan.name.clone(),
         id: plan.id,

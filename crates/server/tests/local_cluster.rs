@@ -49,6 +49,11 @@ impl Drop for Running {
 /// three node lines it prints once they answer /healthz. `None` if it
 /// exited before (e.g. a picked port was taken in between).
 fn start(base: &Path) -> Option<Running> {
+    start_with(base, &[])
+}
+
+/// [`start`] with more flags for local-cluster.
+fn start_with(base: &Path, extra: &[&str]) -> Option<Running> {
     let stderr = std::fs::OpenOptions::new()
         .create(true)
         .append(true)
@@ -57,6 +62,7 @@ fn start(base: &Path) -> Option<Running> {
     let mut child = raftwork()
         .args(["local-cluster", "--nodes", "3", "--base-dir"])
         .arg(base)
+        .args(extra)
         .stdin(Stdio::null())
         .stdout(Stdio::piped())
         .stderr(stderr)
@@ -91,8 +97,12 @@ fn start(base: &Path) -> Option<Running> {
 }
 
 fn start_retrying(base: &Path) -> Running {
+    start_retrying_with(base, &[])
+}
+
+fn start_retrying_with(base: &Path, extra: &[&str]) -> Running {
     for _ in 0..3 {
-        if let Some(r) = start(base) {
+        if let Some(r) = start_with(base, extra) {
             return r;
         }
         // A port was taken: start over with new ports.
@@ -198,4 +208,40 @@ fn local_cluster_serves_writes_and_stops_on_sigterm() {
         String::from_utf8_lossy(&o.stderr).contains("3 nodes"),
         "{o:?}"
     );
+}
+
+#[test]
+fn local_cluster_with_tls_runs_its_peers_over_mutual_tls() {
+    let dir = tempfile::tempdir().unwrap();
+    let base = dir.path().join("local");
+    let r = start_retrying_with(&base, &["--tls"]);
+    for f in ["ca.pem", "n1.pem", "n1-key.pem", "n3-key.pem"] {
+        assert!(base.join("certs").join(f).exists(), "{f}");
+    }
+    let (url1, url2) = (r.nodes[0].1.clone(), r.nodes[1].1.clone());
+    // Replication works, so the peers found each other over TLS...
+    eventually(&url1, &["kv", "put", "secure", "yes"]);
+    assert_eq!(eventually(&url2, &["kv", "get", "secure"]), "yes");
+    // ...and a node's peer port refuses plaintext (the TLS handshake fails
+    // on a hello frame, and the node says so in its log).
+    let log = std::fs::read_to_string(base.join("n1.log")).unwrap();
+    assert!(!log.contains("TLS handshake failed"), "{log}");
+    let ports = std::fs::read_to_string(base.join("ports")).unwrap();
+    // "n1 API PEER" on the first line.
+    let peer_port = ports
+        .split_whitespace()
+        .nth(2)
+        .unwrap_or_else(|| panic!("ports file: {ports}"));
+    let mut tcp = TcpStream::connect(format!("127.0.0.1:{peer_port}")).unwrap();
+    std::io::Write::write_all(&mut tcp, b"RWNET001 not a TLS client hello").unwrap();
+    let deadline = Instant::now() + GUARD;
+    loop {
+        let log = std::fs::read_to_string(base.join("n1.log")).unwrap();
+        if log.contains("TLS handshake failed") {
+            break;
+        }
+        assert!(Instant::now() < deadline, "no refusal logged:\n{log}");
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    terminate(r);
 }
