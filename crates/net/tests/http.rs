@@ -565,29 +565,11 @@ async fn a_certificate_speaks_only_for_the_node_it_names() {
     init_logging();
     let ca = Ca::new("raftwork test CA");
     for mode in MODES {
-        let tls = |name: &str| NetConfig {
-            tls: Some(ca.named_tls(name)),
-            ..Default::default()
-        };
-        let (b, mut ib) = bind(2, mode, tls("node-2")).await;
-        let to_b = b.local_addr().to_string();
-        // Node 1 with its own certificate: delivered.
-        let (a, _ia) = bind(1, mode, tls("node-1")).await;
-        a.set_peer(2, &to_b).unwrap();
-        a.send(envelope(1, 2, 3));
-        let env = next_messages(&mut ib, WAIT).await.expect("delivered");
-        assert_eq!(env.messages[0].term, 3, "{mode:?}");
-        // A node calling itself 1 with node 3's certificate: refused.
-        let (forger, _if) = bind(1, mode, tls("node-3")).await;
-        forger.set_peer(2, &to_b).unwrap();
-        for term in 10..20 {
-            forger.send(envelope(1, 2, term));
-        }
-        assert!(
-            next_messages(&mut ib, Duration::from_secs(2))
-                .await
-                .is_none(),
-            "{mode:?}: node 3's certificate spoke for node 1"
-        );
+        certificates_speak_only_for_their_node(&ca, |id, config| async move {
+            let (t, inbox) = bind(id, mode, config).await;
+            let addr = t.local_addr();
+            (t, inbox, addr)
+        })
+        .await;
     }
 }

@@ -204,3 +204,36 @@ pub fn client_config(ca_pem: &[u8], cert: Option<(&[u8], &[u8])>) -> rustls::Cli
         None => builder.with_no_client_auth(),
     }
 }
+
+/// Node 1 with its own certificate reaches node 2; a node calling itself 1
+/// with node 3's certificate does not (`TlsConfig::node_names`). `bind`
+/// starts a transport of the kind under test: (transport, inbox, address).
+pub async fn certificates_speak_only_for_their_node<T, F, Fut>(ca: &Ca, bind: F)
+where
+    T: raftwork_net::Transport,
+    F: Fn(u64, NetConfig) -> Fut,
+    Fut: std::future::Future<Output = (T, Inbox, std::net::SocketAddr)>,
+{
+    let tls = |name: &str| NetConfig {
+        tls: Some(ca.named_tls(name)),
+        ..Default::default()
+    };
+    let (_b, mut ib, b_addr) = bind(2, tls("node-2")).await;
+    let to_b = b_addr.to_string();
+    let (a, _ia, _) = bind(1, tls("node-1")).await;
+    a.set_peer(2, &to_b).unwrap();
+    a.send(envelope(1, 2, 3));
+    let env = next_messages(&mut ib, WAIT).await.expect("delivered");
+    assert_eq!(env.messages[0].term, 3);
+    let (forger, _if, _) = bind(1, tls("node-3")).await;
+    forger.set_peer(2, &to_b).unwrap();
+    for term in 10..20 {
+        forger.send(envelope(1, 2, term));
+    }
+    assert!(
+        next_messages(&mut ib, Duration::from_secs(2))
+            .await
+            .is_none(),
+        "node 3's certificate spoke for node 1"
+    );
+}
