@@ -59,7 +59,20 @@ impl Member {
     }
 
     pub fn start_with(&mut self, initial_cluster: &str, extra: &[&str]) {
-        let mut cmd = Command::new(BIN);
+        self.start_under(&[], initial_cluster, extra);
+    }
+
+    /// Starts the member as the last argument of `wrapper` (a program that
+    /// runs another, such as `fiu-run -x`), or directly if it is empty.
+    pub fn start_under(&mut self, wrapper: &[&str], initial_cluster: &str, extra: &[&str]) {
+        let mut cmd = match wrapper.split_first() {
+            Some((program, args)) => {
+                let mut c = Command::new(program);
+                c.args(args).arg(BIN);
+                c
+            }
+            None => Command::new(BIN),
+        };
         for (k, _) in std::env::vars_os() {
             if k.to_string_lossy().starts_with("RAFTWORK_") {
                 cmd.env_remove(k);
