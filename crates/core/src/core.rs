@@ -707,9 +707,14 @@ impl<S: LogStore> Core<S> {
                 break;
             }
             let (_, msgs) = self.persisted_messages.pop_front().unwrap();
-            if !msgs.is_empty() {
-                self.actions.push(Action::Send(msgs));
-            }
+            self.push_send(msgs);
+        }
+    }
+
+    /// Emits `msgs` to send.
+    fn push_send(&mut self, msgs: Vec<Message>) {
+        if !msgs.is_empty() {
+            self.actions.push(Action::Send(msgs));
         }
     }
 
@@ -901,10 +906,7 @@ impl<S: LogStore> Core<S> {
             }
         }
         // 1. A leader's messages go out before its own write.
-        let msgs = rd.take_messages();
-        if !msgs.is_empty() {
-            self.actions.push(Action::Send(msgs));
-        }
+        self.push_send(rd.take_messages());
         // 2. Snapshot and committed entries, in log order.
         let mut batch = WriteBatch {
             group_id: self.config.group_id,

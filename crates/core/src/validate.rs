@@ -13,7 +13,7 @@
 //!
 //! | rule | message | raft-rs path it closes |
 //! |------|---------|------------------------|
-//! | R1 | any: `to` is this node, `from` is neither 0 nor this node | `from == self.id` makes a `MsgReadIndex` a local read (`handle_ready_read_index`) |
+//! | R1 | any: `to` is this node, `from` is not 0, and not this node except on `MsgReadIndex` | a message "from" this node is stepped as its own; a `MsgReadIndex` keeps its requester as `from` when a follower forwards it, so a node's own read can come back to it through a peer (raft-rs then serves it as a local read, which is what it is) |
 //! | R2 | any: only types peers send (no `MsgPropose`, `MsgTransferLeader`, local types) | `MsgPropose` with a conf-change entry would make the leader propose it; local types are refused by `RawNode::step` anyway |
 //! | R3 | any: term, index, commit, log term and hints below 2^62 | `term + 1` and `index + 1` overflow (a panic in debug builds, a wrap in release) |
 //! | R3b | any: term 0 exactly on `MsgReadIndex` (raft-rs sends it without a term, everything else with one) | a term-0 message is stepped as local, and the answer raft-rs builds is fatal in `Raft::send` ("term should be set"); a `MsgReadIndex` with a term is fatal when a follower forwards it |
@@ -180,10 +180,10 @@ pub(crate) fn check<S: Storage>(raft: &Raft<S>, m: &Message) -> Result<(), Rejec
     if m.to != me {
         return Err(Rejected::WrongRecipient { to: m.to });
     }
-    if m.from == 0 || m.from == me {
+    let msg_type = m.get_msg_type();
+    if m.from == 0 || (m.from == me && msg_type != MessageType::MsgReadIndex) {
         return Err(Rejected::BadSender { from: m.from });
     }
-    let msg_type = m.get_msg_type();
     match msg_type {
         MsgAppend
         | MsgAppendResponse

@@ -723,7 +723,9 @@ fn start_snapshot_transfers(
 }
 
 /// An envelope must come from the node that said hello and be for us, and
-/// so must each message in it (raft-rs trusts these fields).
+/// so must each message in it (raft-rs trusts these fields), except that a
+/// `MsgReadIndex` keeps the node that asked as `from` when a follower
+/// forwards it to the leader (the core checks it like any other message).
 fn check_envelope(env: Envelope, from: NodeId, node: NodeId) -> Result<Envelope, FrameError> {
     if env.from != from || env.to != node {
         return Err(FrameError::Malformed(format!(
@@ -731,7 +733,12 @@ fn check_envelope(env: Envelope, from: NodeId, node: NodeId) -> Result<Envelope,
             env.from, env.to
         )));
     }
-    if let Some(m) = env.messages.iter().find(|m| m.from != from || m.to != node) {
+    let forwarded_read = |m: &raft::prelude::Message| m.get_msg_type() == MessageType::MsgReadIndex;
+    if let Some(m) = env
+        .messages
+        .iter()
+        .find(|m| (m.from != from && !forwarded_read(m)) || m.to != node)
+    {
         return Err(FrameError::Malformed(format!(
             "message {}→{} in an envelope {from}→{node}",
             m.from, m.to

@@ -422,3 +422,25 @@ async fn binding_certificates_to_nodes_needs_mutual_tls() {
     .expect("refused");
     assert!(err.to_string().contains("require_client_auth"), "{err}");
 }
+
+#[tokio::test]
+async fn a_forwarded_read_index_keeps_its_requester_and_is_delivered() {
+    init_logging();
+    let ((a, _ia), (_b, mut ib)) = pair(None).await;
+    // Node 1 forwards a read index that node 3 asked it for (raft-rs keeps
+    // the requester as `from`); the connection stays up and both messages
+    // arrive.
+    let mut forwarded = raft::prelude::Message::default();
+    forwarded.set_msg_type(raft::prelude::MessageType::MsgReadIndex);
+    forwarded.from = 3;
+    forwarded.to = 2;
+    let mut env = envelope(1, 2, 4);
+    env.messages.push(forwarded);
+    a.send(env);
+    let got = next_messages(&mut ib, WAIT).await.expect("delivered");
+    assert_eq!(got.messages.len(), 2);
+    assert_eq!(got.messages[1].from, 3);
+    a.send(envelope(1, 2, 5));
+    let got = next_messages(&mut ib, WAIT).await.expect("still connected");
+    assert_eq!(got.messages[0].term, 5);
+}
