@@ -139,9 +139,11 @@ fn local_reads_without_read_index_are_caught() {
 /// 20054: a node's own read index came back to it forwarded by a follower
 /// (raft-rs keeps the requester as `from`), and validation refused it as a
 /// message "from" itself.
+const REGRESSION_SEEDS: &[u64] = &[20054];
+
 #[test]
 fn seeds_that_once_failed_pass() {
-    for seed in [20054] {
+    for &seed in REGRESSION_SEEDS {
         let cfg = SimConfig {
             seed,
             ..SimConfig::default()
