@@ -313,14 +313,36 @@ pub(crate) async fn receive<S: AsyncRead + AsyncWrite + Unpin>(
         cfg.snapshot_receives_max,
         cfg.snapshot_resume_window,
     )?;
-    let held = held.filter(|p| p.index == meta.index && p.term == meta.term);
-    let outcome = receive_into(shared, store, stream, from, group, &msg, held).await;
-    let (result, keep) = match outcome {
-        Ok(()) => (Ok(()), None),
-        Err((reason, keep)) => (Err(reason), keep),
+    // The slot is given back however this ends, a cancelled transfer (the
+    // connection's task dropped at shutdown) included.
+    let mut slot = Slot {
+        partials: &shared.partials,
+        key,
+        keep: None,
     };
-    shared.partials.lock().unwrap().finish(key, keep);
-    result
+    let held = held.filter(|p| p.index == meta.index && p.term == meta.term);
+    match receive_into(shared, store, stream, from, group, &msg, held).await {
+        Ok(()) => Ok(()),
+        Err((reason, keep)) => {
+            slot.keep = keep;
+            Err(reason)
+        }
+    }
+}
+
+/// A transfer's place in [`Partials`]; dropping it ends the transfer,
+/// keeping `keep` for a resume.
+struct Slot<'a> {
+    partials: &'a std::sync::Mutex<Partials>,
+    key: (NodeId, u64),
+    keep: Option<Partial>,
+}
+
+impl Drop for Slot<'_> {
+    fn drop(&mut self) {
+        let keep = self.keep.take();
+        self.partials.lock().unwrap().finish(self.key, keep);
+    }
 }
 
 /// The transfer itself, in its slot. An `Err` carries the partial snapshot
@@ -478,5 +500,61 @@ async fn receive_into<S: AsyncRead + AsyncWrite + Unpin>(
                 )))
             }
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use raft::prelude::SnapshotMetadata;
+    use raftwork_storage::MemSnapshotStore;
+
+    fn partial(index: u64) -> Partial {
+        let store = MemSnapshotStore::default();
+        let meta = SnapshotMetadata {
+            index,
+            term: 1,
+            ..Default::default()
+        };
+        Partial {
+            index,
+            term: 1,
+            writer: store.create(meta).unwrap(),
+            written_bytes: 10,
+            crc: 0,
+        }
+    }
+
+    #[test]
+    fn slots_are_bounded_kept_ones_make_room_and_running_ones_do_not() {
+        let window = Duration::from_secs(300);
+        let mut p = Partials::default();
+        // Two running transfers fill two slots; a third is refused.
+        assert!(p.start((1, 1), 2, window).unwrap().is_none());
+        assert!(p.start((2, 1), 2, window).unwrap().is_none());
+        assert!(p.start((3, 1), 2, window).is_err());
+        // One breaks and is kept: still no room for a stranger while the
+        // other runs... except by evicting the kept one.
+        p.finish((1, 1), Some(partial(7)));
+        assert_eq!((p.receiving_count, p.kept.len()), (1, 1));
+        assert!(p.start((3, 1), 2, window).unwrap().is_none());
+        assert_eq!(
+            (p.receiving_count, p.kept.len()),
+            (2, 0),
+            "the kept one made room"
+        );
+        // A resume finds its kept partial.
+        p.finish((3, 1), Some(partial(9)));
+        let held = p
+            .start((3, 1), 2, window)
+            .unwrap()
+            .expect("kept for a resume");
+        assert_eq!(held.index, 9);
+        // Kept partials expire.
+        p.finish((3, 1), Some(held));
+        p.finish((2, 1), None);
+        assert_eq!((p.receiving_count, p.kept.len()), (0, 1));
+        assert!(p.start((4, 1), 2, Duration::ZERO).unwrap().is_none());
+        assert_eq!(p.kept.len(), 0, "expired");
     }
 }
