@@ -71,6 +71,7 @@ use serde::Serialize;
 use crate::cluster::{member_id, parse_host_port};
 use crate::forward::{HttpClient, SendError, FORWARDED_HEADER};
 use crate::kv::{Expect, KvCommand, KvResponse, KvStore, MAX_KEY_BYTES, MAX_VALUE_BYTES};
+use crate::listener::ApiPeer;
 use crate::members::{member_key, MemberInfo, Members, RESERVED_PREFIX};
 
 /// Entries a listing returns when no `limit` is given.
@@ -99,6 +100,68 @@ pub struct ApiConfig {
     /// Pooled connections to the leader, for forwarding (a
     /// [`HttpClient::forwarding`] client: it marks what it sends).
     pub http: HttpClient,
+    /// Certificate identities (DNS names) allowed to change membership and
+    /// move leadership (`--admin-identities`); empty: anyone.
+    pub admin_identities: Vec<String>,
+    /// Whether clients must present certificates (`--client-cert-auth`):
+    /// then a member record can only be published with that member's own
+    /// certificate.
+    pub client_cert_auth: bool,
+}
+
+/// The caller of a request, as the API listener saw it (`None` when the
+/// router is served some other way, as in some tests).
+struct Caller(Option<ApiPeer>);
+
+impl<S: Send + Sync> axum::extract::FromRequestParts<S> for Caller {
+    type Rejection = std::convert::Infallible;
+
+    async fn from_request_parts(
+        parts: &mut axum::http::request::Parts,
+        _: &S,
+    ) -> Result<Self, Self::Rejection> {
+        Ok(Caller(
+            parts
+                .extensions
+                .get::<axum::extract::ConnectInfo<ApiPeer>>()
+                .map(|c| c.0.clone()),
+        ))
+    }
+}
+
+impl Caller {
+    /// Whether the caller's certificate names `name`.
+    fn is(&self, name: &str) -> bool {
+        self.0.as_ref().is_some_and(|p| p.is(name))
+    }
+
+    /// Whether the caller's certificate names a member of this cluster.
+    fn is_member(&self, state: &AppState) -> bool {
+        self.0.as_ref().is_some_and(|p| p.cert.is_some())
+            && state
+                .config
+                .members
+                .all()
+                .values()
+                .any(|m| self.is(&m.name))
+    }
+}
+
+/// Membership changes and leadership transfers: with `--admin-identities`,
+/// only a client whose certificate names one of them, or a member
+/// forwarding a request it already checked.
+fn authorize_admin(state: &AppState, caller: &Caller, headers: &HeaderMap) -> ApiResult<()> {
+    let admins = &state.config.admin_identities;
+    if admins.is_empty() || admins.iter().any(|a| caller.is(a)) {
+        return Ok(());
+    }
+    if headers.contains_key(FORWARDED_HEADER) && caller.is_member(state) {
+        return Ok(());
+    }
+    Err(ApiError::new(
+        StatusCode::FORBIDDEN,
+        "this needs a client certificate naming an admin identity (--admin-identities)",
+    ))
 }
 
 struct AppState {
@@ -1001,6 +1064,7 @@ async fn cluster_nodes(State(state): State<Shared>) -> ApiResult<Json<NodesBody>
 /// [`crate::members`]); forwarded to the leader like any write.
 async fn put_member(
     State(state): State<Shared>,
+    caller: Caller,
     uri: Uri,
     headers: HeaderMap,
     body: Body,
@@ -1010,6 +1074,17 @@ async fn put_member(
         .path()
         .strip_prefix("/v1/internal/members/")
         .unwrap_or("");
+    // With client certificates, a member publishes only its own record (or
+    // a member forwards one it checked).
+    if state.config.client_cert_auth
+        && !caller.is(name)
+        && !(headers.contains_key(FORWARDED_HEADER) && caller.is_member(&state))
+    {
+        return Err(ApiError::new(
+            StatusCode::FORBIDDEN,
+            format!("only member {name} may publish its record (its client certificate)"),
+        ));
+    }
     let body = read_value(&headers, body).await?;
     let info: MemberInfo = serde_json::from_slice(&body)
         .map_err(|e| ApiError::bad_request(format!("malformed member record: {e}")))?;
@@ -1025,8 +1100,10 @@ async fn put_member(
         ));
     }
     parse_host_port(&info.peer_addr).map_err(ApiError::bad_request)?;
-    if !info.api_url.starts_with("http://") {
-        return Err(ApiError::bad_request("api_url must be http://host:port"));
+    if !info.api_url.starts_with("http://") && !info.api_url.starts_with("https://") {
+        return Err(ApiError::bad_request(
+            "api_url must be http://host:port or https://host:port",
+        ));
     }
     if let Some(url) = route(&state, &headers).await? {
         return forward_to(&state, &url, "PUT", &uri, Some("application/json"), &body).await;
@@ -1157,11 +1234,13 @@ where
 /// it (learner or voter) with the record as the change's context.
 async fn add_member(
     State(state): State<Shared>,
+    caller: Caller,
     uri: Uri,
     headers: HeaderMap,
     body: Body,
 ) -> ApiResult<Response> {
     Params::parse(&uri, &[])?;
+    authorize_admin(&state, &caller, &headers)?;
     let raw = read_value(&headers, body).await?;
     let req: AddMember = json_of(&raw)?;
     crate::serve::parse_name(&req.name).map_err(ApiError::bad_request)?;
@@ -1169,9 +1248,12 @@ async fn add_member(
     if req
         .api_url
         .strip_prefix("http://")
+        .or_else(|| req.api_url.strip_prefix("https://"))
         .is_none_or(|a| parse_host_port(a).is_err())
     {
-        return Err(ApiError::bad_request("api_url must be http://host:port"));
+        return Err(ApiError::bad_request(
+            "api_url must be http://host:port or https://host:port",
+        ));
     }
     if let Some(url) = route(&state, &headers).await? {
         return forward_to(&state, &url, "POST", &uri, Some("application/json"), &raw).await;
@@ -1221,11 +1303,13 @@ async fn add_member(
 /// `POST /cluster/members/{name}/promote`.
 async fn promote_member(
     State(state): State<Shared>,
+    caller: Caller,
     axum::extract::Path(name): axum::extract::Path<String>,
     uri: Uri,
     headers: HeaderMap,
 ) -> ApiResult<Response> {
     Params::parse(&uri, &[])?;
+    authorize_admin(&state, &caller, &headers)?;
     if let Some(url) = route(&state, &headers).await? {
         return forward_to(&state, &url, "POST", &uri, None, b"").await;
     }
@@ -1241,11 +1325,13 @@ async fn promote_member(
 /// `DELETE /cluster/members/{name}`: removes the member, then its record.
 async fn remove_member(
     State(state): State<Shared>,
+    caller: Caller,
     axum::extract::Path(name): axum::extract::Path<String>,
     uri: Uri,
     headers: HeaderMap,
 ) -> ApiResult<Response> {
     Params::parse(&uri, &[])?;
+    authorize_admin(&state, &caller, &headers)?;
     if let Some(url) = route(&state, &headers).await? {
         return forward_to(&state, &url, "DELETE", &uri, None, b"").await;
     }
@@ -1269,11 +1355,13 @@ async fn remove_member(
 /// `POST /cluster/transfer-leader` with `{"to": name}`.
 async fn transfer_leader(
     State(state): State<Shared>,
+    caller: Caller,
     uri: Uri,
     headers: HeaderMap,
     body: Body,
 ) -> ApiResult<Response> {
     Params::parse(&uri, &[])?;
+    authorize_admin(&state, &caller, &headers)?;
     let raw = read_value(&headers, body).await?;
     let req: TransferTo = json_of(&raw)?;
     crate::serve::parse_name(&req.to).map_err(ApiError::bad_request)?;

@@ -19,7 +19,7 @@ use std::time::Duration;
 use clap::{Args, Subcommand};
 use serde_json::Value;
 
-use crate::forward::{HttpClient, HttpResponse, SendError};
+use crate::forward::{ClientTls, HttpClient, HttpResponse, SendError};
 
 /// How long opening a connection to an endpoint may take.
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(3);
@@ -39,6 +39,45 @@ pub struct Conn {
     #[arg(long, global = true, env = "RAFTWORK_TIMEOUT_MS", default_value_t = 30_000,
           value_parser = clap::value_parser!(u64).range(1..=600_000))]
     pub timeout_ms: u64,
+    /// CA certificates (PEM) to verify https:// endpoints with (etcdctl's
+    /// --cacert).
+    #[arg(long, global = true, env = "RAFTWORK_CACERT")]
+    pub cacert: Option<std::path::PathBuf>,
+    /// Client certificate (PEM) for servers that ask for one (--cert of
+    /// etcdctl); goes with --key.
+    #[arg(
+        long = "cert",
+        global = true,
+        env = "RAFTWORK_CERT",
+        requires = "client_key"
+    )]
+    pub client_cert: Option<std::path::PathBuf>,
+    /// The private key of --cert (PEM).
+    #[arg(
+        long = "key",
+        global = true,
+        env = "RAFTWORK_KEY",
+        requires = "client_cert"
+    )]
+    pub client_key: Option<std::path::PathBuf>,
+}
+
+impl Conn {
+    /// The TLS settings of the flags, files read.
+    fn tls(&self) -> Result<ClientTls, Failure> {
+        let read = |p: &std::path::Path| {
+            std::fs::read(p).map_err(|e| Failure(format!("cannot read {}: {e}", p.display())))
+        };
+        let ca_pem = match &self.cacert {
+            Some(p) => read(p)?,
+            None => Vec::new(),
+        };
+        let identity = match (&self.client_cert, &self.client_key) {
+            (Some(c), Some(k)) => Some((read(c)?, read(k)?)),
+            _ => None,
+        };
+        Ok(ClientTls { ca_pem, identity })
+    }
 }
 
 /// `raftwork kv ...`.
@@ -144,9 +183,14 @@ pub struct StatusArgs {
 
 fn parse_endpoint(s: &str) -> Result<String, String> {
     let s = s.trim().trim_end_matches('/');
-    match s.strip_prefix("http://") {
+    match s
+        .strip_prefix("http://")
+        .or_else(|| s.strip_prefix("https://"))
+    {
         Some(rest) if !rest.is_empty() && !rest.contains('/') => Ok(s.to_string()),
-        _ => Err(format!("{s:?} is not an http://host:port URL")),
+        _ => Err(format!(
+            "{s:?} is not an http://host:port or https://host:port URL"
+        )),
     }
 }
 
@@ -189,7 +233,8 @@ async fn call(
     let mut errors = Vec::new();
     // Connecting gives up sooner than waiting for an answer, so that a
     // node that is down reads as "not sent" and the next one is tried.
-    let http = HttpClient::new((timeout / 2).min(CONNECT_TIMEOUT));
+    let http =
+        HttpClient::with_tls((timeout / 2).min(CONNECT_TIMEOUT), &conn.tls()?).map_err(Failure)?;
     for url in &conn.endpoints {
         match http
             .request(url, method, path, content_type, body, timeout)
@@ -439,7 +484,8 @@ mod tests {
     #[test]
     fn endpoints_and_encoding() {
         assert_eq!(parse_endpoint("http://h:1/").unwrap(), "http://h:1");
-        for bad in ["h:1", "https://h:1", "http://", "http://h:1/x"] {
+        assert_eq!(parse_endpoint("https://h:1").unwrap(), "https://h:1");
+        for bad in ["h:1", "ftp://h:1", "http://", "https://", "http://h:1/x"] {
             assert!(parse_endpoint(bad).is_err(), "{bad}");
         }
         assert_eq!(encode("a/b c%é", true), "a/b%20c%25%C3%A9");

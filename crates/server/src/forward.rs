@@ -3,11 +3,14 @@
 //! marked as forwarded); the CLI client and `local-cluster` use it too
 //! ([`HttpClient::new`], ordinary requests).
 //!
-//! hyper-util's pooled client over plain TCP with `TCP_NODELAY`: a follower
-//! that forwards many requests keeps a few keep-alive connections to the
-//! leader instead of opening one per request (which costs a handshake each
-//! and leaves a TIME_WAIT socket behind each). Only `http://host:port`
-//! URLs (the API URLs the members publish). Clone it freely: clones share
+//! hyper-util's pooled client over TCP with `TCP_NODELAY`, and rustls for
+//! `https://` URLs (hyper-rustls): a follower that forwards many requests
+//! keeps a few keep-alive connections to the leader instead of opening one
+//! per request (which costs a handshake each and leaves a TIME_WAIT socket
+//! behind each). Only `http://host:port` and `https://host:port` URLs (the
+//! API URLs the members publish). HTTPS trusts only the CA it is given
+//! ([`ClientTls`]), never the system's roots, and presents a client
+//! certificate when it has one. Clone it freely: clones share
 //! the pool. A client's pooled connections run on the tokio runtime that
 //! opened them, so make one per runtime (the server makes one at start).
 //!
@@ -15,6 +18,7 @@
 //! out closed before any byte of the request was written (hyper's
 //! "canceled" requests), so a forwarded write is never sent twice.
 
+use std::sync::Arc;
 use std::time::Duration;
 
 use bytes::Bytes;
@@ -84,8 +88,50 @@ pub enum SendError {
 /// client requests, which a follower may forward.
 #[derive(Clone)]
 pub struct HttpClient {
-    inner: Client<HttpConnector, Full<Bytes>>,
+    inner: Client<hyper_rustls::HttpsConnector<HttpConnector>, Full<Bytes>>,
     mark_forwarded: bool,
+}
+
+/// What an [`HttpClient`] uses for `https://` URLs (all PEM).
+#[derive(Clone, Default)]
+pub struct ClientTls {
+    /// CA certificates the server's certificate must chain to.
+    pub ca_pem: Vec<u8>,
+    /// A client certificate (chain, leaf first) and its key, for servers
+    /// that ask for one.
+    pub identity: Option<(Vec<u8>, Vec<u8>)>,
+}
+
+impl ClientTls {
+    /// The rustls configuration; errors name what does not parse.
+    pub fn config(&self) -> Result<rustls::ClientConfig, String> {
+        use rustls::pki_types::pem::PemObject;
+        use rustls::pki_types::{CertificateDer, PrivateKeyDer};
+        let mut roots = rustls::RootCertStore::empty();
+        for c in CertificateDer::pem_slice_iter(&self.ca_pem) {
+            let c = c.map_err(|e| format!("CA: {e}"))?;
+            roots.add(c).map_err(|e| format!("CA: {e}"))?;
+        }
+        let builder = rustls::ClientConfig::builder_with_provider(Arc::new(
+            rustls::crypto::ring::default_provider(),
+        ))
+        .with_safe_default_protocol_versions()
+        .map_err(|e| e.to_string())?
+        .with_root_certificates(roots);
+        match &self.identity {
+            None => Ok(builder.with_no_client_auth()),
+            Some((cert, key)) => {
+                let chain = CertificateDer::pem_slice_iter(cert)
+                    .collect::<Result<Vec<_>, _>>()
+                    .map_err(|e| format!("client certificate: {e}"))?;
+                let key =
+                    PrivateKeyDer::from_pem_slice(key).map_err(|e| format!("client key: {e}"))?;
+                builder
+                    .with_client_auth_cert(chain, key)
+                    .map_err(|e| format!("client certificate and key: {e}"))
+            }
+        }
+    }
 }
 
 impl std::fmt::Debug for HttpClient {
@@ -101,25 +147,41 @@ impl HttpClient {
     /// (keep it shorter than the calls' timeouts, so that a connection
     /// that cannot be opened reads as [`SendError::Connect`]).
     pub fn new(connect_timeout: Duration) -> Self {
+        Self::with_tls(connect_timeout, &ClientTls::default()).expect("no TLS settings to fail")
+    }
+
+    /// Like [`HttpClient::new`], with `tls` for `https://` URLs.
+    pub fn with_tls(connect_timeout: Duration, tls: &ClientTls) -> Result<Self, String> {
         let mut connector = HttpConnector::new();
         connector.set_nodelay(true);
         connector.set_connect_timeout(Some(connect_timeout));
+        connector.enforce_http(false);
+        let connector = hyper_rustls::HttpsConnectorBuilder::new()
+            .with_tls_config(tls.config()?)
+            .https_or_http()
+            .enable_http1()
+            .wrap_connector(connector);
         let inner = Client::builder(TokioExecutor::new())
             .pool_timer(TokioTimer::new())
             .pool_idle_timeout(POOL_IDLE_TIMEOUT)
             .pool_max_idle_per_host(POOL_MAX_IDLE_PER_HOST)
             .build(connector);
-        Self {
+        Ok(Self {
             inner,
             mark_forwarded: false,
-        }
+        })
     }
 
     /// Like [`HttpClient::new`], but every request is marked as forwarded.
     pub fn forwarding(connect_timeout: Duration) -> Self {
+        Self::new(connect_timeout).marking_forwarded()
+    }
+
+    /// This client, marking every request as forwarded.
+    pub fn marking_forwarded(self) -> Self {
         Self {
             mark_forwarded: true,
-            ..Self::new(connect_timeout)
+            ..self
         }
     }
 
@@ -136,6 +198,7 @@ impl HttpClient {
     ) -> Result<HttpResponse, SendError> {
         let base = base_url.trim_end_matches('/');
         base.strip_prefix("http://")
+            .or_else(|| base.strip_prefix("https://"))
             .filter(|a| !a.is_empty() && !a.contains('/'))
             .ok_or_else(|| SendError::BadUrl(base_url.to_string()))?;
         let mut req = hyper::Request::builder()
@@ -223,7 +286,7 @@ mod tests {
             .await
             .unwrap_err();
         assert!(matches!(e, SendError::Connect { .. }), "{e}");
-        for bad in ["https://h:1", "h:1", "http://", "http://h:1/x"] {
+        for bad in ["ftp://h:1", "h:1", "http://", "https://", "http://h:1/x"] {
             let e = client
                 .request(bad, "GET", "/", None, b"", Duration::from_secs(1))
                 .await

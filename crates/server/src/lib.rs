@@ -20,6 +20,7 @@ pub mod client;
 pub mod cluster;
 pub mod forward;
 pub mod kv;
+pub mod listener;
 pub mod local;
 pub mod members;
 pub mod serve;

@@ -76,6 +76,10 @@ fn main() -> ExitCode {
                 eprintln!("raftwork: peer TLS: {e}");
                 return ExitCode::from(2);
             }
+            if let Some(Err(e)) = args.client_tls.as_ref().map(|f| f.load()) {
+                eprintln!("raftwork: API TLS: {e}");
+                return ExitCode::from(2);
+            }
             let plan = match args.plan() {
                 Ok(plan) => plan,
                 Err(e) => {

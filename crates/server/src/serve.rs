@@ -32,8 +32,9 @@ use crate::api::{self, ApiConfig};
 use crate::cluster::{
     member_id, parse_host_port, parse_initial_cluster, ClusterPlan, ClusterState,
 };
-use crate::forward::HttpClient;
+use crate::forward::{ClientTls, HttpClient};
 use crate::kv::{KvStore, MAX_KEY_BYTES, MAX_VALUE_BYTES};
+use crate::listener::{ApiListener, ApiPeer};
 use crate::members::{self, MemberInfo, Members};
 
 /// Default of `--data-dir`.
@@ -118,6 +119,30 @@ pub struct ServeArgs {
     /// CA certificates (PEM) that sign every member's peer certificate.
     #[arg(long, env = "RAFTWORK_PEER_TRUSTED_CA_FILE")]
     pub peer_trusted_ca_file: Option<PathBuf>,
+    /// This member's certificate for the API (PEM). With --key-file and
+    /// --trusted-ca-file it serves the API over HTTPS; the advertised API URL
+    /// becomes https://, and a follower forwards to the leader over HTTPS,
+    /// trusting --trusted-ca-file and presenting this certificate
+    /// [default: none, plain HTTP].
+    #[arg(long, env = "RAFTWORK_CERT_FILE")]
+    pub cert_file: Option<PathBuf>,
+    /// The private key of --cert-file (PEM).
+    #[arg(long, env = "RAFTWORK_KEY_FILE")]
+    pub key_file: Option<PathBuf>,
+    /// CA certificates (PEM) that sign the members' API certificates and,
+    /// with --client-cert-auth, the clients'.
+    #[arg(long, env = "RAFTWORK_TRUSTED_CA_FILE")]
+    pub trusted_ca_file: Option<PathBuf>,
+    /// Refuse API clients without a certificate signed by --trusted-ca-file
+    /// (needs the API's TLS flags). A member record can then only be
+    /// published with that member's own certificate.
+    #[arg(long, env = "RAFTWORK_CLIENT_CERT_AUTH")]
+    pub client_cert_auth: bool,
+    /// Certificate identities (DNS names in the client certificate,
+    /// comma-separated) allowed to add, remove and promote members and to
+    /// transfer leadership (needs --client-cert-auth) [default: anyone].
+    #[arg(long, env = "RAFTWORK_ADMIN_IDENTITIES", value_delimiter = ',', value_parser = parse_name)]
+    pub admin_identities: Vec<String>,
 }
 
 /// The `--config` file: the same settings as the flags, all optional.
@@ -138,6 +163,22 @@ struct FileConfig {
     peer_cert_file: Option<PathBuf>,
     peer_key_file: Option<PathBuf>,
     peer_trusted_ca_file: Option<PathBuf>,
+    cert_file: Option<PathBuf>,
+    key_file: Option<PathBuf>,
+    trusted_ca_file: Option<PathBuf>,
+    client_cert_auth: Option<bool>,
+    admin_identities: Option<Vec<String>>,
+}
+
+/// The contents of [`TlsFiles`] (PEM).
+#[derive(Clone)]
+pub struct TlsPems {
+    /// Certificate chain, leaf first.
+    pub cert: Vec<u8>,
+    /// Its private key.
+    pub key: Vec<u8>,
+    /// Trusted CA certificates.
+    pub trusted_ca: Vec<u8>,
 }
 
 /// The files of a TLS setting: certificate, key and trusted CAs (PEM).
@@ -172,16 +213,22 @@ impl TlsFiles {
         }
     }
 
+    /// Reads the files.
+    pub fn read(&self) -> Result<TlsPems, String> {
+        let read =
+            |p: &PathBuf| std::fs::read(p).map_err(|e| format!("cannot read {}: {e}", p.display()));
+        Ok(TlsPems {
+            cert: read(&self.cert)?,
+            key: read(&self.key)?,
+            trusted_ca: read(&self.trusted_ca)?,
+        })
+    }
+
     /// Reads the three files into a mutual-TLS configuration and checks that
     /// they fit together.
     pub fn load(&self) -> Result<raftwork::net::TlsConfig, String> {
-        let read =
-            |p: &PathBuf| std::fs::read(p).map_err(|e| format!("cannot read {}: {e}", p.display()));
-        let tls = raftwork::net::TlsConfig::new(
-            read(&self.trusted_ca)?,
-            read(&self.cert)?,
-            read(&self.key)?,
-        );
+        let pems = self.read()?;
+        let tls = raftwork::net::TlsConfig::new(pems.trusted_ca, pems.cert, pems.key);
         tls.check().map_err(|e| {
             format!(
                 "{e} (certificate {}, key {}, CA {})",
@@ -222,6 +269,12 @@ pub struct Settings {
     pub initial_cluster_token: Option<String>,
     /// Peer TLS (`None`: plaintext peers).
     pub peer_tls: Option<TlsFiles>,
+    /// API TLS (`None`: plain HTTP).
+    pub client_tls: Option<TlsFiles>,
+    /// Whether API clients need a certificate.
+    pub client_cert_auth: bool,
+    /// Who may change membership and move leadership (empty: anyone).
+    pub admin_identities: Vec<String>,
 }
 
 impl ServeArgs {
@@ -317,8 +370,39 @@ impl ServeArgs {
             self.peer_key_file.or(file.peer_key_file),
             self.peer_trusted_ca_file.or(file.peer_trusted_ca_file),
         )?;
+        let client_tls = TlsFiles::from_parts(
+            "",
+            self.cert_file.or(file.cert_file),
+            self.key_file.or(file.key_file),
+            self.trusted_ca_file.or(file.trusted_ca_file),
+        )?;
+        let client_cert_auth = self.client_cert_auth || file.client_cert_auth.unwrap_or(false);
+        let admin_identities = if self.admin_identities.is_empty() {
+            let mut ids = Vec::new();
+            for id in file.admin_identities.unwrap_or_default() {
+                ids.push(parse_name(&id).map_err(|e| in_file("admin-identities", e))?);
+            }
+            ids
+        } else {
+            self.admin_identities
+        };
+        if client_cert_auth && client_tls.is_none() {
+            return Err(
+                "--client-cert-auth needs the API's TLS: --cert-file, --key-file and --trusted-ca-file"
+                    .into(),
+            );
+        }
+        if !admin_identities.is_empty() && !client_cert_auth {
+            return Err(
+                "--admin-identities needs --client-cert-auth (identities come from client certificates)"
+                    .into(),
+            );
+        }
         Ok(Settings {
             peer_tls,
+            client_tls,
+            client_cert_auth,
+            admin_identities,
             advertise_peer_addr,
             advertise_api_addr,
             initial_cluster,
@@ -441,6 +525,9 @@ pub enum ServeError {
     /// The peer TLS files cannot be used.
     #[error("peer TLS: {0}")]
     PeerTls(String),
+    /// The API's TLS files cannot be used.
+    #[error("API TLS: {0}")]
+    ClientTls(String),
     /// The node stopped on an error it cannot go on from; the process exits
     /// non-zero so that a supervisor restarts it.
     #[error("the node stopped: {0}")]
@@ -533,12 +620,29 @@ pub async fn run(args: Settings, plan: ClusterPlan) -> Result<(), ServeError> {
     );
 
     let request_timeout = Duration::from_millis(args.request_timeout_ms);
+    // The API's TLS: served with the member's certificate; the same
+    // certificate is its client identity when it forwards or publishes.
+    let (api_tls, client_tls) = match &args.client_tls {
+        None => (None, ClientTls::default()),
+        Some(files) => {
+            let pems = files.read().map_err(ServeError::ClientTls)?;
+            let client_ca = args.client_cert_auth.then_some(pems.trusted_ca.as_slice());
+            let server = crate::listener::server_config(&pems.cert, &pems.key, client_ca)
+                .map_err(ServeError::ClientTls)?;
+            let client = ClientTls {
+                ca_pem: pems.trusted_ca.clone(),
+                identity: Some((pems.cert, pems.key)),
+            };
+            (Some(server), client)
+        }
+    };
+    let scheme = if api_tls.is_some() { "https" } else { "http" };
     let me = MemberInfo {
         name: plan.name.clone(),
         id: plan.id,
         peer_addr: args.advertise_peer_addr.clone(),
         api_url: format!(
-            "http://{}",
+            "{scheme}://{}",
             args.advertise_api_addr
                 .clone()
                 .unwrap_or_else(|| api_addr.to_string())
@@ -547,7 +651,12 @@ pub async fn run(args: Settings, plan: ClusterPlan) -> Result<(), ServeError> {
     // One pooled client for forwarding and publishing; a connection to the
     // leader that cannot be opened within a second (half the request
     // timeout if shorter) is reported as such.
-    let http = HttpClient::forwarding((request_timeout / 2).min(Duration::from_secs(1)));
+    let http = HttpClient::with_tls(
+        (request_timeout / 2).min(Duration::from_secs(1)),
+        &client_tls,
+    )
+    .map_err(ServeError::ClientTls)?
+    .marking_forwarded();
     let sync = members::spawn_sync(
         node.clone(),
         members.clone(),
@@ -563,6 +672,8 @@ pub async fn run(args: Settings, plan: ClusterPlan) -> Result<(), ServeError> {
             token: plan.token.clone(),
             members,
             http,
+            admin_identities: args.admin_identities.clone(),
+            client_cert_auth: args.client_cert_auth,
         },
     );
     // A node that stops on its own (a fatal error) ends the process too: a
@@ -575,17 +686,15 @@ pub async fn run(args: Settings, plan: ClusterPlan) -> Result<(), ServeError> {
             reason = watched.stopped() => tracing::error!(?reason, "the node stopped; shutting down"),
         }
     };
-    // TCP_NODELAY on every API connection (axum::serve leaves Nagle on): a
-    // response written in more than one segment must not wait for the
-    // client's delayed ACK.
-    let listener = axum::serve::ListenerExt::tap_io(listener, |tcp| {
-        if let Err(e) = tcp.set_nodelay(true) {
-            tracing::debug!(error = %e, "cannot set TCP_NODELAY on an API connection");
-        }
-    });
-    let served = axum::serve(listener, router)
-        .with_graceful_shutdown(shutdown)
-        .await;
+    // TCP_NODELAY, TLS when configured, and the caller's certificate for
+    // the handlers (crate::listener).
+    let listener = ApiListener::new(listener, api_tls).map_err(ServeError::Serve)?;
+    let served = axum::serve(
+        listener,
+        router.into_make_service_with_connect_info::<ApiPeer>(),
+    )
+    .with_graceful_shutdown(shutdown)
+    .await;
     // A loop that already ended keeps its reason through our shutdown.
     let failed = match node.stop_reason() {
         Some(raftwork::Stopped::Fatal(reason)) => Some(reason),

@@ -1,0 +1,192 @@
+//! The API's listener: plain TCP, or TLS with optional client-certificate
+//! auth (`--cert-file`, `--key-file`, `--trusted-ca-file`,
+//! `--client-cert-auth`). Every connection gets `TCP_NODELAY` (a response
+//! written in several segments must not wait for a delayed ACK), and its
+//! handlers see who is calling as `ConnectInfo<ApiPeer>`: the address and,
+//! over TLS, the client's certificate.
+//!
+//! TLS handshakes run in tasks of their own, each within
+//! [`HANDSHAKE_TIMEOUT`], so a client that stalls its handshake holds up
+//! nobody; a failed handshake is logged with its reason.
+
+use std::io;
+use std::net::SocketAddr;
+use std::pin::Pin;
+use std::sync::Arc;
+use std::time::Duration;
+
+use axum::extract::connect_info::Connected;
+use axum::serve::IncomingStream;
+use rustls::pki_types::{CertificateDer, ServerName};
+use tokio::io::{AsyncRead, AsyncWrite};
+use tokio::net::TcpListener;
+use tokio::sync::mpsc;
+
+/// Time a client has to finish the TLS handshake.
+pub const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// Handshaken connections waiting for the server to take them.
+const READY_CONNECTIONS_MAX: usize = 64;
+
+/// A connection's byte stream, plain or TLS.
+pub trait Io: AsyncRead + AsyncWrite + Unpin + Send {}
+impl<T: AsyncRead + AsyncWrite + Unpin + Send> Io for T {}
+
+/// Who is on the other end of an API connection.
+#[derive(Debug, Clone)]
+pub struct ApiPeer {
+    /// The client's address.
+    pub addr: SocketAddr,
+    /// The client's certificate (TLS with a client certificate only).
+    pub cert: Option<Arc<CertificateDer<'static>>>,
+}
+
+impl ApiPeer {
+    /// Whether the client's certificate is valid for the DNS name `name`
+    /// (false without a certificate).
+    pub fn is(&self, name: &str) -> bool {
+        let Some(cert) = &self.cert else {
+            return false;
+        };
+        let (Ok(subject), Ok(parsed)) = (
+            ServerName::try_from(name.to_string()),
+            webpki::EndEntityCert::try_from(cert.as_ref()),
+        ) else {
+            return false;
+        };
+        parsed.verify_is_valid_for_subject_name(&subject).is_ok()
+    }
+}
+
+/// The API listener (see the module docs).
+pub struct ApiListener {
+    local: SocketAddr,
+    ready: mpsc::Receiver<(Pin<Box<dyn Io>>, ApiPeer)>,
+}
+
+impl ApiListener {
+    /// Serves `listener`, over TLS when `tls` is given.
+    pub fn new(listener: TcpListener, tls: Option<Arc<rustls::ServerConfig>>) -> io::Result<Self> {
+        let local = listener.local_addr()?;
+        let (tx, ready) = mpsc::channel(READY_CONNECTIONS_MAX);
+        tokio::spawn(accept_loop(listener, tls, tx));
+        Ok(Self { local, ready })
+    }
+}
+
+async fn accept_loop(
+    listener: TcpListener,
+    tls: Option<Arc<rustls::ServerConfig>>,
+    ready: mpsc::Sender<(Pin<Box<dyn Io>>, ApiPeer)>,
+) {
+    loop {
+        let (tcp, addr) = match listener.accept().await {
+            Ok(c) => c,
+            Err(e) => {
+                // Out of descriptors and the like: back off briefly.
+                tracing::warn!(error = %e, "API accept failed");
+                tokio::time::sleep(Duration::from_millis(50)).await;
+                continue;
+            }
+        };
+        if let Err(e) = tcp.set_nodelay(true) {
+            tracing::debug!(error = %e, "cannot set TCP_NODELAY on an API connection");
+        }
+        let Some(tls) = tls.clone() else {
+            let peer = ApiPeer { addr, cert: None };
+            if ready.send((Box::pin(tcp), peer)).await.is_err() {
+                return;
+            }
+            continue;
+        };
+        let ready = ready.clone();
+        tokio::spawn(async move {
+            let acceptor = tokio_rustls::TlsAcceptor::from(tls);
+            match tokio::time::timeout(HANDSHAKE_TIMEOUT, acceptor.accept(tcp)).await {
+                Ok(Ok(stream)) => {
+                    let cert = stream
+                        .get_ref()
+                        .1
+                        .peer_certificates()
+                        .and_then(|chain| chain.first())
+                        .map(|c| Arc::new(c.clone().into_owned()));
+                    let _ = ready.send((Box::pin(stream), ApiPeer { addr, cert })).await;
+                }
+                Ok(Err(e)) => {
+                    tracing::warn!(remote = %addr, reason = %e, "refusing API connection: TLS handshake failed")
+                }
+                Err(_) => {
+                    tracing::warn!(remote = %addr, "refusing API connection: TLS handshake timed out")
+                }
+            }
+        });
+    }
+}
+
+impl axum::serve::Listener for ApiListener {
+    type Io = Pin<Box<dyn Io>>;
+    type Addr = ApiPeer;
+
+    async fn accept(&mut self) -> (Self::Io, Self::Addr) {
+        match self.ready.recv().await {
+            Some(c) => c,
+            // The accept loop only ends with the runtime.
+            None => std::future::pending().await,
+        }
+    }
+
+    fn local_addr(&self) -> io::Result<ApiPeer> {
+        Ok(ApiPeer {
+            addr: self.local,
+            cert: None,
+        })
+    }
+}
+
+impl Connected<IncomingStream<'_, ApiListener>> for ApiPeer {
+    fn connect_info(stream: IncomingStream<'_, ApiListener>) -> Self {
+        stream.remote_addr().clone()
+    }
+}
+
+/// The API's rustls configuration: `cert_pem`/`key_pem` serve; with
+/// `client_ca_pem`, clients must present a certificate signed by it.
+pub fn server_config(
+    cert_pem: &[u8],
+    key_pem: &[u8],
+    client_ca_pem: Option<&[u8]>,
+) -> Result<Arc<rustls::ServerConfig>, String> {
+    use rustls::pki_types::pem::PemObject;
+    use rustls::pki_types::PrivateKeyDer;
+    let provider = Arc::new(rustls::crypto::ring::default_provider());
+    let chain = CertificateDer::pem_slice_iter(cert_pem)
+        .collect::<Result<Vec<_>, _>>()
+        .map_err(|e| format!("certificate: {e}"))?;
+    if chain.is_empty() {
+        return Err("certificate: no certificate in the PEM".into());
+    }
+    let key = PrivateKeyDer::from_pem_slice(key_pem).map_err(|e| format!("key: {e}"))?;
+    let builder = rustls::ServerConfig::builder_with_provider(provider.clone())
+        .with_safe_default_protocol_versions()
+        .map_err(|e| e.to_string())?;
+    let builder = match client_ca_pem {
+        None => builder.with_no_client_auth(),
+        Some(ca) => {
+            let mut roots = rustls::RootCertStore::empty();
+            for c in CertificateDer::pem_slice_iter(ca) {
+                roots
+                    .add(c.map_err(|e| format!("CA: {e}"))?)
+                    .map_err(|e| format!("CA: {e}"))?;
+            }
+            let verifier =
+                rustls::server::WebPkiClientVerifier::builder_with_provider(roots.into(), provider)
+                    .build()
+                    .map_err(|e| format!("client verifier: {e}"))?;
+            builder.with_client_cert_verifier(verifier)
+        }
+    };
+    builder
+        .with_single_cert(chain, key)
+        .map(Arc::new)
+        .map_err(|e| format!("certificate and key: {e}"))
+}
