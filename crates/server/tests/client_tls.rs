@@ -63,8 +63,17 @@ fn eventually(dir: &Path, who: &str, endpoint: &str, args: &[&str]) -> String {
     }
 }
 
-/// One HTTPS request with `who`'s certificate: the status code.
-fn https(dir: &Path, who: &str, addr: &str, method: &str, path: &str, body: &[u8]) -> u16 {
+/// One HTTPS request with `who`'s certificate (and `extra` header lines,
+/// each ending in CRLF): the status code.
+fn https(
+    dir: &Path,
+    who: &str,
+    addr: &str,
+    method: &str,
+    path: &str,
+    body: &[u8],
+    extra: &str,
+) -> u16 {
     let mut roots = rustls::RootCertStore::empty();
     for c in CertificateDer::pem_file_iter(dir.join("ca.pem")).unwrap() {
         roots.add(c.unwrap()).unwrap();
@@ -90,7 +99,7 @@ fn https(dir: &Path, who: &str, addr: &str, method: &str, path: &str, body: &[u8
     let mut tls = rustls::Stream::new(&mut conn, &mut tcp);
     write!(
         tls,
-        "{method} {path} HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\nContent-Type: application/json\r\nContent-Length: {}\r\n\r\n",
+        "{method} {path} HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\n{extra}Content-Type: application/json\r\nContent-Length: {}\r\n\r\n",
         body.len()
     )
     .unwrap();
@@ -109,7 +118,8 @@ fn the_api_over_tls_takes_clients_by_certificate_and_admins_by_identity() {
     let tmp = tempfile::tempdir().unwrap();
     let certs = tmp.path().join("certs");
     let other = tmp.path().join("other-ca");
-    tls_init("n1,n2,n3,admin", &certs);
+    // Members' certificates are the nodes' own; clients get their own.
+    tls_init("n1,n2,n3,admin,client", &certs);
     tls_init("admin", &other);
     let (mut ms, initial) = members(tmp.path(), 3);
     for m in &mut ms {
@@ -146,13 +156,21 @@ fn the_api_over_tls_takes_clients_by_certificate_and_admins_by_identity() {
     // Writes through every member, reads through another: followers forward
     // to the leader over HTTPS with their own certificate.
     for i in 0..3 {
-        eventually(&certs, "n2", &url(i), &["kv", "put", &format!("k{i}"), "v"]);
+        eventually(
+            &certs,
+            "client",
+            &url(i),
+            &["kv", "put", &format!("k{i}"), "v"],
+        );
     }
-    assert_eq!(eventually(&certs, "n1", &url(2), &["kv", "get", "k0"]), "v");
+    assert_eq!(
+        eventually(&certs, "client", &url(2), &["kv", "get", "k0"]),
+        "v"
+    );
     // Every member published its https:// record.
     let deadline = Instant::now() + GUARD;
     loop {
-        let table = eventually(&certs, "n1", &all, &["member", "list"]);
+        let table = eventually(&certs, "client", &all, &["member", "list"]);
         if table.matches("https://").count() == 3 && table.contains(" leader ") {
             break;
         }
@@ -160,10 +178,10 @@ fn the_api_over_tls_takes_clients_by_certificate_and_admins_by_identity() {
         std::thread::sleep(Duration::from_millis(200));
     }
 
-    // A member's certificate is not an admin's: membership and leadership
-    // routes answer 403, through any member.
+    // A client that is not an admin: membership and leadership routes
+    // answer 403, through any member.
     for i in 0..3 {
-        let o = cli(&certs, Some("n2"), &url(i), &["member", "remove", "n3"]);
+        let o = cli(&certs, Some("client"), &url(i), &["member", "remove", "n3"]);
         assert_eq!(o.status.code(), Some(1));
         assert!(
             String::from_utf8_lossy(&o.stderr).contains("admin identity"),
@@ -173,11 +191,24 @@ fn the_api_over_tls_takes_clients_by_certificate_and_admins_by_identity() {
     }
     let o = cli(
         &certs,
-        Some("n2"),
+        Some("client"),
         &url(0),
         &["member", "transfer-leader", "n2"],
     );
     assert_eq!(o.status.code(), Some(1));
+    // Claiming to be a forwarding member does not help a client.
+    for m in &ms {
+        let code = https(
+            &certs,
+            "client",
+            &m.api.to_string(),
+            "DELETE",
+            "/cluster/members/n3",
+            b"",
+            "x-raftwork-forwarded: 1\r\n",
+        );
+        assert_eq!(code, 403);
+    }
     // The admin's certificate may, through a follower as well.
     let spare_peer = format!("127.0.0.1:{}", common::free_port());
     let spare_api = format!("https://127.0.0.1:{}", common::free_port());
@@ -215,10 +246,11 @@ fn the_api_over_tls_takes_clients_by_certificate_and_admins_by_identity() {
             "PUT",
             "/v1/internal/members/n1",
             forged.as_bytes(),
+            "",
         );
         assert_eq!(code, 403);
     }
-    let table = eventually(&certs, "n1", &all, &["member", "list"]);
+    let table = eventually(&certs, "client", &all, &["member", "list"]);
     assert!(!table.contains("127.0.0.1:9 "), "{table}");
 
     // At the door: no client certificate, another CA's, or plain HTTP.
@@ -241,5 +273,8 @@ fn the_api_over_tls_takes_clients_by_certificate_and_admins_by_identity() {
         "{logs}"
     );
     // Still serving.
-    assert_eq!(eventually(&certs, "n3", &url(0), &["kv", "get", "k1"]), "v");
+    assert_eq!(
+        eventually(&certs, "client", &url(0), &["kv", "get", "k1"]),
+        "v"
+    );
 }
