@@ -258,6 +258,9 @@ fn the_api_over_tls_takes_clients_by_certificate_and_admins_by_identity() {
     assert_eq!(o.status.code(), Some(1), "no certificate");
     let o = cli(&other, Some("admin"), &url(0), &["kv", "get", "k0"]);
     assert_eq!(o.status.code(), Some(1), "another CA");
+    common::expired_cert(&certs, "client");
+    let o = cli(&certs, Some("expired"), &url(0), &["kv", "get", "k0"]);
+    assert_eq!(o.status.code(), Some(1), "expired");
     let o = cli(
         &certs,
         Some("n1"),

@@ -6,7 +6,7 @@
 pub mod members;
 
 use std::net::{SocketAddr, TcpListener};
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
@@ -90,4 +90,28 @@ pub fn start(dir: &Path) -> Server {
         let _ = child.wait();
     }
     panic!("raftwork serve did not start");
+}
+
+/// An expired certificate for `name`, signed by the CA in `dir` (rebuilt
+/// from its key: the same name and key sign certificates that chain to it).
+pub fn expired_cert(dir: &Path, name: &str) -> (PathBuf, PathBuf) {
+    let ca_key =
+        rcgen::KeyPair::from_pem(&std::fs::read_to_string(dir.join("ca-key.pem")).unwrap())
+            .unwrap();
+    let mut ca_params = rcgen::CertificateParams::new(Vec::<String>::new()).unwrap();
+    ca_params.is_ca = rcgen::IsCa::Ca(rcgen::BasicConstraints::Unconstrained);
+    ca_params
+        .distinguished_name
+        .push(rcgen::DnType::CommonName, "raftwork cluster CA");
+    let ca = ca_params.self_signed(&ca_key).unwrap();
+    let key = rcgen::KeyPair::generate().unwrap();
+    let mut params =
+        rcgen::CertificateParams::new(vec![name.to_string(), "localhost".to_string()]).unwrap();
+    params.not_before = rcgen::date_time_ymd(2020, 1, 1);
+    params.not_after = rcgen::date_time_ymd(2021, 1, 1);
+    let cert = params.signed_by(&key, &ca, &ca_key).unwrap();
+    let (c, k) = (dir.join("expired.pem"), dir.join("expired-key.pem"));
+    std::fs::write(&c, cert.pem()).unwrap();
+    std::fs::write(&k, key.serialize_pem()).unwrap();
+    (c, k)
 }
