@@ -6,8 +6,10 @@
 //! over TLS, the client's certificate.
 //!
 //! TLS handshakes run in tasks of their own, each within
-//! [`HANDSHAKE_TIMEOUT`], so a client that stalls its handshake holds up
-//! nobody; a failed handshake is logged with its reason.
+//! [`HANDSHAKE_TIMEOUT`] and at most [`HANDSHAKES_MAX`] at once (a
+//! connection past that is closed at once), so clients that stall their
+//! handshakes hold up nobody and cannot pile up; a failed handshake is
+//! logged with its reason.
 
 use std::io;
 use std::net::SocketAddr;
@@ -24,6 +26,9 @@ use tokio::sync::mpsc;
 
 /// Time a client has to finish the TLS handshake.
 pub const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// TLS handshakes in progress at once.
+pub const HANDSHAKES_MAX: usize = 256;
 
 /// Handshaken connections waiting for the server to take them.
 const READY_CONNECTIONS_MAX: usize = 64;
@@ -79,6 +84,7 @@ async fn accept_loop(
     tls: Option<Arc<rustls::ServerConfig>>,
     ready: mpsc::Sender<(Pin<Box<dyn Io>>, ApiPeer)>,
 ) {
+    let handshakes = Arc::new(tokio::sync::Semaphore::new(HANDSHAKES_MAX));
     loop {
         let (tcp, addr) = match listener.accept().await {
             Ok(c) => c,
@@ -99,8 +105,13 @@ async fn accept_loop(
             }
             continue;
         };
+        let Ok(permit) = handshakes.clone().try_acquire_owned() else {
+            tracing::warn!(remote = %addr, limit = HANDSHAKES_MAX, "refusing API connection: too many TLS handshakes in progress");
+            continue;
+        };
         let ready = ready.clone();
         tokio::spawn(async move {
+            let _permit = permit;
             let acceptor = tokio_rustls::TlsAcceptor::from(tls);
             match tokio::time::timeout(HANDSHAKE_TIMEOUT, acceptor.accept(tcp)).await {
                 Ok(Ok(stream)) => {
