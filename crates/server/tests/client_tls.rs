@@ -12,22 +12,11 @@ use std::io::{Read, Write};
 use std::net::TcpStream;
 use std::path::Path;
 use std::process::Output;
-use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use common::members::*;
-use common::raftwork;
-use rustls::pki_types::pem::PemObject;
-use rustls::pki_types::{CertificateDer, PrivateKeyDer, ServerName};
-
-fn tls_init(names: &str, out: &Path) {
-    let status = raftwork()
-        .args(["tls", "init", "--names", names, "--out"])
-        .arg(out)
-        .status()
-        .unwrap();
-    assert!(status.success());
-}
+use common::{raftwork, tls_init};
+use rustls::pki_types::ServerName;
 
 fn file(dir: &Path, f: &str) -> String {
     dir.join(f).to_string_lossy().into_owned()
@@ -74,28 +63,17 @@ fn https(
     body: &[u8],
     extra: &str,
 ) -> u16 {
-    let mut roots = rustls::RootCertStore::empty();
-    for c in CertificateDer::pem_file_iter(dir.join("ca.pem")).unwrap() {
-        roots.add(c.unwrap()).unwrap();
-    }
-    let config = rustls::ClientConfig::builder_with_provider(Arc::new(
-        rustls::crypto::ring::default_provider(),
-    ))
-    .with_safe_default_protocol_versions()
-    .unwrap()
-    .with_root_certificates(roots)
-    .with_client_auth_cert(
-        CertificateDer::pem_file_iter(dir.join(format!("{who}.pem")))
-            .unwrap()
-            .map(|c| c.unwrap())
-            .collect(),
-        PrivateKeyDer::from_pem_file(dir.join(format!("{who}-key.pem"))).unwrap(),
-    )
-    .unwrap();
+    let config = common::client_config(
+        &dir.join("ca.pem"),
+        Some((
+            &dir.join(format!("{who}.pem")),
+            &dir.join(format!("{who}-key.pem")),
+        )),
+    );
     let mut tcp = TcpStream::connect(addr).unwrap();
     tcp.set_read_timeout(Some(GUARD)).unwrap();
     let name = ServerName::try_from("localhost").unwrap();
-    let mut conn = rustls::ClientConnection::new(Arc::new(config), name).unwrap();
+    let mut conn = rustls::ClientConnection::new(config, name).unwrap();
     let mut tls = rustls::Stream::new(&mut conn, &mut tcp);
     write!(
         tls,

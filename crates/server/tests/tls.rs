@@ -13,21 +13,11 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use common::members::*;
-use common::{expired_cert, raftwork};
+use common::{client_config as client, expired_cert, raftwork, tls_init};
 use raftwork::net::frame;
-use rustls::pki_types::pem::PemObject;
-use rustls::pki_types::{CertificateDer, PrivateKeyDer, ServerName};
+use rustls::pki_types::ServerName;
 
 const TOKEN: &str = "cluster-test";
-
-fn tls_init(names: &str, out: &Path) {
-    let status = raftwork()
-        .args(["tls", "init", "--names", names, "--out"])
-        .arg(out)
-        .status()
-        .unwrap();
-    assert!(status.success(), "tls init into {}", out.display());
-}
 
 fn tls_flags(dir: &Path, name: &str) -> Vec<String> {
     let p = |f: String| dir.join(f).to_string_lossy().into_owned();
@@ -39,32 +29,6 @@ fn tls_flags(dir: &Path, name: &str) -> Vec<String> {
         "--peer-trusted-ca-file".into(),
         p("ca.pem".into()),
     ]
-}
-
-/// A TLS client trusting `ca`, presenting `cert` (certificate, key) if given.
-fn client(ca: &Path, cert: Option<(&Path, &Path)>) -> Arc<rustls::ClientConfig> {
-    let mut roots = rustls::RootCertStore::empty();
-    for c in CertificateDer::pem_file_iter(ca).unwrap() {
-        roots.add(c.unwrap()).unwrap();
-    }
-    let builder = rustls::ClientConfig::builder_with_provider(Arc::new(
-        rustls::crypto::ring::default_provider(),
-    ))
-    .with_safe_default_protocol_versions()
-    .unwrap()
-    .with_root_certificates(roots);
-    Arc::new(match cert {
-        Some((c, k)) => builder
-            .with_client_auth_cert(
-                CertificateDer::pem_file_iter(c)
-                    .unwrap()
-                    .map(|c| c.unwrap())
-                    .collect(),
-                PrivateKeyDer::from_pem_file(k).unwrap(),
-            )
-            .unwrap(),
-        None => builder.with_no_client_auth(),
-    })
 }
 
 fn hello_from(name: &str, to: &str) -> Vec<u8> {
