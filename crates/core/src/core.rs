@@ -119,6 +119,16 @@ pub enum NodeEvent {
     },
     /// This node applied its own removal.
     Removed,
+    /// A note from peer `from` (raftwork's shell, `Node::send_note`): a small
+    /// application message carried over the peer transport, so it is as
+    /// authenticated as the transport is (with mutual TLS bound to node
+    /// names, `from` is proven).
+    Note {
+        /// The peer that sent it.
+        from: NodeId,
+        /// What it sent.
+        data: Bytes,
+    },
 }
 
 /// Committed entries to apply, in order.

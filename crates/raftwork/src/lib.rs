@@ -58,7 +58,7 @@ mod state_machine;
 
 pub use builder::{BuildError, Builder, Config, DataDir, TransportKind};
 pub use logging::{raft_logger, TracingDrain};
-pub use node::{FatalReason, Node, SnapshotError, Stopped, WaitError};
+pub use node::{FatalReason, Node, NoteError, SnapshotError, Stopped, WaitError, NOTE_BYTES_MAX};
 pub use state_machine::{Command, StateMachine};
 
 pub use raft::prelude::ConfState;

@@ -108,6 +108,26 @@ pub(crate) fn panic_message(payload: &(dyn std::any::Any + Send)) -> String {
     }
 }
 
+/// Largest note [`Node::send_note`] carries, in bytes.
+pub const NOTE_BYTES_MAX: usize = 64 * 1024;
+
+/// Why a note was not sent.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[non_exhaustive]
+pub enum NoteError {
+    /// The note is over [`NOTE_BYTES_MAX`].
+    #[error("note of {size_bytes} bytes over the limit of {limit_bytes}")]
+    TooLarge {
+        /// Its size.
+        size_bytes: usize,
+        /// The limit.
+        limit_bytes: usize,
+    },
+    /// The node stopped.
+    #[error("node is shutting down")]
+    Shutdown,
+}
+
 /// Why a wait ended without its condition.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 #[non_exhaustive]
@@ -150,6 +170,10 @@ pub(crate) enum Request<SM: StateMachine> {
         id: NodeId,
         address: String,
         reply: oneshot::Sender<Result<(), TransportError>>,
+    },
+    Note {
+        to: NodeId,
+        data: Vec<u8>,
     },
     Shutdown,
 }
@@ -402,7 +426,28 @@ impl<SM: StateMachine> Node<SM> {
             .unwrap_or(Err(WaitError::Timeout))
     }
 
-    /// Subscribes to leader and membership changes.
+    /// Sends `data` to peer `to` over the peer transport, where it arrives
+    /// as [`NodeEvent::Note`] with this node as `from`. Fire and forget: a
+    /// note may be lost (send again until you see its effect); it is as
+    /// authenticated as the transport (with mutual TLS bound to node names,
+    /// the receiver knows who sent it). Not ordered with Raft's messages'
+    /// effects, and never seen by Raft.
+    pub async fn send_note(&self, to: NodeId, data: impl Into<Vec<u8>>) -> Result<(), NoteError> {
+        let data = data.into();
+        if data.len() > NOTE_BYTES_MAX {
+            return Err(NoteError::TooLarge {
+                size_bytes: data.len(),
+                limit_bytes: NOTE_BYTES_MAX,
+            });
+        }
+        if self.request(Request::Note { to, data }).await {
+            Ok(())
+        } else {
+            Err(NoteError::Shutdown)
+        }
+    }
+
+    /// Subscribes to leader and membership changes, and notes from peers.
     pub fn subscribe(&self) -> broadcast::Receiver<NodeEvent> {
         self.shared.events.subscribe()
     }

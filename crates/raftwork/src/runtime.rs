@@ -35,6 +35,15 @@ use crate::node::{
 };
 use crate::state_machine::{Command, StateMachine};
 
+/// Marks a note (`Node::send_note`): a `MsgPropose` with this context and
+/// one entry. The loop takes notes out before the core sees anything (the
+/// core refuses every `MsgPropose` from a peer), so no note reaches Raft.
+const NOTE_CONTEXT: &[u8] = b"raftwork-note";
+
+fn is_note(m: &Message) -> bool {
+    m.get_msg_type() == MessageType::MsgPropose && m.context.as_ref() == NOTE_CONTEXT
+}
+
 /// Most events drained per channel before the core is polled; bounds the
 /// loop's latency while still batching bursts.
 const DRAIN_EVENTS_MAX: usize = 4096;
@@ -537,6 +546,10 @@ impl<SM: StateMachine, S: LogStore> ReadyLoop<SM, S> {
                     return Ok(());
                 }
                 for mut m in env.messages {
+                    if is_note(&m) {
+                        self.receive_note(env.from, m);
+                        continue;
+                    }
                     if m.get_msg_type() == MessageType::MsgSnapshot
                         && !self.check_incoming_snapshot(&mut m)
                     {
@@ -558,6 +571,21 @@ impl<SM: StateMachine, S: LogStore> ReadyLoop<SM, S> {
             }
         }
         Ok(())
+    }
+
+    /// Hands a note to the subscribers, if it is well formed and really from
+    /// the envelope's sender (whom the transport authenticated).
+    fn receive_note(&mut self, sender: NodeId, mut m: Message) {
+        let ok = m.from == sender
+            && m.to == self.core.id()
+            && m.entries.len() == 1
+            && m.entries[0].data.len() <= crate::node::NOTE_BYTES_MAX;
+        if !ok {
+            tracing::warn!(from = sender, "dropping a malformed note");
+            return;
+        }
+        let data = std::mem::take(&mut m.entries[0].data);
+        let _ = self.events.send(NodeEvent::Note { from: sender, data });
     }
 
     /// Lets a `MsgSnapshot` on to the core only if the core accepts its
@@ -648,6 +676,23 @@ impl<SM: StateMachine, S: LogStore> ReadyLoop<SM, S> {
             },
             Request::SetPeer { id, address, reply } => {
                 let _ = reply.send(self.transport.set_peer(id, &address));
+            }
+            Request::Note { to, data } => {
+                let mut m = Message::default();
+                m.set_msg_type(MessageType::MsgPropose);
+                m.from = self.core.id();
+                m.to = to;
+                m.context = NOTE_CONTEXT.to_vec().into();
+                m.entries.push(raft::prelude::Entry {
+                    data: data.into(),
+                    ..Default::default()
+                });
+                self.transport.send(Envelope {
+                    group_id: self.core.group_id(),
+                    from: self.core.id(),
+                    to,
+                    messages: vec![m],
+                });
             }
             Request::Snapshot { reply } => {
                 let _ = self.apply_tx.send(ApplyMsg::Snapshot(reply));

@@ -378,3 +378,33 @@ async fn a_panicking_state_machine_stops_its_node_with_a_reason_and_the_rest_go_
     c.shutdown().await;
     assert_eq!(c.node(new).stop_reason(), Some(raftwork::Stopped::Shutdown));
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn notes_reach_the_peer_they_are_sent_to_and_never_raft() {
+    let c = Cluster::start(3);
+    let leader = c.wait_leader(&[1, 2, 3]).await;
+    let mut events = c.node(2).subscribe();
+    let before = c.node(2).status().await.unwrap();
+    c.node(1).send_note(2, b"hello, 2".to_vec()).await.unwrap();
+    let note = tokio::time::timeout(WAIT, async {
+        loop {
+            if let Ok(raftwork::NodeEvent::Note { from, data }) = events.recv().await {
+                return (from, data);
+            }
+        }
+    })
+    .await
+    .expect("the note arrives");
+    assert_eq!(note, (1, bytes::Bytes::from_static(b"hello, 2")));
+    // Raft never saw it: nothing was appended or refused for it.
+    let after = c.node(2).status().await.unwrap();
+    assert_eq!(after.messages_rejected, before.messages_rejected);
+    assert_eq!(c.node(leader).status().await.unwrap().leader, Some(leader));
+    let err = c
+        .node(1)
+        .send_note(2, vec![0; raftwork::NOTE_BYTES_MAX + 1])
+        .await
+        .unwrap_err();
+    assert!(matches!(err, raftwork::NoteError::TooLarge { .. }), "{err}");
+    c.shutdown().await;
+}

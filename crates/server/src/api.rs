@@ -12,7 +12,6 @@
 //! | `GET /readyz` | 200 `ready`, or 503 |
 //! | `GET /v1/status` | 200 JSON (see [`StatusBody`]) |
 //! | `GET /cluster/nodes` | 200 `{"leader": name, "nodes": [{"id", "name", "role", "peer_addr", "api_url"}]}` |
-//! | `PUT /v1/internal/members/{name}` | publishes a member record (used by the nodes, see [`crate::members`]) |
 //! | `POST /cluster/members` `{"name", "peer_addr", "api_url", "learner"}` | 200 `{"id", "name", "voters", "learners"}` |
 //! | `POST /cluster/members/{name}/promote` | 200 as above |
 //! | `DELETE /cluster/members/{name}` | 200 as above |
@@ -103,10 +102,6 @@ pub struct ApiConfig {
     /// Certificate identities (DNS names) allowed to change membership and
     /// move leadership (`--admin-identities`); empty: anyone.
     pub admin_identities: Vec<String>,
-    /// Whether clients must present certificates (`--client-cert-auth`):
-    /// then a member record can only be published with that member's own
-    /// certificate.
-    pub client_cert_auth: bool,
 }
 
 /// The caller of a request, as the API listener saw it (`None` when the
@@ -198,10 +193,6 @@ pub fn router(node: Node<KvStore>, config: ApiConfig) -> Router {
         .route(
             "/cluster/transfer-leader",
             axum::routing::post(transfer_leader),
-        )
-        .route(
-            "/v1/internal/members/{name}",
-            axum::routing::put(put_member),
         )
         .route("/v1/kv", get(list))
         .route("/v1/kv/", get(empty_key).put(empty_key).delete(empty_key))
@@ -1058,62 +1049,6 @@ async fn cluster_nodes(State(state): State<Shared>) -> ApiResult<Json<NodesBody>
             .map(|m| m.name.clone()),
         nodes,
     }))
-}
-
-/// `PUT /v1/internal/members/{name}`: publishes a member record (see
-/// [`crate::members`]); forwarded to the leader like any write.
-async fn put_member(
-    State(state): State<Shared>,
-    caller: Caller,
-    uri: Uri,
-    headers: HeaderMap,
-    body: Body,
-) -> ApiResult<Response> {
-    Params::parse(&uri, &[])?;
-    let name = uri
-        .path()
-        .strip_prefix("/v1/internal/members/")
-        .unwrap_or("");
-    // With client certificates, a member publishes only its own record (or
-    // a member forwards one it checked).
-    if state.config.client_cert_auth
-        && !caller.is(name)
-        && !(headers.contains_key(FORWARDED_HEADER) && caller.is_member(&state))
-    {
-        return Err(ApiError::new(
-            StatusCode::FORBIDDEN,
-            format!("only member {name} may publish its record (its client certificate)"),
-        ));
-    }
-    let body = read_value(&headers, body).await?;
-    let info: MemberInfo = serde_json::from_slice(&body)
-        .map_err(|e| ApiError::bad_request(format!("malformed member record: {e}")))?;
-    if info.name != name {
-        return Err(ApiError::bad_request(
-            "the record's name differs from the path",
-        ));
-    }
-    crate::serve::parse_name(&info.name).map_err(ApiError::bad_request)?;
-    if info.id != member_id(&state.config.token, &info.name) {
-        return Err(ApiError::bad_request(
-            "the record's id is not the one its name gives in this cluster",
-        ));
-    }
-    parse_host_port(&info.peer_addr).map_err(ApiError::bad_request)?;
-    if !info.api_url.starts_with("http://") && !info.api_url.starts_with("https://") {
-        return Err(ApiError::bad_request(
-            "api_url must be http://host:port or https://host:port",
-        ));
-    }
-    if let Some(url) = route(&state, &headers).await? {
-        return forward_to(&state, &url, "PUT", &uri, Some("application/json"), &body).await;
-    }
-    let command = KvCommand::Put {
-        key: member_key(&info.name),
-        value: serde_json::to_vec(&info).expect("serializable"),
-    };
-    let (index, _) = propose(&state, command).await?;
-    Ok(Json(IndexBody { index }).into_response())
 }
 
 // ---------- membership ----------

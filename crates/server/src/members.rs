@@ -13,9 +13,13 @@
 //!   uses, gives changed peer addresses to the transport
 //!   (`Node::set_peer_address`), and checks its **own** record. If the
 //!   record is missing or differs (first start, new advertised address), the
-//!   node publishes it: the leader proposes it directly; a follower sends
-//!   `PUT /v1/internal/members/{name}` (the record as JSON) to the leader's
-//!   API URL, taken from the leader's record.
+//!   node publishes it: the leader proposes it directly; a follower sends it
+//!   to the leader as a note over the peer transport (`Node::send_note`),
+//!   never through the client API. The leader writes a record it gets in a
+//!   note only if the note's sender is the member the record describes
+//!   (its id derives from the token and the record's name): with peer TLS
+//!   bound to member names the sender is proven, so no one can publish a
+//!   record for another member.
 //! * The leader publishes its own record as soon as it leads, so followers
 //!   can always reach it once they know who leads and have applied its
 //!   record.
@@ -34,7 +38,6 @@ use std::time::Duration;
 use raftwork::{Node, NodeEvent, Role};
 use serde::{Deserialize, Serialize};
 
-use crate::forward::HttpClient;
 use crate::kv::{KvCommand, KvStore};
 
 /// Keys under this prefix belong to the server, not to clients.
@@ -119,10 +122,9 @@ pub fn spawn_sync(
     node: Node<KvStore>,
     members: Arc<Members>,
     me: MemberInfo,
-    request_timeout: Duration,
-    http: HttpClient,
+    token: String,
 ) -> tokio::task::JoinHandle<()> {
-    let events = tokio::spawn(follow_events(node.clone(), me.id));
+    let events = tokio::spawn(follow_events(node.clone(), me.id, token));
     tokio::spawn(async move {
         let _events = AbortOnDrop(events);
         let mut peers: BTreeMap<u64, String> = BTreeMap::new();
@@ -147,7 +149,7 @@ pub fn spawn_sync(
                 }
             }
             if now.get(&me.id) != Some(&me) {
-                if let Err(e) = publish(&node, &members, &me, &http, request_timeout).await {
+                if let Err(e) = publish(&node, &me).await {
                     if e != last_error {
                         tracing::debug!(error = %e, "member record not published yet");
                         last_error = e;
@@ -169,11 +171,17 @@ impl Drop for AbortOnDrop {
 
 /// Gives the transport the peer address of every member added with a
 /// record as its context (`POST /cluster/members`), as soon as the change
-/// is applied here.
-async fn follow_events(node: Node<KvStore>, me: u64) {
+/// is applied here; and, on the leader, writes the records members send in
+/// notes (see the module header).
+async fn follow_events(node: Node<KvStore>, me: u64, token: String) {
     let mut events = node.subscribe();
     loop {
         match events.recv().await {
+            Ok(NodeEvent::Note { from, data }) => {
+                if let Err(e) = write_noted_record(&node, &token, from, &data).await {
+                    tracing::debug!(from, error = %e, "member record from a note not written");
+                }
+            }
             Ok(NodeEvent::MembershipChanged { context, .. }) => {
                 let Ok(m) = serde_json::from_slice::<MemberInfo>(&context) else {
                     continue;
@@ -191,14 +199,8 @@ async fn follow_events(node: Node<KvStore>, me: u64) {
 }
 
 /// Publishes `me`'s record: proposed here if this node leads, else sent to
-/// the leader's API.
-async fn publish(
-    node: &Node<KvStore>,
-    members: &Members,
-    me: &MemberInfo,
-    http: &HttpClient,
-    timeout: Duration,
-) -> Result<(), String> {
+/// the leader in a note.
+async fn publish(node: &Node<KvStore>, me: &MemberInfo) -> Result<(), String> {
     let status = node.status().await.ok_or("node stopped")?;
     let leader = status.leader.ok_or("no leader")?;
     // A learner or a node not (yet) in the membership still publishes: the
@@ -215,29 +217,64 @@ async fn publish(
         tracing::info!(name = %me.name, api_url = %me.api_url, "published this member's record");
         return Ok(());
     }
-    let url = members
-        .get(leader)
-        .map(|m| m.api_url)
-        .ok_or_else(|| format!("the API URL of leader {leader} is not known yet"))?;
-    let r = http
-        .request(
-            &url,
-            "PUT",
-            &format!("/v1/internal/members/{}", me.name),
-            Some("application/json"),
-            &value,
-            timeout,
-        )
+    // Sent again at the next sync until the record shows up.
+    node.send_note(leader, value)
+        .await
+        .map_err(|e| e.to_string())
+}
+
+/// On the leader: writes the record a member sent about itself in a note,
+/// if it is well formed, really about the sender, and new.
+async fn write_noted_record(
+    node: &Node<KvStore>,
+    token: &str,
+    from: u64,
+    data: &[u8],
+) -> Result<(), String> {
+    if node.leader() != Some(node.id()) {
+        return Err("not the leader".into());
+    }
+    let info: MemberInfo =
+        serde_json::from_slice(data).map_err(|e| format!("malformed member record: {e}"))?;
+    check_record(token, &info)?;
+    if info.id != from {
+        return Err(format!(
+            "node {from} sent a record for member {} (id {})",
+            info.name, info.id
+        ));
+    }
+    let key = member_key(&info.name);
+    let current = node
+        .read_stale(move |kv: &KvStore| kv.get(&key).map(<[u8]>::to_vec))
         .await
         .map_err(|e| e.to_string())?;
-    if r.status == 200 {
-        tracing::info!(name = %me.name, leader = %url, "published this member's record");
-        Ok(())
-    } else {
-        Err(format!(
-            "the leader answered {}: {}",
-            r.status,
-            String::from_utf8_lossy(&r.body)
-        ))
+    if current.as_deref() == Some(data) {
+        return Ok(());
     }
+    let command = KvCommand::Put {
+        key: member_key(&info.name),
+        value: data.to_vec(),
+    };
+    node.propose(command.encode())
+        .await
+        .map_err(|e| e.to_string())?;
+    tracing::info!(name = %info.name, api_url = %info.api_url, "wrote a member's record");
+    Ok(())
+}
+
+/// A record's fields are valid, and its id is the one its name gives in
+/// the cluster of `token`.
+pub fn check_record(token: &str, info: &MemberInfo) -> Result<(), String> {
+    crate::serve::parse_name(&info.name)?;
+    if info.id != crate::cluster::member_id(token, &info.name) {
+        return Err("the record's id is not the one its name gives in this cluster".into());
+    }
+    crate::cluster::parse_host_port(&info.peer_addr)?;
+    let api = info
+        .api_url
+        .strip_prefix("http://")
+        .or_else(|| info.api_url.strip_prefix("https://"))
+        .ok_or("api_url must be http://host:port or https://host:port")?;
+    crate::cluster::parse_host_port(api)?;
+    Ok(())
 }

@@ -134,8 +134,7 @@ pub struct ServeArgs {
     #[arg(long, env = "RAFTWORK_TRUSTED_CA_FILE")]
     pub trusted_ca_file: Option<PathBuf>,
     /// Refuse API clients without a certificate signed by --trusted-ca-file
-    /// (needs the API's TLS flags). A member record can then only be
-    /// published with that member's own certificate.
+    /// (needs the API's TLS flags).
     #[arg(long, env = "RAFTWORK_CLIENT_CERT_AUTH")]
     pub client_cert_auth: bool,
     /// Certificate identities (DNS names in the client certificate,
@@ -657,13 +656,7 @@ pub async fn run(args: Settings, plan: ClusterPlan) -> Result<(), ServeError> {
     )
     .map_err(ServeError::ClientTls)?
     .marking_forwarded();
-    let sync = members::spawn_sync(
-        node.clone(),
-        members.clone(),
-        me,
-        request_timeout,
-        http.clone(),
-    );
+    let sync = members::spawn_sync(node.clone(), members.clone(), me, plan.token.clone());
     let router = api::router(
         node.clone(),
         ApiConfig {
@@ -673,7 +666,6 @@ pub async fn run(args: Settings, plan: ClusterPlan) -> Result<(), ServeError> {
             members,
             http,
             admin_identities: args.admin_identities.clone(),
-            client_cert_auth: args.client_cert_auth,
         },
     );
     // A node that stops on its own (a fatal error) ends the process too: a

@@ -123,6 +123,42 @@ fn forged_peer_messages_neither_stop_nor_wipe_a_node() {
         send_as(target, from, &batch(from, to, &[append]));
     }
 
+    // A note from n2 carrying a record for n1 that points at a forger: the
+    // leader writes a member's record only from that member.
+    let forged = serde_json::json!({
+        "name": ms[0].name,
+        "id": ids[0],
+        "peer_addr": "127.0.0.1:9",
+        "api_url": "http://127.0.0.1:9",
+    })
+    .to_string();
+    // To the leader, from a member other than n1 and the leader.
+    let leader_id = status(&ms[0])["leader"].as_u64().expect("a leader");
+    let leader = ids.iter().position(|&id| id == leader_id).unwrap();
+    let sender = if leader == 1 { 2 } else { 1 };
+    let mut note = message(MessageType::MsgPropose, ids[sender], leader_id, 0);
+    note.context = b"raftwork-note".to_vec().into();
+    note.entries.push(Entry {
+        data: forged.clone().into_bytes().into(),
+        ..Default::default()
+    });
+    send_as(
+        &ms[leader],
+        ids[sender],
+        &batch(ids[sender], leader_id, &[note]),
+    );
+    // Had the leader written it, the record would show until n1 republishes
+    // its own (every 200 ms): look often, for a while.
+    for _ in 0..40 {
+        let (_, nodes) = ms[leader].req("GET", "/cluster/nodes", b"");
+        let nodes = String::from_utf8_lossy(&nodes).into_owned();
+        assert!(
+            !nodes.contains("127.0.0.1:9\""),
+            "forged record written: {nodes}"
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
+
     // 5,000 snapshot offers from made-up senders, each abandoned right after
     // the offer: every one would keep a file, a temp dir and a buffer if
     // nothing bounded them.
@@ -183,6 +219,10 @@ fn forged_peer_messages_neither_stop_nor_wipe_a_node() {
     }
     let leader = agreed_leader(&mut ms, &[0, 1, 2]);
     assert!(!leader.is_empty());
+    // No node learned the forged address.
+    let (_, nodes) = ms[2].req("GET", "/cluster/nodes", b"");
+    let nodes = String::from_utf8_lossy(&nodes).into_owned();
+    assert!(!nodes.contains("127.0.0.1:9\""), "{nodes}");
 
     // A restart on the same data dirs: every acknowledged write is there.
     for m in &mut ms {

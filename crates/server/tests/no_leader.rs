@@ -64,7 +64,6 @@ async fn requests_without_a_leader_get_503() {
             members: Default::default(),
             http: raftwork_server::forward::HttpClient::forwarding(Duration::from_secs(1)),
             admin_identities: Vec::new(),
-            client_cert_auth: false,
         },
     );
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
