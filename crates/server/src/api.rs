@@ -67,7 +67,7 @@ use base64::Engine as _;
 use raftwork::{ConfChangeError, ConfState, Node, ProposeError, ReadError, Role, TransferError};
 use serde::Serialize;
 
-use crate::cluster::{member_id, parse_host_port};
+use crate::cluster::member_id;
 use crate::forward::{HttpClient, SendError, FORWARDED_HEADER};
 use crate::kv::{Expect, KvCommand, KvResponse, KvStore, MAX_KEY_BYTES, MAX_VALUE_BYTES};
 use crate::listener::ApiPeer;
@@ -1178,32 +1178,22 @@ async fn add_member(
     authorize_admin(&state, &caller, &headers)?;
     let raw = read_value(&headers, body).await?;
     let req: AddMember = json_of(&raw)?;
-    crate::serve::parse_name(&req.name).map_err(ApiError::bad_request)?;
-    parse_host_port(&req.peer_addr).map_err(ApiError::bad_request)?;
-    if req
-        .api_url
-        .strip_prefix("http://")
-        .or_else(|| req.api_url.strip_prefix("https://"))
-        .is_none_or(|a| parse_host_port(a).is_err())
-    {
-        return Err(ApiError::bad_request(
-            "api_url must be http://host:port or https://host:port",
-        ));
-    }
-    if let Some(url) = route(&state, &headers).await? {
-        return forward_to(&state, &url, "POST", &uri, Some("application/json"), &raw).await;
-    }
     let id = member_id(&state.config.token, &req.name);
-    let s = state.node.status().await.ok_or_else(shutting_down)?;
-    if s.voters.contains(&id) || s.learners.contains(&id) {
-        return Err(conflict(format!("{:?} is already a member", req.name)));
-    }
     let info = MemberInfo {
         name: req.name.clone(),
         id,
         peer_addr: req.peer_addr.clone(),
         api_url: req.api_url.clone(),
     };
+    // The same checks as a record a member sends about itself.
+    crate::members::check_record(&state.config.token, &info).map_err(ApiError::bad_request)?;
+    if let Some(url) = route(&state, &headers).await? {
+        return forward_to(&state, &url, "POST", &uri, Some("application/json"), &raw).await;
+    }
+    let s = state.node.status().await.ok_or_else(shutting_down)?;
+    if s.voters.contains(&id) || s.learners.contains(&id) {
+        return Err(conflict(format!("{:?} is already a member", req.name)));
+    }
     let record = serde_json::to_vec(&info).expect("serializable");
     state
         .node
