@@ -10,7 +10,7 @@ use raft::{GetEntriesContext, Storage};
 use raftwork_storage::{LogStore, StorageError, Wal, WalOptions, WriteBatch};
 
 fn entry(index: u64, term: u64, size: usize) -> Entry {
-    let mut data = vec![0u8; size.max(8)];
+    let mut data = vec![0x5au8; size.max(8)];
     data[..8].copy_from_slice(&index.to_le_bytes());
     Entry {
         index,
@@ -377,4 +377,80 @@ fn bad_batches_are_refused_without_writing() {
     assert_eq!(w.last_index().unwrap(), 10);
     append(&w, 11, 11, 1, 8);
     w.sync().unwrap();
+}
+
+/// Zeroes `len` bytes of `path` at `offset`.
+fn zero_range(path: &Path, offset: u64, len: usize) {
+    fs::OpenOptions::new()
+        .write(true)
+        .open(path)
+        .unwrap()
+        .write_all_at(&vec![0u8; len], offset)
+        .unwrap();
+}
+
+const PAGE_BYTES: u64 = 4096;
+
+/// A power cut while an unsynced batch was in the page cache: its first and
+/// last pages reached the disk, the middle one did not. Nothing after the
+/// last fdatasync was acknowledged, so recovery must cut there and open,
+/// keeping every synced entry (it used to refuse: a bad record followed by
+/// valid ones looked like corruption in the middle of the log).
+#[test]
+fn power_loss_of_a_middle_page_of_an_unsynced_batch_keeps_the_synced_prefix() {
+    let dir = tempfile::tempdir().unwrap();
+    let seg;
+    let synced_end;
+    {
+        let w = Wal::open(dir.path(), WalOptions::default()).unwrap();
+        append(&w, 1, 20, 1, 100);
+        w.sync().unwrap();
+        seg = segments(dir.path()).pop().unwrap();
+        synced_end = written_end(&seg) as u64;
+        // Three records of 5,000 bytes, never synced: at least three pages.
+        append(&w, 21, 23, 1, 5_000);
+    }
+    let end = written_end(&seg) as u64;
+    let first_page = synced_end / PAGE_BYTES;
+    let last_page = (end - 1) / PAGE_BYTES;
+    assert!(last_page - first_page >= 3, "the batch spans {first_page}..={last_page}");
+    // Lose the page after the one the batch starts in: entry 21 is torn,
+    // entries 22 and 23 (later pages) are intact.
+    zero_range(&seg, (first_page + 1) * PAGE_BYTES, PAGE_BYTES as usize);
+
+    let w = Wal::open(dir.path(), WalOptions::default()).expect("opens after a power loss");
+    assert_eq!(w.last_index().unwrap(), 20, "cut at the first lost record");
+    check_entries(&w, 1, 20);
+    assert_eq!(w.initial_state().unwrap().hard_state.commit, 20);
+    // The log goes on from the cut, and a restart sees the new entries.
+    append(&w, 21, 30, 1, 100);
+    w.sync().unwrap();
+    drop(w);
+    let w = Wal::open(dir.path(), WalOptions::default()).unwrap();
+    check_entries(&w, 1, 30);
+}
+
+/// Damage before the last point an fdatasync made durable is corruption, not
+/// a power loss: the WAL refuses to open, naming the file and offset.
+#[test]
+fn a_bit_flip_before_the_last_synced_point_refuses_even_with_nothing_after_it() {
+    let dir = tempfile::tempdir().unwrap();
+    let seg;
+    {
+        let w = Wal::open(dir.path(), WalOptions::default()).unwrap();
+        append(&w, 1, 20, 1, 100);
+        w.sync().unwrap();
+        seg = segments(dir.path()).pop().unwrap();
+    }
+    // The last record of the synced batch: no valid entry follows it.
+    let end = written_end(&seg) as u64;
+    flip_byte(&seg, end - 60);
+    match Wal::open(dir.path(), WalOptions::default()) {
+        Err(StorageError::Corrupt { path, reason, .. }) => {
+            assert_eq!(path, seg);
+            assert!(reason.contains("synced"), "{reason}");
+        }
+        Err(e) => panic!("expected Corrupt, got {e}"),
+        Ok(_) => panic!("opened a log whose synced part is damaged"),
+    }
 }

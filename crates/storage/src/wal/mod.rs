@@ -24,11 +24,19 @@
 //! stops. Nothing ever retries an fsync.
 //!
 //! # Recovery
-//! [`Wal::open`] replays every segment. A bad record in the *last* segment,
-//! with no valid record after it, is a torn write from a crash: it is cut off
-//! and a warning is logged. Any other bad record refuses to open with
-//! [`StorageError::Corrupt`] naming the file and offset; [`Wal::repair`] is
-//! the explicit way to accept the loss.
+//! [`Wal::open`] replays every segment. After each fdatasync the WAL appends
+//! a `Synced` record saying how far the sync reached, so recovery knows the
+//! last durable point. A power cut can lose any subset of the pages written
+//! after it (page 3 of a batch lost while page 4 reached the disk): damage
+//! in the *last* segment past every `Synced` claim is cut off, zeroed and
+//! logged, whatever valid records follow it, because nothing there was
+//! acknowledged. Damage before a `Synced` claim, or in an older segment
+//! (those were fdatasynced whole before the next one was created), refuses
+//! to open with [`StorageError::Corrupt`] naming the file and offset;
+//! [`Wal::repair`] (`raftwork wal repair`) is the explicit way to accept the
+//! loss, and [`Wal::inspect`] shows what it would cut. After recovery the
+//! last segment is fdatasynced, so what a killed process left in the page
+//! cache is durable before raft is told it is persisted.
 //!
 //! # Conf state
 //! The conf state the WAL reports at start is the one at its base: the
@@ -131,6 +139,8 @@ struct Writer {
     file: Arc<File>,
     offset: u64,
     buf: Vec<u8>,
+    /// Offset the last `Synced` record of segment `seq` vouches for.
+    marked: u64,
 }
 
 /// What the cache charges per entry on top of its payload and context: the
@@ -246,13 +256,129 @@ fn create_segment(dir: &Path, seq: u64, size_bytes: u64) -> Result<(File, PathBu
     Ok((file, path))
 }
 
-/// Finds a valid record anywhere in `buf` at or after `from`.
-fn find_valid_record(buf: &[u8], from: usize) -> Option<usize> {
-    (from..buf.len().saturating_sub(format::RECORD_HEADER_BYTES)).find(|&p| {
-        let kind = buf[p + 8];
-        (format::TYPE_ENTRY..=format::TYPE_COMPACT).contains(&kind)
+/// A segment's records read in order, up to the first that is not one.
+struct Walk {
+    /// Offset just past the last good record.
+    end: usize,
+    /// If the written part does not end cleanly at `end`: the offset of the
+    /// first bad record (`end`) and what is wrong with it.
+    bad: Option<(usize, String)>,
+    /// Highest offset a `Synced` record before `end` vouches for.
+    synced_to: u64,
+}
+
+/// Reads the records of a segment (`buf` is the whole file) in order,
+/// handing each to `visit`. A record that passes its CRC but does not decode,
+/// or that `visit` refuses, is an error at its offset: that is not damage a
+/// crash can do.
+fn walk_segment(
+    buf: &[u8],
+    mut visit: impl FnMut(usize, Record) -> Result<(), String>,
+) -> Result<Walk, (usize, String)> {
+    let mut pos = format::SEGMENT_HEADER_BYTES as usize;
+    let mut synced_to = 0;
+    loop {
+        match format::check_frame(&buf[pos..]) {
+            Ok((kind, _group, payload, len)) => {
+                let record = format::decode_record(kind, payload).map_err(|r| (pos, r))?;
+                if let Record::Synced { offset } = record {
+                    synced_to = synced_to.max(offset);
+                }
+                visit(pos, record).map_err(|r| (pos, r))?;
+                pos += len;
+            }
+            Err(FrameError::End) => {
+                let bad = buf[pos..].iter().position(|&b| b != 0).map(|nz| {
+                    (
+                        pos,
+                        format!("non-zero bytes at {} after the end of the records", pos + nz),
+                    )
+                });
+                return Ok(Walk {
+                    end: pos,
+                    bad,
+                    synced_to,
+                });
+            }
+            Err(FrameError::Bad(reason)) => {
+                return Ok(Walk {
+                    end: pos,
+                    bad: Some((pos, reason)),
+                    synced_to,
+                })
+            }
+        }
+    }
+}
+
+/// What lies past the damage in a segment.
+struct AfterDamage {
+    /// Offset of the first valid record after it.
+    first_valid: Option<usize>,
+    /// Valid records after it (found by scanning byte by byte, then
+    /// skipping each record found).
+    valid_records: usize,
+    /// Highest offset a `Synced` record after it vouches for.
+    synced_to: u64,
+}
+
+/// Scans `buf` after the bad record at `at` for records that survived.
+fn after_damage(buf: &[u8], at: usize) -> AfterDamage {
+    let mut out = AfterDamage {
+        first_valid: None,
+        valid_records: 0,
+        synced_to: 0,
+    };
+    let mut from = at + 1;
+    while let Some(p) = (from..buf.len().saturating_sub(format::RECORD_HEADER_BYTES)).find(|&p| {
+        (format::TYPE_ENTRY..=format::TYPE_MAX).contains(&buf[p + 8])
             && format::check_frame(&buf[p..]).is_ok()
-    })
+    }) {
+        let (kind, _, payload, len) = format::check_frame(&buf[p..]).expect("just checked");
+        out.first_valid.get_or_insert(p);
+        out.valid_records += 1;
+        if let Ok(Record::Synced { offset }) = format::decode_record(kind, payload) {
+            out.synced_to = out.synced_to.max(offset);
+        }
+        from = p + len;
+    }
+    out
+}
+
+/// What recovery makes of a bad record.
+#[derive(Debug, PartialEq)]
+enum Verdict {
+    /// Past everything an fdatasync covered: bytes a crash or power cut
+    /// lost or tore. Nothing there was acknowledged, so it is cut.
+    UnsyncedTail,
+    /// Damage to data that was durable: refuse, saying why.
+    Corrupt(String),
+}
+
+/// The recovery rule. Segments before the last were fdatasynced when the
+/// next one was created, so any damage there is corruption. In the last
+/// segment, damage at `at` is corruption if a `Synced` record (anywhere in
+/// the segment, before or after the damage) says an fdatasync covered it;
+/// otherwise it lies after the last durable point, where a power cut may
+/// have lost any subset of pages, and is cut. A `Synced` record is written
+/// only after its sync returned, so its claim holds even if the record
+/// itself was lost; recovery never cuts synced data it has a claim for.
+fn judge(is_last: bool, at: usize, synced_to: u64, after: &AfterDamage) -> Verdict {
+    if !is_last {
+        return Verdict::Corrupt(
+            "later segments exist, so this segment was fdatasynced whole and this is not a torn write".into(),
+        );
+    }
+    if synced_to > at as u64 {
+        let follows = after
+            .first_valid
+            .map(|p| format!(" (a valid record follows at offset {p})"))
+            .unwrap_or_default();
+        return Verdict::Corrupt(format!(
+            "the WAL had synced this segment up to offset {synced_to}{follows}, so this is damage to durable data, not a lost write"
+        ));
+    }
+    Verdict::UnsyncedTail
 }
 
 #[derive(Clone, Copy, PartialEq)]
@@ -372,61 +498,41 @@ impl Wal {
                     format!("header names segment {header_seq}"),
                 ));
             }
-            let mut pos = format::SEGMENT_HEADER_BYTES as usize;
             let mut max_entry_index = 0;
-            let bad = loop {
-                match format::check_frame(&buf[pos..]) {
-                    Ok((kind, _group, payload, len)) => {
-                        let record = format::decode_record(kind, payload)
-                            .map_err(|r| corrupt(&path, pos as u64, r))?;
-                        if let Record::Entry { index, .. } = record {
-                            max_entry_index = max_entry_index.max(index);
-                        }
-                        replay(&mut state, &mut base_known, record, seq, pos)
-                            .map_err(|r| corrupt(&path, pos as u64, r))?;
-                        pos += len;
-                    }
-                    Err(FrameError::End) => match buf[pos..].iter().position(|&b| b != 0) {
-                        None => break None,
-                        Some(nz) => {
-                            break Some((
-                                pos,
-                                format!(
-                                    "non-zero bytes at {} after the end of the records",
-                                    pos + nz
-                                ),
-                            ))
-                        }
-                    },
-                    Err(FrameError::Bad(reason)) => break Some((pos, reason)),
+            let walk = walk_segment(&buf, |pos, record| {
+                if let Record::Entry { index, .. } = record {
+                    max_entry_index = max_entry_index.max(index);
                 }
-            };
+                replay(&mut state, &mut base_known, record, seq, pos)
+            })
+            .map_err(|(at, r)| corrupt(&path, at as u64, r))?;
+            let pos = walk.end;
             let file = OpenOptions::new()
                 .read(true)
                 .write(true)
                 .open(&path)
                 .map_err(|e| io_err(&path, e))?;
-            if let Some((at, reason)) = bad {
-                let later_valid = find_valid_record(&buf, at + 1);
+            if let Some((at, reason)) = walk.bad {
+                let after = after_damage(&buf, at);
                 if mode == OpenMode::Repair {
                     tracing::warn!(segment = %path.display(), offset = at, %reason, "repair: cutting the log here");
                     let r = report.as_mut().unwrap();
                     r.cut_at = Some((path.clone(), at as u64));
                     quarantine_from = Some(k + 1);
-                } else if !is_last || later_valid.is_some() {
-                    let why = match later_valid {
-                        Some(p) => format!("{reason}; a valid record follows at offset {p}, so this is not a torn write"),
-                        None => format!("{reason}; later segments exist, so this is not a torn write"),
-                    };
-                    return Err(corrupt(&path, at as u64, format!("{why}. Restore this node from a replica, or run the WAL repair to accept losing everything after this point")));
                 } else {
-                    tracing::warn!(
-                        segment = %path.display(),
-                        offset = at,
-                        bytes = buf.len() - at,
-                        %reason,
-                        "WAL: cutting off a torn write at the tail of the last segment"
-                    );
+                    match judge(is_last, at, walk.synced_to.max(after.synced_to), &after) {
+                        Verdict::Corrupt(why) => {
+                            return Err(corrupt(&path, at as u64, format!("{reason}; {why}. Restore this node from a replica, or run `raftwork wal repair` to accept losing everything after this point")));
+                        }
+                        Verdict::UnsyncedTail => tracing::warn!(
+                            segment = %path.display(),
+                            offset = at,
+                            bytes = buf.len() - at,
+                            valid_records_after = after.valid_records,
+                            %reason,
+                            "WAL: cutting off what the last fdatasync did not cover (a crash or power loss lost or tore it); nothing there was acknowledged"
+                        ),
+                    }
                 }
                 // Zero the bad tail so later appends start on clean bytes.
                 let dirty_end = buf.iter().rposition(|&b| b != 0).map_or(at, |p| p + 1);
@@ -435,7 +541,6 @@ impl Wal {
                         .and_then(|_| file.sync_data())
                         .map_err(|e| io_err(&path, e))?;
                 }
-                pos = at;
             }
             end_offset = pos as u64;
             state.segments.insert(
@@ -479,7 +584,13 @@ impl Wal {
         state.cache.clear(state.index.last() + 1);
 
         let (seq, file, offset) = match state.segments.last_key_value() {
-            Some((&seq, seg)) => (seq, seg.file.clone(), end_offset),
+            Some((&seq, seg)) => {
+                // What recovery read may have come from the page cache of a
+                // process that died before its sync: make it durable before
+                // raft is told it is persisted (and so acknowledges it).
+                seg.file.sync_data().map_err(|e| io_err(&seg.path, e))?;
+                (seq, seg.file.clone(), end_offset)
+            }
             None => {
                 let (file, path) = create_segment(dir, 1, options.segment_size_bytes)?;
                 let file = Arc::new(file);
@@ -511,6 +622,7 @@ impl Wal {
                     file,
                     offset,
                     buf: Vec::new(),
+                    marked: 0,
                 }),
                 failed: AtomicBool::new(false),
                 _lock: lock,
@@ -621,6 +733,31 @@ impl Wal {
         w.seq = seq;
         w.file = file;
         w.offset = format::SEGMENT_HEADER_BYTES + checkpoint.len() as u64;
+        w.marked = 0;
+        Ok(())
+    }
+
+    /// Records that an fdatasync of segment `seq` covered every byte before
+    /// `end`: appends a `Synced` record (page cache only; its claim is true
+    /// whether or not it reaches the disk, see [`judge`]). Skipped if the
+    /// segment was closed meanwhile (closing synced it whole) or if the
+    /// record would not fit (the next write closes the segment).
+    fn mark_synced(&self, seq: u64, end: u64) -> Result<(), StorageError> {
+        let mut w = self.shared.writer.lock().unwrap();
+        if w.seq != seq
+            || end <= w.marked
+            || w.offset + format::SYNCED_RECORD_BYTES > self.shared.options.segment_size_bytes
+        {
+            return Ok(());
+        }
+        let mut buf = Vec::with_capacity(format::SYNCED_RECORD_BYTES as usize);
+        format::push_synced(&mut buf, self.shared.options.group_id, end);
+        let path = self.shared.dir.join(format::segment_name(seq));
+        w.file
+            .write_all_at(&buf, w.offset)
+            .map_err(|e| self.fail(io_err(&path, e)))?;
+        w.offset += buf.len() as u64;
+        w.marked = end;
         Ok(())
     }
 
@@ -745,6 +882,7 @@ fn replay(
             state.index.truncate_from(index);
             state.index.push(index, term, seq, loc);
         }
+        Record::Synced { .. } => {}
         Record::HardState(hs) => state.hard_state = hs,
         Record::ConfState(cs) => state.conf_state = cs,
         Record::Snapshot { kind, meta } => {
@@ -997,15 +1135,16 @@ impl LogStore for Wal {
 
     fn sync(&self) -> Result<(), StorageError> {
         self.check_ok()?;
-        let (file, seq, first_index) = {
+        let (file, seq, end, first_index) = {
             let w = self.shared.writer.lock().unwrap();
             let first = self.shared.state.read().unwrap().index.first();
-            (w.file.clone(), w.seq, first)
+            (w.file.clone(), w.seq, w.offset, first)
         };
         if let Err(e) = file.sync_data() {
             let path = self.shared.dir.join(format::segment_name(seq));
             return Err(self.fail(io_err(&path, e)));
         }
+        self.mark_synced(seq, end)?;
         // Older segments were synced when they were closed. Every segment
         // before `seq` whose entries are all compacted away (by a Compact
         // record that this sync made durable) can go.
