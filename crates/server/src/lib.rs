@@ -9,7 +9,8 @@
 //! * [`client`]: the CLI client (`raftwork kv|member|status`);
 //! * [`bench`]: `raftwork bench` (closed-loop load against raftwork or etcd);
 //! * [`local`]: `raftwork local-cluster` (N child processes on loopback);
-//! * [`serve`]: `raftwork serve` (flags, logging, startup, graceful shutdown).
+//! * [`serve`]: `raftwork serve` (flags, logging, startup, graceful shutdown);
+//! * [`wal`]: `raftwork wal inspect|repair` (the operator's view of the WAL).
 
 #![warn(missing_docs)]
 #![forbid(unsafe_code)]
@@ -25,3 +26,4 @@ pub mod local;
 pub mod members;
 pub mod serve;
 pub mod tls;
+pub mod wal;

@@ -8,6 +8,7 @@ use raftwork_server::client::{self, KvArgs, MemberArgs, StatusArgs};
 use raftwork_server::local::{self, LocalClusterArgs};
 use raftwork_server::serve::{init_logging, run, ServeArgs};
 use raftwork_server::tls::{self, TlsInitArgs};
+use raftwork_server::wal::{self, WalCommand};
 
 /// mimalloc instead of the system allocator: a node allocates and frees
 /// small buffers for every request, message and entry, and glibc's malloc
@@ -43,6 +44,10 @@ enum Command {
     /// Certificates for peer TLS.
     #[command(subcommand)]
     Tls(TlsCommand),
+    /// The node's write-ahead log: inspect it, or repair damage that stops
+    /// it from starting.
+    #[command(subcommand)]
+    Wal(WalCommand),
 }
 
 #[derive(Debug, Subcommand)]
@@ -62,6 +67,7 @@ fn main() -> ExitCode {
         Command::LocalCluster(args) => local::run(args),
         Command::Bench(args) => bench::run(args),
         Command::Tls(TlsCommand::Init(args)) => tls::run(args),
+        Command::Wal(command) => wal::run(command),
         Command::Serve(args) => {
             let args = match (*args).resolve() {
                 Ok(settings) => settings,

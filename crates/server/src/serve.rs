@@ -142,6 +142,26 @@ pub struct ServeArgs {
     /// transfer leadership (needs --client-cert-auth) [default: anyone].
     #[arg(long, env = "RAFTWORK_ADMIN_IDENTITIES", value_delimiter = ',', value_parser = parse_name)]
     pub admin_identities: Vec<String>,
+    /// Size of each WAL segment file, in bytes (65536 to 2147483648); a
+    /// segment is closed (fdatasynced) and the next preallocated when a
+    /// write would cross it. Small segments exercise rotation in tests
+    /// [default: 67108864].
+    #[arg(long, env = "RAFTWORK_WAL_SEGMENT_BYTES", value_parser = parse_wal_segment_bytes)]
+    pub wal_segment_bytes: Option<u64>,
+}
+
+/// Default of `--wal-segment-bytes` (the WAL's own default).
+pub const DEFAULT_WAL_SEGMENT_BYTES: u64 = 64 << 20;
+
+/// Checks a `--wal-segment-bytes` value.
+pub fn parse_wal_segment_bytes(s: &str) -> Result<u64, String> {
+    let v: u64 = s
+        .parse()
+        .map_err(|_| format!("{s:?} is not a number of bytes"))?;
+    if !(64 << 10..=2 << 30).contains(&v) {
+        return Err(format!("{v} is outside 65536..=2147483648"));
+    }
+    Ok(v)
 }
 
 /// The `--config` file: the same settings as the flags, all optional.
@@ -167,6 +187,7 @@ struct FileConfig {
     trusted_ca_file: Option<PathBuf>,
     client_cert_auth: Option<bool>,
     admin_identities: Option<Vec<String>>,
+    wal_segment_bytes: Option<u64>,
 }
 
 /// The contents of [`TlsFiles`] (PEM).
@@ -274,6 +295,8 @@ pub struct Settings {
     pub client_cert_auth: bool,
     /// Who may change membership and move leadership (empty: anyone).
     pub admin_identities: Vec<String>,
+    /// WAL segment size in bytes.
+    pub wal_segment_bytes: u64,
 }
 
 impl ServeArgs {
@@ -419,6 +442,14 @@ impl ServeArgs {
                 .unwrap_or_else(|| DEFAULT_API_ADDR.parse().expect("valid default")),
             log_level,
             request_timeout_ms,
+            wal_segment_bytes: match self.wal_segment_bytes {
+                Some(v) => v,
+                None => match file.wal_segment_bytes {
+                    Some(v) => parse_wal_segment_bytes(&v.to_string())
+                        .map_err(|e| in_file("wal-segment-bytes", e))?,
+                    None => DEFAULT_WAL_SEGMENT_BYTES,
+                },
+            },
         })
     }
 }
@@ -579,6 +610,10 @@ pub async fn run(args: Settings, plan: ClusterPlan) -> Result<(), ServeError> {
     let members = Arc::new(Members::new());
     let mut builder = Builder::new(plan.id, KvStore::new())
         .data_dir(&args.data_dir)
+        .wal_options(raftwork::WalOptions {
+            segment_size_bytes: args.wal_segment_bytes,
+            ..Default::default()
+        })
         .listen(args.peer_addr);
     if let Some(files) = &args.peer_tls {
         let tls = files.load().map_err(ServeError::PeerTls)?;

@@ -34,7 +34,10 @@ pub use error::StorageError;
 pub use file_snapshot::{FileSnapshotStore, SnapshotCompression};
 pub use mem_log::MemLogStore;
 pub use snapshot::{MemSnapshotStore, SnapshotMeta, SnapshotReader, SnapshotStore, SnapshotWriter};
-pub use wal::{RepairReport, Wal, WalOptions, CACHE_ENTRY_OVERHEAD_BYTES};
+pub use wal::{
+    Damage, OnOpen, RepairReport, SegmentInfo, Wal, WalInspection, WalOptions,
+    CACHE_ENTRY_OVERHEAD_BYTES,
+};
 
 use raft::prelude::{ConfState, Entry, HardState, SnapshotMetadata};
 

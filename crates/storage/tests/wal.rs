@@ -7,7 +7,7 @@ use std::path::{Path, PathBuf};
 
 use raft::prelude::{ConfState, Entry, HardState, SnapshotMetadata};
 use raft::{GetEntriesContext, Storage};
-use raftwork_storage::{LogStore, StorageError, Wal, WalOptions, WriteBatch};
+use raftwork_storage::{LogStore, OnOpen, StorageError, Wal, WalOptions, WriteBatch};
 
 fn entry(index: u64, term: u64, size: usize) -> Entry {
     let mut data = vec![0x5au8; size.max(8)];
@@ -413,10 +413,23 @@ fn power_loss_of_a_middle_page_of_an_unsynced_batch_keeps_the_synced_prefix() {
     let end = written_end(&seg) as u64;
     let first_page = synced_end / PAGE_BYTES;
     let last_page = (end - 1) / PAGE_BYTES;
-    assert!(last_page - first_page >= 3, "the batch spans {first_page}..={last_page}");
-    // Lose the page after the one the batch starts in: entry 21 is torn,
-    // entries 22 and 23 (later pages) are intact.
+    assert!(
+        last_page - first_page >= 3,
+        "the batch spans {first_page}..={last_page}"
+    );
+    // Lose the page after the one the batch starts in: entries 21 and 22
+    // are torn, entry 23 and the hard state (later pages) are intact.
     zero_range(&seg, (first_page + 1) * PAGE_BYTES, PAGE_BYTES as usize);
+
+    // Inspect (read-only) says what opening will do, and changes nothing.
+    let seen = Wal::inspect(dir.path()).unwrap();
+    let damage = seen.damage.expect("inspect sees the lost page");
+    assert_eq!(damage.on_open, OnOpen::Cut);
+    assert_eq!(damage.valid_records_after, 2, "entry 23 and the hard state");
+    // (the synced part ends in a Synced record whose last bytes are zeros)
+    assert!(damage.offset >= synced_end && damage.offset < synced_end + 8);
+    assert_eq!(seen.segments[0].entries, Some((1, 20)));
+    assert_eq!(written_end(&seg) as u64, end);
 
     let w = Wal::open(dir.path(), WalOptions::default()).expect("opens after a power loss");
     assert_eq!(w.last_index().unwrap(), 20, "cut at the first lost record");
@@ -445,6 +458,8 @@ fn a_bit_flip_before_the_last_synced_point_refuses_even_with_nothing_after_it() 
     // The last record of the synced batch: no valid entry follows it.
     let end = written_end(&seg) as u64;
     flip_byte(&seg, end - 60);
+    let damage = Wal::inspect(dir.path()).unwrap().damage.unwrap();
+    assert!(matches!(damage.on_open, OnOpen::Refuse(_)), "{damage:?}");
     match Wal::open(dir.path(), WalOptions::default()) {
         Err(StorageError::Corrupt { path, reason, .. }) => {
             assert_eq!(path, seg);

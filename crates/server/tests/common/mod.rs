@@ -57,6 +57,11 @@ impl Drop for Server {
 /// Starts a single-node `raftwork serve` and waits for /readyz (retried on
 /// new ports if a picked port was taken in between).
 pub fn start(dir: &Path) -> Server {
+    start_with(dir, &[])
+}
+
+/// [`start`] with extra `serve` flags.
+pub fn start_with(dir: &Path, extra: &[&str]) -> Server {
     for attempt in 0..5 {
         let api: SocketAddr = format!("127.0.0.1:{}", free_port()).parse().unwrap();
         let log = std::fs::File::create(dir.join(format!("serve-{attempt}.log"))).unwrap();
@@ -66,6 +71,7 @@ pub fn start(dir: &Path) -> Server {
             .arg(dir.join("data"))
             .args(["--api-addr", &api.to_string()])
             .args(["--peer-addr", &format!("127.0.0.1:{}", free_port())])
+            .args(extra)
             .stdin(Stdio::null())
             .stdout(Stdio::null())
             .stderr(log)

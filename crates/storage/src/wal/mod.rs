@@ -98,6 +98,64 @@ pub struct RepairReport {
     pub quarantined: Vec<PathBuf>,
 }
 
+/// What [`Wal::inspect`] found, read without changing anything.
+#[derive(Debug, Clone)]
+pub struct WalInspection {
+    /// Every segment, oldest first.
+    pub segments: Vec<SegmentInfo>,
+    /// The first bad record, if any, and what opening the log does about it.
+    pub damage: Option<Damage>,
+}
+
+/// One segment file as [`Wal::inspect`] read it.
+#[derive(Debug, Clone)]
+pub struct SegmentInfo {
+    /// The file.
+    pub path: PathBuf,
+    /// Its sequence number.
+    pub seq: u64,
+    /// Size of the file (segments are preallocated).
+    pub file_bytes: u64,
+    /// Where its valid records end (the first bad record, if damaged).
+    pub written_bytes: u64,
+    /// Valid records before that point.
+    pub records: u64,
+    /// First and last entry index among them.
+    pub entries: Option<(u64, u64)>,
+    /// The last durable point a `Synced` record vouches for (0: none).
+    /// Segments before the last were fdatasynced whole when closed.
+    pub synced_to: u64,
+    /// Why the segment could not be read at all (bad header), if so.
+    pub unreadable: Option<String>,
+}
+
+/// The first bad record of a log.
+#[derive(Debug, Clone)]
+pub struct Damage {
+    /// Segment holding it.
+    pub path: PathBuf,
+    /// Offset of the bad record.
+    pub offset: u64,
+    /// What is wrong with it.
+    pub reason: String,
+    /// Valid records found after it in the same segment.
+    pub valid_records_after: usize,
+    /// What [`Wal::open`] does about it.
+    pub on_open: OnOpen,
+    /// Segments after the damaged one: [`Wal::repair`] moves them into
+    /// quarantine.
+    pub later_segments: Vec<PathBuf>,
+}
+
+/// What [`Wal::open`] does about damage.
+#[derive(Debug, Clone, PartialEq)]
+pub enum OnOpen {
+    /// Past the last durable point: cut automatically (never acknowledged).
+    Cut,
+    /// Damage to durable data: opening refuses, for this reason.
+    Refuse(String),
+}
+
 /// The native write-ahead log. Cheap to clone: clones share one log.
 #[derive(Clone)]
 pub struct Wal {
@@ -291,7 +349,10 @@ fn walk_segment(
                 let bad = buf[pos..].iter().position(|&b| b != 0).map(|nz| {
                     (
                         pos,
-                        format!("non-zero bytes at {} after the end of the records", pos + nz),
+                        format!(
+                            "non-zero bytes at {} after the end of the records",
+                            pos + nz
+                        ),
                     )
                 });
                 return Ok(Walk {
@@ -414,6 +475,110 @@ impl Wal {
             &mut report,
         )?;
         Ok(report.unwrap())
+    }
+
+    /// Reads every segment and reports what it holds, the last durable
+    /// point, and the first bad record with what opening would do about it
+    /// (the same rule [`Wal::open`] applies). Changes nothing and takes no
+    /// lock, so it is safe on a running node (whose tail may be mid-write).
+    pub fn inspect(dir: impl AsRef<Path>) -> Result<WalInspection, StorageError> {
+        let dir = dir.as_ref();
+        let mut seqs = Vec::new();
+        for item in fs::read_dir(dir).map_err(|e| io_err(dir, e))? {
+            let item = item.map_err(|e| io_err(dir, e))?;
+            if let Some(seq) = format::parse_segment_name(&item.file_name().to_string_lossy()) {
+                seqs.push(seq);
+            }
+        }
+        seqs.sort_unstable();
+        let mut out = WalInspection {
+            segments: Vec::new(),
+            damage: None,
+        };
+        for (k, &seq) in seqs.iter().enumerate() {
+            let path = dir.join(format::segment_name(seq));
+            let buf = fs::read(&path).map_err(|e| io_err(&path, e))?;
+            let mut info = SegmentInfo {
+                path: path.clone(),
+                seq,
+                file_bytes: buf.len() as u64,
+                written_bytes: 0,
+                records: 0,
+                entries: None,
+                synced_to: 0,
+                unreadable: None,
+            };
+            match format::decode_segment_header(&buf) {
+                Ok(s) if s == seq => {}
+                Ok(s) => info.unreadable = Some(format!("header names segment {s}")),
+                Err(r) => info.unreadable = Some(r),
+            }
+            if let Some(reason) = &info.unreadable {
+                if out.damage.is_none() {
+                    out.damage = Some(Damage {
+                        path: path.clone(),
+                        offset: 0,
+                        reason: reason.clone(),
+                        valid_records_after: 0,
+                        on_open: OnOpen::Refuse("the segment header is damaged".into()),
+                        later_segments: Vec::new(),
+                    });
+                }
+                out.segments.push(info);
+                continue;
+            }
+            let (mut records, mut entries) = (0u64, None::<(u64, u64)>);
+            let walk = walk_segment(&buf, |_, record| {
+                records += 1;
+                if let Record::Entry { index, .. } = record {
+                    entries = Some(entries.map_or((index, index), |(a, _)| (a, index)));
+                }
+                Ok(())
+            });
+            let (walk, decode_error) = match walk {
+                Ok(w) => (w, None),
+                Err((at, r)) => (
+                    Walk {
+                        end: at,
+                        bad: Some((at, r.clone())),
+                        synced_to: 0,
+                    },
+                    Some(r),
+                ),
+            };
+            info.records = records;
+            info.entries = entries;
+            info.written_bytes = walk.end as u64;
+            info.synced_to = walk.synced_to;
+            if let (Some((at, reason)), None) = (walk.bad, &out.damage) {
+                let after = after_damage(&buf, at);
+                let synced_to = walk.synced_to.max(after.synced_to);
+                info.synced_to = synced_to;
+                let on_open = match (
+                    &decode_error,
+                    judge(k + 1 == seqs.len(), at, synced_to, &after),
+                ) {
+                    (Some(_), _) => {
+                        OnOpen::Refuse("the record passed its checksum but does not decode".into())
+                    }
+                    (None, Verdict::Corrupt(why)) => OnOpen::Refuse(why),
+                    (None, Verdict::UnsyncedTail) => OnOpen::Cut,
+                };
+                out.damage = Some(Damage {
+                    path: path.clone(),
+                    offset: at as u64,
+                    reason,
+                    valid_records_after: after.valid_records,
+                    on_open,
+                    later_segments: seqs[k + 1..]
+                        .iter()
+                        .map(|&s| dir.join(format::segment_name(s)))
+                        .collect(),
+                });
+            }
+            out.segments.push(info);
+        }
+        Ok(out)
     }
 
     fn open_mode(
