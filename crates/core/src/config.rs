@@ -37,8 +37,24 @@ pub struct CoreConfig {
     /// the cluster on return. Default: true.
     pub pre_vote: bool,
     /// Serve linearizable reads from the leader's lease instead of a quorum
-    /// round. Faster, but relies on bounded clock drift. Default: false.
+    /// round per read. Safe while the tick rates of any two members differ
+    /// by less than `lease_drift_ticks` allows (see `lease.rs`); a leader
+    /// without a lease (new, after `MsgTimeoutNow`, after a clock stall)
+    /// confirms reads with its next heartbeat round instead. Default: false.
     pub lease_read: bool,
+    /// Bound on clock drift for lease reads, in ticks: `election_ticks - 1`
+    /// ticks of any member last at least `election_ticks - 1 -
+    /// lease_drift_ticks` ticks of the leader. A lease then lasts
+    /// `election_ticks - 2 - lease_drift_ticks` ticks after the heartbeat
+    /// round that renewed it was sent. Default: 2 (with 10-tick elections,
+    /// members may tick up to 28% faster than the leader). Must be below
+    /// `election_ticks - 2`.
+    pub lease_drift_ticks: u64,
+    /// Negative control for tests, never for production: answer lease reads
+    /// the way raft-rs does, with no expiry check (stale reads happen).
+    /// Default: false.
+    #[doc(hidden)]
+    pub unchecked_lease_reads: bool,
     /// Ticks after which an unanswered read-index request is sent again.
     /// Default: 5. Minimum: 1.
     pub read_retry_ticks: u64,
@@ -82,6 +98,8 @@ impl Default for CoreConfig {
             check_quorum: true,
             pre_vote: true,
             lease_read: false,
+            lease_drift_ticks: 2,
+            unchecked_lease_reads: false,
             read_retry_ticks: 5,
             read_timeout_ticks: 30,
             propose_timeout_ticks: 100,
@@ -123,6 +141,9 @@ impl CoreConfig {
         }
         if self.lease_read && !self.check_quorum {
             return fail("lease_read requires check_quorum");
+        }
+        if self.lease_read && self.lease_drift_ticks + 2 >= self.election_ticks as u64 {
+            return fail("lease_drift_ticks must be below election_ticks - 2");
         }
         if self.read_retry_ticks == 0 || self.read_timeout_ticks < self.read_retry_ticks {
             return fail("need 1 <= read_retry_ticks <= read_timeout_ticks");

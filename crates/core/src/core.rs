@@ -19,11 +19,12 @@ use raft::prelude::{
     ConfChange, ConfChangeSingle, ConfChangeTransition, ConfChangeType, ConfChangeV2, ConfState,
     Entry, EntryType, Message, MessageType, Snapshot,
 };
-use raft::{RawNode, StateRole};
+use raft::{RawNode, StateRole, CAMPAIGN_TRANSFER};
 use raftwork_storage::{LogStore, WriteBatch};
 
 use crate::config::CoreConfig;
 use crate::error::{ConfChangeError, FatalError, ProposeError, ReadError, TransferError};
+use crate::lease::{lease_context, parse_lease_context, Lease};
 use crate::validate::{self, Rejected};
 use crate::NodeId;
 
@@ -331,7 +332,26 @@ pub struct Core<S: LogStore> {
     sole_voter_campaign: bool,
     /// Peer messages dropped by validation.
     messages_rejected: u64,
+    /// A leader's lease in lease-read mode (see `lease.rs`).
+    lease: Option<Lease>,
+    /// Lease-mode answers held until the lease or a later heartbeat round
+    /// confirms them, oldest first.
+    held_reads: VecDeque<HeldRead>,
     actions: Vec<Action>,
+}
+
+/// A read answer raft-rs gave in lease mode, held until confirmed.
+struct HeldRead {
+    /// Lease round when raft answered: rounds after it confirm the read.
+    capture: u64,
+    what: Held,
+}
+
+enum Held {
+    /// This leader's own reads, at this read index.
+    Local { index: u64, ids: Vec<RequestId> },
+    /// A `MsgReadIndexResp` to a follower.
+    Forwarded(Message),
 }
 
 impl<S: LogStore> Core<S> {
@@ -378,6 +398,8 @@ impl<S: LogStore> Core<S> {
             removed: false,
             sole_voter_campaign,
             messages_rejected: 0,
+            lease: None,
+            held_reads: VecDeque::new(),
             actions: Vec::new(),
         })
     }
@@ -490,6 +512,28 @@ impl<S: LogStore> Core<S> {
     /// dropped and returned as the error. The node carries on either way.
     pub fn handle_message(&mut self, msg: Message) -> Result<(), Rejected> {
         self.check_message(&msg)?;
+        if self.checked_leases() {
+            match msg.get_msg_type() {
+                MessageType::MsgHeartbeatResponse => {
+                    if let (Some(lease), Some(round)) =
+                        (&mut self.lease, parse_lease_context(&msg.context))
+                    {
+                        lease.ack(msg.from, msg.term, round);
+                    }
+                }
+                // A restarted node forgot whose lease it was honouring: it
+                // grants no vote for an election timeout after starting, as
+                // if it had just heard from a leader (forced votes of a
+                // transfer excepted: the leader that sent it holds no lease).
+                MessageType::MsgRequestVote | MessageType::MsgRequestPreVote
+                    if self.tick_count < self.config.election_ticks as u64
+                        && msg.context.as_ref() != CAMPAIGN_TRANSFER =>
+                {
+                    return Ok(());
+                }
+                _ => {}
+            }
+        }
         if let Err(e) = self.raw.step(msg) {
             slog::debug!(self.logger, "step refused a message"; "error" => %e);
         }
@@ -721,11 +765,111 @@ impl<S: LogStore> Core<S> {
         }
     }
 
-    /// Emits `msgs` to send.
-    fn push_send(&mut self, msgs: Vec<Message>) {
+    /// Emits `msgs` to send. In checked lease mode a leader's heartbeats
+    /// are stamped with a lease round, `MsgTimeoutNow` revokes its lease, and
+    /// `MsgReadIndexResp` is held until confirmed (dropped if not leading:
+    /// the follower asks again).
+    fn push_send(&mut self, mut msgs: Vec<Message>) {
+        if self.checked_leases() {
+            let mut round = None;
+            let tick = self.tick_count;
+            let election = self.config.election_ticks as u64;
+            let mut held = Vec::new();
+            msgs.retain_mut(|m| match m.get_msg_type() {
+                MessageType::MsgHeartbeat => {
+                    if let Some(lease) = &mut self.lease {
+                        let r = *round.get_or_insert_with(|| lease.next_round(tick, election));
+                        m.context = lease_context(r).to_vec().into();
+                    }
+                    true
+                }
+                MessageType::MsgTimeoutNow => {
+                    if let Some(lease) = &mut self.lease {
+                        lease.revoke();
+                    }
+                    true
+                }
+                MessageType::MsgReadIndexResp => {
+                    if let Some(lease) = &self.lease {
+                        held.push(HeldRead {
+                            capture: lease.capture(),
+                            what: Held::Forwarded(m.clone()),
+                        });
+                    }
+                    false
+                }
+                _ => true,
+            });
+            self.held_reads.extend(held);
+        }
         if !msgs.is_empty() {
             self.actions.push(Action::Send(msgs));
         }
+    }
+
+    /// Lease reads with the expiry checks of `lease.rs`.
+    fn checked_leases(&self) -> bool {
+        self.config.lease_read && !self.config.unchecked_lease_reads
+    }
+
+    /// The shell saw its clock run ahead of its ticks (the loop stalled):
+    /// a leader's tick count then lags real time, so the heartbeat rounds
+    /// sent so far hold no lease; reads wait for the next round.
+    pub fn expire_lease(&mut self) {
+        if let Some(lease) = &mut self.lease {
+            lease.expire();
+        }
+    }
+
+    /// Releases held lease-mode answers, oldest first, while a quorum
+    /// vouches for them. Returns true if it broadcast a heartbeat round to
+    /// confirm the rest (raft then has a ready).
+    fn confirm_held_reads(&mut self) -> bool {
+        let Some(lease) = &self.lease else {
+            return false;
+        };
+        if self.raw.raft.state != StateRole::Leader {
+            return false;
+        }
+        let now = self.tick_count;
+        let election = self.config.election_ticks as u64;
+        let drift = self.config.lease_drift_ticks;
+        while let Some(front) = self.held_reads.front() {
+            // raft-rs's own hasher type, inferred from `has_quorum`.
+            let mut vouching = std::collections::HashSet::default();
+            vouching.extend(lease.vouching(front.capture, now, election, drift));
+            vouching.insert(self.config.id);
+            if !self.raw.raft.prs().has_quorum(&vouching) {
+                // Ask now rather than at the next heartbeat tick.
+                if lease.capture() <= front.capture {
+                    self.raw.raft.bcast_heartbeat();
+                    return true;
+                }
+                return false;
+            }
+            match self.held_reads.pop_front().unwrap().what {
+                Held::Local { index, ids } => self.reads_confirmed.push_back((index, ids)),
+                Held::Forwarded(m) => self.actions.push(Action::Send(vec![m])),
+            }
+        }
+        false
+    }
+
+    /// Held answers die with the leadership: a follower asks again, and this
+    /// node's own reads go back to waiting (they go to the next leader).
+    fn drop_held_reads(&mut self) {
+        for h in std::mem::take(&mut self.held_reads) {
+            if let Held::Local { ids, .. } = h.what {
+                self.requeue_reads(ids);
+            }
+        }
+    }
+
+    fn requeue_reads(&mut self, ids: Vec<RequestId>) {
+        if self.reads_waiting.is_empty() {
+            self.reads_waiting_since_tick = self.tick_count;
+        }
+        self.reads_waiting.extend(ids);
     }
 
     /// The state machine applied everything up to `index`.
@@ -805,9 +949,14 @@ impl<S: LogStore> Core<S> {
         self.flush_proposals();
         self.maybe_send_read_index();
         self.maybe_campaign_alone()?;
-        while self.raw.has_ready() {
-            self.handle_ready()?;
-            self.maybe_campaign_alone()?;
+        loop {
+            while self.raw.has_ready() {
+                self.handle_ready()?;
+                self.maybe_campaign_alone()?;
+            }
+            if !self.confirm_held_reads() {
+                break;
+            }
         }
         self.maybe_leave_joint();
         self.release_confirmed_reads();
@@ -973,6 +1122,14 @@ impl<S: LogStore> Core<S> {
         self.raft_state = raft_state;
         if was_leader && raft_state != StateRole::Leader {
             self.fail_pending_on_step_down();
+        }
+        if raft_state == StateRole::Leader && self.checked_leases() {
+            let term = self.raw.raft.term;
+            if self.lease.as_ref().is_none_or(|l| l.term != term) {
+                self.lease = Some(Lease::new(term));
+            }
+        } else if self.lease.take().is_some() {
+            self.drop_held_reads();
         }
         if leader_changed {
             self.actions.push(Action::Event(NodeEvent::LeaderChanged {
@@ -1186,6 +1343,9 @@ impl<S: LogStore> Core<S> {
         if self.raw.raft.state != StateRole::Leader {
             return;
         }
+        if let Some(lease) = &mut self.lease {
+            lease.revoke();
+        }
         let term = self.raw.raft.term;
         let best = self
             .conf_state()
@@ -1276,7 +1436,30 @@ impl<S: LogStore> Core<S> {
             return; // An answer to a batch already answered or failed.
         }
         let batch = self.read_inflight.take().unwrap();
-        self.reads_confirmed.push_back((index, batch.ids));
+        if self.checked_leases() {
+            // raft-rs answered from its lease: hold until confirmed.
+            match &self.lease {
+                Some(lease) if self.raw.raft.state == StateRole::Leader => {
+                    self.held_reads.push_back(HeldRead {
+                        capture: lease.capture(),
+                        what: Held::Local {
+                            index,
+                            ids: batch.ids,
+                        },
+                    })
+                }
+                // A follower's read answered by the leader (which held it
+                // until confirmed), or a leader that just stepped down.
+                _ if self.raw.raft.state != StateRole::Leader
+                    && self.leader_id != self.config.id =>
+                {
+                    self.reads_confirmed.push_back((index, batch.ids))
+                }
+                _ => self.requeue_reads(batch.ids),
+            }
+        } else {
+            self.reads_confirmed.push_back((index, batch.ids));
+        }
         // The next batch goes out right away.
         self.maybe_send_read_index();
     }

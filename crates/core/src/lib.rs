@@ -43,6 +43,7 @@ mod bootstrap;
 mod config;
 mod core;
 mod error;
+mod lease;
 mod validate;
 
 pub use crate::bootstrap::{adopt_snapshot, bootstrap};

@@ -498,6 +498,7 @@ impl<SM: StateMachine, S: LogStore> Builder<SM, S> {
             leader: leader.clone(),
             snapshots,
             tick_interval: config.tick_interval,
+            last_tick_at: std::time::Instant::now(),
             stopped: stopped.clone(),
             stop: stop.clone(),
             sync,

@@ -293,6 +293,9 @@ pub(crate) struct ReadyLoop<SM: StateMachine, S: LogStore> {
     /// The leader this node knows, for `Node::leader` (no round trip).
     pub(crate) leader: tokio::sync::watch::Sender<Option<NodeId>>,
     pub(crate) tick_interval: std::time::Duration,
+    /// When the last tick was handed to the core: a leader whose loop
+    /// stalled must not trust its tick count for a lease (see `drive`).
+    pub(crate) last_tick_at: std::time::Instant,
     pub(crate) stopped: Arc<std::sync::atomic::AtomicBool>,
     /// Why the loop stopped, for `Node::stop_reason`.
     pub(crate) stop: tokio::sync::watch::Sender<Option<Stopped>>,
@@ -484,6 +487,7 @@ impl<SM: StateMachine, S: LogStore> ReadyLoop<SM, S> {
             })),
             Step::Tick => {
                 self.core.handle_tick();
+                self.last_tick_at = std::time::Instant::now();
                 Ok(())
             }
             Step::Closed => Err(Stopped::Shutdown),
@@ -515,6 +519,15 @@ impl<SM: StateMachine, S: LogStore> ReadyLoop<SM, S> {
 
     /// Polls the core until it has nothing more to do.
     fn drive(&mut self) -> Result<(), Stopped> {
+        // Ticks are the core's clock, and the interval delays (never
+        // bursts) missed ticks, which keeps a follower's election timer from
+        // running ahead of real time. A leader's lease counts the same
+        // ticks, so if the loop stalled (ticks late by half an interval) its
+        // tick count lags real time: its lease must be renewed first.
+        if self.core.config().lease_read && self.last_tick_at.elapsed() > self.tick_interval * 3 / 2
+        {
+            self.core.expire_lease();
+        }
         loop {
             let actions = self.core.poll().map_err(|e| {
                 Stopped::Fatal(match e {
