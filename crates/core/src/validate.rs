@@ -292,7 +292,11 @@ fn check_append<S: Storage>(raft: &Raft<S>, m: &Message) -> Result<(), Rejected>
     // The committed entry's term is at most this node's term: an append at
     // a log term that high needs no lookup (the common case, a leader
     // appending after an entry of its own term).
-    if m.index >= committed && m.log_term < raft.term {
+    // An append of an older term never reaches raft-rs's log handling (it
+    // answers with its own term), and a correct old leader sends such
+    // appends after a newer one committed over its tail: only check
+    // appends raft-rs will act on.
+    if m.index >= committed && m.term >= raft.term && m.log_term < raft.term {
         // Log matching: the committed entry is in every later leader's log,
         // and terms never decrease along a log.
         let committed_term = raft.raft_log.term(committed).unwrap_or(0);

@@ -81,6 +81,9 @@ pub enum Bug {
     /// Serve linearizable reads from the local state machine at once,
     /// without a ReadIndex round.
     LocalRead,
+    /// Lease reads as raft-rs serves them, with no expiry check
+    /// (`CoreConfig::unchecked_lease_reads`); needs `lease_read`.
+    UncheckedLease,
 }
 
 /// What to simulate.
@@ -109,6 +112,18 @@ pub struct SimConfig {
     pub snapshot_interval_entries: u64,
     /// Entries kept behind a snapshot when compacting.
     pub snapshot_keep_entries: u64,
+    /// Serve linearizable reads from the leader's lease
+    /// (`CoreConfig::lease_read`, with its default drift bound of 2 ticks).
+    pub lease_read: bool,
+    /// Each node's tick lasts `tick_ms` minus up to this many thousandths
+    /// of it (drawn per node from the seed), so nodes' clocks drift apart.
+    /// Within the lease's drift bound (10-tick elections, 2 ticks of drift:
+    /// members may tick up to 28% faster) lease reads must stay
+    /// linearizable; beyond it the simulation must catch stale reads.
+    pub tick_skew_per_mille: u64,
+    /// Election timeouts are drawn per node incarnation from
+    /// `[10, 10 + election_jitter_ticks)` ticks. Default: 10.
+    pub election_jitter_ticks: u64,
     /// A deliberate bug, for negative controls.
     pub bug: Option<Bug>,
 }
@@ -127,6 +142,9 @@ impl Default for SimConfig {
             torn_writes: true,
             snapshot_interval_entries: 25,
             snapshot_keep_entries: 5,
+            lease_read: false,
+            tick_skew_per_mille: 0,
+            election_jitter_ticks: 10,
             bug: None,
         }
     }
@@ -155,6 +173,9 @@ pub struct Report {
     pub transfers: u64,
     /// Membership changes proposed (add learner, promote, remove).
     pub membership_changes: u64,
+    /// Linearizable reads answered from a leader's lease (or its
+    /// confirmation round), all in the checked history.
+    pub lease_reads: u64,
 }
 
 /// Why a run failed.
@@ -262,7 +283,8 @@ enum Event {
     ClientStart(u64),
     Fault,
     Restart(u64),
-    Heal,
+    /// The cuts one fault made are healed.
+    Heal(Vec<(u64, u64)>),
 }
 
 struct Queued {
@@ -292,10 +314,17 @@ impl Ord for Queued {
 struct Waiting {
     client: u64,
     op: usize,
+    /// For reads: the highest index known committed when the read was
+    /// issued. A read index below it is stale (ReadIndex promises at least
+    /// every index committed before the request), whether or not the
+    /// history shows it.
+    committed_at_call: u64,
 }
 
 struct Node {
     id: u64,
+    /// Length of this node's tick in virtual ms (its clock's rate).
+    tick_ms: u64,
     incarnation: u64,
     core: Option<Core<SimStore>>,
     store: SimStore,
@@ -325,8 +354,8 @@ struct Sim {
     nodes: Vec<Node>,
     clients: Vec<Client>,
     history: Vec<Operation>,
-    /// Directed links that drop everything.
-    cut: BTreeSet<(u64, u64)>,
+    /// Directed links that drop everything, with how many faults cut each.
+    cut: BTreeMap<(u64, u64), u32>,
     drop_per_mille: u64,
     dup_per_mille: u64,
     next_value: u64,
@@ -341,6 +370,7 @@ struct Sim {
     snapshots_installed: u64,
     transfers: u64,
     membership_changes: u64,
+    lease_reads: u64,
     logger: slog::Logger,
 }
 
@@ -367,10 +397,14 @@ impl Sim {
             id,
             applied_index: applied,
             // The election timeout is drawn from the seed, per incarnation.
-            fixed_election_ticks: Some(10 + self.rng.below(10) as usize),
+            fixed_election_ticks: Some(
+                10 + self.rng.below(self.cfg.election_jitter_ticks.max(1)) as usize,
+            ),
             incarnation: self.rng.next_u64(),
             propose_timeout_ticks: 60,
             read_timeout_ticks: 30,
+            lease_read: self.cfg.lease_read,
+            unchecked_lease_reads: self.cfg.bug == Some(Bug::UncheckedLease),
             ..CoreConfig::default()
         }
     }
@@ -412,6 +446,12 @@ impl Sim {
     }
 
     fn run(mut self) -> Result<Report, Failure> {
+        if self.cfg.tick_skew_per_mille > 0 {
+            for k in 0..self.nodes.len() {
+                let skew = self.cfg.tick_ms * self.cfg.tick_skew_per_mille.min(999) / 1000;
+                self.nodes[k].tick_ms = self.cfg.tick_ms - self.rng.below(skew + 1);
+            }
+        }
         for k in 0..self.nodes.len() {
             self.start_node(k)?;
             let phase = self.rng.below(self.cfg.tick_ms);
@@ -450,7 +490,7 @@ impl Sim {
                     core.handle_tick();
                     self.drive(k)?;
                 }
-                self.schedule(self.cfg.tick_ms, Event::Tick(id));
+                self.schedule(self.nodes[k].tick_ms, Event::Tick(id));
             }
             Event::Deliver { to, msg } => {
                 let k = self.node_index(to);
@@ -510,9 +550,16 @@ impl Sim {
                 fnv(&mut self.trace, 6 + id * 16);
                 self.restart(id)?;
             }
-            Event::Heal => {
+            Event::Heal(links) => {
                 fnv(&mut self.trace, 7);
-                self.cut.clear();
+                for link in links {
+                    if let Some(count) = self.cut.get_mut(&link) {
+                        *count -= 1;
+                        if *count == 0 {
+                            self.cut.remove(&link);
+                        }
+                    }
+                }
             }
         }
         Ok(())
@@ -565,7 +612,7 @@ impl Sim {
 
     fn inject_fault(&mut self) -> Result<(), Failure> {
         let n = self.nodes.len() as u64;
-        match self.rng.below(8) {
+        match self.rng.below(9) {
             7 => {
                 // A membership change through the leader: add a non-member
                 // as a learner, promote a learner, or remove a member while
@@ -654,33 +701,58 @@ impl Sim {
                         side.insert(id);
                     }
                 }
+                let mut links = Vec::new();
                 for a in 1..=n {
                     for b in 1..=n {
                         if a != b && side.contains(&a) != side.contains(&b) {
-                            self.cut.insert((a, b));
+                            links.push((a, b));
                         }
                     }
                 }
-                let after = 100 + self.rng.below(700);
-                self.schedule(after, Event::Heal);
+                self.cut_for_a_while(links);
             }
             3 => {
                 // Cut one link one way.
                 let a = 1 + self.rng.below(n);
                 let b = 1 + self.rng.below(n);
                 if a != b {
-                    self.cut.insert((a, b));
+                    self.cut_for_a_while(vec![(a, b)]);
                 }
-                let after = 100 + self.rng.below(700);
-                self.schedule(after, Event::Heal);
             }
             4 => {
                 self.drop_per_mille = self.rng.below(100);
                 self.dup_per_mille = self.rng.below(50);
             }
+            5 => {
+                // Cut the leader off from everyone, both ways.
+                let leader = (0..self.nodes.len()).find(|&k| {
+                    self.nodes[k]
+                        .core
+                        .as_ref()
+                        .is_some_and(|c| c.role() == raftwork_core::Role::Leader)
+                });
+                if let Some(k) = leader {
+                    let l = self.nodes[k].id;
+                    let links = (1..=n)
+                        .filter(|&o| o != l)
+                        .flat_map(|o| [(l, o), (o, l)])
+                        .collect();
+                    self.cut_for_a_while(links);
+                }
+            }
             _ => self.cut.clear(),
         }
         Ok(())
+    }
+
+    /// Cuts `links` (directed) until a heal 100 to 800 ms from now; cuts
+    /// of overlapping faults heal separately.
+    fn cut_for_a_while(&mut self, links: Vec<(u64, u64)>) {
+        for &link in &links {
+            *self.cut.entry(link).or_insert(0) += 1;
+        }
+        let after = 100 + self.rng.below(700);
+        self.schedule(after, Event::Heal(links));
     }
 
     fn crash(&mut self, id: u64) -> Result<(), Failure> {
@@ -768,6 +840,12 @@ impl Sim {
             self.schedule(10, Event::ClientStart(c));
             return Ok(());
         }
+        // The node a client talks to tells it whom it takes for the leader
+        // (as a redirect would): clients of a cut-off leader keep using it
+        // until it fails them, as real ones do.
+        if let Some(l) = self.nodes[k].core.as_ref().unwrap().leader() {
+            self.clients[c as usize].leader_hint = Some(l);
+        }
         let key = self.rng.below(self.cfg.keys);
         self.next_value += 1;
         let value = self.next_value;
@@ -800,6 +878,7 @@ impl Sim {
             call_time: self.now,
             return_time: u64::MAX,
         });
+        let committed_at_call = self.committed.last_key_value().map_or(0, |(&i, _)| i);
         let node = &mut self.nodes[k];
         let id = node.next_request;
         node.next_request += 1;
@@ -808,11 +887,25 @@ impl Sim {
             Input::Read => {
                 if self.cfg.bug == Some(Bug::LocalRead) {
                     let v = node.kv.get(&key).copied();
-                    self.finish_op(Waiting { client: c, op }, Output::Read(v));
+                    self.finish_op(
+                        Waiting {
+                            client: c,
+                            op,
+                            committed_at_call,
+                        },
+                        Output::Read(v),
+                    );
                     return Ok(());
                 }
                 core.handle_read(id);
-                node.waiting.insert(id, Waiting { client: c, op });
+                node.waiting.insert(
+                    id,
+                    Waiting {
+                        client: c,
+                        op,
+                        committed_at_call,
+                    },
+                );
             }
             _ => match core.handle_propose(id, encode_command(input, key)) {
                 Ok(()) => {
@@ -823,9 +916,23 @@ impl Sim {
                             Input::Cas { .. } => Output::Cas(true),
                             _ => Output::Written,
                         };
-                        self.finish_op(Waiting { client: c, op }, out);
+                        self.finish_op(
+                            Waiting {
+                                client: c,
+                                op,
+                                committed_at_call,
+                            },
+                            out,
+                        );
                     } else {
-                        node.waiting.insert(id, Waiting { client: c, op });
+                        node.waiting.insert(
+                            id,
+                            Waiting {
+                                client: c,
+                                op,
+                                committed_at_call,
+                            },
+                        );
                     }
                 }
                 Err(e) => {
@@ -859,7 +966,14 @@ impl Sim {
             let next = self.rng.below(20);
             self.schedule(next + 5, Event::ClientStart(client));
         } else {
-            self.finish_op(Waiting { client, op }, Output::Unknown);
+            self.finish_op(
+                Waiting {
+                    client,
+                    op,
+                    committed_at_call: 0,
+                },
+                Output::Unknown,
+            );
         }
     }
 
@@ -948,9 +1062,18 @@ impl Sim {
                     self.end_failed(w.client, w.op, &error);
                 }
             }
-            Action::ReadReady { ids, .. } => {
+            Action::ReadReady { ids, read_index } => {
+                if self.cfg.lease_read {
+                    self.lease_reads += ids.len() as u64;
+                }
                 for req in ids {
                     if let Some(w) = self.nodes[k].waiting.remove(&req) {
+                        if read_index < w.committed_at_call {
+                            return Err(self.fail(format!(
+                                "stale read on node {id}: read index {read_index} is below index {} committed before the read was issued",
+                                w.committed_at_call
+                            )));
+                        }
                         let key = self.history[w.op].key;
                         let v = self.nodes[k].kv.get(&key).copied();
                         self.finish_op(w, Output::Read(v));
@@ -975,21 +1098,16 @@ impl Sim {
             Action::Event(NodeEvent::LeaderChanged {
                 leader: Some(leader),
                 term,
-            }) => {
-                match self.leaders.get(&term) {
-                    Some(&l) if l != leader => {
-                        return Err(self.fail(format!(
-                            "two leaders in term {term}: {l} and {leader} (reported by node {id})"
-                        )));
-                    }
-                    _ => {
-                        self.leaders.insert(term, leader);
-                    }
+            }) => match self.leaders.get(&term) {
+                Some(&l) if l != leader => {
+                    return Err(self.fail(format!(
+                        "two leaders in term {term}: {l} and {leader} (reported by node {id})"
+                    )));
                 }
-                for c in &mut self.clients {
-                    c.leader_hint = Some(leader);
+                _ => {
+                    self.leaders.insert(term, leader);
                 }
-            }
+            },
             Action::Event(_) => {}
         }
         Ok(())
@@ -997,7 +1115,7 @@ impl Sim {
 
     fn send(&mut self, from: u64, m: Message) {
         let to = m.to;
-        if self.cut.contains(&(from, to)) || self.rng.chance(self.drop_per_mille) {
+        if self.cut.contains_key(&(from, to)) || self.rng.chance(self.drop_per_mille) {
             return;
         }
         let copies = if self.rng.chance(self.dup_per_mille) {
@@ -1160,6 +1278,7 @@ impl Sim {
             snapshots_installed: self.snapshots_installed,
             transfers: self.transfers,
             membership_changes: self.membership_changes,
+            lease_reads: self.lease_reads,
         })
     }
 }
@@ -1177,6 +1296,7 @@ pub fn run(cfg: &SimConfig) -> Result<Report, Failure> {
         }
         nodes.push(Node {
             id,
+            tick_ms: cfg.tick_ms,
             incarnation: 0,
             core: None,
             store,
@@ -1205,7 +1325,7 @@ pub fn run(cfg: &SimConfig) -> Result<Report, Failure> {
         nodes,
         clients,
         history: Vec::new(),
-        cut: BTreeSet::new(),
+        cut: BTreeMap::new(),
         drop_per_mille: if cfg.faults { 20 } else { 0 },
         dup_per_mille: if cfg.faults { 20 } else { 0 },
         next_value: 0,
@@ -1218,6 +1338,7 @@ pub fn run(cfg: &SimConfig) -> Result<Report, Failure> {
         snapshots_installed: 0,
         transfers: 0,
         membership_changes: 0,
+        lease_reads: 0,
         logger: slog::Logger::root(slog::Discard, slog::o!()),
     };
     // A panic inside raft-rs or the core is a failure of this seed, not of

@@ -14,22 +14,42 @@ fn env_u64(name: &str, default: u64) -> u64 {
         .unwrap_or(default)
 }
 
+/// The configuration of `seed` in the default run: every other seed serves
+/// reads from leases, with each node's tick up to 20% shorter than the
+/// others' (the lease's drift bound allows 28%).
+fn config_for(seed: u64) -> SimConfig {
+    let lease = seed % 2 == 0;
+    SimConfig {
+        seed,
+        lease_read: lease,
+        tick_skew_per_mille: if lease { 200 } else { 0 },
+        ..SimConfig::default()
+    }
+}
+
 /// Runs seeds `first..first+count` on two threads; returns reports and failures.
 fn run_seeds(first: u64, count: u64, base: &SimConfig) -> (Vec<Report>, Vec<Failure>) {
+    run_seeds_with(first, count, |seed| SimConfig {
+        seed,
+        ..base.clone()
+    })
+}
+
+/// [`run_seeds`] with a configuration per seed.
+fn run_seeds_with(
+    first: u64,
+    count: u64,
+    config: impl Fn(u64) -> SimConfig + Sync,
+) -> (Vec<Report>, Vec<Failure>) {
     let threads = 2;
     let results: Vec<Vec<Result<Report, Failure>>> = std::thread::scope(|s| {
         let handles: Vec<_> = (0..threads)
             .map(|t| {
-                let base = base.clone();
+                let config = &config;
                 s.spawn(move || {
                     (first..first + count)
                         .filter(|seed| seed % threads == t)
-                        .map(|seed| {
-                            run(&SimConfig {
-                                seed,
-                                ..base.clone()
-                            })
-                        })
+                        .map(|seed| run(&config(seed)))
                         .collect()
                 })
             })
@@ -51,19 +71,20 @@ fn run_seeds(first: u64, count: u64, base: &SimConfig) -> (Vec<Report>, Vec<Fail
 fn many_seeds_with_faults_stay_safe_and_linearizable() {
     let count = env_u64("RAFTWORK_SIM_SEEDS", 1_000);
     let first = env_u64("RAFTWORK_SIM_FIRST", 1);
-    let (reports, failures) = run_seeds(first, count, &SimConfig::default());
+    let (reports, failures) = run_seeds_with(first, count, config_for);
     let ops: usize = reports.iter().map(|r| r.operations).sum();
     let acked: usize = reports.iter().map(|r| r.acknowledged_writes).sum();
     let crashes: u64 = reports.iter().map(|r| r.crashes).sum();
     let installed: u64 = reports.iter().map(|r| r.snapshots_installed).sum();
     let transfers: u64 = reports.iter().map(|r| r.transfers).sum();
     let changes: u64 = reports.iter().map(|r| r.membership_changes).sum();
+    let lease_reads: u64 = reports.iter().map(|r| r.lease_reads).sum();
     // Straight to stderr, past the test harness's capture: the summary shows
     // in a plain `cargo test` run.
     use std::io::Write as _;
     let _ = writeln!(
         std::io::stderr(),
-        "simulation: {} seeds from {first}, {} histories checked ({ops} operations, {acked} acknowledged writes), {crashes} crashes, {installed} snapshots installed, {transfers} leadership transfers, {changes} membership changes, {} failures",
+        "simulation: {} seeds from {first}, {} histories checked ({ops} operations, {acked} acknowledged writes), {crashes} crashes, {installed} snapshots installed, {transfers} leadership transfers, {changes} membership changes, {lease_reads} lease reads, {} failures",
         count,
         reports.len(),
         failures.len()
@@ -74,8 +95,8 @@ fn many_seeds_with_faults_stay_safe_and_linearizable() {
     assert!(acked > 0, "clients got writes through");
     if count >= 100 {
         assert!(
-            crashes > 0 && installed > 0,
-            "the faults reach crashes and snapshot installs"
+            crashes > 0 && installed > 0 && lease_reads > 0,
+            "the faults reach crashes and snapshot installs, and leases serve reads"
         );
     }
 }
@@ -83,10 +104,7 @@ fn many_seeds_with_faults_stay_safe_and_linearizable() {
 #[test]
 fn replay() {
     let seed = env_u64("RAFTWORK_SIM_SEED", 7);
-    let cfg = SimConfig {
-        seed,
-        ..SimConfig::default()
-    };
+    let cfg = config_for(seed);
     let a = run(&cfg);
     let b = run(&cfg);
     match (&a, &b) {
@@ -101,10 +119,7 @@ fn replay() {
         }
         _ => panic!("same seed, different outcomes: {a:?} vs {b:?}"),
     }
-    let other = run(&SimConfig {
-        seed: seed + 1,
-        ..SimConfig::default()
-    });
+    let other = run(&config_for(seed + 1));
     if let (Ok(a), Ok(o)) = (&a, &other) {
         assert_ne!(a.trace_hash, o.trace_hash, "different seeds differ");
     }
@@ -144,12 +159,64 @@ const REGRESSION_SEEDS: &[u64] = &[20054];
 #[test]
 fn seeds_that_once_failed_pass() {
     for &seed in REGRESSION_SEEDS {
-        let cfg = SimConfig {
-            seed,
-            ..SimConfig::default()
-        };
+        let cfg = config_for(seed);
         if let Err(f) = run(&cfg) {
             panic!("{f}");
         }
     }
+}
+
+/// Lease reads shaped to go stale: 50 ms ticks (long leases), every
+/// election timeout the same 10 ticks (a new leader as early as possible),
+/// 12 clients (clients of a cut-off leader keep reading there), 6 s.
+fn lease_stress(seed: u64, tick_skew_per_mille: u64) -> SimConfig {
+    SimConfig {
+        seed,
+        lease_read: true,
+        tick_skew_per_mille,
+        clients: 12,
+        election_jitter_ticks: 1,
+        tick_ms: 50,
+        duration_ms: 6_000,
+        ..SimConfig::default()
+    }
+}
+
+/// Within the drift bound (ticks 40 to 50 ms: up to 25% faster, the bound
+/// allows 28%), the stress shape finds no stale read.
+#[test]
+fn lease_reads_with_drift_within_the_bound_stay_linearizable() {
+    let count = env_u64("RAFTWORK_SIM_SEEDS", 1_000);
+    let (reports, failures) = run_seeds_with(1, count, |seed| lease_stress(seed, 200));
+    let lease_reads: u64 = reports.iter().map(|r| r.lease_reads).sum();
+    println!("{count} seeds, {lease_reads} lease reads");
+    if let Some(f) = failures.first() {
+        panic!("{} of {count} seeds failed; first:\n{f}", failures.len());
+    }
+    assert!(lease_reads > 0);
+}
+
+/// Negative control for lease reads: clocks that drift far beyond the bound
+/// (ticks 2 to 50 ms) let a cut-off leader's lease outlive its followers'
+/// promise, and the simulation must catch the stale read that follows.
+#[test]
+fn lease_reads_with_drift_beyond_the_bound_are_caught() {
+    let (_, failures) = run_seeds_with(1, 1_000, |seed| lease_stress(seed, 960));
+    let f = failures
+        .first()
+        .expect("the simulation must catch lease reads past the drift bound");
+    println!("caught {} of 1000: {f}", failures.len());
+}
+
+/// Negative control: raft-rs's lease reads, which never expire, are caught.
+#[test]
+fn unchecked_lease_reads_are_caught() {
+    let (_, failures) = run_seeds_with(1, 400, |seed| SimConfig {
+        bug: Some(Bug::UncheckedLease),
+        ..lease_stress(seed, 0)
+    });
+    let f = failures
+        .first()
+        .expect("the simulation must catch lease reads that never expire");
+    println!("caught {} of 400: {f}", failures.len());
 }
