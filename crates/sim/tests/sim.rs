@@ -18,7 +18,7 @@ fn env_u64(name: &str, default: u64) -> u64 {
 /// reads from leases, with each node's tick up to 20% shorter than the
 /// others' (the lease's drift bound allows 28%).
 fn config_for(seed: u64) -> SimConfig {
-    let lease = seed % 2 == 0;
+    let lease = seed.is_multiple_of(2);
     SimConfig {
         seed,
         lease_read: lease,
