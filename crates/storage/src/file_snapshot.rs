@@ -63,7 +63,6 @@
 //!   0            8          12                      12+len            20+len             28+len          32+len
 //! ```
 
-use std::fs::{self, File, OpenOptions};
 use std::io::{self, Read, Write};
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -72,6 +71,7 @@ use std::sync::{Arc, Mutex, MutexGuard};
 use protobuf::Message;
 use raft::prelude::SnapshotMetadata;
 
+use crate::fs::{FileCursor, FileSystem, OpenMode, RealFs};
 use crate::{SnapshotMeta, SnapshotReader, SnapshotStore, SnapshotWriter, StorageError};
 
 /// Most snapshot data bytes in one chunk (1 MiB). The writer buffers one
@@ -136,6 +136,8 @@ pub struct FileSnapshotStore {
 
 #[derive(Debug)]
 struct Inner {
+    /// The file system the snapshots live on.
+    fs: Arc<dyn FileSystem>,
     dir: PathBuf,
     keep_count: usize,
     compression: SnapshotCompression,
@@ -175,6 +177,17 @@ impl FileSnapshotStore {
         keep_count: usize,
         compression: SnapshotCompression,
     ) -> Result<Self, StorageError> {
+        Self::open_on(RealFs::shared(), dir, keep_count, compression)
+    }
+
+    /// [`FileSnapshotStore::open`] on the file system `fs` (the simulator's,
+    /// for one).
+    pub fn open_on(
+        fs: Arc<dyn FileSystem>,
+        dir: impl Into<PathBuf>,
+        keep_count: usize,
+        compression: SnapshotCompression,
+    ) -> Result<Self, StorageError> {
         let dir = dir.into();
         if keep_count == 0 {
             return Err(StorageError::Invalid(
@@ -192,39 +205,33 @@ impl FileSnapshotStore {
             }
         }
 
-        let existed = dir.is_dir();
-        fs::create_dir_all(&dir).map_err(|e| io_err(&dir, e))?;
+        let existed = fs.is_dir(&dir);
+        fs.create_dir_all(&dir).map_err(|e| io_err(&dir, e))?;
         if !existed {
             // Make the new directory's own entry durable.
-            let parent = match dir.parent() {
-                Some(p) if !p.as_os_str().is_empty() => p,
-                _ => Path::new("."),
-            };
-            sync_dir(parent)?;
+            sync_dir(&*fs, &crate::fs::parent_dir(&dir))?;
         }
 
-        for entry in fs::read_dir(&dir).map_err(|e| io_err(&dir, e))? {
-            let entry = entry.map_err(|e| io_err(&dir, e))?;
-            let name = entry.file_name();
-            if !name.to_string_lossy().starts_with(TMP_PREFIX) {
+        for entry in fs.read_dir(&dir).map_err(|e| io_err(&dir, e))? {
+            if !entry.name.starts_with(TMP_PREFIX) {
                 continue;
             }
-            let path = entry.path();
+            let path = dir.join(&entry.name);
             tracing::warn!(
                 path = %path.display(),
                 "removing leftover snapshot temp directory from an earlier run"
             );
-            let is_dir = entry.file_type().map_err(|e| io_err(&path, e))?.is_dir();
-            let removed = if is_dir {
-                fs::remove_dir_all(&path)
+            let removed = if entry.is_dir {
+                fs.remove_dir_all(&path)
             } else {
-                fs::remove_file(&path)
+                fs.remove_file(&path)
             };
             removed.map_err(|e| io_err(&path, e))?;
         }
 
         Ok(Self {
             inner: Arc::new(Inner {
+                fs,
                 dir,
                 keep_count,
                 compression,
@@ -246,7 +253,7 @@ impl FileSnapshotStore {
         self.inner
             .scan()?
             .iter()
-            .map(|s| read_meta(s).map(|m| m.meta))
+            .map(|s| read_meta(&*self.inner.fs, s).map(|m| m.meta))
             .collect()
     }
 
@@ -272,16 +279,18 @@ impl Inner {
     /// that do not parse as `snap-*` names are ignored. Caller holds the lock.
     fn scan(&self) -> Result<Vec<SnapDir>, StorageError> {
         let mut found = Vec::new();
-        for entry in fs::read_dir(&self.dir).map_err(|e| io_err(&self.dir, e))? {
-            let entry = entry.map_err(|e| io_err(&self.dir, e))?;
-            let name = entry.file_name();
-            let Some((index, term)) = name.to_str().and_then(parse_snap_name) else {
+        for entry in self
+            .fs
+            .read_dir(&self.dir)
+            .map_err(|e| io_err(&self.dir, e))?
+        {
+            let Some((index, term)) = parse_snap_name(&entry.name) else {
                 continue;
             };
             found.push(SnapDir {
                 index,
                 term,
-                path: entry.path(),
+                path: self.dir.join(&entry.name),
             });
         }
         found.sort_by_key(|s| (s.index, s.term));
@@ -303,9 +312,13 @@ impl Inner {
         let Some(snap) = snaps.iter().rev().find(|s| s.index == index) else {
             return Err(StorageError::SnapshotNotFound { term: 0, index });
         };
-        let stored = read_meta(snap)?;
+        let stored = read_meta(&*self.fs, snap)?;
         let path = snap.path.join(DATA_FILE);
-        let file = File::open(&path).map_err(|e| missing_is_corrupt(&path, e, "data"))?;
+        let file = self
+            .fs
+            .open(&path, OpenMode::Read)
+            .map(FileCursor::new)
+            .map_err(|e| missing_is_corrupt(&path, e, "data"))?;
         let meta = stored.meta.clone();
         Ok((meta, ChunkReader::new(path, file, stored)))
     }
@@ -327,7 +340,7 @@ impl Inner {
         let mut retired = Vec::new();
         for snap in &snaps[..excess] {
             let to = self.tmp_path("del-", snap.index, snap.term);
-            match fs::rename(&snap.path, &to) {
+            match self.fs.rename(&snap.path, &to) {
                 Ok(()) => retired.push(to),
                 Err(e) => tracing::warn!(
                     path = %snap.path.display(),
@@ -337,7 +350,7 @@ impl Inner {
             }
         }
         if !retired.is_empty() {
-            if let Err(e) = sync_dir(&self.dir) {
+            if let Err(e) = sync_dir(&*self.fs, &self.dir) {
                 tracing::warn!(error = %e, "cannot fsync snapshot directory after retiring");
             }
         }
@@ -347,9 +360,9 @@ impl Inner {
 
 /// Removes directories already renamed out of sight; a failure leaves a
 /// `tmp-*` name the next open removes.
-fn remove_retired(paths: &[PathBuf]) {
+fn remove_retired(fs: &dyn FileSystem, paths: &[PathBuf]) {
     for path in paths {
-        if let Err(e) = fs::remove_dir_all(path) {
+        if let Err(e) = fs.remove_dir_all(path) {
             tracing::warn!(path = %path.display(), error = %e, "cannot remove retired snapshot");
         }
     }
@@ -360,17 +373,17 @@ impl SnapshotStore for FileSnapshotStore {
         let inner = &self.inner;
         let tmp_dir = loop {
             let path = inner.tmp_path("", metadata.index, metadata.term);
-            match fs::create_dir(&path) {
+            match inner.fs.create_dir(&path) {
                 Ok(()) => break path,
                 Err(e) if e.kind() == io::ErrorKind::AlreadyExists => continue,
                 Err(e) => return Err(io_err(&path, e)),
             }
         };
         let data_path = tmp_dir.join(DATA_FILE);
-        let opened = OpenOptions::new()
-            .write(true)
-            .create_new(true)
-            .open(&data_path)
+        let opened = inner
+            .fs
+            .open(&data_path, OpenMode::CreateNew)
+            .map(FileCursor::new)
             .map_err(|e| io_err(&data_path, e))
             .and_then(|file| {
                 let compressor = match inner.compression {
@@ -384,7 +397,7 @@ impl SnapshotStore for FileSnapshotStore {
         let (file, compressor) = match opened {
             Ok(v) => v,
             Err(e) => {
-                let _ = fs::remove_dir_all(&tmp_dir);
+                let _ = inner.fs.remove_dir_all(&tmp_dir);
                 return Err(e);
             }
         };
@@ -408,7 +421,7 @@ impl SnapshotStore for FileSnapshotStore {
     fn latest(&self) -> Result<Option<SnapshotMeta>, StorageError> {
         let _guard = self.inner.lock();
         match self.inner.scan()?.last() {
-            Some(snap) => Ok(Some(read_meta(snap)?.meta)),
+            Some(snap) => Ok(Some(read_meta(&*self.inner.fs, snap)?.meta)),
             None => Ok(None),
         }
     }
@@ -426,7 +439,7 @@ struct FileSnapshotWriter {
     metadata: SnapshotMetadata,
     tmp_dir: PathBuf,
     data_path: PathBuf,
-    file: File,
+    file: FileCursor,
     /// Data of the chunk being filled; flushed when full or at commit.
     buf: Vec<u8>,
     compressor: Option<zstd::bulk::Compressor<'static>>,
@@ -490,6 +503,7 @@ impl FileSnapshotWriter {
     fn finish(&mut self) -> Result<(SnapshotMeta, Vec<PathBuf>), StorageError> {
         self.flush_chunk()?;
         self.file
+            .file()
             .sync_all()
             .map_err(|e| io_err(&self.data_path, e))?;
 
@@ -499,33 +513,29 @@ impl FileSnapshotWriter {
         };
         let meta_path = self.tmp_dir.join(META_FILE);
         let bytes = encode_meta(&meta, self.chunk_count, self.data_crc)?;
-        let mut meta_file = OpenOptions::new()
-            .write(true)
-            .create_new(true)
-            .open(&meta_path)
+        let fs = &*self.store.fs;
+        fs.open(&meta_path, OpenMode::CreateNew)
+            .and_then(|f| f.write_all_at(&bytes, 0).and_then(|()| f.sync_all()))
             .map_err(|e| io_err(&meta_path, e))?;
-        meta_file
-            .write_all(&bytes)
-            .and_then(|()| meta_file.sync_all())
-            .map_err(|e| io_err(&meta_path, e))?;
-        sync_dir(&self.tmp_dir)?;
+        sync_dir(fs, &self.tmp_dir)?;
 
         let store = Arc::clone(&self.store);
         let _guard = store.lock();
         let (index, term) = (self.metadata.index, self.metadata.term);
         let target = store.dir.join(snap_dir_name(index, term));
         let mut to_remove = Vec::new();
-        if fs::symlink_metadata(&target).is_ok() {
+        if fs.exists(&target).unwrap_or(false) {
             // Same index and term as a committed snapshot: replace it.
             let aside = store.tmp_path("del-", index, term);
             let old =
-                replace_dir(&self.tmp_dir, &target, &aside).map_err(|e| io_err(&target, e))?;
+                replace_dir(fs, &self.tmp_dir, &target, &aside).map_err(|e| io_err(&target, e))?;
             to_remove.push(old);
         } else {
-            fs::rename(&self.tmp_dir, &target).map_err(|e| io_err(&target, e))?;
+            fs.rename(&self.tmp_dir, &target)
+                .map_err(|e| io_err(&target, e))?;
         }
         self.finished = true;
-        sync_dir(&store.dir)?;
+        sync_dir(fs, &store.dir)?;
         tracing::debug!(
             index,
             term,
@@ -574,7 +584,7 @@ impl SnapshotWriter for FileSnapshotWriter {
             return Err(self.poisoned_error());
         }
         let (meta, to_remove) = self.finish()?;
-        remove_retired(&to_remove);
+        remove_retired(&*self.store.fs, &to_remove);
         Ok(meta)
     }
 }
@@ -584,7 +594,7 @@ impl Drop for FileSnapshotWriter {
         if self.finished {
             return;
         }
-        if let Err(e) = fs::remove_dir_all(&self.tmp_dir) {
+        if let Err(e) = self.store.fs.remove_dir_all(&self.tmp_dir) {
             tracing::warn!(
                 path = %self.tmp_dir.display(),
                 error = %e,
@@ -597,7 +607,7 @@ impl Drop for FileSnapshotWriter {
 /// Streams the data of a committed snapshot, verifying as it goes.
 struct ChunkReader {
     path: PathBuf,
-    file: File,
+    file: FileCursor,
     expected: StoredMeta,
     /// File offset of the next chunk header.
     offset: u64,
@@ -618,7 +628,7 @@ struct ChunkReader {
 }
 
 impl ChunkReader {
-    fn new(path: PathBuf, file: File, expected: StoredMeta) -> Self {
+    fn new(path: PathBuf, file: FileCursor, expected: StoredMeta) -> Self {
         Self {
             path,
             file,
@@ -906,14 +916,17 @@ fn encode_meta(
 
 /// Reads and verifies the `meta` file of `snap`, including that it describes
 /// the snapshot its directory name says.
-fn read_meta(snap: &SnapDir) -> Result<StoredMeta, StorageError> {
+fn read_meta(fs: &dyn FileSystem, snap: &SnapDir) -> Result<StoredMeta, StorageError> {
     let path = snap.path.join(META_FILE);
     let corrupt = |offset: u64, reason: String| StorageError::Corrupt {
         path: path.clone(),
         offset,
         reason,
     };
-    let file = File::open(&path).map_err(|e| missing_is_corrupt(&path, e, "meta"))?;
+    let file = fs
+        .open(&path, OpenMode::Read)
+        .map(FileCursor::new)
+        .map_err(|e| missing_is_corrupt(&path, e, "meta"))?;
     let mut bytes = Vec::new();
     file.take(META_MAX_LEN + 1)
         .read_to_end(&mut bytes)
@@ -1005,35 +1018,33 @@ fn parse_snap_name(name: &str) -> Option<(u64, u64)> {
 /// On Linux this is one atomic `renameat2(RENAME_EXCHANGE)`. Elsewhere (or on
 /// a file system without it) the old copy is first renamed to `aside`, which
 /// leaves a window in which a crash loses this snapshot.
-fn replace_dir(tmp: &Path, target: &Path, aside: &Path) -> io::Result<PathBuf> {
-    #[cfg(any(target_os = "linux", target_os = "android"))]
-    {
-        use rustix::fs::{renameat_with, RenameFlags, CWD};
-        use rustix::io::Errno;
-        match renameat_with(CWD, tmp, CWD, target, RenameFlags::EXCHANGE) {
-            Ok(()) => return Ok(tmp.to_path_buf()),
-            Err(e) if e == Errno::INVAL || e == Errno::NOSYS || e == Errno::NOTSUP => {}
-            Err(e) => return Err(e.into()),
-        }
+fn replace_dir(
+    fs: &dyn FileSystem,
+    tmp: &Path,
+    target: &Path,
+    aside: &Path,
+) -> io::Result<PathBuf> {
+    match fs.exchange(tmp, target) {
+        Ok(()) => return Ok(tmp.to_path_buf()),
+        Err(e) if e.kind() == io::ErrorKind::Unsupported => {}
+        Err(e) => return Err(e),
     }
-    fs::rename(target, aside)?;
-    if let Err(e) = fs::rename(tmp, target) {
+    fs.rename(target, aside)?;
+    if let Err(e) = fs.rename(tmp, target) {
         // Put the old copy back rather than lose the snapshot.
-        let _ = fs::rename(aside, target);
+        let _ = fs.rename(aside, target);
         return Err(e);
     }
     Ok(aside.to_path_buf())
 }
 
 /// fsyncs a directory, making the entries created or renamed in it durable.
-fn sync_dir(dir: &Path) -> Result<(), StorageError> {
-    File::open(dir)
-        .and_then(|d| d.sync_all())
-        .map_err(|e| io_err(dir, e))
+fn sync_dir(fs: &dyn FileSystem, dir: &Path) -> Result<(), StorageError> {
+    fs.sync_dir(dir).map_err(|e| io_err(dir, e))
 }
 
 /// Reads until `buf` is full or the file ends; returns the bytes read.
-fn read_full(file: &mut File, buf: &mut [u8]) -> io::Result<usize> {
+fn read_full(file: &mut FileCursor, buf: &mut [u8]) -> io::Result<usize> {
     let mut got = 0;
     while got < buf.len() {
         match file.read(&mut buf[got..]) {

@@ -26,6 +26,7 @@
 
 mod error;
 mod file_snapshot;
+pub mod fs;
 mod mem_log;
 mod snapshot;
 mod wal;

@@ -48,8 +48,6 @@ mod format;
 mod index;
 
 use std::collections::BTreeMap;
-use std::fs::{self, File, OpenOptions};
-use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex, RwLock};
@@ -58,6 +56,7 @@ use bytes::Bytes;
 use raft::prelude::{ConfState, Entry, HardState, Snapshot, SnapshotMetadata};
 use raft::{GetEntriesContext, RaftState, StorageError as RaftStorageError};
 
+use crate::fs::{FileSystem, FsFile, OpenMode as FsMode, RealFs};
 use crate::{LogStore, StorageError, WriteBatch};
 use format::{FrameError, Record};
 use index::{EntryIndex, Loc};
@@ -170,11 +169,13 @@ struct Shared {
     /// Set by the first write or sync error; the WAL refuses all work after.
     failed: AtomicBool,
     /// Held for the WAL's lifetime: the flock on `LOCK`.
-    _lock: File,
+    _lock: Box<dyn std::any::Any + Send + Sync>,
+    /// Where the segments live: the real file system, or the simulator's.
+    fs: Arc<dyn FileSystem>,
 }
 
 struct Segment {
-    file: Arc<File>,
+    file: Arc<dyn FsFile>,
     path: PathBuf,
     /// Highest entry index ever written to it (0 if none).
     max_entry_index: u64,
@@ -194,7 +195,7 @@ struct State {
 
 struct Writer {
     seq: u64,
-    file: Arc<File>,
+    file: Arc<dyn FsFile>,
     offset: u64,
     buf: Vec<u8>,
     /// Offset the last `Synced` record of segment `seq` vouches for.
@@ -276,10 +277,8 @@ fn io_err(path: &Path, source: std::io::Error) -> StorageError {
     }
 }
 
-fn sync_dir(dir: &Path) -> Result<(), StorageError> {
-    File::open(dir)
-        .and_then(|d| d.sync_all())
-        .map_err(|e| io_err(dir, e))
+fn sync_dir(fs: &dyn FileSystem, dir: &Path) -> Result<(), StorageError> {
+    fs.sync_dir(dir).map_err(|e| io_err(dir, e))
 }
 
 fn corrupt(path: &Path, offset: u64, reason: impl Into<String>) -> StorageError {
@@ -291,26 +290,25 @@ fn corrupt(path: &Path, offset: u64, reason: impl Into<String>) -> StorageError 
 }
 
 /// Creates segment `seq` the crash-safe way and returns it opened for writing.
-fn create_segment(dir: &Path, seq: u64, size_bytes: u64) -> Result<(File, PathBuf), StorageError> {
+fn create_segment(
+    fs: &dyn FileSystem,
+    dir: &Path,
+    seq: u64,
+    size_bytes: u64,
+) -> Result<(Arc<dyn FsFile>, PathBuf), StorageError> {
     let path = dir.join(format::segment_name(seq));
     let tmp = dir.join(format!("{}.tmp", format::segment_name(seq)));
-    let file = OpenOptions::new()
-        .read(true)
-        .write(true)
-        .create(true)
-        .truncate(true)
-        .open(&tmp)
+    let file = fs
+        .open(&tmp, FsMode::CreateTruncate)
         .map_err(|e| io_err(&tmp, e))?;
     file.write_all_at(&format::encode_segment_header(seq), 0)
         .map_err(|e| io_err(&tmp, e))?;
     // Preallocate so appends do not change the file size (fdatasync then has
-    // no size to journal). Some file systems cannot; a sparse file will do.
-    if rustix::fs::fallocate(&file, rustix::fs::FallocateFlags::empty(), 0, size_bytes).is_err() {
-        file.set_len(size_bytes).map_err(|e| io_err(&tmp, e))?;
-    }
+    // no size to journal).
+    file.allocate(size_bytes).map_err(|e| io_err(&tmp, e))?;
     file.sync_all().map_err(|e| io_err(&tmp, e))?;
-    fs::rename(&tmp, &path).map_err(|e| io_err(&path, e))?;
-    sync_dir(dir)?;
+    fs.rename(&tmp, &path).map_err(|e| io_err(&path, e))?;
+    sync_dir(fs, dir)?;
     Ok((file, path))
 }
 
@@ -456,7 +454,16 @@ impl Wal {
     /// checks; [`StorageError::Io`] if the directory cannot be used or is
     /// locked by another process.
     pub fn open(dir: impl AsRef<Path>, options: WalOptions) -> Result<Self, StorageError> {
-        Self::open_mode(dir.as_ref(), options, OpenMode::Normal, &mut None)
+        Self::open_on(RealFs::shared(), dir, options)
+    }
+
+    /// [`Wal::open`] on the file system `fs` (the simulator's, for one).
+    pub fn open_on(
+        fs: Arc<dyn FileSystem>,
+        dir: impl AsRef<Path>,
+        options: WalOptions,
+    ) -> Result<Self, StorageError> {
+        Self::open_mode(fs, dir.as_ref(), options, OpenMode::Normal, &mut None)
     }
 
     /// Cuts the log at its first bad record, wherever it is, and moves every
@@ -464,11 +471,20 @@ impl Wal {
     /// who chose to accept the loss of what follows the damage (the node
     /// then catches up from its peers or a snapshot). Run it on a stopped node.
     pub fn repair(dir: impl AsRef<Path>) -> Result<RepairReport, StorageError> {
+        Self::repair_on(RealFs::shared(), dir)
+    }
+
+    /// [`Wal::repair`] on the file system `fs`.
+    pub fn repair_on(
+        fs: Arc<dyn FileSystem>,
+        dir: impl AsRef<Path>,
+    ) -> Result<RepairReport, StorageError> {
         let mut report = Some(RepairReport {
             cut_at: None,
             quarantined: Vec::new(),
         });
         Self::open_mode(
+            fs,
             dir.as_ref(),
             WalOptions::default(),
             OpenMode::Repair,
@@ -482,11 +498,18 @@ impl Wal {
     /// (the same rule [`Wal::open`] applies). Changes nothing and takes no
     /// lock, so it is safe on a running node (whose tail may be mid-write).
     pub fn inspect(dir: impl AsRef<Path>) -> Result<WalInspection, StorageError> {
+        Self::inspect_on(&RealFs, dir)
+    }
+
+    /// [`Wal::inspect`] on the file system `fs`.
+    pub fn inspect_on(
+        fs: &dyn FileSystem,
+        dir: impl AsRef<Path>,
+    ) -> Result<WalInspection, StorageError> {
         let dir = dir.as_ref();
         let mut seqs = Vec::new();
-        for item in fs::read_dir(dir).map_err(|e| io_err(dir, e))? {
-            let item = item.map_err(|e| io_err(dir, e))?;
-            if let Some(seq) = format::parse_segment_name(&item.file_name().to_string_lossy()) {
+        for item in fs.read_dir(dir).map_err(|e| io_err(dir, e))? {
+            if let Some(seq) = format::parse_segment_name(&item.name) {
                 seqs.push(seq);
             }
         }
@@ -497,7 +520,10 @@ impl Wal {
         };
         for (k, &seq) in seqs.iter().enumerate() {
             let path = dir.join(format::segment_name(seq));
-            let buf = fs::read(&path).map_err(|e| io_err(&path, e))?;
+            let mut buf = Vec::new();
+            fs.open(&path, FsMode::Read)
+                .and_then(|f| f.read_to_end(&mut buf))
+                .map_err(|e| io_err(&path, e))?;
             let mut info = SegmentInfo {
                 path: path.clone(),
                 seq,
@@ -582,6 +608,7 @@ impl Wal {
     }
 
     fn open_mode(
+        fs: Arc<dyn FileSystem>,
         dir: &Path,
         options: WalOptions,
         mode: OpenMode,
@@ -592,32 +619,29 @@ impl Wal {
                 && options.segment_size_bytes <= 2 << 30,
             "segment_size_bytes out of range"
         );
-        fs::create_dir_all(dir).map_err(|e| io_err(dir, e))?;
+        if !fs.is_dir(dir) {
+            fs.create_dir_all(dir).map_err(|e| io_err(dir, e))?;
+            // The directory's own entry must survive a power cut too.
+            let parent = crate::fs::parent_dir(dir);
+            sync_dir(&*fs, &parent)?;
+        }
         let lock_path = dir.join("LOCK");
-        let lock = OpenOptions::new()
-            .create(true)
-            .truncate(false)
-            .write(true)
-            .open(&lock_path)
-            .map_err(|e| io_err(&lock_path, e))?;
-        rustix::fs::flock(&lock, rustix::fs::FlockOperation::NonBlockingLockExclusive).map_err(
-            |e| {
-                io_err(
-                    &lock_path,
-                    std::io::Error::new(
-                        std::io::ErrorKind::WouldBlock,
-                        format!("the WAL is in use by another process ({e})"),
-                    ),
-                )
-            },
-        )?;
+        let lock = fs.lock(&lock_path).map_err(|e| {
+            io_err(
+                &lock_path,
+                std::io::Error::new(
+                    e.kind(),
+                    format!("the WAL is in use by another process ({e})"),
+                ),
+            )
+        })?;
         let mut seqs = Vec::new();
-        for item in fs::read_dir(dir).map_err(|e| io_err(dir, e))? {
-            let item = item.map_err(|e| io_err(dir, e))?;
-            let name = item.file_name().to_string_lossy().into_owned();
+        for item in fs.read_dir(dir).map_err(|e| io_err(dir, e))? {
+            let name = item.name;
             if name.ends_with(".wal.tmp") {
                 // A rotation that crashed before its rename: never used.
-                fs::remove_file(item.path()).map_err(|e| io_err(&item.path(), e))?;
+                let path = dir.join(&name);
+                fs.remove_file(&path).map_err(|e| io_err(&path, e))?;
             } else if let Some(seq) = format::parse_segment_name(&name) {
                 seqs.push(seq);
             }
@@ -651,8 +675,8 @@ impl Wal {
             let path = dir.join(format::segment_name(seq));
             let is_last = k + 1 == seqs.len();
             buf.clear();
-            File::open(&path)
-                .and_then(|mut f| std::io::Read::read_to_end(&mut f, &mut buf))
+            fs.open(&path, FsMode::Read)
+                .and_then(|f| f.read_to_end(&mut buf))
                 .map_err(|e| io_err(&path, e))?;
             let header_seq =
                 format::decode_segment_header(&buf).map_err(|r| corrupt(&path, 0, r))?;
@@ -672,10 +696,8 @@ impl Wal {
             })
             .map_err(|(at, r)| corrupt(&path, at as u64, r))?;
             let pos = walk.end;
-            let file = OpenOptions::new()
-                .read(true)
-                .write(true)
-                .open(&path)
+            let file = fs
+                .open(&path, FsMode::ReadWrite)
                 .map_err(|e| io_err(&path, e))?;
             if let Some((at, reason)) = walk.bad {
                 let after = after_damage(&buf, at);
@@ -711,7 +733,7 @@ impl Wal {
             state.segments.insert(
                 seq,
                 Segment {
-                    file: Arc::new(file),
+                    file,
                     path,
                     max_entry_index,
                 },
@@ -728,13 +750,14 @@ impl Wal {
                     .map_or(0, |d| d.as_secs())
             ));
             for &seq in &seqs[from..] {
-                fs::create_dir_all(&qdir).map_err(|e| io_err(&qdir, e))?;
+                fs.create_dir_all(&qdir).map_err(|e| io_err(&qdir, e))?;
                 let from_path = dir.join(format::segment_name(seq));
                 let to_path = qdir.join(format::segment_name(seq));
-                fs::rename(&from_path, &to_path).map_err(|e| io_err(&from_path, e))?;
+                fs.rename(&from_path, &to_path)
+                    .map_err(|e| io_err(&from_path, e))?;
                 report.as_mut().unwrap().quarantined.push(to_path);
             }
-            sync_dir(dir)?;
+            sync_dir(&*fs, dir)?;
         }
         if !base_known {
             return Err(corrupt(
@@ -757,8 +780,7 @@ impl Wal {
                 (seq, seg.file.clone(), end_offset)
             }
             None => {
-                let (file, path) = create_segment(dir, 1, options.segment_size_bytes)?;
-                let file = Arc::new(file);
+                let (file, path) = create_segment(&*fs, dir, 1, options.segment_size_bytes)?;
                 state.segments.insert(
                     1,
                     Segment {
@@ -791,6 +813,7 @@ impl Wal {
                 }),
                 failed: AtomicBool::new(false),
                 _lock: lock,
+                fs,
             }),
         })
     }
@@ -858,12 +881,12 @@ impl Wal {
             .map_err(|e| self.fail(io_err(&old_path, e)))?;
         let seq = w.seq + 1;
         let (file, path) = create_segment(
+            &*self.shared.fs,
             &self.shared.dir,
             seq,
             self.shared.options.segment_size_bytes,
         )
         .map_err(|e| self.fail(e))?;
-        let file = Arc::new(file);
         let mut checkpoint = Vec::new();
         let group = self.shared.options.group_id;
         {
@@ -936,7 +959,7 @@ impl Wal {
         max_size: Option<u64>,
     ) -> raft::Result<Vec<Entry>> {
         struct Run {
-            file: Arc<File>,
+            file: Arc<dyn FsFile>,
             path: PathBuf,
             seq: u64,
             locs: Vec<Loc>,
@@ -1326,7 +1349,10 @@ impl LogStore for Wal {
             doomed
         };
         for path in doomed {
-            fs::remove_file(&path).map_err(|e| self.fail(io_err(&path, e)))?;
+            self.shared
+                .fs
+                .remove_file(&path)
+                .map_err(|e| self.fail(io_err(&path, e)))?;
             tracing::debug!(segment = %path.display(), "purged a compacted WAL segment");
         }
         Ok(())
