@@ -469,3 +469,43 @@ fn a_bit_flip_before_the_last_synced_point_refuses_even_with_nothing_after_it() 
         Ok(_) => panic!("opened a log whose synced part is damaged"),
     }
 }
+
+/// A new leader's entries overwrite the log from an index whose old entry
+/// lies in an older segment, which is later purged (its entries all
+/// compacted). Replaying the newer segment alone then meets the overwrite
+/// before the compaction record that settles the log's base; it used to
+/// refuse to open ("entry does not follow the log"). Found by the
+/// simulator on the real WAL.
+#[test]
+fn an_overwrite_reaching_into_a_purged_segment_replays() {
+    let dir = tempfile::tempdir().unwrap();
+    let opts = || WalOptions {
+        segment_size_bytes: 8 << 10,
+        cache_bytes: 0,
+        ..Default::default()
+    };
+    let k;
+    {
+        let w = Wal::open(dir.path(), opts()).unwrap();
+        // Fill segment 1 one entry at a time until one lands in segment 2.
+        let mut i = 1;
+        while segments(dir.path()).len() < 2 {
+            append(&w, i, i, 1, 100);
+            i += 1;
+        }
+        let last = i - 1;
+        append(&w, last + 1, last + 1, 1, 100);
+        // Term 2 overwrites from an index still in segment 1.
+        k = last - 1;
+        append(&w, k, k + 10, 2, 100);
+        w.compact(k + 5).unwrap();
+        w.sync().unwrap();
+        assert_eq!(segments(dir.path()).len(), 1, "segment 1 was purged");
+        check_entries(&w, k + 5, k + 10);
+    }
+    let w = Wal::open(dir.path(), opts()).expect("a purged overwritten prefix replays");
+    assert_eq!(w.first_index().unwrap(), k + 5);
+    assert_eq!(w.last_index().unwrap(), k + 10);
+    assert_eq!(w.term(k + 5).unwrap(), 2);
+    check_entries(&w, k + 5, k + 10);
+}

@@ -1060,6 +1060,14 @@ fn replay(
                 state.index.reset(index);
                 state.compacted_index = index - 1;
                 *base_known = false;
+            } else if !*base_known && index < state.index.first() {
+                // Still before that Compact record: a newer leader's entries
+                // overwrote the log from an entry that lived in a purged
+                // segment (it was not compacted then). The log now starts
+                // here as far as replay can tell; the Compact record must
+                // still settle it.
+                state.index.reset(index);
+                state.compacted_index = index - 1;
             } else if index < state.index.first() || index > state.index.last() + 1 {
                 return Err(format!(
                     "entry {index} does not follow the log [{}, {}]",
