@@ -24,7 +24,6 @@
 #![forbid(unsafe_code)]
 
 pub mod hostile;
-mod store;
 
 use std::cmp::Reverse;
 use std::collections::{BTreeMap, BTreeSet, BinaryHeap};
@@ -34,9 +33,114 @@ use raftwork_check::{Input, Operation, Output};
 use raftwork_core::{
     is_command, Action, Core, CoreConfig, NodeEvent, ProposeError, Rejected, RequestId,
 };
-use raftwork_storage::LogStore;
+use raftwork_storage::fs::{FileSystem, SimFs, SimFsFault};
+use raftwork_storage::{
+    FileSnapshotStore, LogStore, SnapshotCompression, SnapshotStore, StorageError, Wal, WalOptions,
+};
 
-pub use store::SimStore;
+/// Where each node keeps its WAL and snapshots on its simulated disk.
+const WAL_DIR: &str = "/wal";
+const SNAPSHOT_DIR: &str = "/snapshots";
+
+/// Small segments and cache, so runs rotate, purge and read from "disk".
+fn wal_options() -> WalOptions {
+    WalOptions {
+        segment_size_bytes: 8 << 10,
+        cache_bytes: 4 << 10,
+        group_id: 1,
+    }
+}
+
+/// Opens (recovers) a node's WAL and snapshot store on its disk.
+fn open_disk(fs: &SimFs) -> Result<(Wal, FileSnapshotStore), StorageError> {
+    let shared: std::sync::Arc<dyn FileSystem> = std::sync::Arc::new(fs.clone());
+    let wal = Wal::open_on(shared.clone(), WAL_DIR, wal_options())?;
+    let snapshots = FileSnapshotStore::open_on(shared, SNAPSHOT_DIR, 2, SnapshotCompression::None)?;
+    Ok((wal, snapshots))
+}
+
+/// Reads a whole snapshot's data.
+fn read_snapshot(store: &FileSnapshotStore, index: u64) -> Result<Vec<u8>, StorageError> {
+    let (_, mut reader) = store.open(index)?;
+    let mut data = Vec::new();
+    std::io::Read::read_to_end(&mut reader, &mut data).map_err(|e| StorageError::Io {
+        path: SNAPSHOT_DIR.into(),
+        source: e,
+    })?;
+    Ok(data)
+}
+
+/// Writes a whole snapshot.
+fn write_snapshot(
+    store: &FileSnapshotStore,
+    meta: &SnapshotMetadata,
+    data: &[u8],
+) -> Result<(), StorageError> {
+    let mut w = store.create(meta.clone())?;
+    std::io::Write::write_all(&mut w, data).map_err(|e| StorageError::Io {
+        path: SNAPSHOT_DIR.into(),
+        source: e,
+    })?;
+    w.commit()?;
+    Ok(())
+}
+
+/// What a node had acknowledged as durable when it last reported a sync:
+/// its hard state and the terms of its log. A restart must find all of it
+/// (entries may only have been replaced by ones of a newer term).
+#[derive(Debug, Clone)]
+struct Acked {
+    hard_state: raft::prelude::HardState,
+    first: u64,
+    terms: Vec<u64>,
+}
+
+impl Acked {
+    fn of(store: &Wal) -> Self {
+        let first = raft::Storage::first_index(store).unwrap();
+        let last = raft::Storage::last_index(store).unwrap();
+        Acked {
+            hard_state: raft::Storage::initial_state(store).unwrap().hard_state,
+            first,
+            terms: (first..=last)
+                .map(|i| raft::Storage::term(store, i).unwrap())
+                .collect(),
+        }
+    }
+
+    /// Why `recovered` lost something acknowledged, if it did.
+    fn lost_in(&self, recovered: &Wal) -> Option<String> {
+        let hs = raft::Storage::initial_state(recovered).unwrap().hard_state;
+        let was = &self.hard_state;
+        if hs.term < was.term || (hs.term == was.term && was.vote != 0 && hs.vote != was.vote) {
+            return Some(format!("hard state went back: {was:?} → {hs:?}"));
+        }
+        if hs.commit < was.commit {
+            return Some(format!("commit went back: {} → {}", was.commit, hs.commit));
+        }
+        let first = raft::Storage::first_index(recovered).unwrap();
+        let last = raft::Storage::last_index(recovered).unwrap();
+        for (k, &term) in self.terms.iter().enumerate() {
+            let i = self.first + k as u64;
+            if i < first {
+                continue; // compacted behind a recorded snapshot
+            }
+            if i > last {
+                return Some(format!(
+                    "entry {i} (term {term}) acknowledged as persisted is gone (log ends at {last})"
+                ));
+            }
+            let now = raft::Storage::term(recovered, i).unwrap();
+            if now > term {
+                break; // replaced by a newer leader's entries: legitimate
+            }
+            if now < term {
+                return Some(format!("entry {i} went back from term {term} to {now}"));
+            }
+        }
+        None
+    }
+}
 
 /// A small deterministic random generator (SplitMix64).
 #[derive(Debug, Clone)]
@@ -84,6 +188,9 @@ pub enum Bug {
     /// Lease reads as raft-rs serves them, with no expiry check
     /// (`CoreConfig::unchecked_lease_reads`); needs `lease_read`.
     UncheckedLease,
+    /// Report a ready persisted without syncing the WAL ("acknowledge
+    /// before fsync"): a power cut then loses acknowledged entries.
+    AckBeforeSync,
 }
 
 /// What to simulate.
@@ -176,6 +283,16 @@ pub struct Report {
     /// Linearizable reads answered from a leader's lease (or its
     /// confirmation round), all in the checked history.
     pub lease_reads: u64,
+    /// Crashes that were power cuts (the rest kept the page cache).
+    pub power_cuts: u64,
+    /// Unsynced pages power cuts lost.
+    pub pages_lost: u64,
+    /// Pages power cuts tore.
+    pub torn_writes: u64,
+    /// EIO and ENOSPC errors injected (each stopped its node).
+    pub io_faults: u64,
+    /// WAL and snapshot store recoveries after a crash, all successful.
+    pub recoveries: u64,
 }
 
 /// Why a run failed.
@@ -326,15 +443,22 @@ struct Node {
     /// Length of this node's tick in virtual ms (its clock's rate).
     tick_ms: u64,
     incarnation: u64,
-    core: Option<Core<SimStore>>,
-    store: SimStore,
+    core: Option<Core<Wal>>,
+    /// The node's disk.
+    fs: SimFs,
+    /// Its WAL on that disk (recovered right after each crash).
+    store: Wal,
+    /// What it last acknowledged as durable.
+    acked: Option<Acked>,
+    /// Injected faults the node already stopped for.
+    faults_seen: u64,
     kv: Kv,
     applied: u64,
     applied_term: u64,
     conf_state: ConfState,
     applied_since_snapshot: u64,
-    /// The node's durable snapshot store: index → (metadata, data).
-    snapshots: BTreeMap<u64, (SnapshotMetadata, Vec<u8>)>,
+    /// The node's snapshot store, on its disk.
+    snapshots: FileSnapshotStore,
     waiting: BTreeMap<RequestId, Waiting>,
     next_request: RequestId,
     last_sync_at: u64,
@@ -371,6 +495,7 @@ struct Sim {
     transfers: u64,
     membership_changes: u64,
     lease_reads: u64,
+    recoveries: u64,
     logger: slog::Logger,
 }
 
@@ -416,20 +541,24 @@ impl Sim {
         let store = self.nodes[k].store.clone();
         let stored = self.nodes[k]
             .snapshots
-            .last_key_value()
-            .map(|(_, (meta, _))| meta.clone());
+            .latest()
+            .map_err(|e| self.fail(format!("node {id}: snapshot store: {e}")))?
+            .map(|m| m.metadata);
         let base =
             raftwork_core::adopt_snapshot(&store, stored).map_err(|e| self.fail(e.to_string()))?;
-        let data = self.nodes[k]
-            .snapshots
-            .get(&base.index)
-            .map(|(_, d)| d.clone());
-        if base.index > 0 && data.is_none() {
-            return Err(self.fail(format!(
-                "node {id}: the log records snapshot {} but its data is gone",
-                base.index
-            )));
-        }
+        let data = if base.index > 0 {
+            match read_snapshot(&self.nodes[k].snapshots, base.index) {
+                Ok(d) => Some(d),
+                Err(e) => {
+                    return Err(self.fail(format!(
+                        "node {id}: the log records snapshot {} but its data is gone: {e}",
+                        base.index
+                    )))
+                }
+            }
+        } else {
+            None
+        };
         let node = &mut self.nodes[k];
         node.kv = data.as_deref().map(decode_kv).unwrap_or_default();
         node.applied = base.index;
@@ -524,10 +653,14 @@ impl Sim {
                     return Ok(());
                 }
                 if must_sync {
-                    self.nodes[k]
-                        .store
-                        .sync()
-                        .map_err(|e| self.fail(e.to_string()))?;
+                    if self.cfg.bug != Some(Bug::AckBeforeSync) {
+                        if let Err(e) = self.nodes[k].store.sync() {
+                            return self.io_failed(k, e.to_string());
+                        }
+                    }
+                    // Everything staged so far is durable (one fdatasync of
+                    // the active segment; older ones were synced when closed).
+                    self.nodes[k].acked = Some(Acked::of(&self.nodes[k].store));
                 }
                 self.nodes[k]
                     .core
@@ -582,11 +715,16 @@ impl Sim {
             // Saved before raft sees it, as the runtime does.
             let snap = msg.mut_snapshot();
             let meta = snap.get_metadata().clone();
-            let data = std::mem::take(&mut snap.data).to_vec();
-            self.nodes[k]
-                .snapshots
-                .insert(meta.index, (meta, data.clone()));
-            snap.data = data.into();
+            if let Err(e) = write_snapshot(&self.nodes[k].snapshots, &meta, &snap.data) {
+                // As the runtime does: a snapshot it cannot save is dropped.
+                if !self.injected(k) {
+                    return Err(self.fail(format!(
+                        "node {}: cannot save a received snapshot: {e}",
+                        self.nodes[k].id
+                    )));
+                }
+                return Ok(());
+            }
         }
         let (from, msg_type) = (msg.from, msg.get_msg_type());
         match self.nodes[k].core.as_mut().unwrap().handle_message(msg) {
@@ -612,7 +750,7 @@ impl Sim {
 
     fn inject_fault(&mut self) -> Result<(), Failure> {
         let n = self.nodes.len() as u64;
-        match self.rng.below(9) {
+        match self.rng.below(10) {
             7 => {
                 // A membership change through the leader: add a non-member
                 // as a learner, promote a learner, or remove a member while
@@ -740,6 +878,21 @@ impl Sim {
                     self.cut_for_a_while(links);
                 }
             }
+            9 => {
+                // A disk fault: one of the node's next storage calls
+                // (writes, syncs, renames, ...) fails with EIO or ENOSPC,
+                // which stops it; it restarts later, as under systemd.
+                let k = self.rng.below(n) as usize;
+                let calls = self.rng.below(40);
+                let fault = if self.rng.below(2) == 0 {
+                    SimFsFault::Eio
+                } else {
+                    SimFsFault::Enospc
+                };
+                if self.nodes[k].core.is_some() {
+                    self.nodes[k].fs.fail_after(calls, fault);
+                }
+            }
             _ => self.cut.clear(),
         }
         Ok(())
@@ -755,38 +908,72 @@ impl Sim {
         self.schedule(after, Event::Heal(links));
     }
 
+    /// Crashes node `id`: a power cut (unsynced data lost in part or
+    /// whole, see `SimFs`) or, with `torn_writes` off or by the draw, a
+    /// process kill (the page cache survives). Then recovers its WAL and
+    /// snapshot store at once, which must succeed and must hold everything
+    /// the node acknowledged as durable.
     fn crash(&mut self, id: u64) -> Result<(), Failure> {
+        let power = self.cfg.torn_writes && self.rng.below(2) == 0;
+        self.crash_as(id, power)
+    }
+
+    fn crash_as(&mut self, id: u64, power: bool) -> Result<(), Failure> {
         let k = self.node_index(id);
         self.crashes += 1;
-        let synced = self.nodes[k].store.synced_hard_state();
-        let store = self.nodes[k]
-            .store
-            .crash(&mut self.rng, self.cfg.torn_writes);
         let node = &mut self.nodes[k];
         node.core = None;
-        node.store = store;
         // Its clients' operations end without an answer.
         let waiting = std::mem::take(&mut node.waiting);
         for (_, w) in waiting {
             self.finish_op(w, Output::Unknown);
         }
-        // Term and vote never go back; commit never goes back.
-        let hs = raft::Storage::initial_state(&self.nodes[k].store)
-            .unwrap()
-            .hard_state;
-        if hs.term < synced.term
-            || (hs.term == synced.term && synced.vote != 0 && hs.vote != synced.vote)
-        {
-            return Err(self.fail(format!(
-                "node {id}: hard state went back across a crash: {synced:?} → {hs:?}"
-            )));
+        let fs = self.nodes[k].fs.clone();
+        if power {
+            let rng = &mut self.rng;
+            fs.power_cut(&mut |n| rng.below(n));
+        } else {
+            fs.kill();
         }
-        if hs.commit < synced.commit {
-            return Err(self.fail(format!(
-                "node {id}: commit went back across a crash: {} → {}",
-                synced.commit, hs.commit
-            )));
+        self.nodes[k].faults_seen = fs.stats().faults_injected;
+        let (store, snapshots) = open_disk(&fs).map_err(|e| {
+            self.fail(format!(
+                "node {id}: recovery refused after a crash that lost only unsynced data: {e}"
+            ))
+        })?;
+        self.recoveries += 1;
+        if let Some(acked) = &self.nodes[k].acked {
+            if let Some(lost) = acked.lost_in(&store) {
+                return Err(self.fail(format!(
+                    "node {id}: {} crash lost what it acknowledged: {lost}",
+                    if power { "a power cut" } else { "a process" }
+                )));
+            }
         }
+        let node = &mut self.nodes[k];
+        node.store = store;
+        node.snapshots = snapshots;
+        Ok(())
+    }
+
+    /// Whether node `k`'s disk failed a call on purpose since it last
+    /// stopped for one.
+    fn injected(&self, k: usize) -> bool {
+        self.nodes[k].fs.stats().faults_injected > self.nodes[k].faults_seen
+    }
+
+    /// A storage call of node `k` failed. An injected fault stops the node
+    /// as the runtime does (any write or sync error is fatal), and it comes
+    /// back later; the disk state after a failed call is uncertain, so it
+    /// stops with a power cut. Any other failure fails the run.
+    fn io_failed(&mut self, k: usize, error: String) -> Result<(), Failure> {
+        let id = self.nodes[k].id;
+        if !self.injected(k) {
+            return Err(self.fail(format!("node {id}: storage failed: {error}")));
+        }
+        self.crash_as(id, true)?;
+        let after = 50 + self.rng.below(500);
+        self.schedule(after, Event::Restart(id));
         Ok(())
     }
 
@@ -983,15 +1170,18 @@ impl Sim {
             let Some(core) = self.nodes[k].core.as_mut() else {
                 return Ok(());
             };
-            let actions = core.poll().map_err(|e| Failure {
-                seed: self.cfg.seed,
-                at_ms: self.now,
-                reason: format!("node {} fatal: {e}", k + 1),
-            })?;
+            let actions = match core.poll() {
+                Ok(actions) => actions,
+                Err(e) => return self.io_failed(k, format!("fatal: {e}")),
+            };
             if actions.is_empty() {
                 return Ok(());
             }
             for a in actions {
+                // An injected disk fault may have stopped the node.
+                if self.nodes[k].core.is_none() {
+                    return Ok(());
+                }
                 self.execute(k, a)?;
             }
         }
@@ -1004,9 +1194,9 @@ impl Sim {
                 for mut m in msgs {
                     if m.get_msg_type() == MessageType::MsgSnapshot {
                         let index = m.get_snapshot().get_metadata().index;
-                        match self.nodes[k].snapshots.get(&index) {
-                            Some((_, data)) => m.mut_snapshot().data = data.clone().into(),
-                            None => {
+                        match read_snapshot(&self.nodes[k].snapshots, index) {
+                            Ok(data) => m.mut_snapshot().data = data.into(),
+                            Err(_) => {
                                 let to = m.to;
                                 self.nodes[k]
                                     .core
@@ -1186,11 +1376,15 @@ impl Sim {
                 ..Default::default()
             };
             meta.set_conf_state(node.conf_state.clone());
-            node.snapshots
-                .insert(meta.index, (meta.clone(), encode_kv(&node.kv)));
-            while node.snapshots.len() > 2 {
-                node.snapshots.pop_first();
+            if let Err(e) = write_snapshot(&node.snapshots, &meta, &encode_kv(&node.kv)) {
+                // As the runtime does: a failed snapshot is retried after
+                // the next interval; only a log store failure is fatal.
+                if !self.injected(k) {
+                    return Err(self.fail(format!("node {id}: snapshot failed: {e}")));
+                }
+                return Ok(());
             }
+            let node = &mut self.nodes[k];
             let compact_to = (node.applied + 1).saturating_sub(self.cfg.snapshot_keep_entries);
             let first = raft::Storage::first_index(&node.store).unwrap();
             let result = node.store.record_snapshot(meta).and_then(|_| {
@@ -1200,7 +1394,9 @@ impl Sim {
                     Ok(())
                 }
             });
-            result.map_err(|e| self.fail(e.to_string()))?;
+            if let Err(e) = result {
+                return self.io_failed(k, e.to_string());
+            }
         }
         Ok(())
     }
@@ -1224,6 +1420,14 @@ impl Sim {
     }
 
     fn finish(mut self) -> Result<Report, Failure> {
+        let mut fs_stats = raftwork_storage::fs::SimFsStats::default();
+        for n in &self.nodes {
+            let s = n.fs.stats();
+            fs_stats.power_cuts += s.power_cuts;
+            fs_stats.pages_lost += s.pages_lost;
+            fs_stats.torn_writes += s.torn_writes;
+            fs_stats.faults_injected += s.faults_injected;
+        }
         // Operations still waiting end unknown.
         for k in 0..self.nodes.len() {
             let waiting = std::mem::take(&mut self.nodes[k].waiting);
@@ -1279,6 +1483,11 @@ impl Sim {
             transfers: self.transfers,
             membership_changes: self.membership_changes,
             lease_reads: self.lease_reads,
+            power_cuts: fs_stats.power_cuts,
+            pages_lost: fs_stats.pages_lost,
+            torn_writes: fs_stats.torn_writes,
+            io_faults: fs_stats.faults_injected,
+            recoveries: self.recoveries,
         })
     }
 }
@@ -1290,22 +1499,27 @@ pub fn run(cfg: &SimConfig) -> Result<Report, Failure> {
     let voters: Vec<u64> = (1..=cfg.nodes).collect();
     let mut nodes = Vec::new();
     for id in 1..=cfg.nodes + cfg.spare_nodes {
-        let store = SimStore::new();
+        let fs = SimFs::new();
+        let (store, snapshots) = open_disk(&fs).expect("a new simulated disk opens");
         if id <= cfg.nodes {
             raftwork_core::bootstrap(&store, 1, &voters).expect("bootstrap on a simulated disk");
+            store.sync().expect("bootstrap syncs");
         }
         nodes.push(Node {
             id,
             tick_ms: cfg.tick_ms,
             incarnation: 0,
             core: None,
+            fs,
             store,
+            acked: None,
+            faults_seen: 0,
             kv: Kv::new(),
             applied: 0,
             applied_term: 0,
             conf_state: ConfState::default(),
             applied_since_snapshot: 0,
-            snapshots: BTreeMap::new(),
+            snapshots,
             waiting: BTreeMap::new(),
             next_request: 1,
             last_sync_at: 0,
@@ -1339,6 +1553,7 @@ pub fn run(cfg: &SimConfig) -> Result<Report, Failure> {
         transfers: 0,
         membership_changes: 0,
         lease_reads: 0,
+        recoveries: 0,
         logger: slog::Logger::root(slog::Discard, slog::o!()),
     };
     // A panic inside raft-rs or the core is a failure of this seed, not of
