@@ -68,10 +68,10 @@ pub fn bootstrap<S: LogStore>(
     };
     store.stage(WriteBatch {
         group_id,
-        snapshot: None,
         entries,
         hard_state: Some(hs),
         conf_state: Some(cs),
+        ..Default::default()
     })?;
     store.sync()?;
     Ok(Some(n))
@@ -91,6 +91,7 @@ pub fn bootstrap<S: LogStore>(
 /// restores the state machine from the returned snapshot's data.
 pub fn adopt_snapshot<S: LogStore>(
     store: &S,
+    group_id: u64,
     stored: Option<SnapshotMetadata>,
 ) -> Result<SnapshotMetadata, StorageError> {
     let logged = raft::Storage::snapshot(store, 0, 0)
@@ -105,7 +106,11 @@ pub fn adopt_snapshot<S: LogStore>(
     if !covered {
         return Ok(logged);
     }
-    store.record_snapshot(m.clone())?;
+    store.stage(WriteBatch {
+        group_id,
+        record_snapshot: Some(m.clone()),
+        ..Default::default()
+    })?;
     store.sync()?;
     Ok(m)
 }

@@ -69,6 +69,15 @@ pub struct CoreConfig {
     /// A learner may be promoted only when its matched index is within this
     /// many entries of the leader's last index. Default: 1000.
     pub promote_lag_entries_max: u64,
+    /// Take a snapshot once this many entries were handed out for applying
+    /// since the last one (and right after a member is added, who could not
+    /// restore an older one). 0 turns automatic snapshots off; a manual
+    /// request still works. Default: 10,000.
+    pub snapshot_interval_entries: u64,
+    /// Log entries kept behind a snapshot when the log is compacted, so a
+    /// follower that is only a little behind catches up from the log
+    /// instead of receiving the whole snapshot. Default: 5,000.
+    pub snapshot_keep_entries: u64,
     /// Index the state machine has already applied (on restart). Default: 0.
     pub applied_index: u64,
     /// Fixed election timeout in ticks instead of raft-rs's random one in
@@ -105,6 +114,8 @@ impl Default for CoreConfig {
             propose_timeout_ticks: 100,
             transfer_timeout_ticks: 20,
             promote_lag_entries_max: 1000,
+            snapshot_interval_entries: 10_000,
+            snapshot_keep_entries: 5_000,
             applied_index: 0,
             fixed_election_ticks: None,
             incarnation: 0,

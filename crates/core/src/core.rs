@@ -17,7 +17,7 @@ use bytes::Bytes;
 use protobuf::Message as _;
 use raft::prelude::{
     ConfChange, ConfChangeSingle, ConfChangeTransition, ConfChangeType, ConfChangeV2, ConfState,
-    Entry, EntryType, Message, MessageType, Snapshot,
+    Entry, EntryType, Message, MessageType, Snapshot, SnapshotMetadata,
 };
 use raft::{RawNode, StateRole, CAMPAIGN_TRANSFER};
 use raftwork_storage::{LogStore, WriteBatch};
@@ -163,6 +163,19 @@ pub enum Action {
     /// Restore the state machine from this snapshot before applying anything
     /// after it.
     RestoreSnapshot(Snapshot),
+    /// Write a snapshot of the state machine into the snapshot store, taken
+    /// once everything before this action in the apply order is applied
+    /// (the state machine is then exactly at `metadata.index`), then report
+    /// it with [`Core::handle_snapshot_taken`]. The core records it in the
+    /// log and compacts behind it through the ordinary persist path: the
+    /// shell never writes the log itself.
+    TakeSnapshot {
+        /// The snapshot point: the applied index, its term, the conf state.
+        metadata: SnapshotMetadata,
+        /// The manual request it answers ([`Core::handle_snapshot_request`]),
+        /// if any.
+        id: Option<RequestId>,
+    },
     /// Apply committed entries, then report the last index with
     /// [`Core::handle_applied`].
     Apply(ApplyBatch),
@@ -332,6 +345,13 @@ pub struct Core<S: LogStore> {
     sole_voter_campaign: bool,
     /// Peer messages dropped by validation.
     messages_rejected: u64,
+    /// Entries handed out for applying since the last snapshot was asked for.
+    entries_since_snapshot: u64,
+    /// An automatic snapshot is being taken (one at a time).
+    snapshot_taking: bool,
+    /// Number of the last ready (persists of the core's own log writes,
+    /// such as snapshot records, reuse it).
+    last_ready_number: u64,
     /// A leader's lease in lease-read mode (see `lease.rs`).
     lease: Option<Lease>,
     /// Lease-mode answers held until the lease or a later heartbeat round
@@ -398,6 +418,9 @@ impl<S: LogStore> Core<S> {
             removed: false,
             sole_voter_campaign,
             messages_rejected: 0,
+            entries_since_snapshot: 0,
+            snapshot_taking: false,
+            last_ready_number: 0,
             lease: None,
             held_reads: VecDeque::new(),
             actions: Vec::new(),
@@ -1054,6 +1077,7 @@ impl<S: LogStore> Core<S> {
     fn handle_ready(&mut self) -> Result<(), FatalError> {
         let mut rd = self.raw.ready();
         let number = rd.number();
+        self.last_ready_number = number;
 
         if let Some(ss) = rd.ss() {
             let (leader_id, raft_state) = (ss.leader_id, ss.raft_state);
@@ -1082,6 +1106,7 @@ impl<S: LogStore> Core<S> {
             );
             batch.snapshot = Some(snap.get_metadata().clone());
             self.dispatched_index = index;
+            self.entries_since_snapshot = 0;
             self.actions.push(Action::RestoreSnapshot(snap));
         }
         let committed = rd.take_committed_entries();
@@ -1195,6 +1220,7 @@ impl<S: LogStore> Core<S> {
     fn on_committed(&mut self, entries: Vec<Entry>) {
         let mut proposals = Vec::new();
         let mut conf_state = None;
+        let before = self.conf_state();
         for e in &entries {
             assert_eq!(
                 e.index,
@@ -1240,11 +1266,96 @@ impl<S: LogStore> Core<S> {
                 error: ConfChangeError::InProgress,
             });
         }
+        // The snapshot policy. A member added since the last snapshot cannot
+        // restore it (raft-rs refuses a snapshot that leaves it out) and the
+        // log it needs may be compacted: snapshot right after the change.
+        self.entries_since_snapshot += entries.len() as u64;
+        let last_term = entries.last().map_or(0, |e| e.term);
+        let member_added = conf_state.as_ref().is_some_and(|cs| {
+            cs.voters
+                .iter()
+                .chain(&cs.learners)
+                .any(|id| !before.voters.contains(id) && !before.learners.contains(id))
+        });
         self.actions.push(Action::Apply(ApplyBatch {
             entries,
             proposals,
             conf_state,
         }));
+        let interval = self.config.snapshot_interval_entries;
+        let due = member_added || (interval > 0 && self.entries_since_snapshot >= interval);
+        if due && !self.snapshot_taking {
+            self.snapshot_taking = true;
+            self.entries_since_snapshot = 0;
+            self.push_take_snapshot(last_term, None);
+        }
+    }
+
+    /// Asks the shell for a snapshot at the last dispatched index.
+    fn push_take_snapshot(&mut self, term: u64, id: Option<RequestId>) {
+        let metadata = SnapshotMetadata {
+            index: self.dispatched_index,
+            term,
+            conf_state: Some(self.conf_state()).into(),
+            ..Default::default()
+        };
+        self.actions.push(Action::TakeSnapshot { metadata, id });
+    }
+
+    /// A manual snapshot request: a snapshot at the last index handed out
+    /// for applying, answered with [`Action::TakeSnapshot`] carrying `id`.
+    /// Fails (returns false) when nothing was applied yet.
+    pub fn handle_snapshot_request(&mut self, id: RequestId) -> bool {
+        if self.dispatched_index == 0 {
+            return false;
+        }
+        let term = match self.raw.raft.raft_log.term(self.dispatched_index) {
+            Ok(t) => t,
+            // Compacted away: the last snapshot is at least this recent.
+            Err(_) => {
+                raft::Storage::snapshot(self.raw.store(), 0, 0).map_or(0, |s| s.get_metadata().term)
+            }
+        };
+        self.push_take_snapshot(term, Some(id));
+        true
+    }
+
+    /// The shell took the snapshot an [`Action::TakeSnapshot`] asked for
+    /// (`Ok` with its point) or could not (`Err`: an automatic one is tried
+    /// again after another interval). The core records it in the log and
+    /// compacts behind it (keeping `snapshot_keep_entries`), staged through
+    /// the store and made durable by an [`Action::Persist`].
+    pub fn handle_snapshot_taken(
+        &mut self,
+        id: Option<RequestId>,
+        result: Result<SnapshotMetadata, String>,
+    ) -> Result<(), FatalError> {
+        if id.is_none() {
+            self.snapshot_taking = false;
+        }
+        let meta = match result {
+            Ok(meta) => meta,
+            Err(e) => {
+                slog::warn!(self.logger, "snapshot failed"; "error" => %e);
+                return Ok(());
+            }
+        };
+        let first = self.raw.raft.raft_log.first_index();
+        let compact_to = (meta.index + 1).saturating_sub(self.config.snapshot_keep_entries);
+        // Never past what raft has persisted, nor past the snapshot.
+        let compact_to = compact_to.min(self.raw.raft.raft_log.persisted + 1);
+        let batch = WriteBatch {
+            group_id: self.config.group_id,
+            record_snapshot: Some(meta),
+            compact_to: (compact_to > first).then_some(compact_to),
+            ..Default::default()
+        };
+        self.raw.store().stage(batch)?;
+        self.actions.push(Action::Persist {
+            number: self.last_ready_number,
+            must_sync: true,
+        });
+        Ok(())
     }
 
     /// Applies a committed conf change to raft and returns the new conf state.

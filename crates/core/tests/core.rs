@@ -338,7 +338,7 @@ fn a_stored_snapshot_the_log_does_not_cover_is_not_adopted_at_start() {
         term: 7,
         ..Default::default()
     };
-    let adopted = raftwork_core::adopt_snapshot(&store, Some(ahead)).unwrap();
+    let adopted = raftwork_core::adopt_snapshot(&store, 1, Some(ahead)).unwrap();
     assert_eq!(adopted.index, 0, "the log's own (none) stays the base");
     assert_eq!(store.last_index().unwrap(), last, "the log is untouched");
     // Our own snapshot, written but not recorded before a crash: covered.
@@ -347,7 +347,7 @@ fn a_stored_snapshot_the_log_does_not_cover_is_not_adopted_at_start() {
         term,
         ..Default::default()
     };
-    let adopted = raftwork_core::adopt_snapshot(&store, Some(own.clone())).unwrap();
+    let adopted = raftwork_core::adopt_snapshot(&store, 1, Some(own.clone())).unwrap();
     assert_eq!(adopted, own);
     assert_eq!(store.snapshot(0, 0).unwrap().get_metadata().index, last);
 }

@@ -225,8 +225,8 @@ impl Cluster {
             .transport(t, inbox)
             .configure(|c| {
                 c.tick_interval = TICK;
-                c.snapshot_interval_entries = 200;
-                c.snapshot_keep_entries = 20;
+                c.core.snapshot_interval_entries = 200;
+                c.core.snapshot_keep_entries = 20;
             });
         let b = match voters {
             Some(v) => b.initial_voters(v.iter().copied()),

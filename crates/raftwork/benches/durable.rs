@@ -229,7 +229,7 @@ fn start_node(dir: &Path, snapshots: bool) -> Node<Counter> {
         .data_dir(dir)
         .configure(|c| {
             if !snapshots {
-                c.snapshot_interval_entries = 0;
+                c.core.snapshot_interval_entries = 0;
             }
         })
         .build()

@@ -42,14 +42,6 @@ pub struct Config {
     /// Capacity of the request queue from handles to the ready loop; a full
     /// queue makes callers wait (backpressure). Default: 65,536.
     pub request_queue_capacity: usize,
-    /// Take a snapshot automatically once this many entries were applied
-    /// since the last one. 0 turns automatic snapshots off (a manual
-    /// [`Node::snapshot`] still works). Default: 10,000.
-    pub snapshot_interval_entries: u64,
-    /// Log entries kept behind a snapshot, so a follower that is only a little
-    /// behind catches up from the log instead of receiving the whole
-    /// snapshot. Default: 5,000.
-    pub snapshot_keep_entries: u64,
     /// Snapshots kept by the default snapshot stores. Default: 2.
     pub snapshot_keep_count: usize,
     /// Compression of the file snapshot store. Default: zstd level 1.
@@ -63,8 +55,6 @@ impl Default for Config {
             tick_interval: Duration::from_millis(100),
             membership_timeout: Duration::from_secs(10),
             request_queue_capacity: 65_536,
-            snapshot_interval_entries: 10_000,
-            snapshot_keep_entries: 5_000,
             snapshot_keep_count: 2,
             snapshot_compression: SnapshotCompression::default(),
         }
@@ -413,15 +403,20 @@ impl<SM: StateMachine, S: LogStore> Builder<SM, S> {
             }
             bootstrapped = bootstrap(&store, config.core.group_id, voters)?;
         }
-        let (applied_index, applied_term) = match bootstrapped {
-            Some(applied) => (applied, 1),
-            None => restore_from_snapshot(&store, snapshots.as_ref(), &mut state_machine)?,
+        let applied_index = match bootstrapped {
+            Some(applied) => applied,
+            None => {
+                restore_from_snapshot(
+                    &store,
+                    config.core.group_id,
+                    snapshots.as_ref(),
+                    &mut state_machine,
+                )?
+                .0
+            }
         };
         config.core.applied_index = applied_index;
         config.core.incarnation = incarnation();
-        let conf_state = raft::Storage::initial_state(&store)
-            .map_err(|e| StorageError::Invalid(e.to_string()))?
-            .conf_state;
         let (transport, inbox) = match (transport, network.listen) {
             (Some(t), _) => t,
             (None, Some(listen)) => {
@@ -466,21 +461,14 @@ impl<SM: StateMachine, S: LogStore> Builder<SM, S> {
             let (mode, handle) = spawn_sync_worker(store.clone());
             (mode, Some(handle))
         };
-        let store_for_applier = store.clone();
         let core = Core::new(config.core.clone(), store, &raft_logger(id))?;
         let (requests_tx, requests_rx) = mpsc::channel(config.request_queue_capacity);
         let (apply_tx, apply_rx) = mpsc::unbounded_channel();
         let (applied_tx, applied_rx) = mpsc::unbounded_channel();
         let applier = Applier {
             sm: state_machine,
-            log: store_for_applier,
             snapshots: snapshots.clone(),
             applied_index,
-            applied_term,
-            conf_state,
-            applied_since_snapshot: 0,
-            snapshot_interval_entries: config.snapshot_interval_entries,
-            snapshot_keep_entries: config.snapshot_keep_entries,
             events: applied_tx,
         };
         let (events, _) = broadcast::channel(1024);
@@ -507,6 +495,7 @@ impl<SM: StateMachine, S: LogStore> Builder<SM, S> {
             reads: HashMap::new(),
             conf_changes: HashMap::new(),
             transfers: HashMap::new(),
+            snapshot_replies: HashMap::new(),
         };
         let mut tasks = vec![
             tokio::spawn(ready_loop.run()),
@@ -556,11 +545,12 @@ fn incarnation() -> u64 {
 /// the log's record).
 fn restore_from_snapshot<S: LogStore, SM: StateMachine>(
     store: &S,
+    group_id: u64,
     snapshots: &dyn SnapshotStore,
     sm: &mut SM,
 ) -> Result<(u64, u64), BuildError> {
     let stored = snapshots.latest()?.map(|s| s.metadata);
-    let meta = adopt_snapshot(store, stored)?;
+    let meta = adopt_snapshot(store, group_id, stored)?;
     if meta.index == 0 {
         return Ok((0, 0));
     }

@@ -57,39 +57,42 @@ pub(crate) enum ApplyMsg<SM: StateMachine> {
     /// snapshot store.
     Restore(SnapshotMetadata),
     Reads(Vec<ReadFn<SM>>),
-    /// Take a snapshot now (manual trigger).
-    Snapshot(oneshot::Sender<Result<SnapshotMeta, SnapshotError>>),
+    /// Write a snapshot at `metadata` (the core's `TakeSnapshot`): the
+    /// state machine is exactly there when this arrives (FIFO).
+    TakeSnapshot {
+        metadata: SnapshotMetadata,
+        id: Option<RequestId>,
+    },
 }
 
 /// What the apply task tells the ready loop.
 pub(crate) enum ApplyEvent {
     /// Everything up to this index is applied.
     Applied(u64),
-    /// The node must stop: the log store failed while recording a snapshot
-    /// or compacting, a snapshot could not be restored, or the state machine
-    /// panicked.
+    /// The snapshot a `TakeSnapshot` asked for is in the snapshot store (or
+    /// could not be written).
+    SnapshotTaken {
+        id: Option<RequestId>,
+        result: Result<SnapshotMeta, String>,
+    },
+    /// The node must stop: a snapshot could not be restored, or the state
+    /// machine panicked.
     Fatal(FatalReason),
 }
 
-/// The state-machine side: applies in order, takes snapshots and compacts
-/// the log behind them.
-pub(crate) struct Applier<SM: StateMachine, S: LogStore> {
+/// The state-machine side: applies in order and writes the snapshots the
+/// core asks for. It never touches the log: the core records snapshots and
+/// compacts.
+pub(crate) struct Applier<SM: StateMachine> {
     pub(crate) sm: SM,
-    pub(crate) log: S,
     pub(crate) snapshots: Arc<dyn SnapshotStore>,
     pub(crate) applied_index: u64,
-    pub(crate) applied_term: u64,
-    /// Raft's conf state at `applied_index`, recorded in snapshots.
-    pub(crate) conf_state: ConfState,
-    pub(crate) applied_since_snapshot: u64,
-    pub(crate) snapshot_interval_entries: u64,
-    pub(crate) snapshot_keep_entries: u64,
     pub(crate) events: mpsc::UnboundedSender<ApplyEvent>,
 }
 
 /// Runs the applier until the ready loop hangs up.
-pub(crate) async fn apply_task<SM: StateMachine, S: LogStore>(
-    mut applier: Applier<SM, S>,
+pub(crate) async fn apply_task<SM: StateMachine>(
+    mut applier: Applier<SM>,
     mut rx: mpsc::UnboundedReceiver<ApplyMsg<SM>>,
 ) {
     while let Some(msg) = rx.recv().await {
@@ -110,49 +113,17 @@ pub(crate) async fn apply_task<SM: StateMachine, S: LogStore>(
     }
 }
 
-impl<SM: StateMachine, S: LogStore> Applier<SM, S> {
+impl<SM: StateMachine> Applier<SM> {
     fn handle(&mut self, msg: ApplyMsg<SM>) -> Result<(), FatalReason> {
         match msg {
             ApplyMsg::Apply { batch, replies } => {
                 let Some(last) = batch.entries.last() else {
                     return Ok(());
                 };
-                let (index, term) = (last.index, last.term);
-                self.applied_since_snapshot += batch.entries.len() as u64;
-                // A member added since the last snapshot cannot restore it
-                // (raft-rs refuses a snapshot that leaves it out), and the log
-                // it needs may be compacted: snapshot right after the change.
-                let mut member_added = false;
-                if let Some(cs) = &batch.conf_state {
-                    let before = &self.conf_state;
-                    member_added = cs
-                        .voters
-                        .iter()
-                        .chain(&cs.learners)
-                        .any(|id| !before.voters.contains(id) && !before.learners.contains(id));
-                    self.conf_state = cs.clone();
-                }
+                let index = last.index;
                 apply_batch(&mut self.sm, batch, replies);
                 self.applied_index = index;
-                self.applied_term = term;
                 let _ = self.events.send(ApplyEvent::Applied(index));
-                if member_added
-                    || (self.snapshot_interval_entries > 0
-                        && self.applied_since_snapshot >= self.snapshot_interval_entries)
-                {
-                    match self.take_snapshot() {
-                        Ok(_) => {}
-                        Err(SnapshotError::Storage(e)) => {
-                            // Retried after the next interval; the log grows meanwhile.
-                            tracing::error!(error = %e, "automatic snapshot failed");
-                            self.applied_since_snapshot = 0;
-                        }
-                        Err(SnapshotError::Fatal(detail)) => {
-                            return Err(FatalReason::LogStore { detail })
-                        }
-                        Err(SnapshotError::Shutdown) => {}
-                    }
-                }
             }
             ApplyMsg::Restore(meta) => {
                 let restore_failed = |detail: String| FatalReason::SnapshotRestore {
@@ -169,9 +140,6 @@ impl<SM: StateMachine, S: LogStore> Applier<SM, S> {
                     .restore(&mut reader)
                     .map_err(|e| restore_failed(e.to_string()))?;
                 self.applied_index = meta.index;
-                self.applied_term = meta.term;
-                self.conf_state = meta.get_conf_state().clone();
-                self.applied_since_snapshot = 0;
                 let _ = self.events.send(ApplyEvent::Applied(meta.index));
             }
             ApplyMsg::Reads(reads) => {
@@ -179,57 +147,32 @@ impl<SM: StateMachine, S: LogStore> Applier<SM, S> {
                     read(Ok(&self.sm));
                 }
             }
-            ApplyMsg::Snapshot(reply) => {
-                let result = self.take_snapshot();
-                if let Err(SnapshotError::Fatal(detail)) = &result {
-                    let detail = detail.clone();
-                    let _ = reply.send(result);
-                    return Err(FatalReason::LogStore { detail });
-                }
-                let _ = reply.send(result);
+            ApplyMsg::TakeSnapshot { metadata, id } => {
+                let result = self.write_snapshot(metadata);
+                let _ = self.events.send(ApplyEvent::SnapshotTaken { id, result });
             }
         }
         Ok(())
     }
 
-    /// Writes a snapshot of the state machine at the applied index, records
-    /// it in the log, and compacts the log behind it (keeping
-    /// `snapshot_keep_entries`). The compaction becomes durable, and old WAL
-    /// segments are purged, with the next sync.
-    fn take_snapshot(&mut self) -> Result<SnapshotMeta, SnapshotError> {
-        let storage = |e: &dyn std::fmt::Display| SnapshotError::Storage(e.to_string());
-        if self.applied_index == 0 {
-            return Err(SnapshotError::Storage("nothing applied yet".into()));
-        }
-        if let Some(latest) = self.snapshots.latest().map_err(|e| storage(&e))? {
-            if latest.metadata.index == self.applied_index {
+    /// Streams the state machine into the snapshot store at `metadata`, the
+    /// point it is at now (or finds that snapshot already there).
+    fn write_snapshot(&mut self, metadata: SnapshotMetadata) -> Result<SnapshotMeta, String> {
+        assert_eq!(
+            metadata.index, self.applied_index,
+            "a snapshot is taken exactly at the applied index"
+        );
+        if let Some(latest) = self.snapshots.latest().map_err(|e| e.to_string())? {
+            if (latest.metadata.index, latest.metadata.term) == (metadata.index, metadata.term) {
                 return Ok(latest);
             }
         }
-        let metadata = SnapshotMetadata {
-            index: self.applied_index,
-            term: self.applied_term,
-            conf_state: Some(self.conf_state.clone()).into(),
-            ..Default::default()
-        };
-        let mut writer = self
-            .snapshots
-            .create(metadata.clone())
-            .map_err(|e| storage(&e))?;
-        self.sm.snapshot(&mut writer).map_err(|e| storage(&e))?;
-        let meta = writer.commit().map_err(|e| storage(&e))?;
-        self.applied_since_snapshot = 0;
-        let fatal = |e: StorageError| SnapshotError::Fatal(format!("log store: {e}"));
-        self.log.record_snapshot(metadata).map_err(fatal)?;
-        let compact_to = (self.applied_index + 1).saturating_sub(self.snapshot_keep_entries);
-        let first = raft::Storage::first_index(&self.log).unwrap_or(1);
-        if compact_to > first {
-            self.log.compact(compact_to).map_err(fatal)?;
-        }
+        let mut writer = self.snapshots.create(metadata).map_err(|e| e.to_string())?;
+        self.sm.snapshot(&mut writer).map_err(|e| e.to_string())?;
+        let meta = writer.commit().map_err(|e| e.to_string())?;
         tracing::info!(
             index = meta.metadata.index,
             size_bytes = meta.size_bytes,
-            compacted_to = compact_to.max(first),
             "snapshot taken"
         );
         Ok(meta)
@@ -306,6 +249,9 @@ pub(crate) struct ReadyLoop<SM: StateMachine, S: LogStore> {
     pub(crate) conf_changes:
         HashMap<RequestId, oneshot::Sender<Result<ConfState, ConfChangeError>>>,
     pub(crate) transfers: HashMap<RequestId, oneshot::Sender<Result<(), TransferError>>>,
+    /// Manual snapshot requests waiting for the apply task.
+    pub(crate) snapshot_replies:
+        HashMap<RequestId, oneshot::Sender<Result<SnapshotMeta, SnapshotError>>>,
 }
 
 /// Marks the node stopped, clears its known leader and publishes why it
@@ -470,11 +416,7 @@ impl<SM: StateMachine, S: LogStore> ReadyLoop<SM, S> {
         match step {
             Step::Request(r) => self.handle_request(r),
             Step::Inbound(m) => self.handle_inbound(m),
-            Step::Applied(ApplyEvent::Applied(i)) => {
-                self.core.handle_applied(i);
-                Ok(())
-            }
-            Step::Applied(ApplyEvent::Fatal(e)) => Err(Stopped::Fatal(e)),
+            Step::Applied(event) => self.handle_apply_event(event),
             Step::ApplyTaskGone => Err(Stopped::Fatal(FatalReason::StateMachinePanicked {
                 message: "the apply task ended".into(),
             })),
@@ -509,10 +451,29 @@ impl<SM: StateMachine, S: LogStore> ReadyLoop<SM, S> {
             }
         }
         while let Ok(event) = self.applied_rx.try_recv() {
-            match event {
-                ApplyEvent::Applied(i) => self.core.handle_applied(i),
-                ApplyEvent::Fatal(e) => return Err(Stopped::Fatal(e)),
+            self.handle_apply_event(event)?;
+        }
+        Ok(())
+    }
+
+    fn handle_apply_event(&mut self, event: ApplyEvent) -> Result<(), Stopped> {
+        match event {
+            ApplyEvent::Applied(i) => self.core.handle_applied(i),
+            ApplyEvent::SnapshotTaken { id, result } => {
+                let point = result
+                    .as_ref()
+                    .map(|m| m.metadata.clone())
+                    .map_err(Clone::clone);
+                self.core.handle_snapshot_taken(id, point).map_err(|e| {
+                    Stopped::Fatal(FatalReason::LogStore {
+                        detail: format!("recording a snapshot: {e}"),
+                    })
+                })?;
+                if let Some(reply) = id.and_then(|id| self.snapshot_replies.remove(&id)) {
+                    let _ = reply.send(result.map_err(SnapshotError::Storage));
+                }
             }
+            ApplyEvent::Fatal(e) => return Err(Stopped::Fatal(e)),
         }
         Ok(())
     }
@@ -708,7 +669,13 @@ impl<SM: StateMachine, S: LogStore> ReadyLoop<SM, S> {
                 });
             }
             Request::Snapshot { reply } => {
-                let _ = self.apply_tx.send(ApplyMsg::Snapshot(reply));
+                let id = self.next_request_id;
+                self.next_request_id += 1;
+                if self.core.handle_snapshot_request(id) {
+                    self.snapshot_replies.insert(id, reply);
+                } else {
+                    let _ = reply.send(Err(SnapshotError::Storage("nothing applied yet".into())));
+                }
             }
             Request::Status { reply } => {
                 let status = self.core.status();
@@ -749,6 +716,9 @@ impl<SM: StateMachine, S: LogStore> ReadyLoop<SM, S> {
                 Action::RestoreSnapshot(snap) => {
                     let meta = snap.get_metadata().clone();
                     let _ = self.apply_tx.send(ApplyMsg::Restore(meta));
+                }
+                Action::TakeSnapshot { metadata, id } => {
+                    let _ = self.apply_tx.send(ApplyMsg::TakeSnapshot { metadata, id });
                 }
                 Action::Apply(batch) => {
                     let replies = batch

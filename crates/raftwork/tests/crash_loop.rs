@@ -95,8 +95,8 @@ fn crash_child() {
             })
             .configure(|c| {
                 c.tick_interval = Duration::from_millis(20);
-                c.snapshot_interval_entries = 37;
-                c.snapshot_keep_entries = 10;
+                c.core.snapshot_interval_entries = 37;
+                c.core.snapshot_keep_entries = 10;
             })
             .build()
             .expect("node starts");

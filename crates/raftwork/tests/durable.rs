@@ -29,8 +29,8 @@ fn durable(
         .initial_voters(voters.iter().copied())
         .configure(|c| {
             c.tick_interval = TICK;
-            c.snapshot_interval_entries = 100;
-            c.snapshot_keep_entries = 20;
+            c.core.snapshot_interval_entries = 100;
+            c.core.snapshot_keep_entries = 20;
         })
         .build()
 }
@@ -290,15 +290,6 @@ impl raftwork::LogStore for FailingSync {
             });
         }
         Ok(())
-    }
-    fn compact(&self, index: u64) -> Result<(), raftwork::StorageError> {
-        self.inner.compact(index)
-    }
-    fn record_snapshot(
-        &self,
-        meta: raft::prelude::SnapshotMetadata,
-    ) -> Result<(), raftwork::StorageError> {
-        self.inner.record_snapshot(meta)
     }
     // Not volatile: the node must sync through the sync worker.
 }

@@ -215,7 +215,8 @@ pub struct SimConfig {
     pub faults: bool,
     /// A crash may keep part of the last unsynced write.
     pub torn_writes: bool,
-    /// Snapshot every this many applied entries (0: never).
+    /// Snapshot every this many applied entries (0: never); the core's
+    /// policy (`CoreConfig::snapshot_interval_entries`).
     pub snapshot_interval_entries: u64,
     /// Entries kept behind a snapshot when compacting.
     pub snapshot_keep_entries: u64,
@@ -456,7 +457,6 @@ struct Node {
     applied: u64,
     applied_term: u64,
     conf_state: ConfState,
-    applied_since_snapshot: u64,
     /// The node's snapshot store, on its disk.
     snapshots: FileSnapshotStore,
     waiting: BTreeMap<RequestId, Waiting>,
@@ -530,6 +530,8 @@ impl Sim {
             read_timeout_ticks: 30,
             lease_read: self.cfg.lease_read,
             unchecked_lease_reads: self.cfg.bug == Some(Bug::UncheckedLease),
+            snapshot_interval_entries: self.cfg.snapshot_interval_entries,
+            snapshot_keep_entries: self.cfg.snapshot_keep_entries,
             ..CoreConfig::default()
         }
     }
@@ -544,8 +546,8 @@ impl Sim {
             .latest()
             .map_err(|e| self.fail(format!("node {id}: snapshot store: {e}")))?
             .map(|m| m.metadata);
-        let base =
-            raftwork_core::adopt_snapshot(&store, stored).map_err(|e| self.fail(e.to_string()))?;
+        let base = raftwork_core::adopt_snapshot(&store, 1, stored)
+            .map_err(|e| self.fail(e.to_string()))?;
         let data = if base.index > 0 {
             match read_snapshot(&self.nodes[k].snapshots, base.index) {
                 Ok(d) => Some(d),
@@ -563,7 +565,6 @@ impl Sim {
         node.kv = data.as_deref().map(decode_kv).unwrap_or_default();
         node.applied = base.index;
         node.applied_term = base.term;
-        node.applied_since_snapshot = 0;
         node.conf_state = raft::Storage::initial_state(&store).unwrap().conf_state;
         let cfg = self.core_config(id, base.index);
         let core = Core::new(cfg, store, &self.logger)
@@ -1239,11 +1240,11 @@ impl Sim {
                 node.applied = meta.index;
                 node.applied_term = meta.term;
                 node.conf_state = meta.get_conf_state().clone();
-                node.applied_since_snapshot = 0;
                 let index = meta.index;
                 node.core.as_mut().unwrap().handle_applied(index);
             }
             Action::Apply(batch) => self.apply(k, batch)?,
+            Action::TakeSnapshot { metadata, id } => self.take_snapshot(k, metadata, id)?,
             Action::ProposalFailed { id: req, error } => {
                 if let Some(w) = self.nodes[k].waiting.remove(&req) {
                     if let ProposeError::NotLeader { leader_hint, .. } = error {
@@ -1348,55 +1349,42 @@ impl Sim {
             }
         }
         let node = &mut self.nodes[k];
-        // As the runtime does: a member added since the last snapshot cannot
-        // restore it, so snapshot right after the change.
-        let mut member_added = false;
         if let Some(cs) = batch.conf_state {
-            let before = &node.conf_state;
-            member_added = cs
-                .voters
-                .iter()
-                .chain(&cs.learners)
-                .any(|id| !before.voters.contains(id) && !before.learners.contains(id));
             node.conf_state = cs;
         }
         node.applied = last_index;
         node.applied_term = last_term;
-        node.applied_since_snapshot += batch.entries.len() as u64;
         node.core.as_mut().unwrap().handle_applied(last_index);
-        if member_added
-            || (self.cfg.snapshot_interval_entries > 0
-                && node.applied_since_snapshot >= self.cfg.snapshot_interval_entries)
-        {
-            // As the runtime's apply task does: snapshot, record, compact.
-            node.applied_since_snapshot = 0;
-            let mut meta = SnapshotMetadata {
-                index: node.applied,
-                term: node.applied_term,
-                ..Default::default()
-            };
-            meta.set_conf_state(node.conf_state.clone());
-            if let Err(e) = write_snapshot(&node.snapshots, &meta, &encode_kv(&node.kv)) {
-                // As the runtime does: a failed snapshot is retried after
-                // the next interval; only a log store failure is fatal.
-                if !self.injected(k) {
-                    return Err(self.fail(format!("node {id}: snapshot failed: {e}")));
-                }
-                return Ok(());
+        Ok(())
+    }
+
+    /// The core asked for a snapshot at `metadata` (the applied point, since
+    /// actions run in order): write it and report back. The core records it
+    /// and compacts through its own persist path.
+    fn take_snapshot(
+        &mut self,
+        k: usize,
+        metadata: SnapshotMetadata,
+        id: Option<RequestId>,
+    ) -> Result<(), Failure> {
+        let node = &self.nodes[k];
+        assert_eq!(
+            metadata.index, node.applied,
+            "snapshot at the applied index"
+        );
+        let result = write_snapshot(&node.snapshots, &metadata, &encode_kv(&node.kv))
+            .map(|()| metadata)
+            .map_err(|e| e.to_string());
+        if let Err(e) = &result {
+            // As the runtime does: a failed snapshot is retried after the
+            // next interval; only a log store failure is fatal.
+            if !self.injected(k) {
+                return Err(self.fail(format!("node {}: snapshot failed: {e}", node.id)));
             }
-            let node = &mut self.nodes[k];
-            let compact_to = (node.applied + 1).saturating_sub(self.cfg.snapshot_keep_entries);
-            let first = raft::Storage::first_index(&node.store).unwrap();
-            let result = node.store.record_snapshot(meta).and_then(|_| {
-                if compact_to > first {
-                    node.store.compact(compact_to)
-                } else {
-                    Ok(())
-                }
-            });
-            if let Err(e) = result {
-                return self.io_failed(k, e.to_string());
-            }
+        }
+        let core = self.nodes[k].core.as_mut().unwrap();
+        if let Err(e) = core.handle_snapshot_taken(id, result) {
+            return self.io_failed(k, e.to_string());
         }
         Ok(())
     }
@@ -1518,7 +1506,6 @@ pub fn run(cfg: &SimConfig) -> Result<Report, Failure> {
             applied: 0,
             applied_term: 0,
             conf_state: ConfState::default(),
-            applied_since_snapshot: 0,
             snapshots,
             waiting: BTreeMap::new(),
             next_request: 1,

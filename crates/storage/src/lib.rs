@@ -72,6 +72,16 @@ pub struct WriteBatch {
     /// starts raft with the base conf state and re-applies every later conf
     /// change from the log, so the core does not record conf changes here.
     pub conf_state: Option<ConfState>,
+    /// A local snapshot now exists at this point (its data is in a snapshot
+    /// store): from then on [`raft::Storage::snapshot`] answers with it, and
+    /// a restart starts from it (`initial_state` reports its conf state and a
+    /// commit index of at least its index). Applied after the entries; does
+    /// not compact.
+    pub record_snapshot: Option<SnapshotMetadata>,
+    /// Drop entries before this index, which becomes the first index (the
+    /// term of the entry before it is kept). Applied last; at most
+    /// `last_index + 1`; a point at or before the first index does nothing.
+    pub compact_to: Option<u64>,
 }
 
 impl WriteBatch {
@@ -81,6 +91,8 @@ impl WriteBatch {
             && self.entries.is_empty()
             && self.hard_state.is_none()
             && self.conf_state.is_none()
+            && self.record_snapshot.is_none()
+            && self.compact_to.is_none()
     }
 }
 
@@ -92,7 +104,10 @@ impl WriteBatch {
 /// * After `sync()` returns `Ok`, every batch staged before the call survives a
 ///   crash. A store that cannot promise that must return an error; any error
 ///   from `sync` is fatal to the node (it stops, it never retries).
-/// * `compact(i)` discards entries before `i`; `term(i - 1)` keeps answering.
+/// * `compact_to: Some(i)` discards entries before `i`; `term(i - 1)` keeps
+///   answering.
+/// * Everything that changes the log comes through `stage`: the core is its
+///   only writer (snapshot records and compactions included).
 ///
 /// Implementations are cheap handles (`Clone`) onto shared state: the core
 /// reads through one clone while the shell syncs through another.
@@ -102,17 +117,6 @@ pub trait LogStore: raft::Storage + Clone + Send + Sync + 'static {
 
     /// Makes every staged batch durable.
     fn sync(&self) -> Result<(), StorageError>;
-
-    /// Drops entries before `index`, which becomes the first index. The term of
-    /// `index - 1` is kept. `index` must be at most `last_index + 1`.
-    fn compact(&self, index: u64) -> Result<(), StorageError>;
-
-    /// Records that a local snapshot exists at `meta` (its data is in a
-    /// snapshot store). From then on [`raft::Storage::snapshot`] answers with
-    /// it, and a restart starts from it: `initial_state` reports its conf
-    /// state and a commit index of at least its index. Durable after the next
-    /// [`LogStore::sync`]; does not compact.
-    fn record_snapshot(&self, meta: SnapshotMetadata) -> Result<(), StorageError>;
 
     /// True if this store keeps nothing across a crash, so `sync` is a no-op and
     /// the shell can acknowledge persistence inline. Default: false.

@@ -156,6 +156,18 @@ impl raft::Storage for MemLogStore {
 impl LogStore for MemLogStore {
     fn stage(&self, batch: WriteBatch) -> Result<(), StorageError> {
         let mut inner = self.inner.write().unwrap();
+        if let Some(index) = batch.compact_to {
+            let last = match (&batch.snapshot, batch.entries.last()) {
+                (_, Some(e)) => e.index,
+                (Some(m), None) => m.index,
+                (None, None) => inner.last_index(),
+            };
+            if index > last + 1 {
+                return Err(StorageError::Invalid(format!(
+                    "compact to {index} beyond last index {last}"
+                )));
+            }
+        }
         if let Some(meta) = batch.snapshot {
             // Installing a snapshot replaces the whole log.
             inner.entries.clear();
@@ -177,6 +189,16 @@ impl LogStore for MemLogStore {
         if let Some(cs) = batch.conf_state {
             inner.conf_state = cs;
         }
+        if let Some(meta) = batch.record_snapshot {
+            if meta.index >= inner.snapshot.index {
+                inner.conf_state = meta.get_conf_state().clone();
+                inner.hard_state.commit = inner.hard_state.commit.max(meta.index);
+                inner.snapshot = meta;
+            }
+        }
+        if let Some(index) = batch.compact_to {
+            inner.compact(index);
+        }
         Ok(())
     }
 
@@ -184,17 +206,17 @@ impl LogStore for MemLogStore {
         Ok(())
     }
 
-    fn compact(&self, index: u64) -> Result<(), StorageError> {
-        let mut inner = self.inner.write().unwrap();
+    fn is_volatile(&self) -> bool {
+        true
+    }
+}
+
+impl Inner {
+    /// Drops entries before `index` (checked by `stage`).
+    fn compact(&mut self, index: u64) {
+        let inner = self;
         if index <= inner.first_index() {
-            return Ok(());
-        }
-        if index > inner.last_index() + 1 {
-            return Err(StorageError::Invalid(format!(
-                "compact to {} beyond last index {}",
-                index,
-                inner.last_index()
-            )));
+            return;
         }
         let drop_count = (index - inner.first_index()) as usize;
         let last_dropped = inner.entries[drop_count - 1].clone();
@@ -202,20 +224,5 @@ impl LogStore for MemLogStore {
         inner.compacted_index = last_dropped.index;
         inner.compacted_term = last_dropped.term;
         assert_eq!(inner.first_index(), index);
-        Ok(())
-    }
-
-    fn record_snapshot(&self, meta: SnapshotMetadata) -> Result<(), StorageError> {
-        let mut inner = self.inner.write().unwrap();
-        if meta.index >= inner.snapshot.index {
-            inner.conf_state = meta.get_conf_state().clone();
-            inner.hard_state.commit = inner.hard_state.commit.max(meta.index);
-            inner.snapshot = meta;
-        }
-        Ok(())
-    }
-
-    fn is_volatile(&self) -> bool {
-        true
     }
 }

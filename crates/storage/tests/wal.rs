@@ -122,8 +122,8 @@ fn compaction_purges_segments_and_survives_restart() {
             ..Default::default()
         };
         meta.mut_conf_state().voters = vec![1, 2];
-        w.record_snapshot(meta).unwrap();
-        w.compact(14_000).unwrap();
+        record(&w, meta).unwrap();
+        compact(&w, 14_000).unwrap();
         w.sync().unwrap();
         assert!(w.segment_count() < before / 2, "compacted segments purged");
         assert_eq!(segments(dir.path()).len(), w.segment_count());
@@ -498,7 +498,7 @@ fn an_overwrite_reaching_into_a_purged_segment_replays() {
         // Term 2 overwrites from an index still in segment 1.
         k = last - 1;
         append(&w, k, k + 10, 2, 100);
-        w.compact(k + 5).unwrap();
+        compact(&w, k + 5).unwrap();
         w.sync().unwrap();
         assert_eq!(segments(dir.path()).len(), 1, "segment 1 was purged");
         check_entries(&w, k + 5, k + 10);
@@ -508,4 +508,25 @@ fn an_overwrite_reaching_into_a_purged_segment_replays() {
     assert_eq!(w.last_index().unwrap(), k + 10);
     assert_eq!(w.term(k + 5).unwrap(), 2);
     check_entries(&w, k + 5, k + 10);
+}
+
+/// Compacts through `stage`, as the core does.
+fn compact<S: LogStore>(s: &S, index: u64) -> Result<(), raftwork_storage::StorageError> {
+    s.stage(WriteBatch {
+        group_id: 1,
+        compact_to: Some(index),
+        ..Default::default()
+    })
+}
+
+/// Records a snapshot point through `stage`, as the core does.
+fn record<S: LogStore>(
+    s: &S,
+    meta: raft::prelude::SnapshotMetadata,
+) -> Result<(), raftwork_storage::StorageError> {
+    s.stage(WriteBatch {
+        group_id: 1,
+        record_snapshot: Some(meta),
+        ..Default::default()
+    })
 }

@@ -372,8 +372,8 @@ impl<SM: StateMachine> TestCluster<SM> {
             .transport(transport, inbox)
             .configure(move |c| {
                 c.tick_interval = tick;
-                c.snapshot_interval_entries = interval;
-                c.snapshot_keep_entries = keep;
+                c.core.snapshot_interval_entries = interval;
+                c.core.snapshot_keep_entries = keep;
                 if let Some(f) = &configure {
                     f(c);
                 }

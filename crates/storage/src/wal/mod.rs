@@ -1267,7 +1267,38 @@ impl LogStore for Wal {
                     e.index
                 )));
             }
+            if let Some(index) = batch.compact_to {
+                let new_last = batch.entries.last().map_or(last, |e| e.index);
+                if index > new_last + 1 {
+                    return Err(StorageError::Invalid(format!(
+                        "compact to {index} beyond last index {new_last}"
+                    )));
+                }
+            }
         }
+        // The term of the entry before the compaction point, as the log will
+        // be once the batch's entries are in.
+        let compact = batch.compact_to.and_then(|index| {
+            let st = self.shared.state.read().unwrap();
+            let base = match &batch.snapshot {
+                Some(meta) => meta.index + 1,
+                None => st.index.first(),
+            };
+            if index <= base {
+                return None;
+            }
+            let prev = index - 1;
+            let term = match batch.entries.first() {
+                Some(head) if prev >= head.index => {
+                    batch.entries[(prev - head.index) as usize].term
+                }
+                _ => match &batch.snapshot {
+                    Some(meta) if prev == meta.index => meta.term,
+                    _ => st.index.term(prev),
+                },
+            };
+            Some((index, term))
+        });
         let group = batch.group_id;
         let segment_size = self.shared.options.segment_size_bytes;
         let mut buf = std::mem::take(&mut w.buf);
@@ -1295,6 +1326,12 @@ impl LogStore for Wal {
             }
             if let Some(cs) = &batch.conf_state {
                 format::push_conf_state(&mut buf, group, cs);
+            }
+            if let Some(meta) = &batch.record_snapshot {
+                format::push_snapshot(&mut buf, group, format::SNAPSHOT_RECORDED, meta);
+            }
+            if let Some((index, prev_term)) = compact {
+                format::push_compact(&mut buf, group, index, prev_term);
             }
             if !buf.is_empty() {
                 let (seq, at) = self.write_buf(&mut w, &buf)?;
@@ -1325,6 +1362,15 @@ impl LogStore for Wal {
         }
         if let Some(cs) = batch.conf_state {
             st.conf_state = cs;
+        }
+        if let Some(meta) = batch.record_snapshot {
+            record_point(&mut st, meta);
+        }
+        if let Some((index, prev_term)) = compact {
+            st.index.compact_to(index);
+            st.cache.compact_to(index);
+            st.compacted_index = index - 1;
+            st.compacted_term = prev_term;
         }
         Ok(())
     }
@@ -1363,48 +1409,6 @@ impl LogStore for Wal {
                 .map_err(|e| self.fail(io_err(&path, e)))?;
             tracing::debug!(segment = %path.display(), "purged a compacted WAL segment");
         }
-        Ok(())
-    }
-
-    fn compact(&self, index: u64) -> Result<(), StorageError> {
-        self.check_ok()?;
-        let mut w = self.shared.writer.lock().unwrap();
-        let prev_term = {
-            let st = self.shared.state.read().unwrap();
-            if index <= st.index.first() {
-                return Ok(());
-            }
-            if index > st.index.last() + 1 {
-                return Err(StorageError::Invalid(format!(
-                    "compact to {index} beyond last index {}",
-                    st.index.last()
-                )));
-            }
-            st.index.term(index - 1)
-        };
-        let mut buf = Vec::new();
-        format::push_compact(&mut buf, self.shared.options.group_id, index, prev_term);
-        self.write_buf(&mut w, &buf)?;
-        let mut st = self.shared.state.write().unwrap();
-        st.index.compact_to(index);
-        st.cache.compact_to(index);
-        st.compacted_index = index - 1;
-        st.compacted_term = prev_term;
-        Ok(())
-    }
-
-    fn record_snapshot(&self, meta: SnapshotMetadata) -> Result<(), StorageError> {
-        self.check_ok()?;
-        let mut w = self.shared.writer.lock().unwrap();
-        let mut buf = Vec::new();
-        format::push_snapshot(
-            &mut buf,
-            self.shared.options.group_id,
-            format::SNAPSHOT_RECORDED,
-            &meta,
-        );
-        self.write_buf(&mut w, &buf)?;
-        record_point(&mut self.shared.state.write().unwrap(), meta);
         Ok(())
     }
 }
