@@ -318,7 +318,8 @@ pub struct Core<S: LogStore> {
     reads_waiting_since_tick: u64,
     read_inflight: Option<ReadBatch>,
     /// Batches confirmed by a quorum, waiting for their index to be dispatched.
-    reads_confirmed: VecDeque<(u64, Vec<RequestId>)>,
+    /// `(read index, reads, tick the oldest arrived)`.
+    reads_confirmed: VecDeque<(u64, Vec<RequestId>, u64)>,
     next_read_context: u64,
 
     transfer: Option<Transfer>,
@@ -364,12 +365,18 @@ pub struct Core<S: LogStore> {
 struct HeldRead {
     /// Lease round when raft answered: rounds after it confirm the read.
     capture: u64,
+    /// Tick it was held at (held answers expire like reads do).
+    held_tick: u64,
     what: Held,
 }
 
 enum Held {
     /// This leader's own reads, at this read index.
-    Local { index: u64, ids: Vec<RequestId> },
+    Local {
+        index: u64,
+        ids: Vec<RequestId>,
+        started_tick: u64,
+    },
     /// A `MsgReadIndexResp` to a follower.
     Forwarded(Message),
 }
@@ -816,6 +823,7 @@ impl<S: LogStore> Core<S> {
                     if let Some(lease) = &self.lease {
                         held.push(HeldRead {
                             capture: lease.capture(),
+                            held_tick: tick,
                             what: Held::Forwarded(m.clone()),
                         });
                     }
@@ -871,7 +879,11 @@ impl<S: LogStore> Core<S> {
                 return false;
             }
             match self.held_reads.pop_front().unwrap().what {
-                Held::Local { index, ids } => self.reads_confirmed.push_back((index, ids)),
+                Held::Local {
+                    index,
+                    ids,
+                    started_tick,
+                } => self.reads_confirmed.push_back((index, ids, started_tick)),
                 Held::Forwarded(m) => self.actions.push(Action::Send(vec![m])),
             }
         }
@@ -946,7 +958,7 @@ impl<S: LogStore> Core<S> {
         if let Some(b) = self.read_inflight.take() {
             ids.extend(b.ids);
         }
-        for (_, b) in std::mem::take(&mut self.reads_confirmed) {
+        for (_, b, _) in std::mem::take(&mut self.reads_confirmed) {
             ids.extend(b);
         }
         if !ids.is_empty() {
@@ -1553,9 +1565,11 @@ impl<S: LogStore> Core<S> {
                 Some(lease) if self.raw.raft.state == StateRole::Leader => {
                     self.held_reads.push_back(HeldRead {
                         capture: lease.capture(),
+                        held_tick: self.tick_count,
                         what: Held::Local {
                             index,
                             ids: batch.ids,
+                            started_tick: batch.started_tick,
                         },
                     })
                 }
@@ -1564,23 +1578,25 @@ impl<S: LogStore> Core<S> {
                 _ if self.raw.raft.state != StateRole::Leader
                     && self.leader_id != self.config.id =>
                 {
-                    self.reads_confirmed.push_back((index, batch.ids))
+                    self.reads_confirmed
+                        .push_back((index, batch.ids, batch.started_tick))
                 }
                 _ => self.requeue_reads(batch.ids),
             }
         } else {
-            self.reads_confirmed.push_back((index, batch.ids));
+            self.reads_confirmed
+                .push_back((index, batch.ids, batch.started_tick));
         }
         // The next batch goes out right away.
         self.maybe_send_read_index();
     }
 
     fn release_confirmed_reads(&mut self) {
-        while let Some((index, _)) = self.reads_confirmed.front() {
+        while let Some((index, _, _)) = self.reads_confirmed.front() {
             if *index > self.dispatched_index {
                 break;
             }
-            let (read_index, ids) = self.reads_confirmed.pop_front().unwrap();
+            let (read_index, ids, _) = self.reads_confirmed.pop_front().unwrap();
             self.actions.push(Action::ReadReady { ids, read_index });
         }
     }
@@ -1603,6 +1619,31 @@ impl<S: LogStore> Core<S> {
             let ids = std::mem::take(&mut self.reads_waiting);
             self.actions.push(Action::ReadFailed {
                 ids,
+                error: ReadError::Timeout,
+            });
+        }
+        // A read confirmed at an index this node never reaches (it was cut
+        // off, or removed without learning it) must not wait forever.
+        let mut expired = Vec::new();
+        self.reads_confirmed.retain_mut(|(_, ids, started)| {
+            let keep = tick < *started + timeout;
+            if !keep {
+                expired.append(ids);
+            }
+            keep
+        });
+        // Answers held for a lease confirmation that never came: a
+        // follower's expire on its side, this node's own fail here.
+        self.held_reads.retain_mut(|h| {
+            let keep = tick < h.held_tick + timeout;
+            if let (false, Held::Local { ids, .. }) = (keep, &mut h.what) {
+                expired.append(ids);
+            }
+            keep
+        });
+        if !expired.is_empty() {
+            self.actions.push(Action::ReadFailed {
+                ids: expired,
                 error: ReadError::Timeout,
             });
         }

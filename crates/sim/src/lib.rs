@@ -229,6 +229,12 @@ pub struct SimConfig {
     /// members may tick up to 28% faster) lease reads must stay
     /// linearizable; beyond it the simulation must catch stale reads.
     pub tick_skew_per_mille: u64,
+    /// The liveness phase after `duration_ms` (with faults on): every cut
+    /// healed, no more drops, crashed nodes restarted, disk faults
+    /// disarmed, no new client requests. By its end there must be one
+    /// leader that every voter follows, and no request still waiting.
+    /// Default: 2,000 ms.
+    pub liveness_ms: u64,
     /// Election timeouts are drawn per node incarnation from
     /// `[10, 10 + election_jitter_ticks)` ticks. Default: 10.
     pub election_jitter_ticks: u64,
@@ -253,6 +259,7 @@ impl Default for SimConfig {
             lease_read: false,
             tick_skew_per_mille: 0,
             election_jitter_ticks: 10,
+            liveness_ms: 2_000,
             bug: None,
         }
     }
@@ -496,6 +503,8 @@ struct Sim {
     membership_changes: u64,
     lease_reads: u64,
     recoveries: u64,
+    /// In the liveness phase: no faults, no new requests.
+    healed: bool,
     logger: slog::Logger,
 }
 
@@ -595,15 +604,80 @@ impl Sim {
             let at = 100 + self.rng.below(300);
             self.schedule(at, Event::Fault);
         }
+        let liveness = if self.cfg.faults {
+            self.cfg.liveness_ms
+        } else {
+            0
+        };
         while let Some(Reverse(q)) = self.queue.pop() {
-            if q.at > self.cfg.duration_ms {
+            if q.at > self.cfg.duration_ms + liveness {
                 break;
+            }
+            if q.at > self.cfg.duration_ms && !self.healed && liveness > 0 {
+                self.heal_all();
             }
             self.now = q.at;
             self.events += 1;
             self.handle(q.event)?;
         }
+        if self.healed {
+            self.check_liveness()?;
+        }
         self.finish()
+    }
+
+    /// Starts the liveness phase: the faults stop and everything heals.
+    fn heal_all(&mut self) {
+        self.healed = true;
+        self.cut.clear();
+        self.drop_per_mille = 0;
+        self.dup_per_mille = 0;
+        for k in 0..self.nodes.len() {
+            self.nodes[k].fs.disarm();
+            if self.nodes[k].core.is_none() {
+                let id = self.nodes[k].id;
+                self.schedule(1, Event::Restart(id));
+            }
+        }
+    }
+
+    /// After the liveness phase: one leader that every voter follows, and
+    /// every request answered.
+    fn check_liveness(&mut self) -> Result<(), Failure> {
+        let voters = self.membership().voters;
+        let mut seen = BTreeSet::new();
+        for &v in &voters {
+            let Some(core) = self.nodes[self.node_index(v)].core.as_ref() else {
+                return Err(self.fail(format!("liveness: voter {v} is not running")));
+            };
+            seen.insert((core.leader(), core.status().term));
+        }
+        let agreed = match seen.iter().next() {
+            Some(&(Some(l), _)) if seen.len() == 1 => Some(l),
+            _ => None,
+        };
+        let leading = agreed.is_some_and(|l| {
+            self.nodes[self.node_index(l)]
+                .core
+                .as_ref()
+                .is_some_and(|c| c.role() == raftwork_core::Role::Leader)
+        });
+        if !leading {
+            return Err(self.fail(format!(
+                "liveness: {} ms after healing, voters {voters:?} do not follow one leader: (leader, term) seen {seen:?}",
+                self.cfg.liveness_ms
+            )));
+        }
+        for node in &self.nodes {
+            if let Some((req, w)) = node.waiting.iter().next() {
+                let op = &self.history[w.op];
+                return Err(self.fail(format!(
+                    "liveness: {} ms after healing, node {} still has request {req} waiting ({:?} on key {} by client {}, called at {} ms)",
+                    self.cfg.liveness_ms, node.id, op.input, op.key, op.client, op.call_time
+                )));
+            }
+        }
+        Ok(())
     }
 
     fn node_index(&self, id: u64) -> usize {
@@ -672,10 +746,15 @@ impl Sim {
             }
             Event::ClientStart(c) => {
                 fnv(&mut self.trace, 4 + c * 16);
-                self.client_start(c)?;
+                if !self.healed {
+                    self.client_start(c)?;
+                }
             }
             Event::Fault => {
                 fnv(&mut self.trace, 5);
+                if self.healed {
+                    return Ok(());
+                }
                 self.inject_fault()?;
                 let next = 100 + self.rng.below(400);
                 self.schedule(next, Event::Fault);
@@ -1541,6 +1620,7 @@ pub fn run(cfg: &SimConfig) -> Result<Report, Failure> {
         membership_changes: 0,
         lease_reads: 0,
         recoveries: 0,
+        healed: false,
         logger: slog::Logger::root(slog::Discard, slog::o!()),
     };
     // A panic inside raft-rs or the core is a failure of this seed, not of

@@ -187,6 +187,11 @@ fn seeds_that_once_failed_pass() {
     }
 }
 
+/// A failure that is a stale read (directly, or in the history).
+fn is_stale_read(f: &Failure) -> bool {
+    f.reason.contains("stale read") || f.reason.contains("not linearizable")
+}
+
 /// Lease reads shaped to go stale: 50 ms ticks (long leases), every
 /// election timeout the same 10 ticks (a new leader as early as possible),
 /// 12 clients (clients of a cut-off leader keep reading there), 6 s.
@@ -223,10 +228,13 @@ fn lease_reads_with_drift_within_the_bound_stay_linearizable() {
 #[test]
 fn lease_reads_with_drift_beyond_the_bound_are_caught() {
     let (_, failures) = run_seeds_with(1, 1_000, |seed| lease_stress(seed, 960));
-    let f = failures
+    // Such clocks also break liveness (an election timeout shorter than the
+    // leader's heartbeat interval); only stale reads count here.
+    let stale: Vec<&Failure> = failures.iter().filter(|f| is_stale_read(f)).collect();
+    let f = stale
         .first()
         .expect("the simulation must catch lease reads past the drift bound");
-    println!("caught {} of 1000: {f}", failures.len());
+    println!("caught {} stale of 1000: {f}", stale.len());
 }
 
 /// Negative control: raft-rs's lease reads, which never expire, are caught.
@@ -237,7 +245,8 @@ fn unchecked_lease_reads_are_caught() {
         ..lease_stress(seed, 0)
     });
     let f = failures
-        .first()
+        .iter()
+        .find(|f| is_stale_read(f))
         .expect("the simulation must catch lease reads that never expire");
     println!("caught {} of 400: {f}", failures.len());
 }
