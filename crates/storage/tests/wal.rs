@@ -321,7 +321,13 @@ fn cached_and_disk_reads_agree() {
     // A cache that holds only the newest ~100 entries.
     let w = Wal::open(dir.path(), small(100 * 64)).unwrap();
     append(&w, 1, 1_000, 1, 64);
-    assert!(w.cache_bytes() <= 100 * 64);
+    // Staged but not written: only the cache has them, pinned there.
+    check_entries(&w, 1, 1_000);
+    w.flush().unwrap();
+    assert!(
+        w.cache_bytes() <= 100 * 64,
+        "written entries leave the cache"
+    );
     check_entries(&w, 1, 1_000);
     check_entries(&w, 850, 1_000);
     // A size limit cuts the batch but returns at least one entry.
@@ -407,8 +413,10 @@ fn power_loss_of_a_middle_page_of_an_unsynced_batch_keeps_the_synced_prefix() {
         w.sync().unwrap();
         seg = segments(dir.path()).pop().unwrap();
         synced_end = written_end(&seg) as u64;
-        // Three records of 5,000 bytes, never synced: at least three pages.
+        // Three records of 5,000 bytes, written but never synced: at least
+        // three pages.
         append(&w, 21, 23, 1, 5_000);
+        w.flush().unwrap();
     }
     let end = written_end(&seg) as u64;
     let first_page = synced_end / PAGE_BYTES;
@@ -491,6 +499,7 @@ fn an_overwrite_reaching_into_a_purged_segment_replays() {
         let mut i = 1;
         while segments(dir.path()).len() < 2 {
             append(&w, i, i, 1, 100);
+            w.flush().unwrap();
             i += 1;
         }
         let last = i - 1;

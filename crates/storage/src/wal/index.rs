@@ -8,8 +8,14 @@
 //! growing `VecDeque`) and a few bytes per term change and per segment,
 //! whatever the payload size.
 //!
+//! Entries staged but not yet written are in the index too (raft-rs reads
+//! their terms at once), in the segment [`PENDING`] with no location; they
+//! are always a suffix of the log, and [`EntryIndex::place`] gives them
+//! their place, oldest first, once the sync thread has written them.
+//!
 //! Invariants:
 //! * `locs[k]` belongs to index `first + k`; the log is contiguous;
+//! * pending entries, if any, are the last run of `seg_runs`;
 //! * `term_runs` and `seg_runs` are sorted by first index, and the first run
 //!   starts at or before `first` whenever `locs` is not empty.
 
@@ -17,6 +23,9 @@ use std::collections::VecDeque;
 
 /// Where one entry record starts, relative to the start of its segment.
 pub(crate) type Loc = u32;
+
+/// The "segment" of entries staged but not yet written.
+pub(crate) const PENDING: u64 = u64::MAX;
 
 #[derive(Debug)]
 pub(crate) struct EntryIndex {
@@ -89,6 +98,29 @@ impl EntryIndex {
             self.seg_runs.push_back((index, seq));
         }
         self.locs.push_back(loc);
+    }
+
+    /// The first entry not yet written, if any.
+    pub(crate) fn first_pending(&self) -> Option<u64> {
+        match self.seg_runs.back() {
+            Some(&(start, PENDING)) if !self.locs.is_empty() => Some(start.max(self.first)),
+            _ => None,
+        }
+    }
+
+    /// Entry `index`, the first pending one, was written at `seq`/`loc`.
+    pub(crate) fn place(&mut self, index: u64, seq: u64, loc: Loc) {
+        assert_eq!(self.first_pending(), Some(index), "placing out of order");
+        assert_ne!(seq, PENDING);
+        self.locs[(index - self.first) as usize] = loc;
+        let pending = self.seg_runs.pop_back().expect("a pending run");
+        debug_assert_eq!(pending.1, PENDING);
+        if self.seg_runs.back().map(|r| r.1) != Some(seq) {
+            self.seg_runs.push_back((index, seq));
+        }
+        if index < self.last() {
+            self.seg_runs.push_back((index + 1, PENDING));
+        }
     }
 
     /// Drops entries before `first`, which becomes the first index.
@@ -201,5 +233,33 @@ mod tests {
         ix.compact_to(61);
         assert!(ix.is_empty());
         assert_eq!((ix.first(), ix.last()), (61, 60));
+    }
+
+    #[test]
+    fn pending_entries_are_placed_in_order() {
+        let mut ix = EntryIndex::new(1);
+        ix.push(1, 1, 7, loc(1));
+        assert_eq!(ix.first_pending(), None);
+        for i in 2..=4 {
+            ix.push(i, 1, PENDING, 0);
+        }
+        assert_eq!(ix.first_pending(), Some(2));
+        assert_eq!(ix.next_in_segment(1), None, "the next one is not written");
+        ix.place(2, 7, loc(2));
+        assert_eq!(ix.loc(2), (7, loc(2)));
+        assert_eq!(ix.next_in_segment(1), Some(loc(2)));
+        assert_eq!(ix.first_pending(), Some(3));
+        ix.place(3, 8, loc(3));
+        ix.place(4, 8, loc(4));
+        assert_eq!(ix.first_pending(), None);
+        assert_eq!(ix.loc(4), (8, loc(4)));
+        assert_eq!(ix.loc(1), (7, loc(1)));
+        // An overwrite of pending entries keeps them pending.
+        ix.push(5, 1, PENDING, 0);
+        ix.push(6, 1, PENDING, 0);
+        ix.truncate_from(6);
+        ix.push(6, 2, PENDING, 0);
+        assert_eq!(ix.first_pending(), Some(5));
+        assert_eq!(ix.term(6), 2);
     }
 }

@@ -17,11 +17,17 @@
 //! held during the I/O, and checks each record's CRC.
 //!
 //! # Durability
-//! [`LogStore::stage`] writes a batch with one `pwrite` (page cache only);
-//! [`LogStore::sync`] fdatasyncs. The sync runs on the shell's sync thread, so
-//! one fdatasync covers every batch staged meanwhile (group commit). Any
-//! write or sync error poisons the WAL: every later call fails, and the node
-//! stops. Nothing ever retries an fsync.
+//! [`LogStore::stage`] does no I/O: it checks the batch, makes it readable
+//! at once (the entries enter the index as pending and the cache, pinned
+//! there until written), and queues it. [`LogStore::sync`], on the shell's
+//! sync thread, writes everything queued in order (one `pwrite` per batch,
+//! rotating segments as needed), fdatasyncs, records how far the sync
+//! reached, places the written entries in the index, and purges segments
+//! whose entries a durable record compacted. So the ready loop never waits
+//! for the disk, and one fdatasync covers every batch staged meanwhile
+//! (group commit). Any write or sync error poisons the WAL: every later
+//! call fails, and the node stops. Nothing ever retries an fsync.
+//! [`Wal::flush`] writes without syncing (tools and tests).
 //!
 //! # Recovery
 //! [`Wal::open`] replays every segment. After each fdatasync the WAL appends
@@ -165,6 +171,9 @@ struct Shared {
     dir: PathBuf,
     options: WalOptions,
     state: RwLock<State>,
+    /// Changes staged and not yet written, oldest first. Lock order: queue,
+    /// then state; writer, then queue or state.
+    queue: Mutex<Vec<Op>>,
     writer: Mutex<Writer>,
     /// Set by the first write or sync error; the WAL refuses all work after.
     failed: AtomicBool,
@@ -200,6 +209,56 @@ struct Writer {
     buf: Vec<u8>,
     /// Offset the last `Synced` record of segment `seq` vouches for.
     marked: u64,
+    /// The log's base as of what is written: what a checkpoint records.
+    written: Base,
+}
+
+/// A change staged by `stage`, written by the next `sync` (or `flush`).
+struct Op {
+    batch: WriteBatch,
+    /// The compaction point and the term of the entry before it, resolved
+    /// when staged.
+    compact: Option<(u64, u64)>,
+}
+
+/// Hard state, conf state, snapshot point and compaction point.
+#[derive(Clone, Default)]
+struct Base {
+    hard_state: HardState,
+    conf_state: ConfState,
+    snapshot: SnapshotMetadata,
+    compacted_index: u64,
+    compacted_term: u64,
+}
+
+impl Base {
+    fn of(st: &State) -> Self {
+        Base {
+            hard_state: st.hard_state.clone(),
+            conf_state: st.conf_state.clone(),
+            snapshot: st.snapshot.clone(),
+            compacted_index: st.compacted_index,
+            compacted_term: st.compacted_term,
+        }
+    }
+
+    /// The log restarts after an installed snapshot.
+    fn install(&mut self, meta: &SnapshotMetadata) {
+        self.compacted_index = meta.index;
+        self.compacted_term = meta.term;
+        self.conf_state = meta.get_conf_state().clone();
+        self.hard_state.commit = self.hard_state.commit.max(meta.index);
+        self.hard_state.term = self.hard_state.term.max(meta.term);
+        self.snapshot = meta.clone();
+    }
+
+    fn record(&mut self, meta: &SnapshotMetadata) {
+        if meta.index >= self.snapshot.index {
+            self.conf_state = meta.get_conf_state().clone();
+            self.hard_state.commit = self.hard_state.commit.max(meta.index);
+            self.snapshot = meta.clone();
+        }
+    }
 }
 
 /// What the cache charges per entry on top of its payload and context: the
@@ -219,9 +278,11 @@ struct Cache {
 }
 
 impl Cache {
+    /// Adds staged entries (they overwrite from their first index). They
+    /// stay until written: see [`Cache::evict`].
     fn append(&mut self, entries: &[Entry]) {
         let Some(head) = entries.first() else { return };
-        if head.index < self.first || self.budget == 0 {
+        if head.index < self.first || head.index > self.first + self.entries.len() as u64 {
             self.clear(head.index);
         } else {
             let keep = (head.index - self.first) as usize;
@@ -229,16 +290,19 @@ impl Cache {
                 self.bytes -= cache_cost(&e);
             }
         }
-        if self.budget == 0 {
-            self.first = entries.last().unwrap().index + 1;
-            return;
-        }
         for e in entries {
             self.bytes += cache_cost(e);
             self.entries.push_back(e.clone());
         }
-        while self.bytes > self.budget {
-            let e = self.entries.pop_front().unwrap();
+    }
+
+    /// Drops the oldest entries while over budget, but never one at or
+    /// after `pin` (the first entry not yet written: only the cache has it).
+    fn evict(&mut self, pin: u64) {
+        while self.bytes > self.budget && self.first < pin {
+            let Some(e) = self.entries.pop_front() else {
+                break;
+            };
             self.bytes -= cache_cost(&e);
             self.first += 1;
         }
@@ -799,6 +863,7 @@ impl Wal {
             last = state.index.last(),
             "WAL opened"
         );
+        let written = Base::of(&state);
         Ok(Self {
             shared: Arc::new(Shared {
                 dir: dir.to_path_buf(),
@@ -810,7 +875,9 @@ impl Wal {
                     offset,
                     buf: Vec::new(),
                     marked: 0,
+                    written,
                 }),
+                queue: Mutex::new(Vec::new()),
                 failed: AtomicBool::new(false),
                 _lock: lock,
                 fs,
@@ -836,6 +903,142 @@ impl Wal {
     /// Number of segment files.
     pub fn segment_count(&self) -> usize {
         self.shared.state.read().unwrap().segments.len()
+    }
+
+    /// Writes what is staged to the segment files (the page cache) without
+    /// an fdatasync: durable only after [`LogStore::sync`], which does this
+    /// itself. For tools and tests that need written-but-unsynced bytes.
+    pub fn flush(&self) -> Result<(), StorageError> {
+        self.check_ok()?;
+        let mut w = self.shared.writer.lock().unwrap();
+        self.write_staged(&mut w)
+    }
+
+    /// Writes every staged change in order, then gives the entries their
+    /// place in the index and lets the cache drop them.
+    fn write_staged(&self, w: &mut Writer) -> Result<(), StorageError> {
+        let ops = std::mem::take(&mut *self.shared.queue.lock().unwrap());
+        if ops.is_empty() {
+            return Ok(());
+        }
+        let mut placed: Vec<(u64, u64, u64, Loc)> = Vec::new();
+        for op in &ops {
+            self.write_op(w, op, &mut placed)?;
+        }
+        let mut st = self.shared.state.write().unwrap();
+        for (index, term, seq, loc) in placed {
+            // Overwritten (or cut by an install) since it was staged: a
+            // later op places its successor.
+            if st.index.first_pending() == Some(index) && st.index.term(index) == term {
+                st.index.place(index, seq, loc);
+            }
+        }
+        let pin = st
+            .index
+            .first_pending()
+            .unwrap_or_else(|| st.index.last() + 1);
+        st.cache.evict(pin);
+        Ok(())
+    }
+
+    /// Writes one staged change. A batch larger than what is left of the
+    /// segment is written in pieces, so segments stay near their size; the
+    /// writer's base follows what is written, so a checkpoint made by a
+    /// rotation between pieces describes exactly the records before it.
+    fn write_op(
+        &self,
+        w: &mut Writer,
+        op: &Op,
+        placed: &mut Vec<(u64, u64, u64, Loc)>,
+    ) -> Result<(), StorageError> {
+        let batch = &op.batch;
+        let group = batch.group_id;
+        let segment_size = self.shared.options.segment_size_bytes;
+        let mut buf = std::mem::take(&mut w.buf);
+        buf.clear();
+        let mut pending: Vec<(usize, &Entry)> = Vec::new();
+        let mut install_pending = batch.snapshot.as_ref();
+        let result = (|| {
+            if let Some(meta) = &batch.snapshot {
+                format::push_snapshot(&mut buf, group, format::SNAPSHOT_INSTALLED, meta);
+            }
+            for e in &batch.entries {
+                let need = (format::RECORD_HEADER_BYTES + format::entry_payload_bytes(e)) as u64;
+                if !buf.is_empty() && w.offset + (buf.len() as u64) + need > segment_size {
+                    let (seq, at) = self.write_buf(w, &buf)?;
+                    self.note_written(w, seq, at, &mut pending, placed);
+                    if let Some(meta) = install_pending.take() {
+                        w.written.install(meta);
+                    }
+                    buf.clear();
+                }
+                let (off, _) = format::push_entry(&mut buf, group, e);
+                pending.push((off, e));
+            }
+            if let Some(hs) = &batch.hard_state {
+                format::push_hard_state(&mut buf, group, hs);
+            }
+            if let Some(cs) = &batch.conf_state {
+                format::push_conf_state(&mut buf, group, cs);
+            }
+            if let Some(meta) = &batch.record_snapshot {
+                format::push_snapshot(&mut buf, group, format::SNAPSHOT_RECORDED, meta);
+            }
+            if let Some((index, prev_term)) = op.compact {
+                format::push_compact(&mut buf, group, index, prev_term);
+            }
+            if !buf.is_empty() {
+                let (seq, at) = self.write_buf(w, &buf)?;
+                self.note_written(w, seq, at, &mut pending, placed);
+            }
+            Ok::<(), StorageError>(())
+        })();
+        w.buf = buf;
+        result?;
+        let b = &mut w.written;
+        if let Some(meta) = install_pending {
+            b.install(meta);
+        }
+        if let Some(hs) = &batch.hard_state {
+            b.hard_state = hs.clone();
+        }
+        if let Some(cs) = &batch.conf_state {
+            b.conf_state = cs.clone();
+        }
+        if let Some(meta) = &batch.record_snapshot {
+            b.record(meta);
+        }
+        if let Some((index, prev_term)) = op.compact {
+            if index > b.compacted_index + 1 {
+                b.compacted_index = index - 1;
+                b.compacted_term = prev_term;
+            }
+        }
+        Ok(())
+    }
+
+    /// The entries of a piece just written at `seq`/`at`: where they are,
+    /// and the segment's highest entry index.
+    fn note_written(
+        &self,
+        _w: &Writer,
+        seq: u64,
+        at: u64,
+        pending: &mut Vec<(usize, &Entry)>,
+        placed: &mut Vec<(u64, u64, u64, Loc)>,
+    ) {
+        let Some(max) = pending.iter().map(|(_, e)| e.index).max() else {
+            return;
+        };
+        for (off, e) in pending.drain(..) {
+            placed.push((e.index, e.term, seq, (at + off as u64) as Loc));
+        }
+        let mut st = self.shared.state.write().unwrap();
+        let seg = st
+            .segments
+            .get_mut(&seq)
+            .expect("written segment is indexed");
+        seg.max_entry_index = seg.max_entry_index.max(max);
     }
 
     fn check_ok(&self) -> Result<(), StorageError> {
@@ -890,23 +1093,26 @@ impl Wal {
         let mut checkpoint = Vec::new();
         let group = self.shared.options.group_id;
         {
-            let mut st = self.shared.state.write().unwrap();
-            if st.snapshot.index > 0 {
+            // What is written so far, not what is staged: a checkpoint must
+            // never claim more than the records before it.
+            let b = &w.written;
+            if b.snapshot.index > 0 {
                 format::push_snapshot(
                     &mut checkpoint,
                     group,
                     format::SNAPSHOT_RECORDED,
-                    &st.snapshot,
+                    &b.snapshot,
                 );
             }
-            format::push_conf_state(&mut checkpoint, group, &st.conf_state);
-            format::push_hard_state(&mut checkpoint, group, &st.hard_state);
+            format::push_conf_state(&mut checkpoint, group, &b.conf_state);
+            format::push_hard_state(&mut checkpoint, group, &b.hard_state);
             format::push_compact(
                 &mut checkpoint,
                 group,
-                st.compacted_index + 1,
-                st.compacted_term,
+                b.compacted_index + 1,
+                b.compacted_term,
             );
+            let mut st = self.shared.state.write().unwrap();
             st.segments.insert(
                 seq,
                 Segment {
@@ -930,8 +1136,7 @@ impl Wal {
     /// whether or not it reaches the disk, see [`judge`]). Skipped if the
     /// segment was closed meanwhile (closing synced it whole) or if the
     /// record would not fit (the next write closes the segment).
-    fn mark_synced(&self, seq: u64, end: u64) -> Result<(), StorageError> {
-        let mut w = self.shared.writer.lock().unwrap();
+    fn mark_synced(&self, w: &mut Writer, seq: u64, end: u64) -> Result<(), StorageError> {
         if w.seq != seq
             || end <= w.marked
             || w.offset + format::SYNCED_RECORD_BYTES > self.shared.options.segment_size_bytes
@@ -1226,145 +1431,92 @@ impl raft::Storage for Wal {
 }
 
 impl LogStore for Wal {
+    /// Validates the batch and makes it readable at once, in memory: the
+    /// entries go into the index (as pending) and into the cache, pinned
+    /// there until written. No file I/O: the next [`LogStore::sync`] (on the
+    /// shell's sync thread) writes, rotates and fdatasyncs.
     fn stage(&self, batch: WriteBatch) -> Result<(), StorageError> {
         self.check_ok()?;
-        let mut w = self.shared.writer.lock().unwrap();
-        // Validate before writing anything.
+        let mut queue = self.shared.queue.lock().unwrap();
+        // Validate before changing anything.
         if batch.group_id != self.shared.options.group_id {
             return Err(StorageError::Invalid(format!(
                 "batch for group {} staged into the WAL of group {}",
                 batch.group_id, self.shared.options.group_id
             )));
         }
-        {
-            let st = self.shared.state.read().unwrap();
-            let (first, last) = match &batch.snapshot {
-                Some(meta) => (meta.index + 1, meta.index),
-                None => (st.index.first(), st.index.last()),
-            };
-            if let Some(e) = batch.entries.first() {
-                if e.index < first || e.index > last + 1 {
-                    return Err(StorageError::Invalid(format!(
-                        "entries from {} do not fit the log [{first}, {last}]",
-                        e.index
-                    )));
-                }
-            }
-            for pair in batch.entries.windows(2) {
-                if pair[1].index != pair[0].index + 1 {
-                    return Err(StorageError::Invalid(
-                        "entries in a batch are not contiguous".into(),
-                    ));
-                }
-            }
-            if let Some(e) = batch
-                .entries
-                .iter()
-                .find(|e| format::entry_payload_bytes(e) > format::RECORD_PAYLOAD_MAX_BYTES)
-            {
+        let mut st = self.shared.state.write().unwrap();
+        let (first, last) = match &batch.snapshot {
+            Some(meta) => (meta.index + 1, meta.index),
+            None => (st.index.first(), st.index.last()),
+        };
+        if let Some(e) = batch.entries.first() {
+            if e.index < first || e.index > last + 1 {
                 return Err(StorageError::Invalid(format!(
-                    "entry {} is larger than a WAL record may be",
+                    "entries from {} do not fit the log [{first}, {last}]",
                     e.index
                 )));
             }
-            if let Some(index) = batch.compact_to {
-                let new_last = batch.entries.last().map_or(last, |e| e.index);
-                if index > new_last + 1 {
-                    return Err(StorageError::Invalid(format!(
-                        "compact to {index} beyond last index {new_last}"
-                    )));
-                }
+        }
+        for pair in batch.entries.windows(2) {
+            if pair[1].index != pair[0].index + 1 {
+                return Err(StorageError::Invalid(
+                    "entries in a batch are not contiguous".into(),
+                ));
             }
         }
-        // The term of the entry before the compaction point, as the log will
-        // be once the batch's entries are in.
-        let compact = batch.compact_to.and_then(|index| {
-            let st = self.shared.state.read().unwrap();
-            let base = match &batch.snapshot {
-                Some(meta) => meta.index + 1,
-                None => st.index.first(),
-            };
-            if index <= base {
-                return None;
+        if let Some(e) = batch
+            .entries
+            .iter()
+            .find(|e| format::entry_payload_bytes(e) > format::RECORD_PAYLOAD_MAX_BYTES)
+        {
+            return Err(StorageError::Invalid(format!(
+                "entry {} is larger than a WAL record may be",
+                e.index
+            )));
+        }
+        let new_last = batch.entries.last().map_or(last, |e| e.index);
+        // The compaction point and the term before it, as the log will be
+        // once the batch's entries are in.
+        let compact = match batch.compact_to {
+            Some(index) if index > new_last + 1 => {
+                return Err(StorageError::Invalid(format!(
+                    "compact to {index} beyond last index {new_last}"
+                )))
             }
-            let prev = index - 1;
-            let term = match batch.entries.first() {
-                Some(head) if prev >= head.index => {
-                    batch.entries[(prev - head.index) as usize].term
-                }
-                _ => match &batch.snapshot {
-                    Some(meta) if prev == meta.index => meta.term,
-                    _ => st.index.term(prev),
-                },
-            };
-            Some((index, term))
-        });
-        let group = batch.group_id;
-        let segment_size = self.shared.options.segment_size_bytes;
-        let mut buf = std::mem::take(&mut w.buf);
-        buf.clear();
-        // Where each entry landed. A batch larger than what is left of the
-        // segment is written in pieces, so segments stay near their size.
-        let mut placed: Vec<(u64, Loc)> = Vec::with_capacity(batch.entries.len());
-        let mut pending: Vec<usize> = Vec::new();
-        let result = (|| {
-            if let Some(meta) = &batch.snapshot {
-                format::push_snapshot(&mut buf, group, format::SNAPSHOT_INSTALLED, meta);
+            Some(index) if index > first => {
+                let prev = index - 1;
+                let term = match batch.entries.first() {
+                    Some(head) if prev >= head.index => {
+                        batch.entries[(prev - head.index) as usize].term
+                    }
+                    _ => match &batch.snapshot {
+                        Some(meta) if prev == meta.index => meta.term,
+                        _ => st.index.term(prev),
+                    },
+                };
+                Some((index, term))
             }
-            for e in &batch.entries {
-                let need = (format::RECORD_HEADER_BYTES + format::entry_payload_bytes(e)) as u64;
-                if !buf.is_empty() && w.offset + (buf.len() as u64) + need > segment_size {
-                    let (seq, at) = self.write_buf(&mut w, &buf)?;
-                    placed.extend(pending.drain(..).map(|o| (seq, (at + o as u64) as Loc)));
-                    buf.clear();
-                }
-                let (off, _) = format::push_entry(&mut buf, group, e);
-                pending.push(off);
-            }
-            if let Some(hs) = &batch.hard_state {
-                format::push_hard_state(&mut buf, group, hs);
-            }
-            if let Some(cs) = &batch.conf_state {
-                format::push_conf_state(&mut buf, group, cs);
-            }
-            if let Some(meta) = &batch.record_snapshot {
-                format::push_snapshot(&mut buf, group, format::SNAPSHOT_RECORDED, meta);
-            }
-            if let Some((index, prev_term)) = compact {
-                format::push_compact(&mut buf, group, index, prev_term);
-            }
-            if !buf.is_empty() {
-                let (seq, at) = self.write_buf(&mut w, &buf)?;
-                placed.extend(pending.drain(..).map(|o| (seq, (at + o as u64) as Loc)));
-            }
-            Ok::<(), StorageError>(())
-        })();
-        w.buf = buf;
-        result?;
-        let mut st = self.shared.state.write().unwrap();
-        if let Some(meta) = batch.snapshot {
-            install(&mut st, meta);
+            _ => None,
+        };
+        if let Some(meta) = &batch.snapshot {
+            install(&mut st, meta.clone());
         }
         if let Some(head) = batch.entries.first() {
             st.index.truncate_from(head.index);
-            for (e, &(seq, loc)) in batch.entries.iter().zip(&placed) {
-                st.index.push(e.index, e.term, seq, loc);
-                let seg = st
-                    .segments
-                    .get_mut(&seq)
-                    .expect("written segment is indexed");
-                seg.max_entry_index = seg.max_entry_index.max(e.index);
+            for e in &batch.entries {
+                st.index.push(e.index, e.term, index::PENDING, 0);
             }
             st.cache.append(&batch.entries);
         }
-        if let Some(hs) = batch.hard_state {
-            st.hard_state = hs;
+        if let Some(hs) = &batch.hard_state {
+            st.hard_state = hs.clone();
         }
-        if let Some(cs) = batch.conf_state {
-            st.conf_state = cs;
+        if let Some(cs) = &batch.conf_state {
+            st.conf_state = cs.clone();
         }
-        if let Some(meta) = batch.record_snapshot {
-            record_point(&mut st, meta);
+        if let Some(meta) = &batch.record_snapshot {
+            record_point(&mut st, meta.clone());
         }
         if let Some((index, prev_term)) = compact {
             st.index.compact_to(index);
@@ -1372,24 +1524,28 @@ impl LogStore for Wal {
             st.compacted_index = index - 1;
             st.compacted_term = prev_term;
         }
+        drop(st);
+        queue.push(Op { batch, compact });
         Ok(())
     }
 
+    /// Writes everything staged (rotating segments as needed), fdatasyncs
+    /// the active segment, records how far the sync reached, and purges
+    /// segments whose entries are all compacted by a durable record.
     fn sync(&self) -> Result<(), StorageError> {
         self.check_ok()?;
-        let (file, seq, end, first_index) = {
-            let w = self.shared.writer.lock().unwrap();
-            let first = self.shared.state.read().unwrap().index.first();
-            (w.file.clone(), w.seq, w.offset, first)
-        };
+        let mut w = self.shared.writer.lock().unwrap();
+        self.write_staged(&mut w)?;
+        let (file, seq, end) = (w.file.clone(), w.seq, w.offset);
         if let Err(e) = file.sync_data() {
             let path = self.shared.dir.join(format::segment_name(seq));
             return Err(self.fail(io_err(&path, e)));
         }
-        self.mark_synced(seq, end)?;
+        self.mark_synced(&mut w, seq, end)?;
         // Older segments were synced when they were closed. Every segment
         // before `seq` whose entries are all compacted away (by a Compact
         // record that this sync made durable) can go.
+        let first_index = w.written.compacted_index + 1;
         let doomed: Vec<PathBuf> = {
             let mut st = self.shared.state.write().unwrap();
             let mut doomed = Vec::new();
@@ -1402,6 +1558,7 @@ impl LogStore for Wal {
             }
             doomed
         };
+        drop(w);
         for path in doomed {
             self.shared
                 .fs
