@@ -432,3 +432,74 @@ fn an_answer_to_an_earlier_runs_read_does_not_release_a_read() {
         );
     }
 }
+
+/// The core decides snapshots and is the log's only writer: after
+/// `snapshot_interval_entries` entries it asks for a snapshot at the exact
+/// applied point, and once told it is written it records it and compacts
+/// the log (keeping `snapshot_keep_entries`) through its store and a Persist.
+#[test]
+fn the_core_asks_for_snapshots_and_records_and_compacts_them_itself() {
+    let store = MemLogStore::new();
+    let applied = bootstrap(&store, 1, &[1]).unwrap().unwrap();
+    let config = CoreConfig {
+        id: 1,
+        applied_index: applied,
+        snapshot_interval_entries: 10,
+        snapshot_keep_entries: 3,
+        ..Default::default()
+    };
+    let mut c = Core::new(config, store.clone(), &logger()).unwrap();
+    let mut asked = Vec::new();
+    let mut applied_to = 0;
+    let mut next_id = 1;
+    for round in 0..40 {
+        let actions = c.poll().unwrap();
+        for a in actions {
+            match a {
+                Action::Persist { number, .. } => c.handle_persisted(number),
+                Action::Apply(b) => {
+                    applied_to = b.entries.last().unwrap().index;
+                    c.handle_applied(applied_to);
+                }
+                Action::TakeSnapshot { metadata, id } => {
+                    assert_eq!(id, None, "an automatic snapshot");
+                    assert_eq!(metadata.index, applied_to, "at the applied point");
+                    assert_eq!(metadata.get_conf_state().voters, vec![1]);
+                    asked.push(metadata.clone());
+                    c.handle_snapshot_taken(None, Ok(metadata)).unwrap();
+                }
+                _ => {}
+            }
+        }
+        if c.role() == Role::Leader && round < 30 {
+            c.handle_propose(next_id, b"x".to_vec()).unwrap();
+            next_id += 1;
+        }
+    }
+    assert!(asked.len() >= 2, "snapshots every 10 entries: {asked:?}");
+    let last = asked.last().unwrap();
+    let logged = raft::Storage::snapshot(&store, 0, 0).unwrap();
+    assert_eq!(
+        logged.get_metadata().index,
+        last.index,
+        "recorded in the log"
+    );
+    assert_eq!(
+        raft::Storage::first_index(&store).unwrap(),
+        last.index + 1 - 3,
+        "compacted keeping 3 entries"
+    );
+    // A manual request asks for one at the point handed out so far.
+    assert!(c.handle_snapshot_request(99));
+    let manual = c
+        .poll()
+        .unwrap()
+        .into_iter()
+        .find_map(|a| match a {
+            Action::TakeSnapshot { metadata, id } => Some((metadata, id)),
+            _ => None,
+        })
+        .expect("a TakeSnapshot for the manual request");
+    assert_eq!(manual.1, Some(99));
+    assert_eq!(manual.0.index, applied_to);
+}
