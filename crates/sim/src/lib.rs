@@ -48,6 +48,9 @@ fn wal_options() -> WalOptions {
         segment_size_bytes: 8 << 10,
         cache_bytes: 4 << 10,
         group_id: 1,
+        // Writes happen in `sync`, on the simulator's one thread: a seed
+        // replays the same bytes on the same disk.
+        writer_thread: false,
     }
 }
 

@@ -56,7 +56,7 @@ mod index;
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::{Arc, Mutex, RwLock};
+use std::sync::{Arc, Condvar, Mutex, RwLock};
 
 use bytes::Bytes;
 use raft::prelude::{ConfState, Entry, HardState, Snapshot, SnapshotMetadata};
@@ -82,6 +82,12 @@ pub struct WalOptions {
     pub cache_bytes: usize,
     /// Raft group whose log this is; written into every record. Default: 1.
     pub group_id: u64,
+    /// Write staged batches on a thread of the WAL's own as soon as they are
+    /// staged, so that a sync mostly waits for its fdatasync while later
+    /// batches are written meanwhile. With false, [`LogStore::sync`] writes
+    /// them itself: one thread, deterministic (the simulator). Either way the
+    /// caller of `stage` never does I/O. Default: true.
+    pub writer_thread: bool,
 }
 
 impl Default for WalOptions {
@@ -90,6 +96,7 @@ impl Default for WalOptions {
             segment_size_bytes: 64 << 20,
             cache_bytes: 32 << 20,
             group_id: 1,
+            writer_thread: true,
         }
     }
 }
@@ -165,6 +172,33 @@ pub enum OnOpen {
 #[derive(Clone)]
 pub struct Wal {
     shared: Arc<Shared>,
+    /// The writer thread ([`WalOptions::writer_thread`]), stopped when the
+    /// last clone goes.
+    _thread: Option<Arc<WriterThread>>,
+}
+
+/// Staged changes waiting for the writer.
+#[derive(Default)]
+struct Queue {
+    ops: Vec<Op>,
+    /// The WAL is being dropped: the writer thread writes what is left and
+    /// ends.
+    closing: bool,
+}
+
+struct WriterThread {
+    shared: Arc<Shared>,
+    handle: Mutex<Option<std::thread::JoinHandle<()>>>,
+}
+
+impl Drop for WriterThread {
+    fn drop(&mut self) {
+        self.shared.queue.lock().unwrap().closing = true;
+        self.shared.queue_cv.notify_all();
+        if let Some(h) = self.handle.lock().unwrap().take() {
+            let _ = h.join();
+        }
+    }
 }
 
 struct Shared {
@@ -173,7 +207,11 @@ struct Shared {
     state: RwLock<State>,
     /// Changes staged and not yet written, oldest first. Lock order: queue,
     /// then state; writer, then queue or state.
-    queue: Mutex<Vec<Op>>,
+    queue: Mutex<Queue>,
+    /// Wakes the writer thread.
+    queue_cv: Condvar,
+    /// The writer thread's error, for the next sync.
+    writer_error: Mutex<Option<StorageError>>,
     writer: Mutex<Writer>,
     /// Set by the first write or sync error; the WAL refuses all work after.
     failed: AtomicBool,
@@ -864,25 +902,81 @@ impl Wal {
             "WAL opened"
         );
         let written = Base::of(&state);
-        Ok(Self {
-            shared: Arc::new(Shared {
-                dir: dir.to_path_buf(),
-                options,
-                state: RwLock::new(state),
-                writer: Mutex::new(Writer {
-                    seq,
-                    file,
-                    offset,
-                    buf: Vec::new(),
-                    marked: 0,
-                    written,
-                }),
-                queue: Mutex::new(Vec::new()),
-                failed: AtomicBool::new(false),
-                _lock: lock,
-                fs,
+        let threaded = options.writer_thread && mode == OpenMode::Normal;
+        let shared = Arc::new(Shared {
+            dir: dir.to_path_buf(),
+            options,
+            state: RwLock::new(state),
+            writer: Mutex::new(Writer {
+                seq,
+                file,
+                offset,
+                buf: Vec::new(),
+                marked: 0,
+                written,
             }),
+            queue: Mutex::new(Queue::default()),
+            queue_cv: Condvar::new(),
+            writer_error: Mutex::new(None),
+            failed: AtomicBool::new(false),
+            _lock: lock,
+            fs,
+        });
+        let thread = if threaded {
+            let for_thread = Wal {
+                shared: shared.clone(),
+                _thread: None,
+            };
+            let handle = std::thread::Builder::new()
+                .name("raftwork-wal".into())
+                .spawn(move || for_thread.writer_loop())
+                .map_err(|e| io_err(dir, e))?;
+            Some(Arc::new(WriterThread {
+                shared: shared.clone(),
+                handle: Mutex::new(Some(handle)),
+            }))
+        } else {
+            None
+        };
+        Ok(Self {
+            shared,
+            _thread: thread,
         })
+    }
+
+    /// The writer thread: writes staged changes as they come, so that a
+    /// sync finds them written and only fdatasyncs, until the WAL is dropped
+    /// (then it writes what is left, unsynced, and ends) or a write fails
+    /// (the WAL is then poisoned and the next sync returns the error).
+    /// Whoever holds the writer lock takes the next changes and writes them,
+    /// this thread or a sync: so they are written in staging order.
+    fn writer_loop(self) {
+        loop {
+            {
+                let mut q = self.shared.queue.lock().unwrap();
+                while q.ops.is_empty() && !q.closing {
+                    q = self.shared.queue_cv.wait(q).unwrap();
+                }
+                if q.ops.is_empty() {
+                    return;
+                }
+            }
+            // A panic here (a broken invariant) must not go unnoticed: it
+            // fails the WAL like a write error.
+            let result = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+                let mut w = self.shared.writer.lock().unwrap();
+                self.write_staged(&mut w)
+            }))
+            .unwrap_or_else(|_| {
+                Err(self.fail(StorageError::Invalid(
+                    "the WAL's writer thread panicked".into(),
+                )))
+            });
+            if let Err(e) = result {
+                *self.shared.writer_error.lock().unwrap() = Some(e);
+                return;
+            }
+        }
     }
 
     /// The directory holding the segments.
@@ -909,15 +1003,29 @@ impl Wal {
     /// an fdatasync: durable only after [`LogStore::sync`], which does this
     /// itself. For tools and tests that need written-but-unsynced bytes.
     pub fn flush(&self) -> Result<(), StorageError> {
+        self.writer_failed()?;
         self.check_ok()?;
         let mut w = self.shared.writer.lock().unwrap();
         self.write_staged(&mut w)
     }
 
+    /// The writer thread's error, once.
+    fn writer_failed(&self) -> Result<(), StorageError> {
+        match self.shared.writer_error.lock().unwrap().take() {
+            Some(e) => Err(e),
+            None => Ok(()),
+        }
+    }
+
     /// Writes every staged change in order, then gives the entries their
     /// place in the index and lets the cache drop them.
     fn write_staged(&self, w: &mut Writer) -> Result<(), StorageError> {
-        let ops = std::mem::take(&mut *self.shared.queue.lock().unwrap());
+        let ops = std::mem::take(&mut self.shared.queue.lock().unwrap().ops);
+        self.write_ops(w, ops)
+    }
+
+    /// Writes `ops` in order and places their entries.
+    fn write_ops(&self, w: &mut Writer, ops: Vec<Op>) -> Result<(), StorageError> {
         if ops.is_empty() {
             return Ok(());
         }
@@ -1525,7 +1633,14 @@ impl LogStore for Wal {
             st.compacted_term = prev_term;
         }
         drop(st);
-        queue.push(Op { batch, compact });
+        queue.ops.push(Op { batch, compact });
+        // Only the first change of an empty queue wakes the writer: it
+        // takes everything queued when it runs.
+        let wake = queue.ops.len() == 1;
+        drop(queue);
+        if wake && self._thread.is_some() {
+            self.shared.queue_cv.notify_one();
+        }
         Ok(())
     }
 
@@ -1533,19 +1648,31 @@ impl LogStore for Wal {
     /// the active segment, records how far the sync reached, and purges
     /// segments whose entries are all compacted by a durable record.
     fn sync(&self) -> Result<(), StorageError> {
+        self.writer_failed()?;
         self.check_ok()?;
-        let mut w = self.shared.writer.lock().unwrap();
-        self.write_staged(&mut w)?;
-        let (file, seq, end) = (w.file.clone(), w.seq, w.offset);
+        // Whatever the writer thread has not written yet is written here;
+        // changes staged during the fdatasync are written by the thread
+        // meanwhile.
+        let (file, seq, end, first_index) = {
+            let mut w = self.shared.writer.lock().unwrap();
+            self.write_staged(&mut w)?;
+            // The compaction point as of `end`: what this sync makes durable.
+            (
+                w.file.clone(),
+                w.seq,
+                w.offset,
+                w.written.compacted_index + 1,
+            )
+        };
         if let Err(e) = file.sync_data() {
             let path = self.shared.dir.join(format::segment_name(seq));
             return Err(self.fail(io_err(&path, e)));
         }
+        let mut w = self.shared.writer.lock().unwrap();
         self.mark_synced(&mut w, seq, end)?;
         // Older segments were synced when they were closed. Every segment
         // before `seq` whose entries are all compacted away (by a Compact
         // record that this sync made durable) can go.
-        let first_index = w.written.compacted_index + 1;
         let doomed: Vec<PathBuf> = {
             let mut st = self.shared.state.write().unwrap();
             let mut doomed = Vec::new();
