@@ -44,6 +44,7 @@ mod config;
 mod core;
 mod error;
 mod lease;
+pub mod session;
 mod validate;
 
 pub use crate::bootstrap::{adopt_snapshot, bootstrap};

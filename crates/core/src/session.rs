@@ -1,0 +1,464 @@
+//! The replicated client-session table: exactly-once commands with expiry
+//! by log time (issue 13; the Raft dissertation, §6.3).
+//!
+//! Every replica applies the same entries to the same table, so every
+//! replica holds the same sessions at the same applied index: nothing here
+//! reads a clock or iterates a randomly seeded map. Time is *log time*: the
+//! milliseconds the leader stamped into the log (kept monotonic by the
+//! stamper), handed in with each command.
+//!
+//! * A session is created by a register entry; its id is that entry's log
+//!   index, so ids are unique and agreed without coordination.
+//! * A command carries (session, sequence number, low-water mark): the
+//!   lowest sequence whose answer the client has not yet seen. Answers below
+//!   the mark are freed; a command below it is a client bug and gets
+//!   [`SessionError::SequenceStale`].
+//! * [`SessionTable::check`] says whether a command is new or a duplicate
+//!   (with the cached answer); [`SessionTable::record`] caches a new
+//!   command's answer.
+//! * A session expires `ttl_ms` of log time after its last command; beyond
+//!   `max_sessions` the least recently active one (by log time, then id) is
+//!   evicted. A command on an expired or unknown session gets
+//!   [`SessionError::Expired`]: never applied as new.
+//!
+//! Invariants: `by_activity` holds exactly one `(last_active_ms, id)` per
+//! session; log time never goes back; a session's low-water mark never goes
+//! back, and no cached answer is below it.
+//!
+//! Snapshot form ([`SessionTable::encode`]), all integers little-endian:
+//!
+//! ```text
+//! +---------+--------------+-------------+----------------------------------+
+//! | "RWSS1" | log_time u64 | count u32   | session × count                  |
+//! +---------+--------------+-------------+----------------------------------+
+//! session  = id u64 | last_active_ms u64 | low_water u64 | answers u32 | answer × answers
+//! answer   = seq u64 | len u32 | bytes
+//! ```
+//!
+//! Not wired into the runtime yet: this is the deterministic table the apply
+//! path will run.
+
+use std::collections::{BTreeMap, BTreeSet};
+
+use bytes::Bytes;
+
+/// A session's id: the log index of the entry that registered it.
+pub type SessionId = u64;
+
+/// Limits of a [`SessionTable`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct SessionConfig {
+    /// Log time without a command after which a session expires. Default:
+    /// 30 minutes.
+    pub ttl_ms: u64,
+    /// Most sessions kept; registering one more evicts the least recently
+    /// active. Default: 100,000.
+    pub max_sessions: usize,
+}
+
+impl Default for SessionConfig {
+    fn default() -> Self {
+        Self {
+            ttl_ms: 30 * 60 * 1000,
+            max_sessions: 100_000,
+        }
+    }
+}
+
+/// Why a session command is refused (nothing is applied).
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[non_exhaustive]
+pub enum SessionError {
+    /// The session expired, was evicted or unregistered, or never existed.
+    /// Fix: register a new session; the outcome of commands sent on this
+    /// one and not answered is unknown.
+    #[error("session {0} expired or is unknown")]
+    Expired(SessionId),
+    /// The command's sequence is below the session's low-water mark: its
+    /// answer was already seen and freed. A client bug.
+    #[error("sequence {seq} of session {session} is below its low-water mark {low_water}")]
+    SequenceStale {
+        /// The session.
+        session: SessionId,
+        /// The command's sequence.
+        seq: u64,
+        /// The session's low-water mark.
+        low_water: u64,
+    },
+}
+
+/// What [`SessionTable::check`] found.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Check {
+    /// Not seen before: apply it, then [`SessionTable::record`] its answer.
+    New,
+    /// Already applied: answer with this, apply nothing.
+    Duplicate(Bytes),
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+struct Session {
+    last_active_ms: u64,
+    low_water: u64,
+    answers: BTreeMap<u64, Bytes>,
+}
+
+/// The replicated session table. See the module documentation.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct SessionTable {
+    config: SessionConfig,
+    log_time_ms: u64,
+    sessions: BTreeMap<SessionId, Session>,
+    by_activity: BTreeSet<(u64, SessionId)>,
+}
+
+const MAGIC: &[u8; 5] = b"RWSS1";
+
+impl SessionTable {
+    /// An empty table.
+    pub fn new(config: SessionConfig) -> Self {
+        Self {
+            config,
+            log_time_ms: 0,
+            sessions: BTreeMap::new(),
+            by_activity: BTreeSet::new(),
+        }
+    }
+
+    /// Log time as of the last entry applied.
+    pub fn log_time_ms(&self) -> u64 {
+        self.log_time_ms
+    }
+
+    /// Number of live sessions.
+    pub fn len(&self) -> usize {
+        self.sessions.len()
+    }
+
+    /// Whether there is no session.
+    pub fn is_empty(&self) -> bool {
+        self.sessions.is_empty()
+    }
+
+    /// Whether `id` is a live session.
+    pub fn contains(&self, id: SessionId) -> bool {
+        self.sessions.contains_key(&id)
+    }
+
+    /// Moves log time to `now_ms` (never back) and expires every session
+    /// idle for `ttl_ms` or more. Returns the expired ids, oldest first.
+    pub fn advance_time(&mut self, now_ms: u64) -> Vec<SessionId> {
+        self.log_time_ms = self.log_time_ms.max(now_ms);
+        let mut expired = Vec::new();
+        while let Some(&(active, id)) = self.by_activity.first() {
+            if active.saturating_add(self.config.ttl_ms) > self.log_time_ms {
+                break;
+            }
+            self.by_activity.pop_first();
+            self.sessions.remove(&id);
+            expired.push(id);
+        }
+        expired
+    }
+
+    /// Registers session `id` (the register entry's index) at log time
+    /// `now_ms`. Returns the sessions evicted to stay within
+    /// `max_sessions` (least recently active first).
+    pub fn register(&mut self, id: SessionId, now_ms: u64) -> Vec<SessionId> {
+        self.advance_time(now_ms);
+        let mut evicted = Vec::new();
+        if !self.sessions.contains_key(&id) {
+            while self.sessions.len() >= self.config.max_sessions.max(1) {
+                let (_, victim) = self.by_activity.pop_first().expect("table not empty");
+                self.sessions.remove(&victim);
+                evicted.push(victim);
+            }
+            let t = self.log_time_ms;
+            self.sessions.insert(
+                id,
+                Session {
+                    last_active_ms: t,
+                    low_water: 0,
+                    answers: BTreeMap::new(),
+                },
+            );
+            self.by_activity.insert((t, id));
+        }
+        evicted
+    }
+
+    /// Ends session `id`.
+    pub fn unregister(&mut self, id: SessionId, now_ms: u64) -> Result<(), SessionError> {
+        self.advance_time(now_ms);
+        let s = self.sessions.remove(&id).ok_or(SessionError::Expired(id))?;
+        self.by_activity.remove(&(s.last_active_ms, id));
+        Ok(())
+    }
+
+    /// A command `(id, seq, low_water)` at log time `now_ms`: frees the
+    /// answers below `low_water`, marks the session active, and says
+    /// whether the command is new or a duplicate.
+    pub fn check(
+        &mut self,
+        id: SessionId,
+        seq: u64,
+        low_water: u64,
+        now_ms: u64,
+    ) -> Result<Check, SessionError> {
+        self.advance_time(now_ms);
+        let t = self.log_time_ms;
+        let s = self
+            .sessions
+            .get_mut(&id)
+            .ok_or(SessionError::Expired(id))?;
+        if low_water > s.low_water {
+            s.low_water = low_water;
+            s.answers = s.answers.split_off(&low_water);
+        }
+        if seq < s.low_water {
+            return Err(SessionError::SequenceStale {
+                session: id,
+                seq,
+                low_water: s.low_water,
+            });
+        }
+        if s.last_active_ms != t {
+            self.by_activity.remove(&(s.last_active_ms, id));
+            s.last_active_ms = t;
+            self.by_activity.insert((t, id));
+        }
+        Ok(match s.answers.get(&seq) {
+            Some(answer) => Check::Duplicate(answer.clone()),
+            None => Check::New,
+        })
+    }
+
+    /// Caches the answer of a command [`SessionTable::check`] called new.
+    pub fn record(&mut self, id: SessionId, seq: u64, answer: Bytes) {
+        let s = self
+            .sessions
+            .get_mut(&id)
+            .expect("record follows a successful check on a live session");
+        assert!(seq >= s.low_water, "recording below the low-water mark");
+        s.answers.insert(seq, answer);
+    }
+
+    /// Bytes of cached answers, summed over sessions.
+    pub fn answer_bytes(&self) -> usize {
+        self.sessions
+            .values()
+            .flat_map(|s| s.answers.values())
+            .map(|a| a.len())
+            .sum()
+    }
+
+    /// The table as snapshot bytes (format in the module documentation).
+    pub fn encode(&self) -> Vec<u8> {
+        let mut out = Vec::new();
+        out.extend_from_slice(MAGIC);
+        out.extend_from_slice(&self.log_time_ms.to_le_bytes());
+        out.extend_from_slice(&(self.sessions.len() as u32).to_le_bytes());
+        for (id, s) in &self.sessions {
+            out.extend_from_slice(&id.to_le_bytes());
+            out.extend_from_slice(&s.last_active_ms.to_le_bytes());
+            out.extend_from_slice(&s.low_water.to_le_bytes());
+            out.extend_from_slice(&(s.answers.len() as u32).to_le_bytes());
+            for (seq, a) in &s.answers {
+                out.extend_from_slice(&seq.to_le_bytes());
+                out.extend_from_slice(&(a.len() as u32).to_le_bytes());
+                out.extend_from_slice(a);
+            }
+        }
+        out
+    }
+
+    /// Reads a table written by [`SessionTable::encode`]. Bad bytes are an
+    /// error, never a panic.
+    pub fn decode(config: SessionConfig, bytes: &[u8]) -> Result<Self, String> {
+        let mut r = Reader { bytes, at: 0 };
+        if r.take(MAGIC.len())? != MAGIC {
+            return Err("not a session table".into());
+        }
+        let mut t = SessionTable::new(config);
+        t.log_time_ms = r.u64()?;
+        let count = r.u32()?;
+        for _ in 0..count {
+            let id = r.u64()?;
+            let last_active_ms = r.u64()?;
+            let low_water = r.u64()?;
+            let n = r.u32()?;
+            let mut answers = BTreeMap::new();
+            for _ in 0..n {
+                let seq = r.u64()?;
+                if seq < low_water {
+                    return Err(format!(
+                        "session {id}: answer {seq} below its low-water mark"
+                    ));
+                }
+                let len = r.u32()? as usize;
+                answers.insert(seq, Bytes::copy_from_slice(r.take(len)?));
+            }
+            if t.sessions
+                .insert(
+                    id,
+                    Session {
+                        last_active_ms,
+                        low_water,
+                        answers,
+                    },
+                )
+                .is_some()
+            {
+                return Err(format!("session {id} appears twice"));
+            }
+            t.by_activity.insert((last_active_ms, id));
+        }
+        if r.at != bytes.len() {
+            return Err("bytes after the session table".into());
+        }
+        Ok(t)
+    }
+
+    /// A hash of the whole table (FNV-1a over its encoding): equal on every
+    /// replica at the same applied index.
+    pub fn fingerprint(&self) -> u64 {
+        let mut h = 0xcbf2_9ce4_8422_2325u64;
+        for b in self.encode() {
+            h ^= b as u64;
+            h = h.wrapping_mul(0x100_0000_01b3);
+        }
+        h
+    }
+}
+
+struct Reader<'a> {
+    bytes: &'a [u8],
+    at: usize,
+}
+
+impl<'a> Reader<'a> {
+    fn take(&mut self, n: usize) -> Result<&'a [u8], String> {
+        let end = self
+            .at
+            .checked_add(n)
+            .filter(|&e| e <= self.bytes.len())
+            .ok_or_else(|| format!("session table ends early at byte {}", self.at))?;
+        let out = &self.bytes[self.at..end];
+        self.at = end;
+        Ok(out)
+    }
+
+    fn u64(&mut self) -> Result<u64, String> {
+        Ok(u64::from_le_bytes(self.take(8)?.try_into().unwrap()))
+    }
+
+    fn u32(&mut self) -> Result<u32, String> {
+        Ok(u32::from_le_bytes(self.take(4)?.try_into().unwrap()))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn table() -> SessionTable {
+        SessionTable::new(SessionConfig {
+            ttl_ms: 1_000,
+            max_sessions: 3,
+        })
+    }
+
+    fn b(s: &str) -> Bytes {
+        Bytes::copy_from_slice(s.as_bytes())
+    }
+
+    #[test]
+    fn a_duplicate_gets_the_cached_answer_and_a_new_sequence_is_new() {
+        let mut t = table();
+        t.register(10, 0);
+        assert_eq!(t.check(10, 1, 0, 5), Ok(Check::New));
+        t.record(10, 1, b("one"));
+        assert_eq!(t.check(10, 1, 0, 6), Ok(Check::Duplicate(b("one"))));
+        // The client has not seen the answer of 1 yet: it stays.
+        assert_eq!(t.check(10, 2, 1, 7), Ok(Check::New));
+        t.record(10, 2, b("two"));
+        assert_eq!(t.answer_bytes(), 6);
+        // It saw it: the mark passes 1, its answer is freed, and a retry of
+        // 1 is stale.
+        assert_eq!(t.check(10, 3, 2, 8), Ok(Check::New));
+        assert_eq!(t.answer_bytes(), 3);
+        assert_eq!(
+            t.check(10, 1, 0, 8),
+            Err(SessionError::SequenceStale {
+                session: 10,
+                seq: 1,
+                low_water: 2
+            })
+        );
+        // A late message with a lower mark does not move it back.
+        assert_eq!(t.check(10, 2, 0, 9), Ok(Check::Duplicate(b("two"))));
+    }
+
+    #[test]
+    fn unknown_expired_and_unregistered_sessions_are_refused() {
+        let mut t = table();
+        assert_eq!(t.check(7, 1, 0, 0), Err(SessionError::Expired(7)));
+        t.register(7, 0);
+        t.check(7, 1, 0, 500).unwrap();
+        // Idle from 500: alive at 1,499, gone at 1,500.
+        assert!(t.advance_time(1_499).is_empty());
+        assert_eq!(t.advance_time(1_500), vec![7]);
+        assert_eq!(t.check(7, 2, 0, 1_500), Err(SessionError::Expired(7)));
+        t.register(8, 1_600);
+        t.unregister(8, 1_601).unwrap();
+        assert_eq!(t.unregister(8, 1_602), Err(SessionError::Expired(8)));
+        // Log time never goes back.
+        t.advance_time(10);
+        assert_eq!(t.log_time_ms(), 1_602);
+    }
+
+    #[test]
+    fn beyond_the_limit_the_least_recently_active_session_is_evicted() {
+        let mut t = table();
+        t.register(1, 0);
+        t.register(2, 1);
+        t.register(3, 2);
+        t.check(1, 1, 0, 3).unwrap(); // 1 is now the most recent
+        assert_eq!(t.register(4, 4), vec![2]);
+        assert!(t.contains(1) && t.contains(3) && t.contains(4));
+        // Same log time: the lower id goes first.
+        let mut t = table();
+        for id in [5, 3, 9] {
+            t.register(id, 0);
+        }
+        assert_eq!(t.register(1, 0), vec![3]);
+    }
+
+    #[test]
+    fn replicas_applying_the_same_commands_agree_and_snapshots_round_trip() {
+        let run = || {
+            let mut t = table();
+            for (k, id) in [100u64, 200, 300, 400].into_iter().enumerate() {
+                t.register(id, k as u64 * 100);
+                for seq in 0..5 {
+                    if t.check(id, seq, seq.saturating_sub(2), 450 + seq).unwrap() == Check::New {
+                        t.record(id, seq, Bytes::from(vec![seq as u8; seq as usize]));
+                    }
+                }
+            }
+            t
+        };
+        let (a, b2) = (run(), run());
+        assert_eq!(a.fingerprint(), b2.fingerprint());
+        let back = SessionTable::decode(a.config, &a.encode()).unwrap();
+        assert_eq!(back, a);
+        // Every truncation and a flipped magic are errors, not panics.
+        let bytes = a.encode();
+        for cut in 0..bytes.len() {
+            assert!(SessionTable::decode(a.config, &bytes[..cut]).is_err());
+        }
+        let mut bad = bytes.clone();
+        bad[0] ^= 1;
+        assert!(SessionTable::decode(a.config, &bad).is_err());
+    }
+}
