@@ -19,7 +19,7 @@ use raft::prelude::{
     ConfChange, ConfChangeSingle, ConfChangeTransition, ConfChangeType, ConfChangeV2, ConfState,
     Entry, EntryType, Message, MessageType, Snapshot, SnapshotMetadata,
 };
-use raft::{RawNode, StateRole, CAMPAIGN_TRANSFER};
+use raft::{GetEntriesContext, RawNode, StateRole, CAMPAIGN_TRANSFER};
 use raftwork_storage::{LogStore, WriteBatch};
 
 use crate::config::CoreConfig;
@@ -255,17 +255,48 @@ struct Transfer {
     deadline_tick: u64,
 }
 
-/// Context of every entry that carries a user command (format version 1).
+/// Context of an entry that carries a user command, format version 1 (no
+/// log time; written by earlier versions, still read).
 ///
-/// Entry format: an `EntryNormal` whose `context` is `[0x01]` holds one user
-/// command in `data` (possibly empty). Every other `EntryNormal` (the empty
-/// entry a new leader appends) is raft's own and never reaches the state
-/// machine.
+/// Entry format: an `EntryNormal` whose `context` is [`COMMAND_CONTEXT`]
+/// or a stamped context holds one user command in `data` (possibly empty).
+/// Every other `EntryNormal` (the empty entry a new leader appends) is
+/// raft's own and never reaches the state machine.
 pub const COMMAND_CONTEXT: &[u8] = &[0x01];
+
+/// First byte of a stamped command context (format version 2):
+///
+/// ```text
+/// +------+-----------------+
+/// | 0x02 | log_time_ms u64 |   the leader's wall clock when it proposed,
+/// +------+-----------------+   never earlier than any stamp before it in
+///                              its log (little-endian)
+/// ```
+pub const STAMPED_COMMAND_TAG: u8 = 0x02;
+
+fn stamped_context(log_time_ms: u64) -> Bytes {
+    let mut c = Vec::with_capacity(9);
+    c.push(STAMPED_COMMAND_TAG);
+    c.extend_from_slice(&log_time_ms.to_le_bytes());
+    c.into()
+}
 
 /// True if `entry` carries a user command for the state machine.
 pub fn is_command(entry: &Entry) -> bool {
-    entry.get_entry_type() == EntryType::EntryNormal && entry.context.as_ref() == COMMAND_CONTEXT
+    entry.get_entry_type() == EntryType::EntryNormal
+        && (entry.context.as_ref() == COMMAND_CONTEXT || entry_log_time_ms(entry).is_some())
+}
+
+/// The log time a leader stamped on a command entry (`None` for entries
+/// without one). Every replica reads the same stamps in the same order, so
+/// state derived from them (session expiry) agrees everywhere; apply it as
+/// a running maximum, since a log may hold older unstamped entries.
+pub fn entry_log_time_ms(entry: &Entry) -> Option<u64> {
+    let c = entry.context.as_ref();
+    (entry.get_entry_type() == EntryType::EntryNormal
+        && c.len() == 9
+        && c[0] == STAMPED_COMMAND_TAG)
+        .then(|| u64::from_le_bytes(c[1..].try_into().unwrap()))
 }
 
 /// A ReadIndex context: who asks, in which run, and which request.
@@ -353,6 +384,11 @@ pub struct Core<S: LogStore> {
     /// Number of the last ready (persists of the core's own log writes,
     /// such as snapshot records, reuse it).
     last_ready_number: u64,
+    /// The shell's wall clock, in ms since the Unix epoch
+    /// ([`Core::set_wall_clock_ms`]); the only time the core stamps.
+    wall_clock_ms: u64,
+    /// The latest stamp this node has seen in its log (or made).
+    log_time_ms: u64,
     /// A leader's lease in lease-read mode (see `lease.rs`).
     lease: Option<Lease>,
     /// Lease-mode answers held until the lease or a later heartbeat round
@@ -428,6 +464,8 @@ impl<S: LogStore> Core<S> {
             entries_since_snapshot: 0,
             snapshot_taking: false,
             last_ready_number: 0,
+            wall_clock_ms: 0,
+            log_time_ms: 0,
             lease: None,
             held_reads: VecDeque::new(),
             actions: Vec::new(),
@@ -838,9 +876,45 @@ impl<S: LogStore> Core<S> {
         }
     }
 
+    /// A new leader will append after its whole log: its stamps must not
+    /// be earlier than those in the entries it has not handed out yet
+    /// (committed or not; earlier ones were seen in `on_committed`).
+    fn note_log_times_in_tail(&mut self) {
+        let log = &self.raw.raft.raft_log;
+        let (low, high) = (self.dispatched_index + 1, log.last_index() + 1);
+        if low >= high {
+            return;
+        }
+        match log.entries(low, None, GetEntriesContext::empty(false)) {
+            Ok(entries) => {
+                for e in entries.iter().take((high - low) as usize) {
+                    if let Some(t) = entry_log_time_ms(e) {
+                        self.log_time_ms = self.log_time_ms.max(t);
+                    }
+                }
+            }
+            Err(e) => {
+                slog::warn!(self.logger, "cannot read the log tail for its log times"; "error" => %e)
+            }
+        }
+    }
+
     /// Lease reads with the expiry checks of `lease.rs`.
     fn checked_leases(&self) -> bool {
         self.config.lease_read && !self.config.unchecked_lease_reads
+    }
+
+    /// The shell's wall clock now, in ms since the Unix epoch. A leader
+    /// stamps the commands it proposes with it (see [`entry_log_time_ms`]),
+    /// raised to the latest stamp in its log so stamps never go back along
+    /// the log; the core reads no clock itself.
+    pub fn set_wall_clock_ms(&mut self, now_ms: u64) {
+        self.wall_clock_ms = now_ms;
+    }
+
+    /// The latest log time this node has seen in its log or stamped.
+    pub fn log_time_ms(&self) -> u64 {
+        self.log_time_ms
     }
 
     /// The shell saw its clock run ahead of its ticks (the loop stalled):
@@ -1040,12 +1114,17 @@ impl<S: LogStore> Core<S> {
         let mut msg = Message::default();
         msg.set_msg_type(MessageType::MsgPropose);
         msg.from = self.config.id;
+        // One stamp for the batch: the wall clock, never earlier than any
+        // stamp before it in this leader's log.
+        let stamp = self.wall_clock_ms.max(self.log_time_ms);
+        self.log_time_ms = stamp;
+        let context = stamped_context(stamp);
         let mut entries = Vec::with_capacity(queue.len());
         let mut ids = Vec::with_capacity(queue.len());
         for (id, data) in queue {
             let e = Entry {
                 data: data.into(),
-                context: Bytes::from_static(COMMAND_CONTEXT),
+                context: context.clone(),
                 ..Default::default()
             };
             entries.push(e);
@@ -1160,6 +1239,9 @@ impl<S: LogStore> Core<S> {
         if was_leader && raft_state != StateRole::Leader {
             self.fail_pending_on_step_down();
         }
+        if raft_state == StateRole::Leader && !was_leader {
+            self.note_log_times_in_tail();
+        }
         if raft_state == StateRole::Leader && self.checked_leases() {
             let term = self.raw.raft.term;
             if self.lease.as_ref().is_none_or(|l| l.term != term) {
@@ -1239,6 +1321,9 @@ impl<S: LogStore> Core<S> {
                 self.dispatched_index + 1,
                 "committed entries must follow the last dispatched index"
             );
+            if let Some(t) = entry_log_time_ms(e) {
+                self.log_time_ms = self.log_time_ms.max(t);
+            }
             self.dispatched_index = e.index;
             // Proposals at lower indexes can no longer commit: their slot went
             // to another entry.

@@ -50,8 +50,8 @@ mod validate;
 pub use crate::bootstrap::{adopt_snapshot, bootstrap};
 pub use crate::config::{ConfigError, CoreConfig};
 pub use crate::core::{
-    is_command, Action, ApplyBatch, Core, MembershipChange, NodeEvent, RequestId, Role, Status,
-    COMMAND_CONTEXT,
+    entry_log_time_ms, is_command, Action, ApplyBatch, Core, MembershipChange, NodeEvent,
+    RequestId, Role, Status, COMMAND_CONTEXT, STAMPED_COMMAND_TAG,
 };
 pub use crate::error::{ConfChangeError, FatalError, ProposeError, ReadError, TransferError};
 pub use crate::validate::{Rejected, CONF_STATE_IDS_MAX, WIRE_VALUE_MAX};

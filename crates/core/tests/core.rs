@@ -503,3 +503,55 @@ fn the_core_asks_for_snapshots_and_records_and_compacts_them_itself() {
     assert_eq!(manual.1, Some(99));
     assert_eq!(manual.0.index, applied_to);
 }
+
+fn stamps(actions: &[Action]) -> Vec<u64> {
+    actions
+        .iter()
+        .filter_map(|a| match a {
+            Action::Apply(b) => Some(b),
+            _ => None,
+        })
+        .flat_map(|b| {
+            b.entries
+                .iter()
+                .filter_map(raftwork_core::entry_log_time_ms)
+        })
+        .collect()
+}
+
+/// A leader stamps its proposals with its wall clock, and a new leader
+/// whose clock is behind never stamps earlier than the log already says:
+/// log time only moves forward along the log, on every replica alike.
+#[test]
+fn log_time_never_goes_back_across_a_leader_with_a_slower_clock() {
+    let mut net = Net::new(&[1, 2, 3]);
+    for (id, clock) in [(1, 10_000), (2, 4_000), (3, 4_000)] {
+        net.core(id).set_wall_clock_ms(clock);
+    }
+    let leader = net.tick_until_leader();
+    assert_eq!(leader, 1);
+    net.core(1).handle_propose(1, b"a".to_vec()).unwrap();
+    net.pump();
+    net.core(1).handle_transfer_leader(2, 2).unwrap();
+    for _ in 0..50 {
+        for c in &mut net.cores {
+            c.handle_tick();
+        }
+        net.pump();
+        if net.core(2).role() == Role::Leader {
+            break;
+        }
+    }
+    assert_eq!(net.core(2).role(), Role::Leader);
+    net.core(2).handle_propose(3, b"b".to_vec()).unwrap();
+    net.pump();
+    for k in 0..3 {
+        let s = stamps(&net.outputs[k]);
+        assert_eq!(s, vec![10_000, 10_000], "node {}: stamps {s:?}", k + 1);
+    }
+    // The leader's clock passing the log time moves it on.
+    net.core(2).set_wall_clock_ms(20_000);
+    net.core(2).handle_propose(4, b"c".to_vec()).unwrap();
+    net.pump();
+    assert_eq!(stamps(&net.outputs[0]).last(), Some(&20_000));
+}

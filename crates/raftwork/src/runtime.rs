@@ -489,6 +489,10 @@ impl<SM: StateMachine, S: LogStore> ReadyLoop<SM, S> {
         {
             self.core.expire_lease();
         }
+        // The wall clock a leader stamps its proposals with (log time).
+        if let Ok(now) = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH) {
+            self.core.set_wall_clock_ms(now.as_millis() as u64);
+        }
         loop {
             let actions = self.core.poll().map_err(|e| {
                 Stopped::Fatal(match e {

@@ -1247,8 +1247,20 @@ impl Sim {
         }
     }
 
+    /// Node `k`'s wall clock: virtual time plus an offset of up to 2 s
+    /// fixed per node from the seed (no draw from the run's generator), so
+    /// leaders stamp log times that disagree.
+    fn wall_clock_ms(&self, k: usize) -> u64 {
+        let mut r = Rng::new(self.cfg.seed ^ (self.nodes[k].id << 32));
+        1_000_000 + self.now + r.below(2_000)
+    }
+
     /// Polls node `k`'s core until it is idle and carries out its actions.
     fn drive(&mut self, k: usize) -> Result<(), Failure> {
+        let clock = self.wall_clock_ms(k);
+        if let Some(core) = self.nodes[k].core.as_mut() {
+            core.set_wall_clock_ms(clock);
+        }
         loop {
             let Some(core) = self.nodes[k].core.as_mut() else {
                 return Ok(());
