@@ -275,28 +275,32 @@ pub const COMMAND_CONTEXT: &[u8] = &[0x01];
 pub const STAMPED_COMMAND_TAG: u8 = 0x02;
 
 fn stamped_context(log_time_ms: u64) -> Bytes {
-    let mut c = Vec::with_capacity(9);
-    c.push(STAMPED_COMMAND_TAG);
-    c.extend_from_slice(&log_time_ms.to_le_bytes());
+    let c = crate::session::entry_context(crate::session::EntryKind::Command, log_time_ms);
+    debug_assert_eq!(c[0], STAMPED_COMMAND_TAG);
     c.into()
 }
 
-/// True if `entry` carries a user command for the state machine.
+/// True if `entry` carries a plain user command for the state machine
+/// (session entries are for the session table's apply step first).
 pub fn is_command(entry: &Entry) -> bool {
     entry.get_entry_type() == EntryType::EntryNormal
-        && (entry.context.as_ref() == COMMAND_CONTEXT || entry_log_time_ms(entry).is_some())
+        && (entry.context.as_ref() == COMMAND_CONTEXT
+            || matches!(
+                crate::session::classify(&entry.context),
+                Some((crate::session::EntryKind::Command, _))
+            ))
 }
 
-/// The log time a leader stamped on a command entry (`None` for entries
-/// without one). Every replica reads the same stamps in the same order, so
-/// state derived from them (session expiry) agrees everywhere; apply it as
-/// a running maximum, since a log may hold older unstamped entries.
+/// The log time a leader stamped on an entry (`None` for entries without
+/// one; the formats are in `session.rs`). Every replica reads the same
+/// stamps in the same order, so state derived from them (session expiry)
+/// agrees everywhere; apply it as a running maximum, since a log may hold
+/// older unstamped entries.
 pub fn entry_log_time_ms(entry: &Entry) -> Option<u64> {
-    let c = entry.context.as_ref();
-    (entry.get_entry_type() == EntryType::EntryNormal
-        && c.len() == 9
-        && c[0] == STAMPED_COMMAND_TAG)
-        .then(|| u64::from_le_bytes(c[1..].try_into().unwrap()))
+    if entry.get_entry_type() != EntryType::EntryNormal {
+        return None;
+    }
+    crate::session::classify(&entry.context).map(|(_, t)| t)
 }
 
 /// A ReadIndex context: who asks, in which run, and which request.

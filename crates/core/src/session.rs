@@ -35,8 +35,20 @@
 //! answer   = seq u64 | len u32 | bytes
 //! ```
 //!
-//! Not wired into the runtime yet: this is the deterministic table the apply
-//! path will run.
+//! Entries (contexts of `EntryNormal` entries; the data is the user's
+//! command, or empty), all integers little-endian:
+//!
+//! ```text
+//! 0x02 | log_time u64                                   plain command
+//! 0x03 | log_time u64 | session u64 | seq u64 | low u64  session command
+//! 0x04 | log_time u64                                   register (id = its index)
+//! 0x05 | log_time u64 | session u64                     unregister
+//! 0x06 | log_time u64                                   time only (idle expiry)
+//! ```
+//!
+//! [`classify`] reads them; [`SessionTable::apply_entry`] is the apply-path
+//! step every shell runs before the user's state machine. Not wired into the
+//! runtime yet.
 
 use std::collections::{BTreeMap, BTreeSet};
 
@@ -113,6 +125,108 @@ pub struct SessionTable {
 }
 
 const MAGIC: &[u8; 5] = b"RWSS1";
+
+/// Context tags (see the module documentation).
+const TAG_COMMAND: u8 = 0x02;
+const TAG_SESSION_COMMAND: u8 = 0x03;
+const TAG_REGISTER: u8 = 0x04;
+const TAG_UNREGISTER: u8 = 0x05;
+const TAG_TIME: u8 = 0x06;
+
+/// What a committed entry is, for the apply path.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum EntryKind {
+    /// A user command outside any session.
+    Command,
+    /// A user command in a session.
+    SessionCommand {
+        /// The session.
+        session: SessionId,
+        /// Its sequence number.
+        seq: u64,
+        /// The lowest sequence whose answer the client has not seen.
+        low_water: u64,
+    },
+    /// Registers a session whose id is the entry's index.
+    Register,
+    /// Ends a session.
+    Unregister {
+        /// The session.
+        session: SessionId,
+    },
+    /// Only moves log time on.
+    Time,
+}
+
+/// An entry context for `kind` stamped with `log_time_ms`.
+pub fn entry_context(kind: EntryKind, log_time_ms: u64) -> Vec<u8> {
+    let mut c = Vec::with_capacity(33);
+    let tag = match kind {
+        EntryKind::Command => TAG_COMMAND,
+        EntryKind::SessionCommand { .. } => TAG_SESSION_COMMAND,
+        EntryKind::Register => TAG_REGISTER,
+        EntryKind::Unregister { .. } => TAG_UNREGISTER,
+        EntryKind::Time => TAG_TIME,
+    };
+    c.push(tag);
+    c.extend_from_slice(&log_time_ms.to_le_bytes());
+    match kind {
+        EntryKind::SessionCommand {
+            session,
+            seq,
+            low_water,
+        } => {
+            for v in [session, seq, low_water] {
+                c.extend_from_slice(&v.to_le_bytes());
+            }
+        }
+        EntryKind::Unregister { session } => c.extend_from_slice(&session.to_le_bytes()),
+        _ => {}
+    }
+    c
+}
+
+/// Reads a stamped entry context: its kind and log time. `None` for
+/// anything else (raft's own entries, version-1 commands, garbage).
+pub fn classify(context: &[u8]) -> Option<(EntryKind, u64)> {
+    let (&tag, rest) = context.split_first()?;
+    let u = |k: usize| -> Option<u64> {
+        rest.get(k * 8..k * 8 + 8)
+            .map(|b| u64::from_le_bytes(b.try_into().unwrap()))
+    };
+    let (kind, words) = match tag {
+        TAG_COMMAND => (EntryKind::Command, 1),
+        TAG_SESSION_COMMAND => (
+            EntryKind::SessionCommand {
+                session: u(1)?,
+                seq: u(2)?,
+                low_water: u(3)?,
+            },
+            4,
+        ),
+        TAG_REGISTER => (EntryKind::Register, 1),
+        TAG_UNREGISTER => (EntryKind::Unregister { session: u(1)? }, 2),
+        TAG_TIME => (EntryKind::Time, 1),
+        _ => return None,
+    };
+    (rest.len() == words * 8).then_some((kind, u(0)?))
+}
+
+/// What the apply path does with an entry after [`SessionTable::apply_entry`].
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Applied {
+    /// Apply the command to the state machine (then, for a session
+    /// command, [`SessionTable::record`] its answer).
+    Apply,
+    /// A duplicate: answer with this, apply nothing.
+    Answer(Bytes),
+    /// Refused: answer with this error, apply nothing.
+    Refuse(SessionError),
+    /// A session was registered: its id.
+    Registered(SessionId),
+    /// Nothing for the state machine (unregister, time, raft's own entry).
+    Skip,
+}
 
 impl SessionTable {
     /// An empty table.
@@ -243,6 +357,47 @@ impl SessionTable {
         s.answers.insert(seq, answer);
     }
 
+    /// The apply-path step for the committed entry at `index` with
+    /// `context`: moves log time, runs register/unregister, and says
+    /// whether a command is applied, answered from the cache or refused.
+    /// Version-1 commands (context `[0x01]`) apply without a session.
+    pub fn apply_entry(&mut self, index: u64, context: &[u8]) -> Applied {
+        let Some((kind, t)) = classify(context) else {
+            return if context == [0x01] {
+                Applied::Apply
+            } else {
+                Applied::Skip
+            };
+        };
+        match kind {
+            EntryKind::Command => {
+                self.advance_time(t);
+                Applied::Apply
+            }
+            EntryKind::Time => {
+                self.advance_time(t);
+                Applied::Skip
+            }
+            EntryKind::Register => {
+                self.register(index, t);
+                Applied::Registered(index)
+            }
+            EntryKind::Unregister { session } => match self.unregister(session, t) {
+                Ok(()) => Applied::Skip,
+                Err(e) => Applied::Refuse(e),
+            },
+            EntryKind::SessionCommand {
+                session,
+                seq,
+                low_water,
+            } => match self.check(session, seq, low_water, t) {
+                Ok(Check::New) => Applied::Apply,
+                Ok(Check::Duplicate(answer)) => Applied::Answer(answer),
+                Err(e) => Applied::Refuse(e),
+            },
+        }
+    }
+
     /// Bytes of cached answers, summed over sessions.
     pub fn answer_bytes(&self) -> usize {
         self.sessions
@@ -370,6 +525,82 @@ mod tests {
 
     fn b(s: &str) -> Bytes {
         Bytes::copy_from_slice(s.as_bytes())
+    }
+
+    #[test]
+    fn contexts_round_trip_and_garbage_is_no_kind() {
+        let kinds = [
+            EntryKind::Command,
+            EntryKind::SessionCommand {
+                session: 7,
+                seq: 3,
+                low_water: 2,
+            },
+            EntryKind::Register,
+            EntryKind::Unregister { session: 7 },
+            EntryKind::Time,
+        ];
+        for kind in kinds {
+            let c = entry_context(kind, 123);
+            assert_eq!(classify(&c), Some((kind, 123)));
+            for cut in 0..c.len() {
+                assert_eq!(classify(&c[..cut]), None, "{kind:?} cut at {cut}");
+            }
+            let mut long = c.clone();
+            long.push(0);
+            assert_eq!(classify(&long), None);
+        }
+        assert_eq!(classify(&[0x01]), None);
+        assert_eq!(classify(&[0x09; 9]), None);
+    }
+
+    #[test]
+    fn the_apply_step_registers_answers_duplicates_and_refuses() {
+        let mut t = table();
+        let ctx = |seq, low| {
+            entry_context(
+                EntryKind::SessionCommand {
+                    session: 5,
+                    seq,
+                    low_water: low,
+                },
+                100 + seq,
+            )
+        };
+        assert_eq!(
+            t.apply_entry(3, &ctx(1, 0)),
+            Applied::Refuse(SessionError::Expired(5))
+        );
+        assert_eq!(
+            t.apply_entry(5, &entry_context(EntryKind::Register, 50)),
+            Applied::Registered(5)
+        );
+        assert_eq!(t.apply_entry(6, &ctx(1, 0)), Applied::Apply);
+        t.record(5, 1, b("r1"));
+        // The same command again (a retry that committed twice): answered.
+        assert_eq!(t.apply_entry(7, &ctx(1, 0)), Applied::Answer(b("r1")));
+        assert_eq!(
+            t.apply_entry(8, &[0x01]),
+            Applied::Apply,
+            "version-1 command"
+        );
+        assert_eq!(t.apply_entry(9, &[]), Applied::Skip, "raft's own entry");
+        assert_eq!(
+            t.apply_entry(
+                10,
+                &entry_context(EntryKind::Unregister { session: 5 }, 200)
+            ),
+            Applied::Skip
+        );
+        assert_eq!(
+            t.apply_entry(11, &ctx(2, 1)),
+            Applied::Refuse(SessionError::Expired(5))
+        );
+        // Time entries expire idle sessions.
+        t.apply_entry(12, &entry_context(EntryKind::Register, 300));
+        assert!(t.contains(12));
+        t.apply_entry(13, &entry_context(EntryKind::Time, 1_300));
+        assert!(!t.contains(12));
     }
 
     #[test]
