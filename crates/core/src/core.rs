@@ -342,7 +342,7 @@ pub struct Core<S: LogStore> {
 
     /// Proposals validated but not yet stepped into raft (flushed as one
     /// `MsgPropose` per poll, so a burst becomes one append).
-    proposal_queue: Vec<(RequestId, Vec<u8>)>,
+    proposal_queue: Vec<(RequestId, Vec<u8>, crate::session::EntryKind)>,
     proposals: VecDeque<Pending>,
     conf_changes: VecDeque<Pending>,
     /// Conf changes committed and applied to raft, answered once the shell
@@ -650,6 +650,19 @@ impl<S: LogStore> Core<S> {
     /// applied; `Ok` means a reply will come as `Apply` (with this id) or
     /// `ProposalFailed`.
     pub fn handle_propose(&mut self, id: RequestId, command: Vec<u8>) -> Result<(), ProposeError> {
+        self.handle_propose_kind(id, crate::session::EntryKind::Command, command)
+    }
+
+    /// [`Core::handle_propose`] for any stamped entry kind: a command in a
+    /// session, a session register or unregister, a time entry (formats in
+    /// `session.rs`). The shell's apply step runs the session table on
+    /// them before its state machine.
+    pub fn handle_propose_kind(
+        &mut self,
+        id: RequestId,
+        kind: crate::session::EntryKind,
+        command: Vec<u8>,
+    ) -> Result<(), ProposeError> {
         if self.removed {
             return Err(ProposeError::Removed);
         }
@@ -669,7 +682,7 @@ impl<S: LogStore> Core<S> {
         if self.raw.raft.lead_transferee.is_some() {
             return Err(ProposeError::Dropped);
         }
-        self.proposal_queue.push((id, command));
+        self.proposal_queue.push((id, command, kind));
         Ok(())
     }
 
@@ -1008,7 +1021,7 @@ impl<S: LogStore> Core<S> {
     /// Fails every pending request with a shutdown error. Call once, when the
     /// shell stops.
     pub fn shutdown(&mut self) -> Vec<Action> {
-        for (id, _) in std::mem::take(&mut self.proposal_queue) {
+        for (id, _, _) in std::mem::take(&mut self.proposal_queue) {
             self.actions.push(Action::ProposalFailed {
                 id,
                 error: ProposeError::Shutdown,
@@ -1105,7 +1118,7 @@ impl<S: LogStore> Core<S> {
             } else {
                 ProposeError::Dropped
             };
-            for (id, _) in queue {
+            for (id, _, _) in queue {
                 self.actions.push(Action::ProposalFailed {
                     id,
                     error: error.clone(),
@@ -1125,10 +1138,14 @@ impl<S: LogStore> Core<S> {
         let context = stamped_context(stamp);
         let mut entries = Vec::with_capacity(queue.len());
         let mut ids = Vec::with_capacity(queue.len());
-        for (id, data) in queue {
+        for (id, data, kind) in queue {
+            let context = match kind {
+                crate::session::EntryKind::Command => context.clone(),
+                other => crate::session::entry_context(other, stamp).into(),
+            };
             let e = Entry {
                 data: data.into(),
-                context: context.clone(),
+                context,
                 ..Default::default()
             };
             entries.push(e);
@@ -1287,7 +1304,7 @@ impl<S: LogStore> Core<S> {
 
     fn fail_pending_on_step_down(&mut self) {
         let leader_hint = (self.leader_id != 0).then_some(self.leader_id);
-        for (id, _) in std::mem::take(&mut self.proposal_queue) {
+        for (id, _, _) in std::mem::take(&mut self.proposal_queue) {
             self.actions.push(Action::ProposalFailed {
                 id,
                 error: ProposeError::NotLeader {

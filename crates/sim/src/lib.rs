@@ -30,6 +30,7 @@ use std::collections::{BTreeMap, BTreeSet, BinaryHeap};
 
 use raft::prelude::{ConfState, Entry, EntryType, Message, MessageType, SnapshotMetadata};
 use raftwork_check::{Input, Operation, Output};
+use raftwork_core::session::{classify, Applied, EntryKind, SessionConfig, SessionTable};
 use raftwork_core::{
     is_command, Action, Core, CoreConfig, NodeEvent, ProposeError, Rejected, RequestId,
 };
@@ -194,6 +195,12 @@ pub enum Bug {
     /// Report a ready persisted without syncing the WAL ("acknowledge
     /// before fsync"): a power cut then loses acknowledged entries.
     AckBeforeSync,
+    /// Apply a session command the session table knows as a duplicate
+    /// again (no deduplication).
+    NoDedupe,
+    /// Move session time by each replica's own clock at apply time (as
+    /// Babuza does) instead of by the log's stamps.
+    LocalClockExpiry,
 }
 
 /// What to simulate.
@@ -232,6 +239,10 @@ pub struct SimConfig {
     /// members may tick up to 28% faster) lease reads must stay
     /// linearizable; beyond it the simulation must catch stale reads.
     pub tick_skew_per_mille: u64,
+    /// Writes and compare-and-sets go through client sessions and are sent
+    /// again after every uncertain outcome until answered: each must apply
+    /// exactly once. Default: true.
+    pub sessions: bool,
     /// The liveness phase after `duration_ms` (with faults on): every cut
     /// healed, no more drops, crashed nodes restarted, disk faults
     /// disarmed, no new client requests. By its end there must be one
@@ -263,6 +274,7 @@ impl Default for SimConfig {
             tick_skew_per_mille: 0,
             election_jitter_ticks: 10,
             liveness_ms: 2_000,
+            sessions: true,
             bug: None,
         }
     }
@@ -304,6 +316,11 @@ pub struct Report {
     pub io_faults: u64,
     /// WAL and snapshot store recoveries after a crash, all successful.
     pub recoveries: u64,
+    /// Session commands sent again after an uncertain outcome.
+    pub session_retries: u64,
+    /// Session commands that committed more than once, answered from the
+    /// session table's cache instead of applied again (counted per replica).
+    pub duplicates_answered: u64,
 }
 
 /// Why a run failed.
@@ -337,6 +354,28 @@ fn encode_kv(kv: &Kv) -> Vec<u8> {
         out.extend_from_slice(&v.to_le_bytes());
     }
     out
+}
+
+/// A node's state machine as snapshot bytes:
+/// `kv len u32 | kv | session commands applied u64 | session table`.
+fn encode_state(node: &Node) -> Vec<u8> {
+    let kv = encode_kv(&node.kv);
+    let mut out = Vec::with_capacity(kv.len() + 64);
+    out.extend_from_slice(&(kv.len() as u32).to_le_bytes());
+    out.extend_from_slice(&kv);
+    out.extend_from_slice(&node.session_commands_applied.to_le_bytes());
+    out.extend_from_slice(&node.sessions.encode());
+    out
+}
+
+/// Restores what [`encode_state`] wrote into `node`.
+fn restore_state(node: &mut Node, data: &[u8]) {
+    let kv_len = u32::from_le_bytes(data[..4].try_into().unwrap()) as usize;
+    node.kv = decode_kv(&data[4..4 + kv_len]);
+    let at = 4 + kv_len;
+    node.session_commands_applied = u64::from_le_bytes(data[at..at + 8].try_into().unwrap());
+    node.sessions = SessionTable::decode(SessionConfig::default(), &data[at + 8..])
+        .expect("a snapshot's session table decodes");
 }
 
 fn decode_kv(data: &[u8]) -> Kv {
@@ -447,6 +486,27 @@ struct Waiting {
     /// every index committed before the request), whether or not the
     /// history shows it.
     committed_at_call: u64,
+    kind: WaitKind,
+}
+
+/// What a waiting request is.
+#[derive(Clone)]
+enum WaitKind {
+    /// A read, or a write outside a session.
+    Plain,
+    /// A write in the client's session: retried until its outcome is known.
+    Session(Retry),
+    /// The client's session register.
+    Register,
+}
+
+/// A session command, as sent again after an uncertain outcome.
+#[derive(Clone)]
+struct Retry {
+    op: usize,
+    seq: u64,
+    input: Input,
+    key: u64,
 }
 
 struct Node {
@@ -472,10 +532,23 @@ struct Node {
     waiting: BTreeMap<RequestId, Waiting>,
     next_request: RequestId,
     last_sync_at: u64,
+    /// The replicated session table (part of the state machine and its
+    /// snapshots).
+    sessions: SessionTable,
+    /// Session commands this replica applied (state machine state): must
+    /// equal the distinct session commands committed up to its applied
+    /// index, or something applied twice or not at all.
+    session_commands_applied: u64,
 }
 
 struct Client {
     leader_hint: Option<u64>,
+    /// The client's session, once registered.
+    session: Option<u64>,
+    registering: bool,
+    next_seq: u64,
+    /// A session command whose outcome is not known yet: sent again.
+    retry: Option<Retry>,
 }
 
 /// The simulation.
@@ -497,6 +570,10 @@ struct Sim {
     committed: BTreeMap<u64, (u64, u64)>,
     /// Term → the leader some node reported for it.
     leaders: BTreeMap<u64, u64>,
+    /// Applied index → (node, fingerprint of its session table there).
+    session_tables: BTreeMap<u64, (u64, u64)>,
+    /// Index → (session, sequence) of every committed session command.
+    session_commands: BTreeMap<u64, (u64, u64)>,
     trace: u64,
     events: u64,
     crashes: u64,
@@ -506,6 +583,8 @@ struct Sim {
     membership_changes: u64,
     lease_reads: u64,
     recoveries: u64,
+    session_retries: u64,
+    duplicates_answered: u64,
     /// In the liveness phase: no faults, no new requests.
     healed: bool,
     logger: slog::Logger,
@@ -574,7 +653,14 @@ impl Sim {
             None
         };
         let node = &mut self.nodes[k];
-        node.kv = data.as_deref().map(decode_kv).unwrap_or_default();
+        match data.as_deref() {
+            Some(d) => restore_state(node, d),
+            None => {
+                node.kv = Kv::new();
+                node.session_commands_applied = 0;
+                node.sessions = SessionTable::new(SessionConfig::default());
+            }
+        }
         node.applied = base.index;
         node.applied_term = base.term;
         node.conf_state = raft::Storage::initial_state(&store).unwrap().conf_state;
@@ -1009,7 +1095,7 @@ impl Sim {
         // Its clients' operations end without an answer.
         let waiting = std::mem::take(&mut node.waiting);
         for (_, w) in waiting {
-            self.finish_op(w, Output::Unknown);
+            self.abandon(w);
         }
         let fs = self.nodes[k].fs.clone();
         if power {
@@ -1116,6 +1202,14 @@ impl Sim {
         if let Some(l) = self.nodes[k].core.as_ref().unwrap().leader() {
             self.clients[c as usize].leader_hint = Some(l);
         }
+        if self.cfg.sessions {
+            if self.clients[c as usize].session.is_none() {
+                return self.register_session(c, k);
+            }
+            if let Some(r) = self.clients[c as usize].retry.take() {
+                return self.propose_session(c, k, r);
+            }
+        }
         let key = self.rng.below(self.cfg.keys);
         self.next_value += 1;
         let value = self.next_value;
@@ -1162,6 +1256,7 @@ impl Sim {
                             client: c,
                             op,
                             committed_at_call,
+                            kind: WaitKind::Plain,
                         },
                         Output::Read(v),
                     );
@@ -1174,6 +1269,22 @@ impl Sim {
                         client: c,
                         op,
                         committed_at_call,
+                        kind: WaitKind::Plain,
+                    },
+                );
+            }
+            _ if self.cfg.sessions => {
+                let client = &mut self.clients[c as usize];
+                let seq = client.next_seq;
+                client.next_seq += 1;
+                return self.propose_session(
+                    c,
+                    k,
+                    Retry {
+                        op,
+                        seq,
+                        input,
+                        key,
                     },
                 );
             }
@@ -1191,6 +1302,7 @@ impl Sim {
                                 client: c,
                                 op,
                                 committed_at_call,
+                                kind: WaitKind::Plain,
                             },
                             out,
                         );
@@ -1201,6 +1313,7 @@ impl Sim {
                                 client: c,
                                 op,
                                 committed_at_call,
+                                kind: WaitKind::Plain,
                             },
                         );
                     }
@@ -1214,6 +1327,97 @@ impl Sim {
             },
         }
         self.drive(k)
+    }
+
+    /// Registers client `c`'s session through node `k`.
+    fn register_session(&mut self, c: u64, k: usize) -> Result<(), Failure> {
+        if self.clients[c as usize].registering {
+            return Ok(());
+        }
+        let node = &mut self.nodes[k];
+        let id = node.next_request;
+        node.next_request += 1;
+        let core = node.core.as_mut().unwrap();
+        match core.handle_propose_kind(id, EntryKind::Register, Vec::new()) {
+            Ok(()) => {
+                node.waiting.insert(
+                    id,
+                    Waiting {
+                        client: c,
+                        op: usize::MAX,
+                        committed_at_call: 0,
+                        kind: WaitKind::Register,
+                    },
+                );
+                self.clients[c as usize].registering = true;
+            }
+            Err(e) => {
+                if let ProposeError::NotLeader { leader_hint, .. } = e {
+                    self.clients[c as usize].leader_hint = leader_hint;
+                }
+                let next = self.rng.below(20);
+                self.schedule(next + 5, Event::ClientStart(c));
+            }
+        }
+        self.drive(k)
+    }
+
+    /// Sends session command `r` of client `c` through node `k` (again, if
+    /// an earlier try's outcome is unknown: same sequence number).
+    fn propose_session(&mut self, c: u64, k: usize, r: Retry) -> Result<(), Failure> {
+        let session = self.clients[c as usize].session.expect("registered");
+        let node = &mut self.nodes[k];
+        let id = node.next_request;
+        node.next_request += 1;
+        let core = node.core.as_mut().unwrap();
+        let kind = EntryKind::SessionCommand {
+            session,
+            seq: r.seq,
+            // One command at a time: every answer below this one was seen.
+            low_water: r.seq,
+        };
+        match core.handle_propose_kind(id, kind, encode_command(r.input, r.key)) {
+            Ok(()) => {
+                node.waiting.insert(
+                    id,
+                    Waiting {
+                        client: c,
+                        op: r.op,
+                        committed_at_call: 0,
+                        kind: WaitKind::Session(r),
+                    },
+                );
+            }
+            Err(e) => {
+                if let ProposeError::NotLeader { leader_hint, .. } = e {
+                    self.clients[c as usize].leader_hint = leader_hint;
+                }
+                self.clients[c as usize].retry = Some(r);
+                let next = self.rng.below(20);
+                self.schedule(next + 5, Event::ClientStart(c));
+            }
+        }
+        self.drive(k)
+    }
+
+    /// A request that will get no answer (its node crashed or gave up on
+    /// it): a plain write ends unknown; a session command is sent again; a
+    /// register is tried again.
+    fn abandon(&mut self, w: Waiting) {
+        match w.kind {
+            WaitKind::Plain => self.finish_op(w, Output::Unknown),
+            WaitKind::Session(r) => {
+                self.session_retries += 1;
+                self.clients[w.client as usize].retry = Some(r);
+                let next = self.rng.below(20);
+                self.schedule(next + 5, Event::ClientStart(w.client));
+            }
+            WaitKind::Register => {
+                self.clients[w.client as usize].registering = false;
+                let next = self.rng.below(20);
+                self.schedule(next + 5, Event::ClientStart(w.client));
+            }
+        }
     }
 
     /// A proposal that failed: certainly not applied (drop it from the
@@ -1241,6 +1445,7 @@ impl Sim {
                     client,
                     op,
                     committed_at_call: 0,
+                    kind: WaitKind::Plain,
                 },
                 Output::Unknown,
             );
@@ -1330,7 +1535,7 @@ impl Sim {
                 self.snapshots_installed += 1;
                 let node = &mut self.nodes[k];
                 let meta = snap.get_metadata();
-                node.kv = decode_kv(&snap.data);
+                restore_state(node, &snap.data);
                 node.applied = meta.index;
                 node.applied_term = meta.term;
                 node.conf_state = meta.get_conf_state().clone();
@@ -1344,7 +1549,10 @@ impl Sim {
                     if let ProposeError::NotLeader { leader_hint, .. } = error {
                         self.clients[w.client as usize].leader_hint = leader_hint;
                     }
-                    self.end_failed(w.client, w.op, &error);
+                    match w.kind {
+                        WaitKind::Plain => self.end_failed(w.client, w.op, &error),
+                        _ => self.abandon(w),
+                    }
                 }
             }
             Action::ReadReady { ids, read_index } => {
@@ -1425,21 +1633,70 @@ impl Sim {
         };
         let (last_index, last_term) = (last.index, last.term);
         let proposals: BTreeMap<u64, RequestId> = batch.proposals.iter().copied().collect();
+        if self.cfg.bug == Some(Bug::LocalClockExpiry) {
+            let clock = self.wall_clock_ms(k);
+            self.nodes[k].sessions.advance_time(clock);
+        }
         for e in &batch.entries {
             self.check_committed(id, e)?;
             self.applied_entries += 1;
+            if e.get_entry_type() != EntryType::EntryNormal {
+                continue;
+            }
             let node = &mut self.nodes[k];
-            if e.get_entry_type() == EntryType::EntryNormal && is_command(e) {
-                let ok = apply_command(&mut node.kv, &e.data);
-                if let Some(req) = proposals.get(&e.index) {
-                    if let Some(w) = node.waiting.remove(req) {
-                        let out = match self.history[w.op].input {
-                            Input::Cas { .. } => Output::Cas(ok),
-                            _ => Output::Written,
-                        };
-                        self.finish_op(w, out);
+            // The session table's step first, as every shell runs it.
+            let session_cmd = matches!(
+                classify(&e.context),
+                Some((EntryKind::SessionCommand { .. }, _))
+            );
+            let step = node.sessions.apply_entry(e.index, &e.context);
+            let ok = match step {
+                Applied::Apply if session_cmd || is_command(e) => {
+                    let ok = apply_command(&mut node.kv, &e.data);
+                    if let Some((EntryKind::SessionCommand { session, seq, .. }, _)) =
+                        classify(&e.context)
+                    {
+                        node.sessions
+                            .record(session, seq, vec![u8::from(ok)].into());
+                        node.session_commands_applied += 1;
                     }
+                    Some(ok)
                 }
+                Applied::Answer(answer) if self.cfg.bug == Some(Bug::NoDedupe) => {
+                    let _ = answer;
+                    node.session_commands_applied += 1;
+                    Some(apply_command(&mut node.kv, &e.data))
+                }
+                Applied::Answer(answer) => {
+                    self.duplicates_answered += 1;
+                    Some(answer.as_ref() == [1])
+                }
+                Applied::Refuse(err) => {
+                    return Err(self.fail(format!(
+                        "node {id}: entry {} refused by the session table: {err}",
+                        e.index
+                    )))
+                }
+                Applied::Registered(session) => {
+                    if let Some(w) = proposals.get(&e.index).and_then(|r| node.waiting.remove(r)) {
+                        let client = &mut self.clients[w.client as usize];
+                        client.session = Some(session);
+                        client.registering = false;
+                        let next = self.rng.below(20);
+                        self.schedule(next, Event::ClientStart(w.client));
+                    }
+                    None
+                }
+                Applied::Apply | Applied::Skip => None,
+            };
+            let Some(ok) = ok else { continue };
+            let node = &mut self.nodes[k];
+            if let Some(w) = proposals.get(&e.index).and_then(|r| node.waiting.remove(r)) {
+                let out = match self.history[w.op].input {
+                    Input::Cas { .. } => Output::Cas(ok),
+                    _ => Output::Written,
+                };
+                self.finish_op(w, out);
             }
         }
         let node = &mut self.nodes[k];
@@ -1449,6 +1706,19 @@ impl Sim {
         node.applied = last_index;
         node.applied_term = last_term;
         node.core.as_mut().unwrap().handle_applied(last_index);
+        // Replicas agree on the session table at the same applied index.
+        let fp = node.sessions.fingerprint();
+        match self.session_tables.get(&last_index) {
+            Some(&(other, f)) if f != fp => {
+                return Err(self.fail(format!(
+                    "session tables differ at index {last_index}: node {id} and node {other}"
+                )))
+            }
+            Some(_) => {}
+            None => {
+                self.session_tables.insert(last_index, (id, fp));
+            }
+        }
         Ok(())
     }
 
@@ -1466,7 +1736,7 @@ impl Sim {
             metadata.index, node.applied,
             "snapshot at the applied index"
         );
-        let result = write_snapshot(&node.snapshots, &metadata, &encode_kv(&node.kv))
+        let result = write_snapshot(&node.snapshots, &metadata, &encode_state(node))
             .map(|()| metadata)
             .map_err(|e| e.to_string());
         if let Err(e) = &result {
@@ -1484,6 +1754,9 @@ impl Sim {
     }
 
     fn check_committed(&mut self, node: u64, e: &Entry) -> Result<(), Failure> {
+        if let Some((EntryKind::SessionCommand { session, seq, .. }, _)) = classify(&e.context) {
+            self.session_commands.insert(e.index, (session, seq));
+        }
         let mut h = 0xcbf2_9ce4_8422_2325u64;
         for b in e.data.iter().chain(e.context.iter()) {
             fnv(&mut h, *b as u64);
@@ -1514,9 +1787,37 @@ impl Sim {
         for k in 0..self.nodes.len() {
             let waiting = std::mem::take(&mut self.nodes[k].waiting);
             for (_, w) in waiting {
+                if matches!(w.kind, WaitKind::Register) {
+                    continue;
+                }
                 let op = &mut self.history[w.op];
                 op.output = Output::Unknown;
                 op.return_time = u64::MAX;
+            }
+        }
+        // Exactly once: every replica applied each committed session command
+        // once (its count equals the distinct commands up to its index).
+        for node in &self.nodes {
+            if node.core.is_none() {
+                continue;
+            }
+            let distinct: BTreeSet<(u64, u64)> = self
+                .session_commands
+                .range(..=node.applied)
+                .map(|(_, &c)| c)
+                .collect();
+            if distinct.len() as u64 != node.session_commands_applied {
+                return Err(Failure {
+                    seed: self.cfg.seed,
+                    at_ms: self.now,
+                    reason: format!(
+                        "node {} applied {} session commands up to index {}, but {} distinct ones committed there",
+                        node.id,
+                        node.session_commands_applied,
+                        node.applied,
+                        distinct.len()
+                    ),
+                });
             }
         }
         let history: Vec<Operation> = self
@@ -1570,6 +1871,8 @@ impl Sim {
             torn_writes: fs_stats.torn_writes,
             io_faults: fs_stats.faults_injected,
             recoveries: self.recoveries,
+            session_retries: self.session_retries,
+            duplicates_answered: self.duplicates_answered,
         })
     }
 }
@@ -1604,10 +1907,18 @@ pub fn run(cfg: &SimConfig) -> Result<Report, Failure> {
             waiting: BTreeMap::new(),
             next_request: 1,
             last_sync_at: 0,
+            sessions: SessionTable::new(SessionConfig::default()),
+            session_commands_applied: 0,
         });
     }
     let clients = (0..cfg.clients)
-        .map(|_| Client { leader_hint: None })
+        .map(|_| Client {
+            leader_hint: None,
+            session: None,
+            registering: false,
+            next_seq: 1,
+            retry: None,
+        })
         .collect();
     let trace = rng.next_u64();
     let seed = cfg.seed;
@@ -1626,6 +1937,8 @@ pub fn run(cfg: &SimConfig) -> Result<Report, Failure> {
         next_value: 0,
         committed: BTreeMap::new(),
         leaders: BTreeMap::new(),
+        session_tables: BTreeMap::new(),
+        session_commands: BTreeMap::new(),
         trace,
         events: 0,
         crashes: 0,
@@ -1635,6 +1948,8 @@ pub fn run(cfg: &SimConfig) -> Result<Report, Failure> {
         membership_changes: 0,
         lease_reads: 0,
         recoveries: 0,
+        session_retries: 0,
+        duplicates_answered: 0,
         healed: false,
         logger: slog::Logger::root(slog::Discard, slog::o!()),
     };

@@ -80,6 +80,7 @@ fn many_seeds_with_faults_stay_safe_and_linearizable() {
     let changes: u64 = reports.iter().map(|r| r.membership_changes).sum();
     let lease_reads: u64 = reports.iter().map(|r| r.lease_reads).sum();
     let sum = |f: fn(&Report) -> u64| -> u64 { reports.iter().map(f).sum() };
+    let (retries, duplicates) = (sum(|r| r.session_retries), sum(|r| r.duplicates_answered));
     let (power_cuts, pages_lost, torn, io_faults, recoveries) = (
         sum(|r| r.power_cuts),
         sum(|r| r.pages_lost),
@@ -92,7 +93,7 @@ fn many_seeds_with_faults_stay_safe_and_linearizable() {
     use std::io::Write as _;
     let _ = writeln!(
         std::io::stderr(),
-        "simulation: {} seeds from {first}, {} histories checked ({ops} operations, {acked} acknowledged writes), {crashes} crashes, {installed} snapshots installed, {transfers} leadership transfers, {changes} membership changes, {lease_reads} lease reads; on the real WAL: {power_cuts} power cuts losing {pages_lost} unsynced pages and tearing {torn}, {io_faults} EIO/ENOSPC injected, {recoveries} recoveries; {} failures",
+        "simulation: {} seeds from {first}, {} histories checked ({ops} operations, {acked} acknowledged writes), {crashes} crashes, {installed} snapshots installed, {transfers} leadership transfers, {changes} membership changes, {lease_reads} lease reads; on the real WAL: {power_cuts} power cuts losing {pages_lost} unsynced pages and tearing {torn}, {io_faults} EIO/ENOSPC injected, {recoveries} recoveries; sessions: {retries} commands sent again, {duplicates} duplicate commits answered from the cache; {} failures",
         count,
         reports.len(),
         failures.len()
@@ -109,6 +110,10 @@ fn many_seeds_with_faults_stay_safe_and_linearizable() {
         assert!(
             power_cuts > 0 && pages_lost > 0 && torn > 0 && io_faults > 0 && recoveries > 0,
             "the disk faults reach the WAL"
+        );
+        assert!(
+            retries > 0 && duplicates > 0,
+            "retries commit twice and the session table answers them"
         );
     }
 }
@@ -143,6 +148,9 @@ fn caught(bug: Bug) -> Option<Failure> {
         200,
         &SimConfig {
             bug: Some(bug),
+            // Acknowledging early is a bug of the plain write path: session
+            // writes are answered at apply.
+            sessions: bug != Bug::AckBeforeCommit,
             ..SimConfig::default()
         },
     );
@@ -162,6 +170,25 @@ fn acknowledging_before_commit_is_caught() {
 fn acknowledging_before_fsync_is_caught() {
     let f = caught(Bug::AckBeforeSync)
         .expect("the simulation must catch acknowledging persistence before the fsync");
+    println!("caught: {f}");
+}
+
+/// Exactly once is checked: a session table that applies a duplicate again
+/// is caught (a replica's count of applied commands exceeds the distinct
+/// commands committed).
+#[test]
+fn applying_duplicates_again_is_caught() {
+    let f = caught(Bug::NoDedupe).expect("the simulation must catch a double apply");
+    println!("caught: {f}");
+}
+
+/// Session time by each replica's own clock (Babuza's design) makes the
+/// replicas' session tables disagree, and the run says so.
+#[test]
+fn session_time_by_local_clocks_is_caught() {
+    let f = caught(Bug::LocalClockExpiry)
+        .expect("the simulation must catch session tables that follow local clocks");
+    assert!(f.reason.contains("session tables differ"), "{f}");
     println!("caught: {f}");
 }
 
