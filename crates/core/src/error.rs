@@ -44,6 +44,46 @@ pub enum ProposeError {
     /// The node is shutting down (or has stopped after a fatal error).
     #[error("node is shutting down")]
     Shutdown,
+    /// The command's session expired (no command for its TTL of log time),
+    /// was evicted (over the session limit), was unregistered, or never
+    /// existed. Nothing was applied by this entry; the outcome of commands
+    /// sent earlier on the session and never answered stays unknown.
+    /// Register a new session.
+    #[error("session {session} expired or is unknown; nothing was applied")]
+    SessionExpired {
+        /// The session.
+        session: u64,
+    },
+    /// The command's sequence number is below the session's low-water mark:
+    /// its answer was already seen and freed. Nothing was applied. A client
+    /// bug: a sequence number is never reused after its answer was seen.
+    #[error("sequence {seq} of session {session} is below its low-water mark {low_water}; nothing was applied")]
+    SessionSequenceStale {
+        /// The session.
+        session: u64,
+        /// The command's sequence number.
+        seq: u64,
+        /// The session's low-water mark.
+        low_water: u64,
+    },
+}
+
+impl From<crate::session::SessionError> for ProposeError {
+    fn from(e: crate::session::SessionError) -> Self {
+        use crate::session::SessionError;
+        match e {
+            SessionError::Expired(session) => ProposeError::SessionExpired { session },
+            SessionError::SequenceStale {
+                session,
+                seq,
+                low_water,
+            } => ProposeError::SessionSequenceStale {
+                session,
+                seq,
+                low_water,
+            },
+        }
+    }
 }
 
 /// Why a linearizable read failed.

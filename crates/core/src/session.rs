@@ -47,8 +47,8 @@
 //! ```
 //!
 //! [`classify`] reads them; [`SessionTable::apply_entry`] is the apply-path
-//! step every shell runs before the user's state machine. Not wired into the
-//! runtime yet.
+//! step every shell runs before the user's state machine (the runtime in
+//! `raftwork`, the simulator).
 
 use std::collections::{BTreeMap, BTreeSet};
 
@@ -348,13 +348,20 @@ impl SessionTable {
     }
 
     /// Caches the answer of a command [`SessionTable::check`] called new.
+    ///
+    /// A shell that applies commands in batches may call this after later
+    /// entries of the same batch were checked: if one of them ended the
+    /// session (unregister, expiry, eviction) or raised its low-water mark
+    /// past `seq`, the answer is dropped, exactly as if it had been recorded
+    /// first and freed then. So the table is the same however the shell cuts
+    /// its batches. (A later duplicate of `seq` itself must not be checked
+    /// before this: the shell applies what it has first.)
     pub fn record(&mut self, id: SessionId, seq: u64, answer: Bytes) {
-        let s = self
-            .sessions
-            .get_mut(&id)
-            .expect("record follows a successful check on a live session");
-        assert!(seq >= s.low_water, "recording below the low-water mark");
-        s.answers.insert(seq, answer);
+        if let Some(s) = self.sessions.get_mut(&id) {
+            if seq >= s.low_water {
+                s.answers.insert(seq, answer);
+            }
+        }
     }
 
     /// The apply-path step for the committed entry at `index` with
@@ -663,6 +670,42 @@ mod tests {
             t.register(id, 0);
         }
         assert_eq!(t.register(1, 0), vec![3]);
+    }
+
+    #[test]
+    fn recording_late_in_a_batch_gives_the_table_of_recording_at_once() {
+        // A shell that applies a batch checks every entry, then records the
+        // answers. Entries later in the batch that end the session or raise
+        // its mark must leave the same table as recording at once.
+        let cmd = |seq, low, t| {
+            entry_context(
+                EntryKind::SessionCommand {
+                    session: 1,
+                    seq,
+                    low_water: low,
+                },
+                t,
+            )
+        };
+        let later: [Vec<u8>; 3] = [
+            entry_context(EntryKind::Unregister { session: 1 }, 20),
+            cmd(2, 2, 20),                          // raises the mark past 1
+            entry_context(EntryKind::Time, 20_000), // expires it
+        ];
+        for tail in later {
+            let mut at_once = table();
+            let mut batched = table();
+            for t in [&mut at_once, &mut batched] {
+                t.apply_entry(1, &entry_context(EntryKind::Register, 0));
+                assert_eq!(t.apply_entry(2, &cmd(1, 0, 10)), Applied::Apply);
+            }
+            at_once.record(1, 1, b("one"));
+            at_once.apply_entry(3, &tail);
+            batched.apply_entry(3, &tail);
+            batched.record(1, 1, b("one"));
+            assert_eq!(at_once, batched, "after {tail:?}");
+            assert_eq!(at_once.fingerprint(), batched.fingerprint());
+        }
     }
 
     #[test]

@@ -28,6 +28,7 @@ use crate::logging::raft_logger;
 use crate::node::{Node, Shared};
 use crate::runtime::{apply_task, spawn_sync_worker, Applier, ReadyLoop, SyncMode};
 use crate::state_machine::StateMachine;
+use raftwork_core::session::{SessionConfig, SessionTable};
 
 /// Configuration of a node: the core's settings plus the shell's timing.
 #[derive(Debug, Clone)]
@@ -46,6 +47,11 @@ pub struct Config {
     pub snapshot_keep_count: usize,
     /// Compression of the file snapshot store. Default: zstd level 1.
     pub snapshot_compression: SnapshotCompression,
+    /// Limits of the replicated session table: TTL of a session in log time
+    /// (default 30 min) and the most sessions kept (default 100,000). Part
+    /// of the replicated state: every member must use the same values, or
+    /// replicas would expire different sessions.
+    pub sessions: SessionConfig,
 }
 
 impl Default for Config {
@@ -57,6 +63,7 @@ impl Default for Config {
             request_queue_capacity: 65_536,
             snapshot_keep_count: 2,
             snapshot_compression: SnapshotCompression::default(),
+            sessions: SessionConfig::default(),
         }
     }
 }
@@ -75,6 +82,11 @@ impl Config {
         }
         if self.snapshot_keep_count == 0 {
             return Err(ConfigError("snapshot_keep_count must be at least 1".into()));
+        }
+        if self.sessions.ttl_ms == 0 || self.sessions.max_sessions == 0 {
+            return Err(ConfigError(
+                "sessions.ttl_ms and sessions.max_sessions must be at least 1".into(),
+            ));
         }
         Ok(())
     }
@@ -403,16 +415,17 @@ impl<SM: StateMachine, S: LogStore> Builder<SM, S> {
             }
             bootstrapped = bootstrap(&store, config.core.group_id, voters)?;
         }
-        let applied_index = match bootstrapped {
-            Some(applied) => applied,
+        let (applied_index, sessions) = match bootstrapped {
+            Some(applied) => (applied, SessionTable::new(config.sessions)),
             None => {
-                restore_from_snapshot(
+                let (index, _, sessions) = restore_from_snapshot(
                     &store,
                     config.core.group_id,
                     snapshots.as_ref(),
                     &mut state_machine,
-                )?
-                .0
+                    config.sessions,
+                )?;
+                (index, sessions)
             }
         };
         config.core.applied_index = applied_index;
@@ -467,6 +480,8 @@ impl<SM: StateMachine, S: LogStore> Builder<SM, S> {
         let (applied_tx, applied_rx) = mpsc::unbounded_channel();
         let applier = Applier {
             sm: state_machine,
+            sessions,
+            session_config: config.sessions,
             snapshots: snapshots.clone(),
             applied_index,
             events: applied_tx,
@@ -492,6 +507,9 @@ impl<SM: StateMachine, S: LogStore> Builder<SM, S> {
             sync,
             next_request_id: 1,
             proposals: HashMap::new(),
+            session_waiters: HashMap::new(),
+            session_ids: HashMap::new(),
+            register_nonces: 0,
             reads: HashMap::new(),
             conf_changes: HashMap::new(),
             transfers: HashMap::new(),
@@ -519,6 +537,8 @@ impl<SM: StateMachine, S: LogStore> Builder<SM, S> {
                 // The core times reads out in ticks; this is only a hang guard.
                 read_timeout: config.tick_interval * read_ticks * 2,
                 membership_timeout: config.membership_timeout,
+                propose_timeout: config.tick_interval
+                    * (config.core.propose_timeout_ticks as u32).saturating_mul(2),
             }),
         })
     }
@@ -548,22 +568,24 @@ fn restore_from_snapshot<S: LogStore, SM: StateMachine>(
     group_id: u64,
     snapshots: &dyn SnapshotStore,
     sm: &mut SM,
-) -> Result<(u64, u64), BuildError> {
+    session_config: SessionConfig,
+) -> Result<(u64, u64, SessionTable), BuildError> {
     let stored = snapshots.latest()?.map(|s| s.metadata);
     let meta = adopt_snapshot(store, group_id, stored)?;
     if meta.index == 0 {
-        return Ok((0, 0));
+        return Ok((0, 0, SessionTable::new(session_config)));
     }
     let (_, mut reader) = snapshots.open(meta.index)?;
-    sm.restore(&mut reader)
-        .map_err(|source| BuildError::Restore {
+    let sessions = crate::session::restore(sm, session_config, &mut reader).map_err(|source| {
+        BuildError::Restore {
             index: meta.index,
             source,
-        })?;
+        }
+    })?;
     tracing::info!(
         index = meta.index,
         term = meta.term,
         "restored the state machine from a snapshot"
     );
-    Ok((meta.index, meta.term))
+    Ok((meta.index, meta.term, sessions))
 }

@@ -54,14 +54,17 @@ mod builder;
 mod logging;
 mod node;
 mod runtime;
+mod session;
 mod state_machine;
 
 pub use builder::{BuildError, Builder, Config, DataDir, TransportKind};
 pub use logging::{raft_logger, TracingDrain};
 pub use node::{FatalReason, Node, NoteError, SnapshotError, Stopped, WaitError, NOTE_BYTES_MAX};
-pub use state_machine::{Command, StateMachine};
+pub use session::{Session, SessionId, SESSION_RETRY_TIMEOUT};
+pub use state_machine::{Command, ResponseBytes, StateMachine};
 
 pub use raft::prelude::ConfState;
+pub use raftwork_core::session::SessionConfig;
 pub use raftwork_core::{
     ConfChangeError, ConfigError, CoreConfig, MembershipChange, NodeEvent, NodeId, ProposeError,
     ReadError, Role, Status, TransferError,

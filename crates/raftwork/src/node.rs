@@ -6,6 +6,7 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use raft::prelude::ConfState;
+use raftwork_core::session::EntryKind;
 use raftwork_core::{
     ConfChangeError, MembershipChange, NodeEvent, NodeId, ProposeError, ReadError, Status,
     TransferError,
@@ -15,6 +16,7 @@ use raftwork_transport::TransportError;
 use tokio::sync::{broadcast, mpsc, oneshot, watch};
 use tokio::task::JoinHandle;
 
+use crate::session::{Session, SessionId, SessionProposal, SessionReply};
 use crate::state_machine::StateMachine;
 
 /// A read to run against the state machine, or the reason it cannot run.
@@ -145,6 +147,7 @@ pub(crate) enum Request<SM: StateMachine> {
         command: Vec<u8>,
         reply: ProposeReply<SM>,
     },
+    ProposeSession(SessionProposal<SM>),
     Read {
         read: ReadFn<SM>,
     },
@@ -190,6 +193,9 @@ pub(crate) struct Shared<SM: StateMachine> {
     pub(crate) stop: watch::Sender<Option<Stopped>>,
     pub(crate) read_timeout: Duration,
     pub(crate) membership_timeout: Duration,
+    /// Hang guard of one session request (the loop and the core time them
+    /// out in ticks first).
+    pub(crate) propose_timeout: Duration,
 }
 
 /// A running Raft node. Clone it freely: all clones drive the same node.
@@ -232,6 +238,87 @@ impl<SM: StateMachine> Node<SM> {
         // The core times proposals out in ticks (`propose_timeout_ticks`), so
         // no timer per proposal here.
         rx.await.unwrap_or(Err(ProposeError::Shutdown))
+    }
+
+    /// Registers a client session and returns a handle that proposes
+    /// commands exactly once (see [`Session`]). Works on any member (a
+    /// follower forwards to the leader); tries again for up to
+    /// [`crate::SESSION_RETRY_TIMEOUT`] while there is no leader.
+    pub async fn session(&self) -> Result<Session<SM>, ProposeError> {
+        Session::register(self.clone()).await
+    }
+
+    /// Sends one session request and waits for the entry that answers it.
+    async fn session_request<T>(
+        &self,
+        kind: EntryKind,
+        data: Vec<u8>,
+        reply: SessionReply<SM>,
+        rx: oneshot::Receiver<Result<T, ProposeError>>,
+    ) -> Result<T, ProposeError> {
+        let proposal = SessionProposal { kind, data, reply };
+        if !self.request(Request::ProposeSession(proposal)).await {
+            return Err(ProposeError::Shutdown);
+        }
+        match tokio::time::timeout(self.shared.propose_timeout, rx).await {
+            Ok(Ok(result)) => result,
+            Ok(Err(_)) => Err(ProposeError::Shutdown),
+            Err(_) => Err(ProposeError::Timeout),
+        }
+    }
+
+    /// One attempt to register a session: its id, the index of the register
+    /// entry. Prefer [`Node::session`], which tries again.
+    pub async fn register_session(&self) -> Result<SessionId, ProposeError> {
+        let (reply, rx) = oneshot::channel();
+        self.session_request(
+            EntryKind::Register,
+            Vec::new(),
+            SessionReply::Register(reply),
+            rx,
+        )
+        .await
+    }
+
+    /// One attempt to propose `command` in `session` with sequence `seq`;
+    /// `low_water` is the lowest sequence whose answer the caller has not
+    /// seen. A copy of an earlier sequence that was applied is answered with
+    /// its first response. For clients that keep their own sequence
+    /// numbers (the server's API does); [`Session::propose`] keeps them
+    /// for you and tries again.
+    ///
+    /// Returns the index of the entry that answered and the response.
+    /// Errors as [`Node::propose`], and [`ProposeError::SessionExpired`],
+    /// [`ProposeError::SessionSequenceStale`]. Works on followers, which
+    /// forward to the leader.
+    pub async fn propose_in_session(
+        &self,
+        session: SessionId,
+        seq: u64,
+        low_water: u64,
+        command: impl Into<Vec<u8>>,
+    ) -> Result<(u64, SM::Response), ProposeError> {
+        let (reply, rx) = oneshot::channel();
+        let kind = EntryKind::SessionCommand {
+            session,
+            seq,
+            low_water,
+        };
+        self.session_request(kind, command.into(), SessionReply::Command(reply), rx)
+            .await
+    }
+
+    /// One attempt to end `session` (its cached answers are freed).
+    /// [`ProposeError::SessionExpired`] if it was not live.
+    pub async fn unregister_session(&self, session: SessionId) -> Result<(), ProposeError> {
+        let (reply, rx) = oneshot::channel();
+        self.session_request(
+            EntryKind::Unregister { session },
+            Vec::new(),
+            SessionReply::Unregister(reply),
+            rx,
+        )
+        .await
     }
 
     /// Runs `f` on the state machine once it reflects every write that

@@ -17,13 +17,13 @@
 //! * persists complete in ready order (one worker, in order);
 //! * a sync error is fatal: the loop stops and every pending request fails.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
 
 use raft::prelude::{ConfState, Message, MessageType, SnapshotMetadata};
 use raftwork_core::{
-    is_command, Action, ApplyBatch, ConfChangeError, Core, NodeEvent, NodeId, RequestId,
+    Action, ApplyBatch, ConfChangeError, Core, NodeEvent, NodeId, ProposeError, RequestId,
     TransferError,
 };
 use raftwork_storage::{LogStore, SnapshotMeta, SnapshotStore, StorageError};
@@ -33,7 +33,9 @@ use tokio::sync::{broadcast, mpsc, oneshot};
 use crate::node::{
     panic_message, FatalReason, ProposeReply, ReadFn, Request, SnapshotError, Stopped,
 };
-use crate::state_machine::{Command, StateMachine};
+use crate::session::{SessionKey, SessionProposal, SessionReply, FORWARD_CONTEXT};
+use crate::state_machine::{Command, ResponseBytes, StateMachine};
+use raftwork_core::session::{classify, Applied, EntryKind, SessionConfig, SessionTable};
 
 /// Marks a note (`Node::send_note`): a `MsgPropose` with this context and
 /// one entry. The loop takes notes out before the core sees anything (the
@@ -44,6 +46,14 @@ fn is_note(m: &Message) -> bool {
     m.get_msg_type() == MessageType::MsgPropose && m.context.as_ref() == NOTE_CONTEXT
 }
 
+fn is_forward(m: &Message) -> bool {
+    m.get_msg_type() == MessageType::MsgPropose && m.context.as_ref() == FORWARD_CONTEXT
+}
+
+/// Ticks between sweeps of the session waiters (closed ones dropped,
+/// forwards unanswered for too long failed).
+const SESSION_SWEEP_TICKS: u64 = 5;
+
 /// Most events drained per channel before the core is polled; bounds the
 /// loop's latency while still batching bursts.
 const DRAIN_EVENTS_MAX: usize = 4096;
@@ -51,7 +61,11 @@ const DRAIN_EVENTS_MAX: usize = 4096;
 pub(crate) enum ApplyMsg<SM: StateMachine> {
     Apply {
         batch: ApplyBatch,
+        /// Plain proposals of this node, by index, in index order.
         replies: Vec<(u64, ProposeReply<SM>)>,
+        /// Session requests waiting at this node, by the index of the entry
+        /// that answers them.
+        session_replies: HashMap<u64, SessionReply<SM>>,
     },
     /// Restore from the snapshot at this point; its data is already in the
     /// snapshot store.
@@ -85,6 +99,9 @@ pub(crate) enum ApplyEvent {
 /// compacts.
 pub(crate) struct Applier<SM: StateMachine> {
     pub(crate) sm: SM,
+    /// The replicated session table: part of the state, in every snapshot.
+    pub(crate) sessions: SessionTable,
+    pub(crate) session_config: SessionConfig,
     pub(crate) snapshots: Arc<dyn SnapshotStore>,
     pub(crate) applied_index: u64,
     pub(crate) events: mpsc::UnboundedSender<ApplyEvent>,
@@ -116,12 +133,22 @@ pub(crate) async fn apply_task<SM: StateMachine>(
 impl<SM: StateMachine> Applier<SM> {
     fn handle(&mut self, msg: ApplyMsg<SM>) -> Result<(), FatalReason> {
         match msg {
-            ApplyMsg::Apply { batch, replies } => {
+            ApplyMsg::Apply {
+                batch,
+                replies,
+                session_replies,
+            } => {
                 let Some(last) = batch.entries.last() else {
                     return Ok(());
                 };
                 let index = last.index;
-                apply_batch(&mut self.sm, batch, replies);
+                apply_batch(
+                    &mut self.sm,
+                    &mut self.sessions,
+                    batch,
+                    replies,
+                    session_replies,
+                );
                 self.applied_index = index;
                 let _ = self.events.send(ApplyEvent::Applied(index));
             }
@@ -136,9 +163,9 @@ impl<SM: StateMachine> Applier<SM> {
                     .map_err(|e| restore_failed(format!("opening it: {e}")))?;
                 // A snapshot that cannot be restored leaves the state machine
                 // undefined; continuing would diverge.
-                self.sm
-                    .restore(&mut reader)
-                    .map_err(|e| restore_failed(e.to_string()))?;
+                self.sessions =
+                    crate::session::restore(&mut self.sm, self.session_config, &mut reader)
+                        .map_err(|e| restore_failed(e.to_string()))?;
                 self.applied_index = meta.index;
                 let _ = self.events.send(ApplyEvent::Applied(meta.index));
             }
@@ -168,7 +195,8 @@ impl<SM: StateMachine> Applier<SM> {
             }
         }
         let mut writer = self.snapshots.create(metadata).map_err(|e| e.to_string())?;
-        self.sm.snapshot(&mut writer).map_err(|e| e.to_string())?;
+        crate::session::write_snapshot(&self.sm, &self.sessions, &mut writer)
+            .map_err(|e| e.to_string())?;
         let meta = writer.commit().map_err(|e| e.to_string())?;
         tracing::info!(
             index = meta.metadata.index,
@@ -179,48 +207,123 @@ impl<SM: StateMachine> Applier<SM> {
     }
 }
 
+/// Applies a batch: the session table's step for every entry, then the
+/// user's state machine for the commands it lets through, in runs (one
+/// `apply` call per run). A run is cut before a command whose earlier copy
+/// is still in it, so the copy is checked against the first one's recorded
+/// answer; `SessionTable::record` makes the table the same however the
+/// runs fall (see it).
 fn apply_batch<SM: StateMachine>(
     sm: &mut SM,
+    table: &mut SessionTable,
     batch: ApplyBatch,
     replies: Vec<(u64, ProposeReply<SM>)>,
+    mut session_replies: HashMap<u64, SessionReply<SM>>,
 ) {
-    let commands: Vec<Command<'_>> = batch
-        .entries
-        .iter()
-        .filter(|e| is_command(e))
-        .map(|e| Command {
-            index: e.index,
-            term: e.term,
-            data: &e.data,
-        })
-        .collect();
-    if commands.is_empty() {
-        return;
-    }
-    let responses = sm.apply(&commands);
-    assert_eq!(
-        responses.len(),
-        commands.len(),
-        "StateMachine::apply must return one response per command"
-    );
-    if replies.is_empty() {
-        return;
-    }
-    // Both are in index order: walk them together.
+    let entries = &batch.entries;
     let mut replies = replies.into_iter().peekable();
-    for (cmd, resp) in commands.iter().zip(responses) {
-        match replies.peek() {
-            Some((index, _)) if *index == cmd.index => {
-                let (index, reply) = replies.next().unwrap();
-                let _ = reply.send(Ok((index, resp)));
+    // Positions in `entries` of the commands to apply, with their session
+    // key if in a session.
+    let mut run: Vec<(usize, Option<(u64, u64)>)> = Vec::new();
+    let mut run_keys: HashSet<(u64, u64)> = HashSet::new();
+    let mut flush = |run: &mut Vec<(usize, Option<(u64, u64)>)>,
+                     run_keys: &mut HashSet<(u64, u64)>,
+                     table: &mut SessionTable,
+                     session_replies: &mut HashMap<u64, SessionReply<SM>>| {
+        if run.is_empty() {
+            return;
+        }
+        let commands: Vec<Command<'_>> = run
+            .iter()
+            .map(|&(pos, _)| Command {
+                index: entries[pos].index,
+                term: entries[pos].term,
+                data: &entries[pos].data,
+            })
+            .collect();
+        let responses = sm.apply(&commands);
+        assert_eq!(
+            responses.len(),
+            commands.len(),
+            "StateMachine::apply must return one response per command"
+        );
+        for (&(pos, key), response) in run.iter().zip(responses) {
+            let index = entries[pos].index;
+            if let Some((session, seq)) = key {
+                table.record(session, seq, response.to_bytes().into());
+                if let Some(SessionReply::Command(reply)) = session_replies.remove(&index) {
+                    let _ = reply.send(Ok((index, response)));
+                }
+                continue;
             }
-            _ => {}
+            if replies.peek().is_some_and(|(i, _)| *i == index) {
+                let (_, reply) = replies.next().unwrap();
+                let _ = reply.send(Ok((index, response)));
+            }
+        }
+        run.clear();
+        run_keys.clear();
+    };
+    for (pos, e) in entries.iter().enumerate() {
+        if e.get_entry_type() != raft::prelude::EntryType::EntryNormal {
+            continue;
+        }
+        let key = match classify(&e.context) {
+            Some((EntryKind::SessionCommand { session, seq, .. }, _)) => Some((session, seq)),
+            _ => None,
+        };
+        if key.is_some_and(|k| run_keys.contains(&k)) {
+            flush(&mut run, &mut run_keys, table, &mut session_replies);
+        }
+        match table.apply_entry(e.index, &e.context) {
+            Applied::Apply => {
+                if let Some(k) = key {
+                    run_keys.insert(k);
+                }
+                run.push((pos, key));
+            }
+            Applied::Answer(bytes) => {
+                if let Some(SessionReply::Command(reply)) = session_replies.remove(&e.index) {
+                    let response = SM::Response::from_bytes(&bytes).unwrap_or_else(|| {
+                        panic!(
+                            "ResponseBytes::from_bytes cannot read the cached response \
+                             answering entry {} (the state machine broke its contract)",
+                            e.index
+                        )
+                    });
+                    let _ = reply.send(Ok((e.index, response)));
+                }
+            }
+            Applied::Refuse(error) => {
+                if let Some(reply) = session_replies.remove(&e.index) {
+                    reply.fail(error.into());
+                }
+            }
+            Applied::Registered(id) => {
+                if let Some(SessionReply::Register(reply)) = session_replies.remove(&e.index) {
+                    let _ = reply.send(Ok(id));
+                }
+            }
+            Applied::Skip => {
+                if let Some(SessionReply::Unregister(reply)) = session_replies.remove(&e.index) {
+                    let _ = reply.send(Ok(()));
+                }
+            }
         }
     }
+    flush(&mut run, &mut run_keys, table, &mut session_replies);
     assert!(
         replies.next().is_none(),
         "a local proposal was not among the applied commands"
     );
+}
+
+/// A session request waiting at this node for its entry to be applied.
+pub(crate) struct SessionWaiter<SM: StateMachine> {
+    pub(crate) reply: SessionReply<SM>,
+    /// The tick it was forwarded to the leader at; `None` if this node
+    /// proposed it as leader (the core then times it out).
+    pub(crate) forwarded_at: Option<u64>,
 }
 
 /// Everything the loop owns.
@@ -245,6 +348,13 @@ pub(crate) struct ReadyLoop<SM: StateMachine, S: LogStore> {
     pub(crate) sync: SyncMode,
     pub(crate) next_request_id: RequestId,
     pub(crate) proposals: HashMap<RequestId, ProposeReply<SM>>,
+    /// Session requests by the key their entry is recognised by.
+    pub(crate) session_waiters: HashMap<SessionKey, SessionWaiter<SM>>,
+    /// Session requests this node proposed as leader, for the core's
+    /// failure replies.
+    pub(crate) session_ids: HashMap<RequestId, SessionKey>,
+    /// Counter in the nonces of this node's register entries.
+    pub(crate) register_nonces: u64,
     pub(crate) reads: HashMap<RequestId, ReadFn<SM>>,
     pub(crate) conf_changes:
         HashMap<RequestId, oneshot::Sender<Result<ConfState, ConfChangeError>>>,
@@ -430,6 +540,9 @@ impl<SM: StateMachine, S: LogStore> ReadyLoop<SM, S> {
             Step::Tick => {
                 self.core.handle_tick();
                 self.last_tick_at = std::time::Instant::now();
+                if self.core.tick_count().is_multiple_of(SESSION_SWEEP_TICKS) {
+                    self.sweep_session_waiters();
+                }
                 Ok(())
             }
             Step::Closed => Err(Stopped::Shutdown),
@@ -528,6 +641,10 @@ impl<SM: StateMachine, S: LogStore> ReadyLoop<SM, S> {
                         self.receive_note(env.from, m);
                         continue;
                     }
+                    if is_forward(&m) {
+                        self.receive_forward(env.from, m);
+                        continue;
+                    }
                     if m.get_msg_type() == MessageType::MsgSnapshot
                         && !self.check_incoming_snapshot(&mut m)
                     {
@@ -617,6 +734,7 @@ impl<SM: StateMachine, S: LogStore> ReadyLoop<SM, S> {
         let id = self.next_request_id;
         self.next_request_id += 1;
         match request {
+            Request::ProposeSession(proposal) => self.propose_session(id, proposal),
             Request::Propose { command, reply } => match self.core.handle_propose(id, command) {
                 Ok(()) => {
                     self.proposals.insert(id, reply);
@@ -730,11 +848,20 @@ impl<SM: StateMachine, S: LogStore> ReadyLoop<SM, S> {
                         .iter()
                         .filter_map(|(index, id)| self.proposals.remove(id).map(|r| (*index, r)))
                         .collect();
-                    let _ = self.apply_tx.send(ApplyMsg::Apply { batch, replies });
+                    let session_replies = self.take_session_waiters(&batch);
+                    let _ = self.apply_tx.send(ApplyMsg::Apply {
+                        batch,
+                        replies,
+                        session_replies,
+                    });
                 }
                 Action::ProposalFailed { id, error } => {
                     if let Some(reply) = self.proposals.remove(&id) {
                         let _ = reply.send(Err(error));
+                    } else if let Some(key) = self.session_ids.remove(&id) {
+                        if let Some(w) = self.session_waiters.remove(&key) {
+                            w.reply.fail(error);
+                        }
                     }
                 }
                 Action::ReadReady { ids, .. } => {
@@ -772,6 +899,7 @@ impl<SM: StateMachine, S: LogStore> ReadyLoop<SM, S> {
                     if let NodeEvent::LeaderChanged { leader, term } = &event {
                         tracing::info!(node = self.core.id(), leader = ?leader, term, "leader changed");
                         self.publish_leader(*leader);
+                        self.fail_forwarded(*leader);
                     }
                     let _ = self.events.send(event);
                 }
@@ -819,6 +947,195 @@ impl<SM: StateMachine, S: LogStore> ReadyLoop<SM, S> {
                 self.core.handle_snapshot_status(to, true);
             }
         }
+    }
+}
+
+/// Session requests: proposed here as leader, or forwarded to the leader;
+/// either way answered when this node applies the entry (matched by key).
+impl<SM: StateMachine, S: LogStore> ReadyLoop<SM, S> {
+    fn propose_session(&mut self, id: RequestId, proposal: SessionProposal<SM>) {
+        let SessionProposal {
+            kind,
+            mut data,
+            reply,
+        } = proposal;
+        let key = match kind {
+            EntryKind::Register => {
+                // Unique across nodes (id), starts (incarnation) and
+                // registers (counter): the entry's data names its requester.
+                self.register_nonces += 1;
+                let mut nonce = [0u8; 24];
+                nonce[..8].copy_from_slice(&self.core.id().to_le_bytes());
+                nonce[8..16].copy_from_slice(&self.core.config().incarnation.to_le_bytes());
+                nonce[16..].copy_from_slice(&self.register_nonces.to_le_bytes());
+                data = nonce.to_vec();
+                SessionKey::Register(nonce)
+            }
+            EntryKind::SessionCommand { session, seq, .. } => SessionKey::Command { session, seq },
+            EntryKind::Unregister { session } => SessionKey::Unregister(session),
+            EntryKind::Command | EntryKind::Time => {
+                unreachable!("Node only sends session kinds as session proposals")
+            }
+        };
+        let forwarded_at = if self.core.role() == raftwork_core::Role::Leader {
+            if let Err(e) = self.core.handle_propose_kind(id, kind, data) {
+                reply.fail(e);
+                return;
+            }
+            self.session_ids.insert(id, key);
+            None
+        } else {
+            let limit_bytes = self.core.config().max_command_size_bytes;
+            let error = if self.core.is_removed() {
+                Some(ProposeError::Removed)
+            } else if data.len() as u64 > limit_bytes {
+                Some(ProposeError::TooLarge {
+                    size_bytes: data.len() as u64,
+                    limit_bytes,
+                })
+            } else {
+                None
+            };
+            let leader = self.core.leader().filter(|&l| l != self.core.id());
+            let Some(leader) = leader.filter(|_| error.is_none()) else {
+                reply.fail(error.unwrap_or(ProposeError::NotLeader {
+                    leader_hint: None,
+                    in_flight: false,
+                }));
+                return;
+            };
+            let mut m = Message::default();
+            m.set_msg_type(MessageType::MsgPropose);
+            m.from = self.core.id();
+            m.to = leader;
+            m.context = FORWARD_CONTEXT.to_vec().into();
+            m.entries.push(raft::prelude::Entry {
+                context: raftwork_core::session::entry_context(kind, 0).into(),
+                data: data.into(),
+                ..Default::default()
+            });
+            self.transport.send(Envelope {
+                group_id: self.core.group_id(),
+                from: self.core.id(),
+                to: leader,
+                messages: vec![m],
+            });
+            Some(self.core.tick_count())
+        };
+        let waiter = SessionWaiter {
+            reply,
+            forwarded_at,
+        };
+        if let Some(old) = self.session_waiters.insert(key, waiter) {
+            // The same request sent again before the first got an answer:
+            // the newer one waits; the older one may stop.
+            old.reply.fail(ProposeError::Timeout);
+        }
+    }
+
+    /// A follower's session request: proposed if this node leads and it is
+    /// well formed. Nothing is answered: the follower learns the outcome by
+    /// applying the entry, and sends again if it does not come.
+    fn receive_forward(&mut self, sender: NodeId, mut m: Message) {
+        let kind = (m.from == sender && m.to == self.core.id() && m.entries.len() == 1)
+            .then(|| classify(&m.entries[0].context))
+            .flatten()
+            .map(|(kind, _)| kind)
+            .filter(|k| {
+                matches!(
+                    k,
+                    EntryKind::Register
+                        | EntryKind::SessionCommand { .. }
+                        | EntryKind::Unregister { .. }
+                )
+            });
+        let Some(kind) = kind else {
+            tracing::warn!(from = sender, "dropping a malformed forwarded proposal");
+            return;
+        };
+        if self.core.role() != raftwork_core::Role::Leader {
+            return;
+        }
+        let id = self.next_request_id;
+        self.next_request_id += 1;
+        let data = std::mem::take(&mut m.entries[0].data).to_vec();
+        if let Err(e) = self.core.handle_propose_kind(id, kind, data) {
+            tracing::debug!(from = sender, error = %e, "a forwarded proposal was refused");
+        }
+    }
+
+    /// Moves the waiters whose entries are in `batch` to the apply task.
+    fn take_session_waiters(&mut self, batch: &ApplyBatch) -> HashMap<u64, SessionReply<SM>> {
+        let mut found = HashMap::new();
+        if self.session_waiters.is_empty() {
+            return found;
+        }
+        for (_, id) in &batch.proposals {
+            self.session_ids.remove(id);
+        }
+        for e in &batch.entries {
+            if e.get_entry_type() != raft::prelude::EntryType::EntryNormal {
+                continue;
+            }
+            let key = match classify(&e.context) {
+                Some((EntryKind::SessionCommand { session, seq, .. }, _)) => {
+                    SessionKey::Command { session, seq }
+                }
+                Some((EntryKind::Unregister { session }, _)) => SessionKey::Unregister(session),
+                Some((EntryKind::Register, _)) => match <[u8; 24]>::try_from(e.data.as_ref()) {
+                    Ok(nonce) => SessionKey::Register(nonce),
+                    Err(_) => continue,
+                },
+                _ => continue,
+            };
+            if let Some(w) = self.session_waiters.remove(&key) {
+                found.insert(e.index, w.reply);
+            }
+        }
+        found
+    }
+
+    /// A new leader (or none): forwards sent to the old one may be lost,
+    /// so their requesters send again now instead of at their timeout.
+    fn fail_forwarded(&mut self, leader: Option<NodeId>) {
+        let lost: Vec<SessionKey> = self
+            .session_waiters
+            .iter()
+            .filter(|(_, w)| w.forwarded_at.is_some())
+            .map(|(k, _)| *k)
+            .collect();
+        for key in lost {
+            let w = self.session_waiters.remove(&key).expect("listed above");
+            w.reply.fail(ProposeError::NotLeader {
+                leader_hint: leader,
+                in_flight: true,
+            });
+        }
+    }
+
+    /// Drops waiters nobody waits for, and fails forwards unanswered for
+    /// two election timeouts (lost on the way, or refused by the leader).
+    fn sweep_session_waiters(&mut self) {
+        let now = self.core.tick_count();
+        let limit = 2 * self.core.config().election_ticks as u64;
+        let done: Vec<SessionKey> = self
+            .session_waiters
+            .iter()
+            .filter(|(_, w)| {
+                w.reply.is_closed()
+                    || w.forwarded_at
+                        .is_some_and(|at| now.saturating_sub(at) > limit)
+            })
+            .map(|(k, _)| *k)
+            .collect();
+        for key in done {
+            let w = self.session_waiters.remove(&key).expect("listed above");
+            if !w.reply.is_closed() {
+                w.reply.fail(ProposeError::Timeout);
+            }
+        }
+        self.session_ids
+            .retain(|_, key| self.session_waiters.contains_key(key));
     }
 }
 

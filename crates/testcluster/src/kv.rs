@@ -87,6 +87,26 @@ pub enum KvResponse {
     Invalid,
 }
 
+/// `0` written, `1 | ok` compare-and-set, `2` invalid.
+impl raftwork::ResponseBytes for KvResponse {
+    fn to_bytes(&self) -> Vec<u8> {
+        match self {
+            KvResponse::Written => vec![0],
+            KvResponse::Cas(ok) => vec![1, u8::from(*ok)],
+            KvResponse::Invalid => vec![2],
+        }
+    }
+
+    fn from_bytes(bytes: &[u8]) -> Option<Self> {
+        match bytes {
+            [0] => Some(KvResponse::Written),
+            [1, ok @ (0 | 1)] => Some(KvResponse::Cas(*ok == 1)),
+            [2] => Some(KvResponse::Invalid),
+            _ => None,
+        }
+    }
+}
+
 /// A replicated map from u64 keys to u64 values.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct KvSm {
