@@ -7,6 +7,7 @@
 //! | `PUT /v1/kv/{key}?prev_exist=false` / `=true` | create only / update only: 200, or 412 |
 //! | `GET /v1/kv/{key}[?consistency=stale]` | 200 raw value (`application/octet-stream`), 404 |
 //! | `DELETE /v1/kv/{key}` | 200 `{"index": N, "deleted": bool}` |
+//! | `POST /v1/kv/{key}?incr=N` (N a signed integer; empty: 1) | 200 `{"index": N, "value": V}`, 409 if the value is not a decimal integer |
 //! | `GET /v1/kv?prefix=p&limit=n[&encoding=base64][&consistency=stale]` | 200 `[{"key", "value"}]` |
 //! | `GET /healthz` | 200 `ok` |
 //! | `GET /readyz` | 200 `ready`, or 503 |
@@ -16,14 +17,32 @@
 //! | `POST /cluster/members/{name}/promote` | 200 as above |
 //! | `DELETE /cluster/members/{name}` | 200 as above |
 //! | `POST /cluster/transfer-leader` `{"to": name}` | 200 `{"leader", "id"}` |
+//! | `POST /v1/sessions` | 200 `{"session": id}` |
+//! | `DELETE /v1/sessions/{id}` | 200 `{"closed": true}`, 410 if not live |
 //!
-//! Any node takes any request: a follower forwards writes (PUT, DELETE,
-//! compare-and-set) and linearizable reads to the leader's API URL (from
-//! the replicated member records) and returns the leader's answer as is,
-//! status and body; the client never sees a redirect. A forwarded request
-//! carries [`FORWARDED_HEADER`] and is never forwarded again: a node that
-//! gets one without leading answers 503. While no leader is known, the
-//! request waits up to [`ApiConfig::request_timeout`], then 503.
+//! Any node takes any request; the client never sees a redirect. A
+//! follower forwards linearizable reads to the leader's API URL (from the
+//! replicated member records) and returns the leader's answer as is,
+//! status and body. A forwarded request carries [`FORWARDED_HEADER`] and is
+//! never forwarded again: a node that gets one without leading answers
+//! 503. While no leader is known, a request waits up to
+//! [`ApiConfig::request_timeout`], then 503.
+//!
+//! Writes (PUT, DELETE, compare-and-set) are exactly-once where they can
+//! be:
+//! * with [`SESSION_HEADER`] and [`SEQUENCE_HEADER`] (and optionally
+//!   [`LOW_WATER_HEADER`]) the write runs in that client session on any
+//!   node (a follower's node forwards it to the leader over the peer
+//!   connection) and is sent again until its outcome is certain: a client
+//!   may send it again, to any node, as often as it likes, and it applies
+//!   once, every copy answered alike. 410: the session expired or is
+//!   unknown (nothing applied); 409: the sequence is below the low-water
+//!   mark (nothing applied); 503: no answer within the request timeout
+//!   (send it again);
+//! * without them, a follower proposes the write in its own session (one
+//!   per node), so that sending it again after a leader change cannot
+//!   apply it twice; the leader proposes it plainly, and a leader change
+//!   while it is in flight answers 503 "may or may not be applied".
 //!
 //! Keys are the rest of the raw path after `/v1/kv/`, percent-decoded to
 //! bytes: they may contain `/` and any byte (`%00`..`%FF`), must be
@@ -41,7 +60,8 @@
 //! (empty, oversized or reserved key, oversized value, unknown or malformed
 //! query parameter, malformed JSON), 404 no such key, route or member, 405
 //! wrong method, 409 membership conflict (already a member or voter, a
-//! learner as transfer target, no voter left), 412
+//! learner as transfer target, no voter left; a session sequence below its
+//! low-water mark), 410 session expired or unknown, 412
 //! compare-and-set mismatch, 503 no leader within
 //! [`ApiConfig::request_timeout`], the leader unreachable or without a
 //! published API URL, or shutting down; 500 anything else.
@@ -64,7 +84,9 @@ use axum::response::{IntoResponse, Response};
 use axum::routing::get;
 use axum::{Json, Router};
 use base64::Engine as _;
-use raftwork::{ConfChangeError, ConfState, Node, ProposeError, ReadError, Role, TransferError};
+use raftwork::{
+    ConfChangeError, ConfState, Node, ProposeError, ReadError, Role, Session, TransferError,
+};
 use serde::Serialize;
 
 use crate::cluster::member_id;
@@ -84,6 +106,18 @@ pub const MAX_LIST_BYTES: usize = 4 << 20;
 /// Response header of a listing: `true` when more entries match past the
 /// last one returned (continue with a prefix or a key after it).
 pub const LIST_MORE_HEADER: &str = "raftwork-list-more";
+/// Request header of a write in a client session: the session's id (from
+/// `POST /v1/sessions`).
+pub const SESSION_HEADER: &str = "raftwork-session";
+/// Request header of a write in a client session: its sequence number.
+/// Sending the same write again with the same session and sequence never
+/// applies it twice.
+pub const SEQUENCE_HEADER: &str = "raftwork-sequence";
+/// Optional request header of a write in a client session: the lowest
+/// sequence whose answer the client has not seen (default: the write's own
+/// sequence, for a client that sends one write at a time). Answers below
+/// it are freed.
+pub const LOW_WATER_HEADER: &str = "raftwork-low-water";
 
 /// Settings of the API.
 #[derive(Debug, Clone)]
@@ -164,6 +198,9 @@ struct AppState {
     config: ApiConfig,
     started: SystemTime,
     started_at: Instant,
+    /// This node's own session, for writes it takes as a follower without
+    /// a client session: registered on first use, again if it expired.
+    node_session: tokio::sync::Mutex<Option<Arc<Session<KvStore>>>>,
 }
 
 type Shared = Arc<AppState>;
@@ -175,6 +212,7 @@ pub fn router(node: Node<KvStore>, config: ApiConfig) -> Router {
         config,
         started: SystemTime::now(),
         started_at: Instant::now(),
+        node_session: tokio::sync::Mutex::new(None),
     });
     Router::new()
         .route("/healthz", get(healthz))
@@ -194,11 +232,19 @@ pub fn router(node: Node<KvStore>, config: ApiConfig) -> Router {
             "/cluster/transfer-leader",
             axum::routing::post(transfer_leader),
         )
+        .route("/v1/sessions", axum::routing::post(open_session))
+        .route("/v1/sessions/{id}", axum::routing::delete(close_session))
         .route("/v1/kv", get(list))
-        .route("/v1/kv/", get(empty_key).put(empty_key).delete(empty_key))
+        .route(
+            "/v1/kv/",
+            get(empty_key)
+                .put(empty_key)
+                .delete(empty_key)
+                .post(empty_key),
+        )
         .route(
             "/v1/kv/{*key}",
-            get(get_key).put(put_key).delete(delete_key),
+            get(get_key).put(put_key).delete(delete_key).post(incr_key),
         )
         .fallback(no_route)
         .method_not_allowed_fallback(bad_method)
@@ -507,13 +553,200 @@ fn read_error(e: ReadError) -> Retry {
     }
 }
 
-async fn propose(state: &AppState, command: KvCommand) -> ApiResult<(u64, KvResponse)> {
+// ---------- writes and sessions ----------
+
+/// A client session's numbers from a write's headers.
+struct ClientSession {
+    id: u64,
+    seq: u64,
+    low_water: u64,
+}
+
+/// The session headers of a request: all absent, or a session and a
+/// sequence (and perhaps a low-water mark) that parse.
+fn client_session(headers: &HeaderMap) -> ApiResult<Option<ClientSession>> {
+    let number = |name: &str| -> ApiResult<Option<u64>> {
+        let mut values = headers.get_all(name).iter();
+        let Some(v) = values.next() else {
+            return Ok(None);
+        };
+        if values.next().is_some() {
+            return Err(ApiError::bad_request(format!("{name} given twice")));
+        }
+        v.to_str()
+            .ok()
+            .and_then(|v| v.trim().parse::<u64>().ok())
+            .map(Some)
+            .ok_or_else(|| ApiError::bad_request(format!("{name} must be an unsigned integer")))
+    };
+    match (
+        number(SESSION_HEADER)?,
+        number(SEQUENCE_HEADER)?,
+        number(LOW_WATER_HEADER)?,
+    ) {
+        (None, None, None) => Ok(None),
+        (Some(id), Some(seq), low) => {
+            let low_water = low.unwrap_or(seq);
+            if low_water > seq {
+                return Err(ApiError::bad_request(format!(
+                    "{LOW_WATER_HEADER} {low_water} is above the write's own sequence {seq}"
+                )));
+            }
+            Ok(Some(ClientSession { id, seq, low_water }))
+        }
+        _ => Err(ApiError::bad_request(format!(
+            "{SESSION_HEADER} and {SEQUENCE_HEADER} go together ({LOW_WATER_HEADER} only with them)"
+        ))),
+    }
+}
+
+/// A session write's error as an API error. `Timeout` means the handle
+/// sent the write again for the whole request timeout without an answer.
+fn session_error(state: &AppState, e: ProposeError, client_session: bool) -> ApiError {
+    match e {
+        ProposeError::SessionExpired { session } => ApiError::new(
+            StatusCode::GONE,
+            format!(
+                "session {session} expired or is unknown; this write was not applied \
+                 (register a new session: POST /v1/sessions)"
+            ),
+        ),
+        ProposeError::SessionSequenceStale {
+            session,
+            seq,
+            low_water,
+        } => ApiError::new(
+            StatusCode::CONFLICT,
+            format!(
+                "sequence {seq} of session {session} is below its low-water mark {low_water}: \
+                 its answer was already seen; nothing was applied"
+            ),
+        ),
+        ProposeError::Timeout if client_session => ApiError::unavailable(format!(
+            "no answer within {} ms; the write may be applied: send it again with the same \
+             session and sequence, which never applies it twice",
+            state.config.request_timeout.as_millis()
+        )),
+        ProposeError::Timeout => ApiError::unavailable(format!(
+            "no answer within {} ms (no leader, or no quorum); the write may or may not be applied",
+            state.config.request_timeout.as_millis()
+        )),
+        e => match propose_error(e) {
+            Retry::Fail(e) => e,
+            Retry::NoLeader => no_leader(state.config.request_timeout),
+        },
+    }
+}
+
+/// Proposes a write. In the client's session when its headers name one
+/// (on any node: a follower's node forwards it to the leader, and it is
+/// sent again until the outcome is certain or the request timeout passes).
+/// Otherwise here if this node leads (or the request was forwarded to it),
+/// else in this node's own session, so that a write sent again after a
+/// leader change cannot apply twice.
+async fn write(
+    state: &AppState,
+    headers: &HeaderMap,
+    command: KvCommand,
+) -> ApiResult<(u64, KvResponse)> {
     let data = command.encode();
+    let timeout = state.config.request_timeout;
+    if let Some(s) = client_session(headers)? {
+        return Session::resume(state.node.clone(), s.id, s.seq)
+            .with_retry_timeout(timeout)
+            .propose_at(s.seq, s.low_water, data)
+            .await
+            .map_err(|e| session_error(state, e, true));
+    }
+    if state.node.leader() == Some(state.node.id()) || headers.contains_key(FORWARDED_HEADER) {
+        return propose_here(state, data).await;
+    }
+    // A session registered before this one expired (idle for its TTL): the
+    // first copy of a command on it is refused unapplied, so one new
+    // session and one more try.
+    for _ in 0..2 {
+        let session = node_session(state).await?;
+        match session.propose(data.clone()).await {
+            Err(ProposeError::SessionExpired { session: id }) => {
+                let mut current = state.node_session.lock().await;
+                if current.as_ref().is_some_and(|s| s.id() == id) {
+                    *current = None;
+                }
+            }
+            result => return result.map_err(|e| session_error(state, e, false)),
+        }
+    }
+    Err(ApiError::unavailable(
+        "this node's session expired twice in a row; nothing was applied; retry",
+    ))
+}
+
+/// Proposes `command` plainly on this node (the leader), waiting for a
+/// leader while there is none.
+async fn propose(state: &AppState, command: KvCommand) -> ApiResult<(u64, KvResponse)> {
+    propose_here(state, command.encode()).await
+}
+
+async fn propose_here(state: &AppState, data: Vec<u8>) -> ApiResult<(u64, KvResponse)> {
     with_leader(state, || {
         let data = data.clone();
         async move { state.node.propose(data).await.map_err(propose_error) }
     })
     .await
+}
+
+/// This node's own session, registered on first use.
+async fn node_session(state: &AppState) -> ApiResult<Arc<Session<KvStore>>> {
+    let mut current = state.node_session.lock().await;
+    if let Some(s) = current.as_ref() {
+        return Ok(s.clone());
+    }
+    let timeout = state.config.request_timeout;
+    let session = tokio::time::timeout(timeout, state.node.session())
+        .await
+        .map_err(|_| no_leader(timeout))?
+        .map_err(|e| session_error(state, e, false))?;
+    let session = Arc::new(session.with_retry_timeout(timeout));
+    *current = Some(session.clone());
+    Ok(session)
+}
+
+#[derive(Serialize)]
+struct SessionBody {
+    session: u64,
+}
+
+/// `POST /v1/sessions`: registers a client session.
+async fn open_session(State(state): State<Shared>) -> ApiResult<Json<SessionBody>> {
+    let timeout = state.config.request_timeout;
+    let session = tokio::time::timeout(timeout, state.node.session())
+        .await
+        .map_err(|_| no_leader(timeout))?
+        .map_err(|e| session_error(&state, e, false))?;
+    Ok(Json(SessionBody {
+        session: session.id(),
+    }))
+}
+
+#[derive(Serialize)]
+struct ClosedBody {
+    closed: bool,
+}
+
+/// `DELETE /v1/sessions/{id}`: ends a client session.
+async fn close_session(
+    State(state): State<Shared>,
+    axum::extract::Path(id): axum::extract::Path<String>,
+) -> ApiResult<Json<ClosedBody>> {
+    let id: u64 = id
+        .parse()
+        .map_err(|_| ApiError::bad_request(format!("{id:?} is not a session id")))?;
+    Session::resume(state.node.clone(), id, 1)
+        .with_retry_timeout(state.config.request_timeout)
+        .close()
+        .await
+        .map_err(|e| session_error(&state, e, true))?;
+    Ok(Json(ClosedBody { closed: true }))
 }
 
 /// Runs `f` on the state machine, linearizably unless `stale`.
@@ -865,14 +1098,11 @@ async fn put_key(
         (None, None) => None,
     };
     let value = read_value(&headers, body).await?;
-    if let Some(url) = route(&state, &headers).await? {
-        return forward_to(&state, &url, "PUT", &uri, None, &value).await;
-    }
     let command = match expect {
         None => KvCommand::Put { key, value },
         Some(expect) => KvCommand::Cas { key, expect, value },
     };
-    let (index, response) = propose(&state, command).await?;
+    let (index, response) = write(&state, &headers, command).await?;
     match response {
         KvResponse::Written => Ok(Json(IndexBody { index }).into_response()),
         KvResponse::CasFailed { current } => Err(ApiError::new(
@@ -903,16 +1133,54 @@ async fn delete_key(
     Params::parse(&uri, &[])?;
     let key = key_of(&uri)?;
     refuse_reserved(&key)?;
-    if let Some(url) = route(&state, &headers).await? {
-        return forward_to(&state, &url, "DELETE", &uri, None, b"").await;
-    }
-    let (index, response) = propose(&state, KvCommand::Delete { key }).await?;
+    let (index, response) = write(&state, &headers, KvCommand::Delete { key }).await?;
     match response {
         KvResponse::Deleted { existed } => Ok(Json(DeleteBody {
             index,
             deleted: existed,
         })
         .into_response()),
+        other => Err(ApiError::new(
+            StatusCode::INTERNAL_SERVER_ERROR,
+            format!("unexpected state machine response {other:?}"),
+        )),
+    }
+}
+
+#[derive(Serialize)]
+struct IncrBody {
+    index: u64,
+    value: i64,
+}
+
+/// `POST /v1/kv/{key}?incr=N`: adds N (default 1) to the decimal integer
+/// the key holds (absent: 0).
+async fn incr_key(
+    State(state): State<Shared>,
+    uri: Uri,
+    headers: HeaderMap,
+) -> ApiResult<Response> {
+    let query = Params::parse(&uri, &["incr"])?;
+    let by = match query.text("incr")? {
+        None => {
+            return Err(ApiError::bad_request(
+                "POST on a key needs ?incr=N (the only operation it does)",
+            ))
+        }
+        Some("") => 1,
+        Some(n) => n.parse::<i64>().map_err(|_| {
+            ApiError::bad_request(format!("incr must be a signed 64-bit integer, not {n:?}"))
+        })?,
+    };
+    let key = key_of(&uri)?;
+    refuse_reserved(&key)?;
+    let (index, response) = write(&state, &headers, KvCommand::Incr { key, by }).await?;
+    match response {
+        KvResponse::Incremented { value } => Ok(Json(IncrBody { index, value }).into_response()),
+        KvResponse::NotANumber => Err(ApiError::new(
+            StatusCode::CONFLICT,
+            "the key's value is not a decimal 64-bit integer, or the sum overflows; nothing changed",
+        )),
         other => Err(ApiError::new(
             StatusCode::INTERNAL_SERVER_ERROR,
             format!("unexpected state machine response {other:?}"),

@@ -6,9 +6,13 @@
 //! Each command tries the endpoints in order until one answers; any node
 //! takes any request, so the first that answers is enough. A connection
 //! that cannot be opened moves on to the next endpoint; so does a read
-//! whose connection breaks or gets no answer within `--timeout-ms`, but
-//! not a change (put, del, member changes), whose outcome is then unknown:
-//! it fails rather than risk applying twice. A non-2xx answer prints the
+//! whose connection breaks or gets no answer within `--timeout-ms`. Writes
+//! (`kv put`, `kv del`, `kv incr`, compare-and-set) run in a client session (one per
+//! command: registered first, closed after), so a write whose outcome is
+//! unknown (broken connection, no answer, or a 503) is sent again to the
+//! next endpoint with the same session and sequence: it applies once.
+//! Member changes have no session: one whose outcome is unknown fails
+//! rather than risk applying twice. A non-2xx answer prints the
 //! server's JSON `error` message on stderr and exits 1; no endpoint
 //! answering exits 1 too; bad arguments exit 2.
 
@@ -19,6 +23,7 @@ use std::time::Duration;
 use clap::{Args, Subcommand};
 use serde_json::Value;
 
+use crate::api::{SEQUENCE_HEADER, SESSION_HEADER};
 use crate::forward::{ClientTls, HttpClient, HttpResponse, SendError};
 
 /// How long opening a connection to an endpoint may take.
@@ -119,6 +124,15 @@ enum KvCommand {
         /// The key.
         key: String,
     },
+    /// Add to the decimal integer a key holds (absent: 0) and print the new
+    /// value; exit 1 if the value is not an integer.
+    Incr {
+        /// The key.
+        key: String,
+        /// What to add (may be negative).
+        #[arg(long, default_value_t = 1, allow_negative_numbers = true)]
+        by: i64,
+    },
     /// List keys and values in key order, one "key<TAB>value" a line.
     List {
         /// Only keys starting with this.
@@ -216,19 +230,55 @@ struct Failure(String);
 
 type CmdResult = Result<(), Failure>;
 
+/// Whether a request may be sent again to the next endpoint when its
+/// outcome is unknown.
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Resend {
+    /// Only if it certainly was not sent (the connection never opened): a
+    /// change outside a session.
+    IfNotSent,
+    /// Always (reads; registering a session, where a spare one just
+    /// expires).
+    Always,
+    /// Always, and after a 503 too: a write in a session, which applies
+    /// once however often it is sent.
+    AlsoAfter503,
+}
+
+/// A request to the cluster.
+struct Call<'a> {
+    method: &'a str,
+    path: &'a str,
+    json_body: Option<&'a Value>,
+    raw_body: &'a [u8],
+    headers: Vec<(&'static str, String)>,
+    resend: Resend,
+}
+
+impl<'a> Call<'a> {
+    fn new(method: &'a str, path: &'a str) -> Self {
+        Self {
+            method,
+            path,
+            json_body: None,
+            raw_body: b"",
+            headers: Vec::new(),
+            resend: if method == "GET" {
+                Resend::Always
+            } else {
+                Resend::IfNotSent
+            },
+        }
+    }
+}
+
 /// Sends the request to each endpoint in turn until one answers.
-async fn call(
-    conn: &Conn,
-    method: &str,
-    path: &str,
-    json_body: Option<&Value>,
-    raw_body: &[u8],
-) -> Result<HttpResponse, Failure> {
+async fn call_with(conn: &Conn, call: Call<'_>) -> Result<HttpResponse, Failure> {
     let timeout = Duration::from_millis(conn.timeout_ms);
-    let body = json_body.map(|v| v.to_string().into_bytes());
+    let body = call.json_body.map(|v| v.to_string().into_bytes());
     let (content_type, body) = match &body {
         Some(b) => (Some("application/json"), b.as_slice()),
-        None => (None, raw_body),
+        None => (None, call.raw_body),
     };
     let mut errors = Vec::new();
     // Connecting gives up sooner than waiting for an answer, so that a
@@ -237,12 +287,25 @@ async fn call(
         HttpClient::with_tls((timeout / 2).min(CONNECT_TIMEOUT), &conn.tls()?).map_err(Failure)?;
     for url in &conn.endpoints {
         match http
-            .request(url, method, path, content_type, body, timeout)
+            .request_with_headers(
+                url,
+                call.method,
+                call.path,
+                content_type,
+                &call.headers,
+                body,
+                timeout,
+            )
             .await
         {
+            Ok(r) if r.status == 503 && call.resend == Resend::AlsoAfter503 => {
+                errors.push(format!("{url}: {}", error_message(&r)));
+            }
             Ok(r) => return Ok(r),
             // A change that may have reached a node is not sent again.
-            Err(e) if method != "GET" && !matches!(e, SendError::Connect { .. }) => {
+            Err(e)
+                if call.resend == Resend::IfNotSent && !matches!(e, SendError::Connect { .. }) =>
+            {
                 errors.push(e.to_string());
                 return Err(Failure(format!(
                     "outcome unknown, not retried on another endpoint: {}",
@@ -252,10 +315,79 @@ async fn call(
             Err(e) => errors.push(e.to_string()),
         }
     }
-    Err(Failure(format!(
-        "no endpoint answered: {}",
-        errors.join("; ")
-    )))
+    Err(Failure(match call.resend {
+        Resend::AlsoAfter503 => format!(
+            "no endpoint answered; the write may or may not be applied: {}",
+            errors.join("; ")
+        ),
+        _ => format!("no endpoint answered: {}", errors.join("; ")),
+    }))
+}
+
+/// Sends the request to each endpoint in turn until one answers.
+async fn call(
+    conn: &Conn,
+    method: &str,
+    path: &str,
+    json_body: Option<&Value>,
+    raw_body: &[u8],
+) -> Result<HttpResponse, Failure> {
+    call_with(
+        conn,
+        Call {
+            json_body,
+            raw_body,
+            ..Call::new(method, path)
+        },
+    )
+    .await
+}
+
+/// Runs one write in a session of its own: registers it, sends the write
+/// (again to the next endpoint while its outcome is unknown), then closes
+/// the session whatever happened (a session left behind expires).
+async fn write_once(
+    conn: &Conn,
+    method: &str,
+    path: &str,
+    value: &[u8],
+) -> Result<HttpResponse, Failure> {
+    let register = Call {
+        resend: Resend::Always,
+        ..Call::new("POST", "/v1/sessions")
+    };
+    let v = json(&success(call_with(conn, register).await?)?)?;
+    let session = v["session"]
+        .as_u64()
+        .ok_or_else(|| Failure(format!("the server's session answer has no id: {v}")))?;
+    let write = Call {
+        raw_body: value,
+        headers: vec![
+            (SESSION_HEADER, session.to_string()),
+            (SEQUENCE_HEADER, "1".to_string()),
+        ],
+        resend: Resend::AlsoAfter503,
+        ..Call::new(method, path)
+    };
+    let result = call_with(conn, write).await;
+    let close_path = format!("/v1/sessions/{session}");
+    let _ = call_with(
+        conn,
+        Call {
+            resend: Resend::Always,
+            ..Call::new("DELETE", &close_path)
+        },
+    )
+    .await;
+    result
+}
+
+/// The server's JSON `error` message of an answer.
+fn error_message(r: &HttpResponse) -> String {
+    serde_json::from_slice::<Value>(&r.body)
+        .ok()
+        .and_then(|v| v["error"].as_str().map(str::to_string))
+        .unwrap_or_else(|| String::from_utf8_lossy(&r.body).into_owned())
 }
 
 /// `Ok(body)` on 2xx; otherwise the server's error message.
@@ -263,11 +395,11 @@ fn success(r: HttpResponse) -> Result<Vec<u8>, Failure> {
     if (200..300).contains(&r.status) {
         return Ok(r.body);
     }
-    let message = serde_json::from_slice::<Value>(&r.body)
-        .ok()
-        .and_then(|v| v["error"].as_str().map(str::to_string))
-        .unwrap_or_else(|| String::from_utf8_lossy(&r.body).into_owned());
-    Err(Failure(format!("{message} (HTTP {})", r.status)))
+    Err(Failure(format!(
+        "{} (HTTP {})",
+        error_message(&r),
+        r.status
+    )))
 }
 
 fn json(body: &[u8]) -> Result<Value, Failure> {
@@ -323,7 +455,7 @@ async fn kv_inner(args: KvArgs) -> CmdResult {
             } else if let Some(e) = prev_exist {
                 path.push_str(&format!("?prev_exist={e}"));
             }
-            let r = call(conn, "PUT", &path, None, value.as_bytes()).await?;
+            let r = write_once(conn, "PUT", &path, value.as_bytes()).await?;
             let v = json(&success(r)?)?;
             out(format!("OK (index {})\n", v["index"]).as_bytes())
         }
@@ -340,7 +472,7 @@ async fn kv_inner(args: KvArgs) -> CmdResult {
         }
         KvCommand::Del { key } => {
             let path = format!("/v1/kv/{}", encode(&key, true));
-            let r = call(conn, "DELETE", &path, None, b"").await?;
+            let r = write_once(conn, "DELETE", &path, b"").await?;
             let v = json(&success(r)?)?;
             let n = if v["deleted"].as_bool() == Some(true) {
                 1
@@ -348,6 +480,12 @@ async fn kv_inner(args: KvArgs) -> CmdResult {
                 0
             };
             out(format!("{n}\n").as_bytes())
+        }
+        KvCommand::Incr { key, by } => {
+            let path = format!("/v1/kv/{}?incr={by}", encode(&key, true));
+            let r = write_once(conn, "POST", &path, b"").await?;
+            let v = json(&success(r)?)?;
+            out(format!("{}\n", v["value"]).as_bytes())
         }
         KvCommand::List { prefix, limit } => {
             let mut query = Vec::new();
@@ -448,7 +586,7 @@ async fn member_inner(args: MemberArgs) -> CmdResult {
         }
         MemberCommand::Remove { name } => {
             let path = format!("/cluster/members/{}", encode(&name, false));
-            let r = call(conn, "DELETE", &path, None, b"").await?;
+            let r = write_once(conn, "DELETE", &path, b"").await?;
             let v = json(&success(r)?)?;
             out(changed("removed", &name, &v).as_bytes())
         }

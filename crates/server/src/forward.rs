@@ -196,6 +196,30 @@ impl HttpClient {
         body: &[u8],
         timeout: Duration,
     ) -> Result<HttpResponse, SendError> {
+        self.request_with_headers(
+            base_url,
+            method,
+            path_and_query,
+            content_type,
+            &[],
+            body,
+            timeout,
+        )
+        .await
+    }
+
+    /// [`HttpClient::request`] with more request headers.
+    #[allow(clippy::too_many_arguments)]
+    pub async fn request_with_headers(
+        &self,
+        base_url: &str,
+        method: &str,
+        path_and_query: &str,
+        content_type: Option<&str>,
+        headers: &[(&str, String)],
+        body: &[u8],
+        timeout: Duration,
+    ) -> Result<HttpResponse, SendError> {
         let base = base_url.trim_end_matches('/');
         base.strip_prefix("http://")
             .or_else(|| base.strip_prefix("https://"))
@@ -209,6 +233,9 @@ impl HttpClient {
         }
         if let Some(ct) = content_type {
             req = req.header(CONTENT_TYPE, ct);
+        }
+        for (name, value) in headers {
+            req = req.header(*name, value.as_str());
         }
         let req = req
             .body(Full::new(Bytes::copy_from_slice(body)))

@@ -24,6 +24,11 @@
 //!                   0x01 = the key must hold exactly `expected`
 //!                          (only this form carries elen|expected)
 //!                   0x02 = the key must exist, with any value
+//! INCR    +------+------+-----+--------+
+//!         | 0x04 | klen | key | by i64 |     (nothing may follow)
+//!         +------+------+-----+--------+
+//!           the value is a decimal i64 in ASCII (an absent key counts as
+//!           0); a value that is not one, or an overflow, changes nothing
 //! ```
 //!
 //! # Malformed commands
@@ -61,6 +66,7 @@ pub const MAX_VALUE_BYTES: usize = 1024 * 1024;
 const OP_PUT: u8 = 0x01;
 const OP_DELETE: u8 = 0x02;
 const OP_CAS: u8 = 0x03;
+const OP_INCR: u8 = 0x04;
 
 const EXPECT_ABSENT: u8 = 0x00;
 const EXPECT_VALUE: u8 = 0x01;
@@ -104,6 +110,14 @@ pub enum KvCommand {
         /// The new value.
         value: Vec<u8>,
     },
+    /// Add `by` to the decimal integer `key` holds (absent: 0). Not
+    /// idempotent: applying it twice shows.
+    Incr {
+        /// The key.
+        key: Vec<u8>,
+        /// What to add (may be negative).
+        by: i64,
+    },
 }
 
 /// Why bytes are not a valid command.
@@ -143,6 +157,94 @@ pub enum KvResponse {
     },
     /// The entry was not a valid command; nothing changed.
     Invalid(DecodeError),
+    /// An increment was applied; the key now holds `value`.
+    Incremented {
+        /// The new value.
+        value: i64,
+    },
+    /// An increment found a value that is not a decimal i64, or would
+    /// overflow; nothing changed.
+    NotANumber,
+}
+
+/// A response as bytes, for the session table's cache (exactly-once
+/// writes answer a retried command with its first response):
+///
+/// ```text
+/// 0x00                               Written
+/// 0x01 | existed u8                  Deleted
+/// 0x02 | 0x00                        CasFailed, key absent
+/// 0x02 | 0x01 | len u32 | value      CasFailed, current value
+/// 0x03 | kind u8 | byte u8           Invalid (kind: 0 empty, 1 unknown op,
+///                                    2 unknown condition, 3 truncated,
+///                                    4 trailing; byte: the op or condition)
+/// 0x04 | value i64                   Incremented
+/// 0x05                               NotANumber
+/// ```
+impl raftwork::ResponseBytes for KvResponse {
+    fn to_bytes(&self) -> Vec<u8> {
+        match self {
+            KvResponse::Written => vec![0x00],
+            KvResponse::Deleted { existed } => vec![0x01, u8::from(*existed)],
+            KvResponse::CasFailed { current: None } => vec![0x02, 0x00],
+            KvResponse::CasFailed {
+                current: Some(value),
+            } => {
+                let mut out = vec![0x02, 0x01];
+                put_bytes(&mut out, value);
+                out
+            }
+            KvResponse::Invalid(e) => {
+                let (kind, byte) = match e {
+                    DecodeError::Empty => (0, 0),
+                    DecodeError::UnknownOp(op) => (1, *op),
+                    DecodeError::UnknownExpect(b) => (2, *b),
+                    DecodeError::Truncated => (3, 0),
+                    DecodeError::Trailing => (4, 0),
+                };
+                vec![0x03, kind, byte]
+            }
+            KvResponse::Incremented { value } => {
+                let mut out = vec![0x04];
+                out.extend_from_slice(&value.to_le_bytes());
+                out
+            }
+            KvResponse::NotANumber => vec![0x05],
+        }
+    }
+
+    fn from_bytes(bytes: &[u8]) -> Option<Self> {
+        Some(match bytes {
+            [0x00] => KvResponse::Written,
+            [0x01, existed @ (0 | 1)] => KvResponse::Deleted {
+                existed: *existed == 1,
+            },
+            [0x02, 0x00] => KvResponse::CasFailed { current: None },
+            [0x02, 0x01, rest @ ..] => {
+                let mut input = rest;
+                let value = take_bytes(&mut input).ok()?.to_vec();
+                if !input.is_empty() {
+                    return None;
+                }
+                KvResponse::CasFailed {
+                    current: Some(value),
+                }
+            }
+            [0x03, kind, byte] => KvResponse::Invalid(match kind {
+                0 => DecodeError::Empty,
+                1 => DecodeError::UnknownOp(*byte),
+                2 => DecodeError::UnknownExpect(*byte),
+                3 => DecodeError::Truncated,
+                4 => DecodeError::Trailing,
+                _ => return None,
+            }),
+            [0x04, rest @ ..] => KvResponse::Incremented {
+                value: i64::from_le_bytes(rest.try_into().ok()?),
+            },
+            [0x05] => KvResponse::NotANumber,
+            _ => return None,
+        })
+    }
 }
 
 fn put_bytes(out: &mut Vec<u8>, bytes: &[u8]) {
@@ -168,7 +270,10 @@ impl KvCommand {
     /// The key the command is about.
     pub fn key(&self) -> &[u8] {
         match self {
-            Self::Put { key, .. } | Self::Delete { key } | Self::Cas { key, .. } => key,
+            Self::Put { key, .. }
+            | Self::Delete { key }
+            | Self::Cas { key, .. }
+            | Self::Incr { key, .. } => key,
         }
     }
 
@@ -198,6 +303,11 @@ impl KvCommand {
                     }
                 }
                 out.extend_from_slice(value);
+            }
+            Self::Incr { key, by } => {
+                out.push(OP_INCR);
+                put_bytes(&mut out, key);
+                out.extend_from_slice(&by.to_le_bytes());
             }
         }
         out
@@ -235,6 +345,21 @@ impl KvCommand {
                     key,
                     expect,
                     value: rest.to_vec(),
+                })
+            }
+            OP_INCR => {
+                let key = take_bytes(&mut rest)?.to_vec();
+                let by: [u8; 8] = rest
+                    .get(..8)
+                    .ok_or(DecodeError::Truncated)?
+                    .try_into()
+                    .unwrap();
+                if rest.len() > 8 {
+                    return Err(DecodeError::Trailing);
+                }
+                Ok(Self::Incr {
+                    key,
+                    by: i64::from_le_bytes(by),
                 })
             }
             other => Err(DecodeError::UnknownOp(other)),
@@ -338,6 +463,22 @@ impl KvStore {
                     KvResponse::CasFailed {
                         current: current.map(|v| v.to_vec()),
                     }
+                }
+            }
+            KvCommand::Incr { key, by } => {
+                let current = match self.map.get(&key[..]) {
+                    None => Some(0),
+                    Some(v) => std::str::from_utf8(v)
+                        .ok()
+                        .and_then(|t| t.parse::<i64>().ok()),
+                };
+                match current.and_then(|c| c.checked_add(by)) {
+                    Some(value) => {
+                        self.map
+                            .insert(key.into(), value.to_string().into_bytes().into());
+                        KvResponse::Incremented { value }
+                    }
+                    None => KvResponse::NotANumber,
                 }
             }
         }
@@ -479,9 +620,85 @@ mod tests {
                 expect: Expect::Value(b"old".to_vec()),
                 value: b"new".to_vec(),
             },
+            KvCommand::Incr {
+                key: b"n".to_vec(),
+                by: -7,
+            },
         ];
         for c in commands {
             assert_eq!(KvCommand::decode(&c.encode()), Ok(c));
+        }
+        // An increment is exactly key and eight bytes.
+        let incr = KvCommand::Incr {
+            key: b"n".to_vec(),
+            by: 1,
+        }
+        .encode();
+        assert_eq!(
+            KvCommand::decode(&incr[..incr.len() - 1]),
+            Err(DecodeError::Truncated)
+        );
+        let mut long = incr.clone();
+        long.push(0);
+        assert_eq!(KvCommand::decode(&long), Err(DecodeError::Trailing));
+    }
+
+    #[test]
+    fn increments_count_and_refuse_what_is_not_a_number() {
+        let incr = |k: &str, by: i64| KvCommand::Incr { key: k.into(), by }.encode();
+        let mut s = KvStore::new();
+        let r = apply_all(
+            &mut s,
+            &[
+                incr("n", 1),
+                incr("n", 1),
+                incr("n", -5),
+                put("t", "text"),
+                incr("t", 1),
+                put("m", &i64::MAX.to_string()),
+                incr("m", 1),
+            ],
+        );
+        assert_eq!(r[0], KvResponse::Incremented { value: 1 });
+        assert_eq!(r[1], KvResponse::Incremented { value: 2 });
+        assert_eq!(r[2], KvResponse::Incremented { value: -3 });
+        assert_eq!(r[4], KvResponse::NotANumber);
+        assert_eq!(r[6], KvResponse::NotANumber, "overflow");
+        assert_eq!(s.get(b"n"), Some(&b"-3"[..]));
+        assert_eq!(s.get(b"t"), Some(&b"text"[..]));
+    }
+
+    #[test]
+    fn responses_round_trip_as_bytes_and_garbage_is_refused() {
+        use raftwork::ResponseBytes;
+        let all = [
+            KvResponse::Written,
+            KvResponse::Deleted { existed: true },
+            KvResponse::Deleted { existed: false },
+            KvResponse::CasFailed { current: None },
+            KvResponse::CasFailed {
+                current: Some(b"v".to_vec()),
+            },
+            KvResponse::CasFailed {
+                current: Some(Vec::new()),
+            },
+            KvResponse::Invalid(DecodeError::Empty),
+            KvResponse::Invalid(DecodeError::UnknownOp(9)),
+            KvResponse::Invalid(DecodeError::UnknownExpect(7)),
+            KvResponse::Invalid(DecodeError::Truncated),
+            KvResponse::Invalid(DecodeError::Trailing),
+            KvResponse::Incremented { value: -3 },
+            KvResponse::NotANumber,
+        ];
+        for r in all {
+            let bytes = r.to_bytes();
+            assert_eq!(KvResponse::from_bytes(&bytes), Some(r.clone()));
+            for cut in 0..bytes.len() {
+                assert_eq!(KvResponse::from_bytes(&bytes[..cut]), None, "{r:?} cut");
+            }
+            let mut long = bytes.clone();
+            long.push(0);
+            assert_eq!(KvResponse::from_bytes(&long), None, "{r:?} long");
         }
     }
 

@@ -148,6 +148,17 @@ pub struct ServeArgs {
     /// [default: 67108864].
     #[arg(long, env = "RAFTWORK_WAL_SEGMENT_BYTES", value_parser = parse_wal_segment_bytes)]
     pub wal_segment_bytes: Option<u64>,
+    /// How long a client session lives without a write, in milliseconds of
+    /// log time (the leader's clock, stamped into the log); must be the
+    /// same on every member [default: 1800000, 30 minutes].
+    #[arg(long, env = "RAFTWORK_SESSION_TTL_MS",
+          value_parser = clap::value_parser!(u64).range(1..))]
+    pub session_ttl_ms: Option<u64>,
+    /// Most client sessions kept; registering one more ends the least
+    /// recently active; must be the same on every member [default: 100000].
+    #[arg(long, env = "RAFTWORK_MAX_SESSIONS",
+          value_parser = clap::value_parser!(u64).range(1..=100_000_000))]
+    pub max_sessions: Option<u64>,
 }
 
 /// Default of `--wal-segment-bytes` (the WAL's own default).
@@ -188,6 +199,8 @@ struct FileConfig {
     client_cert_auth: Option<bool>,
     admin_identities: Option<Vec<String>>,
     wal_segment_bytes: Option<u64>,
+    session_ttl_ms: Option<u64>,
+    max_sessions: Option<u64>,
 }
 
 /// The contents of [`TlsFiles`] (PEM).
@@ -297,6 +310,8 @@ pub struct Settings {
     pub admin_identities: Vec<String>,
     /// WAL segment size in bytes.
     pub wal_segment_bytes: u64,
+    /// Client sessions' TTL and limit.
+    pub sessions: raftwork::SessionConfig,
 }
 
 impl ServeArgs {
@@ -448,6 +463,23 @@ impl ServeArgs {
                     Some(v) => parse_wal_segment_bytes(&v.to_string())
                         .map_err(|e| in_file("wal-segment-bytes", e))?,
                     None => DEFAULT_WAL_SEGMENT_BYTES,
+                },
+            },
+            sessions: raftwork::SessionConfig {
+                ttl_ms: match self.session_ttl_ms.or(file.session_ttl_ms) {
+                    None => raftwork::SessionConfig::default().ttl_ms,
+                    Some(0) => return Err(in_file("session-ttl-ms", "0 is not at least 1".into())),
+                    Some(ms) => ms,
+                },
+                max_sessions: match self.max_sessions.or(file.max_sessions) {
+                    None => raftwork::SessionConfig::default().max_sessions,
+                    Some(n) if (1..=100_000_000).contains(&n) => n as usize,
+                    Some(n) => {
+                        return Err(in_file(
+                            "max-sessions",
+                            format!("{n} is not in 1..=100000000"),
+                        ))
+                    }
                 },
             },
         })
@@ -637,6 +669,7 @@ pub async fn run(args: Settings, plan: ClusterPlan) -> Result<(), ServeError> {
             // A put carries a key and a value; a compare-and-set also the
             // expected value (from the query string, far below this).
             c.core.max_command_size_bytes = (2 * MAX_VALUE_BYTES + MAX_KEY_BYTES + 64) as u64;
+            c.sessions = args.sessions;
         })
         .build()
         .map_err(|source| ServeError::Build {

@@ -132,6 +132,46 @@ fn kv_commands_against_a_real_server() {
     let err = fails(&dead, &["kv", "get", "greeting"], 1);
     assert!(err.contains("no endpoint answered"), "{err}");
     fails("localhost:1", &["kv", "get", "greeting"], 2);
+
+    // Increments.
+    assert_eq!(ok(url, &["kv", "incr", "n"]), "1\n");
+    assert_eq!(ok(url, &["kv", "incr", "n", "--by", "-5"]), "-4\n");
+    let err = fails(url, &["kv", "incr", "greeting"], 1);
+    assert!(err.contains("409"), "{err}");
+
+    // A write whose outcome is unknown at one endpoint (it reads the
+    // request and hangs up without an answer) is sent again to the next one
+    // in the same session: it applies once.
+    let hangup = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let hangup_url = format!("http://{}", hangup.local_addr().unwrap());
+    std::thread::spawn(move || {
+        for stream in hangup.incoming() {
+            let Ok(mut stream) = stream else { continue };
+            let mut buf = [0u8; 4096];
+            let _ = std::io::Read::read(&mut stream, &mut buf);
+        }
+    });
+    let flaky = format!("{hangup_url},{url}");
+    assert_eq!(ok(&flaky, &["kv", "incr", "n"]), "-3\n");
+    assert!(ok(&flaky, &["kv", "put", "flaky", "v"]).starts_with("OK (index "));
+    assert_eq!(ok(url, &["kv", "get", "flaky"]), "v");
+    assert_eq!(ok(&flaky, &["kv", "del", "flaky"]), "1\n");
+    assert_eq!(ok(url, &["kv", "get", "n"]), "-3");
+    // A member change has no session: not sent again.
+    let err = fails(
+        &flaky,
+        &[
+            "member",
+            "add",
+            "x",
+            "--peer-addr",
+            "127.0.0.1:1",
+            "--api-url",
+            "http://127.0.0.1:1",
+        ],
+        1,
+    );
+    assert!(err.contains("outcome unknown"), "{err}");
 }
 
 #[test]

@@ -429,9 +429,15 @@ fn bad_input_is_rejected_with_4xx() {
     let r = s.req("GET", "/v2/nothing", b"");
     assert_eq!(r.status, 404);
     assert!(r.error().contains("no such route"));
-    let r = s.req("POST", "/v1/kv/k", b"");
+    let r = s.req("PATCH", "/v1/kv/k", b"");
     assert_eq!(r.status, 405);
     r.error();
+    // POST on a key only increments.
+    for path in ["/v1/kv/k", "/v1/kv/k?incr=x", "/v1/kv/k?incr=1&by=2"] {
+        let r = s.req("POST", path, b"");
+        assert_eq!(r.status, 400, "POST {path}: {}", r.text());
+        r.error();
+    }
 }
 
 #[test]
@@ -555,6 +561,14 @@ fn bad_flags_fail_clearly_and_write_nothing() {
         (
             &["serve", "--data-dir", data_s, "--request-timeout-ms", "0"],
             "--request-timeout-ms",
+        ),
+        (
+            &["serve", "--data-dir", data_s, "--session-ttl-ms", "0"],
+            "--session-ttl-ms",
+        ),
+        (
+            &["serve", "--data-dir", data_s, "--max-sessions", "x"],
+            "--max-sessions",
         ),
         (&["frobnicate"], "frobnicate"),
         (
