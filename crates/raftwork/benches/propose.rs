@@ -9,7 +9,9 @@
 //! Run: `cargo bench -p raftwork --bench propose`
 //! Settings (environment): `BENCH_SECS` per point (default 5),
 //! `BENCH_CLIENTS` (default `1,64,256,1024`), `BENCH_SIZES` in bytes
-//! (default `0,256`), `BENCH_WORKERS` tokio worker threads (default 2).
+//! (default `0,256`), `BENCH_WORKERS` tokio worker threads (default 2),
+//! `BENCH_SESSIONS` (default `0`; `0,1` runs every point also with each
+//! client proposing through an exactly-once session of its own).
 
 use std::io::{Read, Write};
 use std::time::{Duration, Instant};
@@ -59,6 +61,7 @@ fn env_list(name: &str, default: &str) -> Vec<u64> {
 }
 
 struct Point {
+    sessions: bool,
     clients: u64,
     size_bytes: u64,
     ops: u64,
@@ -92,7 +95,7 @@ async fn start_cluster() -> (Vec<Node<Counter>>, Node<Counter>) {
 
 /// One point on a fresh cluster, so the log left by earlier points (the
 /// in-memory store keeps every entry: no snapshots yet) does not weigh on it.
-async fn run_point(clients: u64, size_bytes: u64, secs: f64) -> Point {
+async fn run_point(clients: u64, size_bytes: u64, secs: f64, sessions: bool) -> Point {
     let (nodes, leader) = start_cluster().await;
     let warmup = Duration::from_millis(500);
     let measure = Duration::from_secs_f64(secs);
@@ -103,6 +106,10 @@ async fn run_point(clients: u64, size_bytes: u64, secs: f64) -> Point {
     for _ in 0..clients {
         let node = leader.clone();
         tasks.push(tokio::spawn(async move {
+            let session = match sessions {
+                true => Some(node.session().await.expect("session registered")),
+                false => None,
+            };
             // Latencies in µs, turned into a histogram after the run so the
             // load generator spends little CPU while it measures.
             let mut latencies_us: Vec<u32> = Vec::new();
@@ -112,7 +119,10 @@ async fn run_point(clients: u64, size_bytes: u64, secs: f64) -> Point {
                     break;
                 }
                 let data = vec![0xabu8; size_bytes as usize];
-                node.propose(data).await.expect("proposal applied");
+                match &session {
+                    Some(s) => drop(s.propose(data).await.expect("proposal applied")),
+                    None => drop(node.propose(data).await.expect("proposal applied")),
+                }
                 let t1 = Instant::now();
                 if t0 >= measure_from && t1 <= end {
                     latencies_us.push(t1.duration_since(t0).as_micros() as u32);
@@ -134,6 +144,7 @@ async fn run_point(clients: u64, size_bytes: u64, secs: f64) -> Point {
         n.shutdown().await;
     }
     Point {
+        sessions,
         clients,
         size_bytes,
         ops,
@@ -150,6 +161,7 @@ fn main() {
         .unwrap_or(5.0);
     let clients = env_list("BENCH_CLIENTS", "1,64,256,1024");
     let sizes = env_list("BENCH_SIZES", "0,256");
+    let sessions = env_list("BENCH_SESSIONS", "0");
     let workers: usize = std::env::var("BENCH_WORKERS")
         .ok()
         .and_then(|s| s.parse().ok())
@@ -165,20 +177,23 @@ fn main() {
             workers, secs
         );
         println!(
-            "{:>8} {:>10} {:>12} {:>10} {:>10}",
-            "clients", "size_B", "writes/s", "p50_us", "p99_us"
+            "{:>8} {:>8} {:>10} {:>12} {:>10} {:>10}",
+            "sessions", "clients", "size_B", "writes/s", "p50_us", "p99_us"
         );
         for &size in &sizes {
             for &c in &clients {
-                let p = run_point(c, size, secs).await;
-                println!(
-                    "{:>8} {:>10} {:>12.0} {:>10} {:>10}",
-                    p.clients,
+                for &with in &sessions {
+                    let p = run_point(c, size, secs, with != 0).await;
+                    println!(
+                        "{:>8} {:>8} {:>10} {:>12.0} {:>10} {:>10}",
+                        p.sessions,
+                        p.clients,
                     p.size_bytes,
                     p.ops as f64 / p.secs,
-                    p.p50_us,
-                    p.p99_us
-                );
+                        p.p50_us,
+                        p.p99_us
+                    );
+                }
             }
         }
     });

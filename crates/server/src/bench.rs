@@ -5,7 +5,10 @@
 //! cover the measured window only.
 //!
 //! * `--target raftwork`: `PUT /v1/kv/{key}` over HTTP/1.1, one keep-alive
-//!   connection per client (reopened only after an error).
+//!   connection per client (reopened only after an error). With
+//!   `--sessions`, each client first registers a client session
+//!   (`POST /v1/sessions`) and sends every put in it (session and sequence
+//!   headers), as an exactly-once client does.
 //! * `--target etcd`: etcd's v3 gRPC `/etcdserverpb.KV/Put`, one tonic
 //!   channel (one HTTP/2 connection) per client, with hand-written prost
 //!   messages (no protoc).
@@ -63,6 +66,9 @@ pub struct BenchArgs {
     /// Give up on a request after this many milliseconds (counted as an error).
     #[arg(long, default_value_t = 10_000, value_parser = clap::value_parser!(u64).range(1..=600_000))]
     pub timeout_ms: u64,
+    /// Send the puts in client sessions, one per client (raftwork only).
+    #[arg(long)]
+    pub sessions: bool,
 }
 
 fn parse_url(s: &str) -> Result<String, String> {
@@ -122,17 +128,37 @@ enum Conn {
     Http {
         authority: String,
         stream: Option<BufReader<TcpStream>>,
+        /// The client session and the last sequence sent, with --sessions.
+        session: Option<(u64, u64)>,
     },
     Grpc(tonic::client::Grpc<Channel>),
 }
 
 impl Conn {
-    async fn open(target: Target, url: &str) -> Result<Conn, String> {
+    async fn open(target: Target, url: &str, sessions: bool) -> Result<Conn, String> {
         match target {
-            Target::Raftwork => Ok(Conn::Http {
-                authority: url.trim_start_matches("http://").to_string(),
-                stream: None,
-            }),
+            Target::Raftwork => {
+                let authority = url.trim_start_matches("http://").to_string();
+                let mut stream = None;
+                let session = if sessions {
+                    let body =
+                        http_request(&authority, &mut stream, "POST", "/v1/sessions", "", b"")
+                            .await?;
+                    let v: serde_json::Value = serde_json::from_slice(&body)
+                        .map_err(|e| format!("{authority}: session answer: {e}"))?;
+                    let id = v["session"]
+                        .as_u64()
+                        .ok_or_else(|| format!("{authority}: no session id in {v}"))?;
+                    Some((id, 0))
+                } else {
+                    None
+                };
+                Ok(Conn::Http {
+                    authority,
+                    stream,
+                    session,
+                })
+            }
             Target::Etcd => {
                 let channel = Endpoint::from_shared(url.to_string())
                     .map_err(|e| format!("{url}: {e}"))?
@@ -148,12 +174,25 @@ impl Conn {
 
     async fn put(&mut self, key: &[u8], value: &[u8]) -> Result<(), String> {
         match self {
-            Conn::Http { authority, stream } => {
-                let result = http_put(authority, stream, key, value).await;
+            Conn::Http {
+                authority,
+                stream,
+                session,
+            } => {
+                // Bench keys are ASCII (`bench-NNNNNN`): no percent-encoding.
+                let path = format!("/v1/kv/{}", String::from_utf8_lossy(key));
+                let headers = match session {
+                    Some((id, seq)) => {
+                        *seq += 1;
+                        format!("raftwork-session: {id}\r\nraftwork-sequence: {seq}\r\n")
+                    }
+                    None => String::new(),
+                };
+                let result = http_request(authority, stream, "PUT", &path, &headers, value).await;
                 if result.is_err() {
                     *stream = None;
                 }
-                result
+                result.map(|_| ())
             }
             Conn::Grpc(grpc) => {
                 grpc.ready().await.map_err(|e| format!("channel: {e}"))?;
@@ -174,12 +213,16 @@ impl Conn {
     }
 }
 
-async fn http_put(
+/// One request over the client's connection (opened if needed); the body
+/// of a 200 answer. `headers` are whole header lines.
+async fn http_request(
     authority: &str,
     stream: &mut Option<BufReader<TcpStream>>,
-    key: &[u8],
-    value: &[u8],
-) -> Result<(), String> {
+    method: &str,
+    path: &str,
+    headers: &str,
+    body: &[u8],
+) -> Result<Vec<u8>, String> {
     if stream.is_none() {
         let s = TcpStream::connect(authority)
             .await
@@ -189,14 +232,12 @@ async fn http_put(
     }
     let s = stream.as_mut().expect("just opened");
     let io = |e: std::io::Error| format!("{authority}: {e}");
-    // Bench keys are ASCII (`bench-NNNNNN`): no percent-encoding needed.
     let mut request = format!(
-        "PUT /v1/kv/{} HTTP/1.1\r\nHost: {authority}\r\nContent-Length: {}\r\n\r\n",
-        String::from_utf8_lossy(key),
-        value.len()
+        "{method} {path} HTTP/1.1\r\nHost: {authority}\r\n{headers}Content-Length: {}\r\n\r\n",
+        body.len()
     )
     .into_bytes();
-    request.extend_from_slice(value);
+    request.extend_from_slice(body);
     s.get_mut().write_all(&request).await.map_err(io)?;
     // Status line and headers, then a Content-Length body.
     let mut line = String::new();
@@ -229,7 +270,7 @@ async fn http_put(
     let mut body = vec![0; length];
     s.read_exact(&mut body).await.map_err(io)?;
     match status {
-        Some(200) => Ok(()),
+        Some(200) => Ok(body),
         Some(code) => Err(format!(
             "HTTP {code}: {}",
             String::from_utf8_lossy(&body).trim()
@@ -263,7 +304,7 @@ async fn client(args: BenchArgs, id: u32, measure_from: Instant, end: Instant) -
         let began = Instant::now();
         let result = tokio::time::timeout(timeout, async {
             if conn.is_none() {
-                conn = Some(Conn::open(args.target, url).await?);
+                conn = Some(Conn::open(args.target, url, args.sessions).await?);
             }
             conn.as_mut()
                 .expect("just opened")
@@ -356,6 +397,10 @@ pub async fn run_load(args: BenchArgs) -> Report {
 /// `raftwork bench`: runs the load and prints one `key=value` line.
 /// Exit 0 if any put succeeded, 1 otherwise.
 pub fn run(args: BenchArgs) -> ExitCode {
+    if args.sessions && args.target != Target::Raftwork {
+        eprintln!("raftwork: --sessions is for --target raftwork only");
+        return ExitCode::from(2);
+    }
     let runtime = match tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()
@@ -370,10 +415,10 @@ pub fn run(args: BenchArgs) -> ExitCode {
         Target::Raftwork => "raftwork",
         Target::Etcd => "etcd",
     };
-    let (clients, value_bytes) = (args.clients, args.value_bytes);
+    let (clients, value_bytes, sessions) = (args.clients, args.value_bytes, args.sessions);
     let r = runtime.block_on(run_load(args));
     println!(
-        "target={target} clients={clients} value_bytes={value_bytes} seconds={:.2} ops={} \
+        "target={target} sessions={sessions} clients={clients} value_bytes={value_bytes} seconds={:.2} ops={} \
          ops_per_sec={:.1} p50_us={} p99_us={} max_us={} errors={}",
         r.seconds,
         r.ops,

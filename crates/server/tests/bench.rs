@@ -13,10 +13,32 @@ use serde_json::Value;
 fn bench_loads_a_real_server() {
     let dir = tempfile::tempdir().unwrap();
     let server = start(dir.path());
+    for sessions in [false, true] {
+        load(&server.url, sessions);
+    }
+    // --sessions is raftwork's only.
     let out = raftwork()
-        .args(["bench", "--target", "raftwork", "--endpoints", &server.url])
+        .args([
+            "bench",
+            "--target",
+            "etcd",
+            "--endpoints",
+            &server.url,
+            "--sessions",
+        ])
+        .stdin(Stdio::null())
+        .output()
+        .expect("run raftwork bench");
+    assert_eq!(out.status.code(), Some(2));
+}
+
+/// Four clients for a second, plainly or in client sessions.
+fn load(url: &str, sessions: bool) {
+    let out = raftwork()
+        .args(["bench", "--target", "raftwork", "--endpoints", url])
         .args(["--clients", "4", "--value-bytes", "64", "--seconds", "1"])
         .args(["--warmup-ms", "200", "--keys", "50"])
+        .args(if sessions { &["--sessions"][..] } else { &[] })
         .stdin(Stdio::null())
         .output()
         .expect("run raftwork bench");
@@ -37,8 +59,12 @@ fn bench_loads_a_real_server() {
     assert_eq!(field("clients"), 4.0);
     assert!(field("p50_us") > 0.0 && field("p99_us") >= field("p50_us"));
     assert!(field("max_us") >= field("p99_us"));
+    assert!(
+        stdout.contains(&format!("sessions={sessions} ")),
+        "{stdout}"
+    );
     // The puts landed: a bench key is readable.
-    let addr = server.url.trim_start_matches("http://").parse().unwrap();
+    let addr = url.trim_start_matches("http://").parse().unwrap();
     let (status, body) = get(addr, "/v1/kv?prefix=bench-&limit=100").unwrap();
     assert_eq!(status, 200);
     let list: Value = serde_json::from_slice(&body).unwrap();
