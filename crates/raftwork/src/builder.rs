@@ -537,8 +537,6 @@ impl<SM: StateMachine, S: LogStore> Builder<SM, S> {
                 // The core times reads out in ticks; this is only a hang guard.
                 read_timeout: config.tick_interval * read_ticks * 2,
                 membership_timeout: config.membership_timeout,
-                propose_timeout: config.tick_interval
-                    * (config.core.propose_timeout_ticks as u32).saturating_mul(2),
             }),
         })
     }

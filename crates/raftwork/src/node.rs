@@ -193,9 +193,6 @@ pub(crate) struct Shared<SM: StateMachine> {
     pub(crate) stop: watch::Sender<Option<Stopped>>,
     pub(crate) read_timeout: Duration,
     pub(crate) membership_timeout: Duration,
-    /// Hang guard of one session request (the loop and the core time them
-    /// out in ticks first).
-    pub(crate) propose_timeout: Duration,
 }
 
 /// A running Raft node. Clone it freely: all clones drive the same node.
@@ -260,11 +257,10 @@ impl<SM: StateMachine> Node<SM> {
         if !self.request(Request::ProposeSession(proposal)).await {
             return Err(ProposeError::Shutdown);
         }
-        match tokio::time::timeout(self.shared.propose_timeout, rx).await {
-            Ok(Ok(result)) => result,
-            Ok(Err(_)) => Err(ProposeError::Shutdown),
-            Err(_) => Err(ProposeError::Timeout),
-        }
+        // No timer per request: the core times out what this node proposed
+        // as leader (`propose_timeout_ticks`), and the loop what it forwarded
+        // (two election timeouts) or what waits when the leader changes.
+        rx.await.unwrap_or(Err(ProposeError::Shutdown))
     }
 
     /// One attempt to register a session: its id, the index of the register

@@ -24,7 +24,7 @@ use clap::{Args, Subcommand};
 use serde_json::Value;
 
 use crate::api::{SEQUENCE_HEADER, SESSION_HEADER};
-use crate::forward::{ClientTls, HttpClient, HttpResponse, SendError};
+use crate::forward::{ClientTls, HttpClient, HttpResponse, Outgoing, SendError};
 
 /// How long opening a connection to an endpoint may take.
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(3);
@@ -286,18 +286,14 @@ async fn call_with(conn: &Conn, call: Call<'_>) -> Result<HttpResponse, Failure>
     let http =
         HttpClient::with_tls((timeout / 2).min(CONNECT_TIMEOUT), &conn.tls()?).map_err(Failure)?;
     for url in &conn.endpoints {
-        match http
-            .request_with_headers(
-                url,
-                call.method,
-                call.path,
-                content_type,
-                &call.headers,
-                body,
-                timeout,
-            )
-            .await
-        {
+        let out = Outgoing {
+            method: call.method,
+            path_and_query: call.path,
+            content_type,
+            headers: &call.headers,
+            body,
+        };
+        match http.send(url, &out, timeout).await {
             Ok(r) if r.status == 503 && call.resend == Resend::AlsoAfter503 => {
                 errors.push(format!("{url}: {}", error_message(&r)));
             }

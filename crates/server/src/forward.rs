@@ -80,6 +80,21 @@ pub enum SendError {
     BadUrl(String),
 }
 
+/// A request for [`HttpClient::send`].
+#[derive(Clone, Copy)]
+pub struct Outgoing<'a> {
+    /// `GET`, `PUT`, ...
+    pub method: &'a str,
+    /// Path and query, starting with `/`.
+    pub path_and_query: &'a str,
+    /// The body's content type, if any.
+    pub content_type: Option<&'a str>,
+    /// More request headers.
+    pub headers: &'a [(&'a str, String)],
+    /// The body.
+    pub body: &'a [u8],
+}
+
 /// A pooled HTTP/1.1 client. Cheap to clone (clones share the pool).
 ///
 /// A forwarding client ([`HttpClient::forwarding`], the server's) marks
@@ -196,30 +211,31 @@ impl HttpClient {
         body: &[u8],
         timeout: Duration,
     ) -> Result<HttpResponse, SendError> {
-        self.request_with_headers(
-            base_url,
+        let out = Outgoing {
             method,
             path_and_query,
             content_type,
-            &[],
+            headers: &[],
             body,
-            timeout,
-        )
-        .await
+        };
+        self.send(base_url, &out, timeout).await
     }
 
-    /// [`HttpClient::request`] with more request headers.
-    #[allow(clippy::too_many_arguments)]
-    pub async fn request_with_headers(
+    /// Sends `out` to `base_url` (`http://host:port`) and reads the answer,
+    /// all within `timeout`.
+    pub async fn send(
         &self,
         base_url: &str,
-        method: &str,
-        path_and_query: &str,
-        content_type: Option<&str>,
-        headers: &[(&str, String)],
-        body: &[u8],
+        out: &Outgoing<'_>,
         timeout: Duration,
     ) -> Result<HttpResponse, SendError> {
+        let Outgoing {
+            method,
+            path_and_query,
+            content_type,
+            headers,
+            body,
+        } = *out;
         let base = base_url.trim_end_matches('/');
         base.strip_prefix("http://")
             .or_else(|| base.strip_prefix("https://"))
