@@ -9,8 +9,11 @@
 #   ROUNDS=5 CLIENTS="1 64 256" bench/sessions.sh
 #
 # Settings (environment): SECONDS_PER_POINT (5), WARMUP_MS (1000), ROUNDS
-# (3), CLIENTS ("1 256"), VALUE_BYTES (256), RAFTWORK_PORT (38181: API
-# 38181-38183, peers 38191-38193), KEEP_WORK=1 keeps the temp dir.
+# (3), CLIENTS ("1 256"), VALUE_BYTES (256), MODES ("plain sessions
+# follower"), RAFTWORK_PORT (38181: API 38181-38183, peers 38191-38193),
+# SERVER (a raftwork binary to serve with, for an A/B against another
+# build; the load always comes from this checkout's), KEEP_WORK=1 keeps
+# the temp dir.
 # Needs: bash, curl, cargo.
 set -euo pipefail
 
@@ -20,6 +23,7 @@ ROUNDS=${ROUNDS:-3}
 CLIENTS=${CLIENTS:-"1 256"}
 VALUE_BYTES=${VALUE_BYTES:-256}
 RAFTWORK_PORT=${RAFTWORK_PORT:-38181}
+MODES=${MODES:-"plain sessions follower"}
 ROOT=$(cd "$(dirname "$0")/.." && pwd)
 
 log() { echo "sessions-bench: $*" >&2; }
@@ -29,6 +33,7 @@ command -v curl >/dev/null || die "curl is needed"
 log "building raftwork (release)"
 (cd "$ROOT" && cargo build --release -p raftwork-server --bin raftwork >&2)
 RAFTWORK="${CARGO_TARGET_DIR:-$ROOT/target}/release/raftwork"
+SERVER=${SERVER:-$RAFTWORK}
 
 WORK=$(mktemp -d -t sessions-bench.XXXXXX)
 PIDS=()
@@ -48,7 +53,7 @@ CLUSTER=""
 for i in 1 2 3; do CLUSTER+="${CLUSTER:+,}n$i=$(peer_addr $i)"; done
 for i in 1 2 3; do
     env $(env | awk -F= '/^RAFTWORK_/ {printf "-u %s ", $1}') \
-        "$RAFTWORK" serve --name "n$i" --data-dir "$WORK/n$i" \
+        "$SERVER" serve --name "n$i" --data-dir "$WORK/n$i" \
         --api-addr "127.0.0.1:$((RAFTWORK_PORT + i - 1))" --peer-addr "$(peer_addr $i)" \
         --initial-cluster "$CLUSTER" --initial-cluster-token sessions-bench \
         --log-level warn >"$WORK/n$i.log" 2>&1 &
@@ -85,7 +90,7 @@ point() { # url clients extra...
 printf "%-5s %-8s %-26s %10s %8s %8s %6s\n" round clients load "ops/s" "p50_us" "p99_us" errors
 for round in $(seq 1 "$ROUNDS"); do
     for c in $CLIENTS; do
-        for mode in plain sessions follower; do
+        for mode in $MODES; do
             case $mode in
                 plain) line=$(point "$(api_url "$L")" "$c"); what="leader, no session" ;;
                 sessions) line=$(point "$(api_url "$L")" "$c" --sessions); what="leader, client sessions" ;;
