@@ -46,13 +46,19 @@ pub enum ProposeError {
     Shutdown,
     /// The command's session expired (no command for its TTL of log time),
     /// was evicted (over the session limit), was unregistered, or never
-    /// existed. Nothing was applied by this entry; the outcome of commands
-    /// sent earlier on the session and never answered stays unknown.
-    /// Register a new session.
-    #[error("session {session} expired or is unknown; nothing was applied")]
+    /// existed. This copy of the command was not applied. If
+    /// `earlier_copy_in_flight`, an earlier copy of it was sent and may
+    /// have been applied before the session ended: its outcome is unknown
+    /// (never send it in a new session then: it could apply twice). Register
+    /// a new session for new commands.
+    #[error("session {session} expired or is unknown; this copy was not applied (an earlier copy in flight: {earlier_copy_in_flight})")]
     SessionExpired {
         /// The session.
         session: u64,
+        /// Whether an earlier copy of the command may have entered the log
+        /// (set by raftwork's `Session` handle, which sends copies; a
+        /// single attempt says `false`).
+        earlier_copy_in_flight: bool,
     },
     /// The command's sequence number is below the session's low-water mark:
     /// its answer was already seen and freed. Nothing was applied. A client
@@ -72,7 +78,10 @@ impl From<crate::session::SessionError> for ProposeError {
     fn from(e: crate::session::SessionError) -> Self {
         use crate::session::SessionError;
         match e {
-            SessionError::Expired(session) => ProposeError::SessionExpired { session },
+            SessionError::Expired(session) => ProposeError::SessionExpired {
+                session,
+                earlier_copy_in_flight: false,
+            },
             SessionError::SequenceStale {
                 session,
                 seq,

@@ -28,9 +28,9 @@
 //! Snapshot form ([`SessionTable::encode`]), all integers little-endian:
 //!
 //! ```text
-//! +---------+--------------+-------------+----------------------------------+
-//! | "RWSS1" | log_time u64 | count u32   | session × count                  |
-//! +---------+--------------+-------------+----------------------------------+
+//! +---------+--------------+------------+------------------+-----------+-----------------+
+//! | "RWSS2" | log_time u64 | ttl_ms u64 | max_sessions u64 | count u32 | session × count |
+//! +---------+--------------+------------+------------------+-----------+-----------------+
 //! session  = id u64 | last_active_ms u64 | low_water u64 | answers u32 | answer × answers
 //! answer   = seq u64 | len u32 | bytes
 //! ```
@@ -41,10 +41,18 @@
 //! ```text
 //! 0x02 | log_time u64                                   plain command
 //! 0x03 | log_time u64 | session u64 | seq u64 | low u64  session command
-//! 0x04 | log_time u64                                   register (id = its index)
+//! 0x04 | log_time u64 | ttl_ms u64 | max_sessions u64  register (id = its index)
 //! 0x05 | log_time u64 | session u64                     unregister
 //! 0x06 | log_time u64                                   time only (idle expiry)
 //! ```
+//!
+//! The limits are replicated: a register entry carries the proposing
+//! leader's [`SessionConfig`], and the table takes it on when it applies the
+//! entry (and keeps it in its snapshot form), so members started with
+//! different settings still expire and evict alike; a changed setting takes
+//! effect at the first register its node proposes as leader. Time entries
+//! (0x06) are read but nothing proposes them yet: idle sessions end when any
+//! later stamped entry applies.
 //!
 //! [`classify`] reads them; [`SessionTable::apply_entry`] is the apply-path
 //! step every shell runs before the user's state machine (the runtime in
@@ -155,7 +163,7 @@ pub struct SessionTable {
     by_activity: BTreeSet<(u64, SessionId)>,
 }
 
-const MAGIC: &[u8; 5] = b"RWSS1";
+const MAGIC: &[u8; 5] = b"RWSS2";
 
 /// Context tags (see the module documentation).
 const TAG_COMMAND: u8 = 0x02;
@@ -178,8 +186,12 @@ pub enum EntryKind {
         /// The lowest sequence whose answer the client has not seen.
         low_water: u64,
     },
-    /// Registers a session whose id is the entry's index.
-    Register,
+    /// Registers a session whose id is the entry's index, under the
+    /// proposing leader's limits (which the table takes on).
+    Register {
+        /// The limits.
+        config: SessionConfig,
+    },
     /// Ends a session.
     Unregister {
         /// The session.
@@ -195,7 +207,7 @@ pub fn entry_context(kind: EntryKind, log_time_ms: u64) -> Vec<u8> {
     let tag = match kind {
         EntryKind::Command => TAG_COMMAND,
         EntryKind::SessionCommand { .. } => TAG_SESSION_COMMAND,
-        EntryKind::Register => TAG_REGISTER,
+        EntryKind::Register { .. } => TAG_REGISTER,
         EntryKind::Unregister { .. } => TAG_UNREGISTER,
         EntryKind::Time => TAG_TIME,
     };
@@ -212,6 +224,10 @@ pub fn entry_context(kind: EntryKind, log_time_ms: u64) -> Vec<u8> {
             }
         }
         EntryKind::Unregister { session } => c.extend_from_slice(&session.to_le_bytes()),
+        EntryKind::Register { config } => {
+            c.extend_from_slice(&config.ttl_ms.to_le_bytes());
+            c.extend_from_slice(&(config.max_sessions as u64).to_le_bytes());
+        }
         _ => {}
     }
     c
@@ -235,7 +251,17 @@ pub fn classify(context: &[u8]) -> Option<(EntryKind, u64)> {
             },
             4,
         ),
-        TAG_REGISTER => (EntryKind::Register, 1),
+        TAG_REGISTER => {
+            let (ttl_ms, max) = (u(1)?, u(2)?);
+            if ttl_ms == 0 || max == 0 || usize::try_from(max).is_err() {
+                return None;
+            }
+            let config = SessionConfig {
+                ttl_ms,
+                max_sessions: max as usize,
+            };
+            (EntryKind::Register { config }, 3)
+        }
         TAG_UNREGISTER => (EntryKind::Unregister { session: u(1)? }, 2),
         TAG_TIME => (EntryKind::Time, 1),
         _ => return None,
@@ -416,7 +442,8 @@ impl SessionTable {
                 self.advance_time(t);
                 Applied::Skip
             }
-            EntryKind::Register => {
+            EntryKind::Register { config } => {
+                self.config = config;
                 self.register(index, t);
                 Applied::Registered(index)
             }
@@ -450,6 +477,8 @@ impl SessionTable {
         let mut out = Vec::new();
         out.extend_from_slice(MAGIC);
         out.extend_from_slice(&self.log_time_ms.to_le_bytes());
+        out.extend_from_slice(&self.config.ttl_ms.to_le_bytes());
+        out.extend_from_slice(&(self.config.max_sessions as u64).to_le_bytes());
         out.extend_from_slice(&(self.sessions.len() as u32).to_le_bytes());
         for (id, s) in &self.sessions {
             out.extend_from_slice(&id.to_le_bytes());
@@ -465,15 +494,26 @@ impl SessionTable {
         out
     }
 
-    /// Reads a table written by [`SessionTable::encode`]. Bad bytes are an
-    /// error, never a panic.
-    pub fn decode(config: SessionConfig, bytes: &[u8]) -> Result<Self, String> {
+    /// Reads a table written by [`SessionTable::encode`], limits included.
+    /// Bad bytes are an error, never a panic.
+    pub fn decode(bytes: &[u8]) -> Result<Self, String> {
         let mut r = Reader { bytes, at: 0 };
         if r.take(MAGIC.len())? != MAGIC {
             return Err("not a session table".into());
         }
-        let mut t = SessionTable::new(config);
-        t.log_time_ms = r.u64()?;
+        let log_time_ms = r.u64()?;
+        let ttl_ms = r.u64()?;
+        let max_sessions = r.u64()?;
+        if ttl_ms == 0 || max_sessions == 0 || usize::try_from(max_sessions).is_err() {
+            return Err(format!(
+                "bad limits: ttl {ttl_ms} ms, {max_sessions} sessions"
+            ));
+        }
+        let mut t = SessionTable::new(SessionConfig {
+            ttl_ms,
+            max_sessions: max_sessions as usize,
+        });
+        t.log_time_ms = log_time_ms;
         let count = r.u32()?;
         for _ in 0..count {
             let id = r.u64()?;
@@ -557,6 +597,13 @@ impl<'a> Reader<'a> {
 mod tests {
     use super::*;
 
+    /// A register under the test table's limits.
+    fn reg() -> EntryKind {
+        EntryKind::Register {
+            config: table().config,
+        }
+    }
+
     fn table() -> SessionTable {
         SessionTable::new(SessionConfig {
             ttl_ms: 1_000,
@@ -577,7 +624,7 @@ mod tests {
                 seq: 3,
                 low_water: 2,
             },
-            EntryKind::Register,
+            reg(),
             EntryKind::Unregister { session: 7 },
             EntryKind::Time,
         ];
@@ -613,7 +660,7 @@ mod tests {
             Applied::Refuse(SessionError::Expired(5))
         );
         assert_eq!(
-            t.apply_entry(5, &entry_context(EntryKind::Register, 50)),
+            t.apply_entry(5, &entry_context(reg(), 50)),
             Applied::Registered(5)
         );
         assert_eq!(t.apply_entry(6, &ctx(1, 0)), Applied::Apply);
@@ -638,7 +685,7 @@ mod tests {
             Applied::Refuse(SessionError::Expired(5))
         );
         // Time entries expire idle sessions.
-        t.apply_entry(12, &entry_context(EntryKind::Register, 300));
+        t.apply_entry(12, &entry_context(reg(), 300));
         assert!(t.contains(12));
         t.apply_entry(13, &entry_context(EntryKind::Time, 1_300));
         assert!(!t.contains(12));
@@ -707,10 +754,46 @@ mod tests {
     }
 
     #[test]
+    fn replicas_started_with_other_limits_take_the_leaders_from_the_log() {
+        // Two members with different local settings apply the same log: the
+        // register entries carry the proposing leader's limits.
+        let leaders = SessionConfig {
+            ttl_ms: 2_000,
+            max_sessions: 2,
+        };
+        let mut a = SessionTable::new(SessionConfig {
+            ttl_ms: 100,
+            max_sessions: 1,
+        });
+        let mut b = SessionTable::new(SessionConfig::default());
+        for t in [&mut a, &mut b] {
+            let register = entry_context(EntryKind::Register { config: leaders }, 0);
+            for index in [1, 2, 3] {
+                t.apply_entry(index, &register);
+            }
+            // The limit of 2 evicted session 1; the TTL of 2 s keeps 2 and 3
+            // alive at 1.5 s and ends them at 2 s.
+            assert!(!t.contains(1) && t.contains(2) && t.contains(3));
+            t.apply_entry(4, &entry_context(EntryKind::Time, 1_500));
+            assert!(t.contains(2));
+            t.apply_entry(5, &entry_context(EntryKind::Time, 2_000));
+            assert!(t.is_empty());
+        }
+        assert_eq!(a.fingerprint(), b.fingerprint());
+        assert_eq!(SessionTable::decode(&a.encode()).unwrap(), a);
+        // A register with limits of 0 is not a register.
+        let mut bad = entry_context(EntryKind::Register { config: leaders }, 0);
+        bad[9..17].copy_from_slice(&0u64.to_le_bytes());
+        assert_eq!(classify(&bad), None);
+    }
+
+    #[test]
     fn a_snapshot_with_answers_out_of_order_or_repeated_is_refused() {
         let table_with = |seqs: &[u64]| {
             let mut b = MAGIC.to_vec();
-            b.extend_from_slice(&0u64.to_le_bytes()); // log time
+            for v in [0u64, 1_000, 10] {
+                b.extend_from_slice(&v.to_le_bytes()); // log time, limits
+            }
             b.extend_from_slice(&1u32.to_le_bytes()); // one session
             for v in [7u64, 0, 0] {
                 b.extend_from_slice(&v.to_le_bytes()); // id, last active, mark
@@ -720,7 +803,7 @@ mod tests {
                 b.extend_from_slice(&seq.to_le_bytes());
                 b.extend_from_slice(&0u32.to_le_bytes());
             }
-            SessionTable::decode(SessionConfig::default(), &b)
+            SessionTable::decode(&b)
         };
         assert!(table_with(&[1, 2]).is_ok());
         assert!(table_with(&[2, 1]).is_err());
@@ -751,7 +834,7 @@ mod tests {
             let mut at_once = table();
             let mut batched = table();
             for t in [&mut at_once, &mut batched] {
-                t.apply_entry(1, &entry_context(EntryKind::Register, 0));
+                t.apply_entry(1, &entry_context(reg(), 0));
                 assert_eq!(t.apply_entry(2, &cmd(1, 0, 10)), Applied::Apply);
             }
             at_once.record(1, 1, b("one"));
@@ -779,15 +862,15 @@ mod tests {
         };
         let (a, b2) = (run(), run());
         assert_eq!(a.fingerprint(), b2.fingerprint());
-        let back = SessionTable::decode(a.config, &a.encode()).unwrap();
+        let back = SessionTable::decode(&a.encode()).unwrap();
         assert_eq!(back, a);
         // Every truncation and a flipped magic are errors, not panics.
         let bytes = a.encode();
         for cut in 0..bytes.len() {
-            assert!(SessionTable::decode(a.config, &bytes[..cut]).is_err());
+            assert!(SessionTable::decode(&bytes[..cut]).is_err());
         }
         let mut bad = bytes.clone();
         bad[0] ^= 1;
-        assert!(SessionTable::decode(a.config, &bad).is_err());
+        assert!(SessionTable::decode(&bad).is_err());
     }
 }

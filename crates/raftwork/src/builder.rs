@@ -48,9 +48,10 @@ pub struct Config {
     /// Compression of the file snapshot store. Default: zstd level 1.
     pub snapshot_compression: SnapshotCompression,
     /// Limits of the replicated session table: TTL of a session in log time
-    /// (default 30 min) and the most sessions kept (default 100,000). Part
-    /// of the replicated state: every member must use the same values, or
-    /// replicas would expire different sessions.
+    /// (default 30 min) and the most sessions kept (default 100,000). The
+    /// limits in force are replicated: each register entry carries those of
+    /// the leader that proposed it, and every replica takes them on when it
+    /// applies the entry, so members with different settings still agree.
     pub sessions: SessionConfig,
 }
 
@@ -510,6 +511,7 @@ impl<SM: StateMachine, S: LogStore> Builder<SM, S> {
             session_waiters: HashMap::new(),
             session_ids: HashMap::new(),
             register_nonces: 0,
+            session_config: config.sessions,
             reads: HashMap::new(),
             conf_changes: HashMap::new(),
             transfers: HashMap::new(),

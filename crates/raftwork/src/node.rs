@@ -267,13 +267,12 @@ impl<SM: StateMachine> Node<SM> {
     /// entry. Prefer [`Node::session`], which tries again.
     pub async fn register_session(&self) -> Result<SessionId, ProposeError> {
         let (reply, rx) = oneshot::channel();
-        self.session_request(
-            EntryKind::Register,
-            Vec::new(),
-            SessionReply::Register(reply),
-            rx,
-        )
-        .await
+        // The loop puts its own limits in (`Config::sessions`).
+        let kind = EntryKind::Register {
+            config: raftwork_core::session::SessionConfig::default(),
+        };
+        self.session_request(kind, Vec::new(), SessionReply::Register(reply), rx)
+            .await
     }
 
     /// One attempt to propose `command` in `session` with sequence `seq`;

@@ -101,6 +101,7 @@ pub(crate) struct Applier<SM: StateMachine> {
     pub(crate) sm: SM,
     /// The replicated session table: part of the state, in every snapshot.
     pub(crate) sessions: SessionTable,
+    /// The limits of a table restored from a snapshot without one.
     pub(crate) session_config: SessionConfig,
     pub(crate) snapshots: Arc<dyn SnapshotStore>,
     pub(crate) applied_index: u64,
@@ -355,6 +356,8 @@ pub(crate) struct ReadyLoop<SM: StateMachine, S: LogStore> {
     pub(crate) session_ids: HashMap<RequestId, SessionKey>,
     /// Counter in the nonces of this node's register entries.
     pub(crate) register_nonces: u64,
+    /// The session limits this node's register entries carry.
+    pub(crate) session_config: SessionConfig,
     pub(crate) reads: HashMap<RequestId, ReadFn<SM>>,
     pub(crate) conf_changes:
         HashMap<RequestId, oneshot::Sender<Result<ConfState, ConfChangeError>>>,
@@ -959,8 +962,16 @@ impl<SM: StateMachine, S: LogStore> ReadyLoop<SM, S> {
             mut data,
             reply,
         } = proposal;
+        // A register carries this node's limits; a follower's are replaced
+        // by the leader's when it proposes the forward.
+        let kind = match kind {
+            EntryKind::Register { .. } => EntryKind::Register {
+                config: self.session_config,
+            },
+            other => other,
+        };
         let key = match kind {
-            EntryKind::Register => {
+            EntryKind::Register { .. } => {
                 // Unique across nodes (id), starts (incarnation) and
                 // registers (counter): the entry's data names its requester.
                 self.register_nonces += 1;
@@ -1044,10 +1055,17 @@ impl<SM: StateMachine, S: LogStore> ReadyLoop<SM, S> {
             .filter(|k| {
                 matches!(
                     k,
-                    EntryKind::Register
+                    EntryKind::Register { .. }
                         | EntryKind::SessionCommand { .. }
                         | EntryKind::Unregister { .. }
                 )
+            })
+            // The limits a register carries are the leader's.
+            .map(|k| match k {
+                EntryKind::Register { .. } => EntryKind::Register {
+                    config: self.session_config,
+                },
+                other => other,
             });
         let Some(kind) = kind else {
             tracing::warn!(from = sender, "dropping a malformed forwarded proposal");
@@ -1082,10 +1100,12 @@ impl<SM: StateMachine, S: LogStore> ReadyLoop<SM, S> {
                     SessionKey::Command { session, seq }
                 }
                 Some((EntryKind::Unregister { session }, _)) => SessionKey::Unregister(session),
-                Some((EntryKind::Register, _)) => match <[u8; 24]>::try_from(e.data.as_ref()) {
-                    Ok(nonce) => SessionKey::Register(nonce),
-                    Err(_) => continue,
-                },
+                Some((EntryKind::Register { .. }, _)) => {
+                    match <[u8; 24]>::try_from(e.data.as_ref()) {
+                        Ok(nonce) => SessionKey::Register(nonce),
+                        Err(_) => continue,
+                    }
+                }
                 _ => continue,
             };
             if let Some(w) = self.session_waiters.remove(&key) {

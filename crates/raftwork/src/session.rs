@@ -99,7 +99,7 @@ pub(crate) fn restore<SM: StateMachine>(
     if bytes.len() as u64 != len {
         return Err(io::ErrorKind::UnexpectedEof.into());
     }
-    let table = SessionTable::decode(config, &bytes)
+    let table = SessionTable::decode(&bytes)
         .map_err(|e| io::Error::new(io::ErrorKind::InvalidData, format!("session table: {e}")))?;
     sm.restore(reader)?;
     Ok(table)
@@ -167,8 +167,9 @@ pub(crate) struct SessionProposal<SM: StateMachine> {
 /// (30 minutes by default, [`crate::Config::sessions`]), or is evicted as
 /// the least recently active one when registering another would pass the
 /// session limit. A command on an expired session gets
-/// [`ProposeError::SessionExpired`] and is never applied as new; if it was
-/// a command sent again, whether its first copy was applied is unknown.
+/// [`ProposeError::SessionExpired`] and is never applied as new; if the
+/// handle had sent a copy of it before (`earlier_copy_in_flight`), whether
+/// that copy was applied is unknown.
 pub struct Session<SM: StateMachine> {
     node: Node<SM>,
     id: SessionId,
@@ -194,23 +195,44 @@ fn worth_retrying(e: &ProposeError) -> bool {
     )
 }
 
+/// Whether the attempt that failed with `e` may have entered the log (and
+/// so may still be applied).
+fn may_be_in_log(e: &ProposeError) -> bool {
+    matches!(
+        e,
+        ProposeError::NotLeader {
+            in_flight: true,
+            ..
+        } | ProposeError::Timeout
+    )
+}
+
 /// Sends `attempt` again while its error is worth retrying and `deadline`
-/// has not passed, backing off from 10 ms to 200 ms.
+/// has not passed, backing off from 10 ms to 200 ms. A `SessionExpired`
+/// says whether an earlier copy may have entered the log.
 async fn retry<T, F, Fut>(deadline: Instant, mut attempt: F) -> Result<T, ProposeError>
 where
     F: FnMut() -> Fut,
     Fut: std::future::Future<Output = Result<T, ProposeError>>,
 {
     let mut backoff = Duration::from_millis(10);
+    let mut in_flight = false;
     loop {
         match attempt().await {
             Err(e) if worth_retrying(&e) => {
+                in_flight |= may_be_in_log(&e);
                 let now = Instant::now();
                 if now >= deadline {
                     return Err(ProposeError::Timeout);
                 }
                 tokio::time::sleep(backoff.min(deadline - now)).await;
                 backoff = (backoff * 2).min(Duration::from_millis(200));
+            }
+            Err(ProposeError::SessionExpired { session, .. }) => {
+                return Err(ProposeError::SessionExpired {
+                    session,
+                    earlier_copy_in_flight: in_flight,
+                })
             }
             other => return other,
         }
@@ -318,21 +340,16 @@ impl<SM: StateMachine> Session<SM> {
     }
 
     /// Ends the session: its cached answers are freed on every replica.
+    /// `SessionExpired` if it was not live (unless an earlier copy of this
+    /// unregister may have ended it: then `Ok`).
     pub async fn close(self) -> Result<(), ProposeError> {
         let deadline = Instant::now() + self.retry_timeout;
-        let mut sent = false;
-        let result = retry(deadline, || {
-            let again = std::mem::replace(&mut sent, true);
-            let node = self.node.clone();
-            async move {
-                match node.unregister_session(self.id).await {
-                    // An earlier copy ended it.
-                    Err(ProposeError::SessionExpired { .. }) if again => Ok(()),
-                    other => other,
-                }
-            }
-        })
-        .await;
-        result
+        match retry(deadline, || self.node.unregister_session(self.id)).await {
+            Err(ProposeError::SessionExpired {
+                earlier_copy_in_flight: true,
+                ..
+            }) => Ok(()),
+            other => other,
+        }
     }
 }

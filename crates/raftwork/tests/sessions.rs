@@ -100,7 +100,10 @@ async fn stale_expired_and_unknown_sessions_get_their_errors_and_apply_nothing()
         node.propose_in_session(999, 1, 1, b"a".to_vec())
             .await
             .unwrap_err(),
-        ProposeError::SessionExpired { session: 999 }
+        ProposeError::SessionExpired {
+            session: 999,
+            earlier_copy_in_flight: false
+        }
     );
     // Stale: the client said it saw every answer below 5, then sends 3.
     let s = node.register_session().await.unwrap();
@@ -125,7 +128,10 @@ async fn stale_expired_and_unknown_sessions_get_their_errors_and_apply_nothing()
         node.propose_in_session(s, 6, 6, b"d".to_vec())
             .await
             .unwrap_err(),
-        ProposeError::SessionExpired { session: s }
+        ProposeError::SessionExpired {
+            session: s,
+            earlier_copy_in_flight: false
+        }
     );
     // Unregistered.
     let s2 = node.register_session().await.unwrap();
@@ -134,11 +140,17 @@ async fn stale_expired_and_unknown_sessions_get_their_errors_and_apply_nothing()
         node.propose_in_session(s2, 1, 1, b"e".to_vec())
             .await
             .unwrap_err(),
-        ProposeError::SessionExpired { session: s2 }
+        ProposeError::SessionExpired {
+            session: s2,
+            earlier_copy_in_flight: false
+        }
     );
     assert_eq!(
         node.unregister_session(s2).await.unwrap_err(),
-        ProposeError::SessionExpired { session: s2 }
+        ProposeError::SessionExpired {
+            session: s2,
+            earlier_copy_in_flight: false
+        }
     );
     assert_eq!(count(&node).await, 1, "nothing refused was applied");
     node.shutdown().await;

@@ -604,11 +604,19 @@ fn client_session(headers: &HeaderMap) -> ApiResult<Option<ClientSession>> {
 /// sent the write again for the whole request timeout without an answer.
 fn session_error(state: &AppState, e: ProposeError, client_session: bool) -> ApiError {
     match e {
-        ProposeError::SessionExpired { session } => ApiError::new(
+        ProposeError::SessionExpired {
+            session,
+            earlier_copy_in_flight,
+        } => ApiError::new(
             StatusCode::GONE,
             format!(
-                "session {session} expired or is unknown; this write was not applied \
-                 (register a new session: POST /v1/sessions)"
+                "session {session} expired or is unknown: this copy of the write was not \
+                 applied{} (register a new session for new writes: POST /v1/sessions)",
+                if earlier_copy_in_flight || client_session {
+                    "; an earlier copy of it, if one was sent, may have been"
+                } else {
+                    ""
+                }
             ),
         ),
         ProposeError::SessionSequenceStale {
@@ -658,20 +666,49 @@ async fn write(
             .await
             .map_err(|e| session_error(state, e, true));
     }
-    if state.node.leader() == Some(state.node.id()) || headers.contains_key(FORWARDED_HEADER) {
+    if headers.contains_key(FORWARDED_HEADER) {
         return propose_here(state, data).await;
     }
-    // A session registered before this one expired (idle for its TTL): the
-    // first copy of a command on it is refused unapplied, so one new
-    // session and one more try.
+    if state.node.leader() == Some(state.node.id()) {
+        match state.node.propose(data.clone()).await {
+            // Leadership moved before the write entered the log, or raft
+            // dropped it: certainly not applied, so it goes the follower's
+            // way below.
+            Err(ProposeError::NotLeader {
+                in_flight: false, ..
+            })
+            | Err(ProposeError::Dropped) => {}
+            result => {
+                return result.map_err(|e| match propose_error(e) {
+                    Retry::Fail(e) => e,
+                    Retry::NoLeader => no_leader(timeout),
+                })
+            }
+        }
+    }
+    // This node's session expired (idle for its TTL) or was ended: a
+    // command none of whose copies could have entered the log is refused
+    // unapplied, so one new session and one more try. If a copy may have
+    // entered the log, the outcome is unknown (503).
     for _ in 0..2 {
         let session = node_session(state).await?;
         match session.propose(data.clone()).await {
-            Err(ProposeError::SessionExpired { session: id }) => {
+            // Only when no copy could have been applied: else the write
+            // would apply twice.
+            Err(ProposeError::SessionExpired {
+                session: id,
+                earlier_copy_in_flight: false,
+            }) => {
                 let mut current = state.node_session.lock().await;
                 if current.as_ref().is_some_and(|s| s.id() == id) {
                     *current = None;
                 }
+            }
+            Err(ProposeError::SessionExpired { .. }) => {
+                return Err(ApiError::unavailable(
+                    "this node's session ended while the write was in flight; it may or may \
+                     not be applied",
+                ))
             }
             result => return result.map_err(|e| session_error(state, e, false)),
         }

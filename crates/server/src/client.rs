@@ -582,7 +582,7 @@ async fn member_inner(args: MemberArgs) -> CmdResult {
         }
         MemberCommand::Remove { name } => {
             let path = format!("/cluster/members/{}", encode(&name, false));
-            let r = write_once(conn, "DELETE", &path, b"").await?;
+            let r = call(conn, "DELETE", &path, None, b"").await?;
             let v = json(&success(r)?)?;
             out(changed("removed", &name, &v).as_bytes())
         }

@@ -149,13 +149,14 @@ pub struct ServeArgs {
     #[arg(long, env = "RAFTWORK_WAL_SEGMENT_BYTES", value_parser = parse_wal_segment_bytes)]
     pub wal_segment_bytes: Option<u64>,
     /// How long a client session lives without a write, in milliseconds of
-    /// log time (the leader's clock, stamped into the log); must be the
-    /// same on every member [default: 1800000, 30 minutes].
+    /// log time (the leader's clock, stamped into the log); replicated: in
+    /// force from the next session registered while this member leads
+    /// [default: 1800000, 30 minutes].
     #[arg(long, env = "RAFTWORK_SESSION_TTL_MS",
           value_parser = clap::value_parser!(u64).range(1..))]
     pub session_ttl_ms: Option<u64>,
     /// Most client sessions kept; registering one more ends the least
-    /// recently active; must be the same on every member [default: 100000].
+    /// recently active; replicated like --session-ttl-ms [default: 100000].
     #[arg(long, env = "RAFTWORK_MAX_SESSIONS",
           value_parser = clap::value_parser!(u64).range(1..=100_000_000))]
     pub max_sessions: Option<u64>,

@@ -172,6 +172,8 @@ fn kv_commands_against_a_real_server() {
         1,
     );
     assert!(err.contains("outcome unknown"), "{err}");
+    let err = fails(&flaky, &["member", "remove", "x"], 1);
+    assert!(err.contains("outcome unknown"), "{err}");
 }
 
 #[test]

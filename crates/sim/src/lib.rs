@@ -374,8 +374,8 @@ fn restore_state(node: &mut Node, data: &[u8]) {
     node.kv = decode_kv(&data[4..4 + kv_len]);
     let at = 4 + kv_len;
     node.session_commands_applied = u64::from_le_bytes(data[at..at + 8].try_into().unwrap());
-    node.sessions = SessionTable::decode(SessionConfig::default(), &data[at + 8..])
-        .expect("a snapshot's session table decodes");
+    node.sessions =
+        SessionTable::decode(&data[at + 8..]).expect("a snapshot's session table decodes");
 }
 
 fn decode_kv(data: &[u8]) -> Kv {
@@ -1338,7 +1338,10 @@ impl Sim {
         let id = node.next_request;
         node.next_request += 1;
         let core = node.core.as_mut().unwrap();
-        match core.handle_propose_kind(id, EntryKind::Register, Vec::new()) {
+        let register = EntryKind::Register {
+            config: SessionConfig::default(),
+        };
+        match core.handle_propose_kind(id, register, Vec::new()) {
             Ok(()) => {
                 node.waiting.insert(
                     id,
