@@ -68,7 +68,7 @@ fn main() {
         let mut ids = Vec::with_capacity(sessions as usize);
         for _ in 0..sessions {
             index += 1;
-            table.register(index, index);
+            table.register(index, index.wrapping_mul(0x9e37_79b9_7f4a_7c15), index);
             ids.push(index);
         }
         // Each session sends `answers` commands without acknowledging any
@@ -76,7 +76,8 @@ fn main() {
         for seq in 1..=answers {
             for &id in &ids {
                 index += 1;
-                let check = table.check(id, seq, 1, index).expect("live");
+                let secret = id.wrapping_mul(0x9e37_79b9_7f4a_7c15);
+                let check = table.check(id, secret, seq, 1, index).expect("live");
                 assert_eq!(check, Check::New);
                 table.record(id, seq, Bytes::from(vec![0xab; answer_bytes]));
             }

@@ -31,7 +31,7 @@
 //! +---------+--------------+------------+------------------+-----------+-----------------+
 //! | "RWSS2" | log_time u64 | ttl_ms u64 | max_sessions u64 | count u32 | session × count |
 //! +---------+--------------+------------+------------------+-----------+-----------------+
-//! session  = id u64 | last_active_ms u64 | low_water u64 | answers u32 | answer × answers
+//! session  = id u64 | secret u64 | last_active_ms u64 | low_water u64 | answers u32 | answer × answers
 //! answer   = seq u64 | len u32 | bytes
 //! ```
 //!
@@ -39,11 +39,20 @@
 //! command, or empty), all integers little-endian:
 //!
 //! ```text
-//! 0x02 | log_time u64                                   plain command
-//! 0x03 | log_time u64 | session u64 | seq u64 | low u64  session command
-//! 0x04 | log_time u64 | ttl_ms u64 | max_sessions u64  register (id = its index)
-//! 0x05 | log_time u64 | session u64                     unregister
-//! 0x06 | log_time u64                                   time only (idle expiry)
+//! 0x02 | log_time u64                                               plain command
+//! 0x03 | log_time u64 | session u64 | secret u64 | seq u64 | low u64  session command
+//! 0x04 | log_time u64 | ttl_ms u64 | max_sessions u64 | secret u64   register (id = its index)
+//! 0x05 | log_time u64 | session u64 | secret u64                     unregister
+//! 0x06 | log_time u64                                               time only (idle expiry)
+//! ```
+//!
+//! A session is named by a [`SessionToken`]: its id and a secret chosen
+//! at random by the node that registered it. A command or unregister whose
+//! secret is not the session's is refused as if the session did not exist,
+//! so a client cannot write in, move the mark of, or end a session it was
+//! not given (its ids are log indexes, easy to guess).
+//!
+//! ```text
 //! ```
 //!
 //! The limits are replicated: a register entry carries the proposing
@@ -64,6 +73,45 @@ use bytes::Bytes;
 
 /// A session's id: the log index of the entry that registered it.
 pub type SessionId = u64;
+
+/// What names a session to the table: its id and its secret. Written as
+/// `<id>-<secret in 16 hex digits>` (`Display`, `FromStr`); `Debug` shows
+/// the id only, so logs do not carry secrets.
+#[derive(Clone, Copy, PartialEq, Eq, Hash)]
+pub struct SessionToken {
+    /// The session's id.
+    pub id: SessionId,
+    /// Its secret.
+    pub secret: u64,
+}
+
+impl std::fmt::Debug for SessionToken {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "SessionToken({}, secret hidden)", self.id)
+    }
+}
+
+impl std::fmt::Display for SessionToken {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{}-{:016x}", self.id, self.secret)
+    }
+}
+
+impl std::str::FromStr for SessionToken {
+    type Err = String;
+
+    fn from_str(s: &str) -> Result<Self, String> {
+        let bad = || format!("{s:?} is not a session token (<id>-<16 hex digits>)");
+        let (id, secret) = s.split_once('-').ok_or_else(bad)?;
+        if secret.len() != 16 {
+            return Err(bad());
+        }
+        Ok(Self {
+            id: id.parse().map_err(|_| bad())?,
+            secret: u64::from_str_radix(secret, 16).map_err(|_| bad())?,
+        })
+    }
+}
 
 /// Limits of a [`SessionTable`].
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -118,6 +166,7 @@ pub enum Check {
 
 #[derive(Debug, Clone, PartialEq, Eq)]
 struct Session {
+    secret: u64,
     last_active_ms: u64,
     low_water: u64,
     answers: Answers,
@@ -163,7 +212,7 @@ pub struct SessionTable {
     by_activity: BTreeSet<(u64, SessionId)>,
 }
 
-const MAGIC: &[u8; 5] = b"RWSS2";
+const MAGIC: &[u8; 5] = b"RWSS3";
 
 /// Context tags (see the module documentation).
 const TAG_COMMAND: u8 = 0x02;
@@ -181,6 +230,8 @@ pub enum EntryKind {
     SessionCommand {
         /// The session.
         session: SessionId,
+        /// The session's secret (see [`SessionToken`]).
+        secret: u64,
         /// Its sequence number.
         seq: u64,
         /// The lowest sequence whose answer the client has not seen.
@@ -191,11 +242,16 @@ pub enum EntryKind {
     Register {
         /// The limits.
         config: SessionConfig,
+        /// The secret every command of the session must carry, chosen at
+        /// random by the node that asked for the session.
+        secret: u64,
     },
     /// Ends a session.
     Unregister {
         /// The session.
         session: SessionId,
+        /// The session's secret.
+        secret: u64,
     },
     /// Only moves log time on.
     Time,
@@ -203,7 +259,7 @@ pub enum EntryKind {
 
 /// An entry context for `kind` stamped with `log_time_ms`.
 pub fn entry_context(kind: EntryKind, log_time_ms: u64) -> Vec<u8> {
-    let mut c = Vec::with_capacity(33);
+    let mut c = Vec::with_capacity(41);
     let tag = match kind {
         EntryKind::Command => TAG_COMMAND,
         EntryKind::SessionCommand { .. } => TAG_SESSION_COMMAND,
@@ -216,17 +272,22 @@ pub fn entry_context(kind: EntryKind, log_time_ms: u64) -> Vec<u8> {
     match kind {
         EntryKind::SessionCommand {
             session,
+            secret,
             seq,
             low_water,
         } => {
-            for v in [session, seq, low_water] {
+            for v in [session, secret, seq, low_water] {
                 c.extend_from_slice(&v.to_le_bytes());
             }
         }
-        EntryKind::Unregister { session } => c.extend_from_slice(&session.to_le_bytes()),
-        EntryKind::Register { config } => {
+        EntryKind::Unregister { session, secret } => {
+            c.extend_from_slice(&session.to_le_bytes());
+            c.extend_from_slice(&secret.to_le_bytes());
+        }
+        EntryKind::Register { config, secret } => {
             c.extend_from_slice(&config.ttl_ms.to_le_bytes());
             c.extend_from_slice(&(config.max_sessions as u64).to_le_bytes());
+            c.extend_from_slice(&secret.to_le_bytes());
         }
         _ => {}
     }
@@ -246,10 +307,11 @@ pub fn classify(context: &[u8]) -> Option<(EntryKind, u64)> {
         TAG_SESSION_COMMAND => (
             EntryKind::SessionCommand {
                 session: u(1)?,
-                seq: u(2)?,
-                low_water: u(3)?,
+                secret: u(2)?,
+                seq: u(3)?,
+                low_water: u(4)?,
             },
-            4,
+            5,
         ),
         TAG_REGISTER => {
             let (ttl_ms, max) = (u(1)?, u(2)?);
@@ -260,9 +322,21 @@ pub fn classify(context: &[u8]) -> Option<(EntryKind, u64)> {
                 ttl_ms,
                 max_sessions: max as usize,
             };
-            (EntryKind::Register { config }, 3)
+            (
+                EntryKind::Register {
+                    config,
+                    secret: u(3)?,
+                },
+                4,
+            )
         }
-        TAG_UNREGISTER => (EntryKind::Unregister { session: u(1)? }, 2),
+        TAG_UNREGISTER => (
+            EntryKind::Unregister {
+                session: u(1)?,
+                secret: u(2)?,
+            },
+            3,
+        ),
         TAG_TIME => (EntryKind::Time, 1),
         _ => return None,
     };
@@ -335,7 +409,7 @@ impl SessionTable {
     /// Registers session `id` (the register entry's index) at log time
     /// `now_ms`. Returns the sessions evicted to stay within
     /// `max_sessions` (least recently active first).
-    pub fn register(&mut self, id: SessionId, now_ms: u64) -> Vec<SessionId> {
+    pub fn register(&mut self, id: SessionId, secret: u64, now_ms: u64) -> Vec<SessionId> {
         self.advance_time(now_ms);
         let mut evicted = Vec::new();
         if !self.sessions.contains_key(&id) {
@@ -348,6 +422,7 @@ impl SessionTable {
             self.sessions.insert(
                 id,
                 Session {
+                    secret,
                     last_active_ms: t,
                     low_water: 0,
                     answers: Answers::default(),
@@ -359,28 +434,40 @@ impl SessionTable {
     }
 
     /// Ends session `id`.
-    pub fn unregister(&mut self, id: SessionId, now_ms: u64) -> Result<(), SessionError> {
+    pub fn unregister(
+        &mut self,
+        id: SessionId,
+        secret: u64,
+        now_ms: u64,
+    ) -> Result<(), SessionError> {
         self.advance_time(now_ms);
-        let s = self.sessions.remove(&id).ok_or(SessionError::Expired(id))?;
+        if self.sessions.get(&id).is_none_or(|s| s.secret != secret) {
+            return Err(SessionError::Expired(id));
+        }
+        let s = self.sessions.remove(&id).expect("just looked up");
         self.by_activity.remove(&(s.last_active_ms, id));
         Ok(())
     }
 
-    /// A command `(id, seq, low_water)` at log time `now_ms`: frees the
+    /// A command `(id, seq, low_water)` with the session's `secret` at log
+    /// time `now_ms`: frees the
     /// answers below `low_water`, marks the session active, and says
     /// whether the command is new or a duplicate.
     pub fn check(
         &mut self,
         id: SessionId,
+        secret: u64,
         seq: u64,
         low_water: u64,
         now_ms: u64,
     ) -> Result<Check, SessionError> {
         self.advance_time(now_ms);
         let t = self.log_time_ms;
+        // A wrong secret reads as no such session, and changes nothing.
         let s = self
             .sessions
             .get_mut(&id)
+            .filter(|s| s.secret == secret)
             .ok_or(SessionError::Expired(id))?;
         if low_water > s.low_water {
             s.low_water = low_water;
@@ -442,20 +529,23 @@ impl SessionTable {
                 self.advance_time(t);
                 Applied::Skip
             }
-            EntryKind::Register { config } => {
+            EntryKind::Register { config, secret } => {
                 self.config = config;
-                self.register(index, t);
+                self.register(index, secret, t);
                 Applied::Registered(index)
             }
-            EntryKind::Unregister { session } => match self.unregister(session, t) {
-                Ok(()) => Applied::Skip,
-                Err(e) => Applied::Refuse(e),
-            },
+            EntryKind::Unregister { session, secret } => {
+                match self.unregister(session, secret, t) {
+                    Ok(()) => Applied::Skip,
+                    Err(e) => Applied::Refuse(e),
+                }
+            }
             EntryKind::SessionCommand {
                 session,
+                secret,
                 seq,
                 low_water,
-            } => match self.check(session, seq, low_water, t) {
+            } => match self.check(session, secret, seq, low_water, t) {
                 Ok(Check::New) => Applied::Apply,
                 Ok(Check::Duplicate(answer)) => Applied::Answer(answer),
                 Err(e) => Applied::Refuse(e),
@@ -482,6 +572,7 @@ impl SessionTable {
         out.extend_from_slice(&(self.sessions.len() as u32).to_le_bytes());
         for (id, s) in &self.sessions {
             out.extend_from_slice(&id.to_le_bytes());
+            out.extend_from_slice(&s.secret.to_le_bytes());
             out.extend_from_slice(&s.last_active_ms.to_le_bytes());
             out.extend_from_slice(&s.low_water.to_le_bytes());
             out.extend_from_slice(&(s.answers.0.len() as u32).to_le_bytes());
@@ -517,6 +608,7 @@ impl SessionTable {
         let count = r.u32()?;
         for _ in 0..count {
             let id = r.u64()?;
+            let secret = r.u64()?;
             let last_active_ms = r.u64()?;
             let low_water = r.u64()?;
             let n = r.u32()?;
@@ -538,6 +630,7 @@ impl SessionTable {
                 .insert(
                     id,
                     Session {
+                        secret,
                         last_active_ms,
                         low_water,
                         answers,
@@ -597,10 +690,13 @@ impl<'a> Reader<'a> {
 mod tests {
     use super::*;
 
+    const SECRET: u64 = 0x005e_c2e7;
+
     /// A register under the test table's limits.
     fn reg() -> EntryKind {
         EntryKind::Register {
             config: table().config,
+            secret: SECRET,
         }
     }
 
@@ -621,11 +717,15 @@ mod tests {
             EntryKind::Command,
             EntryKind::SessionCommand {
                 session: 7,
+                secret: SECRET,
                 seq: 3,
                 low_water: 2,
             },
             reg(),
-            EntryKind::Unregister { session: 7 },
+            EntryKind::Unregister {
+                session: 7,
+                secret: SECRET,
+            },
             EntryKind::Time,
         ];
         for kind in kinds {
@@ -649,6 +749,7 @@ mod tests {
             entry_context(
                 EntryKind::SessionCommand {
                     session: 5,
+                    secret: SECRET,
                     seq,
                     low_water: low,
                 },
@@ -676,7 +777,13 @@ mod tests {
         assert_eq!(
             t.apply_entry(
                 10,
-                &entry_context(EntryKind::Unregister { session: 5 }, 200)
+                &entry_context(
+                    EntryKind::Unregister {
+                        session: 5,
+                        secret: SECRET
+                    },
+                    200
+                )
             ),
             Applied::Skip
         );
@@ -694,20 +801,20 @@ mod tests {
     #[test]
     fn a_duplicate_gets_the_cached_answer_and_a_new_sequence_is_new() {
         let mut t = table();
-        t.register(10, 0);
-        assert_eq!(t.check(10, 1, 0, 5), Ok(Check::New));
+        t.register(10, SECRET, 0);
+        assert_eq!(t.check(10, SECRET, 1, 0, 5), Ok(Check::New));
         t.record(10, 1, b("one"));
-        assert_eq!(t.check(10, 1, 0, 6), Ok(Check::Duplicate(b("one"))));
+        assert_eq!(t.check(10, SECRET, 1, 0, 6), Ok(Check::Duplicate(b("one"))));
         // The client has not seen the answer of 1 yet: it stays.
-        assert_eq!(t.check(10, 2, 1, 7), Ok(Check::New));
+        assert_eq!(t.check(10, SECRET, 2, 1, 7), Ok(Check::New));
         t.record(10, 2, b("two"));
         assert_eq!(t.answer_bytes(), 6);
         // It saw it: the mark passes 1, its answer is freed, and a retry of
         // 1 is stale.
-        assert_eq!(t.check(10, 3, 2, 8), Ok(Check::New));
+        assert_eq!(t.check(10, SECRET, 3, 2, 8), Ok(Check::New));
         assert_eq!(t.answer_bytes(), 3);
         assert_eq!(
-            t.check(10, 1, 0, 8),
+            t.check(10, SECRET, 1, 0, 8),
             Err(SessionError::SequenceStale {
                 session: 10,
                 seq: 1,
@@ -715,22 +822,28 @@ mod tests {
             })
         );
         // A late message with a lower mark does not move it back.
-        assert_eq!(t.check(10, 2, 0, 9), Ok(Check::Duplicate(b("two"))));
+        assert_eq!(t.check(10, SECRET, 2, 0, 9), Ok(Check::Duplicate(b("two"))));
     }
 
     #[test]
     fn unknown_expired_and_unregistered_sessions_are_refused() {
         let mut t = table();
-        assert_eq!(t.check(7, 1, 0, 0), Err(SessionError::Expired(7)));
-        t.register(7, 0);
-        t.check(7, 1, 0, 500).unwrap();
+        assert_eq!(t.check(7, SECRET, 1, 0, 0), Err(SessionError::Expired(7)));
+        t.register(7, SECRET, 0);
+        t.check(7, SECRET, 1, 0, 500).unwrap();
         // Idle from 500: alive at 1,499, gone at 1,500.
         assert!(t.advance_time(1_499).is_empty());
         assert_eq!(t.advance_time(1_500), vec![7]);
-        assert_eq!(t.check(7, 2, 0, 1_500), Err(SessionError::Expired(7)));
-        t.register(8, 1_600);
-        t.unregister(8, 1_601).unwrap();
-        assert_eq!(t.unregister(8, 1_602), Err(SessionError::Expired(8)));
+        assert_eq!(
+            t.check(7, SECRET, 2, 0, 1_500),
+            Err(SessionError::Expired(7))
+        );
+        t.register(8, SECRET, 1_600);
+        t.unregister(8, SECRET, 1_601).unwrap();
+        assert_eq!(
+            t.unregister(8, SECRET, 1_602),
+            Err(SessionError::Expired(8))
+        );
         // Log time never goes back.
         t.advance_time(10);
         assert_eq!(t.log_time_ms(), 1_602);
@@ -739,18 +852,18 @@ mod tests {
     #[test]
     fn beyond_the_limit_the_least_recently_active_session_is_evicted() {
         let mut t = table();
-        t.register(1, 0);
-        t.register(2, 1);
-        t.register(3, 2);
-        t.check(1, 1, 0, 3).unwrap(); // 1 is now the most recent
-        assert_eq!(t.register(4, 4), vec![2]);
+        t.register(1, SECRET, 0);
+        t.register(2, SECRET, 1);
+        t.register(3, SECRET, 2);
+        t.check(1, SECRET, 1, 0, 3).unwrap(); // 1 is now the most recent
+        assert_eq!(t.register(4, SECRET, 4), vec![2]);
         assert!(t.contains(1) && t.contains(3) && t.contains(4));
         // Same log time: the lower id goes first.
         let mut t = table();
         for id in [5, 3, 9] {
-            t.register(id, 0);
+            t.register(id, SECRET, 0);
         }
-        assert_eq!(t.register(1, 0), vec![3]);
+        assert_eq!(t.register(1, SECRET, 0), vec![3]);
     }
 
     #[test]
@@ -767,7 +880,13 @@ mod tests {
         });
         let mut b = SessionTable::new(SessionConfig::default());
         for t in [&mut a, &mut b] {
-            let register = entry_context(EntryKind::Register { config: leaders }, 0);
+            let register = entry_context(
+                EntryKind::Register {
+                    config: leaders,
+                    secret: SECRET,
+                },
+                0,
+            );
             for index in [1, 2, 3] {
                 t.apply_entry(index, &register);
             }
@@ -782,9 +901,52 @@ mod tests {
         assert_eq!(a.fingerprint(), b.fingerprint());
         assert_eq!(SessionTable::decode(&a.encode()).unwrap(), a);
         // A register with limits of 0 is not a register.
-        let mut bad = entry_context(EntryKind::Register { config: leaders }, 0);
+        let mut bad = entry_context(
+            EntryKind::Register {
+                config: leaders,
+                secret: SECRET,
+            },
+            0,
+        );
         bad[9..17].copy_from_slice(&0u64.to_le_bytes());
         assert_eq!(classify(&bad), None);
+    }
+
+    #[test]
+    fn a_wrong_secret_reads_as_no_session_and_changes_nothing() {
+        let mut t = table();
+        t.register(4, SECRET, 0);
+        assert_eq!(t.check(4, SECRET, 1, 0, 10), Ok(Check::New));
+        t.record(4, 1, b("one"));
+        let before = t.clone();
+        // Another client guessing the id: refused, the mark and the
+        // activity untouched, and it cannot end the session.
+        let other = SECRET ^ 1;
+        assert_eq!(t.check(4, other, 1, 9, 10), Err(SessionError::Expired(4)));
+        assert_eq!(t.check(4, other, 2, 0, 10), Err(SessionError::Expired(4)));
+        assert_eq!(t.unregister(4, other, 10), Err(SessionError::Expired(4)));
+        assert_eq!(t, before);
+        assert_eq!(t.check(4, SECRET, 1, 0, 10), Ok(Check::Duplicate(b("one"))));
+        // Through entries too.
+        let forged = EntryKind::SessionCommand {
+            session: 4,
+            secret: other,
+            seq: 2,
+            low_water: 2,
+        };
+        assert_eq!(
+            t.apply_entry(9, &entry_context(forged, 10)),
+            Applied::Refuse(SessionError::Expired(4))
+        );
+        let token = SessionToken {
+            id: 4,
+            secret: SECRET,
+        };
+        assert_eq!(token.to_string().parse::<SessionToken>(), Ok(token));
+        assert!(!format!("{token:?}").contains(&format!("{SECRET:x}")));
+        for bad in ["4", "4-", "x-0000000000000001", "4-1", "4-000000000000000g"] {
+            assert!(bad.parse::<SessionToken>().is_err(), "{bad}");
+        }
     }
 
     #[test]
@@ -795,8 +957,8 @@ mod tests {
                 b.extend_from_slice(&v.to_le_bytes()); // log time, limits
             }
             b.extend_from_slice(&1u32.to_le_bytes()); // one session
-            for v in [7u64, 0, 0] {
-                b.extend_from_slice(&v.to_le_bytes()); // id, last active, mark
+            for v in [7u64, SECRET, 0, 0] {
+                b.extend_from_slice(&v.to_le_bytes()); // id, secret, last active, mark
             }
             b.extend_from_slice(&(seqs.len() as u32).to_le_bytes());
             for seq in seqs {
@@ -819,6 +981,7 @@ mod tests {
             entry_context(
                 EntryKind::SessionCommand {
                     session: 1,
+                    secret: SECRET,
                     seq,
                     low_water: low,
                 },
@@ -826,7 +989,13 @@ mod tests {
             )
         };
         let later: [Vec<u8>; 3] = [
-            entry_context(EntryKind::Unregister { session: 1 }, 20),
+            entry_context(
+                EntryKind::Unregister {
+                    session: 1,
+                    secret: SECRET,
+                },
+                20,
+            ),
             cmd(2, 2, 20),                          // raises the mark past 1
             entry_context(EntryKind::Time, 20_000), // expires it
         ];
@@ -851,9 +1020,12 @@ mod tests {
         let run = || {
             let mut t = table();
             for (k, id) in [100u64, 200, 300, 400].into_iter().enumerate() {
-                t.register(id, k as u64 * 100);
+                t.register(id, SECRET, k as u64 * 100);
                 for seq in 0..5 {
-                    if t.check(id, seq, seq.saturating_sub(2), 450 + seq).unwrap() == Check::New {
+                    if t.check(id, SECRET, seq, seq.saturating_sub(2), 450 + seq)
+                        .unwrap()
+                        == Check::New
+                    {
                         t.record(id, seq, Bytes::from(vec![seq as u8; seq as usize]));
                     }
                 }

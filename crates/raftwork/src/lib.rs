@@ -60,7 +60,7 @@ mod state_machine;
 pub use builder::{BuildError, Builder, Config, DataDir, TransportKind};
 pub use logging::{raft_logger, TracingDrain};
 pub use node::{FatalReason, Node, NoteError, SnapshotError, Stopped, WaitError, NOTE_BYTES_MAX};
-pub use session::{Session, SessionId, SESSION_RETRY_TIMEOUT};
+pub use session::{Session, SessionId, SessionToken, SESSION_RETRY_TIMEOUT};
 pub use state_machine::{Command, ResponseBytes, StateMachine};
 
 pub use raft::prelude::ConfState;

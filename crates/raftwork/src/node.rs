@@ -16,7 +16,7 @@ use raftwork_transport::TransportError;
 use tokio::sync::{broadcast, mpsc, oneshot, watch};
 use tokio::task::JoinHandle;
 
-use crate::session::{Session, SessionId, SessionProposal, SessionReply};
+use crate::session::{Session, SessionProposal, SessionReply, SessionToken};
 use crate::state_machine::StateMachine;
 
 /// A read to run against the state machine, or the reason it cannot run.
@@ -263,39 +263,46 @@ impl<SM: StateMachine> Node<SM> {
         rx.await.unwrap_or(Err(ProposeError::Shutdown))
     }
 
-    /// One attempt to register a session: its id, the index of the register
-    /// entry. Prefer [`Node::session`], which tries again.
-    pub async fn register_session(&self) -> Result<SessionId, ProposeError> {
+    /// One attempt to register a session: its token (its id, the index of
+    /// the register entry, and a secret drawn here that every command of the
+    /// session carries). Prefer [`Node::session`], which tries again.
+    pub async fn register_session(&self) -> Result<SessionToken, ProposeError> {
         let (reply, rx) = oneshot::channel();
+        let secret = random_secret();
         // The loop puts its own limits in (`Config::sessions`).
         let kind = EntryKind::Register {
             config: raftwork_core::session::SessionConfig::default(),
+            secret,
         };
-        self.session_request(kind, Vec::new(), SessionReply::Register(reply), rx)
-            .await
+        let id = self
+            .session_request(kind, Vec::new(), SessionReply::Register(reply), rx)
+            .await?;
+        Ok(SessionToken { id, secret })
     }
 
-    /// One attempt to propose `command` in `session` with sequence `seq`;
-    /// `low_water` is the lowest sequence whose answer the caller has not
-    /// seen. A copy of an earlier sequence that was applied is answered with
-    /// its first response. For clients that keep their own sequence
-    /// numbers (the server's API does); [`Session::propose`] keeps them
-    /// for you and tries again.
+    /// One attempt to propose `command` in the session `token` names, with
+    /// sequence `seq`; `low_water` is the lowest sequence whose answer the
+    /// caller has not seen. A copy of an earlier sequence that was applied
+    /// is answered with its first response. For clients that keep their own
+    /// sequence numbers (the server's API does); [`Session::propose`] keeps
+    /// them for you and tries again.
     ///
     /// Returns the index of the entry that answered and the response.
-    /// Errors as [`Node::propose`], and [`ProposeError::SessionExpired`],
+    /// Errors as [`Node::propose`], and [`ProposeError::SessionExpired`]
+    /// (also for a token whose secret is wrong),
     /// [`ProposeError::SessionSequenceStale`]. Works on followers, which
     /// forward to the leader.
     pub async fn propose_in_session(
         &self,
-        session: SessionId,
+        token: SessionToken,
         seq: u64,
         low_water: u64,
         command: impl Into<Vec<u8>>,
     ) -> Result<(u64, SM::Response), ProposeError> {
         let (reply, rx) = oneshot::channel();
         let kind = EntryKind::SessionCommand {
-            session,
+            session: token.id,
+            secret: token.secret,
             seq,
             low_water,
         };
@@ -303,17 +310,16 @@ impl<SM: StateMachine> Node<SM> {
             .await
     }
 
-    /// One attempt to end `session` (its cached answers are freed).
-    /// [`ProposeError::SessionExpired`] if it was not live.
-    pub async fn unregister_session(&self, session: SessionId) -> Result<(), ProposeError> {
+    /// One attempt to end the session `token` names (its cached answers are
+    /// freed). [`ProposeError::SessionExpired`] if it was not live.
+    pub async fn unregister_session(&self, token: SessionToken) -> Result<(), ProposeError> {
         let (reply, rx) = oneshot::channel();
-        self.session_request(
-            EntryKind::Unregister { session },
-            Vec::new(),
-            SessionReply::Unregister(reply),
-            rx,
-        )
-        .await
+        let kind = EntryKind::Unregister {
+            session: token.id,
+            secret: token.secret,
+        };
+        self.session_request(kind, Vec::new(), SessionReply::Unregister(reply), rx)
+            .await
     }
 
     /// Runs `f` on the state machine once it reflects every write that
@@ -567,4 +573,17 @@ impl<SM: StateMachine> Node<SM> {
             let _ = t.await;
         }
     }
+}
+
+/// A session secret nobody can guess: SipHash, keyed from the OS's
+/// randomness (std's `RandomState`), of the clock and a counter.
+fn random_secret() -> u64 {
+    use std::hash::{BuildHasher, Hasher};
+    static COUNTER: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
+    let mut h = std::collections::hash_map::RandomState::new().build_hasher();
+    h.write_u64(COUNTER.fetch_add(1, Ordering::Relaxed));
+    if let Ok(now) = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH) {
+        h.write_u128(now.as_nanos());
+    }
+    h.finish()
 }

@@ -965,8 +965,9 @@ impl<SM: StateMachine, S: LogStore> ReadyLoop<SM, S> {
         // A register carries this node's limits; a follower's are replaced
         // by the leader's when it proposes the forward.
         let kind = match kind {
-            EntryKind::Register { .. } => EntryKind::Register {
+            EntryKind::Register { secret, .. } => EntryKind::Register {
                 config: self.session_config,
+                secret,
             },
             other => other,
         };
@@ -982,8 +983,17 @@ impl<SM: StateMachine, S: LogStore> ReadyLoop<SM, S> {
                 data = nonce.to_vec();
                 SessionKey::Register(nonce)
             }
-            EntryKind::SessionCommand { session, seq, .. } => SessionKey::Command { session, seq },
-            EntryKind::Unregister { session } => SessionKey::Unregister(session),
+            EntryKind::SessionCommand {
+                session,
+                secret,
+                seq,
+                ..
+            } => SessionKey::Command {
+                session,
+                secret,
+                seq,
+            },
+            EntryKind::Unregister { session, secret } => SessionKey::Unregister { session, secret },
             EntryKind::Command | EntryKind::Time => {
                 unreachable!("Node only sends session kinds as session proposals")
             }
@@ -1062,8 +1072,9 @@ impl<SM: StateMachine, S: LogStore> ReadyLoop<SM, S> {
             })
             // The limits a register carries are the leader's.
             .map(|k| match k {
-                EntryKind::Register { .. } => EntryKind::Register {
+                EntryKind::Register { secret, .. } => EntryKind::Register {
                     config: self.session_config,
+                    secret,
                 },
                 other => other,
             });
@@ -1096,10 +1107,22 @@ impl<SM: StateMachine, S: LogStore> ReadyLoop<SM, S> {
                 continue;
             }
             let key = match classify(&e.context) {
-                Some((EntryKind::SessionCommand { session, seq, .. }, _)) => {
-                    SessionKey::Command { session, seq }
+                Some((
+                    EntryKind::SessionCommand {
+                        session,
+                        secret,
+                        seq,
+                        ..
+                    },
+                    _,
+                )) => SessionKey::Command {
+                    session,
+                    secret,
+                    seq,
+                },
+                Some((EntryKind::Unregister { session, secret }, _)) => {
+                    SessionKey::Unregister { session, secret }
                 }
-                Some((EntryKind::Unregister { session }, _)) => SessionKey::Unregister(session),
                 Some((EntryKind::Register { .. }, _)) => {
                     match <[u8; 24]>::try_from(e.data.as_ref()) {
                         Ok(nonce) => SessionKey::Register(nonce),

@@ -43,7 +43,7 @@ use tokio::sync::oneshot;
 use crate::node::{Node, ProposeReply};
 use crate::state_machine::StateMachine;
 
-pub use raftwork_core::session::SessionId;
+pub use raftwork_core::session::{SessionId, SessionToken};
 
 /// Marks a forwarded session proposal: a `MsgPropose` from a follower with
 /// this context and one entry, whose context is the stamped entry context
@@ -110,10 +110,15 @@ pub(crate) fn restore<SM: StateMachine>(
 pub(crate) enum SessionKey {
     /// A register entry whose data is this nonce.
     Register([u8; 24]),
-    /// A command of a session.
-    Command { session: SessionId, seq: u64 },
+    /// A command of a session (with the secret it claims: a forged copy
+    /// never answers the real requester).
+    Command {
+        session: SessionId,
+        secret: u64,
+        seq: u64,
+    },
     /// An unregister of a session.
-    Unregister(SessionId),
+    Unregister { session: SessionId, secret: u64 },
 }
 
 /// Where a session proposal's outcome goes.
@@ -172,7 +177,7 @@ pub(crate) struct SessionProposal<SM: StateMachine> {
 /// that copy was applied is unknown.
 pub struct Session<SM: StateMachine> {
     node: Node<SM>,
-    id: SessionId,
+    token: SessionToken,
     state: Mutex<SeqState>,
     retry_timeout: Duration,
 }
@@ -245,18 +250,19 @@ impl<SM: StateMachine> Session<SM> {
     /// the one nobody uses expires after its TTL.
     pub(crate) async fn register(node: Node<SM>) -> Result<Self, ProposeError> {
         let deadline = Instant::now() + SESSION_RETRY_TIMEOUT;
-        let id = retry(deadline, || node.register_session()).await?;
-        Ok(Self::resume(node, id, 1))
+        let token = retry(deadline, || node.register_session()).await?;
+        Ok(Self::resume(node, token, 1))
     }
 
-    /// A handle on session `id`, registered earlier (perhaps by another
-    /// process), whose next command gets sequence `next_seq`. Every earlier
-    /// sequence counts as answered. Use it to go on with a session after a
-    /// restart, with a `next_seq` above every one used before.
-    pub fn resume(node: Node<SM>, id: SessionId, next_seq: u64) -> Self {
+    /// A handle on the session `token` names, registered earlier (perhaps
+    /// by another process), whose next command gets sequence `next_seq`.
+    /// Every earlier sequence counts as answered. Use it to go on with a
+    /// session after a restart, with a `next_seq` above every one used
+    /// before.
+    pub fn resume(node: Node<SM>, token: SessionToken, next_seq: u64) -> Self {
         Self {
             node,
-            id,
+            token,
             state: Mutex::new(SeqState {
                 next_seq: next_seq.max(1),
                 outstanding: BTreeSet::new(),
@@ -273,7 +279,12 @@ impl<SM: StateMachine> Session<SM> {
 
     /// The session's id.
     pub fn id(&self) -> SessionId {
-        self.id
+        self.token.id
+    }
+
+    /// The session's token (id and secret): what [`Session::resume`] needs.
+    pub fn token(&self) -> SessionToken {
+        self.token
     }
 
     /// The sequence number the next command gets.
@@ -312,7 +323,7 @@ impl<SM: StateMachine> Session<SM> {
         let result = retry(deadline, || {
             let low = Self::low_water(&self.state.lock().unwrap());
             self.node
-                .propose_in_session(self.id, seq, low, command.clone())
+                .propose_in_session(self.token, seq, low, command.clone())
         })
         .await;
         // Answered, refused or given up on: either way the client will not
@@ -334,7 +345,7 @@ impl<SM: StateMachine> Session<SM> {
         let deadline = Instant::now() + self.retry_timeout;
         retry(deadline, || {
             self.node
-                .propose_in_session(self.id, seq, low_water, command.clone())
+                .propose_in_session(self.token, seq, low_water, command.clone())
         })
         .await
     }
@@ -344,7 +355,7 @@ impl<SM: StateMachine> Session<SM> {
     /// unregister may have ended it: then `Ok`).
     pub async fn close(self) -> Result<(), ProposeError> {
         let deadline = Instant::now() + self.retry_timeout;
-        match retry(deadline, || self.node.unregister_session(self.id)).await {
+        match retry(deadline, || self.node.unregister_session(self.token)).await {
             Err(ProposeError::SessionExpired {
                 earlier_copy_in_flight: true,
                 ..

@@ -13,7 +13,7 @@ use std::time::Duration;
 
 use common::{init_logging, Cluster, HashSm, TICK, WAIT};
 use raftwork::transport::Faults;
-use raftwork::{Builder, MemLogStore, Node, NodeId, ProposeError};
+use raftwork::{Builder, MemLogStore, Node, NodeId, ProposeError, SessionToken};
 
 /// Waits until `node` knows a leader.
 async fn leader_of(node: &Node<HashSm>) -> NodeId {
@@ -74,7 +74,7 @@ async fn sessions_work_through_followers() {
     // answer: the table is the cluster's, not the node's.
     let (_, r) = c
         .node(leader)
-        .propose_in_session(session.id(), 20, 20, b"cmd-20".to_vec())
+        .propose_in_session(session.token(), 20, 20, b"cmd-20".to_vec())
         .await
         .unwrap();
     assert_eq!(r, 20);
@@ -97,7 +97,7 @@ async fn stale_expired_and_unknown_sessions_get_their_errors_and_apply_nothing()
     node.wait_for_leader(WAIT).await.unwrap();
     // Unknown.
     assert_eq!(
-        node.propose_in_session(999, 1, 1, b"a".to_vec())
+        node.propose_in_session(SessionToken { id: 999, secret: 1 }, 1, 1, b"a".to_vec())
             .await
             .unwrap_err(),
         ProposeError::SessionExpired {
@@ -115,7 +115,7 @@ async fn stale_expired_and_unknown_sessions_get_their_errors_and_apply_nothing()
             .await
             .unwrap_err(),
         ProposeError::SessionSequenceStale {
-            session: s,
+            session: s.id,
             seq: 3,
             low_water: 5
         }
@@ -129,7 +129,7 @@ async fn stale_expired_and_unknown_sessions_get_their_errors_and_apply_nothing()
             .await
             .unwrap_err(),
         ProposeError::SessionExpired {
-            session: s,
+            session: s.id,
             earlier_copy_in_flight: false
         }
     );
@@ -141,18 +141,44 @@ async fn stale_expired_and_unknown_sessions_get_their_errors_and_apply_nothing()
             .await
             .unwrap_err(),
         ProposeError::SessionExpired {
-            session: s2,
+            session: s2.id,
             earlier_copy_in_flight: false
         }
     );
     assert_eq!(
         node.unregister_session(s2).await.unwrap_err(),
         ProposeError::SessionExpired {
-            session: s2,
+            session: s2.id,
             earlier_copy_in_flight: false
         }
     );
-    assert_eq!(count(&node).await, 1, "nothing refused was applied");
+    // Someone else's session: the right id with a wrong secret is refused
+    // as unknown, and neither writes in it nor ends it.
+    let s3 = node.register_session().await.unwrap();
+    let forged = SessionToken {
+        id: s3.id,
+        secret: s3.secret ^ 1,
+    };
+    for attempt in [
+        node.propose_in_session(forged, 1, 1, b"f".to_vec())
+            .await
+            .map(|_| ()),
+        node.unregister_session(forged).await,
+    ] {
+        assert_eq!(
+            attempt.unwrap_err(),
+            ProposeError::SessionExpired {
+                session: s3.id,
+                earlier_copy_in_flight: false
+            }
+        );
+    }
+    let (_, r) = node
+        .propose_in_session(s3, 1, 1, b"g".to_vec())
+        .await
+        .expect("the owner's session is untouched");
+    assert_eq!(r, 2);
+    assert_eq!(count(&node).await, 2, "nothing refused was applied");
     node.shutdown().await;
 }
 

@@ -17,8 +17,8 @@
 //! | `POST /cluster/members/{name}/promote` | 200 as above |
 //! | `DELETE /cluster/members/{name}` | 200 as above |
 //! | `POST /cluster/transfer-leader` `{"to": name}` | 200 `{"leader", "id"}` |
-//! | `POST /v1/sessions` | 200 `{"session": id}` |
-//! | `DELETE /v1/sessions/{id}` | 200 `{"closed": true}`, 410 if not live |
+//! | `POST /v1/sessions` | 200 `{"session": "<id>-<secret>"}` (the token) |
+//! | `DELETE /v1/sessions/{token}` | 200 `{"closed": true}`, 410 if not live |
 //!
 //! Any node takes any request; the client never sees a redirect. A
 //! follower forwards linearizable reads to the leader's API URL (from the
@@ -85,7 +85,8 @@ use axum::routing::get;
 use axum::{Json, Router};
 use base64::Engine as _;
 use raftwork::{
-    ConfChangeError, ConfState, Node, ProposeError, ReadError, Role, Session, TransferError,
+    ConfChangeError, ConfState, Node, ProposeError, ReadError, Role, Session, SessionToken,
+    TransferError,
 };
 use serde::Serialize;
 
@@ -106,8 +107,9 @@ pub const MAX_LIST_BYTES: usize = 4 << 20;
 /// Response header of a listing: `true` when more entries match past the
 /// last one returned (continue with a prefix or a key after it).
 pub const LIST_MORE_HEADER: &str = "raftwork-list-more";
-/// Request header of a write in a client session: the session's id (from
-/// `POST /v1/sessions`).
+/// Request header of a write in a client session: the session's token
+/// (`<id>-<secret>`, from `POST /v1/sessions`). Without the secret a
+/// session cannot be written in, so clients cannot use each other's.
 pub const SESSION_HEADER: &str = "raftwork-session";
 /// Request header of a write in a client session: its sequence number.
 /// Sending the same write again with the same session and sequence never
@@ -233,7 +235,7 @@ pub fn router(node: Node<KvStore>, config: ApiConfig) -> Router {
             axum::routing::post(transfer_leader),
         )
         .route("/v1/sessions", axum::routing::post(open_session))
-        .route("/v1/sessions/{id}", axum::routing::delete(close_session))
+        .route("/v1/sessions/{token}", axum::routing::delete(close_session))
         .route("/v1/kv", get(list))
         .route(
             "/v1/kv/",
@@ -555,9 +557,9 @@ fn read_error(e: ReadError) -> Retry {
 
 // ---------- writes and sessions ----------
 
-/// A client session's numbers from a write's headers.
+/// A client session's token and numbers from a write's headers.
 struct ClientSession {
-    id: u64,
+    token: SessionToken,
     seq: u64,
     low_water: u64,
 }
@@ -579,20 +581,38 @@ fn client_session(headers: &HeaderMap) -> ApiResult<Option<ClientSession>> {
             .map(Some)
             .ok_or_else(|| ApiError::bad_request(format!("{name} must be an unsigned integer")))
     };
-    match (
-        number(SESSION_HEADER)?,
-        number(SEQUENCE_HEADER)?,
-        number(LOW_WATER_HEADER)?,
-    ) {
+    let token = match headers.get_all(SESSION_HEADER).iter().collect::<Vec<_>>()[..] {
+        [] => None,
+        [v] => Some(
+            v.to_str()
+                .ok()
+                .and_then(|v| v.trim().parse::<SessionToken>().ok())
+                .ok_or_else(|| {
+                    ApiError::bad_request(format!(
+                        "{SESSION_HEADER} must be a session token from POST /v1/sessions"
+                    ))
+                })?,
+        ),
+        _ => {
+            return Err(ApiError::bad_request(format!(
+                "{SESSION_HEADER} given twice"
+            )))
+        }
+    };
+    match (token, number(SEQUENCE_HEADER)?, number(LOW_WATER_HEADER)?) {
         (None, None, None) => Ok(None),
-        (Some(id), Some(seq), low) => {
+        (Some(token), Some(seq), low) => {
             let low_water = low.unwrap_or(seq);
             if low_water > seq {
                 return Err(ApiError::bad_request(format!(
                     "{LOW_WATER_HEADER} {low_water} is above the write's own sequence {seq}"
                 )));
             }
-            Ok(Some(ClientSession { id, seq, low_water }))
+            Ok(Some(ClientSession {
+                token,
+                seq,
+                low_water,
+            }))
         }
         _ => Err(ApiError::bad_request(format!(
             "{SESSION_HEADER} and {SEQUENCE_HEADER} go together ({LOW_WATER_HEADER} only with them)"
@@ -660,7 +680,7 @@ async fn write(
     let data = command.encode();
     let timeout = state.config.request_timeout;
     if let Some(s) = client_session(headers)? {
-        return Session::resume(state.node.clone(), s.id, s.seq)
+        return Session::resume(state.node.clone(), s.token, s.seq)
             .with_retry_timeout(timeout)
             .propose_at(s.seq, s.low_water, data)
             .await
@@ -750,7 +770,9 @@ async fn node_session(state: &AppState) -> ApiResult<Arc<Session<KvStore>>> {
 
 #[derive(Serialize)]
 struct SessionBody {
-    session: u64,
+    /// The session's token (`<id>-<secret>`): the `raftwork-session`
+    /// header's value.
+    session: String,
 }
 
 /// `POST /v1/sessions`: registers a client session.
@@ -761,7 +783,7 @@ async fn open_session(State(state): State<Shared>) -> ApiResult<Json<SessionBody
         .map_err(|_| no_leader(timeout))?
         .map_err(|e| session_error(&state, e, false))?;
     Ok(Json(SessionBody {
-        session: session.id(),
+        session: session.token().to_string(),
     }))
 }
 
@@ -770,15 +792,13 @@ struct ClosedBody {
     closed: bool,
 }
 
-/// `DELETE /v1/sessions/{id}`: ends a client session.
+/// `DELETE /v1/sessions/{token}`: ends a client session.
 async fn close_session(
     State(state): State<Shared>,
-    axum::extract::Path(id): axum::extract::Path<String>,
+    axum::extract::Path(token): axum::extract::Path<String>,
 ) -> ApiResult<Json<ClosedBody>> {
-    let id: u64 = id
-        .parse()
-        .map_err(|_| ApiError::bad_request(format!("{id:?} is not a session id")))?;
-    Session::resume(state.node.clone(), id, 1)
+    let token: SessionToken = token.parse().map_err(ApiError::bad_request)?;
+    Session::resume(state.node.clone(), token, 1)
         .with_retry_timeout(state.config.request_timeout)
         .close()
         .await

@@ -128,8 +128,9 @@ enum Conn {
     Http {
         authority: String,
         stream: Option<BufReader<TcpStream>>,
-        /// The client session and the last sequence sent, with --sessions.
-        session: Option<(u64, u64)>,
+        /// The client session's token and the last sequence sent, with
+        /// --sessions.
+        session: Option<(String, u64)>,
     },
     Grpc(tonic::client::Grpc<Channel>),
 }
@@ -146,10 +147,10 @@ impl Conn {
                             .await?;
                     let v: serde_json::Value = serde_json::from_slice(&body)
                         .map_err(|e| format!("{authority}: session answer: {e}"))?;
-                    let id = v["session"]
-                        .as_u64()
-                        .ok_or_else(|| format!("{authority}: no session id in {v}"))?;
-                    Some((id, 0))
+                    let token = v["session"]
+                        .as_str()
+                        .ok_or_else(|| format!("{authority}: no session token in {v}"))?;
+                    Some((token.to_string(), 0))
                 } else {
                     None
                 };

@@ -354,12 +354,13 @@ async fn write_once(
     };
     let v = json(&success(call_with(conn, register).await?)?)?;
     let session = v["session"]
-        .as_u64()
-        .ok_or_else(|| Failure(format!("the server's session answer has no id: {v}")))?;
+        .as_str()
+        .ok_or_else(|| Failure(format!("the server's session answer has no token: {v}")))?
+        .to_string();
     let write = Call {
         raw_body: value,
         headers: vec![
-            (SESSION_HEADER, session.to_string()),
+            (SESSION_HEADER, session.clone()),
             (SEQUENCE_HEADER, "1".to_string()),
         ],
         resend: Resend::AlsoAfter503,

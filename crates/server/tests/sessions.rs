@@ -28,11 +28,16 @@ fn json(body: &[u8]) -> Value {
 }
 
 /// Registers a session through `m`, retrying while there is no leader.
-fn register(api: std::net::SocketAddr) -> u64 {
+fn register(api: std::net::SocketAddr) -> String {
     let deadline = Instant::now() + GUARD;
     loop {
         if let Ok((200, body)) = request(api, "POST", "/v1/sessions", b"") {
-            return json(&body)["session"].as_u64().expect("a session id");
+            let token = json(&body)["session"]
+                .as_str()
+                .expect("a token")
+                .to_string();
+            assert!(token.contains('-'), "{token}");
+            return token;
         }
         assert!(Instant::now() < deadline, "no session registered");
         std::thread::sleep(Duration::from_millis(50));
@@ -52,13 +57,13 @@ struct Tally {
 /// uncertain send is repeated with the same sequence until answered; without
 /// one, an uncertain write is counted and not sent again (it may or may
 /// not have been applied).
-fn increments(api: std::net::SocketAddr, key: &str, count: u64, session: Option<u64>) -> Tally {
+fn increments(api: std::net::SocketAddr, key: &str, count: u64, session: Option<String>) -> Tally {
     let mut tally = Tally::default();
     let path = format!("/v1/kv/{key}?incr=1");
     for seq in 1..=count {
-        let headers: Vec<(&str, String)> = match session {
+        let headers: Vec<(&str, String)> = match &session {
             Some(s) => vec![
-                ("raftwork-session", s.to_string()),
+                ("raftwork-session", s.clone()),
                 ("raftwork-sequence", seq.to_string()),
             ],
             None => Vec::new(),
@@ -199,7 +204,7 @@ fn stale_expired_unknown_sessions_and_bad_headers_apply_nothing() {
         let (status, body) = request_with(api, "POST", "/v1/kv/n?incr=1", headers, b"").unwrap();
         (status, json(&body))
     };
-    let h = |s: u64, seq: u64, low: Option<u64>| {
+    let h = |s: &str, seq: u64, low: Option<u64>| {
         let mut v = vec![
             ("raftwork-session", s.to_string()),
             ("raftwork-sequence", seq.to_string()),
@@ -210,35 +215,44 @@ fn stale_expired_unknown_sessions_and_bad_headers_apply_nothing() {
         v
     };
     let s = register(api);
-    let (status, body) = incr(&h(s, 5, None));
+    let (status, body) = incr(&h(&s, 5, None));
     assert_eq!((status, body["value"].as_i64()), (200, Some(1)));
     // The same write again: the first answer, not a second increment.
-    let (status, again) = incr(&h(s, 5, None));
+    let (status, again) = incr(&h(&s, 5, None));
     assert_eq!((status, again["value"].as_i64()), (200, Some(1)));
     // Below the mark (5: every answer below it was seen).
-    let (status, body) = incr(&h(s, 4, None));
+    let (status, body) = incr(&h(&s, 4, None));
     assert_eq!(status, 409, "{body}");
     assert!(
         body["error"].as_str().unwrap().contains("low-water"),
         "{body}"
     );
-    // Unknown session.
-    let (status, body) = incr(&h(s + 1_000, 1, None));
+    // Unknown session, and this one's id with another secret (ids are log
+    // indexes, easy to guess; the secret is not): both refused, nothing
+    // applied.
+    let (id, secret) = s.split_once('-').unwrap();
+    let unknown = format!("{}-{secret}", id.parse::<u64>().unwrap() + 1_000);
+    let (status, body) = incr(&h(&unknown, 1, None));
     assert_eq!(status, 410, "{body}");
+    let forged = format!("{id}-{:016x}", u64::from_str_radix(secret, 16).unwrap() ^ 1);
+    let (status, body) = incr(&h(&forged, 6, None));
+    assert_eq!(status, 410, "{body}");
+    let (status, _) = request(api, "DELETE", &format!("/v1/sessions/{forged}"), b"").unwrap();
+    assert_eq!(status, 410, "a forged token cannot end the session");
     // Closed session: gone, and closing it again is 410 too.
     let (status, _) = request(api, "DELETE", &format!("/v1/sessions/{s}"), b"").unwrap();
     assert_eq!(status, 200);
-    let (status, body) = incr(&h(s, 6, None));
+    let (status, body) = incr(&h(&s, 6, None));
     assert_eq!(status, 410, "{body}");
     let (status, _) = request(api, "DELETE", &format!("/v1/sessions/{s}"), b"").unwrap();
     assert_eq!(status, 410);
     // Expired: idle past the TTL of log time (the next write's stamp ends
     // it before it is looked at).
     let s2 = register(api);
-    let (status, _) = incr(&h(s2, 1, None));
+    let (status, _) = incr(&h(&s2, 1, None));
     assert_eq!(status, 200);
     std::thread::sleep(Duration::from_millis(2_500));
-    let (status, body) = incr(&h(s2, 2, None));
+    let (status, body) = incr(&h(&s2, 2, None));
     assert_eq!(status, 410, "{body}");
     assert!(
         body["error"].as_str().unwrap().contains("expired"),
@@ -252,8 +266,12 @@ fn stale_expired_unknown_sessions_and_bad_headers_apply_nothing() {
             ("raftwork-session", "x".to_string()),
             ("raftwork-sequence", "1".to_string()),
         ],
-        h(s, 1, Some(2)),
+        h(&s, 1, Some(2)),
         vec![("raftwork-low-water", "1".to_string())],
+        vec![
+            ("raftwork-session", "7".to_string()),
+            ("raftwork-sequence", "1".to_string()),
+        ],
     ] {
         let (status, body) = incr(&headers);
         assert_eq!(status, 400, "{headers:?}: {body}");

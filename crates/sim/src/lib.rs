@@ -389,6 +389,11 @@ fn decode_kv(data: &[u8]) -> Kv {
         .collect()
 }
 
+/// Client `c`'s session secret: fixed per client, so a run replays.
+fn client_secret(c: u64) -> u64 {
+    (c + 1).wrapping_mul(0x9e37_79b9_7f4a_7c15) ^ 0x5e55_1011
+}
+
 /// Command: `[kind][key][a][b]`, kind 1 = write a, 2 = cas (expected a, or
 /// none if a == u64::MAX) to b.
 fn encode_command(input: Input, key: u64) -> Vec<u8> {
@@ -1329,7 +1334,8 @@ impl Sim {
         self.drive(k)
     }
 
-    /// Registers client `c`'s session through node `k`.
+    /// Registers client `c`'s session through node `k`, with the client's
+    /// secret ([`client_secret`]).
     fn register_session(&mut self, c: u64, k: usize) -> Result<(), Failure> {
         if self.clients[c as usize].registering {
             return Ok(());
@@ -1340,6 +1346,7 @@ impl Sim {
         let core = node.core.as_mut().unwrap();
         let register = EntryKind::Register {
             config: SessionConfig::default(),
+            secret: client_secret(c),
         };
         match core.handle_propose_kind(id, register, Vec::new()) {
             Ok(()) => {
@@ -1375,6 +1382,7 @@ impl Sim {
         let core = node.core.as_mut().unwrap();
         let kind = EntryKind::SessionCommand {
             session,
+            secret: client_secret(c),
             seq: r.seq,
             // One command at a time: every answer below this one was seen.
             low_water: r.seq,
