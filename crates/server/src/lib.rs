@@ -24,6 +24,7 @@ pub mod kv;
 pub mod listener;
 pub mod local;
 pub mod members;
+pub mod mvcc;
 pub mod serve;
 pub mod tls;
 pub mod wal;
