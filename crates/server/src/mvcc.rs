@@ -2,6 +2,12 @@
 //! will replicate to speak etcd's v3 API (issue 14; first step, not wired
 //! into the server yet).
 //!
+//! Transactions ([`Mvcc::txn`]) follow etcd: every compare (nested ones
+//! too) reads the key space as the transaction found it, one branch runs,
+//! its reads see the writes before them, and the whole transaction takes
+//! one revision (none if it changes nothing); a branch that changes a key
+//! twice, or reads a compacted or future revision, is refused whole.
+//!
 //! * A global **revision** counts write transactions: each one that changes
 //!   anything takes the next main revision, and its changes take sub
 //!   revisions 0, 1, ... in order. A read-only transaction takes none.
@@ -86,6 +92,10 @@ pub enum MvccError {
         /// The current revision.
         current: i64,
     },
+    /// A transaction branch changes one key twice (etcd: "etcdserver:
+    /// duplicate key given in txn request").
+    #[error("etcdserver: duplicate key given in txn request")]
+    DuplicateKey,
 }
 
 /// Which keys a range or delete covers, as etcd names them: `key` alone,
@@ -124,6 +134,16 @@ impl KeyRange {
             [0] => (start, Bound::Unbounded),
             end => (start, Bound::Excluded(end)),
         }
+    }
+
+    /// Whether `key` is in the range.
+    pub fn contains(&self, key: &[u8]) -> bool {
+        !self.is_empty()
+            && match &self.range_end[..] {
+                [] => key == &self.key[..],
+                [0] => key >= &self.key[..],
+                end => key >= &self.key[..] && key < end,
+            }
     }
 
     /// Whether the range covers nothing (an end at or before the start).
@@ -207,6 +227,158 @@ pub enum OpResult {
     },
 }
 
+/// What an etcd compare looks at, and the value it compares with.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum CompareTarget {
+    /// The key's version.
+    Version(i64),
+    /// Its create revision.
+    Create(i64),
+    /// Its mod revision.
+    Mod(i64),
+    /// Its value (bytes, compared lexicographically).
+    Value(Bytes),
+    /// Its lease.
+    Lease(i64),
+}
+
+/// How an etcd compare relates the key's field to its value.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum CompareResult {
+    /// Equal.
+    Equal,
+    /// The key's field is greater.
+    Greater,
+    /// The key's field is less.
+    Less,
+    /// Not equal.
+    NotEqual,
+}
+
+/// One condition of a transaction.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Compare {
+    /// The keys it applies to (every one must satisfy it).
+    pub range: KeyRange,
+    /// The field and the value.
+    pub target: CompareTarget,
+    /// The relation.
+    pub result: CompareResult,
+}
+
+impl Compare {
+    fn holds_for(&self, kv: &KeyValue) -> bool {
+        use std::cmp::Ordering;
+        let order: Ordering = match &self.target {
+            CompareTarget::Version(v) => kv.version.cmp(v),
+            CompareTarget::Create(v) => kv.create_revision.cmp(v),
+            CompareTarget::Mod(v) => kv.mod_revision.cmp(v),
+            CompareTarget::Lease(v) => kv.lease.cmp(v),
+            CompareTarget::Value(v) => kv.value[..].cmp(&v[..]),
+        };
+        match self.result {
+            CompareResult::Equal => order == Ordering::Equal,
+            CompareResult::NotEqual => order != Ordering::Equal,
+            CompareResult::Greater => order == Ordering::Greater,
+            CompareResult::Less => order == Ordering::Less,
+        }
+    }
+}
+
+/// A request inside a transaction.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum RequestOp {
+    /// A read (at its revision, or as the transaction's earlier writes
+    /// left the key space).
+    Range(RangeRequest),
+    /// A put.
+    Put {
+        /// The key.
+        key: Bytes,
+        /// The value.
+        value: Bytes,
+        /// The lease (0: none).
+        lease: i64,
+    },
+    /// A delete.
+    DeleteRange(KeyRange),
+    /// A nested transaction.
+    Txn(TxnRequest),
+}
+
+/// An etcd transaction.
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
+pub struct TxnRequest {
+    /// The conditions.
+    pub compare: Vec<Compare>,
+    /// Run if every condition holds.
+    pub success: Vec<RequestOp>,
+    /// Run otherwise.
+    pub failure: Vec<RequestOp>,
+}
+
+/// What one [`RequestOp`] answered.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum ResponseOp {
+    /// A read's answer.
+    Range(RangeResponse),
+    /// A put's previous value.
+    Put {
+        /// The key's previous value, if any.
+        prev: Option<KeyValue>,
+    },
+    /// What a delete deleted.
+    DeleteRange {
+        /// The deleted key values, in key order.
+        prev: Vec<KeyValue>,
+    },
+    /// A nested transaction's answer.
+    Txn(TxnResponse),
+}
+
+/// The answer to a [`TxnRequest`].
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct TxnResponse {
+    /// Whether the conditions held (the success branch ran).
+    pub succeeded: bool,
+    /// One answer per request of the branch that ran.
+    pub responses: Vec<ResponseOp>,
+}
+
+/// The revisions a write transaction hands out.
+struct TxnWrite {
+    main: i64,
+    sub: i64,
+}
+
+impl TxnWrite {
+    fn new(current: i64) -> Self {
+        Self {
+            main: current + 1,
+            sub: 0,
+        }
+    }
+
+    fn next(&mut self) -> Revision {
+        let rev = Revision {
+            main: self.main,
+            sub: self.sub,
+        };
+        self.sub += 1;
+        rev
+    }
+
+    /// The revision a read inside the transaction sees: its own writes so
+    /// far.
+    fn view(&self) -> i64 {
+        if self.sub > 0 {
+            self.main
+        } else {
+            self.main - 1
+        }
+    }
+}
+
 /// The MVCC key space. See the module documentation.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct Mvcc {
@@ -276,6 +448,33 @@ impl Mvcc {
                 compacted: self.compacted,
             });
         }
+        Ok(self.read_at(req, at))
+    }
+
+    /// Applies a write transaction: every op in order, sharing one main
+    /// revision (the next one) with sub revisions in order. The revision
+    /// moves only if something changed (a delete of nothing changes
+    /// nothing). Returns one result per op.
+    pub fn write(&mut self, ops: &[Op]) -> Vec<OpResult> {
+        let mut w = TxnWrite::new(self.current);
+        let results = ops
+            .iter()
+            .map(|op| match op {
+                Op::Put { key, value, lease } => OpResult::Put {
+                    prev: self.put_in(&mut w, key, value, *lease),
+                },
+                Op::DeleteRange(range) => OpResult::Deleted {
+                    prev: self.delete_in(&mut w, range),
+                },
+            })
+            .collect();
+        self.finish(w);
+        results
+    }
+
+    /// Reads `req` at `at` without checking it against the compacted and
+    /// current revisions (the caller did).
+    fn read_at(&self, req: &RangeRequest, at: i64) -> RangeResponse {
         let mut response = RangeResponse {
             kvs: Vec::new(),
             more: false,
@@ -283,7 +482,7 @@ impl Mvcc {
             header_revision: self.current,
         };
         if req.range.is_empty() {
-            return Ok(response);
+            return response;
         }
         for (key, versions) in self.keys.range::<[u8], _>(req.range.bounds()) {
             let Some(v) = Self::live_at(versions, at) else {
@@ -299,85 +498,206 @@ impl Mvcc {
             }
             response.kvs.push(Self::key_value(key, v, req.keys_only));
         }
+        response
+    }
+
+    fn put_in(
+        &mut self,
+        w: &mut TxnWrite,
+        key: &Bytes,
+        value: &Bytes,
+        lease: i64,
+    ) -> Option<KeyValue> {
+        let main = w.main;
+        let rev = w.next();
+        let versions = self.keys.entry(key.clone()).or_default();
+        let prev = versions.last().filter(|v| v.value.is_some());
+        let prev_kv = prev.map(|v| Self::key_value(key, v, false));
+        let (create_revision, version) = match prev {
+            Some(p) => (p.create_revision, p.version + 1),
+            None => (main, 1),
+        };
+        let next = Version {
+            rev,
+            value: Some(value.clone()),
+            create_revision,
+            version,
+            lease,
+        };
+        // A second change of one key in one transaction replaces the first
+        // (a transaction is refused if it puts one key twice; a plain write
+        // may delete and put again).
+        match versions.last_mut() {
+            Some(last) if last.rev.main == main => *last = next,
+            _ => versions.push(next),
+        }
+        prev_kv
+    }
+
+    fn delete_in(&mut self, w: &mut TxnWrite, range: &KeyRange) -> Vec<KeyValue> {
+        let mut deleted = Vec::new();
+        if range.is_empty() {
+            return deleted;
+        }
+        let main = w.main;
+        for (key, versions) in self.keys.range_mut::<[u8], _>(range.bounds()) {
+            let last = versions.last().expect("never empty");
+            if last.value.is_none() {
+                continue;
+            }
+            deleted.push(Self::key_value(key, last, false));
+            let last_main = last.rev.main;
+            let tombstone = Version {
+                rev: w.next(),
+                value: None,
+                create_revision: 0,
+                version: 0,
+                lease: 0,
+            };
+            if last_main == main {
+                // Put then deleted in this transaction.
+                versions.pop();
+                if versions.last().is_none_or(|v| v.value.is_none()) {
+                    // The put created it: as if it never was.
+                    continue;
+                }
+            }
+            versions.push(tombstone);
+        }
+        self.keys.retain(|_, v| !v.is_empty());
+        deleted
+    }
+
+    /// Ends a write transaction: the revision moves if it changed anything.
+    fn finish(&mut self, w: TxnWrite) {
+        if w.sub > 0 {
+            self.current = w.main;
+        }
+    }
+
+    /// Runs an etcd transaction: if every compare holds (on the key space
+    /// as it was before the transaction), the success requests, else the
+    /// failure ones, in order; reads inside see the writes before them.
+    /// Refused (nothing applied) if a read asks for a compacted or future
+    /// revision, or a branch changes one key twice (etcd's "duplicate key
+    /// given in txn request").
+    pub fn txn(&mut self, req: &TxnRequest) -> Result<TxnResponse, MvccError> {
+        self.check_txn(req)?;
+        let mut w = TxnWrite::new(self.current);
+        let response = self.txn_in(&mut w, req, self.current);
+        self.finish(w);
         Ok(response)
     }
 
-    /// Applies a write transaction: every op in order, sharing one main
-    /// revision (the next one) with sub revisions in order. The revision
-    /// moves only if something changed (a delete of nothing changes
-    /// nothing). Returns one result per op.
-    pub fn write(&mut self, ops: &[Op]) -> Vec<OpResult> {
-        let main = self.current + 1;
-        let mut sub = 0;
-        let mut results = Vec::with_capacity(ops.len());
+    /// The checks of [`Mvcc::txn`], before anything is applied.
+    fn check_txn(&self, req: &TxnRequest) -> Result<(), MvccError> {
+        for branch in [&req.success, &req.failure] {
+            let mut puts = Vec::new();
+            let mut deletes = Vec::new();
+            self.check_ops(branch, &mut puts, &mut deletes)?;
+            puts.sort();
+            if puts.windows(2).any(|w| w[0] == w[1])
+                || puts
+                    .iter()
+                    .any(|k| deletes.iter().any(|r: &&KeyRange| r.contains(k)))
+            {
+                return Err(MvccError::DuplicateKey);
+            }
+        }
+        Ok(())
+    }
+
+    fn check_ops<'a>(
+        &self,
+        ops: &'a [RequestOp],
+        puts: &mut Vec<&'a Bytes>,
+        deletes: &mut Vec<&'a KeyRange>,
+    ) -> Result<(), MvccError> {
         for op in ops {
             match op {
-                Op::Put { key, value, lease } => {
-                    let rev = Revision { main, sub };
-                    sub += 1;
-                    let versions = self.keys.entry(key.clone()).or_default();
-                    let prev = versions.last().filter(|v| v.value.is_some());
-                    let prev_kv = prev.map(|v| Self::key_value(key, v, false));
-                    let (create_revision, version) = match prev {
-                        Some(p) => (p.create_revision, p.version + 1),
-                        None => (main, 1),
-                    };
-                    let next = Version {
-                        rev,
-                        value: Some(value.clone()),
-                        create_revision,
-                        version,
-                        lease: *lease,
-                    };
-                    // Two puts of one key in one transaction: the later one
-                    // replaces the earlier (etcd refuses such a txn; a
-                    // caller that sends one gets the last write).
-                    match versions.last_mut() {
-                        Some(last) if last.rev.main == main => *last = next,
-                        _ => versions.push(next),
-                    }
-                    results.push(OpResult::Put { prev: prev_kv });
+                RequestOp::Range(r) if r.revision > self.current => {
+                    return Err(MvccError::FutureRevision {
+                        current: self.current,
+                    })
                 }
-                Op::DeleteRange(range) => {
-                    let mut deleted = Vec::new();
-                    if !range.is_empty() {
-                        for (key, versions) in self.keys.range_mut::<[u8], _>(range.bounds()) {
-                            let last = versions.last().expect("never empty");
-                            if last.value.is_none() {
-                                continue;
-                            }
-                            deleted.push(Self::key_value(key, last, false));
-                            let last_main = last.rev.main;
-                            let tombstone = Version {
-                                rev: Revision { main, sub },
-                                value: None,
-                                create_revision: 0,
-                                version: 0,
-                                lease: 0,
-                            };
-                            sub += 1;
-                            if last_main == main {
-                                // Put then deleted in this transaction.
-                                versions.pop();
-                                if versions.is_empty()
-                                    || versions.last().is_some_and(|v| v.value.is_none())
-                                {
-                                    // The put created it: as if it never was.
-                                    continue;
-                                }
-                            }
-                            versions.push(tombstone);
-                        }
-                        self.keys.retain(|_, v| !v.is_empty());
-                    }
-                    results.push(OpResult::Deleted { prev: deleted });
+                RequestOp::Range(r) if r.revision > 0 && r.revision < self.compacted => {
+                    return Err(MvccError::Compacted {
+                        compacted: self.compacted,
+                    })
+                }
+                RequestOp::Range(_) => {}
+                RequestOp::Put { key, .. } => puts.push(key),
+                RequestOp::DeleteRange(range) => deletes.push(range),
+                // Only one branch of a nested transaction runs, but which one
+                // is not known before: both count, as etcd does.
+                RequestOp::Txn(t) => {
+                    self.check_ops(&t.success, puts, deletes)?;
+                    self.check_ops(&t.failure, puts, deletes)?;
                 }
             }
         }
-        if sub > 0 {
-            self.current = main;
+        Ok(())
+    }
+
+    /// Runs `req` inside the write `w`; every compare, nested ones too,
+    /// reads the key space as of `before` (the revision the outermost
+    /// transaction found), as etcd evaluates them all before it writes.
+    fn txn_in(&mut self, w: &mut TxnWrite, req: &TxnRequest, before: i64) -> TxnResponse {
+        let succeeded = req.compare.iter().all(|c| self.compare_at(c, before));
+        let ops = if succeeded {
+            &req.success
+        } else {
+            &req.failure
+        };
+        let mut responses = Vec::with_capacity(ops.len());
+        for op in ops {
+            responses.push(match op {
+                RequestOp::Range(r) => {
+                    let at = if r.revision > 0 { r.revision } else { w.view() };
+                    ResponseOp::Range(self.read_at(r, at))
+                }
+                RequestOp::Put { key, value, lease } => ResponseOp::Put {
+                    prev: self.put_in(w, key, value, *lease),
+                },
+                RequestOp::DeleteRange(range) => ResponseOp::DeleteRange {
+                    prev: self.delete_in(w, range),
+                },
+                RequestOp::Txn(t) => ResponseOp::Txn(self.txn_in(w, t, before)),
+            });
         }
-        results
+        TxnResponse {
+            succeeded,
+            responses,
+        }
+    }
+
+    /// One compare, as etcd evaluates it: every key in the range must
+    /// satisfy it; with no key, a value compare fails and the others
+    /// compare against zero (a missing key has version, create and mod
+    /// revision 0 and no lease).
+    fn compare_at(&self, c: &Compare, at: i64) -> bool {
+        let request = RangeRequest {
+            range: c.range.clone(),
+            revision: at,
+            limit: 0,
+            count_only: false,
+            keys_only: false,
+        };
+        let kvs = self.read_at(&request, at).kvs;
+        if kvs.is_empty() {
+            return match &c.target {
+                CompareTarget::Value(_) => false,
+                _ => c.holds_for(&KeyValue {
+                    key: c.range.key.clone(),
+                    create_revision: 0,
+                    mod_revision: 0,
+                    version: 0,
+                    value: Bytes::new(),
+                    lease: 0,
+                }),
+            };
+        }
+        kvs.iter().all(|kv| c.holds_for(kv))
     }
 
     /// Forgets history before `revision`: reads below it fail from then on.
@@ -760,6 +1080,175 @@ mod tests {
                 }
             }
         }
+    }
+
+    fn cmp(range: KeyRange, target: CompareTarget, result: CompareResult) -> Compare {
+        Compare {
+            range,
+            target,
+            result,
+        }
+    }
+
+    fn rput(k: &str, v: &str) -> RequestOp {
+        RequestOp::Put {
+            key: Bytes::copy_from_slice(k.as_bytes()),
+            value: Bytes::copy_from_slice(v.as_bytes()),
+            lease: 0,
+        }
+    }
+
+    fn rget(range: KeyRange) -> RequestOp {
+        RequestOp::Range(RangeRequest {
+            range,
+            revision: 0,
+            limit: 0,
+            count_only: false,
+            keys_only: false,
+        })
+    }
+
+    #[test]
+    fn transactions_compare_then_run_one_branch_at_one_revision() {
+        use CompareResult::*;
+        use CompareTarget::*;
+        let mut m = Mvcc::new();
+        m.write(&[put("k", "v1")]); // 2
+        m.write(&[put("k", "v2")]); // 3, version 2
+        let holds = |m: &Mvcc, c: Compare| m.compare_at(&c, m.revision());
+        let k = || KeyRange::one("k");
+        assert!(holds(&m, cmp(k(), Version(2), Equal)));
+        assert!(holds(&m, cmp(k(), Version(1), Greater)));
+        assert!(holds(&m, cmp(k(), Create(3), Less)));
+        assert!(holds(&m, cmp(k(), Mod(3), Equal)));
+        assert!(holds(&m, cmp(k(), Value("v2".into()), Equal)));
+        assert!(holds(&m, cmp(k(), Value("v10".into()), Greater)));
+        assert!(holds(&m, cmp(k(), Lease(0), Equal)));
+        assert!(!holds(&m, cmp(k(), Version(2), NotEqual)));
+        // A missing key: version, create, mod 0; a value compare fails.
+        let missing = || KeyRange::one("nope");
+        assert!(holds(&m, cmp(missing(), Version(0), Equal)));
+        assert!(holds(&m, cmp(missing(), Create(0), Equal)));
+        assert!(!holds(&m, cmp(missing(), Value("".into()), Equal)));
+        assert!(!holds(&m, cmp(missing(), Value("".into()), NotEqual)));
+        // A range: every key must satisfy it.
+        m.write(&[put("k2", "v1")]); // 4
+        assert!(holds(&m, cmp(KeyRange::prefix("k"), Mod(1), Greater)));
+        assert!(!holds(&m, cmp(KeyRange::prefix("k"), Version(2), Equal)));
+
+        // The lock recipe: create if absent, else read the holder.
+        let lock = |m: &mut Mvcc, who: &str| {
+            m.txn(&TxnRequest {
+                compare: vec![cmp(KeyRange::one("lock"), Create(0), Equal)],
+                success: vec![rput("lock", who), rget(KeyRange::one("lock"))],
+                failure: vec![rget(KeyRange::one("lock"))],
+            })
+            .unwrap()
+        };
+        let first = lock(&mut m, "a");
+        assert!(first.succeeded);
+        assert_eq!(m.revision(), 5, "one revision for the whole transaction");
+        let ResponseOp::Range(seen) = &first.responses[1] else {
+            panic!("{first:?}")
+        };
+        assert_eq!(
+            &seen.kvs[0].value[..],
+            b"a",
+            "a read sees the writes before it"
+        );
+        let second = lock(&mut m, "b");
+        assert!(!second.succeeded);
+        let ResponseOp::Range(seen) = &second.responses[0] else {
+            panic!("{second:?}")
+        };
+        assert_eq!(&seen.kvs[0].value[..], b"a");
+        assert_eq!(m.revision(), 5, "a read-only branch takes no revision");
+    }
+
+    #[test]
+    fn transactions_that_change_a_key_twice_or_read_outside_history_apply_nothing() {
+        let mut m = Mvcc::new();
+        m.write(&[put("a", "1")]);
+        m.write(&[put("a", "2")]);
+        m.compact(3).unwrap();
+        let before = m.clone();
+        let bad = [
+            TxnRequest {
+                success: vec![rput("x", "1"), rput("x", "2")],
+                ..Default::default()
+            },
+            TxnRequest {
+                failure: vec![
+                    rput("x", "1"),
+                    RequestOp::DeleteRange(KeyRange::prefix("x")),
+                ],
+                ..Default::default()
+            },
+            TxnRequest {
+                success: vec![
+                    rput("x", "1"),
+                    RequestOp::Txn(TxnRequest {
+                        failure: vec![rput("x", "2")],
+                        ..Default::default()
+                    }),
+                ],
+                ..Default::default()
+            },
+        ];
+        for t in &bad {
+            assert_eq!(m.txn(t), Err(MvccError::DuplicateKey), "{t:?}");
+        }
+        let old_read = TxnRequest {
+            success: vec![
+                rput("y", "1"),
+                RequestOp::Range(RangeRequest {
+                    range: KeyRange::one("a"),
+                    revision: 2,
+                    limit: 0,
+                    count_only: false,
+                    keys_only: false,
+                }),
+            ],
+            ..Default::default()
+        };
+        assert_eq!(m.txn(&old_read), Err(MvccError::Compacted { compacted: 3 }));
+        assert_eq!(m, before, "nothing applied");
+        // The same key in the two branches is fine: only one runs.
+        let ok = TxnRequest {
+            success: vec![rput("x", "1")],
+            failure: vec![rput("x", "2")],
+            ..Default::default()
+        };
+        assert!(m.txn(&ok).unwrap().succeeded);
+        // A nested transaction's compares see the key space as the outer one
+        // found it (etcd evaluates every compare first); its reads see the
+        // writes before them.
+        let nested = TxnRequest {
+            success: vec![
+                rput("n", "outer"),
+                RequestOp::Txn(TxnRequest {
+                    compare: vec![cmp(
+                        KeyRange::one("n"),
+                        CompareTarget::Value("outer".into()),
+                        CompareResult::Equal,
+                    )],
+                    success: vec![rput("m", "inner")],
+                    failure: vec![rget(KeyRange::one("n"))],
+                }),
+            ],
+            ..Default::default()
+        };
+        let r = m.txn(&nested).unwrap();
+        let ResponseOp::Txn(inner) = &r.responses[1] else {
+            panic!("{r:?}")
+        };
+        assert!(!inner.succeeded, "n did not exist before the transaction");
+        let ResponseOp::Range(seen) = &inner.responses[0] else {
+            panic!("{inner:?}")
+        };
+        assert_eq!(&seen.kvs[0].value[..], b"outer");
+        assert_eq!(get(&m, KeyRange::one("m"), 0).unwrap(), vec![]);
+        m.check_invariants();
     }
 
     #[test]
