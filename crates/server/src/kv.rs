@@ -1,7 +1,8 @@
 //! The replicated key-value state machine of the `raftwork` server.
 //!
-//! Keys and values are arbitrary bytes, kept in a `BTreeMap` (ordered, so
-//! prefix listings and snapshots are deterministic) as shared buffers
+//! Keys and values are arbitrary bytes, kept in an MVCC key space (ordered,
+//! so prefix listings and snapshots are deterministic; see "History") as
+//! shared buffers
 //! (`Bytes`): a listing runs on the apply task, and taking an entry costs it
 //! a reference count, not a copy, so a large listing never holds up applies
 //! while its bytes are copied out (that happens on the API's task).
@@ -41,22 +42,33 @@
 //!
 //! # Snapshot format
 //! ```text
-//! +--------+---------+-----------+---------------------------------------+
-//! | "RWKV" | version | count u64 | count x (klen u32, key, vlen u32, val) |
-//! +--------+---------+-----------+---------------------------------------+
-//!   magic    u8 = 1    LE          in key order, LE lengths
+//! +--------+-------------+-------------------------------------------+
+//! | "RWKV" | version = 2 | the MVCC key space (format in mvcc.rs)     |
+//! +--------+-------------+-------------------------------------------+
+//! version 1 (still read):
+//! +--------+-------------+-----------+----------------------------------------+
+//! | "RWKV" | version = 1 | count u64 | count x (klen u32, key, vlen u32, val) |
+//! +--------+-------------+-----------+----------------------------------------+
 //! ```
 //! It is written and read entry by entry (never one buffer of the whole
-//! state). Restore builds a new map and replaces the state only once the
-//! whole snapshot has been read; trailing bytes are an error.
+//! state). Restore builds a new key space and replaces the state only once
+//! the whole snapshot has been read; trailing bytes are an error. A version
+//! 1 snapshot becomes the key space at revision 2, every key at version 1.
+//!
+//! # History
+//! The store is an MVCC key space ([`crate::mvcc`]): every write takes a
+//! revision and the previous versions stay readable until compacted. It
+//! keeps the last [`HISTORY_REVISIONS`] to twice that many revisions,
+//! compacting when the revision passes the bound (a rule of the revision
+//! alone, so every replica compacts at the same point).
 
-use std::collections::BTreeMap;
 use std::io::{self, Read, Write};
-use std::ops::Bound;
 
 use bytes::Bytes;
 
 use raftwork::{Command, StateMachine};
+
+use crate::mvcc::{KeyRange, Mvcc, Op, OpResult};
 
 /// Largest key the API accepts, in bytes.
 pub const MAX_KEY_BYTES: usize = 4096;
@@ -73,7 +85,7 @@ const EXPECT_VALUE: u8 = 0x01;
 const EXPECT_PRESENT: u8 = 0x02;
 
 const SNAPSHOT_MAGIC: &[u8; 4] = b"RWKV";
-const SNAPSHOT_VERSION: u8 = 1;
+const SNAPSHOT_VERSION: u8 = 2;
 
 /// What a compare-and-set requires of the current value.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -367,10 +379,17 @@ impl KvCommand {
     }
 }
 
-/// The replicated map.
+/// Revisions of history the store keeps (for reads of the past, which the
+/// etcd API will serve); it compacts when it holds twice as many, so at most
+/// `2 × HISTORY_REVISIONS` revisions of history are kept. The rule depends
+/// only on the revision, so every replica compacts at the same point.
+pub const HISTORY_REVISIONS: i64 = 10_000;
+
+/// The replicated key space: an MVCC store ([`crate::mvcc`]) whose
+/// current state the REST API reads and writes.
 #[derive(Debug, Default, Clone, PartialEq, Eq)]
 pub struct KvStore {
-    map: BTreeMap<Bytes, Bytes>,
+    mvcc: Mvcc,
 }
 
 /// One page of a listing: entries in key order, and whether more entries
@@ -391,7 +410,12 @@ impl KvStore {
 
     /// The value of `key`.
     pub fn get(&self, key: &[u8]) -> Option<&[u8]> {
-        self.map.get(key).map(|v| &v[..])
+        self.mvcc.get(key).map(|v| &v[..])
+    }
+
+    /// The MVCC key space under the store.
+    pub fn mvcc(&self) -> &Mvcc {
+        &self.mvcc
     }
 
     /// Up to `limit` entries whose key starts with `prefix`, in key order.
@@ -405,8 +429,8 @@ impl KvStore {
     /// least one entry, if any matches).
     pub fn list_page(&self, prefix: &[u8], limit: usize, bytes_max: usize, skip: &[u8]) -> Listing {
         let matching = self
-            .map
-            .range::<[u8], _>((Bound::Included(prefix), Bound::Unbounded))
+            .mvcc
+            .current_from(prefix)
             .take_while(|(k, _)| k.starts_with(prefix))
             .filter(|(k, _)| skip.is_empty() || !k.starts_with(skip));
         let mut page = Listing::default();
@@ -426,12 +450,30 @@ impl KvStore {
 
     /// Number of keys.
     pub fn len(&self) -> usize {
-        self.map.len()
+        self.mvcc.len()
     }
 
     /// True when there are no keys.
     pub fn is_empty(&self) -> bool {
-        self.map.is_empty()
+        self.mvcc.is_empty()
+    }
+
+    fn put(&mut self, key: Vec<u8>, value: Vec<u8>) {
+        self.mvcc.write(&[Op::Put {
+            key: key.into(),
+            value: value.into(),
+            lease: 0,
+        }]);
+    }
+
+    /// Keeps at most `2 × HISTORY_REVISIONS` revisions of history.
+    fn compact_history(&mut self) {
+        let revision = self.mvcc.revision();
+        if revision - self.mvcc.compacted_revision() >= 2 * HISTORY_REVISIONS {
+            self.mvcc
+                .compact(revision - HISTORY_REVISIONS)
+                .expect("between the compacted and the current revision");
+        }
     }
 
     /// Applies one encoded command (see the module header).
@@ -440,16 +482,19 @@ impl KvStore {
             Ok(c) => c,
             Err(e) => return KvResponse::Invalid(e),
         };
-        match command {
+        let response = match command {
             KvCommand::Put { key, value } => {
-                self.map.insert(key.into(), value.into());
+                self.put(key, value);
                 KvResponse::Written
             }
-            KvCommand::Delete { key } => KvResponse::Deleted {
-                existed: self.map.remove(&key[..]).is_some(),
-            },
+            KvCommand::Delete { key } => {
+                let results = self.mvcc.write(&[Op::DeleteRange(KeyRange::one(key))]);
+                KvResponse::Deleted {
+                    existed: matches!(&results[..], [OpResult::Deleted { prev }] if !prev.is_empty()),
+                }
+            }
             KvCommand::Cas { key, expect, value } => {
-                let current = self.map.get(&key[..]);
+                let current = self.mvcc.get(&key);
                 let ok = match (&expect, current) {
                     (Expect::Absent, None) => true,
                     (Expect::Present, Some(_)) => true,
@@ -457,7 +502,7 @@ impl KvStore {
                     _ => false,
                 };
                 if ok {
-                    self.map.insert(key.into(), value.into());
+                    self.put(key, value);
                     KvResponse::Written
                 } else {
                     KvResponse::CasFailed {
@@ -466,7 +511,7 @@ impl KvStore {
                 }
             }
             KvCommand::Incr { key, by } => {
-                let current = match self.map.get(&key[..]) {
+                let current = match self.mvcc.get(&key) {
                     None => Some(0),
                     Some(v) => std::str::from_utf8(v)
                         .ok()
@@ -474,14 +519,15 @@ impl KvStore {
                 };
                 match current.and_then(|c| c.checked_add(by)) {
                     Some(value) => {
-                        self.map
-                            .insert(key.into(), value.to_string().into_bytes().into());
+                        self.put(key, value.to_string().into_bytes());
                         KvResponse::Incremented { value }
                     }
                     None => KvResponse::NotANumber,
                 }
             }
-        }
+        };
+        self.compact_history();
+        response
     }
 }
 
@@ -519,42 +565,54 @@ impl StateMachine for KvStore {
     fn snapshot(&self, w: &mut dyn Write) -> io::Result<()> {
         w.write_all(SNAPSHOT_MAGIC)?;
         w.write_all(&[SNAPSHOT_VERSION])?;
-        w.write_all(&(self.map.len() as u64).to_le_bytes())?;
-        for (k, v) in &self.map {
-            let klen = u32::try_from(k.len()).map_err(|_| invalid("key over 4 GiB"))?;
-            let vlen = u32::try_from(v.len()).map_err(|_| invalid("value over 4 GiB"))?;
-            w.write_all(&klen.to_le_bytes())?;
-            w.write_all(k)?;
-            w.write_all(&vlen.to_le_bytes())?;
-            w.write_all(v)?;
-        }
-        Ok(())
+        self.mvcc.snapshot(w)
     }
 
     fn restore(&mut self, r: &mut dyn Read) -> io::Result<()> {
-        let mut header = [0u8; 13];
+        let mut header = [0u8; 5];
         r.read_exact(&mut header)?;
         if &header[..4] != SNAPSHOT_MAGIC {
             return Err(invalid("bad magic"));
         }
-        if header[4] != SNAPSHOT_VERSION {
-            return Err(invalid(&format!("unknown version {}", header[4])));
-        }
-        let count = u64::from_le_bytes(header[5..13].try_into().expect("8 bytes"));
-        let mut map = BTreeMap::new();
-        for _ in 0..count {
-            let klen = read_u32(r)?;
-            let key = read_field(r, klen)?;
-            let vlen = read_u32(r)?;
-            let value = read_field(r, vlen)?;
-            map.insert(Bytes::from(key), Bytes::from(value));
-        }
-        if r.read(&mut [0u8; 1])? != 0 {
-            return Err(invalid("trailing bytes"));
-        }
-        self.map = map;
+        self.mvcc = match header[4] {
+            SNAPSHOT_VERSION => Mvcc::restore(r)?,
+            1 => restore_version_1(r)?,
+            other => return Err(invalid(&format!("unknown version {other}"))),
+        };
         Ok(())
     }
+}
+
+/// A snapshot of version 1 (a plain map, before the MVCC store): its keys
+/// become the key space at revision 2, one transaction, every key at
+/// version 1. Every replica restores the same bytes the same way.
+fn restore_version_1(r: &mut dyn Read) -> io::Result<Mvcc> {
+    let mut count = [0u8; 8];
+    r.read_exact(&mut count)?;
+    let count = u64::from_le_bytes(count);
+    let mut ops = Vec::new();
+    let mut last: Option<Bytes> = None;
+    for _ in 0..count {
+        let klen = read_u32(r)?;
+        let key = Bytes::from(read_field(r, klen)?);
+        let vlen = read_u32(r)?;
+        let value = Bytes::from(read_field(r, vlen)?);
+        if last.as_ref().is_some_and(|l| *l >= key) {
+            return Err(invalid("keys out of order"));
+        }
+        last = Some(key.clone());
+        ops.push(Op::Put {
+            key,
+            value,
+            lease: 0,
+        });
+    }
+    if r.read(&mut [0u8; 1])? != 0 {
+        return Err(invalid("trailing bytes"));
+    }
+    let mut mvcc = Mvcc::new();
+    mvcc.write(&ops);
+    Ok(mvcc)
 }
 
 #[cfg(test)]
@@ -814,9 +872,39 @@ mod tests {
         assert_eq!(page.entries.len(), 9);
         // The listing shares the store's buffers: taking it copied no bytes
         // (it cannot hold up applies while values are copied out).
-        let stored = s.map.get(&b"k3"[..]).unwrap();
+        let stored = s.mvcc.get(&b"k3"[..]).unwrap();
         let listed = &s.list(b"k3", 1)[0].1;
         assert_eq!(stored.as_ptr(), listed.as_ptr());
+    }
+
+    #[test]
+    fn a_version_1_snapshot_restores_and_history_stays_bounded() {
+        let mut v1 = b"RWKV\x01".to_vec();
+        v1.extend_from_slice(&2u64.to_le_bytes());
+        for (k, v) in [("a", "1"), ("b", "2")] {
+            v1.extend_from_slice(&(k.len() as u32).to_le_bytes());
+            v1.extend_from_slice(k.as_bytes());
+            v1.extend_from_slice(&(v.len() as u32).to_le_bytes());
+            v1.extend_from_slice(v.as_bytes());
+        }
+        let mut s = KvStore::new();
+        s.restore(&mut &v1[..]).unwrap();
+        assert_eq!(
+            (s.get(b"a"), s.get(b"b"), s.len()),
+            (Some(&b"1"[..]), Some(&b"2"[..]), 2)
+        );
+        assert_eq!(s.mvcc().revision(), 2);
+        let mut out = Vec::new();
+        s.snapshot(&mut out).unwrap();
+        assert_eq!(out[4], 2, "written in the current version");
+        // Overwriting one key: history never holds more than twice the bound.
+        for i in 0..(2 * HISTORY_REVISIONS + 10) {
+            s.apply_one(&put("a", &i.to_string()));
+            let m = s.mvcc();
+            assert!(m.revision() - m.compacted_revision() < 2 * HISTORY_REVISIONS);
+        }
+        assert!(s.mvcc().compacted_revision() > 0);
+        assert_eq!(s.len(), 2);
     }
 
     #[test]

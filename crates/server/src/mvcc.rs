@@ -396,7 +396,7 @@ impl TxnWrite {
 }
 
 /// The MVCC key space. See the module documentation.
-#[derive(Debug, Clone, Default, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Mvcc {
     /// The current (last committed) main revision; 1 for an empty space,
     /// as etcd starts.
@@ -404,6 +404,14 @@ pub struct Mvcc {
     /// The revision compacted at; reads below it fail.
     compacted: i64,
     keys: BTreeMap<Bytes, Vec<Version>>,
+    /// Keys whose last version is a value.
+    live: usize,
+}
+
+impl Default for Mvcc {
+    fn default() -> Self {
+        Self::new()
+    }
 }
 
 impl Mvcc {
@@ -413,7 +421,34 @@ impl Mvcc {
             current: 1,
             compacted: 0,
             keys: BTreeMap::new(),
+            live: 0,
         }
+    }
+
+    /// Keys that exist now.
+    pub fn len(&self) -> usize {
+        self.live
+    }
+
+    /// Whether no key exists now.
+    pub fn is_empty(&self) -> bool {
+        self.live == 0
+    }
+
+    /// The current value of `key` (shared, not copied).
+    pub fn get(&self, key: &[u8]) -> Option<&Bytes> {
+        self.keys.get(key)?.last()?.value.as_ref()
+    }
+
+    /// The keys that exist now from `start` on, in order, with their current
+    /// values (shared, not copied).
+    pub fn current_from<'a>(
+        &'a self,
+        start: &'a [u8],
+    ) -> impl Iterator<Item = (&'a Bytes, &'a Bytes)> + 'a {
+        self.keys
+            .range::<[u8], _>((Bound::Included(start), Bound::Unbounded))
+            .filter_map(|(k, versions)| Some((k, versions.last()?.value.as_ref()?)))
     }
 
     /// The current revision.
@@ -529,6 +564,9 @@ impl Mvcc {
         let versions = self.keys.entry(key.clone()).or_default();
         let prev = versions.last().filter(|v| v.value.is_some());
         let prev_kv = prev.map(|v| Self::key_value(key, v, false));
+        if prev.is_none() {
+            self.live += 1;
+        }
         let (create_revision, version) = match prev {
             Some(p) => (p.create_revision, p.version + 1),
             None => (main, 1),
@@ -562,6 +600,7 @@ impl Mvcc {
                 continue;
             }
             deleted.push(Self::key_value(key, last, false));
+            self.live -= 1;
             let last_main = last.rev.main;
             let tombstone = Version {
                 rev: w.next(),
@@ -892,16 +931,27 @@ impl Mvcc {
         if r.read(&mut probe)? != 0 {
             return Err(bad("bytes after the end".into()));
         }
+        let live = keys
+            .values()
+            .filter(|v| v.last().is_some_and(|v| v.value.is_some()))
+            .count();
         Ok(Mvcc {
             current,
             compacted,
             keys,
+            live,
         })
     }
 
     /// Panics if an invariant of the module documentation is broken.
     #[cfg(test)]
     fn check_invariants(&self) {
+        let live = self
+            .keys
+            .values()
+            .filter(|v| v.last().is_some_and(|v| v.value.is_some()))
+            .count();
+        assert_eq!(live, self.live, "live count");
         for (key, versions) in &self.keys {
             assert!(!versions.is_empty(), "{key:?}: empty");
             assert!(
