@@ -459,11 +459,7 @@ impl KvStore {
     }
 
     fn put(&mut self, key: Vec<u8>, value: Vec<u8>) {
-        self.mvcc.write(&[Op::Put {
-            key: key.into(),
-            value: value.into(),
-            lease: 0,
-        }]);
+        self.mvcc.put(&key.into(), value.into(), 0);
     }
 
     /// Keeps at most `2 × HISTORY_REVISIONS` revisions of history.

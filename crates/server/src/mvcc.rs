@@ -559,11 +559,30 @@ impl Mvcc {
         value: &Bytes,
         lease: i64,
     ) -> Option<KeyValue> {
+        self.put_value(w, key, value.clone(), lease, true)
+    }
+
+    /// Puts `value` at `key` in the write `w`; the previous key value if
+    /// `want_prev` and there was one. Looks the key up by reference first,
+    /// so overwriting an existing key clones nothing.
+    fn put_value(
+        &mut self,
+        w: &mut TxnWrite,
+        key: &Bytes,
+        value: Bytes,
+        lease: i64,
+        want_prev: bool,
+    ) -> Option<KeyValue> {
         let main = w.main;
         let rev = w.next();
-        let versions = self.keys.entry(key.clone()).or_default();
+        if !self.keys.contains_key(&key[..]) {
+            self.keys.insert(key.clone(), Vec::with_capacity(1));
+        }
+        let versions = self.keys.get_mut(&key[..]).expect("just made sure");
         let prev = versions.last().filter(|v| v.value.is_some());
-        let prev_kv = prev.map(|v| Self::key_value(key, v, false));
+        let prev_kv = prev
+            .filter(|_| want_prev)
+            .map(|v| Self::key_value(key, v, false));
         if prev.is_none() {
             self.live += 1;
         }
@@ -573,7 +592,7 @@ impl Mvcc {
         };
         let next = Version {
             rev,
-            value: Some(value.clone()),
+            value: Some(value),
             create_revision,
             version,
             lease,
@@ -586,6 +605,14 @@ impl Mvcc {
             _ => versions.push(next),
         }
         prev_kv
+    }
+
+    /// Puts `value` at `key` as a transaction of its own, returning nothing
+    /// (the cheap path of a plain put).
+    pub fn put(&mut self, key: &Bytes, value: Bytes, lease: i64) {
+        let mut w = TxnWrite::new(self.current);
+        self.put_value(&mut w, key, value, lease, false);
+        self.finish(w);
     }
 
     fn delete_in(&mut self, w: &mut TxnWrite, range: &KeyRange) -> Vec<KeyValue> {
