@@ -21,6 +21,7 @@ pub mod client;
 pub mod cluster;
 pub mod forward;
 pub mod kv;
+pub mod leases;
 pub mod listener;
 pub mod local;
 pub mod members;
