@@ -430,7 +430,8 @@ impl<SM: StateMachine, S: LogStore> Builder<SM, S> {
             }
         };
         config.core.applied_index = applied_index;
-        config.core.incarnation = incarnation();
+        // Differs between two starts of the node (`CoreConfig::incarnation`).
+        config.core.incarnation = crate::node::random_u64();
         let (transport, inbox) = match (transport, network.listen) {
             (Some(t), _) => t,
             (None, Some(listen)) => {
@@ -542,21 +543,6 @@ impl<SM: StateMachine, S: LogStore> Builder<SM, S> {
             }),
         })
     }
-}
-
-/// A number that differs between two starts of a node (see
-/// `CoreConfig::incarnation`): OS randomness (std seeds `RandomState` from
-/// it) mixed with the clock and the process id.
-fn incarnation() -> u64 {
-    use std::hash::{BuildHasher, Hasher};
-    let mut h = std::collections::hash_map::RandomState::new().build_hasher();
-    let now = std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map(|d| d.as_nanos())
-        .unwrap_or(0);
-    h.write_u128(now);
-    h.write_u32(std::process::id());
-    h.finish()
 }
 
 /// On an existing log, restores `sm` from the newest snapshot that either the

@@ -268,8 +268,8 @@ impl<SM: StateMachine> Node<SM> {
     /// session carries). Prefer [`Node::session`], which tries again.
     pub async fn register_session(&self) -> Result<SessionToken, ProposeError> {
         let (reply, rx) = oneshot::channel();
-        let secret = random_secret();
-        // The loop puts its own limits in (`Config::sessions`).
+        let secret = random_u64();
+        // The leader that proposes it puts its own limits in.
         let kind = EntryKind::Register {
             config: raftwork_core::session::SessionConfig::default(),
             secret,
@@ -575,9 +575,10 @@ impl<SM: StateMachine> Node<SM> {
     }
 }
 
-/// A session secret nobody can guess: SipHash, keyed from the OS's
-/// randomness (std's `RandomState`), of the clock and a counter.
-fn random_secret() -> u64 {
+/// A number nobody can guess and that differs on every call: SipHash,
+/// keyed from the OS's randomness (std's `RandomState`), of a counter, the
+/// clock and the process id. Session secrets and node incarnations.
+pub(crate) fn random_u64() -> u64 {
     use std::hash::{BuildHasher, Hasher};
     static COUNTER: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
     let mut h = std::collections::hash_map::RandomState::new().build_hasher();
@@ -585,5 +586,6 @@ fn random_secret() -> u64 {
     if let Ok(now) = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH) {
         h.write_u128(now.as_nanos());
     }
+    h.write_u32(std::process::id());
     h.finish()
 }

@@ -962,15 +962,6 @@ impl<SM: StateMachine, S: LogStore> ReadyLoop<SM, S> {
             mut data,
             reply,
         } = proposal;
-        // A register carries this node's limits; a follower's are replaced
-        // by the leader's when it proposes the forward.
-        let kind = match kind {
-            EntryKind::Register { secret, .. } => EntryKind::Register {
-                config: self.session_config,
-                secret,
-            },
-            other => other,
-        };
         let key = match kind {
             EntryKind::Register { .. } => {
                 // Unique across nodes (id), starts (incarnation) and
@@ -999,7 +990,7 @@ impl<SM: StateMachine, S: LogStore> ReadyLoop<SM, S> {
             }
         };
         let forwarded_at = if self.core.role() == raftwork_core::Role::Leader {
-            if let Err(e) = self.core.handle_propose_kind(id, kind, data) {
+            if let Err(e) = self.propose_kind(id, kind, data) {
                 reply.fail(e);
                 return;
             }
@@ -1054,6 +1045,25 @@ impl<SM: StateMachine, S: LogStore> ReadyLoop<SM, S> {
         }
     }
 
+    /// Proposes a session entry as leader. A register carries the leader's
+    /// limits (`Config::sessions`), whoever asked for it: the table takes on
+    /// what the log says.
+    fn propose_kind(
+        &mut self,
+        id: RequestId,
+        kind: EntryKind,
+        data: Vec<u8>,
+    ) -> Result<(), ProposeError> {
+        let kind = match kind {
+            EntryKind::Register { secret, .. } => EntryKind::Register {
+                config: self.session_config,
+                secret,
+            },
+            other => other,
+        };
+        self.core.handle_propose_kind(id, kind, data)
+    }
+
     /// A follower's session request: proposed if this node leads and it is
     /// well formed. Nothing is answered: the follower learns the outcome by
     /// applying the entry, and sends again if it does not come.
@@ -1069,14 +1079,6 @@ impl<SM: StateMachine, S: LogStore> ReadyLoop<SM, S> {
                         | EntryKind::SessionCommand { .. }
                         | EntryKind::Unregister { .. }
                 )
-            })
-            // The limits a register carries are the leader's.
-            .map(|k| match k {
-                EntryKind::Register { secret, .. } => EntryKind::Register {
-                    config: self.session_config,
-                    secret,
-                },
-                other => other,
             });
         let Some(kind) = kind else {
             tracing::warn!(from = sender, "dropping a malformed forwarded proposal");
@@ -1088,7 +1090,7 @@ impl<SM: StateMachine, S: LogStore> ReadyLoop<SM, S> {
         let id = self.next_request_id;
         self.next_request_id += 1;
         let data = std::mem::take(&mut m.entries[0].data).to_vec();
-        if let Err(e) = self.core.handle_propose_kind(id, kind, data) {
+        if let Err(e) = self.propose_kind(id, kind, data) {
             tracing::debug!(from = sender, error = %e, "a forwarded proposal was refused");
         }
     }

@@ -752,18 +752,24 @@ async fn propose_here(state: &AppState, data: Vec<u8>) -> ApiResult<(u64, KvResp
     .await
 }
 
+/// Registers a session, waiting for a leader up to the request timeout;
+/// its handle sends commands again for as long.
+async fn register(state: &AppState) -> ApiResult<Session<KvStore>> {
+    let timeout = state.config.request_timeout;
+    let session = tokio::time::timeout(timeout, state.node.session())
+        .await
+        .map_err(|_| no_leader(timeout))?
+        .map_err(|e| session_error(state, e, false))?;
+    Ok(session.with_retry_timeout(timeout))
+}
+
 /// This node's own session, registered on first use.
 async fn node_session(state: &AppState) -> ApiResult<Arc<Session<KvStore>>> {
     let mut current = state.node_session.lock().await;
     if let Some(s) = current.as_ref() {
         return Ok(s.clone());
     }
-    let timeout = state.config.request_timeout;
-    let session = tokio::time::timeout(timeout, state.node.session())
-        .await
-        .map_err(|_| no_leader(timeout))?
-        .map_err(|e| session_error(state, e, false))?;
-    let session = Arc::new(session.with_retry_timeout(timeout));
+    let session = Arc::new(register(state).await?);
     *current = Some(session.clone());
     Ok(session)
 }
@@ -777,11 +783,7 @@ struct SessionBody {
 
 /// `POST /v1/sessions`: registers a client session.
 async fn open_session(State(state): State<Shared>) -> ApiResult<Json<SessionBody>> {
-    let timeout = state.config.request_timeout;
-    let session = tokio::time::timeout(timeout, state.node.session())
-        .await
-        .map_err(|_| no_leader(timeout))?
-        .map_err(|e| session_error(&state, e, false))?;
+    let session = register(&state).await?;
     Ok(Json(SessionBody {
         session: session.token().to_string(),
     }))

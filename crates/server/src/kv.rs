@@ -68,7 +68,7 @@ use bytes::Bytes;
 
 use raftwork::{Command, StateMachine};
 
-use crate::mvcc::{KeyRange, Mvcc, Op, OpResult};
+use crate::mvcc::{read_field, read_u32, KeyRange, Mvcc, Op, OpResult};
 
 /// Largest key the API accepts, in bytes.
 pub const MAX_KEY_BYTES: usize = 4096;
@@ -528,26 +528,6 @@ impl KvStore {
         self.compact_history();
         response
     }
-}
-
-fn read_u32(r: &mut dyn Read) -> io::Result<u32> {
-    let mut b = [0u8; 4];
-    r.read_exact(&mut b)?;
-    Ok(u32::from_le_bytes(b))
-}
-
-/// Reads exactly `len` bytes without trusting `len` for the allocation (a
-/// corrupt length fails at end of input instead of allocating gigabytes).
-fn read_field(r: &mut dyn Read, len: u32) -> io::Result<Vec<u8>> {
-    let mut out = Vec::new();
-    r.take(u64::from(len)).read_to_end(&mut out)?;
-    if out.len() != len as usize {
-        return Err(io::Error::new(
-            io::ErrorKind::UnexpectedEof,
-            "kv snapshot: truncated entry",
-        ));
-    }
-    Ok(out)
 }
 
 fn invalid(msg: &str) -> io::Error {

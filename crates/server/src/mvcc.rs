@@ -1004,7 +1004,7 @@ impl Mvcc {
     }
 }
 
-fn read_u32(r: &mut dyn Read) -> io::Result<u32> {
+pub(crate) fn read_u32(r: &mut dyn Read) -> io::Result<u32> {
     let mut b = [0u8; 4];
     r.read_exact(&mut b)?;
     Ok(u32::from_le_bytes(b))
@@ -1020,8 +1020,9 @@ fn read_i64(r: &mut dyn Read) -> io::Result<i64> {
     read_u64(r).map(|v| v as i64)
 }
 
-/// Reads exactly `len` bytes without trusting `len` for the allocation.
-fn read_field(r: &mut dyn Read, len: u32) -> io::Result<Vec<u8>> {
+/// Reads exactly `len` bytes without trusting `len` for the allocation (a
+/// corrupt length fails at end of input instead of allocating gigabytes).
+pub(crate) fn read_field(r: &mut dyn Read, len: u32) -> io::Result<Vec<u8>> {
     let mut out = Vec::new();
     r.take(u64::from(len)).read_to_end(&mut out)?;
     if out.len() != len as usize {
