@@ -224,10 +224,10 @@ fn apply_batch<SM: StateMachine>(
     let entries = &batch.entries;
     let mut replies = replies.into_iter().peekable();
     // Positions in `entries` of the commands to apply, with their session
-    // key if in a session.
-    let mut run: Vec<(usize, Option<(u64, u64)>)> = Vec::new();
+    // key if in a session, and their log time.
+    let mut run: Vec<(usize, Option<(u64, u64)>, u64)> = Vec::new();
     let mut run_keys: HashSet<(u64, u64)> = HashSet::new();
-    let mut flush = |run: &mut Vec<(usize, Option<(u64, u64)>)>,
+    let mut flush = |run: &mut Vec<(usize, Option<(u64, u64)>, u64)>,
                      run_keys: &mut HashSet<(u64, u64)>,
                      table: &mut SessionTable,
                      session_replies: &mut HashMap<u64, SessionReply<SM>>| {
@@ -236,10 +236,11 @@ fn apply_batch<SM: StateMachine>(
         }
         let commands: Vec<Command<'_>> = run
             .iter()
-            .map(|&(pos, _)| Command {
+            .map(|&(pos, _, log_time_ms)| Command {
                 index: entries[pos].index,
                 term: entries[pos].term,
                 data: &entries[pos].data,
+                log_time_ms,
             })
             .collect();
         let responses = sm.apply(&commands);
@@ -248,7 +249,7 @@ fn apply_batch<SM: StateMachine>(
             commands.len(),
             "StateMachine::apply must return one response per command"
         );
-        for (&(pos, key), response) in run.iter().zip(responses) {
+        for (&(pos, key, _), response) in run.iter().zip(responses) {
             let index = entries[pos].index;
             if let Some((session, seq)) = key {
                 table.record(session, seq, response.to_bytes().into());
@@ -281,7 +282,7 @@ fn apply_batch<SM: StateMachine>(
                 if let Some(k) = key {
                     run_keys.insert(k);
                 }
-                run.push((pos, key));
+                run.push((pos, key, table.log_time_ms()));
             }
             Applied::Answer(bytes) => {
                 if let Some(SessionReply::Command(reply)) = session_replies.remove(&e.index) {

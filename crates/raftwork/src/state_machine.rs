@@ -11,6 +11,13 @@ pub struct Command<'a> {
     pub term: u64,
     /// The bytes given to `propose`.
     pub data: &'a [u8],
+    /// Log time at this command, in milliseconds since the Unix epoch: the
+    /// leader's wall clock stamped into the log with the command, raised so
+    /// that it never goes back along the log (0 before anything was
+    /// stamped). The same on every replica, so a state machine may expire
+    /// things by it (leases, TTLs) and stay deterministic; never read the
+    /// local clock for that.
+    pub log_time_ms: u64,
 }
 
 /// A replicated state machine.

@@ -623,6 +623,7 @@ mod tests {
                 index: i as u64 + 1,
                 term: 1,
                 data,
+                log_time_ms: 0,
             })
             .collect();
         store.apply(&commands)

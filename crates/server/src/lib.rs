@@ -19,6 +19,7 @@ pub mod api;
 pub mod bench;
 pub mod client;
 pub mod cluster;
+pub mod etcd;
 pub mod forward;
 pub mod kv;
 pub mod leases;

@@ -406,6 +406,46 @@ pub struct Mvcc {
     keys: BTreeMap<Bytes, Vec<Version>>,
     /// Keys whose last version is a value.
     live: usize,
+    /// Keys the last write transaction changed (see [`Mvcc::changed`]).
+    changed: Changed,
+}
+
+/// Scratch, not state: the keys the last write changed, for the store to
+/// keep leases and watchers in step. Two key spaces that differ only here
+/// are equal.
+#[derive(Debug, Clone, Default)]
+struct Changed(Vec<Bytes>);
+
+impl PartialEq for Changed {
+    fn eq(&self, _: &Self) -> bool {
+        true
+    }
+}
+
+impl Eq for Changed {}
+
+/// The kind of a change, as etcd's watch events name it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum EventKind {
+    /// A put.
+    Put,
+    /// A deletion.
+    Delete,
+}
+
+/// One change of one key (etcd's `mvccpb.Event`).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Event {
+    /// Put or delete.
+    pub kind: EventKind,
+    /// The key value after a put; after a delete, the key and the
+    /// deletion's revision as `mod_revision`, the rest zero.
+    pub kv: KeyValue,
+    /// The key value before the change, if there was one and it was not
+    /// compacted away.
+    pub prev: Option<KeyValue>,
+    /// The change's revision (main and sub).
+    pub rev: Revision,
 }
 
 impl Default for Mvcc {
@@ -422,6 +462,7 @@ impl Mvcc {
             compacted: 0,
             keys: BTreeMap::new(),
             live: 0,
+            changed: Changed::default(),
         }
     }
 
@@ -507,6 +548,7 @@ impl Mvcc {
     /// moves only if something changed (a delete of nothing changes
     /// nothing). Returns one result per op.
     pub fn write(&mut self, ops: &[Op]) -> Vec<OpResult> {
+        self.changed.0.clear();
         let mut w = TxnWrite::new(self.current);
         let results = ops
             .iter()
@@ -575,6 +617,7 @@ impl Mvcc {
     ) -> Option<KeyValue> {
         let main = w.main;
         let rev = w.next();
+        self.changed.0.push(key.clone());
         if !self.keys.contains_key(&key[..]) {
             self.keys.insert(key.clone(), Vec::with_capacity(1));
         }
@@ -610,6 +653,7 @@ impl Mvcc {
     /// Puts `value` at `key` as a transaction of its own, returning nothing
     /// (the cheap path of a plain put).
     pub fn put(&mut self, key: &Bytes, value: Bytes, lease: i64) {
+        self.changed.0.clear();
         let mut w = TxnWrite::new(self.current);
         self.put_value(&mut w, key, value, lease, false);
         self.finish(w);
@@ -627,6 +671,7 @@ impl Mvcc {
                 continue;
             }
             deleted.push(Self::key_value(key, last, false));
+            self.changed.0.push(key.clone());
             self.live -= 1;
             let last_main = last.rev.main;
             let tombstone = Version {
@@ -664,6 +709,7 @@ impl Mvcc {
     /// revision, or a branch changes one key twice (etcd's "duplicate key
     /// given in txn request").
     pub fn txn(&mut self, req: &TxnRequest) -> Result<TxnResponse, MvccError> {
+        self.changed.0.clear();
         self.check_txn(req)?;
         let mut w = TxnWrite::new(self.current);
         let response = self.txn_in(&mut w, req, self.current);
@@ -812,6 +858,95 @@ impl Mvcc {
         self.keys.retain(|_, v| !v.is_empty());
         self.compacted = revision;
         Ok(())
+    }
+
+    /// The keys the last write ([`Mvcc::write`], [`Mvcc::put`],
+    /// [`Mvcc::txn`]) changed, in the order it changed them (a key may
+    /// appear twice); empty if it changed nothing.
+    pub fn changed(&self) -> &[Bytes] {
+        &self.changed.0
+    }
+
+    /// The change `versions[i]` of `key` made, as an event.
+    fn event_of(key: &Bytes, versions: &[Version], i: usize) -> Event {
+        let v = &versions[i];
+        let prev = i
+            .checked_sub(1)
+            .map(|p| &versions[p])
+            .filter(|p| p.value.is_some())
+            .map(|p| Self::key_value(key, p, false));
+        match &v.value {
+            Some(_) => Event {
+                kind: EventKind::Put,
+                kv: Self::key_value(key, v, false),
+                prev,
+                rev: v.rev,
+            },
+            None => Event {
+                kind: EventKind::Delete,
+                kv: KeyValue {
+                    key: key.clone(),
+                    create_revision: 0,
+                    mod_revision: v.rev.main,
+                    version: 0,
+                    value: Bytes::new(),
+                    lease: 0,
+                },
+                prev,
+                rev: v.rev,
+            },
+        }
+    }
+
+    /// The events of the last write: one per key it changed, in revision
+    /// order (empty if it changed nothing).
+    pub fn last_events(&self) -> Vec<Event> {
+        let mut events: Vec<Event> = Vec::with_capacity(self.changed.0.len());
+        for key in &self.changed.0 {
+            let Some(versions) = self.keys.get(key) else {
+                continue; // put and deleted again in one write: no trace
+            };
+            let i = versions.len() - 1;
+            if versions[i].rev.main == self.current
+                && !events.iter().any(|e| e.rev == versions[i].rev)
+            {
+                events.push(Self::event_of(key, versions, i));
+            }
+        }
+        events.sort_by_key(|e| e.rev);
+        events
+    }
+
+    /// Every change to a key in `range` at revisions `from..=to`, in
+    /// revision order: what a watcher that starts at `from` missed. Fails
+    /// if `from` is at or below the compacted revision (compaction drops
+    /// deletions at the compacted revision itself, so its events are not
+    /// all known), unless `from` is past the current revision (then
+    /// nothing happened yet).
+    pub fn events(&self, range: &KeyRange, from: i64, to: i64) -> Result<Vec<Event>, MvccError> {
+        let mut events = Vec::new();
+        if from > self.current || from > to {
+            return Ok(events);
+        }
+        if from <= self.compacted {
+            return Err(MvccError::Compacted {
+                compacted: self.compacted,
+            });
+        }
+        if range.is_empty() {
+            return Ok(events);
+        }
+        for (key, versions) in self.keys.range::<[u8], _>(range.bounds()) {
+            let start = versions.partition_point(|v| v.rev.main < from);
+            for i in start..versions.len() {
+                if versions[i].rev.main > to {
+                    break;
+                }
+                events.push(Self::event_of(key, versions, i));
+            }
+        }
+        events.sort_by_key(|e| e.rev);
+        Ok(events)
     }
 
     /// A hash of the key space as of the current revision and of its
@@ -967,6 +1102,7 @@ impl Mvcc {
             compacted,
             keys,
             live,
+            changed: Changed::default(),
         })
     }
 
@@ -1285,6 +1421,16 @@ mod tests {
                 m.write(&ops);
                 if changed {
                     states.push(model);
+                    // The write's own events are the history's at its
+                    // revision.
+                    let rev = m.revision();
+                    assert_eq!(
+                        m.last_events(),
+                        m.events(&KeyRange::prefix(""), rev, rev).unwrap(),
+                        "seed {seed} step {step}"
+                    );
+                } else {
+                    assert!(m.last_events().is_empty(), "seed {seed} step {step}");
                 }
                 assert_eq!(
                     m.revision() as usize,
@@ -1305,6 +1451,48 @@ mod tests {
                         .map(|(k, (v, c, md, ver))| (k.clone(), v.clone(), *c, *md, *ver))
                         .collect();
                     assert_eq!(got, want, "seed {seed} step {step} revision {rev}");
+                }
+                // Replaying the events after the oldest readable revision
+                // onto its state gives the current state (a watcher that
+                // starts there misses nothing and sees nothing twice).
+                let base = m.compacted_revision().max(1);
+                let mut replay = states[base as usize].clone();
+                let events = m
+                    .events(&KeyRange::prefix(""), base + 1, m.revision())
+                    .unwrap();
+                assert!(events.windows(2).all(|w| w[0].rev < w[1].rev));
+                for e in events {
+                    let key = String::from_utf8(e.kv.key.to_vec()).unwrap();
+                    let prev = replay.get(&key).cloned();
+                    assert_eq!(
+                        e.prev.map(|p| (
+                            String::from_utf8(p.value.to_vec()).unwrap(),
+                            p.mod_revision
+                        )),
+                        prev.as_ref().map(|p| (p.0.clone(), p.2)),
+                        "seed {seed} step {step}: prev_kv of {key}"
+                    );
+                    match e.kind {
+                        EventKind::Put => {
+                            let value = String::from_utf8(e.kv.value.to_vec()).unwrap();
+                            replay.insert(
+                                key,
+                                (value, e.kv.create_revision, e.kv.mod_revision, e.kv.version),
+                            );
+                        }
+                        EventKind::Delete => {
+                            assert!(replay.remove(&key).is_some(), "deleted twice");
+                        }
+                    }
+                }
+                assert_eq!(&replay, states.last().unwrap(), "seed {seed} step {step}");
+                if m.compacted_revision() > 0 {
+                    assert_eq!(
+                        m.events(&KeyRange::prefix(""), m.compacted_revision(), m.revision()),
+                        Err(MvccError::Compacted {
+                            compacted: m.compacted_revision()
+                        })
+                    );
                 }
                 if m.compacted_revision() > 1 {
                     assert_eq!(

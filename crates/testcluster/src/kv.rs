@@ -273,6 +273,7 @@ mod tests {
                 index: i as u64 + 1,
                 term: 1,
                 data: d,
+                log_time_ms: 0,
             })
             .collect();
         let out = sm.apply(&commands);
