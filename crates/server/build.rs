@@ -10,10 +10,24 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         "proto/internal.proto",
     ];
     let fds = protox::compile(files, ["proto"])?;
-    tonic_build::configure()
+    // The messages have no floats: Eq lets the state machine's commands and
+    // responses, which carry them, be compared whole.
+    let oneofs = [
+        ".raftwork.etcd.Request.request",
+        ".raftwork.etcd.Response.response",
+        ".etcdserverpb.RequestOp.request",
+        ".etcdserverpb.ResponseOp.response",
+        ".etcdserverpb.Compare.target_union",
+        ".etcdserverpb.WatchRequest.request_union",
+    ];
+    let mut config = tonic_build::configure()
         .build_client(true)
         .build_server(true)
         .bytes(["."])
-        .compile_fds(fds)?;
+        .message_attribute(".", "#[derive(Eq)]");
+    for oneof in oneofs {
+        config = config.enum_attribute(oneof, "#[derive(Eq)]");
+    }
+    config.compile_fds(fds)?;
     Ok(())
 }

@@ -30,6 +30,11 @@
 //!         +------+------+-----+--------+
 //!           the value is a decimal i64 in ASCII (an absent key counts as
 //!           0); a value that is not one, or an overflow, changes nothing
+//! ETCD    +------+----------------------------------------------+
+//!         | 0x05 | raftwork.etcd.Request, protobuf (internal.proto) |
+//!         +------+----------------------------------------------+
+//!           a write of the etcd API (crate::etcd::apply), answered with
+//!           a raftwork.etcd.Response
 //! ```
 //!
 //! # Malformed commands
@@ -42,9 +47,11 @@
 //!
 //! # Snapshot format
 //! ```text
-//! +--------+-------------+-------------------------------------------+
-//! | "RWKV" | version = 2 | the MVCC key space (format in mvcc.rs)     |
-//! +--------+-------------+-------------------------------------------+
+//! +--------+-------------+----------------------+------------+--------------------+--------------------+
+//! | "RWKV" | version = 3 | leases (leases.rs)    | alarms u32 | alarm × alarms     | MVCC space (mvcc.rs) |
+//! +--------+-------------+----------------------+------------+--------------------+--------------------+
+//! alarm = member u64 | type i32
+//! version 2 (still read): "RWKV" | 2 | MVCC space (no leases, no alarms)
 //! version 1 (still read):
 //! +--------+-------------+-----------+----------------------------------------+
 //! | "RWKV" | version = 1 | count u64 | count x (klen u32, key, vlen u32, val) |
@@ -61,14 +68,27 @@
 //! keeps the last [`HISTORY_REVISIONS`] to twice that many revisions,
 //! compacting when the revision passes the bound (a rule of the revision
 //! alone, so every replica compacts at the same point).
+//!
+//! # Leases and watchers
+//! Beside the key space the store keeps etcd's lease table and alarms
+//! ([`crate::etcd::apply::EtcdState`]). After every write it attaches the
+//! keys the write put to their lease (detaching them from any other) and
+//! detaches deleted keys, whichever API wrote them; and, while anyone
+//! watches, it hands the write's events to the [`WatchFeed`] (not state:
+//! the feed is not in snapshots and two stores that differ only in it are
+//! equal).
 
 use std::io::{self, Read, Write};
 
 use bytes::Bytes;
 
+use prost::Message as _;
 use raftwork::{Command, StateMachine};
+use tokio::sync::broadcast;
 
-use crate::mvcc::{read_field, read_u32, KeyRange, Mvcc, Op, OpResult};
+use crate::etcd::apply::EtcdState;
+use crate::etcd::pb::internal;
+use crate::mvcc::{read_field, read_u32, Event, KeyRange, Mvcc, Op, OpResult};
 
 /// Largest key the API accepts, in bytes.
 pub const MAX_KEY_BYTES: usize = 4096;
@@ -79,13 +99,14 @@ const OP_PUT: u8 = 0x01;
 const OP_DELETE: u8 = 0x02;
 const OP_CAS: u8 = 0x03;
 const OP_INCR: u8 = 0x04;
+const OP_ETCD: u8 = 0x05;
 
 const EXPECT_ABSENT: u8 = 0x00;
 const EXPECT_VALUE: u8 = 0x01;
 const EXPECT_PRESENT: u8 = 0x02;
 
 const SNAPSHOT_MAGIC: &[u8; 4] = b"RWKV";
-const SNAPSHOT_VERSION: u8 = 2;
+const SNAPSHOT_VERSION: u8 = 3;
 
 /// What a compare-and-set requires of the current value.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -130,6 +151,8 @@ pub enum KvCommand {
         /// What to add (may be negative).
         by: i64,
     },
+    /// A write of the etcd API.
+    Etcd(internal::Request),
 }
 
 /// Why bytes are not a valid command.
@@ -150,6 +173,9 @@ pub enum DecodeError {
     /// Bytes follow a delete.
     #[error("trailing bytes after a delete")]
     Trailing,
+    /// An etcd request that does not decode.
+    #[error("malformed etcd request")]
+    Etcd,
 }
 
 /// The state machine's answer to one command.
@@ -177,6 +203,8 @@ pub enum KvResponse {
     /// An increment found a value that is not a decimal i64, or would
     /// overflow; nothing changed.
     NotANumber,
+    /// The answer to an etcd write.
+    Etcd(internal::Response),
 }
 
 /// A response as bytes, for the session table's cache (exactly-once
@@ -189,9 +217,11 @@ pub enum KvResponse {
 /// 0x02 | 0x01 | len u32 | value      CasFailed, current value
 /// 0x03 | kind u8 | byte u8           Invalid (kind: 0 empty, 1 unknown op,
 ///                                    2 unknown condition, 3 truncated,
-///                                    4 trailing; byte: the op or condition)
+///                                    4 trailing, 5 malformed etcd request;
+///                                    byte: the op or condition)
 /// 0x04 | value i64                   Incremented
 /// 0x05                               NotANumber
+/// 0x06 | raftwork.etcd.Response      Etcd (protobuf)
 /// ```
 impl raftwork::ResponseBytes for KvResponse {
     fn to_bytes(&self) -> Vec<u8> {
@@ -213,6 +243,7 @@ impl raftwork::ResponseBytes for KvResponse {
                     DecodeError::UnknownExpect(b) => (2, *b),
                     DecodeError::Truncated => (3, 0),
                     DecodeError::Trailing => (4, 0),
+                    DecodeError::Etcd => (5, 0),
                 };
                 vec![0x03, kind, byte]
             }
@@ -222,6 +253,12 @@ impl raftwork::ResponseBytes for KvResponse {
                 out
             }
             KvResponse::NotANumber => vec![0x05],
+            KvResponse::Etcd(r) => {
+                let mut out = Vec::with_capacity(1 + r.encoded_len());
+                out.push(0x06);
+                r.encode(&mut out).expect("a Vec grows");
+                out
+            }
         }
     }
 
@@ -248,12 +285,14 @@ impl raftwork::ResponseBytes for KvResponse {
                 2 => DecodeError::UnknownExpect(*byte),
                 3 => DecodeError::Truncated,
                 4 => DecodeError::Trailing,
+                5 => DecodeError::Etcd,
                 _ => return None,
             }),
             [0x04, rest @ ..] => KvResponse::Incremented {
                 value: i64::from_le_bytes(rest.try_into().ok()?),
             },
             [0x05] => KvResponse::NotANumber,
+            [0x06, rest @ ..] => KvResponse::Etcd(internal::Response::decode(rest).ok()?),
             _ => return None,
         })
     }
@@ -279,16 +318,6 @@ fn take_bytes<'a>(input: &mut &'a [u8]) -> Result<&'a [u8], DecodeError> {
 }
 
 impl KvCommand {
-    /// The key the command is about.
-    pub fn key(&self) -> &[u8] {
-        match self {
-            Self::Put { key, .. }
-            | Self::Delete { key }
-            | Self::Cas { key, .. }
-            | Self::Incr { key, .. } => key,
-        }
-    }
-
     /// Encodes the command in the format of the module header.
     pub fn encode(&self) -> Vec<u8> {
         let mut out = Vec::new();
@@ -320,6 +349,11 @@ impl KvCommand {
                 out.push(OP_INCR);
                 put_bytes(&mut out, key);
                 out.extend_from_slice(&by.to_le_bytes());
+            }
+            Self::Etcd(request) => {
+                out.reserve(1 + request.encoded_len());
+                out.push(OP_ETCD);
+                request.encode(&mut out).expect("a Vec grows");
             }
         }
         out
@@ -374,6 +408,9 @@ impl KvCommand {
                     by: i64::from_le_bytes(by),
                 })
             }
+            OP_ETCD => internal::Request::decode(rest)
+                .map(Self::Etcd)
+                .map_err(|_| DecodeError::Etcd),
             other => Err(DecodeError::UnknownOp(other)),
         }
     }
@@ -389,11 +426,47 @@ impl KvCommand {
 pub const HISTORY_REVISIONS: i64 = 1_000;
 
 /// The replicated key space: an MVCC store ([`crate::mvcc`]) whose
-/// current state the REST API reads and writes.
+/// current state the REST API reads and writes, and which the etcd API
+/// serves with its history, leases and alarms.
 #[derive(Debug, Default, Clone, PartialEq, Eq)]
 pub struct KvStore {
     mvcc: Mvcc,
+    etcd: EtcdState,
+    feed: WatchFeed,
 }
+
+/// What the store tells watchers after a write.
+#[derive(Debug, Clone)]
+pub enum FeedItem {
+    /// The events of one revision, in order.
+    Events(std::sync::Arc<Vec<Event>>),
+    /// The state was replaced by a snapshot at this revision: a watcher
+    /// reads what it missed from the key space's history.
+    Restored(i64),
+}
+
+/// Revisions the feed holds for watchers that fall behind; one that falls
+/// further catches up from the key space's history.
+pub const FEED_CAPACITY: usize = 1024;
+
+/// The store's channel to its watchers (the etcd Watch service). Not
+/// state: equal for every store, never in a snapshot.
+#[derive(Debug, Clone)]
+pub struct WatchFeed(broadcast::Sender<FeedItem>);
+
+impl Default for WatchFeed {
+    fn default() -> Self {
+        Self(broadcast::channel(FEED_CAPACITY).0)
+    }
+}
+
+impl PartialEq for WatchFeed {
+    fn eq(&self, _: &Self) -> bool {
+        true
+    }
+}
+
+impl Eq for WatchFeed {}
 
 /// One page of a listing: entries in key order, and whether more entries
 /// match past it.
@@ -419,6 +492,42 @@ impl KvStore {
     /// The MVCC key space under the store.
     pub fn mvcc(&self) -> &Mvcc {
         &self.mvcc
+    }
+
+    /// The leases and alarms.
+    pub fn etcd(&self) -> &EtcdState {
+        &self.etcd
+    }
+
+    /// A receiver of every write's events from now on, and the revision
+    /// they start after: call it on the apply task (`Node::read_stale`) so
+    /// that nothing is applied between the two.
+    pub fn watch(&self) -> (broadcast::Receiver<FeedItem>, i64) {
+        (self.feed.0.subscribe(), self.mvcc.revision())
+    }
+
+    /// Keeps leases in step with the last write and tells watchers about
+    /// it (see the module header).
+    fn after_write(&mut self) {
+        for key in self.mvcc.changed() {
+            match self.mvcc.current(key) {
+                Some(kv) if kv.lease != 0 => self
+                    .etcd
+                    .leases
+                    .attach(key, kv.lease)
+                    .expect("a write's lease is checked live before it applies"),
+                _ => self.etcd.leases.detach(key),
+            }
+        }
+        if self.feed.0.receiver_count() > 0 && !self.mvcc.changed().is_empty() {
+            let events = self.mvcc.last_events();
+            if !events.is_empty() {
+                let _ = self
+                    .feed
+                    .0
+                    .send(FeedItem::Events(std::sync::Arc::new(events)));
+            }
+        }
     }
 
     /// Up to `limit` entries whose key starts with `prefix`, in key order.
@@ -463,6 +572,7 @@ impl KvStore {
 
     fn put(&mut self, key: Vec<u8>, value: Vec<u8>) {
         self.mvcc.put(&key.into(), value.into(), 0);
+        self.after_write();
     }
 
     /// Keeps at most `2 × HISTORY_REVISIONS` revisions of history.
@@ -475,8 +585,9 @@ impl KvStore {
         }
     }
 
-    /// Applies one encoded command (see the module header).
-    pub fn apply_one(&mut self, data: &[u8]) -> KvResponse {
+    /// Applies one encoded command (see the module header) at log time
+    /// `log_time_ms`.
+    pub fn apply_one(&mut self, data: &[u8], log_time_ms: u64) -> KvResponse {
         let command = match KvCommand::decode(data) {
             Ok(c) => c,
             Err(e) => return KvResponse::Invalid(e),
@@ -488,6 +599,7 @@ impl KvStore {
             }
             KvCommand::Delete { key } => {
                 let results = self.mvcc.write(&[Op::DeleteRange(KeyRange::one(key))]);
+                self.after_write();
                 KvResponse::Deleted {
                     existed: matches!(&results[..], [OpResult::Deleted { prev }] if !prev.is_empty()),
                 }
@@ -524,6 +636,16 @@ impl KvStore {
                     None => KvResponse::NotANumber,
                 }
             }
+            KvCommand::Etcd(request) => {
+                let response = crate::etcd::apply::apply(
+                    &mut self.mvcc,
+                    &mut self.etcd,
+                    &request,
+                    log_time_ms,
+                );
+                self.after_write();
+                KvResponse::Etcd(response)
+            }
         };
         self.compact_history();
         response
@@ -538,12 +660,21 @@ impl StateMachine for KvStore {
     type Response = KvResponse;
 
     fn apply(&mut self, commands: &[Command<'_>]) -> Vec<KvResponse> {
-        commands.iter().map(|c| self.apply_one(c.data)).collect()
+        commands
+            .iter()
+            .map(|c| self.apply_one(c.data, c.log_time_ms))
+            .collect()
     }
 
     fn snapshot(&self, w: &mut dyn Write) -> io::Result<()> {
         w.write_all(SNAPSHOT_MAGIC)?;
         w.write_all(&[SNAPSHOT_VERSION])?;
+        self.etcd.leases.snapshot(w)?;
+        w.write_all(&(self.etcd.alarms.len() as u32).to_le_bytes())?;
+        for (member, alarm) in &self.etcd.alarms {
+            w.write_all(&member.to_le_bytes())?;
+            w.write_all(&alarm.to_le_bytes())?;
+        }
         self.mvcc.snapshot(w)
     }
 
@@ -553,11 +684,27 @@ impl StateMachine for KvStore {
         if &header[..4] != SNAPSHOT_MAGIC {
             return Err(invalid("bad magic"));
         }
-        self.mvcc = match header[4] {
-            SNAPSHOT_VERSION => Mvcc::restore(r)?,
-            1 => restore_version_1(r)?,
+        let (mvcc, etcd) = match header[4] {
+            SNAPSHOT_VERSION => {
+                let leases = crate::leases::Leases::restore(r)?;
+                let mut alarms = std::collections::BTreeSet::new();
+                for _ in 0..read_u32(r)? {
+                    let mut a = [0u8; 12];
+                    r.read_exact(&mut a)?;
+                    alarms.insert((
+                        u64::from_le_bytes(a[..8].try_into().expect("8 bytes")),
+                        i32::from_le_bytes(a[8..].try_into().expect("4 bytes")),
+                    ));
+                }
+                (Mvcc::restore(r)?, EtcdState { leases, alarms })
+            }
+            2 => (Mvcc::restore(r)?, EtcdState::default()),
+            1 => (restore_version_1(r)?, EtcdState::default()),
             other => return Err(invalid(&format!("unknown version {other}"))),
         };
+        self.mvcc = mvcc;
+        self.etcd = etcd;
+        let _ = self.feed.0.send(FeedItem::Restored(self.mvcc.revision()));
         Ok(())
     }
 }
@@ -765,45 +912,45 @@ mod tests {
         let mut s = KvStore::new();
         // Absent: succeeds once, then fails with the current value.
         assert_eq!(
-            s.apply_one(&cas("k", Expect::Absent, "1")),
+            s.apply_one(&cas("k", Expect::Absent, "1"), 0),
             KvResponse::Written
         );
         assert_eq!(
-            s.apply_one(&cas("k", Expect::Absent, "2")),
+            s.apply_one(&cas("k", Expect::Absent, "2"), 0),
             KvResponse::CasFailed {
                 current: Some(b"1".to_vec())
             }
         );
         // Value: only the exact current value matches.
         assert_eq!(
-            s.apply_one(&cas("k", Expect::Value(b"x".to_vec()), "2")),
+            s.apply_one(&cas("k", Expect::Value(b"x".to_vec()), "2"), 0),
             KvResponse::CasFailed {
                 current: Some(b"1".to_vec())
             }
         );
         assert_eq!(
-            s.apply_one(&cas("k", Expect::Value(b"1".to_vec()), "2")),
+            s.apply_one(&cas("k", Expect::Value(b"1".to_vec()), "2"), 0),
             KvResponse::Written
         );
         assert_eq!(s.get(b"k"), Some(&b"2"[..]));
         // Present: any value, but not a missing key.
         assert_eq!(
-            s.apply_one(&cas("k", Expect::Present, "3")),
+            s.apply_one(&cas("k", Expect::Present, "3"), 0),
             KvResponse::Written
         );
         assert_eq!(
-            s.apply_one(&cas("nope", Expect::Present, "3")),
+            s.apply_one(&cas("nope", Expect::Present, "3"), 0),
             KvResponse::CasFailed { current: None }
         );
         assert_eq!(
-            s.apply_one(&cas("nope", Expect::Value(vec![]), "3")),
+            s.apply_one(&cas("nope", Expect::Value(vec![]), "3"), 0),
             KvResponse::CasFailed { current: None }
         );
         assert_eq!(s.get(b"nope"), None);
         // An empty expected value differs from absence.
-        s.apply_one(&put("e", ""));
+        s.apply_one(&put("e", ""), 0);
         assert_eq!(
-            s.apply_one(&cas("e", Expect::Value(vec![]), "full")),
+            s.apply_one(&cas("e", Expect::Value(vec![]), "full"), 0),
             KvResponse::Written
         );
     }
@@ -876,10 +1023,16 @@ mod tests {
         assert_eq!(s.mvcc().revision(), 2);
         let mut out = Vec::new();
         s.snapshot(&mut out).unwrap();
-        assert_eq!(out[4], 2, "written in the current version");
+        assert_eq!(out[4], SNAPSHOT_VERSION, "written in the current version");
+        // Version 2 (the key space alone, before leases) still restores.
+        let mut v2 = b"RWKV\x02".to_vec();
+        s.mvcc().snapshot(&mut v2).unwrap();
+        let mut t = KvStore::new();
+        t.restore(&mut &v2[..]).unwrap();
+        assert_eq!(t, s);
         // Overwriting one key: history never holds more than twice the bound.
         for i in 0..(2 * HISTORY_REVISIONS + 10) {
-            s.apply_one(&put("a", &i.to_string()));
+            s.apply_one(&put("a", &i.to_string()), 0);
             let m = s.mvcc();
             assert!(m.revision() - m.compacted_revision() < 2 * HISTORY_REVISIONS);
         }
@@ -904,11 +1057,12 @@ mod tests {
                 value: vec![7; 100_000],
             }
             .encode(),
+            0,
         );
         let mut buf = Vec::new();
         s.snapshot(&mut buf).unwrap();
         let mut t = KvStore::new();
-        t.apply_one(&put("stale", "gone after restore"));
+        t.apply_one(&put("stale", "gone after restore"), 0);
         t.restore(&mut buf.as_slice()).unwrap();
         assert_eq!(s, t);
 
@@ -922,12 +1076,12 @@ mod tests {
     #[test]
     fn corrupt_snapshot_is_refused_and_state_kept() {
         let mut s = KvStore::new();
-        s.apply_one(&put("a", "1"));
+        s.apply_one(&put("a", "1"), 0);
         let mut buf = Vec::new();
         s.snapshot(&mut buf).unwrap();
 
         let mut t = KvStore::new();
-        t.apply_one(&put("mine", "kept"));
+        t.apply_one(&put("mine", "kept"), 0);
         let before = t.clone();
         // Truncated.
         assert!(t.restore(&mut &buf[..buf.len() - 1]).is_err());
@@ -952,7 +1106,7 @@ mod tests {
     #[test]
     fn malformed_commands_are_rejected_without_panic() {
         let mut s = KvStore::new();
-        s.apply_one(&put("a", "1"));
+        s.apply_one(&put("a", "1"), 0);
         let before = s.clone();
         let cases: Vec<(Vec<u8>, DecodeError)> = vec![
             (vec![], DecodeError::Empty),
@@ -975,7 +1129,7 @@ mod tests {
             ),
         ];
         for (data, err) in cases {
-            assert_eq!(s.apply_one(&data), KvResponse::Invalid(err), "{data:?}");
+            assert_eq!(s.apply_one(&data, 0), KvResponse::Invalid(err), "{data:?}");
         }
         assert_eq!(s, before);
         // Every prefix of a valid command decodes or fails, never panics.

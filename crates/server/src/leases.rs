@@ -1,5 +1,5 @@
-//! etcd leases kept by log time (issue 14; a building block, not wired
-//! into the server yet).
+//! etcd leases kept by log time (issue 14): the lease table of the
+//! server's state machine (see `kv.rs` and `etcd/apply.rs`).
 //!
 //! A lease has an id, a TTL in seconds and the keys attached to it. It
 //! expires when log time (the leader's stamp in the log, the same time
@@ -15,8 +15,24 @@
 //! Invariants (checked in tests): `by_deadline` holds exactly one
 //! `(deadline, id)` per lease; a key is attached to at most one lease, and
 //! `owner` maps it to that lease.
+//!
+//! Snapshot form ([`Leases::snapshot`]), integers little-endian, leases in
+//! id order, keys in order:
+//!
+//! ```text
+//! +--------+-------------+-------------+------------+-------------------+
+//! | "RWLS" | version = 1 | last_id i64 | leases u64 | lease × leases    |
+//! +--------+-------------+-------------+------------+-------------------+
+//! lease = id i64 | ttl_s i64 | granted_ttl_s i64 | deadline_ms u64 | keys u32 | (klen u32 | key) × keys
+//! ```
 
 use std::collections::{BTreeMap, BTreeSet};
+use std::io::{self, Read, Write};
+
+use crate::mvcc::{read_field, read_i64, read_u32, read_u64};
+
+const SNAPSHOT_MAGIC: &[u8; 4] = b"RWLS";
+const SNAPSHOT_VERSION: u8 = 1;
 
 use bytes::Bytes;
 
@@ -186,6 +202,103 @@ impl Leases {
         self.leases.keys().copied().collect()
     }
 
+    /// The earliest deadline of any lease, in log time.
+    pub fn next_deadline_ms(&self) -> Option<u64> {
+        self.by_deadline.first().map(|(d, _)| *d)
+    }
+
+    /// Moves every lease's deadline to at least `now_ms + TTL`: what a new
+    /// leader proposes first, as etcd refreshes its leases when it is
+    /// promoted, so that time without a leader (when nobody could keep a
+    /// lease alive) does not expire them. Returns how many moved.
+    pub fn refresh(&mut self, now_ms: u64) -> usize {
+        let mut moved = 0;
+        for (id, lease) in &mut self.leases {
+            let d = deadline(now_ms, lease.ttl_s);
+            if d > lease.deadline_ms {
+                self.by_deadline.remove(&(lease.deadline_ms, *id));
+                lease.deadline_ms = d;
+                self.by_deadline.insert((d, *id));
+                moved += 1;
+            }
+        }
+        moved
+    }
+
+    /// Writes the table in the snapshot form of the module header.
+    pub fn snapshot(&self, w: &mut dyn Write) -> io::Result<()> {
+        w.write_all(SNAPSHOT_MAGIC)?;
+        w.write_all(&[SNAPSHOT_VERSION])?;
+        w.write_all(&self.last_id.to_le_bytes())?;
+        w.write_all(&(self.leases.len() as u64).to_le_bytes())?;
+        for (id, lease) in &self.leases {
+            w.write_all(&id.to_le_bytes())?;
+            w.write_all(&lease.ttl_s.to_le_bytes())?;
+            w.write_all(&lease.granted_ttl_s.to_le_bytes())?;
+            w.write_all(&lease.deadline_ms.to_le_bytes())?;
+            w.write_all(&(lease.keys.len() as u32).to_le_bytes())?;
+            for key in &lease.keys {
+                w.write_all(&(key.len() as u32).to_le_bytes())?;
+                w.write_all(key)?;
+            }
+        }
+        Ok(())
+    }
+
+    /// Reads a table written by [`Leases::snapshot`]; anything else
+    /// (bad magic, leases or keys out of order, a key on two leases) is an
+    /// error.
+    pub fn restore(r: &mut dyn Read) -> io::Result<Leases> {
+        let bad = |what: &str| {
+            io::Error::new(
+                io::ErrorKind::InvalidData,
+                format!("lease snapshot: {what}"),
+            )
+        };
+        let mut head = [0u8; 5];
+        r.read_exact(&mut head)?;
+        if &head[..4] != SNAPSHOT_MAGIC || head[4] != SNAPSHOT_VERSION {
+            return Err(bad("not a lease table of a known version"));
+        }
+        let mut t = Leases {
+            last_id: read_i64(r)?,
+            ..Leases::default()
+        };
+        let count = read_u64(r)?;
+        for _ in 0..count {
+            let id = read_i64(r)?;
+            let ttl_s = read_i64(r)?;
+            let granted_ttl_s = read_i64(r)?;
+            let deadline_ms = read_u64(r)?;
+            if id <= 0 || id > t.last_id || t.leases.last_key_value().is_some_and(|(l, _)| *l >= id)
+            {
+                return Err(bad("lease ids out of order"));
+            }
+            let mut keys = BTreeSet::new();
+            for _ in 0..read_u32(r)? {
+                let len = read_u32(r)?;
+                let key = Bytes::from(read_field(r, len)?);
+                if keys.last().is_some_and(|l| *l >= key)
+                    || t.owner.insert(key.clone(), id).is_some()
+                {
+                    return Err(bad("keys out of order or on two leases"));
+                }
+                keys.insert(key);
+            }
+            t.by_deadline.insert((deadline_ms, id));
+            t.leases.insert(
+                id,
+                Lease {
+                    ttl_s,
+                    granted_ttl_s,
+                    deadline_ms,
+                    keys,
+                },
+            );
+        }
+        Ok(t)
+    }
+
     /// Panics if an invariant of the module documentation is broken.
     #[cfg(test)]
     fn check_invariants(&self) {
@@ -288,6 +401,27 @@ mod tests {
             }
             l
         };
-        assert_eq!(run(), run());
+        let l = run();
+        assert_eq!(l, run());
+        assert!(!l.ids().is_empty());
+        let mut bytes = Vec::new();
+        l.snapshot(&mut bytes).unwrap();
+        assert_eq!(Leases::restore(&mut &bytes[..]).unwrap(), l);
+        for cut in 0..bytes.len() {
+            assert!(Leases::restore(&mut &bytes[..cut]).is_err(), "cut at {cut}");
+        }
+    }
+
+    #[test]
+    fn refresh_gives_every_lease_its_full_ttl_from_now() {
+        let mut l = Leases::new();
+        l.grant(0, 10, 0).unwrap(); // deadline 10,000
+        l.grant(0, 100, 200_000).unwrap(); // deadline 300,000
+        assert_eq!(l.next_deadline_ms(), Some(10_000));
+        assert_eq!(l.refresh(50_000), 1, "only the one that would end sooner");
+        assert_eq!(l.expired(59_999), Vec::<i64>::new());
+        assert_eq!(l.expired(60_000), vec![1]);
+        assert_eq!(l.next_deadline_ms(), Some(60_000));
+        l.check_invariants();
     }
 }

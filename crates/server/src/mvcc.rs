@@ -481,6 +481,14 @@ impl Mvcc {
         self.keys.get(key)?.last()?.value.as_ref()
     }
 
+    /// The current key value of `key`, if it exists.
+    pub fn current(&self, key: &[u8]) -> Option<KeyValue> {
+        let (key, versions) = self.keys.get_key_value(key)?;
+        let last = versions.last()?;
+        last.value.as_ref()?;
+        Some(Self::key_value(key, last, false))
+    }
+
     /// The keys that exist now from `start` on, in order, with their current
     /// values (shared, not copied).
     pub fn current_from<'a>(
@@ -1146,13 +1154,13 @@ pub(crate) fn read_u32(r: &mut dyn Read) -> io::Result<u32> {
     Ok(u32::from_le_bytes(b))
 }
 
-fn read_u64(r: &mut dyn Read) -> io::Result<u64> {
+pub(crate) fn read_u64(r: &mut dyn Read) -> io::Result<u64> {
     let mut b = [0u8; 8];
     r.read_exact(&mut b)?;
     Ok(u64::from_le_bytes(b))
 }
 
-fn read_i64(r: &mut dyn Read) -> io::Result<i64> {
+pub(crate) fn read_i64(r: &mut dyn Read) -> io::Result<i64> {
     read_u64(r).map(|v| v as i64)
 }
 

@@ -20,3 +20,5 @@ pub mod pb {
     }
     pub use raftwork::etcd as internal;
 }
+
+pub mod apply;
