@@ -208,6 +208,10 @@ impl<SM: StateMachine> Applier<SM> {
     }
 }
 
+/// A command of a run: its position in the batch, its session key (session,
+/// sequence) if in a session, and its log time.
+type RunItem = (usize, Option<(u64, u64)>, u64);
+
 /// Applies a batch: the session table's step for every entry, then the
 /// user's state machine for the commands it lets through, in runs (one
 /// `apply` call per run). A run is cut before a command whose earlier copy
@@ -225,9 +229,9 @@ fn apply_batch<SM: StateMachine>(
     let mut replies = replies.into_iter().peekable();
     // Positions in `entries` of the commands to apply, with their session
     // key if in a session, and their log time.
-    let mut run: Vec<(usize, Option<(u64, u64)>, u64)> = Vec::new();
+    let mut run: Vec<RunItem> = Vec::new();
     let mut run_keys: HashSet<(u64, u64)> = HashSet::new();
-    let mut flush = |run: &mut Vec<(usize, Option<(u64, u64)>, u64)>,
+    let mut flush = |run: &mut Vec<RunItem>,
                      run_keys: &mut HashSet<(u64, u64)>,
                      table: &mut SessionTable,
                      session_replies: &mut HashMap<u64, SessionReply<SM>>| {
