@@ -124,10 +124,11 @@ pub fn range_request(r: &pb::RangeRequest) -> mvcc::RangeRequest {
 }
 
 fn needs_post_processing(r: &pb::RangeRequest) -> bool {
-    let sorted = !(r.sort_order == pb::range_request::SortOrder::None as i32
-        && r.sort_target == pb::range_request::SortTarget::Key as i32
-        || r.sort_order == pb::range_request::SortOrder::Ascend as i32
-            && r.sort_target == pb::range_request::SortTarget::Key as i32);
+    use pb::range_request::{SortOrder, SortTarget};
+    // Keys come out of the key space in ascending key order already.
+    let key_order = r.sort_target == SortTarget::Key as i32
+        && (r.sort_order == SortOrder::None as i32 || r.sort_order == SortOrder::Ascend as i32);
+    let sorted = !key_order;
     sorted
         || r.min_mod_revision != 0
         || r.max_mod_revision != 0
