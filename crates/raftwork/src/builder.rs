@@ -490,6 +490,7 @@ impl<SM: StateMachine, S: LogStore> Builder<SM, S> {
         };
         let (events, _) = broadcast::channel(1024);
         let (leader, _) = tokio::sync::watch::channel(None);
+        let term = Arc::new(std::sync::atomic::AtomicU64::new(0));
         let stopped = Arc::new(AtomicBool::new(false));
         let (stop, _) = tokio::sync::watch::channel(None);
         let ready_loop = ReadyLoop {
@@ -501,6 +502,7 @@ impl<SM: StateMachine, S: LogStore> Builder<SM, S> {
             applied_rx,
             events: events.clone(),
             leader: leader.clone(),
+            term: term.clone(),
             snapshots,
             tick_interval: config.tick_interval,
             last_tick_at: std::time::Instant::now(),
@@ -534,6 +536,7 @@ impl<SM: StateMachine, S: LogStore> Builder<SM, S> {
                 requests: requests_tx,
                 events,
                 leader,
+                term,
                 tasks: Mutex::new(tasks),
                 stopped,
                 stop,

@@ -187,6 +187,8 @@ pub(crate) struct Shared<SM: StateMachine> {
     pub(crate) events: broadcast::Sender<NodeEvent>,
     /// The leader the ready loop last learned; `None` once it stopped.
     pub(crate) leader: watch::Sender<Option<NodeId>>,
+    /// The term of the newest leader change this node saw.
+    pub(crate) term: Arc<std::sync::atomic::AtomicU64>,
     pub(crate) tasks: Mutex<Vec<JoinHandle<()>>>,
     pub(crate) stopped: Arc<AtomicBool>,
     /// Why the ready loop stopped; `None` while it runs.
@@ -489,6 +491,13 @@ impl<SM: StateMachine> Node<SM> {
     /// [`ProposeError::NotLeader`].
     pub fn leader(&self) -> Option<NodeId> {
         *self.shared.leader.borrow()
+    }
+
+    /// The term of the newest leader change this node saw (0 before any),
+    /// without a round trip to the ready loop; [`Node::status`] has the
+    /// current one.
+    pub fn term(&self) -> u64 {
+        self.shared.term.load(std::sync::atomic::Ordering::Relaxed)
     }
 
     /// Waits until this node knows a leader, and returns it.

@@ -344,6 +344,8 @@ pub(crate) struct ReadyLoop<SM: StateMachine, S: LogStore> {
     pub(crate) events: broadcast::Sender<NodeEvent>,
     /// The leader this node knows, for `Node::leader` (no round trip).
     pub(crate) leader: tokio::sync::watch::Sender<Option<NodeId>>,
+    /// The term of the newest leader change, for `Node::term`.
+    pub(crate) term: Arc<std::sync::atomic::AtomicU64>,
     pub(crate) tick_interval: std::time::Duration,
     /// When the last tick was handed to the core: a leader whose loop
     /// stalled must not trust its tick count for a lease (see `drive`).
@@ -907,6 +909,8 @@ impl<SM: StateMachine, S: LogStore> ReadyLoop<SM, S> {
                     if let NodeEvent::LeaderChanged { leader, term } = &event {
                         tracing::info!(node = self.core.id(), leader = ?leader, term, "leader changed");
                         self.publish_leader(*leader);
+                        self.term
+                            .fetch_max(*term, std::sync::atomic::Ordering::Relaxed);
                         self.fail_forwarded(*leader);
                     }
                     let _ = self.events.send(event);

@@ -116,13 +116,17 @@ pub enum MvccError {
 
 /// Which keys a range or delete covers, as etcd names them: `key` alone,
 /// or `[key, range_end)`; a `range_end` of `[0]` means every key from
-/// `key` on (and with an empty `key`, every key).
+/// `key` on (and with an empty `key`, every key). Keys starting with
+/// `hidden` (if not empty) are left out, as if they did not exist: the
+/// etcd API hides the server's own keys this way.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct KeyRange {
     /// The first key.
     pub key: Bytes,
     /// The end (exclusive); empty: only `key`.
     pub range_end: Bytes,
+    /// A prefix of keys the range leaves out; empty: none.
+    pub hidden: Bytes,
 }
 
 impl KeyRange {
@@ -131,7 +135,19 @@ impl KeyRange {
         Self {
             key: key.into(),
             range_end: Bytes::new(),
+            hidden: Bytes::new(),
         }
+    }
+
+    /// The same range, leaving out keys that start with `prefix`.
+    pub fn hiding(mut self, prefix: &'static [u8]) -> Self {
+        self.hidden = Bytes::from_static(prefix);
+        self
+    }
+
+    /// Whether the range leaves `key` out for its prefix.
+    fn hides(&self, key: &[u8]) -> bool {
+        !self.hidden.is_empty() && key.starts_with(&self.hidden)
     }
 
     /// Every key starting with `prefix` (etcd's `--prefix`).
@@ -140,6 +156,7 @@ impl KeyRange {
         Self {
             range_end: prefix_end(&key),
             key,
+            hidden: Bytes::new(),
         }
     }
 
@@ -155,6 +172,7 @@ impl KeyRange {
     /// Whether `key` is in the range.
     pub fn contains(&self, key: &[u8]) -> bool {
         !self.is_empty()
+            && !self.hides(key)
             && match &self.range_end[..] {
                 [] => key == &self.key[..],
                 [0] => key >= &self.key[..],
@@ -586,6 +604,9 @@ impl Mvcc {
             return response;
         }
         for (key, versions) in self.keys.range::<[u8], _>(req.range.bounds()) {
+            if req.range.hides(key) {
+                continue;
+            }
             let Some(v) = Self::live_at(versions, at) else {
                 continue;
             };
@@ -674,6 +695,9 @@ impl Mvcc {
         }
         let main = w.main;
         for (key, versions) in self.keys.range_mut::<[u8], _>(range.bounds()) {
+            if range.hides(key) {
+                continue;
+            }
             let last = versions.last().expect("never empty");
             if last.value.is_none() {
                 continue;
@@ -945,6 +969,9 @@ impl Mvcc {
             return Ok(events);
         }
         for (key, versions) in self.keys.range::<[u8], _>(range.bounds()) {
+            if range.hides(key) {
+                continue;
+            }
             let start = versions.partition_point(|v| v.rev.main < from);
             for i in start..versions.len() {
                 if versions[i].rev.main > to {
@@ -1271,6 +1298,7 @@ mod tests {
         assert_eq!(keys(KeyRange::prefix("ab")), ["ab", "abc"]);
         assert_eq!(
             keys(KeyRange {
+                hidden: Bytes::new(),
                 key: "a".into(),
                 range_end: "b".into()
             }),
@@ -1278,6 +1306,7 @@ mod tests {
         );
         assert_eq!(
             keys(KeyRange {
+                hidden: Bytes::new(),
                 key: "ab".into(),
                 range_end: Bytes::from_static(&[0])
             }),
@@ -1285,6 +1314,7 @@ mod tests {
         );
         assert_eq!(keys(KeyRange::prefix("")).len(), 5);
         assert!(keys(KeyRange {
+            hidden: Bytes::new(),
             key: "b".into(),
             range_end: "a".into()
         })

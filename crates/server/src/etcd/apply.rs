@@ -20,6 +20,7 @@ use super::pb::etcdserverpb as pb;
 use super::pb::internal::{request, response, Error, Request, Response};
 use super::pb::mvccpb;
 use crate::leases::{LeaseError, Leases};
+use crate::members::RESERVED_PREFIX;
 use crate::mvcc::{self, KeyRange, Mvcc, MvccError, Op, OpResult};
 
 /// Most operations in one transaction branch (etcd's `--max-txn-ops`
@@ -102,11 +103,14 @@ pub fn kv_pb(kv: &mvcc::KeyValue) -> mvccpb::KeyValue {
     }
 }
 
-/// The keys `key`/`range_end` name (etcd's forms).
+/// The keys `key`/`range_end` name (etcd's forms), without the server's
+/// own keys ([`RESERVED_PREFIX`]): the etcd API neither sees nor changes
+/// them.
 pub fn key_range(key: &Bytes, range_end: &Bytes) -> KeyRange {
     KeyRange {
         key: key.clone(),
         range_end: range_end.clone(),
+        hidden: Bytes::from_static(RESERVED_PREFIX),
     }
 }
 
@@ -283,6 +287,12 @@ fn revoke(mvcc: &mut Mvcc, st: &mut EtcdState, id: i64) -> Result<(), Error> {
 /// A put's value and lease after `ignore_value` and `ignore_lease`, from
 /// the key as it is now; and the lease checked.
 fn resolve_put(mvcc: &Mvcc, st: &EtcdState, p: &pb::PutRequest) -> Result<(Bytes, i64), Error> {
+    if p.key.starts_with(RESERVED_PREFIX) {
+        return Err(error(
+            Code::InvalidArgument,
+            "etcdserver: keys starting with \\0raftwork/ are reserved for the server",
+        ));
+    }
     let current = || mvcc.current(&p.key).ok_or_else(key_not_found);
     let value = if p.ignore_value {
         current()?.value
