@@ -195,9 +195,9 @@ fn authorize_admin(state: &AppState, caller: &Caller, headers: &HeaderMap) -> Ap
     ))
 }
 
-struct AppState {
-    node: Node<KvStore>,
-    config: ApiConfig,
+pub(crate) struct AppState {
+    pub(crate) node: Node<KvStore>,
+    pub(crate) config: ApiConfig,
     started: SystemTime,
     started_at: Instant,
     /// This node's own session, for writes it takes as a follower without
@@ -205,7 +205,7 @@ struct AppState {
     node_session: tokio::sync::Mutex<Option<Arc<Session<KvStore>>>>,
 }
 
-type Shared = Arc<AppState>;
+pub(crate) type Shared = Arc<AppState>;
 
 /// The API's router for `node`.
 pub fn router(node: Node<KvStore>, config: ApiConfig) -> Router {
@@ -216,6 +216,7 @@ pub fn router(node: Node<KvStore>, config: ApiConfig) -> Router {
         started_at: Instant::now(),
         node_session: tokio::sync::Mutex::new(None),
     });
+    let etcd = crate::etcd::service::routes(state.clone());
     Router::new()
         .route("/healthz", get(healthz))
         .route("/readyz", get(readyz))
@@ -253,13 +254,14 @@ pub fn router(node: Node<KvStore>, config: ApiConfig) -> Router {
         // Bodies are limited by the handlers (400 with a JSON error).
         .layer(DefaultBodyLimit::disable())
         .with_state(state)
+        .merge(etcd)
 }
 
 /// An API error: a status code and a JSON body.
 #[derive(Debug)]
 pub struct ApiError {
-    status: StatusCode,
-    message: String,
+    pub(crate) status: StatusCode,
+    pub(crate) message: String,
     leader: Option<String>,
     leader_id: Option<u64>,
 }
@@ -302,7 +304,7 @@ impl IntoResponse for ApiError {
     }
 }
 
-type ApiResult<T> = Result<T, ApiError>;
+pub(crate) type ApiResult<T> = Result<T, ApiError>;
 
 fn no_leader(timeout: Duration) -> ApiError {
     ApiError::unavailable(format!(
@@ -672,7 +674,7 @@ fn session_error(state: &AppState, e: ProposeError, client_session: bool) -> Api
 /// Otherwise here if this node leads (or the request was forwarded to it),
 /// else in this node's own session, so that a write sent again after a
 /// leader change cannot apply twice.
-async fn write(
+pub(crate) async fn write(
     state: &AppState,
     headers: &HeaderMap,
     command: KvCommand,
@@ -809,7 +811,7 @@ async fn close_session(
 }
 
 /// Runs `f` on the state machine, linearizably unless `stale`.
-async fn read<R, F>(state: &AppState, stale: bool, f: F) -> ApiResult<R>
+pub(crate) async fn read<R, F>(state: &AppState, stale: bool, f: F) -> ApiResult<R>
 where
     F: Fn(&KvStore) -> R + Send + Sync + Clone + 'static,
     R: Send + 'static,

@@ -196,8 +196,11 @@ pub fn server_config(
             builder.with_client_cert_verifier(verifier)
         }
     };
-    builder
+    let mut config = builder
         .with_single_cert(chain, key)
-        .map(Arc::new)
-        .map_err(|e| format!("certificate and key: {e}"))
+        .map_err(|e| format!("certificate and key: {e}"))?;
+    // HTTP/2 for the etcd API's gRPC (grpc-go clients refuse a TLS server
+    // that does not offer h2), HTTP/1.1 for REST.
+    config.alpn_protocols = vec![b"h2".to_vec(), b"http/1.1".to_vec()];
+    Ok(Arc::new(config))
 }

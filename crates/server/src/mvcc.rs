@@ -988,6 +988,28 @@ impl Mvcc {
     /// retained history (etcd's HashKV covers the same): FNV-1a over every
     /// version in key and revision order.
     pub fn hash(&self) -> u64 {
+        self.hash_upto(self.current)
+    }
+
+    /// [`Mvcc::hash`] as of revision `at`: over the versions at or before
+    /// it, so members that applied that far agree whatever they applied
+    /// since. `at` must be readable (from the compacted revision to the
+    /// current one).
+    pub fn hash_at(&self, at: i64) -> Result<u64, MvccError> {
+        if at > self.current {
+            return Err(MvccError::FutureRevision {
+                current: self.current,
+            });
+        }
+        if at < self.compacted {
+            return Err(MvccError::Compacted {
+                compacted: self.compacted,
+            });
+        }
+        Ok(self.hash_upto(at))
+    }
+
+    fn hash_upto(&self, at: i64) -> u64 {
         let mut h = 0xcbf2_9ce4_8422_2325u64;
         let mut eat = |bytes: &[u8]| {
             for b in bytes {
@@ -995,12 +1017,16 @@ impl Mvcc {
                 h = h.wrapping_mul(0x100_0000_01b3);
             }
         };
-        eat(&self.current.to_le_bytes());
+        eat(&at.to_le_bytes());
         eat(&self.compacted.to_le_bytes());
         for (key, versions) in &self.keys {
+            let n = versions.partition_point(|v| v.rev.main <= at);
+            if n == 0 {
+                continue;
+            }
             eat(&(key.len() as u64).to_le_bytes());
             eat(key);
-            for v in versions {
+            for v in &versions[..n] {
                 eat(&v.rev.main.to_le_bytes());
                 eat(&v.rev.sub.to_le_bytes());
                 match &v.value {
@@ -1017,6 +1043,22 @@ impl Mvcc {
             }
         }
         h
+    }
+
+    /// About how many bytes the key space holds, history included: keys,
+    /// values and a fixed 48 bytes of bookkeeping per version (etcd's
+    /// `dbSize` and what its quota counts; walks the whole space).
+    pub fn size_bytes(&self) -> u64 {
+        self.keys
+            .iter()
+            .map(|(k, versions)| {
+                k.len() as u64
+                    + versions
+                        .iter()
+                        .map(|v| 48 + v.value.as_ref().map_or(0, |b| b.len() as u64))
+                        .sum::<u64>()
+            })
+            .sum()
     }
 
     /// Writes the key space and its retained history to `w`, key by key

@@ -726,6 +726,7 @@ pub async fn run(args: Settings, plan: ClusterPlan) -> Result<(), ServeError> {
     .map_err(ServeError::ClientTls)?
     .marking_forwarded();
     let sync = members::spawn_sync(node.clone(), members.clone(), me, plan.token.clone());
+    let lessor = crate::etcd::lessor::spawn(node.clone());
     let router = api::router(
         node.clone(),
         ApiConfig {
@@ -763,6 +764,7 @@ pub async fn run(args: Settings, plan: ClusterPlan) -> Result<(), ServeError> {
     };
     node.shutdown().await;
     sync.abort();
+    lessor.abort();
     served.map_err(ServeError::Serve)?;
     if let Some(reason) = failed {
         return Err(ServeError::NodeFailed(reason));

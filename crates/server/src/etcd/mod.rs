@@ -22,3 +22,5 @@ pub mod pb {
 }
 
 pub mod apply;
+pub mod lessor;
+pub mod service;

@@ -1,0 +1,71 @@
+//! The leader's lease duties: leases expire by log time, which only moves
+//! when entries are committed, so the leader proposes what is due.
+//!
+//! * When this node becomes leader it first proposes a lease refresh (every
+//!   lease's deadline to at least now plus its TTL, as etcd's lessor
+//!   does on promotion): while there was no leader nobody could keep a
+//!   lease alive, and that time must not expire it.
+//! * Then, every [`CHECK_INTERVAL`], if the earliest deadline has passed by
+//!   its wall clock, it proposes an expiry. The entry's log time is at
+//!   least that clock (the leader stamps it, never going back), so it
+//!   revokes every due lease on every replica at that index.
+//!
+//! A follower does nothing here; a leader that loses leadership mid-way
+//! just sees its proposal fail.
+
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use raftwork::Node;
+
+use super::pb::internal::{request, LeaseExpire, LeaseRefresh, Request};
+use crate::kv::{KvCommand, KvStore};
+
+/// How often the leader looks for due leases: the granularity of expiry.
+pub const CHECK_INTERVAL: Duration = Duration::from_millis(250);
+
+fn propose(r: request::Request) -> Vec<u8> {
+    KvCommand::Etcd(Request { request: Some(r) }).encode()
+}
+
+/// Runs the lessor of `node` until the node stops.
+pub fn spawn(node: Node<KvStore>) -> tokio::task::JoinHandle<()> {
+    tokio::spawn(async move {
+        let mut ticker = tokio::time::interval(CHECK_INTERVAL);
+        ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        let mut refreshed_as_leader = false;
+        loop {
+            ticker.tick().await;
+            if node.is_stopped() {
+                return;
+            }
+            if node.leader() != Some(node.id()) {
+                refreshed_as_leader = false;
+                continue;
+            }
+            if !refreshed_as_leader {
+                let refresh = propose(request::Request::LeaseRefresh(LeaseRefresh {}));
+                match node.propose(refresh).await {
+                    Ok(_) => refreshed_as_leader = true,
+                    Err(e) => tracing::debug!(error = %e, "lease refresh as new leader failed"),
+                }
+                continue;
+            }
+            let Ok(due) = node
+                .read_stale(|sm| sm.etcd().leases.next_deadline_ms())
+                .await
+            else {
+                continue;
+            };
+            let now_ms = SystemTime::now()
+                .duration_since(UNIX_EPOCH)
+                .map(|d| d.as_millis() as u64)
+                .unwrap_or(0);
+            if due.is_some_and(|d| d <= now_ms) {
+                let expire = propose(request::Request::LeaseExpire(LeaseExpire {}));
+                if let Err(e) = node.propose(expire).await {
+                    tracing::debug!(error = %e, "lease expiry failed");
+                }
+            }
+        }
+    })
+}
