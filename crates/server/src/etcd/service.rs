@@ -277,7 +277,9 @@ impl kv_server::Kv for Etcd {
         check_txn(&t)?;
         match self.write(request::Request::Txn(t)).await? {
             response::Response::Txn(mut r) => {
-                fill_txn(self, &mut r);
+                // Only the outer header: etcd's inner ones carry the
+                // revision alone.
+                self.fill(&mut r.header);
                 Ok(Response::new(r))
             }
             other => Err(Self::unexpected("txn", other)),
@@ -297,21 +299,6 @@ impl kv_server::Kv for Etcd {
                 Ok(Response::new(r))
             }
             other => Err(Self::unexpected("compaction", other)),
-        }
-    }
-}
-
-/// Fills the headers of a transaction's answer and of every answer in it.
-fn fill_txn(etcd: &Etcd, t: &mut pb::TxnResponse) {
-    use pb::response_op::Response as A;
-    etcd.fill(&mut t.header);
-    for r in &mut t.responses {
-        match &mut r.response {
-            Some(A::ResponseRange(x)) => etcd.fill(&mut x.header),
-            Some(A::ResponsePut(x)) => etcd.fill(&mut x.header),
-            Some(A::ResponseDeleteRange(x)) => etcd.fill(&mut x.header),
-            Some(A::ResponseTxn(x)) => fill_txn(etcd, x),
-            None => {}
         }
     }
 }
