@@ -22,6 +22,10 @@
 //! the request timeout, shutting down) are `Unavailable`, which etcd
 //! clients retry.
 
+// tonic's calls answer `Result<_, Status>`, and `Status` is large; the
+// helpers here speak the same type.
+#![allow(clippy::result_large_err)]
+
 use std::pin::Pin;
 use std::sync::atomic::{AtomicI64, Ordering};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
@@ -355,10 +359,7 @@ impl lease_server::Lease for Etcd {
         tokio::spawn(async move {
             while let Some(next) = requests.next().await {
                 let answer = match next {
-                    Ok(k) => match etcd
-                        .write(request::Request::LeaseKeepAlive(k.clone()))
-                        .await
-                    {
+                    Ok(k) => match etcd.write(request::Request::LeaseKeepAlive(k)).await {
                         Ok(response::Response::LeaseKeepAlive(mut r)) => {
                             etcd.fill(&mut r.header);
                             Ok(r)
@@ -1019,7 +1020,7 @@ impl maintenance_server::Maintenance for Etcd {
             .map(|at| {
                 let end = (at + SNAPSHOT_CHUNK_BYTES).min(bytes.len());
                 Ok(pb::SnapshotResponse {
-                    header: header.clone(),
+                    header,
                     remaining_bytes: (bytes.len() - end) as u64,
                     blob: bytes.slice(at..end),
                     version: ETCD_VERSION.into(),
