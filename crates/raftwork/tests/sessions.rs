@@ -55,6 +55,50 @@ async fn a_command_sent_twice_applies_once_and_both_copies_get_the_first_answer(
     c.shutdown().await;
 }
 
+/// Every command carries the leader's clock as log time: never going back,
+/// the same on every replica (the hash covers it), and within the wall
+/// clock around the proposal.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn commands_carry_the_same_log_time_on_every_replica() {
+    let c = Cluster::start(3);
+    let leader = c.wait_leader(&[1, 2, 3]).await;
+    let now_ms = || {
+        std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .unwrap()
+            .as_millis() as u64
+    };
+    let mut last = (0, 0);
+    for k in 0..20 {
+        let before = now_ms();
+        let (index, _) = c.node(leader).propose(format!("t{k}")).await.unwrap();
+        let after = now_ms();
+        let t = c
+            .node(leader)
+            .read_stale(|sm: &HashSm| sm.last_log_time_ms)
+            .await
+            .unwrap();
+        assert!(t >= before && t <= after, "{before} <= {t} <= {after}");
+        last = (index, t);
+    }
+    c.wait_applied(&[1, 2, 3], last.0).await;
+    let hashes: BTreeSet<u64> = replica_hashes(&c).await;
+    assert_eq!(
+        hashes.len(),
+        1,
+        "replicas disagree on commands or log times"
+    );
+    c.shutdown().await;
+}
+
+async fn replica_hashes(c: &Cluster) -> BTreeSet<u64> {
+    let mut out = BTreeSet::new();
+    for id in [1, 2, 3] {
+        out.insert(c.node(id).read_stale(|sm: &HashSm| sm.hash).await.unwrap());
+    }
+    out
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn sessions_work_through_followers() {
     let c = Cluster::start(3);

@@ -62,7 +62,8 @@
 //! wrong method, 409 membership conflict (already a member or voter, a
 //! learner as transfer target, no voter left; a session sequence below its
 //! low-water mark), 410 session expired or unknown, 412
-//! compare-and-set mismatch, 503 no leader within
+//! compare-and-set mismatch, 507 the NOSPACE alarm is raised (see
+//! `--quota-backend-bytes`), 503 no leader within
 //! [`ApiConfig::request_timeout`], the leader unreachable or without a
 //! published API URL, or shutting down; 500 anything else.
 //!
@@ -675,6 +676,22 @@ fn session_error(state: &AppState, e: ProposeError, client_session: bool) -> Api
 /// else in this node's own session, so that a write sent again after a
 /// leader change cannot apply twice.
 pub(crate) async fn write(
+    state: &AppState,
+    headers: &HeaderMap,
+    command: KvCommand,
+) -> ApiResult<(u64, KvResponse)> {
+    match propose_write(state, headers, command).await? {
+        (_, KvResponse::NoSpace) => Err(ApiError::new(
+            StatusCode::INSUFFICIENT_STORAGE,
+            "etcdserver: mvcc: database space exceeded (the NOSPACE alarm is raised: delete \
+             or compact data, then disarm it with etcdctl alarm disarm); nothing changed",
+        )),
+        answered => Ok(answered),
+    }
+}
+
+/// [`write`] before the state machine's answer is looked at.
+async fn propose_write(
     state: &AppState,
     headers: &HeaderMap,
     command: KvCommand,

@@ -205,6 +205,9 @@ pub enum KvResponse {
     NotANumber,
     /// The answer to an etcd write.
     Etcd(internal::Response),
+    /// The NOSPACE alarm is raised: a write that adds data (put,
+    /// compare-and-set, increment) was refused; nothing changed.
+    NoSpace,
 }
 
 /// A response as bytes, for the session table's cache (exactly-once
@@ -222,6 +225,7 @@ pub enum KvResponse {
 /// 0x04 | value i64                   Incremented
 /// 0x05                               NotANumber
 /// 0x06 | raftwork.etcd.Response      Etcd (protobuf)
+/// 0x07                               NoSpace
 /// ```
 impl raftwork::ResponseBytes for KvResponse {
     fn to_bytes(&self) -> Vec<u8> {
@@ -259,6 +263,7 @@ impl raftwork::ResponseBytes for KvResponse {
                 r.encode(&mut out).expect("a Vec grows");
                 out
             }
+            KvResponse::NoSpace => vec![0x07],
         }
     }
 
@@ -293,6 +298,7 @@ impl raftwork::ResponseBytes for KvResponse {
             },
             [0x05] => KvResponse::NotANumber,
             [0x06, rest @ ..] => KvResponse::Etcd(internal::Response::decode(rest).ok()?),
+            [0x07] => KvResponse::NoSpace,
             _ => return None,
         })
     }
@@ -592,6 +598,16 @@ impl KvStore {
             Ok(c) => c,
             Err(e) => return KvResponse::Invalid(e),
         };
+        // Under NOSPACE, writes that add data are refused (the server's
+        // own records excepted), as the etcd API refuses its puts.
+        if let KvCommand::Put { key, .. }
+        | KvCommand::Cas { key, .. }
+        | KvCommand::Incr { key, .. } = &command
+        {
+            if !key.starts_with(crate::members::RESERVED_PREFIX) && self.etcd.no_space() {
+                return KvResponse::NoSpace;
+            }
+        }
         let response = match command {
             KvCommand::Put { key, value } => {
                 self.put(key, value);

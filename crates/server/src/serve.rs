@@ -160,7 +160,18 @@ pub struct ServeArgs {
     #[arg(long, env = "RAFTWORK_MAX_SESSIONS",
           value_parser = clap::value_parser!(u64).range(1..=100_000_000))]
     pub max_sessions: Option<u64>,
+    /// Size of the key space (values and history, as the etcd API's
+    /// `dbSize` reports it) past which this member raises etcd's NOSPACE
+    /// alarm: writes that add data are refused on every member until an
+    /// operator deletes or compacts and disarms (`etcdctl alarm disarm`)
+    /// [default: 2147483648, etcd's].
+    #[arg(long, env = "RAFTWORK_QUOTA_BACKEND_BYTES",
+          value_parser = clap::value_parser!(u64).range(1..))]
+    pub quota_backend_bytes: Option<u64>,
 }
+
+/// Default of `--quota-backend-bytes` (etcd's).
+pub const DEFAULT_QUOTA_BACKEND_BYTES: u64 = 2 << 30;
 
 /// Default of `--wal-segment-bytes` (the WAL's own default).
 pub const DEFAULT_WAL_SEGMENT_BYTES: u64 = 64 << 20;
@@ -202,6 +213,7 @@ struct FileConfig {
     wal_segment_bytes: Option<u64>,
     session_ttl_ms: Option<u64>,
     max_sessions: Option<u64>,
+    quota_backend_bytes: Option<u64>,
 }
 
 /// The contents of [`TlsFiles`] (PEM).
@@ -313,6 +325,8 @@ pub struct Settings {
     pub wal_segment_bytes: u64,
     /// Client sessions' TTL and limit.
     pub sessions: raftwork::SessionConfig,
+    /// The key space size that raises the NOSPACE alarm.
+    pub quota_backend_bytes: u64,
 }
 
 impl ServeArgs {
@@ -482,6 +496,13 @@ impl ServeArgs {
                         ))
                     }
                 },
+            },
+            quota_backend_bytes: match self.quota_backend_bytes.or(file.quota_backend_bytes) {
+                None => DEFAULT_QUOTA_BACKEND_BYTES,
+                Some(0) => {
+                    return Err(in_file("quota-backend-bytes", "0 is not at least 1".into()))
+                }
+                Some(n) => n,
             },
         })
     }
@@ -727,6 +748,7 @@ pub async fn run(args: Settings, plan: ClusterPlan) -> Result<(), ServeError> {
     .marking_forwarded();
     let sync = members::spawn_sync(node.clone(), members.clone(), me, plan.token.clone());
     let lessor = crate::etcd::lessor::spawn(node.clone());
+    let quota = crate::etcd::lessor::spawn_quota(node.clone(), args.quota_backend_bytes);
     let router = api::router(
         node.clone(),
         ApiConfig {
@@ -765,6 +787,7 @@ pub async fn run(args: Settings, plan: ClusterPlan) -> Result<(), ServeError> {
     node.shutdown().await;
     sync.abort();
     lessor.abort();
+    quota.abort();
     served.map_err(ServeError::Serve)?;
     if let Some(reason) = failed {
         return Err(ServeError::NodeFailed(reason));

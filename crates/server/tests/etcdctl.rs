@@ -737,3 +737,44 @@ fn watch_lock_and_elect_through_failures_as_on_etcd() {
         assert_eq!(distinct, want);
     }
 }
+
+/// Over `--quota-backend-bytes` a member raises NOSPACE: puts are refused
+/// through etcdctl and through REST (507) until data is deleted and
+/// compacted and the alarm disarmed; deletes still work meanwhile.
+#[test]
+fn nospace_refuses_puts_until_disarmed() {
+    if !tools_present() {
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let server = common::start_with(dir.path(), &["--quota-backend-bytes", "20000"]);
+    let ep = server.url.trim_start_matches("http://").to_string();
+    let value = "x".repeat(30_000);
+    let (ok, _, err) = etcdctl(&ep, &["put", "big", &value], None);
+    assert!(ok, "{err}");
+    wait_for("the NOSPACE alarm", || {
+        etcdctl(&ep, &["alarm", "list"], None)
+            .1
+            .contains("alarm:NOSPACE")
+    });
+    let (ok, _, err) = etcdctl(&ep, &["put", "small", "v"], None);
+    assert!(
+        !ok && err.contains("etcdserver: mvcc: database space exceeded"),
+        "{err}"
+    );
+    let addr: SocketAddr = ep.parse().unwrap();
+    let (status, body) = common::members::request(addr, "PUT", "/v1/kv/small", b"v").unwrap();
+    assert_eq!(status, 507, "{}", String::from_utf8_lossy(&body));
+    // Deletes work; the history still holds the value until compacted.
+    assert!(etcdctl(&ep, &["del", "big"], None).0);
+    let rev = revision_at(&ep);
+    assert!(etcdctl(&ep, &["compaction", &rev.to_string()], None).0);
+    let (ok, out, err) = etcdctl(&ep, &["alarm", "disarm"], None);
+    assert!(ok && out.contains("alarm:NOSPACE"), "{out}{err}");
+    let (ok, _, err) = etcdctl(&ep, &["put", "small", "v"], None);
+    assert!(ok, "{err}");
+    assert_eq!(
+        etcdctl(&ep, &["get", "small", "--print-value-only"], None).1,
+        "v\n"
+    );
+}

@@ -16,6 +16,9 @@ pub struct HashSm {
     pub count: u64,
     pub last: Vec<u8>,
     pub last_index: u64,
+    /// The log time of the last command applied since this instance was
+    /// made or restored (not in snapshots; the hash covers every one).
+    pub last_log_time_ms: u64,
     /// A command that makes this state machine panic (for the tests of a
     /// node whose state machine fails); `start_node` sets `poison-<id>`.
     pub poison: Option<Vec<u8>>,
@@ -43,7 +46,16 @@ impl StateMachine for HashSm {
                     panic!("poisoned by command {}", c.index);
                 }
                 assert!(c.index > self.last_index, "commands out of order");
+                assert!(
+                    c.log_time_ms >= self.last_log_time_ms,
+                    "log time went back at index {}",
+                    c.index
+                );
                 self.last_index = c.index;
+                self.last_log_time_ms = c.log_time_ms;
+                // Replicas must agree on log time too: it is in the hash
+                // the tests compare.
+                self.hash = fnv(self.hash, &c.log_time_ms.to_le_bytes());
                 self.hash = fnv(self.hash, &c.index.to_le_bytes());
                 self.hash = fnv(self.hash, c.data);
                 self.count += 1;

@@ -36,6 +36,15 @@ pub struct EtcdState {
     pub alarms: BTreeSet<(u64, i32)>,
 }
 
+impl EtcdState {
+    /// Whether a NOSPACE alarm is raised (by any member).
+    pub fn no_space(&self) -> bool {
+        self.alarms
+            .iter()
+            .any(|a| a.1 == pb::AlarmType::Nospace as i32)
+    }
+}
+
 /// An etcd error as the API answers it.
 pub fn error(code: Code, message: impl Into<String>) -> Error {
     Error {

@@ -12,11 +12,15 @@
 //!
 //! A follower does nothing here; a leader that loses leadership mid-way
 //! just sees its proposal fail.
+//!
+//! Every member also watches its key space's size against its quota
+//! ([`spawn_quota`]), as etcd does.
 
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use raftwork::Node;
 
+use super::pb::etcdserverpb::{alarm_request::AlarmAction, AlarmRequest, AlarmType};
 use super::pb::internal::{request, LeaseExpire, LeaseRefresh, Request};
 use crate::kv::{KvCommand, KvStore};
 
@@ -64,6 +68,61 @@ pub fn spawn(node: Node<KvStore>) -> tokio::task::JoinHandle<()> {
                 let expire = propose(request::Request::LeaseExpire(LeaseExpire {}));
                 if let Err(e) = node.propose(expire).await {
                     tracing::debug!(error = %e, "lease expiry failed");
+                }
+            }
+        }
+    })
+}
+
+/// How often a member measures its key space against the quota.
+pub const QUOTA_INTERVAL: Duration = Duration::from_secs(1);
+
+/// Runs the quota check of `node`: every [`QUOTA_INTERVAL`], if the key
+/// space is over `quota_bytes` and this member has no NOSPACE alarm
+/// raised, it proposes one (from a follower, through its own session).
+/// The raised alarm is replicated state: every member refuses writes that
+/// add data from the index it applies at, until it is disarmed. A member
+/// still over its quota raises it again.
+pub fn spawn_quota(node: Node<KvStore>, quota_bytes: u64) -> tokio::task::JoinHandle<()> {
+    tokio::spawn(async move {
+        let mut ticker = tokio::time::interval(QUOTA_INTERVAL);
+        ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        let me = node.id();
+        let mut session = None;
+        loop {
+            ticker.tick().await;
+            if node.is_stopped() {
+                return;
+            }
+            let Ok((size, raised)) = node
+                .read_stale(move |sm| {
+                    let raised = sm.etcd().alarms.contains(&(me, AlarmType::Nospace as i32));
+                    (sm.mvcc().size_bytes(), raised)
+                })
+                .await
+            else {
+                continue;
+            };
+            if size <= quota_bytes || raised {
+                continue;
+            }
+            tracing::warn!(
+                size_bytes = size,
+                quota_bytes,
+                "over the quota: raising NOSPACE"
+            );
+            let alarm = propose(request::Request::Alarm(AlarmRequest {
+                action: AlarmAction::Activate as i32,
+                member_id: me,
+                alarm: AlarmType::Nospace as i32,
+            }));
+            if session.is_none() {
+                session = node.session().await.ok();
+            }
+            if let Some(s) = &session {
+                if let Err(e) = s.propose(alarm).await {
+                    tracing::warn!(error = %e, "raising NOSPACE failed");
+                    session = None;
                 }
             }
         }
