@@ -10,6 +10,14 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         "proto/internal.proto",
     ];
     let fds = protox::compile(files, ["proto"])?;
+    // The JSON gateway's serde impls (proto field names, as etcd's
+    // gateway writes them).
+    let descriptors = prost::Message::encode_to_vec(&fds);
+    pbjson_build::Builder::new()
+        .register_descriptors(&descriptors)?
+        .preserve_proto_field_names()
+        .ignore_unknown_fields()
+        .build(&[".etcdserverpb", ".mvccpb"])?;
     // The messages have no floats: Eq lets the state machine's commands and
     // responses, which carry them, be compared whole.
     let oneofs = [

@@ -778,3 +778,202 @@ fn nospace_refuses_puts_until_disarmed() {
         "v\n"
     );
 }
+
+/// `curl` against etcd's JSON gateway, as etcd's documentation shows it;
+/// the answer as normalised JSON lines.
+fn curl(base: &str, path: &str, body: &str, max_time_s: Option<u64>) -> Vec<Value> {
+    let mut cmd = Command::new("curl");
+    cmd.args([
+        "-s",
+        "-N",
+        "-L",
+        &format!("{base}{path}"),
+        "-X",
+        "POST",
+        "-d",
+        body,
+    ]);
+    if let Some(s) = max_time_s {
+        cmd.args(["--max-time", &s.to_string()]);
+    }
+    let out = cmd.output().expect("run curl");
+    String::from_utf8_lossy(&out.stdout)
+        .lines()
+        .filter(|l| !l.trim().is_empty())
+        .map(|l| serde_json::from_str(l).unwrap_or_else(|e| panic!("{e}: {l}")))
+        .collect()
+}
+
+/// The gateway session of etcd's documentation: put, range, a streamed
+/// watch, txns, lease grant and keep-alive; and `GET /version`.
+fn gateway_session(base: &str, dir: &Path) -> Vec<String> {
+    let mut log = Vec::new();
+    let probe = curl(base, "/v3/kv/range", r#"{"key": "cHJvYmU="}"#, None);
+    let rev0: i64 = probe[0]["header"]["revision"]
+        .as_str()
+        .unwrap()
+        .parse()
+        .unwrap();
+    let mut note = |what: &str, answers: Vec<Value>| {
+        for a in answers {
+            log.push(format!("{what}: {}", normalise_gateway(a, rev0)));
+        }
+    };
+    // A watch on foo, streamed by curl while the puts run.
+    let watch_out = dir.join("gateway-watch.out");
+    let mut watch = Command::new("curl")
+        .args(["-s", "-N", &format!("{base}/v3/watch"), "-X", "POST", "-d"])
+        .arg(r#"{"create_request": {"key":"Zm9v"} }"#)
+        .stdout(std::fs::File::create(&watch_out).unwrap())
+        .spawn()
+        .unwrap();
+    std::thread::sleep(Duration::from_millis(500));
+    note(
+        "put",
+        curl(
+            base,
+            "/v3/kv/put",
+            r#"{"key": "Zm9v", "value": "YmFy"}"#,
+            None,
+        ),
+    );
+    note(
+        "range",
+        curl(base, "/v3/kv/range", r#"{"key": "Zm9v"}"#, None),
+    );
+    note(
+        "range_end",
+        curl(
+            base,
+            "/v3/kv/range",
+            r#"{"key": "Zm9v", "range_end": "Zm9w"}"#,
+            None,
+        ),
+    );
+    let txn_create = format!(
+        r#"{{"compare":[{{"target":"CREATE","key":"Zm9v","createRevision":"{}"}}],"success":[{{"requestPut":{{"key":"Zm9v","value":"YmFy"}}}}]}}"#,
+        rev0 + 1
+    );
+    note("txn create", curl(base, "/v3/kv/txn", &txn_create, None));
+    note(
+        "txn version",
+        curl(
+            base,
+            "/v3/kv/txn",
+            r#"{"compare":[{"version":"4","result":"EQUAL","target":"VERSION","key":"Zm9v"}],"success":[{"requestRange":{"key":"Zm9v"}}]}"#,
+            None,
+        ),
+    );
+    note(
+        "delete",
+        curl(
+            base,
+            "/v3/kv/deleterange",
+            r#"{"key": "Zm9v", "prev_kv": true}"#,
+            None,
+        ),
+    );
+    let grant = curl(base, "/v3/lease/grant", r#"{"TTL": 30}"#, None);
+    let id = grant[0]["ID"].as_str().unwrap().to_string();
+    note("grant", grant);
+    note(
+        "keepalive",
+        curl(
+            base,
+            "/v3/lease/keepalive",
+            &format!(r#"{{"ID": {id}}}"#),
+            None,
+        ),
+    );
+    note(
+        "timetolive",
+        curl(
+            base,
+            "/v3/lease/timetolive",
+            &format!(r#"{{"ID": {id}, "keys": true}}"#),
+            None,
+        ),
+    );
+    note(
+        "revoke",
+        curl(
+            base,
+            "/v3/lease/revoke",
+            &format!(r#"{{"ID": {id}}}"#),
+            None,
+        ),
+    );
+    note(
+        "empty key",
+        curl(base, "/v3/kv/put", r#"{"value": "YmFy"}"#, None),
+    );
+    std::thread::sleep(Duration::from_millis(500));
+    let _ = watch.kill();
+    let _ = watch.wait();
+    let watched: Vec<Value> = read(&watch_out)
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect();
+    note("watch", watched);
+    let out = Command::new("curl")
+        .args(["-s", &format!("{base}/version")])
+        .output()
+        .unwrap();
+    let v: Value = serde_json::from_slice(&out.stdout).unwrap();
+    log.push(format!(
+        "version has etcdserver: {}",
+        v["etcdserver"].is_string()
+    ));
+    log
+}
+
+/// Gateway JSON with ids and terms masked, revisions relative to `base`
+/// (strings, as the gateway writes 64-bit integers), TTLs still to run
+/// rounded away.
+fn normalise_gateway(mut v: Value, base: i64) -> Value {
+    fn walk(v: &mut Value, base: i64) {
+        match v {
+            Value::Object(map) => {
+                for (k, x) in map.iter_mut() {
+                    match k.as_str() {
+                        "cluster_id" | "member_id" | "raft_term" | "ID" | "watch_id" => {
+                            *x = Value::from("<id>")
+                        }
+                        "TTL" => *x = Value::from("<ttl>"),
+                        "revision" | "create_revision" | "mod_revision" => {
+                            if let Some(n) = x.as_str().and_then(|s| s.parse::<i64>().ok()) {
+                                *x = Value::from((n - base).to_string());
+                            }
+                        }
+                        _ => walk(x, base),
+                    }
+                }
+            }
+            Value::Array(items) => items.iter_mut().for_each(|x| walk(x, base)),
+            _ => {}
+        }
+    }
+    walk(&mut v, base);
+    v
+}
+
+#[test]
+fn the_json_gateway_answers_as_etcds() {
+    if !tools_present() {
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let etcd_dir = dir.path().join("etcd");
+    std::fs::create_dir_all(&etcd_dir).unwrap();
+    let etcd = start_etcd(&etcd_dir);
+    let want = gateway_session(&etcd.endpoint(0), &etcd_dir);
+    drop(etcd);
+    let rw_dir = dir.path().join("raftwork");
+    std::fs::create_dir_all(&rw_dir).unwrap();
+    let rw = start_raftwork(&rw_dir);
+    let got = gateway_session(&rw.endpoint(1), &rw_dir);
+    for (w, g) in want.iter().zip(&got) {
+        assert_eq!(g, w, "raftwork (left) and etcd (right) differ");
+    }
+    assert_eq!(got.len(), want.len(), "{got:#?}\n{want:#?}");
+}

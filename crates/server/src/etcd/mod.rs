@@ -6,10 +6,12 @@ pub mod pb {
     /// etcd's key-value types.
     pub mod mvccpb {
         tonic::include_proto!("mvccpb");
+        include!(concat!(env!("OUT_DIR"), "/mvccpb.serde.rs"));
     }
     /// etcd's services and their messages.
     pub mod etcdserverpb {
         tonic::include_proto!("etcdserverpb");
+        include!(concat!(env!("OUT_DIR"), "/etcdserverpb.serde.rs"));
     }
     /// raftwork's own messages (the module path mirrors the package).
     pub mod raftwork {
@@ -22,5 +24,6 @@ pub mod pb {
 }
 
 pub mod apply;
+pub mod gateway;
 pub mod lessor;
 pub mod service;

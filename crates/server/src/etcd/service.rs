@@ -93,8 +93,9 @@ pub(crate) fn routes(state: Shared) -> axum::Router {
         )
         .route_service(
             &path::<maintenance_server::MaintenanceServer<Etcd>>(),
-            maintenance_server::MaintenanceServer::new(etcd),
+            maintenance_server::MaintenanceServer::new(etcd.clone()),
         )
+        .merge(super::gateway::routes(etcd))
 }
 
 /// A REST API error as a gRPC status.
@@ -359,19 +360,7 @@ impl lease_server::Lease for Etcd {
         tokio::spawn(async move {
             while let Some(next) = requests.next().await {
                 let answer = match next {
-                    Ok(k) => match etcd.write(request::Request::LeaseKeepAlive(k)).await {
-                        Ok(response::Response::LeaseKeepAlive(mut r)) => {
-                            etcd.fill(&mut r.header);
-                            Ok(r)
-                        }
-                        Err(e) if e.code() == Code::NotFound => Ok(pb::LeaseKeepAliveResponse {
-                            header: etcd.header(0),
-                            id: k.id,
-                            ttl: 0,
-                        }),
-                        Ok(other) => Err(Etcd::unexpected("keep-alive", other)),
-                        Err(e) => Err(e),
-                    },
+                    Ok(k) => etcd.keep_alive_once(k).await,
                     Err(e) => Err(e),
                 };
                 let failed = answer.is_err();
@@ -428,6 +417,42 @@ impl lease_server::Lease for Etcd {
     }
 }
 
+impl Etcd {
+    /// One keep-alive: a replicated write. A lease that does not exist is
+    /// answered with TTL 0, as etcd does.
+    pub(crate) async fn keep_alive_once(
+        &self,
+        k: pb::LeaseKeepAliveRequest,
+    ) -> Result<pb::LeaseKeepAliveResponse, Status> {
+        match self.write(request::Request::LeaseKeepAlive(k)).await {
+            Ok(response::Response::LeaseKeepAlive(mut r)) => {
+                self.fill(&mut r.header);
+                Ok(r)
+            }
+            Err(e) if e.code() == Code::NotFound => Ok(pb::LeaseKeepAliveResponse {
+                header: self.header(0),
+                id: k.id,
+                ttl: 0,
+            }),
+            Ok(other) => Err(Etcd::unexpected("keep-alive", other)),
+            Err(e) => Err(e),
+        }
+    }
+
+    /// etcd's health: a linearizable read completes, and no alarm is
+    /// raised. The reason when not.
+    pub(crate) async fn health(&self) -> Result<(), String> {
+        let alarms = self
+            .read(false, |sm| alarms_of(sm.etcd(), 0))
+            .await
+            .map_err(|e| e.message().to_string())?;
+        match alarms.first() {
+            None => Ok(()),
+            Some(a) => Err(format!("alarm {} raised", alarm_name(a.alarm))),
+        }
+    }
+}
+
 // ---------- Watch ----------
 
 /// One watcher's settings.
@@ -473,7 +498,18 @@ impl watch_server::Watch for Etcd {
         &self,
         request: Request<Streaming<pb::WatchRequest>>,
     ) -> Result<Response<Self::WatchStream>, Status> {
-        let mut requests = request.into_inner();
+        Ok(Response::new(self.watch_stream(request.into_inner())))
+    }
+}
+
+impl Etcd {
+    /// A watch session: creates, cancels and progress requests in, the
+    /// watchers' responses out; it ends (and its watchers with it) when the
+    /// requests end.
+    pub(crate) fn watch_stream<S>(&self, mut requests: S) -> ResponseStream<pb::WatchResponse>
+    where
+        S: Stream<Item = Result<pb::WatchRequest, Status>> + Send + Unpin + 'static,
+    {
         let (tx, rx) = mpsc::channel::<Result<pb::WatchResponse, Status>>(64);
         let etcd = self.clone();
         tokio::spawn(async move {
@@ -552,7 +588,7 @@ impl watch_server::Watch for Etcd {
                 task.abort();
             }
         });
-        Ok(Response::new(Box::pin(ReceiverStream::new(rx))))
+        Box::pin(ReceiverStream::new(rx))
     }
 }
 
