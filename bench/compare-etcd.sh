@@ -1,13 +1,16 @@
 #!/usr/bin/env bash
 # Same closed-loop put load against a 3-node etcd cluster and a 3-node
 # raftwork cluster, both on loopback with fsync on (each one's default),
-# both loaded through their leader; prints one table side by side.
+# both loaded through their leader by the same client over etcd's v3 API
+# with shared connections (raftwork bench --target etcd --conns); prints
+# that table side by side, then a second one with raftwork's REST API.
 #
 #   bench/compare-etcd.sh                 # 1, 64, 256 clients, 5 s per point
 #   SECONDS_PER_POINT=10 CLIENTS="1 16 256" bench/compare-etcd.sh
 #
 # Settings (environment): SECONDS_PER_POINT (5), WARMUP_MS (1000),
-# CLIENTS ("1 64 256"), VALUE_BYTES (256), KEYS (1000),
+# CLIENTS ("1 64 256"), VALUE_BYTES (256), KEYS (1000), CONNS (shared
+# HTTP/2 connections for the etcd API; default one per ten clients),
 # ETCD_PORT (32379: clients 32379/32381/32383, peers +1),
 # RAFTWORK_PORT (38081: API 38081-38083, peers 38091-38093),
 # KEEP_WORK=1 keeps the temp dir (data and logs).
@@ -145,36 +148,62 @@ log "etcd leader $ETCD_LEADER, raftwork leader $RAFTWORK_LEADER"
 # field NAME LINE: the value of NAME=... in a bench line.
 field() { tr ' ' '\n' <<<"$2" | awk -F= -v k="$1" '$1 == k {print $2}'; }
 
-run_point() { # target leader clients
-    "$RAFTWORK" bench --target "$1" --endpoints "$2" --clients "$3" \
-        --value-bytes "$VALUE_BYTES" --seconds "$SECONDS_PER_POINT" --warmup-ms "$WARMUP_MS" --keys "$KEYS"
+run_point() { # target leader clients [flags]
+    local target=$1 leader=$2 clients=$3
+    shift 3
+    "$RAFTWORK" bench --target "$target" --endpoints "$leader" --clients "$clients" \
+        --value-bytes "$VALUE_BYTES" --seconds "$SECONDS_PER_POINT" --warmup-ms "$WARMUP_MS" \
+        --keys "$KEYS" "$@"
 }
 
+# Shared HTTP/2 connections for the etcd API, as etcd's benchmark tool
+# shares them (its documentation runs 1 connection for 1 client and 100
+# for 1,000): one per ten clients unless CONNS says otherwise.
+conns_for() { if [ -n "${CONNS:-}" ]; then echo "$CONNS"; else echo $(( ($1 + 9) / 10 )); fi; }
+
 ROWS=()
+REST_ROWS=()
 for c in $CLIENTS; do
+    n=$(conns_for "$c")
     # The leader is looked up again before each point, in case it moved.
-    e=$(run_point etcd "$(wait_for etcd etcd_leader)" "$c")
+    # Both over etcd's v3 API (raftwork's API port speaks it), one client
+    # program with the same connections.
+    e=$(run_point etcd "$(wait_for etcd etcd_leader)" "$c" --conns "$n")
     log "$e"
-    r=$(run_point raftwork "$(wait_for raftwork raftwork_leader)" "$c")
+    r=$(run_point etcd "$(wait_for raftwork raftwork_leader)" "$c" --conns "$n")
     log "$r"
     ROWS+=("$c|$e|$r")
+    # raftwork's own REST API, one keep-alive connection per client.
+    rr=$(run_point raftwork "$(wait_for raftwork raftwork_leader)" "$c")
+    log "$rr"
+    REST_ROWS+=("$c|$e|$rr")
 done
 
 ratio() { awk -v a="$1" -v b="$2" 'BEGIN { if (b > 0) printf "%.2f", a / b; else printf "-" }'; }
 ms() { awk -v us="$1" 'BEGIN {printf "%.2f", us / 1000}'; }
+
+table() { # rows...
+    printf '\n| %7s | %5s | %11s | %8s | %8s | %6s | %11s | %8s | %8s | %6s | %14s | %14s |\n' \
+        clients conns "etcd ops/s" "etcd p50" "etcd p99" "errors" "rw ops/s" "rw p50" "rw p99" errors \
+        "ops/s rw/etcd" "p50 rw/etcd"
+    echo "|--------:|------:|------------:|---------:|---------:|-------:|------------:|---------:|---------:|-------:|---------------:|---------------:|"
+    local row c e r eo ro ep rp
+    for row in "$@"; do
+        IFS='|' read -r c e r <<<"$row"
+        eo=$(field ops_per_sec "$e"); ro=$(field ops_per_sec "$r")
+        ep=$(field p50_us "$e"); rp=$(field p50_us "$r")
+        printf '| %7s | %5s | %11.0f | %8s | %8s | %6s | %11.0f | %8s | %8s | %6s | %13s× | %13s× |\n' \
+            "$c" "$(field conns "$e")" "$eo" "$(ms "$ep")" "$(ms "$(field p99_us "$e")")" "$(field errors "$e")" \
+            "$ro" "$(ms "$rp")" "$(ms "$(field p99_us "$r")")" "$(field errors "$r")" \
+            "$(ratio "$ro" "$eo")" "$(ratio "$rp" "$ep")"
+    done
+}
+
 echo
-echo "3 members each on loopback, fsync on, ${VALUE_BYTES} B puts to the leader over $KEYS keys, ${SECONDS_PER_POINT} s per point"
-echo "etcd $ETCD_VERSION (v3 gRPC KV/Put) vs raftwork $("$RAFTWORK" --version | awk '{print $2}') (REST PUT /v1/kv); latencies in ms"
-printf '\n| %7s | %11s | %8s | %8s | %6s | %11s | %8s | %8s | %6s | %14s | %14s |\n' \
-    clients "etcd ops/s" "etcd p50" "etcd p99" "errors" "rw ops/s" "rw p50" "rw p99" errors \
-    "ops/s rw/etcd" "p50 rw/etcd"
-echo "|--------:|------------:|---------:|---------:|-------:|------------:|---------:|---------:|-------:|---------------:|---------------:|"
-for row in "${ROWS[@]}"; do
-    IFS='|' read -r c e r <<<"$row"
-    eo=$(field ops_per_sec "$e"); ro=$(field ops_per_sec "$r")
-    ep=$(field p50_us "$e"); rp=$(field p50_us "$r")
-    printf '| %7s | %11.0f | %8s | %8s | %6s | %11.0f | %8s | %8s | %6s | %13s× | %13s× |\n' \
-        "$c" "$eo" "$(ms "$ep")" "$(ms "$(field p99_us "$e")")" "$(field errors "$e")" \
-        "$ro" "$(ms "$rp")" "$(ms "$(field p99_us "$r")")" "$(field errors "$r")" \
-        "$(ratio "$ro" "$eo")" "$(ratio "$rp" "$ep")"
-done
+echo "3 members each on loopback, fsync on, ${VALUE_BYTES} B puts to the leader over $KEYS keys, ${SECONDS_PER_POINT} s per point; latencies in ms"
+echo
+echo "Both over etcd's v3 gRPC KV/Put, the same client (raftwork bench --target etcd --conns): etcd $ETCD_VERSION vs raftwork $("$RAFTWORK" --version | awk '{print $2}')"
+table "${ROWS[@]}"
+echo
+echo "etcd as above vs raftwork's REST API (PUT /v1/kv, one keep-alive connection per client)"
+table "${REST_ROWS[@]}"

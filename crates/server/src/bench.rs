@@ -9,11 +9,15 @@
 //!   `--sessions`, each client first registers a client session
 //!   (`POST /v1/sessions`) and sends every put in it (session and sequence
 //!   headers), as an exactly-once client does.
-//! * `--target etcd`: etcd's v3 gRPC `/etcdserverpb.KV/Put`, one tonic
-//!   channel (one HTTP/2 connection) per client, with hand-written prost
-//!   messages (no protoc).
+//! * `--target etcd`: etcd's v3 gRPC `/etcdserverpb.KV/Put`, against etcd
+//!   or against raftwork's API port (which speaks it), with hand-written
+//!   prost messages (the answer is decoded as empty). One tonic channel
+//!   (one HTTP/2 connection) per client, or with `--conns N` N shared
+//!   connections, client `i` on connection `i % N`, as etcd's own
+//!   benchmark tool shares them.
 //!
-//! Client `i` talks to endpoint `i % endpoints`.
+//! Client `i` talks to endpoint `i % endpoints` (with `--conns`,
+//! connection `j` to endpoint `j % endpoints`).
 
 use std::process::ExitCode;
 use std::time::{Duration, Instant};
@@ -69,6 +73,10 @@ pub struct BenchArgs {
     /// Send the puts in client sessions, one per client (raftwork only).
     #[arg(long)]
     pub sessions: bool,
+    /// Share this many HTTP/2 connections among the clients (etcd target
+    /// only, as etcd's benchmark tool's `--conns`) [default: one per client].
+    #[arg(long, value_parser = clap::value_parser!(u32).range(1..=100_000))]
+    pub conns: Option<u32>,
 }
 
 fn parse_url(s: &str) -> Result<String, String> {
@@ -280,7 +288,13 @@ async fn http_request(
     }
 }
 
-async fn client(args: BenchArgs, id: u32, measure_from: Instant, end: Instant) -> Tally {
+async fn client(
+    args: BenchArgs,
+    id: u32,
+    shared: Option<Channel>,
+    measure_from: Instant,
+    end: Instant,
+) -> Tally {
     let mut tally = Tally {
         hist: new_hist(),
         errors: 0,
@@ -305,7 +319,11 @@ async fn client(args: BenchArgs, id: u32, measure_from: Instant, end: Instant) -
         let began = Instant::now();
         let result = tokio::time::timeout(timeout, async {
             if conn.is_none() {
-                conn = Some(Conn::open(args.target, url, args.sessions).await?);
+                conn = Some(match &shared {
+                    // A shared channel reconnects by itself.
+                    Some(channel) => Conn::Grpc(tonic::client::Grpc::new(channel.clone())),
+                    None => Conn::open(args.target, url, args.sessions).await?,
+                });
             }
             conn.as_mut()
                 .expect("just opened")
@@ -364,8 +382,37 @@ pub async fn run_load(args: BenchArgs) -> Report {
     let start = Instant::now();
     let measure_from = start + Duration::from_millis(args.warmup_ms);
     let end = measure_from + Duration::from_secs_f64(args.seconds);
+    // Shared connections: opened lazily, each reconnecting on its own.
+    let mut channels = Vec::new();
+    if let (Target::Etcd, Some(conns)) = (args.target, args.conns) {
+        for j in 0..conns as usize {
+            let url = &args.endpoints[j % args.endpoints.len()];
+            match Endpoint::from_shared(url.clone()) {
+                Ok(e) => channels.push(
+                    e.connect_timeout(Duration::from_secs(5))
+                        .tcp_nodelay(true)
+                        .connect_lazy(),
+                ),
+                Err(e) => {
+                    return Report {
+                        ops: 0,
+                        errors: 1,
+                        seconds: args.seconds,
+                        p50_us: 0,
+                        p99_us: 0,
+                        max_us: 0,
+                        first_error: Some(format!("{url}: {e}")),
+                    }
+                }
+            }
+        }
+    }
     let tasks: Vec<_> = (0..args.clients)
-        .map(|id| tokio::spawn(client(args.clone(), id, measure_from, end)))
+        .map(|id| {
+            let shared =
+                (!channels.is_empty()).then(|| channels[id as usize % channels.len()].clone());
+            tokio::spawn(client(args.clone(), id, shared, measure_from, end))
+        })
         .collect();
     let mut hist = new_hist();
     let (mut errors, mut first_error) = (0, None);
@@ -402,6 +449,10 @@ pub fn run(args: BenchArgs) -> ExitCode {
         eprintln!("raftwork: --sessions is for --target raftwork only");
         return ExitCode::from(2);
     }
+    if args.conns.is_some() && args.target != Target::Etcd {
+        eprintln!("raftwork: --conns is for --target etcd only");
+        return ExitCode::from(2);
+    }
     let runtime = match tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()
@@ -417,9 +468,12 @@ pub fn run(args: BenchArgs) -> ExitCode {
         Target::Etcd => "etcd",
     };
     let (clients, value_bytes, sessions) = (args.clients, args.value_bytes, args.sessions);
+    let conns = args
+        .conns
+        .map_or("per-client".to_string(), |c| c.to_string());
     let r = runtime.block_on(run_load(args));
     println!(
-        "target={target} sessions={sessions} clients={clients} value_bytes={value_bytes} seconds={:.2} ops={} \
+        "target={target} sessions={sessions} clients={clients} conns={conns} value_bytes={value_bytes} seconds={:.2} ops={} \
          ops_per_sec={:.1} p50_us={} p99_us={} max_us={} errors={}",
         r.seconds,
         r.ops,

@@ -1,6 +1,7 @@
-//! `raftwork bench --target raftwork` against a real `raftwork serve`
-//! process on ephemeral loopback ports with a temp data dir: puts succeed
-//! over keep-alive connections, no errors.
+//! `raftwork bench` against a real `raftwork serve` process on ephemeral
+//! loopback ports with a temp data dir: puts succeed over keep-alive
+//! connections (REST, plainly and in sessions) and over etcd's gRPC API on
+//! shared connections (`--target etcd --conns`), no errors.
 
 mod common;
 
@@ -13,9 +14,11 @@ use serde_json::Value;
 fn bench_loads_a_real_server() {
     let dir = tempfile::tempdir().unwrap();
     let server = start(dir.path());
-    for sessions in [false, true] {
-        load(&server.url, sessions);
+    for extra in [&[][..], &["--sessions"][..]] {
+        load(&server.url, "raftwork", extra);
     }
+    // raftwork's API port speaks etcd's API: 4 clients on 2 connections.
+    load(&server.url, "etcd", &["--conns", "2"]);
     // --sessions is raftwork's only.
     let out = raftwork()
         .args([
@@ -32,13 +35,14 @@ fn bench_loads_a_real_server() {
     assert_eq!(out.status.code(), Some(2));
 }
 
-/// Four clients for a second, plainly or in client sessions.
-fn load(url: &str, sessions: bool) {
+/// Four clients for a second against `target` with `extra` flags.
+fn load(url: &str, target: &str, extra: &[&str]) {
+    let sessions = extra.contains(&"--sessions");
     let out = raftwork()
-        .args(["bench", "--target", "raftwork", "--endpoints", url])
+        .args(["bench", "--target", target, "--endpoints", url])
         .args(["--clients", "4", "--value-bytes", "64", "--seconds", "1"])
         .args(["--warmup-ms", "200", "--keys", "50"])
-        .args(if sessions { &["--sessions"][..] } else { &[] })
+        .args(extra)
         .stdin(Stdio::null())
         .output()
         .expect("run raftwork bench");
