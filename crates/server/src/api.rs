@@ -179,6 +179,14 @@ impl Caller {
     }
 }
 
+/// Whether `peer` may change membership and move leadership: anyone
+/// without `--admin-identities`, else a client whose certificate names
+/// one of them (the etcd API's check; it has no forwarded requests).
+pub(crate) fn is_admin(state: &AppState, peer: Option<&ApiPeer>) -> bool {
+    let admins = &state.config.admin_identities;
+    admins.is_empty() || peer.is_some_and(|p| admins.iter().any(|a| p.is(a)))
+}
+
 /// Membership changes and leadership transfers: with `--admin-identities`,
 /// only a client whose certificate names one of them, or a member
 /// forwarding a request it already checked.

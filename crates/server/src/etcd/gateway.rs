@@ -135,8 +135,14 @@ fn parse<T: DeserializeOwned + Default>(body: &Bytes) -> Result<T, Status> {
     serde_json::from_slice(body).map_err(|e| Status::invalid_argument(e.to_string()))
 }
 
-/// Parses the body, runs the call, answers its JSON.
-async fn call<Req, Resp, F, Fut>(etcd: Etcd, body: Bytes, f: F) -> Response
+/// Parses the body, runs the call (with the HTTP request's extensions,
+/// the caller's certificate among them), answers its JSON.
+async fn call<Req, Resp, F, Fut>(
+    etcd: Etcd,
+    extensions: axum::http::Extensions,
+    body: Bytes,
+    f: F,
+) -> Response
 where
     Req: DeserializeOwned + Default,
     Resp: Serialize,
@@ -147,7 +153,9 @@ where
         Ok(r) => r,
         Err(e) => return error_response(&e),
     };
-    match f(etcd, tonic::Request::new(request)).await {
+    let request =
+        tonic::Request::from_parts(tonic::metadata::MetadataMap::new(), extensions, request);
+    match f(etcd, request).await {
         Ok(r) => json_response(r.get_ref()),
         Err(e) => error_response(&e),
     }
@@ -155,10 +163,17 @@ where
 
 macro_rules! unary {
     ($name:ident, $trait:ident, $method:ident, $req:ty) => {
-        async fn $name(State(etcd): State<Etcd>, body: Bytes) -> Response {
-            call(etcd, body, |e: Etcd, r: tonic::Request<$req>| async move {
-                $trait::$method(&e, r).await
-            })
+        async fn $name(
+            State(etcd): State<Etcd>,
+            parts: axum::http::request::Parts,
+            body: Bytes,
+        ) -> Response {
+            call(
+                etcd,
+                parts.extensions,
+                body,
+                |e: Etcd, r: tonic::Request<$req>| async move { $trait::$method(&e, r).await },
+            )
             .await
         }
     };

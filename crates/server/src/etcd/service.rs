@@ -815,6 +815,23 @@ impl Etcd {
         Ok(members)
     }
 
+    /// With `--admin-identities`, membership changes and leadership moves
+    /// need a client certificate naming an admin, as on the REST API.
+    fn admin_only<T>(&self, request: &Request<T>) -> Result<(), Status> {
+        let peer = request
+            .extensions()
+            .get::<axum::extract::ConnectInfo<crate::listener::ApiPeer>>()
+            .map(|c| &c.0);
+        if api::is_admin(&self.state, peer) {
+            Ok(())
+        } else {
+            Err(Status::permission_denied(
+                "etcdserver: permission denied (this needs a client certificate naming an \
+                 admin identity: --admin-identities)",
+            ))
+        }
+    }
+
     async fn leader_only(&self) -> Result<(), Status> {
         if self.state.node.leader() != Some(self.state.node.id()) {
             return Err(Status::failed_precondition("etcdserver: not leader"));
@@ -839,6 +856,7 @@ impl cluster_server::Cluster for Etcd {
         &self,
         request: Request<pb::MemberRemoveRequest>,
     ) -> Result<Response<pb::MemberRemoveResponse>, Status> {
+        self.admin_only(&request)?;
         let id = request.into_inner().id;
         if !self.members().await?.iter().any(|m| m.id == id) {
             return Err(Status::not_found("etcdserver: member not found"));
@@ -878,6 +896,7 @@ impl cluster_server::Cluster for Etcd {
         &self,
         request: Request<pb::MemberPromoteRequest>,
     ) -> Result<Response<pb::MemberPromoteResponse>, Status> {
+        self.admin_only(&request)?;
         let id = request.into_inner().id;
         match self.members().await?.iter().find(|m| m.id == id) {
             None => return Err(Status::not_found("etcdserver: member not found")),
@@ -1070,6 +1089,7 @@ impl maintenance_server::Maintenance for Etcd {
         &self,
         request: Request<pb::MoveLeaderRequest>,
     ) -> Result<Response<pb::MoveLeaderResponse>, Status> {
+        self.admin_only(&request)?;
         self.leader_only().await?;
         let to = request.into_inner().target_id;
         if !self.members().await?.iter().any(|m| m.id == to) {
