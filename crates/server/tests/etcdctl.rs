@@ -978,22 +978,38 @@ fn the_json_gateway_answers_as_etcds() {
     assert_eq!(got.len(), want.len(), "{got:#?}\n{want:#?}");
 }
 
-/// Hashes agree across members, `move-leader` moves leadership to the
-/// member named, and `member remove` removes one, leaving a working
-/// cluster: on etcd and on raftwork alike.
+/// Hashes agree across members (after a lease expired: every member
+/// deleted its key at the same revision), `move-leader` moves leadership
+/// to the member named, and `member remove` removes one, leaving a
+/// working cluster: on etcd and on raftwork alike.
 fn hashkv_move_leader_and_remove(t: &dyn Target) {
     let hostport = |i: usize| t.endpoint(i).trim_start_matches("http://").to_string();
     let all = (0..3).map(hostport).collect::<Vec<_>>().join(",");
+    // A key on a 2 s lease, left to expire: every member must delete it at
+    // the same revision (the hash covers every version, deletions too).
+    let (ok, out, err) = etcdctl(&t.endpoints(), &["lease", "grant", "2"], None);
+    assert!(ok, "{err}");
+    let lease = out.split_whitespace().nth(1).unwrap().to_string();
+    let (ok, _, err) = etcdctl(
+        &t.endpoints(),
+        &["put", "h/leased", "v", &format!("--lease={lease}")],
+        None,
+    );
+    assert!(ok, "{err}");
     for i in 0..5 {
         put_until_done(&t.endpoints(), &format!("h/{i}"), "v");
     }
-    // Every member applied the puts once a linearizable read on each saw
-    // the last one; then their hashes at the current revision agree.
+    // Every member applied the puts and the expiry once a linearizable
+    // read on each saw them; then their hashes at the current revision
+    // agree.
     for i in 0..3 {
-        wait_for("the last put everywhere", || {
-            etcdctl(&hostport(i), &["get", "h/4"], None)
-                .1
-                .contains("h/4")
+        wait_for("the last put and the expiry everywhere", || {
+            let (_, out, _) = etcdctl(
+                &hostport(i),
+                &["get", "h/", "--prefix", "--keys-only"],
+                None,
+            );
+            out.contains("h/4") && !out.contains("h/leased")
         });
     }
     let (ok, out, err) = etcdctl(&all, &["endpoint", "hashkv"], None);
