@@ -556,6 +556,13 @@ impl Mvcc {
         } else {
             req.revision
         };
+        self.check_readable(at)?;
+        Ok(self.read_at(req, at))
+    }
+
+    /// Whether revision `at` can be read: from the compacted revision to
+    /// the current one.
+    fn check_readable(&self, at: i64) -> Result<(), MvccError> {
         if at > self.current {
             return Err(MvccError::FutureRevision {
                 current: self.current,
@@ -566,7 +573,7 @@ impl Mvcc {
                 compacted: self.compacted,
             });
         }
-        Ok(self.read_at(req, at))
+        Ok(())
     }
 
     /// Applies a write transaction: every op in order, sharing one main
@@ -996,16 +1003,7 @@ impl Mvcc {
     /// since. `at` must be readable (from the compacted revision to the
     /// current one).
     pub fn hash_at(&self, at: i64) -> Result<u64, MvccError> {
-        if at > self.current {
-            return Err(MvccError::FutureRevision {
-                current: self.current,
-            });
-        }
-        if at < self.compacted {
-            return Err(MvccError::Compacted {
-                compacted: self.compacted,
-            });
-        }
+        self.check_readable(at)?;
         Ok(self.hash_upto(at))
     }
 

@@ -53,7 +53,8 @@ pub fn error(code: Code, message: impl Into<String>) -> Error {
     }
 }
 
-fn mvcc_error(e: MvccError) -> Error {
+/// A key space error as etcd answers it.
+pub(crate) fn mvcc_error(e: MvccError) -> Error {
     match e {
         MvccError::Compacted { .. } => error(
             Code::OutOfRange,
@@ -222,27 +223,15 @@ pub fn apply(mvcc: &mut Mvcc, st: &mut EtcdState, req: &Request, now_ms: u64) ->
                 })
             })
             .map_err(mvcc_error),
-        Some(request::Request::LeaseGrant(g)) => {
-            if st
-                .alarms
-                .iter()
-                .any(|a| a.1 == pb::AlarmType::Nospace as i32)
-            {
-                Err(no_space())
-            } else {
-                st.leases
-                    .grant(g.id, g.ttl, now_ms)
-                    .map(|(id, ttl)| {
-                        response::Response::LeaseGrant(pb::LeaseGrantResponse {
-                            header: header(mvcc.revision()),
-                            id,
-                            ttl,
-                            error: String::new(),
-                        })
-                    })
-                    .map_err(lease_error)
-            }
-        }
+        Some(request::Request::LeaseGrant(g)) => has_space(st).and_then(|()| {
+            let (id, ttl) = st.leases.grant(g.id, g.ttl, now_ms).map_err(lease_error)?;
+            Ok(response::Response::LeaseGrant(pb::LeaseGrantResponse {
+                header: header(mvcc.revision()),
+                id,
+                ttl,
+                error: String::new(),
+            }))
+        }),
         Some(request::Request::LeaseRevoke(r)) => revoke(mvcc, st, r.id).map(|()| {
             response::Response::LeaseRevoke(pb::LeaseRevokeResponse {
                 header: header(mvcc.revision()),
@@ -320,11 +309,7 @@ fn resolve_put(mvcc: &Mvcc, st: &EtcdState, p: &pb::PutRequest) -> Result<(Bytes
 }
 
 fn has_space(st: &EtcdState) -> Result<(), Error> {
-    if st
-        .alarms
-        .iter()
-        .any(|a| a.1 == pb::AlarmType::Nospace as i32)
-    {
+    if st.no_space() {
         Err(no_space())
     } else {
         Ok(())

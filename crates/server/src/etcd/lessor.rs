@@ -16,7 +16,7 @@
 //! Every member also watches its key space's size against its quota
 //! ([`spawn_quota`]), as etcd does.
 
-use std::time::{Duration, SystemTime, UNIX_EPOCH};
+use std::time::Duration;
 
 use raftwork::Node;
 
@@ -60,11 +60,7 @@ pub fn spawn(node: Node<KvStore>) -> tokio::task::JoinHandle<()> {
             else {
                 continue;
             };
-            let now_ms = SystemTime::now()
-                .duration_since(UNIX_EPOCH)
-                .map(|d| d.as_millis() as u64)
-                .unwrap_or(0);
-            if due.is_some_and(|d| d <= now_ms) {
+            if due.is_some_and(|d| d <= super::wall_clock_ms()) {
                 let expire = propose(request::Request::LeaseExpire(LeaseExpire {}));
                 if let Err(e) = node.propose(expire).await {
                     tracing::debug!(error = %e, "lease expiry failed");

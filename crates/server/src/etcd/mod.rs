@@ -27,3 +27,14 @@ pub mod apply;
 pub mod gateway;
 pub mod lessor;
 pub mod service;
+
+/// This node's wall clock, in milliseconds since the Unix epoch (0 if it is
+/// set before 1970). Only for what is local: the leader's choice of when
+/// to propose an expiry, a time-to-live shown to a client. Replicated
+/// decisions use log time (`Command::log_time_ms`).
+pub(crate) fn wall_clock_ms() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_millis() as u64)
+        .unwrap_or(0)
+}

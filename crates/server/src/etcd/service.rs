@@ -28,7 +28,7 @@
 
 use std::pin::Pin;
 use std::sync::atomic::{AtomicI64, Ordering};
-use std::time::{Duration, SystemTime, UNIX_EPOCH};
+use std::time::Duration;
 
 use axum::http::{HeaderMap, StatusCode};
 use bytes::Bytes;
@@ -114,28 +114,12 @@ fn status_of(e: ApiError) -> Status {
 }
 
 fn mvcc_status(e: MvccError) -> Status {
-    match e {
-        MvccError::Compacted { .. } => {
-            Status::out_of_range("etcdserver: mvcc: required revision has been compacted")
-        }
-        MvccError::FutureRevision { .. } => {
-            Status::out_of_range("etcdserver: mvcc: required revision is a future revision")
-        }
-        MvccError::DuplicateKey => {
-            Status::invalid_argument("etcdserver: duplicate key given in txn request")
-        }
-    }
+    let e = apply::mvcc_error(e);
+    Status::new(Code::from(e.code), e.message)
 }
 
 fn empty_key() -> Status {
     Status::invalid_argument("etcdserver: key is not provided")
-}
-
-fn now_ms() -> u64 {
-    SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .map(|d| d.as_millis() as u64)
-        .unwrap_or(0)
 }
 
 impl Etcd {
@@ -377,7 +361,7 @@ impl lease_server::Lease for Etcd {
         request: Request<pb::LeaseTimeToLiveRequest>,
     ) -> Result<Response<pb::LeaseTimeToLiveResponse>, Status> {
         let r = request.into_inner();
-        let now = now_ms();
+        let now = super::wall_clock_ms();
         let id = r.id;
         let (status, revision) = self
             .read(false, move |sm| {
