@@ -14,8 +14,10 @@
 //! | `GET /v1/status` | 200 JSON (see [`StatusBody`]) |
 //! | `GET /cluster/nodes` | 200 `{"leader": name, "nodes": [{"id", "name", "role", "peer_addr", "api_url"}]}` |
 //! | `POST /cluster/members` `{"name", "peer_addr", "api_url", "learner"}` | 200 `{"id", "name", "voters", "learners"}` |
+//! | `POST /cluster/members` `{"peer_addr", "learner"}` (no name) | 200 `{"id", "peer_addr", "learner", "pending": true}`: a pending slot for whoever joins at that address ([`crate::members`]) |
 //! | `POST /cluster/members/{name}/promote` | 200 as above |
 //! | `DELETE /cluster/members/{name}` | 200 as above |
+//! | `PUT /cluster/members/{name}` `{"peer_addr"}` | 200 the member's new record `{"name", "id", "peer_addr", "api_url"}` |
 //! | `POST /cluster/transfer-leader` `{"to": name}` | 200 `{"leader", "id"}` |
 //! | `POST /v1/sessions` | 200 `{"session": "<id>-<secret>"}` (the token) |
 //! | `DELETE /v1/sessions/{token}` | 200 `{"closed": true}`, 410 if not live |
@@ -139,6 +141,9 @@ pub struct ApiConfig {
     /// Certificate identities (DNS names) allowed to change membership and
     /// move leadership (`--admin-identities`); empty: anyone.
     pub admin_identities: Vec<String>,
+    /// Peer TLS binds certificates to member names: a member added by its
+    /// peer address alone could not be checked, so such adds are refused.
+    pub peer_names_checked: bool,
 }
 
 /// The caller of a request, as the API listener saw it (`None` when the
@@ -234,7 +239,7 @@ pub fn router(node: Node<KvStore>, config: ApiConfig) -> Router {
         .route("/cluster/members", axum::routing::post(add_member))
         .route(
             "/cluster/members/{name}",
-            axum::routing::delete(remove_member),
+            axum::routing::delete(remove_member).put(update_member),
         )
         .route(
             "/cluster/members/{name}/promote",
@@ -1411,11 +1416,25 @@ async fn cluster_nodes(State(state): State<Shared>) -> ApiResult<Json<NodesBody>
 #[derive(Debug, serde::Deserialize)]
 #[serde(deny_unknown_fields)]
 struct AddMember {
-    name: String,
+    /// Absent: a pending slot for whoever joins at `peer_addr` (see
+    /// [`crate::members`], "Members added by peer address").
+    #[serde(default)]
+    name: Option<String>,
     peer_addr: String,
-    api_url: String,
+    /// Required with a name.
+    #[serde(default)]
+    api_url: Option<String>,
     #[serde(default)]
     learner: bool,
+}
+
+/// Answer of `POST /cluster/members` without a name.
+#[derive(Debug, Serialize, serde::Deserialize)]
+pub(crate) struct PendingBody {
+    pub(crate) id: u64,
+    pub(crate) peer_addr: String,
+    pub(crate) learner: bool,
+    pub(crate) pending: bool,
 }
 
 /// Body of `POST /cluster/transfer-leader`.
@@ -1520,7 +1539,8 @@ where
 }
 
 /// `POST /cluster/members`: publishes the new member's record, then adds
-/// it (learner or voter) with the record as the change's context.
+/// it (learner or voter) with the record as the change's context. Without
+/// a name, reserves a pending slot at the peer address instead.
 async fn add_member(
     State(state): State<Shared>,
     caller: Caller,
@@ -1532,12 +1552,26 @@ async fn add_member(
     authorize_admin(&state, &caller, &headers)?;
     let raw = read_value(&headers, body).await?;
     let req: AddMember = json_of(&raw)?;
-    let id = member_id(&state.config.token, &req.name);
+    let Some(name) = req.name else {
+        if req.api_url.is_some() {
+            return Err(ApiError::bad_request(
+                "api_url comes with a name: a member added by peer address alone publishes \
+                 its own",
+            ));
+        }
+        let slot = add_pending(&state, &headers, req.peer_addr, req.learner).await?;
+        return Ok(Json(slot).into_response());
+    };
+    let api_url = req
+        .api_url
+        .ok_or_else(|| ApiError::bad_request("a member added by name needs its api_url"))?;
+    let id = member_id(&state.config.token, &name);
     let info = MemberInfo {
-        name: req.name.clone(),
+        name: name.clone(),
         id,
         peer_addr: req.peer_addr.clone(),
-        api_url: req.api_url.clone(),
+        api_url,
+        moved: false,
     };
     // The same checks as a record a member sends about itself.
     crate::members::check_record(&state.config.token, &info).map_err(ApiError::bad_request)?;
@@ -1546,7 +1580,7 @@ async fn add_member(
     }
     let s = state.node.status().await.ok_or_else(shutting_down)?;
     if s.voters.contains(&id) || s.learners.contains(&id) {
-        return Err(conflict(format!("{:?} is already a member", req.name)));
+        return Err(conflict(format!("{name:?} is already a member")));
     }
     let record = serde_json::to_vec(&info).expect("serializable");
     state
@@ -1577,6 +1611,187 @@ async fn add_member(
     .await?;
     tracing::info!(name = %info.name, id, learner, "member added");
     Ok(membership_body(id, &info.name, cs))
+}
+
+/// The nameless form of `POST /cluster/members`: a pending slot that the
+/// member joining at `peer_addr` takes (see [`crate::members`]). Runs on
+/// the leader (forwarded there from a follower).
+pub(crate) async fn add_pending(
+    state: &AppState,
+    headers: &HeaderMap,
+    peer_addr: String,
+    learner: bool,
+) -> ApiResult<PendingBody> {
+    crate::cluster::parse_host_port(&peer_addr).map_err(ApiError::bad_request)?;
+    if state.config.peer_names_checked {
+        return Err(conflict(
+            "peer TLS binds certificates to member names, and a member added by its peer \
+             address alone has none yet: add it by name (raftwork member add)",
+        ));
+    }
+    if let Some(url) = route(state, headers).await? {
+        let body = serde_json::json!({"peer_addr": peer_addr, "learner": learner});
+        return forward_json(state, &url, "POST", "/cluster/members", &body).await;
+    }
+    peer_addr_free(state, &peer_addr, None).await?;
+    let slot = crate::members::Pending {
+        id: crate::members::pending_id(&state.config.token, &peer_addr),
+        peer_addr: peer_addr.clone(),
+        learner,
+    };
+    propose(
+        state,
+        KvCommand::Put {
+            key: crate::members::pending_key(&peer_addr),
+            value: serde_json::to_vec(&slot).expect("serializable"),
+        },
+    )
+    .await?;
+    state.config.members.refresh(&state.node).await;
+    tracing::info!(peer_addr = %peer_addr, id = slot.id, learner, "member added by peer address");
+    Ok(PendingBody {
+        id: slot.id,
+        peer_addr,
+        learner,
+        pending: true,
+    })
+}
+
+/// On the leader: drops the pending slot at `peer_addr` (a member added
+/// and never started, removed).
+pub(crate) async fn drop_pending(state: &AppState, peer_addr: &str) -> ApiResult<()> {
+    propose(
+        state,
+        KvCommand::Delete {
+            key: crate::members::pending_key(peer_addr),
+        },
+    )
+    .await?;
+    tracing::info!(peer_addr = %peer_addr, "pending member removed");
+    Ok(())
+}
+
+/// 409 unless `peer_addr` is free: no member (but `except`) and no pending
+/// slot has it.
+async fn peer_addr_free(state: &AppState, peer_addr: &str, except: Option<u64>) -> ApiResult<()> {
+    let members = &state.config.members;
+    members.refresh(&state.node).await;
+    if members
+        .all()
+        .values()
+        .any(|m| m.peer_addr == peer_addr && Some(m.id) != except)
+        || members.pending().contains_key(peer_addr)
+    {
+        return Err(conflict(format!(
+            "a member already has the peer address {peer_addr}"
+        )));
+    }
+    Ok(())
+}
+
+/// Body of `PUT /cluster/members/{name}`.
+#[derive(Debug, serde::Deserialize)]
+#[serde(deny_unknown_fields)]
+struct UpdateMember {
+    peer_addr: String,
+}
+
+/// `PUT /cluster/members/{name}` with `{"peer_addr"}`.
+async fn update_member(
+    State(state): State<Shared>,
+    caller: Caller,
+    axum::extract::Path(name): axum::extract::Path<String>,
+    uri: Uri,
+    headers: HeaderMap,
+    body: Body,
+) -> ApiResult<Response> {
+    Params::parse(&uri, &[])?;
+    authorize_admin(&state, &caller, &headers)?;
+    let raw = read_value(&headers, body).await?;
+    let req: UpdateMember = json_of(&raw)?;
+    Ok(Json(update_peer_addr(&state, &headers, &name, req.peer_addr).await?).into_response())
+}
+
+/// Moves member `name`'s peer address in its record (etcd's
+/// `MemberUpdate`): every node dials it there from then on, and the member
+/// itself follows the record (see [`crate::members`]) until it is restarted
+/// at the new address. Runs on the leader.
+pub(crate) async fn update_peer_addr(
+    state: &AppState,
+    headers: &HeaderMap,
+    name: &str,
+    peer_addr: String,
+) -> ApiResult<MemberInfo> {
+    crate::cluster::parse_host_port(&peer_addr).map_err(ApiError::bad_request)?;
+    if let Some(url) = route(state, headers).await? {
+        let body = serde_json::json!({"peer_addr": peer_addr});
+        let path = format!("/cluster/members/{name}");
+        return forward_json(state, &url, "PUT", &path, &body).await;
+    }
+    let (id, _) = member_of(state, name).await?;
+    peer_addr_free(state, &peer_addr, Some(id)).await?;
+    let mut record = state.config.members.get(id).ok_or_else(|| {
+        conflict(format!(
+            "{name:?} has not published its record yet; retry once it has"
+        ))
+    })?;
+    record.peer_addr = peer_addr;
+    record.moved = true;
+    propose(
+        state,
+        KvCommand::Put {
+            key: member_key(name),
+            value: serde_json::to_vec(&record).expect("serializable"),
+        },
+    )
+    .await?;
+    if id != state.node.id() {
+        state
+            .node
+            .set_peer_address(id, record.peer_addr.clone())
+            .await
+            .map_err(|e| ApiError::bad_request(e.to_string()))?;
+    }
+    state.config.members.refresh(&state.node).await;
+    tracing::info!(name = %name, id, peer_addr = %record.peer_addr, "member's peer address updated");
+    Ok(record)
+}
+
+/// Sends a membership request to the leader at `url` and parses its JSON
+/// answer; an error answer keeps its status and message.
+async fn forward_json<T: serde::de::DeserializeOwned>(
+    state: &AppState,
+    url: &str,
+    method: &str,
+    path: &str,
+    body: &serde_json::Value,
+) -> ApiResult<T> {
+    let body = serde_json::to_vec(body).expect("serializable");
+    let timeout = state.config.request_timeout;
+    let r = state
+        .config
+        .http
+        .request(url, method, path, Some("application/json"), &body, timeout)
+        .await
+        .map_err(|e| {
+            ApiError::unavailable(format!(
+                "forwarding to the leader failed ({e}); the change may or may not be applied"
+            ))
+        })?;
+    let status = StatusCode::from_u16(r.status).unwrap_or(StatusCode::INTERNAL_SERVER_ERROR);
+    if status.is_success() {
+        return serde_json::from_slice(&r.body).map_err(|e| {
+            ApiError::new(
+                StatusCode::BAD_GATEWAY,
+                format!("the leader's answer is malformed: {e}"),
+            )
+        });
+    }
+    let message = serde_json::from_slice::<serde_json::Value>(&r.body)
+        .ok()
+        .and_then(|v| v["error"].as_str().map(str::to_string))
+        .unwrap_or_else(|| String::from_utf8_lossy(&r.body).into_owned());
+    Err(ApiError::new(status, message))
 }
 
 /// `POST /cluster/members/{name}/promote`.
@@ -1615,20 +1830,35 @@ async fn remove_member(
         return forward_to(&state, &url, "DELETE", &uri, None, b"").await;
     }
     let (id, _) = member_of(&state, &name).await?;
-    let cs = change_membership(&state, || state.node.remove_node(id)).await?;
-    tracing::info!(name = %name, id, "member removed");
-    // Best effort: a leader that removed itself no longer leads.
-    if let Err(e) = propose(
-        &state,
-        KvCommand::Delete {
-            key: member_key(&name),
-        },
-    )
-    .await
-    {
-        tracing::warn!(name = %name, error = %e.message, "the removed member's record stays");
-    }
+    let cs = remove_here(&state, id, Some(&name)).await?;
     Ok(membership_body(id, &name, cs))
+}
+
+/// On the leader: removes member `id`, then its record (named `name`) and
+/// the aliases of its id (see [`crate::members`]).
+pub(crate) async fn remove_here(
+    state: &AppState,
+    id: u64,
+    name: Option<&str>,
+) -> ApiResult<ConfState> {
+    let cs = change_membership(state, || state.node.remove_node(id)).await?;
+    tracing::info!(name = ?name, id, "member removed");
+    let keys = name.map(member_key).into_iter().chain(
+        state
+            .config
+            .members
+            .aliases_of(id)
+            .into_iter()
+            .map(crate::members::alias_key),
+    );
+    for key in keys {
+        // Best effort: a leader that removed itself no longer leads.
+        if let Err(e) = propose(state, KvCommand::Delete { key }).await {
+            tracing::warn!(name = ?name, id, error = %e.message,
+                "the removed member's record or alias stays");
+        }
+    }
+    Ok(cs)
 }
 
 /// `POST /cluster/transfer-leader` with `{"to": name}`.

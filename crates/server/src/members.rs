@@ -30,6 +30,40 @@
 //!   next poll.
 //! * The public API refuses writes to keys under [`RESERVED_PREFIX`]
 //!   (`"\0raftwork/"`) and hides them from listings.
+//!
+//! # Members added by peer address (etcd's `MemberAdd`)
+//! etcd's `MemberAdd` carries only peer URLs, and raftwork ids derive from
+//! names, so such an add cannot name the Raft id yet. It reserves a
+//! **pending slot** instead: `"\0raftwork/pending/" ++ peer address` holds
+//! [`Pending`] `{"id", "peer_addr", "learner"}`, where `id` is
+//! [`pending_id`] (derived from the token and the peer address, so every
+//! node computes the same one; etcd lists the slot as an unstarted member
+//! under it). The new member is then started with
+//! `--initial-cluster-state existing` and that advertised peer address.
+//! Knowing no leader, it **introduces itself**: it sends its record in a
+//! note to every member of its `--initial-cluster`. The leader adopts the
+//! slot when the sender's record is valid, about the sender, not a member
+//! yet, and advertises exactly the slot's peer address: it writes the
+//! record, adds the sender (learner or voter, as the slot says) and
+//! deletes the slot. A record from a node that is not a member is written
+//! only then, so a removed member cannot publish itself back.
+//!
+//! The member's real id (from its name) then replaces the slot's. The
+//! etcd API still accepts the slot's id for that member, as etcdctl prints
+//! it at the add: the leader keeps an **alias**,
+//! `"\0raftwork/alias/" ++ slot id` (decimal) holding the member's id
+//! (decimal), until the member is removed ([`Members::resolve`]).
+//! With peer TLS bound to names the introduction cannot be checked (the
+//! slot has no name), so `MemberAdd` is refused there: add members with
+//! `raftwork member add`, which names them.
+//!
+//! A member publishes its record when it is missing or differs from what
+//! the member advertises, with two exceptions. A record whose peer address
+//! an operator moved (etcd's `MemberUpdate`, `moved` set) is followed, not
+//! undone, while the member advertises another address: it is expected to
+//! be restarted at the new one, and then publishes itself (clearing
+//! `moved`). And once its record agreed with it in this process, a member
+//! does not publish a missing record again: it was removed.
 
 use std::collections::BTreeMap;
 use std::sync::{Arc, RwLock};
@@ -44,6 +78,10 @@ use crate::kv::{KvCommand, KvStore};
 pub const RESERVED_PREFIX: &[u8] = b"\0raftwork/";
 /// Member records live under this prefix, one key per member name.
 pub const MEMBER_PREFIX: &[u8] = b"\0raftwork/member/";
+/// Pending slots of members added by peer address, one key per address.
+pub const PENDING_PREFIX: &[u8] = b"\0raftwork/pending/";
+/// Aliases: the slot id a member was added under, to its id.
+pub const ALIAS_PREFIX: &[u8] = b"\0raftwork/alias/";
 /// How often each node refreshes its view of the records.
 pub const SYNC_INTERVAL: Duration = Duration::from_millis(200);
 
@@ -58,6 +96,11 @@ pub struct MemberInfo {
     pub peer_addr: String,
     /// Its API, `http://host:port`.
     pub api_url: String,
+    /// The peer address was set by an operator (etcd's `MemberUpdate`), not
+    /// advertised by the member: the member follows it rather than publish
+    /// its own, until it is restarted there (see the module header).
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub moved: bool,
 }
 
 /// The KV key of `name`'s record.
@@ -65,6 +108,63 @@ pub fn member_key(name: &str) -> Vec<u8> {
     let mut k = MEMBER_PREFIX.to_vec();
     k.extend_from_slice(name.as_bytes());
     k
+}
+
+/// A place reserved for a member added by its peer address (see the module
+/// header), replicated under [`pending_key`].
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Pending {
+    /// [`pending_id`] of the address.
+    pub id: u64,
+    /// The peer address the new member will advertise (host:port).
+    pub peer_addr: String,
+    /// Added as a learner (else as a voter).
+    pub learner: bool,
+}
+
+/// The KV key of the pending slot for `peer_addr`.
+pub fn pending_key(peer_addr: &str) -> Vec<u8> {
+    let mut k = PENDING_PREFIX.to_vec();
+    k.extend_from_slice(peer_addr.as_bytes());
+    k
+}
+
+/// The KV key of the alias of slot id `slot_id`.
+pub fn alias_key(slot_id: u64) -> Vec<u8> {
+    let mut k = ALIAS_PREFIX.to_vec();
+    k.extend_from_slice(slot_id.to_string().as_bytes());
+    k
+}
+
+/// The aliases in `kv`: slot id to member id.
+pub fn aliases(kv: &KvStore) -> BTreeMap<u64, u64> {
+    kv.list(ALIAS_PREFIX, usize::MAX)
+        .into_iter()
+        .filter_map(|(k, v)| {
+            let slot = std::str::from_utf8(&k[ALIAS_PREFIX.len()..])
+                .ok()?
+                .parse()
+                .ok()?;
+            let id = std::str::from_utf8(&v).ok()?.parse().ok()?;
+            Some((slot, id))
+        })
+        .collect()
+}
+
+/// The id etcd's API shows for a member added by `peer_addr` until it
+/// joins (and accepts for it afterwards, through an alias). Names cannot
+/// hold a `/`, so the hashed input is never a name.
+pub fn pending_id(token: &str, peer_addr: &str) -> u64 {
+    crate::cluster::member_id(token, &format!("pending/{peer_addr}"))
+}
+
+/// The pending slots in `kv`, by peer address.
+pub fn pending(kv: &KvStore) -> BTreeMap<String, Pending> {
+    kv.list(PENDING_PREFIX, usize::MAX)
+        .into_iter()
+        .filter_map(|(_, v)| serde_json::from_slice::<Pending>(&v).ok())
+        .map(|p| (p.peer_addr.clone(), p))
+        .collect()
 }
 
 /// The records in `kv`, by id (records that do not parse are skipped).
@@ -80,6 +180,8 @@ pub fn records(kv: &KvStore) -> BTreeMap<u64, MemberInfo> {
 #[derive(Debug, Default)]
 pub struct Members {
     by_id: RwLock<BTreeMap<u64, MemberInfo>>,
+    pending: RwLock<BTreeMap<String, Pending>>,
+    aliases: RwLock<BTreeMap<u64, u64>>,
 }
 
 impl Members {
@@ -108,27 +210,61 @@ impl Members {
         self.by_id.read().unwrap().clone()
     }
 
-    /// Rereads the records from the local state machine.
+    /// Every pending slot, by peer address.
+    pub fn pending(&self) -> BTreeMap<String, Pending> {
+        self.pending.read().unwrap().clone()
+    }
+
+    /// The member an id given by a client means: `id` itself, or the member
+    /// that joined through the pending slot whose id `id` is (see the module
+    /// header).
+    pub fn resolve(&self, id: u64) -> u64 {
+        self.aliases.read().unwrap().get(&id).copied().unwrap_or(id)
+    }
+
+    /// The slot ids that alias member `id`.
+    pub fn aliases_of(&self, id: u64) -> Vec<u64> {
+        let aliases = self.aliases.read().unwrap();
+        aliases
+            .iter()
+            .filter(|(_, &m)| m == id)
+            .map(|(&s, _)| s)
+            .collect()
+    }
+
+    /// Rereads the records and pending slots from the local state machine.
     pub async fn refresh(&self, node: &Node<KvStore>) -> Option<BTreeMap<u64, MemberInfo>> {
-        let now = node.read_stale(records).await.ok()?;
+        let (now, slots, aliases) = node
+            .read_stale(|kv: &KvStore| (records(kv), pending(kv), aliases(kv)))
+            .await
+            .ok()?;
         *self.by_id.write().unwrap() = now.clone();
+        *self.pending.write().unwrap() = slots;
+        *self.aliases.write().unwrap() = aliases;
         Some(now)
     }
 }
 
-/// Starts the sync loop of the module header for this node (`me`). It ends
-/// when the node stops.
+/// Starts the sync loop of the module header for this node (`me`).
+/// `introduce_to` are the members this node tells about itself while it
+/// knows no leader and is not a member (a node joining an existing
+/// cluster: its `--initial-cluster` peers). It ends when the node stops.
 pub fn spawn_sync(
     node: Node<KvStore>,
     members: Arc<Members>,
     me: MemberInfo,
     token: String,
+    introduce_to: Vec<u64>,
 ) -> tokio::task::JoinHandle<()> {
     let events = tokio::spawn(follow_events(node.clone(), me.id, token));
     tokio::spawn(async move {
         let _events = AbortOnDrop(events);
         let mut peers: BTreeMap<u64, String> = BTreeMap::new();
         let mut last_error = String::new();
+        // Once the record agreed with this member, the record wins (see the
+        // module header): an operator may have moved its peer address.
+        let mut agreed = false;
+        let mut told_of_update = false;
         loop {
             if node.is_stopped() {
                 return;
@@ -148,11 +284,24 @@ pub fn spawn_sync(
                     }
                 }
             }
-            if now.get(&me.id) != Some(&me) {
-                if let Err(e) = publish(&node, &me).await {
-                    if e != last_error {
-                        tracing::debug!(error = %e, "member record not published yet");
-                        last_error = e;
+            match now.get(&me.id) {
+                Some(r) if *r == me => agreed = true,
+                Some(r) if r.moved && r.peer_addr != me.peer_addr => {
+                    agreed = true;
+                    if !told_of_update {
+                        tracing::warn!(advertised = %me.peer_addr, recorded = %r.peer_addr,
+                            "this member's peer address was moved by an operator; restart it \
+                             with --advertise-peer-addr and --peer-addr there");
+                        told_of_update = true;
+                    }
+                }
+                None if agreed => {}
+                _ => {
+                    if let Err(e) = publish(&node, &me, &introduce_to).await {
+                        if e != last_error {
+                            tracing::debug!(error = %e, "member record not published yet");
+                            last_error = e;
+                        }
                     }
                 }
             }
@@ -199,13 +348,27 @@ async fn follow_events(node: Node<KvStore>, me: u64, token: String) {
 }
 
 /// Publishes `me`'s record: proposed here if this node leads, else sent to
-/// the leader in a note.
-async fn publish(node: &Node<KvStore>, me: &MemberInfo) -> Result<(), String> {
+/// the leader in a note, or, knowing no leader and not being a member, to
+/// every node of `introduce_to`.
+async fn publish(
+    node: &Node<KvStore>,
+    me: &MemberInfo,
+    introduce_to: &[u64],
+) -> Result<(), String> {
     let status = node.status().await.ok_or("node stopped")?;
-    let leader = status.leader.ok_or("no leader")?;
-    // A learner or a node not (yet) in the membership still publishes: the
-    // leader accepts records of any member.
     let value = serde_json::to_vec(me).expect("serializable");
+    let Some(leader) = status.leader else {
+        let member = status.voters.contains(&me.id) || status.learners.contains(&me.id);
+        if member || introduce_to.is_empty() {
+            return Err("no leader".into());
+        }
+        for &to in introduce_to {
+            node.send_note(to, value.clone())
+                .await
+                .map_err(|e| e.to_string())?;
+        }
+        return Err("no leader yet; introduced this member to its initial peers".into());
+    };
     if leader == status.id && status.role == Role::Leader {
         let command = KvCommand::Put {
             key: member_key(&me.name),
@@ -224,7 +387,9 @@ async fn publish(node: &Node<KvStore>, me: &MemberInfo) -> Result<(), String> {
 }
 
 /// On the leader: writes the record a member sent about itself in a note,
-/// if it is well formed, really about the sender, and new.
+/// if it is well formed, really about the sender, and new. A sender that
+/// is not a member is added if a pending slot waits at its peer address
+/// (see the module header); otherwise its record is not written.
 async fn write_noted_record(
     node: &Node<KvStore>,
     token: &str,
@@ -243,22 +408,74 @@ async fn write_noted_record(
             info.name, info.id
         ));
     }
-    let key = member_key(&info.name);
-    let current = node
-        .read_stale(move |kv: &KvStore| kv.get(&key).map(<[u8]>::to_vec))
+    let status = node.status().await.ok_or("node stopped")?;
+    let member = status.voters.contains(&from) || status.learners.contains(&from);
+    let (key, slot_key) = (member_key(&info.name), pending_key(&info.peer_addr));
+    let (current, slot) = node
+        .read_stale(move |kv: &KvStore| {
+            (
+                kv.get(&key).map(<[u8]>::to_vec),
+                kv.get(&slot_key)
+                    .and_then(|v| serde_json::from_slice::<Pending>(v).ok()),
+            )
+        })
         .await
         .map_err(|e| e.to_string())?;
-    if current.as_deref() == Some(data) {
-        return Ok(());
+    if !member && slot.is_none() {
+        return Err(format!(
+            "node {from} ({}) is not a member, and no member was added at {}",
+            info.name, info.peer_addr
+        ));
     }
-    let command = KvCommand::Put {
-        key: member_key(&info.name),
-        value: data.to_vec(),
+    if current.as_deref() != Some(data) {
+        let command = KvCommand::Put {
+            key: member_key(&info.name),
+            value: data.to_vec(),
+        };
+        node.propose(command.encode())
+            .await
+            .map_err(|e| e.to_string())?;
+        tracing::info!(name = %info.name, api_url = %info.api_url, "wrote a member's record");
+    }
+    let Some(slot) = slot else {
+        return Ok(());
     };
-    node.propose(command.encode())
-        .await
-        .map_err(|e| e.to_string())?;
-    tracing::info!(name = %info.name, api_url = %info.api_url, "wrote a member's record");
+    if !member {
+        node.set_peer_address(from, info.peer_addr.clone())
+            .await
+            .map_err(|e| e.to_string())?;
+        let added = if slot.learner {
+            node.add_learner(from, data.to_vec()).await
+        } else {
+            node.add_voter(from, data.to_vec()).await
+        };
+        match added {
+            Ok(_) | Err(raftwork::ConfChangeError::AlreadyMember(_)) => {}
+            // The next introduction tries again.
+            Err(e) => return Err(format!("adding {} failed: {e}", info.name)),
+        }
+        tracing::info!(name = %info.name, id = from, learner = slot.learner,
+            "a member added by its peer address joined");
+    }
+    // The slot is done with (also when an earlier note's add went through):
+    // its id becomes an alias of the member's.
+    node.propose(
+        KvCommand::Put {
+            key: alias_key(slot.id),
+            value: from.to_string().into_bytes(),
+        }
+        .encode(),
+    )
+    .await
+    .map_err(|e| e.to_string())?;
+    node.propose(
+        KvCommand::Delete {
+            key: pending_key(&info.peer_addr),
+        }
+        .encode(),
+    )
+    .await
+    .map_err(|e| e.to_string())?;
     Ok(())
 }
 

@@ -736,6 +736,7 @@ pub async fn run(args: Settings, plan: ClusterPlan) -> Result<(), ServeError> {
                 .clone()
                 .unwrap_or_else(|| api_addr.to_string())
         ),
+        moved: false,
     };
     // One pooled client for forwarding and publishing; a connection to the
     // leader that cannot be opened within a second (half the request
@@ -746,7 +747,23 @@ pub async fn run(args: Settings, plan: ClusterPlan) -> Result<(), ServeError> {
     )
     .map_err(ServeError::ClientTls)?
     .marking_forwarded();
-    let sync = members::spawn_sync(node.clone(), members.clone(), me, plan.token.clone());
+    // A node joining an existing cluster introduces itself to the members it
+    // was given until one leads it (see `members`: added by peer address).
+    let introduce_to = match plan.state {
+        ClusterState::Existing => initial
+            .iter()
+            .map(|(id, _, _)| *id)
+            .filter(|&id| id != plan.id)
+            .collect(),
+        ClusterState::New => Vec::new(),
+    };
+    let sync = members::spawn_sync(
+        node.clone(),
+        members.clone(),
+        me,
+        plan.token.clone(),
+        introduce_to,
+    );
     let lessor = crate::etcd::lessor::spawn(node.clone());
     let quota = crate::etcd::lessor::spawn_quota(node.clone(), args.quota_backend_bytes);
     let router = api::router(
@@ -758,6 +775,7 @@ pub async fn run(args: Settings, plan: ClusterPlan) -> Result<(), ServeError> {
             members,
             http,
             admin_identities: args.admin_identities.clone(),
+            peer_names_checked: args.peer_tls.is_some(),
         },
     );
     // A node that stops on its own (a fatal error) ends the process too: a

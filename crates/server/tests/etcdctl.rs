@@ -92,6 +92,9 @@ trait Target {
     /// Kills member `i` (SIGKILL).
     fn kill(&mut self, i: usize);
     fn logs(&self) -> String;
+    /// Starts member `name`, already added at `peer_url`, to join the
+    /// running cluster; its client endpoint.
+    fn join(&mut self, dir: &Path, name: &str, peer_url: &str) -> String;
 }
 
 struct Raftwork {
@@ -114,6 +117,27 @@ impl Target for Raftwork {
     fn kill(&mut self, i: usize) {
         self.ms[i].kill9();
     }
+    fn join(&mut self, dir: &Path, name: &str, peer_url: &str) -> String {
+        let peer = peer_url.trim_start_matches("http://").to_string();
+        let initial = self
+            .ms
+            .iter()
+            .map(|m| format!("{}={}", m.name, m.peer))
+            .chain([format!("{name}={peer}")])
+            .collect::<Vec<_>>()
+            .join(",");
+        let mut m = Member {
+            name: name.to_string(),
+            api: format!("127.0.0.1:{}", free_port()).parse().unwrap(),
+            peer,
+            data: dir.join(name),
+            log: dir.join(format!("{name}.log")),
+            child: None,
+        };
+        m.start_with(&initial, &["--initial-cluster-state", "existing"]);
+        self.ms.push(m);
+        self.endpoint(self.ms.len() - 1)
+    }
     fn logs(&self) -> String {
         self.ms
             .iter()
@@ -133,6 +157,8 @@ fn start_raftwork(dir: &Path) -> Raftwork {
 
 struct Etcd {
     clients: Vec<SocketAddr>,
+    /// `name=peer URL` of every member started.
+    initial: Vec<String>,
     children: Vec<Option<Child>>,
     logs: Vec<PathBuf>,
 }
@@ -164,6 +190,13 @@ impl Target for Etcd {
         c.kill().unwrap();
         c.wait().unwrap();
     }
+    fn join(&mut self, dir: &Path, name: &str, peer_url: &str) -> String {
+        self.initial.push(format!("{name}={peer_url}"));
+        let client: SocketAddr = format!("127.0.0.1:{}", free_port()).parse().unwrap();
+        self.clients.push(client);
+        self.spawn(dir, name, client, peer_url, "existing");
+        self.endpoint(self.clients.len() - 1)
+    }
     fn logs(&self) -> String {
         self.logs
             .iter()
@@ -172,6 +205,33 @@ impl Target for Etcd {
     }
 }
 
+impl Etcd {
+    /// Starts member `name` of the cluster `self.initial` describes.
+    fn spawn(&mut self, dir: &Path, name: &str, client: SocketAddr, peer: &str, state: &str) {
+        let log = dir.join(format!("etcd-{name}.log"));
+        let child = Command::new("etcd")
+            .args(["--name", name])
+            .arg("--data-dir")
+            .arg(dir.join(format!("etcd-{name}")))
+            .args(["--listen-client-urls", &format!("http://{client}")])
+            .args(["--advertise-client-urls", &format!("http://{client}")])
+            .args(["--listen-peer-urls", peer])
+            .args(["--initial-advertise-peer-urls", peer])
+            .args(["--initial-cluster", &self.initial.join(",")])
+            .args(["--initial-cluster-token", "etcdctl-test"])
+            .args(["--initial-cluster-state", state])
+            .args(["--log-outputs", "stderr"])
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(std::fs::File::create(&log).unwrap())
+            .spawn()
+            .expect("start etcd");
+        self.children.push(Some(child));
+        self.logs.push(log);
+    }
+}
+
+/// A 3-member etcd, named as raftwork's test members are (n1..n3).
 fn start_etcd(dir: &Path) -> Etcd {
     let clients: Vec<SocketAddr> = (0..3)
         .map(|_| format!("127.0.0.1:{}", free_port()).parse().unwrap())
@@ -179,36 +239,14 @@ fn start_etcd(dir: &Path) -> Etcd {
     let peers: Vec<String> = (0..3)
         .map(|_| format!("http://127.0.0.1:{}", free_port()))
         .collect();
-    let initial = (0..3)
-        .map(|i| format!("e{i}={}", peers[i]))
-        .collect::<Vec<_>>()
-        .join(",");
     let mut etcd = Etcd {
         clients: clients.clone(),
+        initial: (0..3).map(|i| format!("n{}={}", i + 1, peers[i])).collect(),
         children: Vec::new(),
         logs: Vec::new(),
     };
     for i in 0..3 {
-        let log = dir.join(format!("etcd{i}.log"));
-        let child = Command::new("etcd")
-            .args(["--name", &format!("e{i}")])
-            .arg("--data-dir")
-            .arg(dir.join(format!("etcd{i}")))
-            .args(["--listen-client-urls", &format!("http://{}", clients[i])])
-            .args(["--advertise-client-urls", &format!("http://{}", clients[i])])
-            .args(["--listen-peer-urls", &peers[i]])
-            .args(["--initial-advertise-peer-urls", &peers[i]])
-            .args(["--initial-cluster", &initial])
-            .args(["--initial-cluster-token", "etcdctl-test"])
-            .args(["--initial-cluster-state", "new"])
-            .args(["--log-outputs", "stderr"])
-            .stdin(Stdio::null())
-            .stdout(Stdio::null())
-            .stderr(std::fs::File::create(&log).unwrap())
-            .spawn()
-            .expect("start etcd");
-        etcd.children.push(Some(child));
-        etcd.logs.push(log);
+        etcd.spawn(dir, &format!("n{}", i + 1), clients[i], &peers[i], "new");
     }
     let deadline = Instant::now() + GUARD;
     while !etcdctl(
@@ -1084,6 +1122,172 @@ fn hashkv_move_leader_and_member_remove_as_on_etcd() {
         };
         hashkv_move_leader_and_remove(target.as_ref());
     }
+}
+
+/// `etcdctl member` through a member's life: added as a learner by its
+/// peer URL (listed unstarted), started, promoted, its peer URL updated,
+/// removed; the transcript normalised (ids and URLs masked, member lists
+/// and `ETCD_INITIAL_CLUSTER` sorted, as their order follows the ids).
+/// The ids given to promote, update and remove are the one `member add`
+/// printed, as a user following etcd's docs would use.
+fn membership_session(t: &mut dyn Target, dir: &Path) -> Vec<String> {
+    let mut transcript = Vec::new();
+    let mut record = |args: &[&str], ok: bool, out: &str, err: &str| {
+        let err_line = err
+            .lines()
+            .filter(|l| l.starts_with("Error:"))
+            .collect::<Vec<_>>()
+            .join("\n");
+        transcript.push(format!(
+            "$ etcdctl {}\n{}{}{err_line}",
+            normalise(&args.join(" "), 0),
+            if ok { "" } else { "[failed] " },
+            normalise_membership(out)
+        ));
+    };
+    let leader = leader_index(t, &[0, 1, 2]);
+    let at = t.endpoint(leader).trim_start_matches("http://").to_string();
+    let peer = format!("http://127.0.0.1:{}", free_port());
+    let peer_arg = format!("--peer-urls={peer}");
+    let add = ["member", "add", "n4", &peer_arg, "--learner"];
+    // etcd refuses changes until its leader has heard from every member
+    // for a while ("unhealthy cluster").
+    let (out, err) = until_ok(t, &at, &add, &["unhealthy cluster"]);
+    record(&add, true, &out, &err);
+    let id = out
+        .strip_prefix("Member ")
+        .and_then(|r| r.split_whitespace().next())
+        .unwrap_or_else(|| panic!("{}: member add: {out}{err}", t.name()))
+        .to_string();
+    let list = ["member", "list"];
+    let (ok, out, err) = etcdctl(&at, &list, None);
+    record(&list, ok, &out, &err);
+
+    // Started: it joins, and the list shows it started, as a learner.
+    let new_endpoint = t.join(dir, "n4", &peer);
+    wait_for("n4 to join", || {
+        let (ok, out, _) = etcdctl(&at, &list, None);
+        ok && out.contains(", started, n4,")
+    });
+    let (ok, out, err) = etcdctl(&at, &list, None);
+    record(&list, ok, &out, &err);
+
+    // etcd promotes a learner once it is in sync with the leader; both
+    // refuse before, so the promotion is tried until it goes through.
+    let promote = ["member", "promote", &id];
+    let (out, err) = until_ok(t, &at, &promote, &["in sync with leader", "caught up"]);
+    record(&promote, true, &out, &err);
+    put_until_done(&new_endpoint, "m/through-n4", "v");
+
+    let moved = format!("--peer-urls=http://127.0.0.1:{}", free_port());
+    let update = ["member", "update", &id, &moved];
+    let (ok, out, err) = etcdctl(&at, &update, None);
+    record(&update, ok, &out, &err);
+    // The moved member, still at its old address, must not undo the
+    // update (raftwork members republish their records every 200 ms).
+    std::thread::sleep(Duration::from_secs(1));
+    let (ok, out, err) = etcdctl(&at, &list, None);
+    record(&list, ok, &out, &err);
+    assert!(
+        out.contains(moved.trim_start_matches("--peer-urls=")),
+        "{}: the update does not show: {out}",
+        t.name()
+    );
+
+    let remove = ["member", "remove", &id];
+    let (out, err) = until_ok(t, &at, &remove, &["unhealthy cluster"]);
+    record(&remove, true, &out, &err);
+    let (ok, out, err) = etcdctl(&at, &list, None);
+    record(&list, ok, &out, &err);
+    let three = (0..3).map(|i| t.endpoint(i)).collect::<Vec<_>>().join(",");
+    put_until_done(&three, "m/after", "v");
+
+    // A second add at a peer URL in use is refused.
+    let taken = format!(
+        "--peer-urls={}",
+        members_peer_url(t, &at).expect("a member's peer URL")
+    );
+    let again = ["member", "add", "n5", taken.as_str()];
+    let (ok, out, err) = etcdctl(&at, &again, None);
+    record(&again, ok, &out, &err);
+    transcript
+}
+
+/// `etcdctl args` at `at`, tried again while it fails with one of the
+/// `passing` errors; its output once it succeeds.
+fn until_ok(t: &dyn Target, at: &str, args: &[&str], passing: &[&str]) -> (String, String) {
+    let deadline = Instant::now() + GUARD;
+    loop {
+        let (ok, out, err) = etcdctl(at, args, None);
+        if ok {
+            return (out, err);
+        }
+        assert!(
+            Instant::now() < deadline && passing.iter().any(|p| err.contains(p)),
+            "{}: {args:?}: {out}{err}\n{}",
+            t.name(),
+            t.logs()
+        );
+        std::thread::sleep(Duration::from_millis(200));
+    }
+}
+
+/// A peer URL of one of the members `at` lists.
+fn members_peer_url(t: &dyn Target, at: &str) -> Option<String> {
+    let (ok, out, _) = etcdctl(at, &["member", "list", "-w", "json"], None);
+    assert!(ok, "{}: member list", t.name());
+    let v: Value = serde_json::from_str(&out).ok()?;
+    v["members"][0]["peerURLs"][0].as_str().map(str::to_string)
+}
+
+/// `normalise` for membership output: ids and URLs masked, and lines of
+/// member lists and entries of `ETCD_INITIAL_CLUSTER` sorted.
+fn normalise_membership(text: &str) -> String {
+    // etcdctl prints ids with %16x (space-padded when short) after the
+    // add, and with %x (shorter when short) in member lists.
+    let padded = regex::Regex::new(r"(Member|cluster) +[0-9a-f]{1,16}\b").unwrap();
+    let listed = regex::Regex::new(r"(?m)^[0-9a-f]{1,16}, ").unwrap();
+    let text = padded.replace_all(text, "$1 <id>");
+    let text = normalise(&listed.replace_all(&text, "<id>, "), 0);
+    let mut lines: Vec<String> = text
+        .lines()
+        .map(|l| match l.strip_prefix("ETCD_INITIAL_CLUSTER=\"") {
+            Some(rest) => {
+                let mut entries: Vec<&str> = rest.trim_end_matches('"').split(',').collect();
+                entries.sort();
+                format!("ETCD_INITIAL_CLUSTER=\"{}\"", entries.join(","))
+            }
+            None => l.to_string(),
+        })
+        .collect();
+    if lines.iter().all(|l| l.starts_with("<id>, ")) {
+        lines.sort();
+    }
+    lines.join("\n")
+}
+
+#[test]
+fn etcdctl_member_commands_as_on_etcd() {
+    if !tools_present() {
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let mut transcripts = Vec::new();
+    for kind in ["etcd", "raftwork"] {
+        let d = dir.path().join(kind);
+        std::fs::create_dir_all(&d).unwrap();
+        let mut target: Box<dyn Target> = match kind {
+            "etcd" => Box::new(start_etcd(&d)),
+            _ => Box::new(start_raftwork(&d)),
+        };
+        transcripts.push(membership_session(target.as_mut(), &d));
+    }
+    let (want, got) = (&transcripts[0], &transcripts[1]);
+    eprintln!("{}", want.join("\n\n"));
+    for (w, g) in want.iter().zip(got) {
+        assert_eq!(g, w, "raftwork (left) and etcd (right) differ");
+    }
+    assert_eq!(got.len(), want.len());
 }
 
 /// etcdctl over TLS with a client certificate (`--cacert/--cert/--key`)

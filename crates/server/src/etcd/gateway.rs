@@ -62,6 +62,8 @@ pub(crate) fn routes(etcd: Etcd) -> axum::Router {
         .route("/v3/lease/leases", post(lease_leases))
         .route("/v3/kv/lease/leases", post(lease_leases))
         .route("/v3/watch", post(watch))
+        .route("/v3/cluster/member/add", post(member_add))
+        .route("/v3/cluster/member/update", post(member_update))
         .route("/v3/cluster/member/list", post(member_list))
         .route("/v3/cluster/member/remove", post(member_remove))
         .route("/v3/cluster/member/promote", post(member_promote))
@@ -194,6 +196,13 @@ unary!(
 );
 unary!(lease_leases, Lease, lease_leases, pb::LeaseLeasesRequest);
 unary!(member_list, Cluster, member_list, pb::MemberListRequest);
+unary!(member_add, Cluster, member_add, pb::MemberAddRequest);
+unary!(
+    member_update,
+    Cluster,
+    member_update,
+    pb::MemberUpdateRequest
+);
 unary!(
     member_remove,
     Cluster,

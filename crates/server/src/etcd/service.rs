@@ -789,14 +789,36 @@ impl Etcd {
                 is_learner: learner,
             }
         };
+        // Pending slots are listed as etcd lists a member added but not
+        // started: no name, no client URLs. A slot being taken (the joining
+        // member's record already names its address) is not listed twice.
+        let mut pending = self.state.config.members.pending();
+        pending.retain(|addr, _| !records.values().any(|r| r.peer_addr == *addr));
         let mut members: Vec<pb::Member> = status
             .voters
             .iter()
             .map(|&id| member(id, false))
             .chain(status.learners.iter().map(|&id| member(id, true)))
+            .chain(pending.values().map(|p| pb::Member {
+                id: p.id,
+                name: String::new(),
+                peer_ur_ls: vec![format!("http://{}", p.peer_addr)],
+                client_ur_ls: Vec::new(),
+                is_learner: p.learner,
+            }))
             .collect();
         members.sort_by_key(|m| m.id);
+        members.dedup_by_key(|m| m.id);
         Ok(members)
+    }
+
+    /// The member a client's id means: a member's own id, or the id its
+    /// pending slot had (see `crate::members`), from a fresh look at the
+    /// records.
+    async fn resolve(&self, id: u64) -> u64 {
+        let members = &self.state.config.members;
+        members.refresh(&self.state.node).await;
+        members.resolve(id)
     }
 
     /// With `--admin-identities`, membership changes and leadership moves
@@ -828,12 +850,36 @@ impl Etcd {
 impl cluster_server::Cluster for Etcd {
     async fn member_add(
         &self,
-        _: Request<pb::MemberAddRequest>,
+        request: Request<pb::MemberAddRequest>,
     ) -> Result<Response<pb::MemberAddResponse>, Status> {
-        Err(Status::unimplemented(
-            "raftwork: member ids derive from member names, which etcd's MemberAdd does not \
-             carry; add members with `raftwork member add` (POST /cluster/members)",
-        ))
+        self.admin_only(&request)?;
+        let req = request.into_inner();
+        let addr = one_peer_addr(&req.peer_ur_ls)?;
+        self.state.config.members.refresh(&self.state.node).await;
+        if self
+            .members()
+            .await?
+            .iter()
+            .any(|m| m.peer_ur_ls.iter().any(|u| peer_addr_of(u) == Some(&addr)))
+        {
+            return Err(Status::failed_precondition(
+                "etcdserver: Peer URLs already exists",
+            ));
+        }
+        let slot = api::add_pending(&self.state, &HeaderMap::new(), addr, req.is_learner)
+            .await
+            .map_err(status_of)?;
+        Ok(Response::new(pb::MemberAddResponse {
+            header: self.header(0),
+            member: Some(pb::Member {
+                id: slot.id,
+                name: String::new(),
+                peer_ur_ls: req.peer_ur_ls,
+                client_ur_ls: Vec::new(),
+                is_learner: slot.learner,
+            }),
+            members: self.members().await?,
+        }))
     }
 
     async fn member_remove(
@@ -841,15 +887,23 @@ impl cluster_server::Cluster for Etcd {
         request: Request<pb::MemberRemoveRequest>,
     ) -> Result<Response<pb::MemberRemoveResponse>, Status> {
         self.admin_only(&request)?;
-        let id = request.into_inner().id;
+        let id = self.resolve(request.into_inner().id).await;
         if !self.members().await?.iter().any(|m| m.id == id) {
             return Err(Status::not_found("etcdserver: member not found"));
         }
-        self.state
-            .node
-            .remove_node(id)
-            .await
-            .map_err(|e| Status::failed_precondition(e.to_string()))?;
+        let members = &self.state.config.members;
+        if let Some(slot) = members.pending().values().find(|p| p.id == id) {
+            // Added, never started: its slot goes.
+            api::drop_pending(&self.state, &slot.peer_addr)
+                .await
+                .map_err(status_of)?;
+        } else {
+            let name = members.get(id).map(|m| m.name);
+            api::remove_here(&self.state, id, name.as_deref())
+                .await
+                .map_err(status_of)?;
+        }
+        self.state.config.members.refresh(&self.state.node).await;
         Ok(Response::new(pb::MemberRemoveResponse {
             header: self.header(0),
             members: self.members().await?,
@@ -858,12 +912,22 @@ impl cluster_server::Cluster for Etcd {
 
     async fn member_update(
         &self,
-        _: Request<pb::MemberUpdateRequest>,
+        request: Request<pb::MemberUpdateRequest>,
     ) -> Result<Response<pb::MemberUpdateResponse>, Status> {
-        Err(Status::unimplemented(
-            "raftwork: a member's peer URL is its published member record; restart it with \
-             the new --advertise-peer-addr",
-        ))
+        self.admin_only(&request)?;
+        let req = request.into_inner();
+        let addr = one_peer_addr(&req.peer_ur_ls)?;
+        let id = self.resolve(req.id).await;
+        let Some(record) = self.state.config.members.get(id) else {
+            return Err(Status::not_found("etcdserver: member not found"));
+        };
+        api::update_peer_addr(&self.state, &HeaderMap::new(), &record.name, addr)
+            .await
+            .map_err(status_of)?;
+        Ok(Response::new(pb::MemberUpdateResponse {
+            header: self.header(0),
+            members: self.members().await?,
+        }))
     }
 
     async fn member_list(
@@ -881,7 +945,20 @@ impl cluster_server::Cluster for Etcd {
         request: Request<pb::MemberPromoteRequest>,
     ) -> Result<Response<pb::MemberPromoteResponse>, Status> {
         self.admin_only(&request)?;
-        let id = request.into_inner().id;
+        let id = self.resolve(request.into_inner().id).await;
+        if self
+            .state
+            .config
+            .members
+            .pending()
+            .values()
+            .any(|p| p.id == id)
+        {
+            // Added, not started yet: nothing to be in sync.
+            return Err(Status::failed_precondition(
+                "etcdserver: can only promote a learner member which is in sync with leader",
+            ));
+        }
         match self.members().await?.iter().find(|m| m.id == id) {
             None => return Err(Status::not_found("etcdserver: member not found")),
             Some(m) if !m.is_learner => {
@@ -895,12 +972,45 @@ impl cluster_server::Cluster for Etcd {
             .node
             .promote_learner(id)
             .await
-            .map_err(|e| Status::failed_precondition(e.to_string()))?;
+            .map_err(|e| match e {
+                raftwork::ConfChangeError::LearnerNotCaughtUp { .. } => {
+                    Status::failed_precondition(
+                        "etcdserver: can only promote a learner member which is in sync with \
+                         leader",
+                    )
+                }
+                e => Status::failed_precondition(e.to_string()),
+            })?;
         Ok(Response::new(pb::MemberPromoteResponse {
             header: self.header(0),
             members: self.members().await?,
         }))
     }
+}
+
+/// The one peer address (host:port) of a member's peer URLs: raftwork
+/// members have one.
+fn one_peer_addr(urls: &[String]) -> Result<String, Status> {
+    match urls {
+        [url] => peer_addr_of(url)
+            .map(str::to_string)
+            .ok_or_else(|| Status::invalid_argument("etcdserver: given member URLs are invalid")),
+        [] => Err(Status::invalid_argument(
+            "etcdserver: given member URLs are invalid",
+        )),
+        _ => Err(Status::invalid_argument(
+            "etcdserver: given member URLs are invalid (a raftwork member has one peer URL)",
+        )),
+    }
+}
+
+/// `host:port` of `http://host:port` (or `https://`), if well formed.
+fn peer_addr_of(url: &str) -> Option<&str> {
+    let rest = url
+        .strip_prefix("http://")
+        .or_else(|| url.strip_prefix("https://"))?
+        .trim_end_matches('/');
+    crate::cluster::parse_host_port(rest).ok().map(|_| rest)
 }
 
 // ---------- Maintenance ----------
@@ -1075,7 +1185,7 @@ impl maintenance_server::Maintenance for Etcd {
     ) -> Result<Response<pb::MoveLeaderResponse>, Status> {
         self.admin_only(&request)?;
         self.leader_only().await?;
-        let to = request.into_inner().target_id;
+        let to = self.resolve(request.into_inner().target_id).await;
         if !self.members().await?.iter().any(|m| m.id == to) {
             return Err(Status::not_found("etcdserver: member not found"));
         }
