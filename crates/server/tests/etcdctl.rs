@@ -10,9 +10,11 @@
 //!   masked (etcd draws ids at random, raftwork derives them);
 //! * lease TTLs still to run may differ by a second.
 //!
-//! Needs `etcdctl` and `etcd` on the PATH (`.ci/run` installs them); set
-//! `RAFTWORK_SKIP_ETCD=1` to skip when they cannot be installed: the
-//! test says so rather than passing silently.
+//! Needs `etcdctl` and `etcd` on the PATH, and for the aetcd test a Python
+//! with Python's `aetcd` client (`RAFTWORK_AETCD_PYTHON`, default
+//! `python3`). `.ci/run` installs them and sets `RAFTWORK_REQUIRE_ETCD`,
+//! which makes a missing tool fail the tests; without it they say SKIPPED
+//! (so that `cargo test` runs on a fresh machine).
 
 mod common;
 
@@ -41,14 +43,18 @@ fn tools_present() -> bool {
     if found("etcdctl", "version") && found("etcd", "--version") {
         return true;
     }
-    if std::env::var_os("RAFTWORK_SKIP_ETCD").is_some() {
-        eprintln!("SKIPPED: etcd or etcdctl is not installed (RAFTWORK_SKIP_ETCD set)");
-        return false;
+    missing("etcdctl and etcd (apt-get install etcd-client etcd-server)")
+}
+
+/// A tool these tests drive is missing: fatal where the run requires them
+/// (`RAFTWORK_REQUIRE_ETCD`, which `.ci/run` sets after installing them),
+/// else the test says SKIPPED, so that `cargo test` on a fresh machine runs.
+fn missing(what: &str) -> bool {
+    if std::env::var_os("RAFTWORK_REQUIRE_ETCD").is_some() {
+        panic!("{what} needed (RAFTWORK_REQUIRE_ETCD is set)");
     }
-    panic!(
-        "etcdctl and etcd are needed (apt-get install etcd-client etcd-server); \
-         set RAFTWORK_SKIP_ETCD=1 to skip"
-    );
+    eprintln!("SKIPPED: {what} not installed; .ci/run installs them");
+    false
 }
 
 /// `etcdctl` (API v3) against `endpoints`; (success, stdout, stderr).
@@ -1379,5 +1385,72 @@ fn etcdctl_over_tls_with_client_certificates() {
     assert!(
         !ok && err.contains("can only promote a learner member"),
         "{err}"
+    );
+}
+
+/// The Python that has `aetcd`, if any.
+fn aetcd_python() -> Option<String> {
+    let python = std::env::var("RAFTWORK_AETCD_PYTHON").unwrap_or_else(|_| "python3".into());
+    let ok = Command::new(&python)
+        .args(["-c", "import aetcd"])
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .status()
+        .is_ok_and(|s| s.success());
+    if ok {
+        Some(python)
+    } else {
+        missing("Python's aetcd client (pip install aetcd; RAFTWORK_AETCD_PYTHON)");
+        None
+    }
+}
+
+/// Python's `aetcd` client library (another ecosystem's etcd client,
+/// grpcio underneath) runs one session of KV, Txn, Watch and Lease calls
+/// (`tests/clients/aetcd_session.py`, which asserts etcd's semantics as it
+/// goes) against a real etcd and against raftwork, through a follower on
+/// raftwork; the two transcripts, with revisions relative to the session's
+/// first write, are equal.
+#[test]
+fn the_aetcd_python_client_works_as_against_etcd() {
+    if !tools_present() {
+        return;
+    }
+    let Some(python) = aetcd_python() else {
+        return;
+    };
+    let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/clients/aetcd_session.py");
+    let dir = tempfile::tempdir().unwrap();
+    let mut transcripts = Vec::new();
+    for kind in ["etcd", "raftwork"] {
+        let d = dir.path().join(kind);
+        std::fs::create_dir_all(&d).unwrap();
+        let target: Box<dyn Target> = match kind {
+            "etcd" => Box::new(start_etcd(&d)),
+            _ => Box::new(start_raftwork(&d)),
+        };
+        let leader = leader_index(target.as_ref(), &[0, 1, 2]);
+        let follower = target.endpoint((leader + 1) % 3);
+        let (host, port) = follower
+            .trim_start_matches("http://")
+            .rsplit_once(':')
+            .unwrap();
+        let out = Command::new(&python)
+            .arg(&script)
+            .args([host, port])
+            .output()
+            .expect("run python");
+        assert!(
+            out.status.success(),
+            "{kind}: the aetcd session failed:\n{}\n{}",
+            String::from_utf8_lossy(&out.stderr),
+            target.logs()
+        );
+        transcripts.push(String::from_utf8(out.stdout).unwrap());
+    }
+    eprintln!("{}", transcripts[0]);
+    assert_eq!(
+        transcripts[1], transcripts[0],
+        "raftwork (left) and etcd (right) differ"
     );
 }
