@@ -1757,6 +1757,24 @@ pub(crate) async fn update_peer_addr(
     Ok(record)
 }
 
+/// The leader's API URL, or `None` if this node leads (see [`route`]).
+pub(crate) async fn leader_url(state: &AppState) -> ApiResult<Option<String>> {
+    route(state, &HeaderMap::new()).await
+}
+
+/// Sends the membership change `method path` (a REST route without a
+/// body) to the leader at `url`; its error, if any, as is.
+pub(crate) async fn forward_change(
+    state: &AppState,
+    url: &str,
+    method: &str,
+    path: &str,
+) -> ApiResult<()> {
+    forward_json::<serde_json::Value>(state, url, method, path, &serde_json::json!({}))
+        .await
+        .map(drop)
+}
+
 /// Sends a membership request to the leader at `url` and parses its JSON
 /// answer; an error answer keeps its status and message.
 async fn forward_json<T: serde::de::DeserializeOwned>(

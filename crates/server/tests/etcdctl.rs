@@ -1135,7 +1135,8 @@ fn hashkv_move_leader_and_member_remove_as_on_etcd() {
 /// removed; the transcript normalised (ids and URLs masked, member lists
 /// and `ETCD_INITIAL_CLUSTER` sorted, as their order follows the ids).
 /// The ids given to promote, update and remove are the one `member add`
-/// printed, as a user following etcd's docs would use.
+/// printed, as a user following etcd's docs would use; every call goes to
+/// a follower.
 fn membership_session(t: &mut dyn Target, dir: &Path) -> Vec<String> {
     let mut transcript = Vec::new();
     let mut record = |args: &[&str], ok: bool, out: &str, err: &str| {
@@ -1151,8 +1152,12 @@ fn membership_session(t: &mut dyn Target, dir: &Path) -> Vec<String> {
             normalise_membership(out)
         ));
     };
+    // Through a follower: membership calls go to the leader from there.
     let leader = leader_index(t, &[0, 1, 2]);
-    let at = t.endpoint(leader).trim_start_matches("http://").to_string();
+    let at = t
+        .endpoint((leader + 1) % 3)
+        .trim_start_matches("http://")
+        .to_string();
     let peer = format!("http://127.0.0.1:{}", free_port());
     let peer_arg = format!("--peer-urls={peer}");
     let add = ["member", "add", "n4", &peer_arg, "--learner"];

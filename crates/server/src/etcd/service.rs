@@ -812,6 +812,15 @@ impl Etcd {
         Ok(members)
     }
 
+    /// [`Etcd::members`] after a change: once this node has applied
+    /// everything committed (a ReadIndex round), so that a change made on
+    /// the leader shows in a follower's answer too.
+    async fn members_after_change(&self) -> Result<Vec<pb::Member>, Status> {
+        self.read(false, |_| ()).await?;
+        self.state.config.members.refresh(&self.state.node).await;
+        self.members().await
+    }
+
     /// The member a client's id means: a member's own id, or the id its
     /// pending slot had (see `crate::members`), from a fresh look at the
     /// records.
@@ -836,6 +845,27 @@ impl Etcd {
                  admin identity: --admin-identities)",
             ))
         }
+    }
+
+    /// Membership changes run on the leader, as the REST API runs them:
+    /// from a follower, the REST route `method path` is sent to the leader
+    /// (`Ok(true)`: done there); on the leader, `Ok(false)`: do it here.
+    /// `path` is `None` when the member has no record (no name) yet, which
+    /// only the leader can handle.
+    async fn on_leader(&self, method: &str, path: Option<String>) -> Result<bool, Status> {
+        let Some(url) = api::leader_url(&self.state).await.map_err(status_of)? else {
+            return Ok(false);
+        };
+        let path = path.ok_or_else(|| {
+            Status::failed_precondition(
+                "etcdserver: not leader (this member has no record yet; send the request to \
+                 the leader)",
+            )
+        })?;
+        api::forward_change(&self.state, &url, method, &path)
+            .await
+            .map_err(status_of)?;
+        Ok(true)
     }
 
     async fn leader_only(&self) -> Result<(), Status> {
@@ -878,7 +908,7 @@ impl cluster_server::Cluster for Etcd {
                 client_ur_ls: Vec::new(),
                 is_learner: slot.learner,
             }),
-            members: self.members().await?,
+            members: self.members_after_change().await?,
         }))
     }
 
@@ -899,14 +929,16 @@ impl cluster_server::Cluster for Etcd {
                 .map_err(status_of)?;
         } else {
             let name = members.get(id).map(|m| m.name);
-            api::remove_here(&self.state, id, name.as_deref())
-                .await
-                .map_err(status_of)?;
+            let path = name.as_ref().map(|n| format!("/cluster/members/{n}"));
+            if !self.on_leader("DELETE", path).await? {
+                api::remove_here(&self.state, id, name.as_deref())
+                    .await
+                    .map_err(status_of)?;
+            }
         }
-        self.state.config.members.refresh(&self.state.node).await;
         Ok(Response::new(pb::MemberRemoveResponse {
             header: self.header(0),
-            members: self.members().await?,
+            members: self.members_after_change().await?,
         }))
     }
 
@@ -926,7 +958,7 @@ impl cluster_server::Cluster for Etcd {
             .map_err(status_of)?;
         Ok(Response::new(pb::MemberUpdateResponse {
             header: self.header(0),
-            members: self.members().await?,
+            members: self.members_after_change().await?,
         }))
     }
 
@@ -955,37 +987,51 @@ impl cluster_server::Cluster for Etcd {
             .any(|p| p.id == id)
         {
             // Added, not started yet: nothing to be in sync.
-            return Err(Status::failed_precondition(
-                "etcdserver: can only promote a learner member which is in sync with leader",
-            ));
+            return Err(not_in_sync());
         }
-        match self.members().await?.iter().find(|m| m.id == id) {
+        let name = match self.members().await?.iter().find(|m| m.id == id) {
             None => return Err(Status::not_found("etcdserver: member not found")),
             Some(m) if !m.is_learner => {
                 return Err(Status::failed_precondition(
                     "etcdserver: can only promote a learner member",
                 ))
             }
-            Some(_) => {}
+            Some(m) => m.name.clone(),
+        };
+        let path = (!name.is_empty()).then(|| format!("/cluster/members/{name}/promote"));
+        let forwarded = self.on_leader("POST", path).await.map_err(|e| {
+            if e.message().contains("has not caught up") {
+                not_in_sync()
+            } else {
+                e
+            }
+        })?;
+        if forwarded {
+            return Ok(Response::new(pb::MemberPromoteResponse {
+                header: self.header(0),
+                members: self.members_after_change().await?,
+            }));
         }
         self.state
             .node
             .promote_learner(id)
             .await
             .map_err(|e| match e {
-                raftwork::ConfChangeError::LearnerNotCaughtUp { .. } => {
-                    Status::failed_precondition(
-                        "etcdserver: can only promote a learner member which is in sync with \
-                         leader",
-                    )
-                }
+                raftwork::ConfChangeError::LearnerNotCaughtUp { .. } => not_in_sync(),
                 e => Status::failed_precondition(e.to_string()),
             })?;
         Ok(Response::new(pb::MemberPromoteResponse {
             header: self.header(0),
-            members: self.members().await?,
+            members: self.members_after_change().await?,
         }))
     }
+}
+
+/// etcd's refusal to promote a learner that has not caught up.
+fn not_in_sync() -> Status {
+    Status::failed_precondition(
+        "etcdserver: can only promote a learner member which is in sync with leader",
+    )
 }
 
 /// The one peer address (host:port) of a member's peer URLs: raftwork
