@@ -17,6 +17,7 @@
 //! | `POST /cluster/members` `{"peer_addr", "learner"}` (no name) | 200 `{"id", "peer_addr", "learner", "pending": true}`: a pending slot for whoever joins at that address ([`crate::members`]) |
 //! | `POST /cluster/members/{name}/promote` | 200 as above |
 //! | `DELETE /cluster/members/{name}` | 200 as above |
+//! | `DELETE /cluster/pending/{peer_addr}` | 200 `{"dropped": peer_addr}`: the slot of a member added by peer address and not started, dropped |
 //! | `PUT /cluster/members/{name}` `{"peer_addr"}` | 200 the member's new record `{"name", "id", "peer_addr", "api_url"}` |
 //! | `POST /cluster/transfer-leader` `{"to": name}` | 200 `{"leader", "id"}` |
 //! | `POST /v1/sessions` | 200 `{"session": "<id>-<secret>"}` (the token) |
@@ -97,7 +98,7 @@ use crate::cluster::member_id;
 use crate::forward::{HttpClient, SendError, FORWARDED_HEADER};
 use crate::kv::{Expect, KvCommand, KvResponse, KvStore, MAX_KEY_BYTES, MAX_VALUE_BYTES};
 use crate::listener::ApiPeer;
-use crate::members::{member_key, MemberInfo, Members, RESERVED_PREFIX};
+use crate::members::{member_key, MemberInfo, Members, Slot, RESERVED_PREFIX};
 
 /// Entries a listing returns when no `limit` is given.
 pub const DEFAULT_LIST_LIMIT: usize = 1000;
@@ -240,6 +241,10 @@ pub fn router(node: Node<KvStore>, config: ApiConfig) -> Router {
         .route(
             "/cluster/members/{name}",
             axum::routing::delete(remove_member).put(update_member),
+        )
+        .route(
+            "/cluster/pending/{peer_addr}",
+            axum::routing::delete(remove_pending),
         )
         .route(
             "/cluster/members/{name}/promote",
@@ -1582,6 +1587,7 @@ async fn add_member(
     if s.voters.contains(&id) || s.learners.contains(&id) {
         return Err(conflict(format!("{name:?} is already a member")));
     }
+    peer_addr_free(&state, &req.peer_addr, Some(id)).await?;
     let record = serde_json::to_vec(&info).expect("serializable");
     state
         .node
@@ -1634,19 +1640,31 @@ pub(crate) async fn add_pending(
         return forward_json(state, &url, "POST", "/cluster/members", &body).await;
     }
     peer_addr_free(state, &peer_addr, None).await?;
-    let slot = crate::members::Pending {
-        id: crate::members::pending_id(&state.config.token, &peer_addr),
+    let slot = Slot {
+        id: crate::members::slot_id(&state.config.token, &peer_addr),
         peer_addr: peer_addr.clone(),
         learner,
+        claimed_by: None,
+        dropped: false,
     };
-    propose(
-        state,
-        KvCommand::Put {
-            key: crate::members::pending_key(&peer_addr),
-            value: serde_json::to_vec(&slot).expect("serializable"),
-        },
+    // Replaces a claimed or dropped slot at the address, unless it changed
+    // meanwhile (a slot only changes by compare-and-set).
+    let expect = match state.config.members.slots().get(&peer_addr) {
+        Some(old) => Expect::Value(old.encode()),
+        None => Expect::Absent,
+    };
+    crate::members::cas(
+        &state.node,
+        crate::members::pending_key(&peer_addr),
+        expect,
+        slot.encode(),
     )
-    .await?;
+    .await
+    .map_err(|e| {
+        conflict(format!(
+            "the slot at {peer_addr} changed meanwhile ({e}); retry"
+        ))
+    })?;
     state.config.members.refresh(&state.node).await;
     tracing::info!(peer_addr = %peer_addr, id = slot.id, learner, "member added by peer address");
     Ok(PendingBody {
@@ -1657,17 +1675,51 @@ pub(crate) async fn add_pending(
     })
 }
 
-/// On the leader: drops the pending slot at `peer_addr` (a member added
-/// and never started, removed).
+/// `DELETE /cluster/pending/{peer_addr}`: drops the slot waiting at the
+/// address (a member added by peer address and never started, removed).
+async fn remove_pending(
+    State(state): State<Shared>,
+    caller: Caller,
+    axum::extract::Path(peer_addr): axum::extract::Path<String>,
+    uri: Uri,
+    headers: HeaderMap,
+) -> ApiResult<Response> {
+    Params::parse(&uri, &[])?;
+    authorize_admin(&state, &caller, &headers)?;
+    if let Some(url) = route(&state, &headers).await? {
+        return forward_to(&state, &url, "DELETE", &uri, None, b"").await;
+    }
+    drop_pending(&state, &peer_addr).await?;
+    Ok(Json(serde_json::json!({"dropped": peer_addr})).into_response())
+}
+
+/// On the leader: drops the slot waiting at `peer_addr`. 404 if none waits
+/// there; 409 if its member took it meanwhile (remove the member then).
 pub(crate) async fn drop_pending(state: &AppState, peer_addr: &str) -> ApiResult<()> {
-    propose(
-        state,
-        KvCommand::Delete {
-            key: crate::members::pending_key(peer_addr),
-        },
+    state.config.members.refresh(&state.node).await;
+    let Some(slot) = state.config.members.waiting().remove(peer_addr) else {
+        return Err(ApiError::new(
+            StatusCode::NOT_FOUND,
+            format!("no member waits at {peer_addr}"),
+        ));
+    };
+    let dropped = Slot {
+        dropped: true,
+        ..slot.clone()
+    };
+    crate::members::cas(
+        &state.node,
+        crate::members::pending_key(peer_addr),
+        Expect::Value(slot.encode()),
+        dropped.encode(),
     )
-    .await?;
-    tracing::info!(peer_addr = %peer_addr, "pending member removed");
+    .await
+    .map_err(|e| {
+        conflict(format!(
+            "the member added at {peer_addr} is joining ({e}); remove it once it has joined"
+        ))
+    })?;
+    tracing::info!(peer_addr = %peer_addr, "member added by peer address removed before it joined");
     Ok(())
 }
 
@@ -1680,7 +1732,7 @@ async fn peer_addr_free(state: &AppState, peer_addr: &str, except: Option<u64>) 
         .all()
         .values()
         .any(|m| m.peer_addr == peer_addr && Some(m.id) != except)
-        || members.pending().contains_key(peer_addr)
+        || members.waiting().contains_key(peer_addr)
     {
         return Err(conflict(format!(
             "a member already has the peer address {peer_addr}"
@@ -1735,16 +1787,19 @@ pub(crate) async fn update_peer_addr(
             "{name:?} has not published its record yet; retry once it has"
         ))
     })?;
+    let before = serde_json::to_vec(&record).expect("serializable");
     record.peer_addr = peer_addr;
     record.moved = true;
-    propose(
-        state,
-        KvCommand::Put {
-            key: member_key(name),
-            value: serde_json::to_vec(&record).expect("serializable"),
-        },
+    // Against the record as read: a member's own republishing meanwhile
+    // makes this fail (retry), never silently undoes it.
+    crate::members::cas(
+        &state.node,
+        member_key(name),
+        Expect::Value(before),
+        serde_json::to_vec(&record).expect("serializable"),
     )
-    .await?;
+    .await
+    .map_err(|e| conflict(format!("{name:?}'s record changed meanwhile ({e}); retry")))?;
     if id != state.node.id() {
         state
             .node
@@ -1861,19 +1916,40 @@ pub(crate) async fn remove_here(
 ) -> ApiResult<ConfState> {
     let cs = change_membership(state, || state.node.remove_node(id)).await?;
     tracing::info!(name = ?name, id, "member removed");
-    let keys = name.map(member_key).into_iter().chain(
-        state
-            .config
-            .members
-            .aliases_of(id)
-            .into_iter()
-            .map(crate::members::alias_key),
-    );
-    for key in keys {
-        // Best effort: a leader that removed itself no longer leads.
-        if let Err(e) = propose(state, KvCommand::Delete { key }).await {
-            tracing::warn!(name = ?name, id, error = %e.message,
-                "the removed member's record or alias stays");
+    // Best effort (a leader that removed itself no longer leads): the
+    // record goes, and the slot the member took is dropped, so that the
+    // member cannot join through it again.
+    if let Some(name) = name {
+        if let Err(e) = propose(
+            state,
+            KvCommand::Delete {
+                key: member_key(name),
+            },
+        )
+        .await
+        {
+            tracing::warn!(name = %name, error = %e.message, "the removed member's record stays");
+        }
+    }
+    state.config.members.refresh(&state.node).await;
+    for slot in state.config.members.slots().into_values() {
+        if slot.claimed_by != Some(id) || slot.dropped {
+            continue;
+        }
+        let dropped = Slot {
+            dropped: true,
+            ..slot.clone()
+        };
+        let key = crate::members::pending_key(&slot.peer_addr);
+        if let Err(e) = crate::members::cas(
+            &state.node,
+            key,
+            Expect::Value(slot.encode()),
+            dropped.encode(),
+        )
+        .await
+        {
+            tracing::warn!(id, error = %e, "the removed member's slot stays");
         }
     }
     Ok(cs)

@@ -34,36 +34,46 @@
 //! # Members added by peer address (etcd's `MemberAdd`)
 //! etcd's `MemberAdd` carries only peer URLs, and raftwork ids derive from
 //! names, so such an add cannot name the Raft id yet. It reserves a
-//! **pending slot** instead: `"\0raftwork/pending/" ++ peer address` holds
-//! [`Pending`] `{"id", "peer_addr", "learner"}`, where `id` is
-//! [`pending_id`] (derived from the token and the peer address, so every
-//! node computes the same one; etcd lists the slot as an unstarted member
-//! under it). The new member is then started with
-//! `--initial-cluster-state existing` and that advertised peer address.
-//! Knowing no leader, it **introduces itself**: it sends its record in a
-//! note to every member of its `--initial-cluster`. The leader adopts the
-//! slot when the sender's record is valid, about the sender, not a member
-//! yet, and advertises exactly the slot's peer address: it writes the
-//! record, adds the sender (learner or voter, as the slot says) and
-//! deletes the slot. A record from a node that is not a member is written
-//! only then, so a removed member cannot publish itself back.
+//! **slot** instead: `"\0raftwork/pending/" ++ peer address` holds
+//! [`Slot`] `{"id", "peer_addr", "learner", "claimed_by", "dropped"}`.
+//! `id` is drawn when the slot is made (unique; etcd lists a waiting slot
+//! as an unstarted member under it). A slot only ever changes by
+//! compare-and-set on its whole value, so its steps cannot race:
 //!
-//! The member's real id (from its name) then replaces the slot's. The
-//! etcd API still accepts the slot's id for that member, as etcdctl prints
-//! it at the add: the leader keeps an **alias**,
-//! `"\0raftwork/alias/" ++ slot id` (decimal) holding the member's id
-//! (decimal), until the member is removed ([`Members::resolve`]).
+//! ```text
+//!   waiting ──claim (a joining node)──▶ claimed_by = member id ──▶ (alias)
+//!      │                                        │
+//!      └──MemberRemove──▶ dropped ◀──member removed──┘
+//! ```
+//!
+//! The new member is started with `--initial-cluster-state existing` and
+//! the slot's peer address. Until it is a member it **introduces itself**:
+//! it sends its record in a note to every member of its
+//! `--initial-cluster`. The leader answers a note from a node that is not
+//! a member only if a slot at the record's peer address is waiting (it
+//! claims it, by compare-and-set) or is already claimed by that node (an
+//! earlier introduction got that far): it then writes the record and adds
+//! the node, learner or voter as the slot says. Anything else is refused,
+//! so a removed member cannot publish itself back: its slot is dropped
+//! with it. A claimed slot stays as an **alias**: the etcd API takes the
+//! slot's id for the member ([`Members::resolve`]), as etcdctl prints it at
+//! the add. Adding at the address again replaces a claimed or dropped
+//! slot.
+//!
 //! With peer TLS bound to names the introduction cannot be checked (the
-//! slot has no name), so `MemberAdd` is refused there: add members with
+//! slot has no name), so a nameless add is refused there: add members with
 //! `raftwork member add`, which names them.
 //!
 //! A member publishes its record when it is missing or differs from what
 //! the member advertises, with two exceptions. A record whose peer address
-//! an operator moved (etcd's `MemberUpdate`, `moved` set) is followed, not
-//! undone, while the member advertises another address: it is expected to
-//! be restarted at the new one, and then publishes itself (clearing
-//! `moved`). And once its record agreed with it in this process, a member
-//! does not publish a missing record again: it was removed.
+//! an operator moved (etcd's `MemberUpdate`, `moved` set) keeps that
+//! address while the member advertises another: the member publishes its
+//! other fields with the recorded address, and is expected to be restarted
+//! there (it then publishes itself, clearing `moved`). And once its record
+//! agreed with it while it was a member, a member does not publish a
+//! missing record again: it was removed. Records are written by
+//! compare-and-set against the value read, so a late note cannot undo an
+//! operator's update.
 
 use std::collections::BTreeMap;
 use std::sync::{Arc, RwLock};
@@ -72,16 +82,14 @@ use std::time::Duration;
 use raftwork::{Node, NodeEvent, Role};
 use serde::{Deserialize, Serialize};
 
-use crate::kv::{KvCommand, KvStore};
+use crate::kv::{Expect, KvCommand, KvResponse, KvStore};
 
 /// Keys under this prefix belong to the server, not to clients.
 pub const RESERVED_PREFIX: &[u8] = b"\0raftwork/";
 /// Member records live under this prefix, one key per member name.
 pub const MEMBER_PREFIX: &[u8] = b"\0raftwork/member/";
-/// Pending slots of members added by peer address, one key per address.
+/// Slots of members added by peer address, one key per address.
 pub const PENDING_PREFIX: &[u8] = b"\0raftwork/pending/";
-/// Aliases: the slot id a member was added under, to its id.
-pub const ALIAS_PREFIX: &[u8] = b"\0raftwork/alias/";
 /// How often each node refreshes its view of the records.
 pub const SYNC_INTERVAL: Duration = Duration::from_millis(200);
 
@@ -113,56 +121,57 @@ pub fn member_key(name: &str) -> Vec<u8> {
 /// A place reserved for a member added by its peer address (see the module
 /// header), replicated under [`pending_key`].
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
-pub struct Pending {
-    /// [`pending_id`] of the address.
+pub struct Slot {
+    /// The id etcd's API shows for the member until it joins, and accepts
+    /// for it afterwards ([`slot_id`]).
     pub id: u64,
     /// The peer address the new member will advertise (host:port).
     pub peer_addr: String,
     /// Added as a learner (else as a voter).
     pub learner: bool,
+    /// The member that took the slot.
+    #[serde(default)]
+    pub claimed_by: Option<u64>,
+    /// Removed (before or after it was taken): inert.
+    #[serde(default)]
+    pub dropped: bool,
 }
 
-/// The KV key of the pending slot for `peer_addr`.
+impl Slot {
+    /// Waiting for its member: listed as unstarted, holds its address.
+    pub fn waiting(&self) -> bool {
+        self.claimed_by.is_none() && !self.dropped
+    }
+
+    /// The value stored for it.
+    pub fn encode(&self) -> Vec<u8> {
+        serde_json::to_vec(self).expect("serializable")
+    }
+}
+
+/// The KV key of the slot for `peer_addr`.
 pub fn pending_key(peer_addr: &str) -> Vec<u8> {
     let mut k = PENDING_PREFIX.to_vec();
     k.extend_from_slice(peer_addr.as_bytes());
     k
 }
 
-/// The KV key of the alias of slot id `slot_id`.
-pub fn alias_key(slot_id: u64) -> Vec<u8> {
-    let mut k = ALIAS_PREFIX.to_vec();
-    k.extend_from_slice(slot_id.to_string().as_bytes());
-    k
+/// A fresh slot id for `peer_addr`: from the token, the address and the
+/// time it is made, so an address added again gets another id (an old
+/// alias never names a new slot). Names cannot hold a `/`, so the hashed
+/// input is never a name.
+pub fn slot_id(token: &str, peer_addr: &str) -> u64 {
+    let nanos = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_nanos());
+    crate::cluster::member_id(token, &format!("pending/{peer_addr}/{nanos}"))
 }
 
-/// The aliases in `kv`: slot id to member id.
-pub fn aliases(kv: &KvStore) -> BTreeMap<u64, u64> {
-    kv.list(ALIAS_PREFIX, usize::MAX)
-        .into_iter()
-        .filter_map(|(k, v)| {
-            let slot = std::str::from_utf8(&k[ALIAS_PREFIX.len()..])
-                .ok()?
-                .parse()
-                .ok()?;
-            let id = std::str::from_utf8(&v).ok()?.parse().ok()?;
-            Some((slot, id))
-        })
-        .collect()
-}
-
-/// The id etcd's API shows for a member added by `peer_addr` until it
-/// joins (and accepts for it afterwards, through an alias). Names cannot
-/// hold a `/`, so the hashed input is never a name.
-pub fn pending_id(token: &str, peer_addr: &str) -> u64 {
-    crate::cluster::member_id(token, &format!("pending/{peer_addr}"))
-}
-
-/// The pending slots in `kv`, by peer address.
-pub fn pending(kv: &KvStore) -> BTreeMap<String, Pending> {
+/// The slots in `kv`, by peer address.
+pub fn slots(kv: &KvStore) -> BTreeMap<String, Slot> {
     kv.list(PENDING_PREFIX, usize::MAX)
         .into_iter()
-        .filter_map(|(_, v)| serde_json::from_slice::<Pending>(&v).ok())
+        .filter_map(|(_, v)| serde_json::from_slice::<Slot>(&v).ok())
         .map(|p| (p.peer_addr.clone(), p))
         .collect()
 }
@@ -180,8 +189,7 @@ pub fn records(kv: &KvStore) -> BTreeMap<u64, MemberInfo> {
 #[derive(Debug, Default)]
 pub struct Members {
     by_id: RwLock<BTreeMap<u64, MemberInfo>>,
-    pending: RwLock<BTreeMap<String, Pending>>,
-    aliases: RwLock<BTreeMap<u64, u64>>,
+    slots: RwLock<BTreeMap<String, Slot>>,
 }
 
 impl Members {
@@ -210,37 +218,38 @@ impl Members {
         self.by_id.read().unwrap().clone()
     }
 
-    /// Every pending slot, by peer address.
-    pub fn pending(&self) -> BTreeMap<String, Pending> {
-        self.pending.read().unwrap().clone()
+    /// Every slot (waiting, claimed or dropped), by peer address.
+    pub fn slots(&self) -> BTreeMap<String, Slot> {
+        self.slots.read().unwrap().clone()
+    }
+
+    /// The slots waiting for their member, by peer address.
+    pub fn waiting(&self) -> BTreeMap<String, Slot> {
+        let mut slots = self.slots();
+        slots.retain(|_, s| s.waiting());
+        slots
     }
 
     /// The member an id given by a client means: `id` itself, or the member
-    /// that joined through the pending slot whose id `id` is (see the module
-    /// header).
+    /// that took the slot whose id `id` is (see the module header).
     pub fn resolve(&self, id: u64) -> u64 {
-        self.aliases.read().unwrap().get(&id).copied().unwrap_or(id)
+        self.slots
+            .read()
+            .unwrap()
+            .values()
+            .find(|s| s.id == id && !s.dropped)
+            .and_then(|s| s.claimed_by)
+            .unwrap_or(id)
     }
 
-    /// The slot ids that alias member `id`.
-    pub fn aliases_of(&self, id: u64) -> Vec<u64> {
-        let aliases = self.aliases.read().unwrap();
-        aliases
-            .iter()
-            .filter(|(_, &m)| m == id)
-            .map(|(&s, _)| s)
-            .collect()
-    }
-
-    /// Rereads the records and pending slots from the local state machine.
+    /// Rereads the records and slots from the local state machine.
     pub async fn refresh(&self, node: &Node<KvStore>) -> Option<BTreeMap<u64, MemberInfo>> {
-        let (now, slots, aliases) = node
-            .read_stale(|kv: &KvStore| (records(kv), pending(kv), aliases(kv)))
+        let (now, all) = node
+            .read_stale(|kv: &KvStore| (records(kv), slots(kv)))
             .await
             .ok()?;
         *self.by_id.write().unwrap() = now.clone();
-        *self.pending.write().unwrap() = slots;
-        *self.aliases.write().unwrap() = aliases;
+        *self.slots.write().unwrap() = all;
         Some(now)
     }
 }
@@ -261,8 +270,8 @@ pub fn spawn_sync(
         let _events = AbortOnDrop(events);
         let mut peers: BTreeMap<u64, String> = BTreeMap::new();
         let mut last_error = String::new();
-        // Once the record agreed with this member, the record wins (see the
-        // module header): an operator may have moved its peer address.
+        // Once the record agreed with this member while it was a member, a
+        // missing record means it was removed (see the module header).
         let mut agreed = false;
         let mut told_of_update = false;
         loop {
@@ -284,20 +293,33 @@ pub fn spawn_sync(
                     }
                 }
             }
-            match now.get(&me.id) {
-                Some(r) if *r == me => agreed = true,
+            let member = node
+                .status()
+                .await
+                .is_some_and(|s| s.voters.contains(&me.id) || s.learners.contains(&me.id));
+            // What this member's record should say: its own fields, at the
+            // recorded address while an operator's move stands.
+            let wanted = match now.get(&me.id) {
                 Some(r) if r.moved && r.peer_addr != me.peer_addr => {
-                    agreed = true;
                     if !told_of_update {
                         tracing::warn!(advertised = %me.peer_addr, recorded = %r.peer_addr,
                             "this member's peer address was moved by an operator; restart it \
                              with --advertise-peer-addr and --peer-addr there");
                         told_of_update = true;
                     }
+                    MemberInfo {
+                        peer_addr: r.peer_addr.clone(),
+                        moved: true,
+                        ..me.clone()
+                    }
                 }
+                _ => me.clone(),
+            };
+            match now.get(&me.id) {
+                Some(r) if *r == wanted && member => agreed = true,
                 None if agreed => {}
                 _ => {
-                    if let Err(e) = publish(&node, &me, &introduce_to).await {
+                    if let Err(e) = publish(&node, &wanted, &introduce_to).await {
                         if e != last_error {
                             tracing::debug!(error = %e, "member record not published yet");
                             last_error = e;
@@ -388,8 +410,9 @@ async fn publish(
 
 /// On the leader: writes the record a member sent about itself in a note,
 /// if it is well formed, really about the sender, and new. A sender that
-/// is not a member is added if a pending slot waits at its peer address
-/// (see the module header); otherwise its record is not written.
+/// is not a member is added if a slot at its peer address waits for it or
+/// is already claimed by it (see the module header); otherwise its record
+/// is not written.
 async fn write_noted_record(
     node: &Node<KvStore>,
     token: &str,
@@ -415,32 +438,51 @@ async fn write_noted_record(
         .read_stale(move |kv: &KvStore| {
             (
                 kv.get(&key).map(<[u8]>::to_vec),
-                kv.get(&slot_key)
-                    .and_then(|v| serde_json::from_slice::<Pending>(v).ok()),
+                kv.get(&slot_key).map(<[u8]>::to_vec),
             )
         })
         .await
         .map_err(|e| e.to_string())?;
-    if !member && slot.is_none() {
-        return Err(format!(
-            "node {from} ({}) is not a member, and no member was added at {}",
-            info.name, info.peer_addr
-        ));
+    let mut joining = None;
+    if !member {
+        let slot = slot
+            .as_deref()
+            .and_then(|v| serde_json::from_slice::<Slot>(v).ok().map(|s| (v, s)));
+        match slot {
+            Some((_, s)) if !s.dropped && s.claimed_by == Some(from) => joining = Some(s),
+            Some((raw, s)) if s.waiting() => {
+                let claimed = Slot {
+                    claimed_by: Some(from),
+                    ..s
+                };
+                cas(
+                    node,
+                    pending_key(&info.peer_addr),
+                    Expect::Value(raw.to_vec()),
+                    claimed.encode(),
+                )
+                .await
+                .map_err(|e| format!("the slot at {} changed: {e}", info.peer_addr))?;
+                tracing::info!(name = %info.name, id = from, slot = claimed.id,
+                    "a member added by its peer address took its slot");
+                joining = Some(claimed);
+            }
+            _ => {
+                return Err(format!(
+                    "node {from} ({}) is not a member, and no member was added at {}",
+                    info.name, info.peer_addr
+                ))
+            }
+        }
     }
     if current.as_deref() != Some(data) {
-        let command = KvCommand::Put {
-            key: member_key(&info.name),
-            value: data.to_vec(),
-        };
-        node.propose(command.encode())
+        let expect = current.map_or(Expect::Absent, Expect::Value);
+        cas(node, member_key(&info.name), expect, data.to_vec())
             .await
-            .map_err(|e| e.to_string())?;
+            .map_err(|e| format!("the record of {} changed: {e}", info.name))?;
         tracing::info!(name = %info.name, api_url = %info.api_url, "wrote a member's record");
     }
-    let Some(slot) = slot else {
-        return Ok(());
-    };
-    if !member {
+    if let Some(slot) = joining {
         node.set_peer_address(from, info.peer_addr.clone())
             .await
             .map_err(|e| e.to_string())?;
@@ -451,32 +493,32 @@ async fn write_noted_record(
         };
         match added {
             Ok(_) | Err(raftwork::ConfChangeError::AlreadyMember(_)) => {}
-            // The next introduction tries again.
+            // The member's next introduction tries again.
             Err(e) => return Err(format!("adding {} failed: {e}", info.name)),
         }
         tracing::info!(name = %info.name, id = from, learner = slot.learner,
             "a member added by its peer address joined");
     }
-    // The slot is done with (also when an earlier note's add went through):
-    // its id becomes an alias of the member's.
-    node.propose(
-        KvCommand::Put {
-            key: alias_key(slot.id),
-            value: from.to_string().into_bytes(),
-        }
-        .encode(),
-    )
-    .await
-    .map_err(|e| e.to_string())?;
-    node.propose(
-        KvCommand::Delete {
-            key: pending_key(&info.peer_addr),
-        }
-        .encode(),
-    )
-    .await
-    .map_err(|e| e.to_string())?;
     Ok(())
+}
+
+/// Proposes a compare-and-set of `key`; `Err` if it was refused.
+pub(crate) async fn cas(
+    node: &Node<KvStore>,
+    key: Vec<u8>,
+    expect: Expect,
+    value: Vec<u8>,
+) -> Result<(), String> {
+    let command = KvCommand::Cas { key, expect, value };
+    let (_, answer) = node
+        .propose(command.encode())
+        .await
+        .map_err(|e| e.to_string())?;
+    match answer {
+        KvResponse::Written => Ok(()),
+        KvResponse::CasFailed { .. } => Err("compare-and-set failed".into()),
+        other => Err(format!("unexpected answer {other:?}")),
+    }
 }
 
 /// A record's fields are valid, and its id is the one its name gives in

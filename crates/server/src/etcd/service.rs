@@ -792,7 +792,7 @@ impl Etcd {
         // Pending slots are listed as etcd lists a member added but not
         // started: no name, no client URLs. A slot being taken (the joining
         // member's record already names its address) is not listed twice.
-        let mut pending = self.state.config.members.pending();
+        let mut pending = self.state.config.members.waiting();
         pending.retain(|addr, _| !records.values().any(|r| r.peer_addr == *addr));
         let mut members: Vec<pb::Member> = status
             .voters
@@ -922,11 +922,14 @@ impl cluster_server::Cluster for Etcd {
             return Err(Status::not_found("etcdserver: member not found"));
         }
         let members = &self.state.config.members;
-        if let Some(slot) = members.pending().values().find(|p| p.id == id) {
+        if let Some(slot) = members.waiting().values().find(|p| p.id == id) {
             // Added, never started: its slot goes.
-            api::drop_pending(&self.state, &slot.peer_addr)
-                .await
-                .map_err(status_of)?;
+            let path = format!("/cluster/pending/{}", slot.peer_addr);
+            if !self.on_leader("DELETE", Some(path)).await? {
+                api::drop_pending(&self.state, &slot.peer_addr)
+                    .await
+                    .map_err(status_of)?;
+            }
         } else {
             let name = members.get(id).map(|m| m.name);
             let path = name.as_ref().map(|n| format!("/cluster/members/{n}"));
@@ -982,7 +985,7 @@ impl cluster_server::Cluster for Etcd {
             .state
             .config
             .members
-            .pending()
+            .waiting()
             .values()
             .any(|p| p.id == id)
         {
