@@ -118,7 +118,9 @@ pub enum NodeEvent {
         /// The opaque context proposed with the change.
         context: Bytes,
     },
-    /// This node applied its own removal.
+    /// This node applied its own removal. A node removed and added back
+    /// under its id replays that removal, then the re-add (a
+    /// `MembershipChanged` naming it again), after which it is a member.
     Removed,
     /// A note from peer `from` (raftwork's shell, `Node::send_note`): a small
     /// application message carried over the peer transport, so it is as
@@ -512,7 +514,7 @@ impl<S: LogStore> Core<S> {
         (self.raw.raft.leader_id != 0).then_some(self.raw.raft.leader_id)
     }
 
-    /// Whether this node applied its own removal.
+    /// Whether this node applied its own removal, and no re-add since.
     pub fn is_removed(&self) -> bool {
         self.removed
     }
@@ -1549,7 +1551,11 @@ impl<S: LogStore> Core<S> {
                 context,
             }));
         if still_member {
+            // A member removed and added back (an operator re-adds one under
+            // its old name, hence id) replays its own removal before the
+            // re-add: from the re-add on it is a member again.
             self.was_member = true;
+            self.removed = false;
         } else if self.was_member && !self.removed {
             self.on_removed();
         }

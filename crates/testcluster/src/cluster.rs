@@ -538,6 +538,11 @@ impl<SM: StateMachine> TestCluster<SM> {
         if self.members.contains_key(&id) {
             return Err(self.err(ErrorKind::AlreadyExists(id)));
         }
+        // An id removed earlier comes back wiped, as an operator re-adds one.
+        let dir = self.data_dir(id);
+        if dir.exists() {
+            std::fs::remove_dir_all(&dir).map_err(|e| self.err(ErrorKind::Io(e)))?;
+        }
         let node = self.build_node(id, false)?;
         self.members.insert(id, Member { founder: false });
         self.insert_running(node);

@@ -451,6 +451,38 @@ async fn a_learner_catches_up_from_a_snapshot_is_promoted_and_a_voter_removed() 
     Ok(())
 }
 
+/// Issue 15's defect: a member removed, wiped and added back under its old
+/// id replays the leader's log, its own removal included. It must take part
+/// again once the re-add applies. Before the fix nothing cleared its
+/// "removed" state: as leader it handed leadership away at once, so with
+/// only such members left no leader stayed.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn members_removed_and_added_back_under_their_ids_lead_and_serve() -> Result {
+    let mut c = TestCluster::start(3, |_| KvSm::default(), options()).await?;
+    let ids = all(3);
+    let leader = c.wait_for_leader(&ids).await?;
+    write_keys(&c, leader, 0..20).await;
+    // Two members in turn: removed, wiped, added back as voters.
+    let mut again = Vec::new();
+    for id in without(&ids, &[leader]) {
+        c.remove_node(id).await?;
+        let cs = c.add_node(id, false).await?;
+        assert!(cs.voters.contains(&id), "{id} is a voter again: {cs:?}");
+        again.push(id);
+    }
+    // The last original member goes: only re-added members are left.
+    c.remove_node(leader).await?;
+    let leader = c.wait_for_leader(&again).await?;
+    let last = write_keys(&c, leader, 20..120).await;
+    c.wait_applied(last, &again).await?;
+    for st in c.statuses(&again).await? {
+        assert_eq!(st.leader, Some(leader), "a stable leader: {st:?}");
+    }
+    c.check_state_hashes(&again).await?;
+    c.shutdown().await;
+    Ok(())
+}
+
 /// Negative control: a stale read on a cut-off old leader, recorded as if it
 /// were linearizable, must fail the history check.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
