@@ -72,6 +72,8 @@ pub struct Status {
     pub learners: Vec<NodeId>,
     /// Messages from peers dropped by validation since this node started.
     pub messages_rejected: u64,
+    /// This node applied its own removal and has not been added back.
+    pub removed: bool,
 }
 
 /// A membership change request.
@@ -546,6 +548,7 @@ impl<S: LogStore> Core<S> {
             voters: cs.voters,
             learners: cs.learners,
             messages_rejected: self.messages_rejected,
+            removed: self.removed,
         }
     }
 

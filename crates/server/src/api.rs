@@ -9,7 +9,7 @@
 //! | `DELETE /v1/kv/{key}` | 200 `{"index": N, "deleted": bool}` |
 //! | `POST /v1/kv/{key}?incr=N` (N a signed integer; empty: 1) | 200 `{"index": N, "value": V}`, 409 if the value is not a decimal integer |
 //! | `GET /v1/kv?prefix=p&limit=n[&encoding=base64][&consistency=stale]` | 200 `[{"key", "value"}]` |
-//! | `GET /healthz` | 200 `ok` |
+//! | `GET /healthz` | 200 `ok`; 503 once this member was removed from the cluster (it then stops: logs why, exits 0) |
 //! | `GET /readyz` | 200 `ready`, or 503 |
 //! | `GET /v1/status` | 200 JSON (see [`StatusBody`]) |
 //! | `GET /cluster/nodes` | 200 `{"leader": name, "nodes": [{"id", "name", "role", "peer_addr", "api_url"}]}` |
@@ -989,8 +989,16 @@ fn refuse_reserved(key: &[u8]) -> ApiResult<()> {
 
 // ---------- handlers ----------
 
-async fn healthz() -> &'static str {
-    "ok"
+/// `ok`, unless this member was removed from the cluster (503): it is
+/// about to stop, and must not be taken for a healthy member meanwhile.
+async fn healthz(State(state): State<Shared>) -> Response {
+    match state.node.status().await {
+        Some(s) if s.removed => {
+            ApiError::unavailable("this member was removed from the cluster; it stops")
+                .into_response()
+        }
+        _ => "ok".into_response(),
+    }
 }
 
 async fn readyz(State(state): State<Shared>) -> Response {
@@ -1017,7 +1025,8 @@ pub struct StatusBody {
     pub id: u64,
     /// Node name (`--name`).
     pub name: String,
-    /// `leader`, `follower`, `candidate`, `pre-candidate` or `learner`.
+    /// `leader`, `follower`, `candidate`, `pre-candidate`, `learner`, or
+    /// `removed` (this member applied its own removal; it stops).
     pub role: &'static str,
     /// Current term.
     pub term: u64,
@@ -1092,7 +1101,11 @@ async fn status(State(state): State<Shared>) -> ApiResult<Json<StatusBody>> {
     Ok(Json(StatusBody {
         id: s.id,
         name: state.config.name.clone(),
-        role: role_name(s.role),
+        role: if s.removed {
+            "removed"
+        } else {
+            role_name(s.role)
+        },
         term: s.term,
         leader: s.leader,
         commit: s.commit_index,

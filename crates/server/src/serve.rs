@@ -24,7 +24,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use clap::Args;
-use raftwork::{BuildError, Builder};
+use raftwork::{BuildError, Builder, Node};
 use tokio::net::TcpListener;
 use tracing_subscriber::EnvFilter;
 
@@ -638,6 +638,36 @@ fn node_names(plan: &ClusterPlan, members: Arc<Members>) -> impl Fn(u64) -> Opti
     }
 }
 
+/// How long a member that applied its own removal waits before it stops:
+/// a member removed and added back replays the removal just before the
+/// re-add, which clears it (`Status::removed`).
+const REMOVED_GRACE: Duration = Duration::from_secs(3);
+
+/// Resolves once this member has been removed from the cluster (and not
+/// added back within [`REMOVED_GRACE`]); never if the node stops first.
+async fn removed(node: Node<KvStore>) {
+    let mut events = node.subscribe();
+    loop {
+        let now_removed = node.status().await.is_some_and(|s| s.removed);
+        if now_removed {
+            tokio::time::sleep(REMOVED_GRACE).await;
+            if node.status().await.is_some_and(|s| s.removed) {
+                return;
+            }
+            continue;
+        }
+        loop {
+            match events.recv().await {
+                Ok(raftwork::NodeEvent::Removed) => break,
+                Ok(_) | Err(tokio::sync::broadcast::error::RecvError::Lagged(_)) => {}
+                Err(tokio::sync::broadcast::error::RecvError::Closed) => {
+                    return std::future::pending().await
+                }
+            }
+        }
+    }
+}
+
 /// Runs `raftwork serve` until SIGTERM or SIGINT.
 pub async fn run(args: Settings, plan: ClusterPlan) -> Result<(), ServeError> {
     // Signals first: a signal during startup must not kill the process
@@ -781,11 +811,16 @@ pub async fn run(args: Settings, plan: ClusterPlan) -> Result<(), ServeError> {
     // A node that stops on its own (a fatal error) ends the process too: a
     // process that answers "shutting down" forever is never restarted.
     let watched = node.clone();
+    let removal = removed(node.clone());
     let shutdown = async move {
         tokio::select! {
             _ = sigterm.recv() => tracing::info!(signal = "SIGTERM", "shutting down"),
             _ = sigint.recv() => tracing::info!(signal = "SIGINT", "shutting down"),
             reason = watched.stopped() => tracing::error!(?reason, "the node stopped; shutting down"),
+            () = removal => tracing::error!(
+                "this member was removed from the cluster; stopping (its data dir stays; to \
+                 bring it back, wipe the data dir and add it again)"
+            ),
         }
     };
     // TCP_NODELAY, TLS when configured, and the caller's certificate for

@@ -237,6 +237,39 @@ fn a_fourth_node_joins_as_a_learner_is_promoted_leads_and_is_removed() {
     put(&mut ms[2], "after-remove", "z");
     let (status, _) = ms[1].req("POST", "/cluster/members/n4/promote", b"");
     assert_eq!(status, 404);
+
+    // n4 learns of its removal: its health check fails and its status
+    // says so, then it stops on its own, saying why (exit 0: a supervisor
+    // must not restart it into the same removal).
+    let deadline = Instant::now() + GUARD;
+    loop {
+        let health = request(ms[3].api, "GET", "/healthz", b"").ok();
+        let status = request(ms[3].api, "GET", "/v1/status", b"").ok();
+        if let (Some((503, text)), Some((200, st))) = (health, status) {
+            assert!(String::from_utf8_lossy(&text).contains("removed from the cluster"));
+            assert_eq!(json(&st)["role"], "removed");
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "n4 still healthy:\n{}",
+            ms[3].logs()
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    let child = ms[3].child.as_mut().unwrap();
+    let exit = loop {
+        if let Some(exit) = child.try_wait().unwrap() {
+            break exit;
+        }
+        assert!(Instant::now() < deadline, "n4 did not stop");
+        std::thread::sleep(Duration::from_millis(100));
+    };
+    ms[3].child = None;
+    assert!(exit.success(), "{exit}:\n{}", ms[3].logs());
+    assert!(ms[3]
+        .logs()
+        .contains("this member was removed from the cluster; stopping"));
 }
 
 #[test]
