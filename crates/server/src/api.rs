@@ -1207,6 +1207,7 @@ async fn put_key(
         (None, None) => None,
     };
     let value = read_value(&headers, body).await?;
+    let create_only = matches!(expect, Some(Expect::Absent));
     let command = match expect {
         None => KvCommand::Put { key, value },
         Some(expect) => KvCommand::Cas { key, expect, value },
@@ -1218,6 +1219,9 @@ async fn put_key(
             StatusCode::PRECONDITION_FAILED,
             match current {
                 None => "compare failed: the key does not exist".to_string(),
+                Some(_) if create_only => {
+                    "compare failed: the key already exists (prev_exist=false)".to_string()
+                }
                 Some(_) => "compare failed: the key's value does not match".to_string(),
             },
         )),

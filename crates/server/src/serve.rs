@@ -450,6 +450,23 @@ impl ServeArgs {
                     .into(),
             );
         }
+        let api_addr = self
+            .api_addr
+            .or(file.api_addr)
+            .unwrap_or_else(|| DEFAULT_API_ADDR.parse().expect("valid default"));
+        // Other members and clients dial what a member advertises: a
+        // wildcard address (0.0.0.0, ::) reaches no one.
+        refuse_unspecified(
+            "--advertise-peer-addr (default: --peer-addr)",
+            &advertise_peer_addr,
+        )?;
+        match &advertise_api_addr {
+            Some(a) => refuse_unspecified("--advertise-api-addr", a)?,
+            None => refuse_unspecified(
+                "--advertise-api-addr (default: --api-addr)",
+                &api_addr.to_string(),
+            )?,
+        }
         Ok(Settings {
             peer_tls,
             client_tls,
@@ -466,10 +483,7 @@ impl ServeArgs {
                 .or(file.data_dir)
                 .unwrap_or_else(|| PathBuf::from(DEFAULT_DATA_DIR)),
             peer_addr,
-            api_addr: self
-                .api_addr
-                .or(file.api_addr)
-                .unwrap_or_else(|| DEFAULT_API_ADDR.parse().expect("valid default")),
+            api_addr,
             log_level,
             request_timeout_ms,
             wal_segment_bytes: match self.wal_segment_bytes {
@@ -635,6 +649,19 @@ fn node_names(plan: &ClusterPlan, members: Arc<Members>) -> impl Fn(u64) -> Opti
             .cloned()
             .or_else(|| members.get(id).map(|m| m.name))
             .filter(|name| member_id(&token, name) == id)
+    }
+}
+
+/// Refuses an advertised `host:port` whose host is a wildcard address.
+fn refuse_unspecified(what: &str, addr: &str) -> Result<(), String> {
+    let host = addr.rsplit_once(':').map_or(addr, |(h, _)| h);
+    let host = host.trim_start_matches('[').trim_end_matches(']');
+    match host.parse::<std::net::IpAddr>() {
+        Ok(ip) if ip.is_unspecified() => Err(format!(
+            "{what} is {addr}, a wildcard address that no other member or client can dial: \
+             advertise this host's reachable address"
+        )),
+        _ => Ok(()),
     }
 }
 

@@ -319,11 +319,18 @@ fn put_get_delete_list_and_cas() {
     );
     let r = s.req("PUT", "/v1/kv/lock?prev_exist=false", b"b");
     assert_eq!(r.status, 412);
-    assert!(r.error().contains("compare failed"));
+    assert_eq!(
+        r.error(),
+        "compare failed: the key already exists (prev_exist=false)"
+    );
     assert_eq!(s.req("GET", "/v1/kv/lock", b"").body, b"a");
     // Swap on the exact previous value.
     let r = s.req("PUT", "/v1/kv/lock?prev_value=wrong", b"b");
     assert_eq!(r.status, 412);
+    assert_eq!(r.error(), "compare failed: the key's value does not match");
+    let r = s.req("PUT", "/v1/kv/absent?prev_exist=true", b"b");
+    assert_eq!(r.status, 412);
+    assert_eq!(r.error(), "compare failed: the key does not exist");
     let r = s.req("PUT", "/v1/kv/lock?prev_value=a", b"b");
     assert_eq!(r.status, 200, "{}", r.text());
     assert!(r.json()["index"].as_u64().is_some());
@@ -631,6 +638,27 @@ fn bad_flags_fail_clearly_and_write_nothing() {
                 "old",
             ],
             "--initial-cluster-state",
+        ),
+        // Wildcard addresses cannot be advertised: no one can dial them.
+        (
+            &["serve", "--data-dir", data_s, "--api-addr", "0.0.0.0:0"],
+            "--advertise-api-addr (default: --api-addr) is 0.0.0.0:0, a wildcard address",
+        ),
+        (
+            &["serve", "--data-dir", data_s, "--peer-addr", "[::]:0"],
+            "--advertise-peer-addr (default: --peer-addr) is [::]:0, a wildcard address",
+        ),
+        (
+            &[
+                "serve",
+                "--data-dir",
+                data_s,
+                "--api-addr",
+                "0.0.0.0:0",
+                "--advertise-api-addr",
+                "0.0.0.0:8080",
+            ],
+            "--advertise-api-addr is 0.0.0.0:8080",
         ),
         (
             &[
