@@ -598,6 +598,14 @@ pub enum ServeError {
         /// Why.
         source: std::io::Error,
     },
+    /// The peer address could not be bound.
+    #[error("cannot listen for peers on {addr}: {source}")]
+    PeerListen {
+        /// The address.
+        addr: SocketAddr,
+        /// Why.
+        source: std::io::Error,
+    },
     /// The node could not start.
     #[error("cannot start the node (data dir {dir}): {source}")]
     Build {
@@ -711,6 +719,15 @@ pub async fn run(args: Settings, plan: ClusterPlan) -> Result<(), ServeError> {
                 addr: args.api_addr,
                 source,
             })?;
+    // The peer port too, before anything is written: a port in use must
+    // not leave a half-made data dir behind. (The transport binds it again
+    // when the node starts; this probe only catches the common case.)
+    drop(
+        std::net::TcpListener::bind(args.peer_addr).map_err(|source| ServeError::PeerListen {
+            addr: args.peer_addr,
+            source,
+        })?,
+    );
     let api_addr = listener.local_addr().map_err(ServeError::Serve)?;
 
     plan.persist(&args.data_dir)

@@ -715,6 +715,24 @@ fn bad_flags_fail_clearly_and_write_nothing() {
     assert_eq!(out.status.code(), Some(1));
     assert!(String::from_utf8_lossy(&out.stderr).contains(&busy_addr));
     assert!(!data.exists());
+    // The peer address in use: the same.
+    let api = format!("127.0.0.1:{}", free_port());
+    let out = run_bad(&[
+        "serve",
+        "--data-dir",
+        data_s,
+        "--api-addr",
+        &api,
+        "--peer-addr",
+        &busy_addr,
+    ]);
+    assert_eq!(out.status.code(), Some(1));
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        stderr.contains(&format!("cannot listen for peers on {busy_addr}")),
+        "{stderr}"
+    );
+    assert!(!data.exists());
 
     // A bad config file: exit 2, the file named, nothing written.
     let config = tmp.path().join("bad.toml");
