@@ -1720,22 +1720,13 @@ pub(crate) async fn drop_pending(state: &AppState, peer_addr: &str) -> ApiResult
             format!("no member waits at {peer_addr}"),
         ));
     };
-    let dropped = Slot {
-        dropped: true,
-        ..slot.clone()
-    };
-    crate::members::cas(
-        &state.node,
-        crate::members::pending_key(peer_addr),
-        Expect::Value(slot.encode()),
-        dropped.encode(),
-    )
-    .await
-    .map_err(|e| {
-        conflict(format!(
-            "the member added at {peer_addr} is joining ({e}); remove it once it has joined"
-        ))
-    })?;
+    crate::members::drop_slot(&state.node, &slot)
+        .await
+        .map_err(|e| {
+            conflict(format!(
+                "the member added at {peer_addr} is joining ({e}); remove it once it has joined"
+            ))
+        })?;
     tracing::info!(peer_addr = %peer_addr, "member added by peer address removed before it joined");
     Ok(())
 }
@@ -1953,19 +1944,7 @@ pub(crate) async fn remove_here(
         if slot.claimed_by != Some(id) || slot.dropped {
             continue;
         }
-        let dropped = Slot {
-            dropped: true,
-            ..slot.clone()
-        };
-        let key = crate::members::pending_key(&slot.peer_addr);
-        if let Err(e) = crate::members::cas(
-            &state.node,
-            key,
-            Expect::Value(slot.encode()),
-            dropped.encode(),
-        )
-        .await
-        {
+        if let Err(e) = crate::members::drop_slot(&state.node, &slot).await {
             tracing::warn!(id, error = %e, "the removed member's slot stays");
         }
     }

@@ -502,6 +502,22 @@ async fn write_noted_record(
     Ok(())
 }
 
+/// Marks `slot` dropped, if it is still exactly as read (see the module
+/// header); `Err` if it changed meanwhile.
+pub(crate) async fn drop_slot(node: &Node<KvStore>, slot: &Slot) -> Result<(), String> {
+    let dropped = Slot {
+        dropped: true,
+        ..slot.clone()
+    };
+    cas(
+        node,
+        pending_key(&slot.peer_addr),
+        Expect::Value(slot.encode()),
+        dropped.encode(),
+    )
+    .await
+}
+
 /// Proposes a compare-and-set of `key`; `Err` if it was refused.
 pub(crate) async fn cas(
     node: &Node<KvStore>,

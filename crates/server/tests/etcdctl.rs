@@ -293,6 +293,24 @@ fn start_etcd(dir: &Path) -> Etcd {
     etcd
 }
 
+/// Runs `f` against a 3-member etcd, then a 3-member raftwork, each in
+/// its own temp dir; what it returned for each, etcd's first.
+fn on_both<T>(mut f: impl FnMut(&mut dyn Target, &Path) -> T) -> Vec<T> {
+    let dir = tempfile::tempdir().unwrap();
+    ["etcd", "raftwork"]
+        .into_iter()
+        .map(|kind| {
+            let d = dir.path().join(kind);
+            std::fs::create_dir_all(&d).unwrap();
+            let mut target: Box<dyn Target> = match kind {
+                "etcd" => Box::new(start_etcd(&d)),
+                _ => Box::new(start_raftwork(&d)),
+            };
+            f(target.as_mut(), &d)
+        })
+        .collect()
+}
+
 /// The cluster's current revision.
 fn revision(t: &dyn Target) -> i64 {
     let (ok, out, err) = etcdctl(
@@ -778,20 +796,11 @@ fn watch_lock_and_elect_through_failures_as_on_etcd() {
     if !tools_present() {
         return;
     }
-    let dir = tempfile::tempdir().unwrap();
-    let mut results = Vec::new();
-    for kind in ["etcd", "raftwork"] {
-        let d = dir.path().join(kind);
-        std::fs::create_dir_all(&d).unwrap();
-        let mut target: Box<dyn Target> = match kind {
-            "etcd" => Box::new(start_etcd(&d)),
-            _ => Box::new(start_raftwork(&d)),
-        };
-        lock_and_elect(target.as_ref(), &d);
-        eprintln!("{kind}: watch");
-        let watched = watch_through_a_leader_kill(target.as_mut(), &d);
-        results.push(watched);
-    }
+    let results = on_both(|target, d| {
+        lock_and_elect(target, d);
+        eprintln!("{}: watch", target.name());
+        watch_through_a_leader_kill(target, d)
+    });
     // Both watchers saw the puts of the script in order; a put tried again
     // after an unknown outcome may show twice, under another value.
     for w in &results {
@@ -1139,16 +1148,7 @@ fn hashkv_move_leader_and_member_remove_as_on_etcd() {
     if !tools_present() {
         return;
     }
-    let dir = tempfile::tempdir().unwrap();
-    for kind in ["etcd", "raftwork"] {
-        let d = dir.path().join(kind);
-        std::fs::create_dir_all(&d).unwrap();
-        let target: Box<dyn Target> = match kind {
-            "etcd" => Box::new(start_etcd(&d)),
-            _ => Box::new(start_raftwork(&d)),
-        };
-        hashkv_move_leader_and_remove(target.as_ref());
-    }
+    on_both(|target, _| hashkv_move_leader_and_remove(target));
 }
 
 /// `etcdctl member` through a member's life: added as a learner by its
@@ -1318,17 +1318,7 @@ fn etcdctl_member_commands_as_on_etcd() {
     if !tools_present() {
         return;
     }
-    let dir = tempfile::tempdir().unwrap();
-    let mut transcripts = Vec::new();
-    for kind in ["etcd", "raftwork"] {
-        let d = dir.path().join(kind);
-        std::fs::create_dir_all(&d).unwrap();
-        let mut target: Box<dyn Target> = match kind {
-            "etcd" => Box::new(start_etcd(&d)),
-            _ => Box::new(start_raftwork(&d)),
-        };
-        transcripts.push(membership_session(target.as_mut(), &d));
-    }
+    let transcripts = on_both(membership_session);
     let (want, got) = (&transcripts[0], &transcripts[1]);
     eprintln!("{}", want.join("\n\n"));
     for (w, g) in want.iter().zip(got) {
@@ -1461,16 +1451,9 @@ fn the_aetcd_python_client_works_as_against_etcd() {
         return;
     };
     let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/clients/aetcd_session.py");
-    let dir = tempfile::tempdir().unwrap();
-    let mut transcripts = Vec::new();
-    for kind in ["etcd", "raftwork"] {
-        let d = dir.path().join(kind);
-        std::fs::create_dir_all(&d).unwrap();
-        let target: Box<dyn Target> = match kind {
-            "etcd" => Box::new(start_etcd(&d)),
-            _ => Box::new(start_raftwork(&d)),
-        };
-        let leader = leader_index(target.as_ref(), &[0, 1, 2]);
+    let transcripts = on_both(|target, _| {
+        let kind = target.name();
+        let leader = leader_index(target, &[0, 1, 2]);
         let follower = target.endpoint((leader + 1) % 3);
         let (host, port) = follower
             .trim_start_matches("http://")
@@ -1487,8 +1470,8 @@ fn the_aetcd_python_client_works_as_against_etcd() {
             String::from_utf8_lossy(&out.stderr),
             target.logs()
         );
-        transcripts.push(String::from_utf8(out.stdout).unwrap());
-    }
+        String::from_utf8(out.stdout).unwrap()
+    });
     eprintln!("{}", transcripts[0]);
     assert_eq!(
         transcripts[1], transcripts[0],

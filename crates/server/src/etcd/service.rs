@@ -808,7 +808,6 @@ impl Etcd {
             }))
             .collect();
         members.sort_by_key(|m| m.id);
-        members.dedup_by_key(|m| m.id);
         Ok(members)
     }
 
