@@ -134,11 +134,19 @@ pub enum BuildError {
         #[source]
         source: std::io::Error,
     },
+    /// A tool that makes a data dir (`seed_data_dir`) found one that is
+    /// not empty; nothing was written.
+    #[error("data dir {} is not empty; refusing to write into it", .0.display())]
+    DataDirNotEmpty(PathBuf),
 }
 
 /// Checks (or, in a new data dir, writes) the `NODE` file naming the node
 /// and group the data dir belongs to.
-fn check_identity(dir: &std::path::Path, id: NodeId, group_id: u64) -> Result<(), BuildError> {
+pub(crate) fn check_identity(
+    dir: &std::path::Path,
+    id: NodeId,
+    group_id: u64,
+) -> Result<(), BuildError> {
     let path = dir.join("NODE");
     let want = format!("node={id} group={group_id}\n");
     let io = |source| StorageError::Io {
@@ -416,17 +424,18 @@ impl<SM: StateMachine, S: LogStore> Builder<SM, S> {
             }
             bootstrapped = bootstrap(&store, config.core.group_id, voters)?;
         }
-        let (applied_index, sessions) = match bootstrapped {
-            Some(applied) => (applied, SessionTable::new(config.sessions)),
+        let (applied_index, applied_term, sessions) = match bootstrapped {
+            // The bootstrap entries are at term 1.
+            Some(applied) => (applied, 1, SessionTable::new(config.sessions)),
             None => {
-                let (index, _, sessions) = restore_from_snapshot(
+                let (index, term, sessions) = restore_from_snapshot(
                     &store,
                     config.core.group_id,
                     snapshots.as_ref(),
                     &mut state_machine,
                     config.sessions,
                 )?;
-                (index, sessions)
+                (index, term, sessions)
             }
         };
         config.core.applied_index = applied_index;
@@ -486,6 +495,7 @@ impl<SM: StateMachine, S: LogStore> Builder<SM, S> {
             session_config: config.sessions,
             snapshots: snapshots.clone(),
             applied_index,
+            applied_term,
             events: applied_tx,
         };
         let (events, _) = broadcast::channel(1024);

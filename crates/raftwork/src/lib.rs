@@ -54,12 +54,16 @@ mod builder;
 mod logging;
 mod node;
 mod runtime;
+mod seed;
 mod session;
 mod state_machine;
 
 pub use builder::{BuildError, Builder, Config, DataDir, TransportKind};
 pub use logging::{raft_logger, TracingDrain};
-pub use node::{FatalReason, Node, NoteError, SnapshotError, Stopped, WaitError, NOTE_BYTES_MAX};
+pub use node::{
+    AppliedAt, FatalReason, Node, NoteError, SnapshotError, Stopped, WaitError, NOTE_BYTES_MAX,
+};
+pub use seed::{seed_data_dir, Seed};
 pub use session::{Session, SessionId, SessionToken, SESSION_RETRY_TIMEOUT};
 pub use state_machine::{Command, ResponseBytes, StateMachine};
 

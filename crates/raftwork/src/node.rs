@@ -19,8 +19,18 @@ use tokio::task::JoinHandle;
 use crate::session::{Session, SessionProposal, SessionReply, SessionToken};
 use crate::state_machine::StateMachine;
 
-/// A read to run against the state machine, or the reason it cannot run.
-pub(crate) type ReadFn<SM> = Box<dyn FnOnce(Result<&SM, ReadError>) + Send>;
+/// A read to run against the state machine at the point it has applied, or
+/// the reason it cannot run.
+pub(crate) type ReadFn<SM> = Box<dyn FnOnce(Result<(&SM, AppliedAt), ReadError>) + Send>;
+
+/// The last log entry a state machine has applied: where a read ran.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub struct AppliedAt {
+    /// Its index.
+    pub index: u64,
+    /// Its term.
+    pub term: u64,
+}
 /// Where a proposal's outcome goes.
 pub(crate) type ProposeReply<SM> =
     oneshot::Sender<Result<(u64, <SM as StateMachine>::Response), ProposeError>>;
@@ -332,7 +342,7 @@ impl<SM: StateMachine> Node<SM> {
         F: FnOnce(&SM) -> R + Send + 'static,
         R: Send + 'static,
     {
-        self.run_read(f, false).await
+        self.run_read(move |sm, _| f(sm), false).await
     }
 
     /// Runs `f` on the local state machine as it is now: no ReadIndex round,
@@ -342,17 +352,28 @@ impl<SM: StateMachine> Node<SM> {
         F: FnOnce(&SM) -> R + Send + 'static,
         R: Send + 'static,
     {
-        self.run_read(f, true).await
+        self.run_read(move |sm, _| f(sm), true).await
+    }
+
+    /// [`Node::read`] that also tells `f` the point the state machine is
+    /// at (the last entry it applied): for a consistent copy of the state
+    /// with its place in the log, such as a backup.
+    pub async fn read_at<R, F>(&self, f: F) -> Result<R, ReadError>
+    where
+        F: FnOnce(&SM, AppliedAt) -> R + Send + 'static,
+        R: Send + 'static,
+    {
+        self.run_read(f, false).await
     }
 
     async fn run_read<R, F>(&self, f: F, stale: bool) -> Result<R, ReadError>
     where
-        F: FnOnce(&SM) -> R + Send + 'static,
+        F: FnOnce(&SM, AppliedAt) -> R + Send + 'static,
         R: Send + 'static,
     {
         let (tx, rx) = oneshot::channel();
         let read: ReadFn<SM> = Box::new(move |sm| {
-            let _ = tx.send(sm.map(f));
+            let _ = tx.send(sm.map(|(sm, at)| f(sm, at)));
         });
         let request = if stale {
             Request::StaleRead { read }

@@ -31,7 +31,7 @@ use raftwork_transport::{Envelope, Inbound, Inbox, Transport};
 use tokio::sync::{broadcast, mpsc, oneshot};
 
 use crate::node::{
-    panic_message, FatalReason, ProposeReply, ReadFn, Request, SnapshotError, Stopped,
+    panic_message, AppliedAt, FatalReason, ProposeReply, ReadFn, Request, SnapshotError, Stopped,
 };
 use crate::session::{SessionKey, SessionProposal, SessionReply, FORWARD_CONTEXT};
 use crate::state_machine::{Command, ResponseBytes, StateMachine};
@@ -105,6 +105,8 @@ pub(crate) struct Applier<SM: StateMachine> {
     pub(crate) session_config: SessionConfig,
     pub(crate) snapshots: Arc<dyn SnapshotStore>,
     pub(crate) applied_index: u64,
+    /// The term of the entry at `applied_index`.
+    pub(crate) applied_term: u64,
     pub(crate) events: mpsc::UnboundedSender<ApplyEvent>,
 }
 
@@ -142,7 +144,7 @@ impl<SM: StateMachine> Applier<SM> {
                 let Some(last) = batch.entries.last() else {
                     return Ok(());
                 };
-                let index = last.index;
+                let (index, term) = (last.index, last.term);
                 apply_batch(
                     &mut self.sm,
                     &mut self.sessions,
@@ -151,6 +153,7 @@ impl<SM: StateMachine> Applier<SM> {
                     session_replies,
                 );
                 self.applied_index = index;
+                self.applied_term = term;
                 let _ = self.events.send(ApplyEvent::Applied(index));
             }
             ApplyMsg::Restore(meta) => {
@@ -168,11 +171,16 @@ impl<SM: StateMachine> Applier<SM> {
                     crate::session::restore(&mut self.sm, self.session_config, &mut reader)
                         .map_err(|e| restore_failed(e.to_string()))?;
                 self.applied_index = meta.index;
+                self.applied_term = meta.term;
                 let _ = self.events.send(ApplyEvent::Applied(meta.index));
             }
             ApplyMsg::Reads(reads) => {
+                let at = AppliedAt {
+                    index: self.applied_index,
+                    term: self.applied_term,
+                };
                 for read in reads {
-                    read(Ok(&self.sm));
+                    read(Ok((&self.sm, at)));
                 }
             }
             ApplyMsg::TakeSnapshot { metadata, id } => {

@@ -401,3 +401,84 @@ async fn another_node_id_on_the_same_data_dir_is_refused() {
     assert_eq!(fingerprint(&node).await.1, 5);
     node.shutdown().await;
 }
+
+/// A backup restored into a new cluster: three data dirs seeded from one
+/// node's state (read with the point it stands at) start as a cluster that
+/// holds that state, elects a leader and takes writes; a non-empty dir is
+/// refused and left as it was.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn data_dirs_seeded_from_a_state_start_a_new_cluster_with_it() {
+    init_logging();
+    let old_dir = tempfile::tempdir().unwrap();
+    let net = MemNetwork::new();
+    let old = durable(&net, 1, &[1], old_dir.path()).unwrap();
+    old.wait_for_leader(WAIT).await.unwrap();
+    let last = write(&old, 1, 150).await;
+    let (state, at) = old
+        .read_at(|sm: &HashSm, at| (sm.clone(), at))
+        .await
+        .unwrap();
+    assert!(at.index >= last, "the read ran at {at:?}, before {last}");
+    assert!(at.term >= 1);
+    let want = (state.hash, state.count);
+    old.shutdown().await;
+
+    let voters = [11, 12, 13];
+    let new_dirs: Vec<_> = (0..3).map(|_| tempfile::tempdir().unwrap()).collect();
+    for (dir, &id) in new_dirs.iter().zip(&voters) {
+        let seed = raftwork::Seed {
+            id,
+            voters: voters.to_vec(),
+            index: at.index,
+            term: at.term,
+        };
+        raftwork::seed_data_dir(
+            dir.path(),
+            &seed,
+            &raftwork::Config::default(),
+            WalOptions::default(),
+            &state,
+        )
+        .unwrap();
+        // A second seed into the same dir is refused.
+        let again = raftwork::seed_data_dir(
+            dir.path(),
+            &seed,
+            &raftwork::Config::default(),
+            WalOptions::default(),
+            &state,
+        );
+        assert!(
+            matches!(again, Err(BuildError::DataDirNotEmpty(_))),
+            "{again:?}"
+        );
+    }
+    let net = MemNetwork::new();
+    let nodes: Vec<_> = new_dirs
+        .iter()
+        .zip(&voters)
+        .map(|(dir, &id)| durable(&net, id, &voters, dir.path()).unwrap())
+        .collect();
+    let leader = nodes[0].wait_for_leader(WAIT).await.unwrap();
+    let leader = nodes.iter().find(|n| n.id() == leader).unwrap();
+    for n in &nodes {
+        assert_eq!(fingerprint(n).await, want, "node {} after the seed", n.id());
+        let st = n.status().await.unwrap();
+        let mut members = st.voters.clone();
+        members.sort_unstable();
+        assert_eq!(members, voters.to_vec(), "node {}", n.id());
+    }
+    let index = write(leader, 1000, 1010).await;
+    assert!(index > at.index);
+    for n in &nodes {
+        wait_applied(n, index).await;
+    }
+    let after = fingerprint(&nodes[0]).await;
+    assert_eq!(after.1, want.1 + 11);
+    for n in &nodes {
+        assert_eq!(fingerprint(n).await, after);
+    }
+    for n in &nodes {
+        n.shutdown().await;
+    }
+}

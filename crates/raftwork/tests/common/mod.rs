@@ -9,7 +9,7 @@ use std::time::Duration;
 use raftwork::{Builder, Command, MemLogStore, MemNetwork, Node, NodeId, StateMachine};
 
 /// Records every command; its hash is a fingerprint of the applied history.
-#[derive(Default)]
+#[derive(Default, Clone)]
 pub struct HashSm {
     /// FNV-1a over (index, data) of every command applied.
     pub hash: u64,
