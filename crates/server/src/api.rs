@@ -254,6 +254,7 @@ pub fn router(node: Node<KvStore>, config: ApiConfig) -> Router {
             "/cluster/transfer-leader",
             axum::routing::post(transfer_leader),
         )
+        .route("/v1/snapshot", get(snapshot))
         .route("/v1/sessions", axum::routing::post(open_session))
         .route("/v1/sessions/{token}", axum::routing::delete(close_session))
         .route("/v1/kv", get(list))
@@ -871,6 +872,79 @@ where
     tokio::time::timeout(timeout, reading)
         .await
         .unwrap_or_else(|_| Err(no_leader(timeout)))
+}
+
+/// `GET /v1/snapshot`: a backup of the whole key space (the file format
+/// of [`crate::backup`]), from a linearizable read on this member: the
+/// state it holds is the cluster's at one point, with that point's log
+/// index and term. Admin only under `--admin-identities` (it holds every
+/// key). Built in memory, as the state machine is.
+async fn snapshot(
+    State(state): State<Shared>,
+    caller: Caller,
+    uri: Uri,
+    headers: HeaderMap,
+) -> ApiResult<Response> {
+    use raftwork::StateMachine as _;
+    Params::parse(&uri, &[])?;
+    authorize_admin(&state, &caller, &headers)?;
+    let timeout = state.config.request_timeout;
+    let capture = |kv: &KvStore, at: raftwork::AppliedAt| {
+        let mut data = Vec::new();
+        let written = kv.snapshot(&mut data).map(|()| data);
+        let m = kv.mvcc();
+        (
+            written,
+            at,
+            m.revision(),
+            m.compacted_revision(),
+            kv.len() as u64,
+        )
+    };
+    let reading = with_leader(&state, || async {
+        state.node.read_at(capture).await.map_err(read_error)
+    });
+    let (data, at, revision, compact_revision, keys) = tokio::time::timeout(timeout, reading)
+        .await
+        .unwrap_or_else(|_| Err(no_leader(timeout)))?;
+    let data = data.map_err(|e| ApiError::new(StatusCode::INTERNAL_SERVER_ERROR, e.to_string()))?;
+    let st = state.node.status().await.ok_or_else(shutting_down)?;
+    let records = state.config.members.all();
+    let member = |id: u64, learner: bool| {
+        let r = records.get(&id);
+        crate::backup::Member {
+            id: id.to_string(),
+            name: r.map(|r| r.name.clone()),
+            peer_addr: r.map(|r| r.peer_addr.clone()),
+            api_url: r.map(|r| r.api_url.clone()),
+            learner,
+        }
+    };
+    let members = st
+        .voters
+        .iter()
+        .map(|&id| member(id, false))
+        .chain(st.learners.iter().map(|&id| member(id, true)))
+        .collect();
+    let meta = crate::backup::Meta {
+        cluster_token: state.config.token.clone(),
+        taken_from: state.config.name.clone(),
+        index: at.index,
+        term: at.term,
+        revision,
+        compact_revision,
+        keys,
+        members,
+        created_unix_ms: SystemTime::now()
+            .duration_since(SystemTime::UNIX_EPOCH)
+            .map_or(0, |d| d.as_millis() as u64),
+        server_version: env!("CARGO_PKG_VERSION").to_string(),
+    };
+    Ok((
+        [(header::CONTENT_TYPE, "application/octet-stream")],
+        Bytes::from(crate::backup::encode(&meta, &data)),
+    )
+        .into_response())
 }
 
 // ---------- forwarding to the leader ----------

@@ -253,6 +253,8 @@ struct Call<'a> {
     raw_body: &'a [u8],
     headers: Vec<(&'static str, String)>,
     resend: Resend,
+    /// Largest answer read (None: the client's default).
+    response_bytes_max: Option<usize>,
 }
 
 impl<'a> Call<'a> {
@@ -263,6 +265,7 @@ impl<'a> Call<'a> {
             json_body: None,
             raw_body: b"",
             headers: Vec::new(),
+            response_bytes_max: None,
             resend: if method == "GET" {
                 Resend::Always
             } else {
@@ -283,8 +286,11 @@ async fn call_with(conn: &Conn, call: Call<'_>) -> Result<HttpResponse, Failure>
     let mut errors = Vec::new();
     // Connecting gives up sooner than waiting for an answer, so that a
     // node that is down reads as "not sent" and the next one is tried.
-    let http =
+    let mut http =
         HttpClient::with_tls((timeout / 2).min(CONNECT_TIMEOUT), &conn.tls()?).map_err(Failure)?;
+    if let Some(max) = call.response_bytes_max {
+        http = http.reading_up_to(max);
+    }
     for url in &conn.endpoints {
         let out = Outgoing {
             method: call.method,
@@ -610,6 +616,200 @@ pub fn status(args: StatusArgs) -> ExitCode {
         let text = serde_json::to_string_pretty(&v).unwrap_or_default();
         out(format!("{text}\n").as_bytes())
     })
+}
+
+/// `raftwork snapshot ...`.
+#[derive(Debug, Args)]
+pub struct SnapshotArgs {
+    #[command(subcommand)]
+    command: SnapshotCommand,
+}
+
+#[derive(Debug, Subcommand)]
+enum SnapshotCommand {
+    /// Write a backup of the cluster's whole key space into FILE (from a
+    /// linearizable read on the first endpoint that answers; checksummed,
+    /// with the cluster, log index, term and members).
+    Save {
+        #[command(flatten)]
+        conn: Conn,
+        /// The file to write (refused if it exists).
+        file: std::path::PathBuf,
+    },
+    /// Check a backup file and print what it holds.
+    Status {
+        /// The backup file (or a file from `etcdctl snapshot save` against
+        /// raftwork).
+        file: std::path::PathBuf,
+        /// Output format.
+        #[arg(short = 'w', long = "write-out", value_enum, default_value_t = Format::Table)]
+        write_out: Format,
+    },
+    /// Make a new cluster member's data dir from a backup; run it once per
+    /// member with the same FILE, --initial-cluster and token, then start
+    /// each member with `raftwork serve --name N --data-dir DIR` (the data
+    /// dir remembers the rest).
+    Restore {
+        /// The backup file.
+        file: std::path::PathBuf,
+        /// This member's name.
+        #[arg(long, value_parser = crate::serve::parse_name)]
+        name: String,
+        /// The new cluster's members: name=host:port,... (peer addresses).
+        #[arg(long)]
+        initial_cluster: String,
+        /// The new cluster's token; must differ from the backed-up
+        /// cluster's [default: its token with "-restored" appended].
+        #[arg(long, value_parser = crate::serve::parse_name)]
+        initial_cluster_token: Option<String>,
+        /// Where this member's data dir goes (must not exist, or be empty).
+        #[arg(long)]
+        data_dir: std::path::PathBuf,
+    },
+}
+
+/// `-w` of the commands that print a record.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum Format {
+    /// Aligned text.
+    Table,
+    /// One JSON object.
+    Json,
+}
+
+/// Largest backup `snapshot save` reads.
+const BACKUP_BYTES_MAX: usize = 64 << 30;
+
+/// Runs `raftwork snapshot ...`: exit 0, 1 on failure (a damaged file
+/// included), 2 on bad arguments.
+pub fn snapshot(args: SnapshotArgs) -> ExitCode {
+    match args.command {
+        SnapshotCommand::Save { conn, file } => block_on(async move {
+            let r = call_with(
+                &conn,
+                Call {
+                    response_bytes_max: Some(BACKUP_BYTES_MAX),
+                    ..Call::new("GET", "/v1/snapshot")
+                },
+            )
+            .await?;
+            let bytes = success(r)?;
+            // Checked before it is kept: a backup that does not read back
+            // is no backup.
+            let backup = crate::backup::decode(&file, &bytes)
+                .map_err(|e| Failure(format!("the server's backup does not check: {e}")))?;
+            crate::backup::write_file(&file, &bytes).map_err(|e| Failure(e.to_string()))?;
+            let summary = backup_summary(&backup);
+            out(format!(
+                "saved {} ({} bytes): revision {}, {} keys, log index {}\n",
+                file.display(),
+                bytes.len(),
+                summary["revision"],
+                summary["keys"],
+                summary["index"]
+            )
+            .as_bytes())
+        }),
+        SnapshotCommand::Status { file, write_out } => finish((|| {
+            let backup = crate::backup::read(&file).map_err(|e| Failure(e.to_string()))?;
+            let v = backup_summary(&backup);
+            match write_out {
+                Format::Json => out(format!("{v}\n").as_bytes()),
+                Format::Table => out(record_table(&v).as_bytes()),
+            }
+        })()),
+        SnapshotCommand::Restore {
+            file,
+            name,
+            initial_cluster,
+            initial_cluster_token,
+            data_dir,
+        } => {
+            let members = match crate::cluster::parse_initial_cluster(
+                &initial_cluster,
+                crate::serve::parse_name,
+            ) {
+                Ok(m) => m,
+                Err(e) => {
+                    eprintln!("raftwork: --initial-cluster: {e}");
+                    return ExitCode::from(2);
+                }
+            };
+            finish((|| {
+                let backup = crate::backup::read(&file).map_err(|e| Failure(e.to_string()))?;
+                let token = match (&initial_cluster_token, &backup.meta) {
+                    (Some(t), _) => t.clone(),
+                    (None, Some(m)) => crate::backup::default_token(&m.cluster_token),
+                    (None, None) => {
+                        return Err(Failure(
+                            "this file carries no cluster token (an etcd API snapshot): give \
+                             --initial-cluster-token"
+                                .into(),
+                        ))
+                    }
+                };
+                crate::serve::parse_name(&token).map_err(|e| {
+                    Failure(format!(
+                        "the token {token:?} cannot be used ({e}): give --initial-cluster-token"
+                    ))
+                })?;
+                let target = crate::backup::RestoreTarget {
+                    name: name.clone(),
+                    initial_cluster: members,
+                    token: token.clone(),
+                    data_dir: data_dir.clone(),
+                };
+                let index =
+                    crate::backup::restore(backup, &target).map_err(|e| Failure(e.to_string()))?;
+                out(format!(
+                    "restored member {name} of cluster {token:?} into {} (log index {index}); \
+                     start it with: raftwork serve --name {name} --data-dir {}\n",
+                    data_dir.display(),
+                    data_dir.display()
+                )
+                .as_bytes())
+            })())
+        }
+    }
+}
+
+/// What `snapshot status` prints.
+fn backup_summary(b: &crate::backup::Backup) -> Value {
+    let m = b.meta.as_ref();
+    let mvcc = b.state.mvcc();
+    serde_json::json!({
+        "format": if m.is_some() { "raftwork backup v1" } else { "etcd API snapshot" },
+        "size_bytes": b.size_bytes,
+        "checksum": "ok",
+        "cluster_token": m.map(|m| m.cluster_token.clone()),
+        "taken_from": m.map(|m| m.taken_from.clone()),
+        "index": m.map(|m| m.index),
+        "term": m.map(|m| m.term),
+        "revision": mvcc.revision(),
+        "compact_revision": mvcc.compacted_revision(),
+        "keys": b.state.len(),
+        "members": m.map(|m| m.members.clone()),
+        "created_unix_ms": m.map(|m| m.created_unix_ms),
+        "server_version": m.map(|m| m.server_version.clone()),
+    })
+}
+
+/// A JSON object as `KEY  VALUE` lines (nested values as JSON).
+fn record_table(v: &Value) -> String {
+    let Some(fields) = v.as_object() else {
+        return format!("{v}\n");
+    };
+    let width = fields.keys().map(String::len).max().unwrap_or(0);
+    let mut text = String::new();
+    for (k, v) in fields {
+        let shown = match v {
+            Value::String(s) => s.clone(),
+            Value::Null => "-".to_string(),
+            other => other.to_string(),
+        };
+        text.push_str(&format!("{k:width$}  {shown}\n"));
+    }
+    text
 }
 
 #[cfg(test)]

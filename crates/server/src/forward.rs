@@ -105,6 +105,7 @@ pub struct Outgoing<'a> {
 pub struct HttpClient {
     inner: Client<hyper_rustls::HttpsConnector<HttpConnector>, Full<Bytes>>,
     mark_forwarded: bool,
+    max_response_bytes: usize,
 }
 
 /// What an [`HttpClient`] uses for `https://` URLs (all PEM).
@@ -184,6 +185,7 @@ impl HttpClient {
         Ok(Self {
             inner,
             mark_forwarded: false,
+            max_response_bytes: MAX_RESPONSE_BYTES,
         })
     }
 
@@ -196,6 +198,15 @@ impl HttpClient {
     pub fn marking_forwarded(self) -> Self {
         Self {
             mark_forwarded: true,
+            ..self
+        }
+    }
+
+    /// The same client, reading answers of up to `bytes` (default 64 MiB)
+    /// instead: for a backup, which holds the whole key space.
+    pub fn reading_up_to(self, bytes: usize) -> Self {
+        Self {
+            max_response_bytes: bytes,
             ..self
         }
     }
@@ -277,7 +288,7 @@ impl HttpClient {
                 .get(CONTENT_TYPE)
                 .and_then(|v| v.to_str().ok())
                 .map(str::to_string);
-            let body = Limited::new(response.into_body(), MAX_RESPONSE_BYTES)
+            let body = Limited::new(response.into_body(), self.max_response_bytes)
                 .collect()
                 .await
                 .map_err(|e| no_answer(format!("reading the answer: {e}")))?

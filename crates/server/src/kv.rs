@@ -566,6 +566,26 @@ impl KvStore {
         page
     }
 
+    /// Makes a copy of another cluster's state fit to found a new one
+    /// (restoring a backup): the server's records of the old cluster's
+    /// members and pending slots are deleted, in one revision as any delete
+    /// is, and the alarms (which name old members) are cleared. The same on
+    /// every new member, which each do it to the same backup.
+    pub fn for_new_cluster(&mut self) {
+        let reserved = crate::members::RESERVED_PREFIX;
+        let any = self
+            .mvcc
+            .current_from(reserved)
+            .next()
+            .is_some_and(|(k, _)| k.starts_with(reserved));
+        if any {
+            self.mvcc
+                .write(&[Op::DeleteRange(KeyRange::prefix(reserved.to_vec()))]);
+            self.after_write();
+        }
+        self.etcd.alarms.clear();
+    }
+
     /// Number of keys.
     pub fn len(&self) -> usize {
         self.mvcc.len()

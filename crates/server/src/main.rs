@@ -4,7 +4,7 @@ use std::process::ExitCode;
 
 use clap::{Parser, Subcommand};
 use raftwork_server::bench::{self, BenchArgs};
-use raftwork_server::client::{self, KvArgs, MemberArgs, StatusArgs};
+use raftwork_server::client::{self, KvArgs, MemberArgs, SnapshotArgs, StatusArgs};
 use raftwork_server::local::{self, LocalClusterArgs};
 use raftwork_server::serve::{init_logging, run, ServeArgs};
 use raftwork_server::tls::{self, TlsInitArgs};
@@ -36,6 +36,9 @@ enum Command {
     /// Start N nodes on loopback as child processes (data under
     /// --base-dir), print their API URLs, stop them all on Ctrl-C/SIGTERM.
     LocalCluster(LocalClusterArgs),
+    /// Backups: save the cluster's key space to a file, check a file, and
+    /// restore one into the data dirs of a new cluster.
+    Snapshot(SnapshotArgs),
     /// The answering node's status (GET /v1/status), pretty-printed.
     Status(StatusArgs),
     /// Closed-loop load: N clients putting V-byte values for D seconds
@@ -64,6 +67,7 @@ fn main() -> ExitCode {
         Command::Kv(args) => client::kv(args),
         Command::Member(args) => client::member(args),
         Command::Status(args) => client::status(args),
+        Command::Snapshot(args) => client::snapshot(args),
         Command::LocalCluster(args) => local::run(args),
         Command::Bench(args) => bench::run(args),
         Command::Tls(TlsCommand::Init(args)) => tls::run(args),

@@ -98,13 +98,16 @@ impl Member {
             .append(true)
             .open(&self.log)
             .unwrap();
-        cmd.args(["serve", "--name", &self.name, "--log-level", "info"])
-            .arg("--data-dir")
+        cmd.args(["serve", "--name", &self.name, "--log-level", "info"]);
+        // The tests' token, unless the caller gives its own.
+        if !extra.contains(&"--initial-cluster-token") {
+            cmd.args(["--initial-cluster-token", "cluster-test"]);
+        }
+        cmd.arg("--data-dir")
             .arg(&self.data)
             .args(["--api-addr", &self.api.to_string()])
             .args(["--peer-addr", &self.peer])
             .args(["--initial-cluster", initial_cluster])
-            .args(["--initial-cluster-token", "cluster-test"])
             .args(["--request-timeout-ms", "10000"])
             .args(extra)
             .stdin(Stdio::null())
