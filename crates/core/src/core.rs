@@ -74,6 +74,9 @@ pub struct Status {
     pub messages_rejected: u64,
     /// This node applied its own removal and has not been added back.
     pub removed: bool,
+    /// On a leader: how far each other member's log is known to match
+    /// its own, `(id, match index)` sorted by id; empty elsewhere.
+    pub followers_matched: Vec<(NodeId, u64)>,
 }
 
 /// A membership change request.
@@ -343,6 +346,8 @@ pub struct Core<S: LogStore> {
     logger: slog::Logger,
     config: CoreConfig,
     tick_count: u64,
+    /// When this node last stopped leading.
+    stepped_down_tick: u64,
 
     /// Proposals validated but not yet stepped into raft (flushed as one
     /// `MsgPropose` per poll, so a burst becomes one append).
@@ -448,6 +453,7 @@ impl<S: LogStore> Core<S> {
             logger: logger.clone(),
             config,
             tick_count: 0,
+            stepped_down_tick: 0,
             proposal_queue: Vec::new(),
             proposals: VecDeque::new(),
             conf_changes: VecDeque::new(),
@@ -549,6 +555,18 @@ impl<S: LogStore> Core<S> {
             learners: cs.learners,
             messages_rejected: self.messages_rejected,
             removed: self.removed,
+            followers_matched: if raft.state == StateRole::Leader {
+                let mut m: Vec<(NodeId, u64)> = raft
+                    .prs()
+                    .iter()
+                    .filter(|(&id, _)| id != self.config.id)
+                    .map(|(&id, p)| (id, p.matched))
+                    .collect();
+                m.sort_unstable();
+                m
+            } else {
+                Vec::new()
+            },
         }
     }
 
@@ -571,6 +589,26 @@ impl<S: LogStore> Core<S> {
     /// Proposals are in index order, so the oldest are at the front: this is
     /// O(expired), not O(pending).
     fn check_proposal_timers(&mut self) {
+        // Proposals left from when this node led are settled by the next
+        // leader's first append (committed or overwritten) within a
+        // heartbeat or two; if none comes (this node is cut off, or was
+        // removed), their outcome stays unknown: say so after two election
+        // timeouts rather than at the proposal timeout.
+        if self.raft_state != StateRole::Leader
+            && !self.proposals.is_empty()
+            && self.tick_count >= self.stepped_down_tick + 2 * self.config.election_ticks as u64
+        {
+            let leader_hint = (self.leader_id != 0).then_some(self.leader_id);
+            for p in std::mem::take(&mut self.proposals) {
+                self.actions.push(Action::ProposalFailed {
+                    id: p.id,
+                    error: ProposeError::NotLeader {
+                        leader_hint,
+                        in_flight: true,
+                    },
+                });
+            }
+        }
         let timeout = self.config.propose_timeout_ticks;
         while let Some(p) = self.proposals.front() {
             if self.tick_count < p.tick + timeout {
@@ -1089,6 +1127,9 @@ impl<S: LogStore> Core<S> {
                 break;
             }
         }
+        if self.raft_state != StateRole::Leader && !self.proposals.is_empty() {
+            self.drop_overwritten_proposals();
+        }
         self.maybe_leave_joint();
         self.release_confirmed_reads();
         Ok(std::mem::take(&mut self.actions))
@@ -1222,6 +1263,19 @@ impl<S: LogStore> Core<S> {
                 self.dispatched_index
             );
             batch.snapshot = Some(snap.get_metadata().clone());
+            // Proposals left from when this node led (see
+            // `fail_pending_on_step_down`) whose index the snapshot covers:
+            // whether they are in it cannot be told.
+            while self.proposals.front().is_some_and(|p| p.index <= index) {
+                let p = self.proposals.pop_front().expect("checked");
+                self.actions.push(Action::ProposalFailed {
+                    id: p.id,
+                    error: ProposeError::NotLeader {
+                        leader_hint: (self.leader_id != 0).then_some(self.leader_id),
+                        in_flight: true,
+                    },
+                });
+            }
             self.dispatched_index = index;
             self.entries_since_snapshot = 0;
             self.actions.push(Action::RestoreSnapshot(snap));
@@ -1267,6 +1321,7 @@ impl<S: LogStore> Core<S> {
         }
         if raft_state == StateRole::Leader && !was_leader {
             self.note_log_times_in_tail();
+            self.drop_overwritten_proposals();
         }
         if raft_state == StateRole::Leader && self.checked_leases() {
             let term = self.raw.raft.term;
@@ -1307,7 +1362,35 @@ impl<S: LogStore> Core<S> {
         }
     }
 
+    /// Proposals left from when this node led (see
+    /// `fail_pending_on_step_down`) whose entry is no longer in the log
+    /// were overwritten by a leader that lacks them, so they cannot have
+    /// committed: they fail as Dropped (not applied). Called as a follower
+    /// after each round of readies, and on becoming leader again: those
+    /// left are then in the log, below every index proposed from now on, so
+    /// the queue stays in index order.
+    fn drop_overwritten_proposals(&mut self) {
+        let log = &self.raw.raft.raft_log;
+        let in_log =
+            |p: &Pending| p.index <= log.last_index() && log.term(p.index).ok() == Some(p.term);
+        if self.proposals.iter().all(in_log) {
+            return;
+        }
+        let (kept, gone): (VecDeque<Pending>, VecDeque<Pending>) =
+            std::mem::take(&mut self.proposals)
+                .into_iter()
+                .partition(in_log);
+        for p in gone {
+            self.actions.push(Action::ProposalFailed {
+                id: p.id,
+                error: ProposeError::Dropped,
+            });
+        }
+        self.proposals = kept;
+    }
+
     fn fail_pending_on_step_down(&mut self) {
+        self.stepped_down_tick = self.tick_count;
         let leader_hint = (self.leader_id != 0).then_some(self.leader_id);
         for (id, _, _) in std::mem::take(&mut self.proposal_queue) {
             self.actions.push(Action::ProposalFailed {
@@ -1318,15 +1401,12 @@ impl<S: LogStore> Core<S> {
                 },
             });
         }
-        for p in std::mem::take(&mut self.proposals) {
-            self.actions.push(Action::ProposalFailed {
-                id: p.id,
-                error: ProposeError::NotLeader {
-                    leader_hint,
-                    in_flight: true,
-                },
-            });
-        }
+        // Proposals already in the log stay pending: the new leader commits
+        // them as they are (this node then applies them and they succeed) or
+        // overwrites their index (Dropped, certainly not applied). Failing
+        // them here would report an unknown outcome for what, in a graceful
+        // leadership transfer, always commits. Those not settled within two
+        // election timeouts fail as unknown (`check_proposal_timers`).
         for p in std::mem::take(&mut self.conf_changes) {
             self.actions.push(Action::ConfChangeFailed {
                 id: p.id,

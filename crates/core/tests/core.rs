@@ -271,34 +271,161 @@ fn invalid_membership_changes_are_refused_and_change_nothing() {
     );
 }
 
-#[test]
-fn losing_leadership_fails_pending_proposals_as_in_flight() {
-    let mut net = Net::new(&[1, 2, 3]);
+/// Proposes `x` on the leader without delivering anything, then ticks it
+/// alone until check-quorum makes it step down (and no further). Returns the leader and what
+/// it reported about proposal 42 meanwhile.
+fn propose_then_lose_quorum(net: &mut Net) -> (u64, Vec<Action>) {
     let leader = net.tick_until_leader();
-    // Propose, but deliver nothing: the entry cannot commit.
     net.core(leader).handle_propose(42, b"x".to_vec()).unwrap();
     let _ = net.core(leader).poll().unwrap();
-    // Check-quorum: with no answers for an election timeout, it steps down.
-    let mut failed = None;
+    let mut reported = Vec::new();
     for _ in 0..40 {
+        if net.core(leader).role() != Role::Leader {
+            break;
+        }
         net.core(leader).handle_tick();
         for a in net.core(leader).poll().unwrap() {
             match a {
                 Action::Persist { number, .. } => net.core(leader).handle_persisted(number),
-                Action::ProposalFailed { id, error } => failed = Some((id, error)),
+                a @ Action::ProposalFailed { id: 42, .. } => reported.push(a),
+                _ => {}
+            }
+        }
+    }
+    assert_ne!(
+        net.core(leader).role(),
+        Role::Leader,
+        "check-quorum stepped it down"
+    );
+    (leader, reported)
+}
+
+/// How proposal 42 was settled on node `k`: Some(true) applied as the
+/// proposal, Some(false) failed, None not yet.
+fn settled_42(net: &Net, k: usize) -> Option<bool> {
+    net.outputs[k].iter().find_map(|a| match a {
+        Action::Apply(b) if b.proposals.iter().any(|(_, id)| *id == 42) => Some(true),
+        Action::ProposalFailed { id: 42, error } => {
+            assert_eq!(
+                *error,
+                ProposeError::Dropped,
+                "only an overwrite settles it as failed"
+            );
+            Some(false)
+        }
+        _ => None,
+    })
+}
+
+/// A proposal already in the log is not failed when its leader steps down
+/// (its outcome is not unknown yet): when the same node leads again with
+/// the entry still in its log, it commits and succeeds, applied everywhere.
+#[test]
+fn a_proposal_in_the_log_outlives_a_step_down_and_commits_when_its_leader_returns() {
+    let mut net = Net::new(&[1, 2, 3]);
+    let (leader, reported) = propose_then_lose_quorum(&mut net);
+    assert!(reported.is_empty(), "{reported:?}");
+    // The others time out unheard (their campaigns are lost), so they no
+    // longer hold the old leader's lease; then only it ticks and campaigns
+    // again, and with the longest log it wins.
+    for _ in 0..20 {
+        for id in (1..=3).filter(|&id| id != leader) {
+            net.core(id).handle_tick();
+            for a in net.core(id).poll().unwrap() {
+                if let Action::Persist { number, .. } = a {
+                    net.core(id).handle_persisted(number);
+                }
+            }
+        }
+    }
+    for _ in 0..200 {
+        net.core(leader).handle_tick();
+        net.pump();
+        if net.core(leader).role() == Role::Leader {
+            break;
+        }
+    }
+    assert_eq!(net.core(leader).role(), Role::Leader);
+    net.pump();
+    assert_eq!(settled_42(&net, (leader - 1) as usize), Some(true));
+    for id in 1..=3 {
+        assert_eq!(
+            net.applied
+                .iter()
+                .filter(|(n, _, d)| *n == id && d == b"x")
+                .count(),
+            1,
+            "node {id}"
+        );
+    }
+}
+
+/// ... and when no leader reaches it (cut off, or removed), its outcome
+/// is unknown: it fails as such after two election timeouts, well before
+/// the proposal timeout.
+#[test]
+fn a_proposal_left_by_a_cut_off_leader_fails_as_unknown_after_two_election_timeouts() {
+    let mut net = Net::new(&[1, 2, 3]);
+    let (leader, reported) = propose_then_lose_quorum(&mut net);
+    assert!(reported.is_empty(), "{reported:?}");
+    let mut failed = None;
+    let mut ticks = 0;
+    while failed.is_none() && ticks < 100 {
+        net.core(leader).handle_tick();
+        ticks += 1;
+        for a in net.core(leader).poll().unwrap() {
+            match a {
+                Action::Persist { number, .. } => net.core(leader).handle_persisted(number),
+                Action::ProposalFailed { id: 42, error } => failed = Some(error),
                 _ => {}
             }
         }
     }
     assert_eq!(
         failed,
-        Some((
-            42,
-            ProposeError::NotLeader {
-                leader_hint: None,
-                in_flight: true
-            }
-        ))
+        Some(ProposeError::NotLeader {
+            leader_hint: None,
+            in_flight: true
+        })
+    );
+    let election = CoreConfig::default().election_ticks as u64;
+    assert!(ticks <= 2 * election, "after {ticks} ticks");
+}
+
+/// ... and when another node leads without the entry, its index is
+/// overwritten: the proposal fails as Dropped (certainly not applied), and
+/// no node applies it.
+#[test]
+fn a_proposal_in_the_log_fails_as_dropped_once_a_new_leader_overwrites_it() {
+    let mut net = Net::new(&[1, 2, 3]);
+    let (leader, reported) = propose_then_lose_quorum(&mut net);
+    assert!(reported.is_empty(), "{reported:?}");
+    // Only the others tick: one of them leads, without the entry.
+    let mut new_leader = None;
+    for _ in 0..200 {
+        for c in net.cores.iter_mut().filter(|c| c.id() != leader) {
+            c.handle_tick();
+        }
+        net.pump();
+        new_leader = net
+            .cores
+            .iter()
+            .find(|c| c.role() == Role::Leader)
+            .map(|c| c.id());
+        if new_leader.is_some() {
+            break;
+        }
+    }
+    assert!(new_leader.is_some_and(|l| l != leader), "{new_leader:?}");
+    net.core(new_leader.unwrap())
+        .handle_propose(7, b"y".to_vec())
+        .unwrap();
+    net.pump();
+    assert_eq!(settled_42(&net, (leader - 1) as usize), Some(false));
+    assert!(
+        net.applied.iter().all(|(_, _, d)| d != b"x"),
+        "{:?}",
+        net.applied
     );
 }
 
