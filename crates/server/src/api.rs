@@ -1014,19 +1014,44 @@ async fn forward_to(
     body: &[u8],
 ) -> ApiResult<Response> {
     let path = uri.path_and_query().map_or("/", |p| p.as_str());
-    match state
+    let timeout = state.config.request_timeout;
+    let deadline = Instant::now() + timeout;
+    let mut url = url.to_string();
+    let mut sent = state
         .config
         .http
-        .request(
-            url,
-            method,
-            path,
-            content_type,
-            body,
-            state.config.request_timeout,
-        )
-        .await
-    {
+        .request(&url, method, path, content_type, body, timeout)
+        .await;
+    // A leader that cannot be reached (it just died or is stopping) was
+    // sent nothing: wait for the next leader within the request timeout
+    // and send it there, instead of failing at once.
+    while let Err(SendError::Connect { .. }) = &sent {
+        let left = deadline.saturating_duration_since(Instant::now());
+        if left.is_zero() {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(50).min(left)).await;
+        match route(state, &HeaderMap::new()).await {
+            Ok(Some(next)) => url = next,
+            // Leadership came here: the caller's handler would run it
+            // locally; it is simplest and safe to have the client retry.
+            Ok(None) => {
+                return Err(ApiError::unavailable(
+                    "the leader changed to this node while forwarding; nothing was applied; \
+                     retry",
+                ))
+            }
+            Err(e) => return Err(e),
+        }
+        let left = deadline.saturating_duration_since(Instant::now());
+        sent = state
+            .config
+            .http
+            .request(&url, method, path, content_type, body, left)
+            .await;
+    }
+    let url = url.as_str();
+    match sent {
         Ok(r) => {
             let status =
                 StatusCode::from_u16(r.status).unwrap_or(StatusCode::INTERNAL_SERVER_ERROR);

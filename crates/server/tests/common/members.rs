@@ -122,6 +122,25 @@ impl Member {
         child.wait().unwrap();
     }
 
+    /// Sends SIGTERM and waits for the process to exit.
+    pub fn terminate(&mut self) -> std::process::ExitStatus {
+        let mut child = self.child.take().expect("running");
+        let killed = Command::new("kill")
+            .arg("-TERM")
+            .arg(child.id().to_string())
+            .status()
+            .expect("run kill");
+        assert!(killed.success());
+        child.wait().unwrap()
+    }
+
+    /// Waits until `/readyz` answers 200.
+    pub fn wait_ready(&mut self) {
+        self.wait("/readyz", |m| {
+            matches!(request(m.api, "GET", "/readyz", b""), Ok((200, _))).then_some(())
+        });
+    }
+
     pub fn logs(&self) -> String {
         std::fs::read_to_string(&self.log).unwrap_or_default()
     }
