@@ -94,7 +94,7 @@ fn a_rolling_restart_under_write_load_fails_no_write() {
                     let mut answered = false;
                     for k in 0..apis.len() {
                         // Mostly the leader: writes are in flight there.
-                        let api = if k == 0 && i % 2 == 0 {
+                        let api = if k == 0 && i.is_multiple_of(2) {
                             leader_api
                         } else {
                             apis[(i as usize + k) % apis.len()]
