@@ -10,6 +10,7 @@
 //! * [`bench`]: `raftwork bench` (closed-loop load against raftwork or etcd);
 //! * [`local`]: `raftwork local-cluster` (N child processes on loopback);
 //! * [`serve`]: `raftwork serve` (flags, logging, startup, graceful shutdown);
+//! * [`notify`]: systemd readiness (`READY=1`, `STOPPING=1` on `NOTIFY_SOCKET`);
 //! * [`wal`]: `raftwork wal inspect|repair` (the operator's view of the WAL).
 
 #![warn(missing_docs)]
@@ -27,6 +28,7 @@ pub mod listener;
 pub mod local;
 pub mod members;
 pub mod mvcc;
+pub mod notify;
 pub mod serve;
 pub mod tls;
 pub mod wal;

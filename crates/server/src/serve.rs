@@ -856,6 +856,8 @@ pub async fn run(args: Settings, plan: ClusterPlan) -> Result<(), ServeError> {
     // process that answers "shutting down" forever is never restarted.
     let watched = node.clone();
     let removal = removed(node.clone());
+    // systemd's Type=notify: READY=1 once ready, STOPPING=1 on shutdown.
+    let readiness = crate::notify::Readiness::spawn(node.clone());
     let shutdown = async move {
         tokio::select! {
             _ = sigterm.recv() => tracing::info!(signal = "SIGTERM", "shutting down"),
@@ -866,6 +868,7 @@ pub async fn run(args: Settings, plan: ClusterPlan) -> Result<(), ServeError> {
                  bring it back, wipe the data dir and add it again)"
             ),
         }
+        readiness.stopping();
     };
     // TCP_NODELAY, TLS when configured, and the caller's certificate for
     // the handlers (crate::listener).
