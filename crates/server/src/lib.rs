@@ -7,6 +7,7 @@
 //! * [`members`]: member records (names, peer addresses, API URLs) in the replicated state;
 //! * [`forward`]: the small HTTP client that forwards requests to the leader;
 //! * [`client`]: the CLI client (`raftwork kv|member|status`);
+//! * [`docs`]: `raftwork completions` and `raftwork man` (from the clap definitions);
 //! * [`bench`]: `raftwork bench` (closed-loop load against raftwork or etcd);
 //! * [`local`]: `raftwork local-cluster` (N child processes on loopback);
 //! * [`serve`]: `raftwork serve` (flags, logging, startup, graceful shutdown);
@@ -20,6 +21,7 @@ pub mod api;
 pub mod bench;
 pub mod client;
 pub mod cluster;
+pub mod docs;
 pub mod etcd;
 pub mod forward;
 pub mod kv;
