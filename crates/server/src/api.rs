@@ -1102,18 +1102,27 @@ async fn healthz(State(state): State<Shared>) -> Response {
 
 async fn readyz(State(state): State<Shared>) -> Response {
     match state.node.status().await {
-        Some(s) if s.leader.is_some() && s.applied_index >= s.commit_index => {
-            (StatusCode::OK, "ready").into_response()
-        }
-        Some(s) if s.leader.is_none() => {
-            ApiError::unavailable("not ready: no known leader").into_response()
-        }
-        Some(s) => ApiError::unavailable(format!(
+        Some(s) => match not_ready(&s) {
+            None => (StatusCode::OK, "ready").into_response(),
+            Some(why) => ApiError::unavailable(why).into_response(),
+        },
+        None => shutting_down().into_response(),
+    }
+}
+
+/// Whether a node with this status is ready, the one rule of `GET /readyz`
+/// and of systemd's READY=1 ([`crate::notify`]): `None` when a leader is
+/// known and everything committed is applied, else why not.
+pub fn not_ready(s: &raftwork::Status) -> Option<String> {
+    if s.leader.is_none() {
+        Some("not ready: no known leader".into())
+    } else if s.applied_index < s.commit_index {
+        Some(format!(
             "not ready: applied {} < commit {}",
             s.applied_index, s.commit_index
         ))
-        .into_response(),
-        None => shutting_down().into_response(),
+    } else {
+        None
     }
 }
 

@@ -7,9 +7,11 @@
 //! * [`members`]: member records (names, peer addresses, API URLs) in the replicated state;
 //! * [`forward`]: the small HTTP client that forwards requests to the leader;
 //! * [`client`]: the CLI client (`raftwork kv|member|status`);
+//! * [`docs`]: `raftwork completions` and `raftwork man` (from the clap definitions);
 //! * [`bench`]: `raftwork bench` (closed-loop load against raftwork or etcd);
 //! * [`local`]: `raftwork local-cluster` (N child processes on loopback);
 //! * [`serve`]: `raftwork serve` (flags, logging, startup, graceful shutdown);
+//! * [`notify`]: systemd readiness (`READY=1`, `STOPPING=1` on `NOTIFY_SOCKET`);
 //! * [`wal`]: `raftwork wal inspect|repair` (the operator's view of the WAL).
 
 #![warn(missing_docs)]
@@ -20,6 +22,7 @@ pub mod backup;
 pub mod bench;
 pub mod client;
 pub mod cluster;
+pub mod docs;
 pub mod etcd;
 pub mod forward;
 pub mod kv;
@@ -28,6 +31,7 @@ pub mod listener;
 pub mod local;
 pub mod members;
 pub mod mvcc;
+pub mod notify;
 pub mod serve;
 pub mod tls;
 pub mod wal;

@@ -2,9 +2,10 @@
 
 use std::process::ExitCode;
 
-use clap::{Parser, Subcommand};
+use clap::{CommandFactory, Parser, Subcommand};
 use raftwork_server::bench::{self, BenchArgs};
 use raftwork_server::client::{self, KvArgs, MemberArgs, SnapshotArgs, StatusArgs};
+use raftwork_server::docs::{self, CompletionsArgs, ManArgs};
 use raftwork_server::local::{self, LocalClusterArgs};
 use raftwork_server::serve::{init_logging, run, ServeArgs};
 use raftwork_server::tls::{self, TlsInitArgs};
@@ -51,6 +52,10 @@ enum Command {
     /// it from starting.
     #[command(subcommand)]
     Wal(WalCommand),
+    /// A shell completion script for raftwork, on stdout.
+    Completions(CompletionsArgs),
+    /// The man page (roff) of raftwork or of one command, on stdout.
+    Man(ManArgs),
 }
 
 #[derive(Debug, Subcommand)]
@@ -72,6 +77,8 @@ fn main() -> ExitCode {
         Command::Bench(args) => bench::run(args),
         Command::Tls(TlsCommand::Init(args)) => tls::run(args),
         Command::Wal(command) => wal::run(command),
+        Command::Completions(args) => docs::completions(Cli::command(), args),
+        Command::Man(args) => docs::man(Cli::command(), args),
         Command::Serve(args) => {
             let args = match (*args).resolve() {
                 Ok(settings) => settings,

@@ -891,6 +891,8 @@ pub async fn run(args: Settings, plan: ClusterPlan) -> Result<(), ServeError> {
     let watched = node.clone();
     let removal = removed(node.clone());
     let handing = node.clone();
+    // systemd's Type=notify: READY=1 once ready, STOPPING=1 on shutdown.
+    let readiness = crate::notify::Readiness::spawn(node.clone());
     let shutdown = async move {
         tokio::select! {
             _ = sigterm.recv() => {
@@ -907,6 +909,7 @@ pub async fn run(args: Settings, plan: ClusterPlan) -> Result<(), ServeError> {
                  bring it back, wipe the data dir and add it again)"
             ),
         }
+        readiness.stopping();
     };
     // TCP_NODELAY, TLS when configured, and the caller's certificate for
     // the handlers (crate::listener).
