@@ -8,9 +8,16 @@
 //!   crc = crc32c(kind ‖ body); len ≤ the receiver's max_frame_bytes
 //!
 //! kind 1, Hello: the first frame on every connection, from the dialer
-//! +-------------------+-----------+---------+
-//! | magic "RWNET001"  | from u64  | to u64  |
-//! +-------------------+-----------+---------+
+//! +-------------------+-----------+---------+-------------+
+//! | magic "RWNET002"  | from u64  | to u64  | epoch u64   |
+//! +-------------------+-----------+---------+-------------+
+//!   epoch: the dialer's cluster epoch (see `peer.rs`, fencing)
+//!
+//! kind 8, HelloAck (acceptor → dialer, on two-way streams, right after
+//! the hello is checked): | verdict u8 | epoch u64 (the acceptor's) |
+//!   verdict 0 accepted; 1 refused: the dialer's epoch is older (it was
+//!   fenced out); 2 refused: the dialer's epoch is newer (the acceptor is
+//!   the stale one). A hello refused for another reason gets no ack.
 //!
 //! kind 2, Batch: raft messages from one node to one peer, for one group
 //! +-------------+-----------+---------+-------------+------------------------------------+
@@ -44,7 +51,7 @@ use tokio::io::{AsyncRead, AsyncReadExt};
 /// Bytes of a frame header.
 pub const FRAME_HEADER_BYTES: usize = 9;
 /// Magic that opens a Hello body (and names the protocol version).
-pub const HELLO_MAGIC: &[u8; 8] = b"RWNET001";
+pub const HELLO_MAGIC: &[u8; 8] = b"RWNET002";
 
 pub(crate) const KIND_HELLO: u8 = 1;
 pub(crate) const KIND_BATCH: u8 = 2;
@@ -53,6 +60,18 @@ pub(crate) const KIND_SNAP_RESUME: u8 = 4;
 pub(crate) const KIND_SNAP_CHUNK: u8 = 5;
 pub(crate) const KIND_SNAP_END: u8 = 6;
 pub(crate) const KIND_SNAP_RESULT: u8 = 7;
+pub(crate) const KIND_HELLO_ACK: u8 = 8;
+
+/// What an acceptor says to a hello (see [`encode_hello_ack`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum HelloVerdict {
+    /// Accepted: frames may follow.
+    Accepted,
+    /// Refused: the dialer's epoch is older than the acceptor's.
+    DialerOlder,
+    /// Refused: the dialer's epoch is newer than the acceptor's.
+    DialerNewer,
+}
 
 /// Why bytes from a peer are not a valid frame.
 #[derive(Debug, thiserror::Error)]
@@ -84,15 +103,54 @@ fn finish(buf: &mut [u8], start: usize) {
     buf[start + 4..start + 8].copy_from_slice(&crc.to_le_bytes());
 }
 
-/// Appends a Hello frame to `buf`.
+/// Appends a Hello frame to `buf`, at epoch 0.
 pub fn encode_hello(buf: &mut Vec<u8>, from: NodeId, to: NodeId) {
+    encode_hello_at(buf, from, to, 0);
+}
+
+/// Appends a Hello frame to `buf` carrying the dialer's `epoch`.
+pub fn encode_hello_at(buf: &mut Vec<u8>, from: NodeId, to: NodeId, epoch: u64) {
     let start = buf.len();
     buf.extend_from_slice(&[0u8; 8]);
     buf.push(KIND_HELLO);
     buf.extend_from_slice(HELLO_MAGIC);
     buf.put_u64_le(from);
     buf.put_u64_le(to);
+    buf.put_u64_le(epoch);
     finish(buf, start);
+}
+
+/// Appends a HelloAck frame to `buf`.
+pub fn encode_hello_ack(buf: &mut Vec<u8>, verdict: HelloVerdict, epoch: u64) {
+    let start = buf.len();
+    buf.extend_from_slice(&[0u8; 8]);
+    buf.push(KIND_HELLO_ACK);
+    buf.push(match verdict {
+        HelloVerdict::Accepted => 0,
+        HelloVerdict::DialerOlder => 1,
+        HelloVerdict::DialerNewer => 2,
+    });
+    buf.put_u64_le(epoch);
+    finish(buf, start);
+}
+
+/// Decodes a HelloAck body into the verdict and the acceptor's epoch.
+pub fn decode_hello_ack(kind: u8, body: &[u8]) -> Result<(HelloVerdict, u64), FrameError> {
+    if kind != KIND_HELLO_ACK {
+        return Err(FrameError::Malformed(format!(
+            "expected a hello ack, got kind {kind}"
+        )));
+    }
+    if body.len() != 9 {
+        return Err(FrameError::Malformed("bad hello ack length".into()));
+    }
+    let verdict = match body[0] {
+        0 => HelloVerdict::Accepted,
+        1 => HelloVerdict::DialerOlder,
+        2 => HelloVerdict::DialerNewer,
+        v => return Err(FrameError::Malformed(format!("unknown hello verdict {v}"))),
+    };
+    Ok((verdict, u64_at(body, 1)?))
 }
 
 /// Appends one Batch frame holding `messages` to `buf`. Returns the frame's
@@ -209,14 +267,19 @@ fn u64_at(b: &[u8], at: usize) -> Result<u64, FrameError> {
         .ok_or_else(|| FrameError::Malformed("body too short".into()))
 }
 
-/// Decodes a Hello body into `(from, to)`.
+/// Decodes a Hello body into `(from, to)` (the epoch ignored).
 pub fn decode_hello(kind: u8, body: &[u8]) -> Result<(NodeId, NodeId), FrameError> {
+    decode_hello_at(kind, body).map(|(from, to, _)| (from, to))
+}
+
+/// Decodes a Hello body into `(from, to, epoch)`.
+pub fn decode_hello_at(kind: u8, body: &[u8]) -> Result<(NodeId, NodeId, u64), FrameError> {
     if kind != KIND_HELLO {
         return Err(FrameError::Malformed(format!(
             "expected a hello frame, got kind {kind}"
         )));
     }
-    if body.len() != 24 || &body[..8] != HELLO_MAGIC {
+    if body.len() != 32 || &body[..8] != HELLO_MAGIC {
         return Err(FrameError::Malformed(
             "bad hello (wrong protocol or version)".into(),
         ));
@@ -226,7 +289,7 @@ pub fn decode_hello(kind: u8, body: &[u8]) -> Result<(NodeId, NodeId), FrameErro
     if from == 0 || to == 0 {
         return Err(FrameError::Malformed("node id 0 in hello".into()));
     }
-    Ok((from, to))
+    Ok((from, to, u64_at(body, 24)?))
 }
 
 /// Decodes a Batch body into an envelope.

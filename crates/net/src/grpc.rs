@@ -654,12 +654,18 @@ impl LinkInner {
     }
 
     /// Opens a Send call to `to` and pushes the hello into it.
-    async fn open_send(&self, from: NodeId, to: NodeId, addr: &str) -> io::Result<SendSink> {
+    async fn open_send(
+        &self,
+        from: NodeId,
+        to: NodeId,
+        addr: &str,
+        epoch: u64,
+    ) -> io::Result<SendSink> {
         self.settle_previous(to).await;
         let mut grpc = self.dial(to, addr).await?;
         let (chunks, rx) = mpsc::channel(SEND_CHUNKS_QUEUED);
         let mut hello = Vec::new();
-        frame::encode_hello(&mut hello, from, to);
+        frame::encode_hello_at(&mut hello, from, to, epoch);
         chunks
             .try_send(Chunk { data: hello.into() })
             .map_err(|_| io::Error::other("request stream refused the hello"))?;
@@ -714,9 +720,10 @@ impl Link for GrpcLink {
         from: NodeId,
         to: NodeId,
         addr: &'a str,
+        epoch: u64,
     ) -> BoxFuture<'a, io::Result<Box<dyn FrameSink>>> {
         Box::pin(async move {
-            Ok(Box::new(self.0.open_send(from, to, addr).await?) as Box<dyn FrameSink>)
+            Ok(Box::new(self.0.open_send(from, to, addr, epoch).await?) as Box<dyn FrameSink>)
         })
     }
 

@@ -541,11 +541,17 @@ impl LinkInner {
         })
     }
 
-    async fn open_stream(&self, from: NodeId, to: NodeId, addr: &str) -> io::Result<StreamSink> {
+    async fn open_stream(
+        &self,
+        from: NodeId,
+        to: NodeId,
+        addr: &str,
+        epoch: u64,
+    ) -> io::Result<StreamSink> {
         let mut dialed = self.dial::<ChannelBody>(to, addr).await?;
         let (body, rx) = mpsc::channel(STREAM_BODY_CHUNKS);
         let mut hello = Vec::new();
-        frame::encode_hello(&mut hello, from, to);
+        frame::encode_hello_at(&mut hello, from, to, epoch);
         body.try_send(Bytes::from(hello))
             .map_err(|_| io::Error::other("stream body refused the hello"))?;
         let req = request(addr, HTTP_STREAM_PATH, ChannelBody(rx))?;
@@ -610,13 +616,16 @@ impl Link for HttpLink {
         from: NodeId,
         to: NodeId,
         addr: &'a str,
+        epoch: u64,
     ) -> BoxFuture<'a, io::Result<Box<dyn FrameSink>>> {
         Box::pin(async move {
             Ok(match self.0.mode {
                 HttpMode::Stream => {
-                    Box::new(self.0.open_stream(from, to, addr).await?) as Box<dyn FrameSink>
+                    Box::new(self.0.open_stream(from, to, addr, epoch).await?) as Box<dyn FrameSink>
                 }
-                HttpMode::Short => Box::new(ShortSink::open(self.0.clone(), from, to, addr).await?),
+                HttpMode::Short => {
+                    Box::new(ShortSink::open(self.0.clone(), from, to, addr, epoch).await?)
+                }
             })
         })
     }
@@ -726,10 +735,16 @@ struct ShortSink {
 }
 
 impl ShortSink {
-    async fn open(link: Arc<LinkInner>, from: NodeId, to: NodeId, addr: &str) -> io::Result<Self> {
+    async fn open(
+        link: Arc<LinkInner>,
+        from: NodeId,
+        to: NodeId,
+        addr: &str,
+        epoch: u64,
+    ) -> io::Result<Self> {
         let conn = link.dial(to, addr).await?;
         let mut hello = Vec::new();
-        frame::encode_hello(&mut hello, from, to);
+        frame::encode_hello_at(&mut hello, from, to, epoch);
         Ok(Self {
             link,
             to,

@@ -41,7 +41,7 @@ pub use http::{
     HttpMode, HttpTransport, HTTP_BATCH_PATH, HTTP_SNAPSHOT_PATH, HTTP_STREAM_PATH,
     STREAM_BODY_CHUNKS,
 };
-pub use peer::{NetConfig, NetError};
+pub use peer::{Fencing, NetConfig, NetError};
 pub use tcp::TcpTransport;
 pub use tls::{NodeNames, TlsConfig, TlsConfigError};
 

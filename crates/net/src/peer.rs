@@ -79,6 +79,32 @@ pub struct NetConfig {
     pub snapshot_idle_timeout: Duration,
     /// Time a broken transfer's data is kept for a resume. Default: 5 min.
     pub snapshot_resume_window: Duration,
+    /// The cluster epoch this node is at, carried in every hello (see
+    /// [`Fencing`]); `None` is epoch 0 for ever. Default: none.
+    pub fencing: Option<Arc<dyn Fencing>>,
+}
+
+/// Fencing by cluster epoch: a number all members of a cluster share,
+/// raised when a cluster is rebuilt from a survivor (disaster recovery), so
+/// that the members it left behind cannot come back.
+///
+/// Every hello carries the dialer's epoch. An acceptor admits only its
+/// own: an older one is refused and told so (the dialer is fenced out); a
+/// newer one means the acceptor itself was left behind. On two-way streams
+/// (TCP, and every snapshot stream) the acceptor answers the hello with a
+/// HelloAck carrying its verdict and epoch, and the TCP dialer waits for
+/// it, so both sides learn; the HTTP and gRPC message streams are one-way,
+/// so there only the acceptor's check applies.
+///
+/// Whoever meets a newer epoch asks [`Fencing::newer_seen`]: a node that
+/// has not joined any cluster yet adopts it (returns true); any other is
+/// fenced (false) and must stop, and the transport refuses the connection.
+pub trait Fencing: Send + Sync + std::fmt::Debug + 'static {
+    /// This node's epoch now.
+    fn epoch(&self) -> u64;
+    /// Peer `peer` is at `epoch`, newer than ours: adopt it (true), or be
+    /// fenced out (false).
+    fn newer_seen(&self, epoch: u64, peer: NodeId) -> bool;
 }
 
 impl Default for NetConfig {
@@ -98,6 +124,7 @@ impl Default for NetConfig {
             snapshot_receive_bytes_max: 64 << 30,
             snapshot_idle_timeout: Duration::from_secs(30),
             snapshot_resume_window: Duration::from_secs(300),
+            fencing: None,
         }
     }
 }
@@ -206,11 +233,15 @@ pub(crate) type BoxFuture<'a, T> = Pin<Box<dyn Future<Output = T> + Send + 'a>>;
 /// How one transport carries frames to a peer. `open` connects and says
 /// hello; the returned sink writes frames in order until it fails.
 pub(crate) trait Link: Send + Sync + 'static {
+    /// `epoch` goes in the hello (see [`Fencing`]). A link that reads the
+    /// acceptor's HelloAck fails a refused hello with a [`HelloRefused`]
+    /// inside the `io::Error`.
     fn open<'a>(
         &'a self,
         from: NodeId,
         to: NodeId,
         addr: &'a str,
+        epoch: u64,
     ) -> BoxFuture<'a, std::io::Result<Box<dyn FrameSink>>>;
 
     /// Opens a two-way byte stream to peer `to` at `addr`, for a snapshot
@@ -336,9 +367,26 @@ impl Shared {
     /// transfer (an offer) or a message stream (batches).
     pub(crate) async fn serve_stream(&self, stream: BoxStream, remote: &str, cert: &PeerCert) {
         let mut reader = tokio::io::BufReader::with_capacity(256 << 10, stream);
-        let from = match self.read_hello(&mut reader, remote, cert).await {
-            Ok(from) => from,
-            Err(_) => return, // logged inside
+        // A two-way stream: the dialer learns the verdict (see `Fencing`).
+        let (from, verdict) = match self.read_hello_verdict(&mut reader, remote, cert).await {
+            Ok(from) => (Some(from), frame::HelloVerdict::Accepted),
+            Err((_, Some(verdict))) => (None, verdict),
+            Err((_, None)) => return, // logged inside
+        };
+        let mut ack = Vec::new();
+        frame::encode_hello_ack(&mut ack, verdict, self.epoch());
+        let acked = async {
+            tokio::io::AsyncWriteExt::write_all(&mut reader, &ack).await?;
+            tokio::io::AsyncWriteExt::flush(&mut reader).await
+        };
+        if tokio::time::timeout(self.config.handshake_timeout, acked)
+            .await
+            .map_or(true, |r| r.is_err())
+        {
+            return;
+        }
+        let Some(from) = from else {
+            return;
         };
         let mut shutdown = self.shutdown.subscribe();
         let first = tokio::select! {
@@ -386,30 +434,82 @@ impl Shared {
         remote: &str,
         cert: &PeerCert,
     ) -> Result<NodeId, String> {
+        self.read_hello_verdict(reader, remote, cert)
+            .await
+            .map_err(|(reason, _)| reason)
+    }
+
+    /// This node's cluster epoch (see [`Fencing`]).
+    pub(crate) fn epoch(&self) -> u64 {
+        self.config.fencing.as_ref().map_or(0, |f| f.epoch())
+    }
+
+    /// [`Shared::read_hello`], with the verdict to send back when the hello
+    /// was refused for its epoch (`None`: refused for another reason).
+    async fn read_hello_verdict<R: AsyncRead + Unpin>(
+        &self,
+        reader: &mut R,
+        remote: &str,
+        cert: &PeerCert,
+    ) -> Result<NodeId, (String, Option<frame::HelloVerdict>)> {
         let node = self.id;
         let hello = async {
             let (kind, body) = frame::read_frame(reader, 64)
                 .await
                 .map_err(|e| format!("bad hello: {e}"))?
                 .ok_or("closed before hello")?;
-            let (from, to) = frame::decode_hello(kind, &body).map_err(|e| e.to_string())?;
+            let (from, to, epoch) =
+                frame::decode_hello_at(kind, &body).map_err(|e| e.to_string())?;
             if to != node {
                 return Err(format!("hello from node {from} is for node {to}"));
             }
             check_peer_identity(self.config.tls.as_ref(), from, cert)?;
-            Ok::<_, String>(from)
+            Ok::<_, String>((from, epoch))
         };
-        match tokio::time::timeout(self.config.handshake_timeout, hello).await {
-            Ok(Ok(from)) => Ok(from),
+        let (from, theirs) = match tokio::time::timeout(self.config.handshake_timeout, hello).await
+        {
+            Ok(Ok(hello)) => hello,
             Ok(Err(reason)) => {
                 tracing::warn!(node, remote, %reason, "refusing connection");
-                Err(reason)
+                return Err((reason, None));
             }
             Err(_) => {
                 tracing::warn!(node, remote, "refusing connection: no hello in time");
-                Err("no hello in time".into())
+                return Err(("no hello in time".into(), None));
             }
+        };
+        let ours = self.epoch();
+        if theirs == ours {
+            return Ok(from);
         }
+        if theirs < ours {
+            let reason = format!(
+                "node {from} is at cluster epoch {theirs}, older than ours ({ours}): it was left \
+                 out when the cluster was recovered"
+            );
+            tracing::warn!(node, remote, from, %reason, "refusing connection");
+            return Err((reason, Some(frame::HelloVerdict::DialerOlder)));
+        }
+        if self
+            .config
+            .fencing
+            .as_ref()
+            .is_some_and(|f| f.newer_seen(theirs, from))
+        {
+            tracing::info!(
+                node,
+                from,
+                epoch = theirs,
+                "adopted the cluster epoch of a peer"
+            );
+            return Ok(from);
+        }
+        let reason = format!(
+            "node {from} is at cluster epoch {theirs}, newer than ours ({ours}): this node was \
+             left out when the cluster was recovered"
+        );
+        tracing::error!(node, remote, from, %reason, "refusing connection");
+        Err((reason, Some(frame::HelloVerdict::DialerNewer)))
     }
 
     /// [`raftwork_transport::Transport::send`].
@@ -548,6 +648,74 @@ impl Drop for Admitted {
     }
 }
 
+/// An acceptor refused our hello for its epoch (see [`Fencing`]); carried
+/// inside the `io::Error` a link's `open` fails with.
+#[derive(Debug)]
+pub(crate) struct HelloRefused {
+    pub(crate) verdict: frame::HelloVerdict,
+    /// The acceptor's epoch.
+    pub(crate) epoch: u64,
+}
+
+impl std::fmt::Display for HelloRefused {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self.verdict {
+            frame::HelloVerdict::DialerOlder => write!(
+                f,
+                "refused: the peer is at cluster epoch {}, newer than ours",
+                self.epoch
+            ),
+            _ => write!(
+                f,
+                "refused: the peer is at cluster epoch {}, older than ours",
+                self.epoch
+            ),
+        }
+    }
+}
+
+impl std::error::Error for HelloRefused {}
+
+impl Shared {
+    /// Our hello to `peer` was refused for its epoch: adopt a newer one or
+    /// be fenced (see [`Fencing`]), or note a stale peer.
+    fn hello_refused(&self, peer: NodeId, refused: &HelloRefused) {
+        let ours = self.epoch();
+        match refused.verdict {
+            frame::HelloVerdict::DialerOlder if refused.epoch > ours => {
+                let adopted = self
+                    .config
+                    .fencing
+                    .as_ref()
+                    .is_some_and(|f| f.newer_seen(refused.epoch, peer));
+                if adopted {
+                    tracing::info!(
+                        node = self.id,
+                        peer,
+                        epoch = refused.epoch,
+                        "adopted the cluster epoch of a peer"
+                    );
+                } else {
+                    tracing::error!(
+                        node = self.id,
+                        peer,
+                        ours,
+                        theirs = refused.epoch,
+                        "fenced: the cluster was recovered at a newer epoch without this node"
+                    );
+                }
+            }
+            _ => tracing::warn!(
+                node = self.id,
+                peer,
+                ours,
+                theirs = refused.epoch,
+                "peer refused our hello: it is at an older cluster epoch"
+            ),
+        }
+    }
+}
+
 /// Most envelopes taken from a peer queue for one write.
 const BATCH_ENVELOPES_MAX: usize = 256;
 
@@ -605,7 +773,7 @@ async fn peer_task(
             }
             match tokio::time::timeout(
                 cfg.connect_timeout,
-                shared.link.open(shared.id, peer, &target),
+                shared.link.open(shared.id, peer, &target, shared.epoch()),
             )
             .await
             {
@@ -617,7 +785,14 @@ async fn peer_task(
                 }
                 outcome => {
                     let reason = match outcome {
-                        Ok(Err(e)) => e.to_string(),
+                        Ok(Err(e)) => {
+                            if let Some(refused) =
+                                e.get_ref().and_then(|i| i.downcast_ref::<HelloRefused>())
+                            {
+                                shared.hello_refused(peer, refused);
+                            }
+                            e.to_string()
+                        }
                         _ => "timed out".to_string(),
                     };
                     tracing::debug!(node = shared.id, peer, addr = %target, %reason, retry_ms = backoff.as_millis() as u64, "cannot reach peer");

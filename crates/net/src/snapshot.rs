@@ -173,10 +173,18 @@ pub(crate) async fn send<S: AsyncRead + AsyncWrite + Unpin>(
 ) -> Result<(), String> {
     let meta = msg.get_snapshot().get_metadata().clone();
     let mut opening = Vec::new();
-    frame::encode_hello(&mut opening, shared.id, to);
+    frame::encode_hello_at(&mut opening, shared.id, to, shared.epoch());
     frame::encode_snap_offer(&mut opening, shared.id, to, group, msg);
     stream.write_all(&opening).await.map_err(io)?;
     stream.flush().await.map_err(io)?;
+    // The acceptor's verdict on the hello comes first (see `Fencing`).
+    let ack = read_kind(stream, frame::KIND_HELLO_ACK, 64).await?;
+    match frame::decode_hello_ack(frame::KIND_HELLO_ACK, &ack).map_err(io)? {
+        (frame::HelloVerdict::Accepted, _) => {}
+        (verdict, epoch) => {
+            return Err(crate::peer::HelloRefused { verdict, epoch }.to_string());
+        }
+    }
     let offset =
         frame::decode_u64(&read_kind(stream, frame::KIND_SNAP_RESUME, 64).await?).map_err(io)?;
 

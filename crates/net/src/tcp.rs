@@ -12,7 +12,7 @@ use tokio::net::{TcpListener, TcpStream, ToSocketAddrs};
 use tokio::sync::mpsc;
 
 use crate::frame;
-use crate::peer::{BoxFuture, FrameSink, Link, NetConfig, NetError, Shared};
+use crate::peer::{BoxFuture, FrameSink, HelloRefused, Link, NetConfig, NetError, Shared};
 use crate::tls::{PeerCert, Tls};
 
 pub(crate) trait Stream: AsyncRead + AsyncWrite + Unpin + Send {}
@@ -116,6 +116,7 @@ pub(crate) fn prepare(
 
 struct TcpLink {
     tls: Option<Tls>,
+    handshake_timeout: Duration,
 }
 
 struct TcpSink(BoxStream);
@@ -150,14 +151,34 @@ impl Link for TcpLink {
         from: NodeId,
         to: NodeId,
         addr: &'a str,
+        epoch: u64,
     ) -> BoxFuture<'a, std::io::Result<Box<dyn FrameSink>>> {
         Box::pin(async move {
             let mut stream = connect(self.tls.as_ref(), to, addr).await?;
             let mut hello = Vec::new();
-            frame::encode_hello(&mut hello, from, to);
+            frame::encode_hello_at(&mut hello, from, to, epoch);
             stream.write_all(&hello).await?;
             stream.flush().await?;
-            Ok(Box::new(TcpSink(stream)) as Box<dyn FrameSink>)
+            // The acceptor's verdict (see `Fencing`) before any frame.
+            let ack =
+                tokio::time::timeout(self.handshake_timeout, frame::read_frame(&mut stream, 64))
+                    .await
+                    .map_err(|_| {
+                        std::io::Error::new(std::io::ErrorKind::TimedOut, "no hello ack in time")
+                    })?
+                    .map_err(std::io::Error::other)?
+                    .ok_or_else(|| {
+                        std::io::Error::new(
+                            std::io::ErrorKind::ConnectionAborted,
+                            "the peer closed the connection after our hello (refused it)",
+                        )
+                    })?;
+            match frame::decode_hello_ack(ack.0, &ack.1).map_err(std::io::Error::other)? {
+                (frame::HelloVerdict::Accepted, _) => {
+                    Ok(Box::new(TcpSink(stream)) as Box<dyn FrameSink>)
+                }
+                (verdict, epoch) => Err(std::io::Error::other(HelloRefused { verdict, epoch })),
+            }
         })
     }
 
@@ -209,7 +230,10 @@ impl TcpTransport {
         config: NetConfig,
     ) -> Result<(Self, Inbox), NetError> {
         let p = prepare(id, &config, &listener)?;
-        let link = Arc::new(TcpLink { tls: p.tls.clone() });
+        let link = Arc::new(TcpLink {
+            tls: p.tls.clone(),
+            handshake_timeout: config.handshake_timeout,
+        });
         let shared = Shared::new(id, config, p.inbox_tx, link);
         tokio::spawn(accept_loop(shared.clone(), listener, p.tls));
         Ok((

@@ -444,3 +444,128 @@ async fn a_forwarded_read_index_keeps_its_requester_and_is_delivered() {
     let got = next_messages(&mut ib, WAIT).await.expect("still connected");
     assert_eq!(got.messages[0].term, 5);
 }
+
+/// A node's cluster epoch for the fencing tests: `joining` nodes adopt a
+/// newer one, others record that they were fenced.
+#[derive(Debug)]
+struct TestFencing {
+    epoch: std::sync::atomic::AtomicU64,
+    joining: bool,
+    fenced_by: std::sync::Mutex<Vec<(u64, u64)>>,
+}
+
+impl TestFencing {
+    fn new(epoch: u64, joining: bool) -> std::sync::Arc<Self> {
+        std::sync::Arc::new(Self {
+            epoch: epoch.into(),
+            joining,
+            fenced_by: Default::default(),
+        })
+    }
+
+    fn fenced(&self) -> Vec<(u64, u64)> {
+        self.fenced_by.lock().unwrap().clone()
+    }
+}
+
+impl raftwork_net::Fencing for TestFencing {
+    fn epoch(&self) -> u64 {
+        self.epoch.load(std::sync::atomic::Ordering::SeqCst)
+    }
+
+    fn newer_seen(&self, epoch: u64, peer: u64) -> bool {
+        if self.joining {
+            self.epoch.store(epoch, std::sync::atomic::Ordering::SeqCst);
+            return true;
+        }
+        self.fenced_by.lock().unwrap().push((peer, epoch));
+        false
+    }
+}
+
+async fn fenced_node(
+    id: u64,
+    fencing: std::sync::Arc<TestFencing>,
+) -> (TcpTransport, raftwork_net::Inbox) {
+    TcpTransport::bind(
+        id,
+        "127.0.0.1:0",
+        NetConfig {
+            fencing: Some(fencing),
+            backoff_max: Duration::from_millis(200),
+            ..Default::default()
+        },
+    )
+    .await
+    .unwrap()
+}
+
+/// A cluster recovered at epoch 1: a member left behind at epoch 0 is
+/// refused both ways and learns it was fenced (as dialer from the ack, as
+/// acceptor from the hello), and nothing it sends is delivered; a node that
+/// has not joined anything adopts the epoch and gets through.
+#[tokio::test]
+async fn hellos_of_another_epoch_are_refused_and_the_stale_side_is_fenced() {
+    init_logging();
+    let (fa, fb, fc) = (
+        TestFencing::new(1, false),
+        TestFencing::new(0, false),
+        TestFencing::new(0, true),
+    );
+    let (a, mut ia) = fenced_node(1, fa.clone()).await;
+    let (b, mut ib) = fenced_node(2, fb.clone()).await;
+    let (c, _ic) = fenced_node(3, fc.clone()).await;
+    b.set_peer(1, &a.local_addr().to_string()).unwrap();
+    a.set_peer(2, &b.local_addr().to_string()).unwrap();
+    c.set_peer(1, &a.local_addr().to_string()).unwrap();
+
+    // The stale member dials the recovered one.
+    let deadline = tokio::time::Instant::now() + WAIT;
+    while fb.fenced().is_empty() {
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "b never learned it was fenced"
+        );
+        b.send(envelope(2, 1, 5));
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    assert_eq!(fb.fenced()[0], (1, 1));
+    assert!(
+        next_messages(&mut ia, Duration::from_millis(300))
+            .await
+            .is_none(),
+        "a stale member's message was delivered"
+    );
+    // The recovered one dials the stale one: refused, and the acceptor
+    // learns it is stale from the hello.
+    let before = fb.fenced().len();
+    let deadline = tokio::time::Instant::now() + WAIT;
+    while fb.fenced().len() == before {
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "b did not notice a's newer epoch"
+        );
+        a.send(envelope(1, 2, 5));
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    assert!(next_messages(&mut ib, Duration::from_millis(300))
+        .await
+        .is_none());
+    assert!(fa.fenced().is_empty(), "the newer side is never fenced");
+
+    // A node joining for the first time adopts the epoch and is heard.
+    let deadline = tokio::time::Instant::now() + WAIT;
+    loop {
+        c.send(envelope(3, 1, 9));
+        if let Some(env) = next_messages(&mut ia, Duration::from_millis(100)).await {
+            assert_eq!(env.from, 3);
+            break;
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "the joining node never got through"
+        );
+    }
+    assert_eq!(raftwork_net::Fencing::epoch(&*fc), 1);
+    assert!(fc.fenced().is_empty());
+}
