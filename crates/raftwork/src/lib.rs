@@ -63,7 +63,7 @@ pub use logging::{raft_logger, TracingDrain};
 pub use node::{
     AppliedAt, FatalReason, Node, NoteError, SnapshotError, Stopped, WaitError, NOTE_BYTES_MAX,
 };
-pub use seed::{seed_data_dir, Seed};
+pub use seed::{force_new_cluster, seed_data_dir, Recovered, Seed};
 pub use session::{Session, SessionId, SessionToken, SESSION_RETRY_TIMEOUT};
 pub use state_machine::{Command, ResponseBytes, StateMachine};
 

@@ -482,3 +482,67 @@ async fn data_dirs_seeded_from_a_state_start_a_new_cluster_with_it() {
         n.shutdown().await;
     }
 }
+
+/// Disaster recovery: two of three members are lost for good; the
+/// survivor's log becomes a one-member cluster that leads alone, holds
+/// every write, and takes new ones. A running node's data dir is refused.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_survivor_forced_into_a_new_cluster_leads_alone_with_every_write() {
+    init_logging();
+    let dirs: Vec<_> = (0..3).map(|_| tempfile::tempdir().unwrap()).collect();
+    let net = MemNetwork::new();
+    let nodes: Vec<_> = dirs
+        .iter()
+        .zip(1..=3)
+        .map(|(d, id)| durable(&net, id, &[1, 2, 3], d.path()).unwrap())
+        .collect();
+    let leader = nodes[0].wait_for_leader(WAIT).await.unwrap();
+    let leader = nodes.iter().find(|n| n.id() == leader).unwrap();
+    let last = write(leader, 1, 250).await;
+    wait_applied(&nodes[0], last).await;
+    let want = fingerprint(&nodes[0]).await;
+    // Refused while node 1 runs (the WAL is locked).
+    let busy = raftwork::force_new_cluster(
+        dirs[0].path(),
+        1,
+        &raftwork::Config::default(),
+        WalOptions::default(),
+    );
+    assert!(busy.is_err(), "{busy:?}");
+    for n in &nodes {
+        n.shutdown().await;
+    }
+    // Another node's id is refused too.
+    assert!(matches!(
+        raftwork::force_new_cluster(
+            dirs[0].path(),
+            2,
+            &raftwork::Config::default(),
+            WalOptions::default()
+        ),
+        Err(BuildError::WrongDataDir { .. })
+    ));
+    let recovered = raftwork::force_new_cluster(
+        dirs[0].path(),
+        1,
+        &raftwork::Config::default(),
+        WalOptions {
+            segment_size_bytes: 16 << 10,
+            ..Default::default()
+        },
+    )
+    .unwrap();
+    assert_eq!(recovered.removed, vec![2, 3]);
+    assert!(recovered.last_index > recovered.last_index_before);
+
+    let net = MemNetwork::new();
+    let survivor = durable(&net, 1, &[1, 2, 3], dirs[0].path()).unwrap();
+    assert_eq!(survivor.wait_for_leader(WAIT).await.unwrap(), 1);
+    let st = survivor.status().await.unwrap();
+    assert_eq!((st.voters.clone(), st.learners.clone()), (vec![1], vec![]));
+    wait_applied(&survivor, recovered.last_index).await;
+    assert_eq!(fingerprint(&survivor).await, want);
+    write(&survivor, 1000, 1009).await;
+    assert_eq!(fingerprint(&survivor).await.1, want.1 + 10);
+    survivor.shutdown().await;
+}
