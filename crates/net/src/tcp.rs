@@ -38,6 +38,45 @@ pub(crate) async fn connect(
     })
 }
 
+/// Says hello to node `to` at `addr` as node `from` at `epoch` (TLS as
+/// `config` says), reads the acceptor's verdict and its epoch, and closes:
+/// nothing else is sent. For a node about to start, so that a member left
+/// out of a recovery learns it before it campaigns (see
+/// [`crate::Fencing`]). Fails if the peer cannot be reached or refused the
+/// hello for another reason, within `timeout`.
+pub async fn probe_hello(
+    config: &NetConfig,
+    from: NodeId,
+    to: NodeId,
+    addr: &str,
+    epoch: u64,
+    timeout: Duration,
+) -> std::io::Result<(frame::HelloVerdict, u64)> {
+    let tls = config
+        .tls
+        .as_ref()
+        .map(Tls::new)
+        .transpose()
+        .map_err(std::io::Error::other)?;
+    let probe = async {
+        let mut stream = connect(tls.as_ref(), to, addr).await?;
+        let mut hello = Vec::new();
+        frame::encode_hello_at(&mut hello, from, to, epoch);
+        stream.write_all(&hello).await?;
+        stream.flush().await?;
+        let (kind, body) = frame::read_frame(&mut stream, 64)
+            .await
+            .map_err(std::io::Error::other)?
+            .ok_or_else(|| std::io::Error::other("closed after the hello"))?;
+        let verdict = frame::decode_hello_ack(kind, &body).map_err(std::io::Error::other)?;
+        let _ = stream.shutdown().await;
+        Ok(verdict)
+    };
+    tokio::time::timeout(timeout, probe)
+        .await
+        .map_err(|_| std::io::Error::new(std::io::ErrorKind::TimedOut, "no answer in time"))?
+}
+
 /// Finishes the server side of TLS on an accepted connection, if configured,
 /// and returns the client's certificate if it presented one.
 pub(crate) async fn accept(

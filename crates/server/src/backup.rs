@@ -338,6 +338,7 @@ pub fn restore(backup: Backup, target: &RestoreTarget) -> Result<u64, BackupErro
         state: ClusterState::New,
         members: target.initial_cluster.clone(),
         existing_dir: false,
+        epoch: 0,
     };
     if !plan.members.iter().any(|(n, _)| *n == plan.name) {
         return Err(BackupError::Usage(format!(

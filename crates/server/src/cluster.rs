@@ -24,8 +24,14 @@
 //! name=<this member's name>
 //! id=<this member's id>
 //! state=new|existing
+//! epoch=<n>                      (the fencing epoch; absent: 0)
 //! member=<name>=<host:port>      (one line per --initial-cluster member)
 //! ```
+//!
+//! The epoch is raised by `raftwork recover` and carried in every peer
+//! hello (`raftwork_net::Fencing`): members left out of a recovery are
+//! refused. A member joining with a fresh data dir adopts the epoch of the
+//! first member it meets, and `serve` writes it here.
 //!
 //! Once it exists the bootstrap flags (`--initial-cluster*`) are ignored:
 //! the file's values are used. A `--initial-cluster-token` or `--name` that
@@ -141,6 +147,8 @@ pub struct ClusterPlan {
     pub members: Vec<(String, String)>,
     /// True when the `CLUSTER` file already existed.
     pub existing_dir: bool,
+    /// The fencing epoch (see the module header).
+    pub epoch: u64,
 }
 
 impl ClusterPlan {
@@ -160,6 +168,9 @@ impl ClusterPlan {
             self.id,
             self.state.as_str()
         );
+        if self.epoch != 0 {
+            s.push_str(&format!("epoch={}\n", self.epoch));
+        }
         for (n, a) in &self.members {
             s.push_str(&format!("member={n}={a}\n"));
         }
@@ -168,6 +179,7 @@ impl ClusterPlan {
 
     fn parse_file(text: &str) -> Result<Self, String> {
         let (mut token, mut name, mut id, mut state) = (None, None, None, None);
+        let mut epoch = 0;
         let mut members = Vec::new();
         for line in text.lines().filter(|l| !l.trim().is_empty()) {
             let (k, v) = line
@@ -178,6 +190,7 @@ impl ClusterPlan {
                 "name" => name = Some(v.to_string()),
                 "id" => id = Some(v.parse::<u64>().map_err(|e| format!("bad id: {e}"))?),
                 "state" => state = Some(ClusterState::parse(v)?),
+                "epoch" => epoch = v.parse::<u64>().map_err(|e| format!("bad epoch: {e}"))?,
                 "member" => {
                     let (n, a) = v
                         .split_once('=')
@@ -195,6 +208,7 @@ impl ClusterPlan {
             state: state.ok_or_else(|| missing("state"))?,
             members,
             existing_dir: true,
+            epoch,
         })
     }
 
@@ -247,10 +261,19 @@ impl ClusterPlan {
                     state,
                     members,
                     existing_dir: false,
+                    epoch: 0,
                 })
             }
             Err(e) => Err(format!("cannot read {}: {e}", path.display())),
         }
+    }
+
+    /// Reads `<data_dir>/CLUSTER`, which must exist.
+    pub fn read(data_dir: &Path) -> Result<Self, String> {
+        let path = data_dir.join(CLUSTER_FILE);
+        let text = std::fs::read_to_string(&path)
+            .map_err(|e| format!("cannot read {}: {e}", path.display()))?;
+        Self::parse_file(&text).map_err(|e| format!("corrupt {}: {e}", path.display()))
     }
 
     /// Writes `<data_dir>/CLUSTER` (creating the dir) durably, if it did not
@@ -259,6 +282,12 @@ impl ClusterPlan {
         if self.existing_dir {
             return Ok(());
         }
+        self.rewrite(data_dir)
+    }
+
+    /// Writes `<data_dir>/CLUSTER` durably, replacing it (a temp file
+    /// renamed over it, then the directory synced).
+    pub fn rewrite(&self, data_dir: &Path) -> std::io::Result<()> {
         std::fs::create_dir_all(data_dir)?;
         let tmp = data_dir.join("CLUSTER.tmp");
         let mut f = std::fs::File::create(&tmp)?;

@@ -37,6 +37,9 @@ enum Command {
     /// Start N nodes on loopback as child processes (data under
     /// --base-dir), print their API URLs, stop them all on Ctrl-C/SIGTERM.
     LocalCluster(LocalClusterArgs),
+    /// Disaster recovery: make a stopped survivor's data dir a one-member
+    /// cluster under a new fencing epoch (the other members are fenced).
+    Recover(raftwork_server::recover::RecoverArgs),
     /// Backups: save the cluster's key space to a file, check a file, and
     /// restore one into the data dirs of a new cluster.
     Snapshot(SnapshotArgs),
@@ -73,6 +76,7 @@ fn main() -> ExitCode {
         Command::Member(args) => client::member(args),
         Command::Status(args) => client::status(args),
         Command::Snapshot(args) => client::snapshot(args),
+        Command::Recover(args) => raftwork_server::recover::run(args),
         Command::LocalCluster(args) => local::run(args),
         Command::Bench(args) => bench::run(args),
         Command::Tls(TlsCommand::Init(args)) => tls::run(args),
@@ -120,6 +124,13 @@ fn main() -> ExitCode {
             };
             match runtime.block_on(run(args, plan)) {
                 Ok(()) => ExitCode::SUCCESS,
+                // Distinct, so a supervisor can be told not to restart it
+                // (systemd: RestartPreventExitStatus=3).
+                Err(e @ raftwork_server::serve::ServeError::Fenced(_)) => {
+                    tracing::error!(error = %e, "raftwork stopped");
+                    eprintln!("raftwork: {e}");
+                    ExitCode::from(3)
+                }
                 Err(e) => {
                     tracing::error!(error = %e, "raftwork stopped");
                     eprintln!("raftwork: {e}");

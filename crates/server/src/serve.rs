@@ -634,6 +634,10 @@ pub enum ServeError {
     /// The API's TLS files cannot be used.
     #[error("API TLS: {0}")]
     ClientTls(String),
+    /// A member at a newer fencing epoch showed that this one was left out
+    /// of a recovery: it must not run on this data dir again (exit 3).
+    #[error("{0}")]
+    Fenced(crate::fence::Fenced),
     /// The node stopped on an error it cannot go on from; the process exits
     /// non-zero so that a supervisor restarts it.
     #[error("the node stopped: {0}")]
@@ -770,21 +774,35 @@ pub async fn run(args: Settings, plan: ClusterPlan) -> Result<(), ServeError> {
             source,
         })?;
     let members = Arc::new(Members::new());
+    let fencing = crate::fence::ServerFencing::new(&plan, args.data_dir.clone());
+    let mut net = raftwork::net::NetConfig {
+        fencing: Some(fencing.clone()),
+        ..Default::default()
+    };
+    if let Some(files) = &args.peer_tls {
+        let tls = files.load().map_err(ServeError::PeerTls)?;
+        net.tls = Some(tls.with_node_names(node_names(&plan, members.clone())));
+    }
+    let initial = plan.member_ids();
+    // A member left out of a recovery learns it here, before it could
+    // campaign with the others left out (see `fence`).
+    let peers: Vec<(u64, String)> = initial
+        .iter()
+        .filter(|(id, _, _)| *id != plan.id)
+        .map(|(id, _, addr)| (*id, addr.clone()))
+        .collect();
+    fencing
+        .probe(&net, plan.id, &peers)
+        .await
+        .map_err(ServeError::Fenced)?;
     let mut builder = Builder::new(plan.id, KvStore::new())
         .data_dir(&args.data_dir)
         .wal_options(raftwork::WalOptions {
             segment_size_bytes: args.wal_segment_bytes,
             ..Default::default()
         })
-        .listen(args.peer_addr);
-    if let Some(files) = &args.peer_tls {
-        let tls = files.load().map_err(ServeError::PeerTls)?;
-        builder = builder.net_config(raftwork::net::NetConfig {
-            tls: Some(tls.with_node_names(node_names(&plan, members.clone()))),
-            ..Default::default()
-        });
-    }
-    let initial = plan.member_ids();
+        .listen(args.peer_addr)
+        .net_config(net);
     for (id, _, addr) in &initial {
         if *id != plan.id {
             builder = builder.peer(*id, addr.clone());
@@ -891,6 +909,7 @@ pub async fn run(args: Settings, plan: ClusterPlan) -> Result<(), ServeError> {
     let watched = node.clone();
     let removal = removed(node.clone());
     let handing = node.clone();
+    let fencing_watch = fencing.clone();
     // systemd's Type=notify: READY=1 once ready, STOPPING=1 on shutdown.
     let readiness = crate::notify::Readiness::spawn(node.clone());
     let shutdown = async move {
@@ -908,6 +927,7 @@ pub async fn run(args: Settings, plan: ClusterPlan) -> Result<(), ServeError> {
                 "this member was removed from the cluster; stopping (its data dir stays; to \
                  bring it back, wipe the data dir and add it again)"
             ),
+            fenced = fencing_watch.fenced() => tracing::error!("{fenced}; stopping"),
         }
         readiness.stopping();
     };
@@ -932,6 +952,9 @@ pub async fn run(args: Settings, plan: ClusterPlan) -> Result<(), ServeError> {
     served.map_err(ServeError::Serve)?;
     if let Some(reason) = failed {
         return Err(ServeError::NodeFailed(reason));
+    }
+    if let Some(fenced) = *fencing.fenced_now() {
+        return Err(ServeError::Fenced(fenced));
     }
     tracing::info!("raftwork stopped");
     Ok(())

@@ -167,3 +167,191 @@ fn a_rolling_restart_under_write_load_fails_no_write() {
         );
     }
 }
+
+fn run_cli(args: &[&str]) -> std::process::Output {
+    let mut cmd = Command::new(BIN);
+    for (k, _) in std::env::vars_os() {
+        if k.to_string_lossy().starts_with("RAFTWORK_") {
+            cmd.env_remove(k);
+        }
+    }
+    cmd.args(args).output().expect("run raftwork")
+}
+
+fn term_of(m: &Member) -> u64 {
+    let (status, body) = m.req("GET", "/v1/status", b"");
+    assert_eq!(status, 200);
+    let v: serde_json::Value = serde_json::from_slice(&body).unwrap();
+    v["term"].as_u64().unwrap()
+}
+
+/// Disaster recovery: two of three members are lost; the third is
+/// recovered into a one-member cluster (`raftwork recover`), two new
+/// members join it, and it goes on writing. The two old members, restarted
+/// on their old data dirs, are refused before they start Raft (exit 3,
+/// "fenced"), never disturb the cluster's term, and every acknowledged
+/// write is there.
+#[test]
+fn a_recovered_survivor_takes_new_members_and_fences_the_old_ones() {
+    let dir = tempfile::tempdir().unwrap();
+    let (mut ms, initial) = members(dir.path(), 3);
+    for m in ms.iter_mut() {
+        m.start(&initial);
+    }
+    agreed_leader(&mut ms, &[0, 1, 2]);
+    let mut acked = Vec::new();
+    for i in 0..60 {
+        let key = format!("before/{i:03}");
+        put(&mut ms[i % 3], &key, &format!("b{i}"));
+        acked.push((key, format!("b{i}")));
+    }
+    // Two machines are lost; the third is stopped to be recovered.
+    ms[1].kill9();
+    ms[2].kill9();
+    ms[0].kill9();
+    let data = ms[0].data.to_str().unwrap().to_string();
+    let dry = run_cli(&["recover", "--data-dir", &data]);
+    assert_eq!(dry.status.code(), Some(1), "{dry:?}");
+    let done = run_cli(&["recover", "--data-dir", &data, "--yes"]);
+    assert!(done.status.success(), "{done:?}");
+    let cluster = std::fs::read_to_string(ms[0].data.join("CLUSTER")).unwrap();
+    assert!(cluster.contains("epoch=1"), "{cluster}");
+
+    ms[0].start(&initial);
+    ms[0].wait_ready();
+    for (key, value) in &acked {
+        let (status, body) = ms[0].req("GET", &format!("/v1/kv/{key}"), b"");
+        assert_eq!((status, body), (200, value.as_bytes().to_vec()), "{key}");
+    }
+
+    // Two new members join as usual.
+    let new_dir = dir.path().join("new");
+    std::fs::create_dir_all(&new_dir).unwrap();
+    let (mut fresh, _) = members(&new_dir, 2);
+    for (k, m) in fresh.iter_mut().enumerate() {
+        m.name = format!("n{}", k + 4);
+    }
+    let mut joined = format!("n1={}", ms[0].peer);
+    for m in fresh.iter_mut() {
+        let api_url = format!("http://{}", m.api);
+        let added = run_cli(&[
+            "member",
+            "add",
+            &m.name,
+            "--peer-addr",
+            &m.peer,
+            "--api-url",
+            &api_url,
+            "--endpoints",
+            &format!("http://{}", ms[0].api),
+        ]);
+        assert!(added.status.success(), "{added:?}");
+        joined.push_str(&format!(",{}={}", m.name, m.peer));
+        m.start_with(&joined, &["--initial-cluster-state", "existing"]);
+        m.wait_ready();
+        let cluster = std::fs::read_to_string(m.data.join("CLUSTER")).unwrap();
+        assert!(
+            cluster.contains("epoch=1"),
+            "{} did not adopt: {cluster}",
+            m.name
+        );
+    }
+    for i in 0..30 {
+        let key = format!("after/{i:03}");
+        put(&mut fresh[i % 2], &key, &format!("a{i}"));
+        acked.push((key, format!("a{i}")));
+    }
+    let term = term_of(&ms[0]);
+
+    // The old members come back on their old data: refused, they stop.
+    for k in [1, 2] {
+        let before = ms[k].logs().len();
+        ms[k].start(&initial);
+        let mut child = ms[k].child.take().unwrap();
+        let deadline = std::time::Instant::now() + GUARD;
+        let status = loop {
+            if let Some(status) = child.try_wait().unwrap() {
+                break status;
+            }
+            assert!(
+                std::time::Instant::now() < deadline,
+                "{} kept running:\n{}",
+                ms[k].name,
+                ms[k].logs()
+            );
+            std::thread::sleep(Duration::from_millis(100));
+        };
+        let logs = ms[k].logs()[before..].to_string();
+        assert_eq!(status.code(), Some(3), "{}:\n{logs}", ms[k].name);
+        assert!(logs.contains("fenced"), "{logs}");
+        assert!(!logs.contains("became leader"), "{logs}");
+    }
+    let survivors = [&ms[0], &fresh[0], &fresh[1]];
+    for m in survivors {
+        assert_eq!(term_of(m), term, "{}: the term moved", m.name);
+    }
+    for (key, value) in &acked {
+        let (status, body) = fresh[1].req("GET", &format!("/v1/kv/{key}"), b"");
+        assert_eq!((status, body), (200, value.as_bytes().to_vec()), "{key}");
+    }
+}
+
+/// A member's addresses change: its peer address is moved through Raft
+/// (`PUT /cluster/members/{name}`, etcd's MemberUpdate), the member is
+/// restarted there and at a new API address, and the cluster goes on: the
+/// others reach it at the new addresses, its new API URL is published, and
+/// writes through it and reads of them work.
+#[test]
+fn a_member_moved_to_new_addresses_stays_in_the_cluster() {
+    let dir = tempfile::tempdir().unwrap();
+    let (mut ms, initial) = members(dir.path(), 3);
+    for m in ms.iter_mut() {
+        m.start(&initial);
+    }
+    agreed_leader(&mut ms, &[0, 1, 2]);
+    put(&mut ms[0], "before", "move");
+    let new_peer = format!("127.0.0.1:{}", common::free_port());
+    let body = serde_json::json!({ "peer_addr": new_peer }).to_string();
+    let (status, answer) = ms[0].req("PUT", "/cluster/members/n3", body.as_bytes());
+    assert_eq!(status, 200, "{}", String::from_utf8_lossy(&answer));
+    // n3 moves: stopped, restarted at the new peer and API addresses.
+    let status = ms[2].terminate();
+    assert!(status.success());
+    ms[2].peer = new_peer.clone();
+    ms[2].api = format!("127.0.0.1:{}", common::free_port())
+        .parse()
+        .unwrap();
+    ms[2].start(&initial);
+    ms[2].wait_ready();
+    let new_url = format!("http://{}", ms[2].api);
+    ms[0].wait("n3 listed at its new addresses", |m| {
+        let (status, body) = m.req("GET", "/cluster/nodes", b"");
+        let v: serde_json::Value = serde_json::from_slice(&body).ok()?;
+        let n3 = v["nodes"]
+            .as_array()?
+            .iter()
+            .find(|n| n["name"] == "n3")?
+            .clone();
+        (status == 200 && n3["peer_addr"] == new_peer.as_str() && n3["api_url"] == new_url.as_str())
+            .then_some(())
+    });
+    // Make n3 lead: the others must reach it at its new peer address.
+    let body = serde_json::json!({ "to": "n3" }).to_string();
+    let (status, answer) = ms[0].req("POST", "/cluster/transfer-leader", body.as_bytes());
+    assert_eq!(status, 200, "{}", String::from_utf8_lossy(&answer));
+    for i in 0..20 {
+        put(&mut ms[i % 3], &format!("after/{i}"), "moved");
+    }
+    for m in ms.iter_mut() {
+        m.wait_ready();
+        let (status, body) = m.req("GET", "/v1/kv/after/19", b"");
+        assert_eq!(
+            (status, body.as_slice()),
+            (200, &b"moved"[..]),
+            "{}",
+            m.name
+        );
+        let (status, body) = m.req("GET", "/v1/kv/before", b"");
+        assert_eq!((status, body.as_slice()), (200, &b"move"[..]), "{}", m.name);
+    }
+}
