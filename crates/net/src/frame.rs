@@ -17,7 +17,12 @@
 //! the hello is checked): | verdict u8 | epoch u64 (the acceptor's) |
 //!   verdict 0 accepted; 1 refused: the dialer's epoch is older (it was
 //!   fenced out); 2 refused: the dialer's epoch is newer (the acceptor is
-//!   the stale one). A hello refused for another reason gets no ack.
+//!   the stale one); 3 refused: the acceptor is not the node the hello is
+//!   for. A hello refused for another reason gets no ack.
+//!
+//! kind 9, Describe (dialer → acceptor, instead of any other frame, empty):
+//! kind 10, Description (acceptor → dialer): | what `Fencing::describe`
+//!   returns, opaque to the transport (at most 1 MiB) |; then it closes.
 //!
 //! kind 2, Batch: raft messages from one node to one peer, for one group
 //! +-------------+-----------+---------+-------------+------------------------------------+
@@ -61,6 +66,10 @@ pub(crate) const KIND_SNAP_CHUNK: u8 = 5;
 pub(crate) const KIND_SNAP_END: u8 = 6;
 pub(crate) const KIND_SNAP_RESULT: u8 = 7;
 pub(crate) const KIND_HELLO_ACK: u8 = 8;
+pub(crate) const KIND_DESCRIBE: u8 = 9;
+pub(crate) const KIND_DESCRIPTION: u8 = 10;
+/// Largest Description body.
+pub const DESCRIPTION_BYTES_MAX: usize = 1 << 20;
 
 /// What an acceptor says to a hello (see [`encode_hello_ack`]).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -71,6 +80,9 @@ pub enum HelloVerdict {
     DialerOlder,
     /// Refused: the dialer's epoch is newer than the acceptor's.
     DialerNewer,
+    /// Refused: the acceptor is not the node the hello is for (the dialer
+    /// computed its ids from other settings).
+    NotForMe,
 }
 
 /// Why bytes from a peer are not a valid frame.
@@ -129,8 +141,18 @@ pub fn encode_hello_ack(buf: &mut Vec<u8>, verdict: HelloVerdict, epoch: u64) {
         HelloVerdict::Accepted => 0,
         HelloVerdict::DialerOlder => 1,
         HelloVerdict::DialerNewer => 2,
+        HelloVerdict::NotForMe => 3,
     });
     buf.put_u64_le(epoch);
+    finish(buf, start);
+}
+
+/// Appends a frame of `kind` with `body` (the transport's own small frames).
+pub(crate) fn encode_raw(buf: &mut Vec<u8>, kind: u8, body: &[u8]) {
+    let start = buf.len();
+    buf.extend_from_slice(&[0u8; 8]);
+    buf.push(kind);
+    buf.extend_from_slice(body);
     finish(buf, start);
 }
 
@@ -148,6 +170,7 @@ pub fn decode_hello_ack(kind: u8, body: &[u8]) -> Result<(HelloVerdict, u64), Fr
         0 => HelloVerdict::Accepted,
         1 => HelloVerdict::DialerOlder,
         2 => HelloVerdict::DialerNewer,
+        3 => HelloVerdict::NotForMe,
         v => return Err(FrameError::Malformed(format!("unknown hello verdict {v}"))),
     };
     Ok((verdict, u64_at(body, 1)?))

@@ -42,7 +42,7 @@ pub use http::{
     STREAM_BODY_CHUNKS,
 };
 pub use peer::{Fencing, NetConfig, NetError};
-pub use tcp::{probe_hello, TcpTransport};
+pub use tcp::{probe_hello, Probe, TcpTransport};
 pub use tls::{NodeNames, TlsConfig, TlsConfigError};
 
 pub use raftwork_transport::{Envelope, Inbound, Inbox, NodeId, Transport, TransportError};

@@ -105,6 +105,13 @@ pub trait Fencing: Send + Sync + std::fmt::Debug + 'static {
     /// Peer `peer` is at `epoch`, newer than ours: adopt it (true), or be
     /// fenced out (false).
     fn newer_seen(&self, epoch: u64, peer: NodeId) -> bool;
+    /// What this node tells a peer that asks, after an accepted hello (see
+    /// [`crate::probe_hello`]): opaque to the transport, at most
+    /// [`crate::frame::DESCRIPTION_BYTES_MAX`]. A node about to join checks
+    /// its settings against it. Default: nothing.
+    fn describe(&self) -> Vec<u8> {
+        Vec::new()
+    }
 }
 
 impl Default for NetConfig {
@@ -401,6 +408,23 @@ impl Shared {
                 return;
             }
         };
+        if kind == frame::KIND_DESCRIBE {
+            let mut description = self
+                .config
+                .fencing
+                .as_ref()
+                .map(|f| f.describe())
+                .unwrap_or_default();
+            description.truncate(frame::DESCRIPTION_BYTES_MAX);
+            let mut answer = Vec::new();
+            frame::encode_raw(&mut answer, frame::KIND_DESCRIPTION, &description);
+            let sent = async {
+                tokio::io::AsyncWriteExt::write_all(&mut reader, &answer).await?;
+                tokio::io::AsyncWriteExt::flush(&mut reader).await
+            };
+            let _ = tokio::time::timeout(self.config.handshake_timeout, sent).await;
+            return;
+        }
         if kind != frame::KIND_SNAP_OFFER {
             let _ = self
                 .batch_loop(reader, remote, from, Some((kind, body)))
@@ -460,15 +484,17 @@ impl Shared {
                 .ok_or("closed before hello")?;
             let (from, to, epoch) =
                 frame::decode_hello_at(kind, &body).map_err(|e| e.to_string())?;
-            if to != node {
-                return Err(format!("hello from node {from} is for node {to}"));
-            }
             check_peer_identity(self.config.tls.as_ref(), from, cert)?;
-            Ok::<_, String>((from, epoch))
+            Ok::<_, String>((from, to, epoch))
         };
         let (from, theirs) = match tokio::time::timeout(self.config.handshake_timeout, hello).await
         {
-            Ok(Ok(hello)) => hello,
+            Ok(Ok((from, to, _))) if to != node => {
+                let reason = format!("hello from node {from} is for node {to}");
+                tracing::warn!(node, remote, %reason, "refusing connection");
+                return Err((reason, Some(frame::HelloVerdict::NotForMe)));
+            }
+            Ok(Ok((from, _, epoch))) => (from, epoch),
             Ok(Err(reason)) => {
                 tracing::warn!(node, remote, %reason, "refusing connection");
                 return Err((reason, None));
@@ -665,6 +691,9 @@ impl std::fmt::Display for HelloRefused {
                 "refused: the peer is at cluster epoch {}, newer than ours",
                 self.epoch
             ),
+            frame::HelloVerdict::NotForMe => {
+                write!(f, "refused: the peer is not the node our hello is for")
+            }
             _ => write!(
                 f,
                 "refused: the peer is at cluster epoch {}, older than ours",
@@ -705,6 +734,12 @@ impl Shared {
                     );
                 }
             }
+            frame::HelloVerdict::NotForMe => tracing::warn!(
+                node = self.id,
+                peer,
+                "peer refused our hello: it is not that node (another cluster, or another \
+                 token)"
+            ),
             _ => tracing::warn!(
                 node = self.id,
                 peer,

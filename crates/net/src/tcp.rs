@@ -38,20 +38,35 @@ pub(crate) async fn connect(
     })
 }
 
+/// What [`probe_hello`] learned.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Probe {
+    /// The acceptor's verdict on the hello.
+    pub verdict: frame::HelloVerdict,
+    /// The acceptor's epoch.
+    pub epoch: u64,
+    /// Its description ([`crate::Fencing::describe`]), if asked for and
+    /// the hello was accepted.
+    pub description: Option<Vec<u8>>,
+}
+
 /// Says hello to node `to` at `addr` as node `from` at `epoch` (TLS as
-/// `config` says), reads the acceptor's verdict and its epoch, and closes:
-/// nothing else is sent. For a node about to start, so that a member left
-/// out of a recovery learns it before it campaigns (see
-/// [`crate::Fencing`]). Fails if the peer cannot be reached or refused the
-/// hello for another reason, within `timeout`.
+/// `config` says), reads the acceptor's verdict and its epoch, and, with
+/// `describe` and an accepted hello, asks for its description; then
+/// closes: no raft message is sent. For a node about to start, so that a
+/// member left out of a recovery learns it before it campaigns, and a
+/// joining member can check its settings (see [`crate::Fencing`]). Fails if
+/// the peer cannot be reached or refused the hello for another reason,
+/// within `timeout`.
 pub async fn probe_hello(
     config: &NetConfig,
     from: NodeId,
     to: NodeId,
     addr: &str,
     epoch: u64,
+    describe: bool,
     timeout: Duration,
-) -> std::io::Result<(frame::HelloVerdict, u64)> {
+) -> std::io::Result<Probe> {
     let tls = config
         .tls
         .as_ref()
@@ -68,9 +83,33 @@ pub async fn probe_hello(
             .await
             .map_err(std::io::Error::other)?
             .ok_or_else(|| std::io::Error::other("closed after the hello"))?;
-        let verdict = frame::decode_hello_ack(kind, &body).map_err(std::io::Error::other)?;
+        let (verdict, theirs) =
+            frame::decode_hello_ack(kind, &body).map_err(std::io::Error::other)?;
+        let mut description = None;
+        if describe && verdict == frame::HelloVerdict::Accepted {
+            let mut ask = Vec::new();
+            frame::encode_raw(&mut ask, frame::KIND_DESCRIBE, &[]);
+            stream.write_all(&ask).await?;
+            stream.flush().await?;
+            match frame::read_frame(&mut stream, frame::DESCRIPTION_BYTES_MAX + 64)
+                .await
+                .map_err(std::io::Error::other)?
+            {
+                Some((frame::KIND_DESCRIPTION, body)) => description = Some(body.to_vec()),
+                Some((k, _)) => {
+                    return Err(std::io::Error::other(format!(
+                        "expected a description, got frame kind {k}"
+                    )))
+                }
+                None => return Err(std::io::Error::other("closed before the description")),
+            }
+        }
         let _ = stream.shutdown().await;
-        Ok(verdict)
+        Ok(Probe {
+            verdict,
+            epoch: theirs,
+            description,
+        })
     };
     tokio::time::timeout(timeout, probe)
         .await

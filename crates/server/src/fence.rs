@@ -12,6 +12,14 @@
 //!   to start (exit 3) before it could campaign; one fenced while running
 //!   stops the same way.
 //!
+//! * A member joining with a fresh data dir first asks the members it was
+//!   given for the cluster's membership ([`check_join`], over the peer
+//!   port: `raftwork_net::probe_hello` with a description, which every
+//!   member serves from [`ServerFencing::set_description`]) and refuses to
+//!   start, writing nothing, if the cluster does not expect it: no member
+//!   with its id (token and name) and no pending slot at its peer address,
+//!   or its id recorded at another peer address.
+//!
 //! Invariant: the epoch only grows, and is durable (in `CLUSTER`) before
 //! any peer is told it.
 
@@ -57,6 +65,128 @@ pub struct ServerFencing {
     dir: PathBuf,
     plan: Mutex<ClusterPlan>,
     fenced: watch::Sender<Option<Fenced>>,
+    /// What this member tells a joining one ([`Membership`], JSON).
+    description: Mutex<Vec<u8>>,
+}
+
+/// The membership a member describes to a joining one.
+#[derive(Debug, Clone, Default, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct Membership {
+    /// Voters' ids, as strings.
+    pub voters: Vec<String>,
+    /// Learners' ids, as strings.
+    pub learners: Vec<String>,
+    /// Known member records: (id as a string, name, peer address).
+    pub records: Vec<(String, String, String)>,
+    /// Peer addresses reserved by a nameless member add, not yet joined.
+    pub pending: Vec<String>,
+}
+
+/// Why a joining member refuses to start.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum JoinError {
+    /// Its flags disagree with the cluster (exit 2).
+    #[error("{0}")]
+    Disagrees(String),
+    /// No member answered (exit 1).
+    #[error("{0}")]
+    NoAnswer(String),
+}
+
+/// Checks a joining member's flags against the cluster before anything is
+/// written: asks each of `peers` for its membership (adopting a newer
+/// epoch in memory on the way) and returns the epoch to start at. `me` is
+/// the member's id, `peer_addr` the address it advertises, `name` its name.
+pub async fn check_join(
+    config: &NetConfig,
+    me: u64,
+    name: &str,
+    peer_addr: &str,
+    epoch: u64,
+    peers: &[(u64, String)],
+) -> Result<u64, JoinError> {
+    // A member add answers once the leader applied it; the member asked
+    // may lag behind, and describes what it knows every half second: so a
+    // refusal is only final after a few seconds of asking again.
+    let deadline = tokio::time::Instant::now() + JOIN_CHECK_TIME;
+    loop {
+        let outcome = check_join_once(config, me, name, peer_addr, epoch, peers).await;
+        match outcome {
+            Ok(epoch) => return Ok(epoch),
+            Err(e) if tokio::time::Instant::now() >= deadline => return Err(e),
+            Err(_) => tokio::time::sleep(Duration::from_millis(250)).await,
+        }
+    }
+}
+
+/// How long a joining member keeps asking before it takes a refusal as
+/// final.
+const JOIN_CHECK_TIME: Duration = Duration::from_secs(4);
+
+async fn check_join_once(
+    config: &NetConfig,
+    me: u64,
+    name: &str,
+    peer_addr: &str,
+    mut epoch: u64,
+    peers: &[(u64, String)],
+) -> Result<u64, JoinError> {
+    let mut errors = Vec::new();
+    for (id, addr) in peers {
+        let probe = |epoch| {
+            raftwork::net::probe_hello(config, me, *id, addr, epoch, true, Duration::from_secs(2))
+        };
+        let mut answer = probe(epoch).await;
+        if let Ok(p) = &answer {
+            if p.verdict == HelloVerdict::DialerOlder && p.epoch > epoch {
+                epoch = p.epoch;
+                answer = probe(epoch).await;
+            }
+        }
+        let description = match answer {
+            Ok(p) if p.verdict == HelloVerdict::NotForMe => {
+                return Err(JoinError::Disagrees(format!(
+                    "the member at {addr} is not member {id} of this cluster as this member \
+                     computes ids (from --initial-cluster-token and the --initial-cluster \
+                     names): check them; nothing was written"
+                )));
+            }
+            Ok(p) => match p.description {
+                Some(d) => d,
+                None => {
+                    errors.push(format!("{addr}: refused the hello ({:?})", p.verdict));
+                    continue;
+                }
+            },
+            Err(e) => {
+                errors.push(format!("{addr}: {e}"));
+                continue;
+            }
+        };
+        let Ok(m) = serde_json::from_slice::<Membership>(&description) else {
+            errors.push(format!("{addr}: no membership in its answer"));
+            continue;
+        };
+        let id = me.to_string();
+        let known = m.voters.contains(&id) || m.learners.contains(&id);
+        if let Some((_, _, recorded)) = m.records.iter().find(|(rid, _, _)| *rid == id) {
+            if known && recorded != peer_addr {
+                return Err(JoinError::Disagrees(format!(
+                    "the cluster has member {name} at peer address {recorded}, not {peer_addr}                      (--advertise-peer-addr / --peer-addr); nothing was written"
+                )));
+            }
+        }
+        if known || m.pending.iter().any(|p| p == peer_addr) {
+            return Ok(epoch);
+        }
+        return Err(JoinError::Disagrees(format!(
+            "the cluster (asked at {addr}) does not expect this member: no member {name} (id {me},              from --name and --initial-cluster-token) and no member add reserved peer address              {peer_addr}; add it first (raftwork member add), or check those flags; nothing was              written"
+        )));
+    }
+    Err(JoinError::NoAnswer(format!(
+        "no member of the cluster answered to check this member's flags before it joins ({});          nothing was written",
+        errors.join("; ")
+    )))
 }
 
 impl ServerFencing {
@@ -68,7 +198,13 @@ impl ServerFencing {
             dir,
             plan: Mutex::new(plan.clone()),
             fenced: watch::channel(None).0,
+            description: Mutex::new(Vec::new()),
         })
+    }
+
+    /// What this member tells a joining one from now on.
+    pub fn set_description(&self, membership: &Membership) {
+        *self.description.lock().unwrap() = serde_json::to_vec(membership).expect("serializable");
     }
 
     /// Why this member was fenced, if it was.
@@ -109,9 +245,11 @@ impl ServerFencing {
                     id,
                     &addr,
                     epoch,
+                    false,
                     Duration::from_secs(1),
                 )
-                .await;
+                .await
+                .map(|p| (p.verdict, p.epoch));
                 (id, answer)
             });
         }
@@ -138,6 +276,10 @@ impl ServerFencing {
 impl Fencing for ServerFencing {
     fn epoch(&self) -> u64 {
         self.epoch.load(Ordering::SeqCst)
+    }
+
+    fn describe(&self) -> Vec<u8> {
+        self.description.lock().unwrap().clone()
     }
 
     fn newer_seen(&self, epoch: u64, peer: u64) -> bool {

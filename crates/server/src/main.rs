@@ -126,6 +126,15 @@ fn main() -> ExitCode {
                 Ok(()) => ExitCode::SUCCESS,
                 // Distinct, so a supervisor can be told not to restart it
                 // (systemd: RestartPreventExitStatus=3).
+                Err(
+                    e @ raftwork_server::serve::ServeError::Join(
+                        raftwork_server::fence::JoinError::Disagrees(_),
+                    ),
+                ) => {
+                    tracing::error!(error = %e, "raftwork stopped");
+                    eprintln!("raftwork: {e}");
+                    ExitCode::from(2)
+                }
                 Err(e @ raftwork_server::serve::ServeError::Fenced(_)) => {
                     tracing::error!(error = %e, "raftwork stopped");
                     eprintln!("raftwork: {e}");

@@ -634,6 +634,10 @@ pub enum ServeError {
     /// The API's TLS files cannot be used.
     #[error("API TLS: {0}")]
     ClientTls(String),
+    /// A joining member's flags disagree with the cluster (exit 2), or no
+    /// member answered to check them (exit 1); nothing was written.
+    #[error("cannot join: {0}")]
+    Join(crate::fence::JoinError),
     /// A member at a newer fencing epoch showed that this one was left out
     /// of a recovery: it must not run on this data dir again (exit 3).
     #[error("{0}")]
@@ -707,6 +711,37 @@ async fn removed(node: Node<KvStore>) {
     }
 }
 
+/// Keeps the membership this member describes to joining ones (see
+/// `fence::check_join`) up to date, every half second.
+fn spawn_description(
+    node: Node<KvStore>,
+    members: Arc<Members>,
+    fencing: Arc<crate::fence::ServerFencing>,
+) -> tokio::task::JoinHandle<()> {
+    tokio::spawn(async move {
+        loop {
+            if let Some(st) = node.status().await {
+                let ids = |v: &[u64]| v.iter().map(u64::to_string).collect();
+                fencing.set_description(&crate::fence::Membership {
+                    voters: ids(&st.voters),
+                    learners: ids(&st.learners),
+                    records: members
+                        .all()
+                        .values()
+                        .map(|m| (m.id.to_string(), m.name.clone(), m.peer_addr.clone()))
+                        .collect(),
+                    pending: members
+                        .waiting()
+                        .into_values()
+                        .map(|s| s.peer_addr)
+                        .collect(),
+                });
+            }
+            tokio::time::sleep(Duration::from_millis(500)).await;
+        }
+    })
+}
+
 /// How long a stopping leader waits for its leadership to move.
 const HAND_OVER_TIMEOUT: Duration = Duration::from_secs(3);
 
@@ -768,29 +803,42 @@ pub async fn run(args: Settings, plan: ClusterPlan) -> Result<(), ServeError> {
     );
     let api_addr = listener.local_addr().map_err(ServeError::Serve)?;
 
-    plan.persist(&args.data_dir)
-        .map_err(|source| ServeError::ClusterFile {
-            dir: args.data_dir.clone(),
-            source,
-        })?;
     let members = Arc::new(Members::new());
-    let fencing = crate::fence::ServerFencing::new(&plan, args.data_dir.clone());
-    let mut net = raftwork::net::NetConfig {
-        fencing: Some(fencing.clone()),
-        ..Default::default()
-    };
+    let mut net = raftwork::net::NetConfig::default();
     if let Some(files) = &args.peer_tls {
         let tls = files.load().map_err(ServeError::PeerTls)?;
         net.tls = Some(tls.with_node_names(node_names(&plan, members.clone())));
     }
     let initial = plan.member_ids();
-    // A member left out of a recovery learns it here, before it could
-    // campaign with the others left out (see `fence`).
     let peers: Vec<(u64, String)> = initial
         .iter()
         .filter(|(id, _, _)| *id != plan.id)
         .map(|(id, _, addr)| (*id, addr.clone()))
         .collect();
+    // A member joining with a fresh data dir checks its flags against the
+    // cluster first, and writes nothing if they disagree (see `fence`).
+    let mut plan = plan;
+    if plan.state == ClusterState::Existing && !plan.existing_dir {
+        plan.epoch = crate::fence::check_join(
+            &net,
+            plan.id,
+            &plan.name,
+            &args.advertise_peer_addr,
+            plan.epoch,
+            &peers,
+        )
+        .await
+        .map_err(ServeError::Join)?;
+    }
+    plan.persist(&args.data_dir)
+        .map_err(|source| ServeError::ClusterFile {
+            dir: args.data_dir.clone(),
+            source,
+        })?;
+    let fencing = crate::fence::ServerFencing::new(&plan, args.data_dir.clone());
+    net.fencing = Some(fencing.clone());
+    // A member left out of a recovery learns it here, before it could
+    // campaign with the others left out (see `fence`).
     fencing
         .probe(&net, plan.id, &peers)
         .await
@@ -890,6 +938,7 @@ pub async fn run(args: Settings, plan: ClusterPlan) -> Result<(), ServeError> {
         plan.token.clone(),
         introduce_to,
     );
+    let describing = spawn_description(node.clone(), members.clone(), fencing.clone());
     let lessor = crate::etcd::lessor::spawn(node.clone());
     let quota = crate::etcd::lessor::spawn_quota(node.clone(), args.quota_backend_bytes);
     let router = api::router(
@@ -947,6 +996,7 @@ pub async fn run(args: Settings, plan: ClusterPlan) -> Result<(), ServeError> {
     };
     node.shutdown().await;
     sync.abort();
+    describing.abort();
     lessor.abort();
     quota.abort();
     served.map_err(ServeError::Serve)?;

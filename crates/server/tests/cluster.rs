@@ -182,14 +182,15 @@ fn a_fourth_node_joins_as_a_learner_is_promoted_leads_and_is_removed() {
             .contains("unknown member"));
     }
 
-    // n4 starts empty and waits; a follower adds it as a learner (forwarded).
-    ms[3].start_with(&all, &["--initial-cluster-state", "existing"]);
+    // A follower adds n4 as a learner (forwarded); n4 then starts empty
+    // (it checks first that the cluster expects it) and joins.
     let add = format!(
         r#"{{"name":"n4","peer_addr":"{}","api_url":"http://{}","learner":true}}"#,
         ms[3].peer, ms[3].api
     );
     let (status, body) = ms[follower].req("POST", "/cluster/members", add.as_bytes());
     assert_eq!(status, 200, "{}", String::from_utf8_lossy(&body));
+    ms[3].start_with(&all, &["--initial-cluster-state", "existing"]);
     let v = json(&body);
     assert_eq!(v["id"], id4);
     assert!(

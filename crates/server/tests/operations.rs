@@ -356,6 +356,10 @@ fn a_member_moved_to_new_addresses_stays_in_the_cluster() {
     }
 }
 
+/// Keys of the re-add test's histories: each is checked on its own, so
+/// more keys mean shorter searches.
+const HISTORY_KEYS: u64 = 8;
+
 /// One client of the re-add test: reads, writes and compare-and-sets over
 /// REST on a few keys, through whichever current member it picks, until
 /// `stop`; its history for the linearizability checker.
@@ -368,11 +372,11 @@ fn history_client(
     use raftwork_check::{Input, Operation, Output};
     let now_us = || start.elapsed().as_micros() as u64;
     let mut history = Vec::new();
-    let mut seen: Vec<Option<u64>> = vec![None; 3];
+    let mut seen: Vec<Option<u64>> = vec![None; HISTORY_KEYS as usize];
     let mut n = 0u64;
     while !stop.load(Ordering::Relaxed) {
         n += 1;
-        let k = (n * 7 + id) % 3;
+        let k = (n * 7 + id) % HISTORY_KEYS;
         let fresh = id * 1_000_000 + n;
         let api = {
             let apis = apis.lock().unwrap();
@@ -437,8 +441,19 @@ fn history_client(
 }
 
 /// Removes member `k` through `via`, waits for it to stop on its own,
-/// wipes its data dir and adds it back under the same name.
-fn remove_wipe_and_add_back(ms: &mut [Member], k: usize, via: usize, initial: &str) {
+/// wipes its data dir and adds it back under the same name. The clients
+/// leave it alone meanwhile (an operator drains a member first): requests
+/// to a member being removed end without an answer, and every write with
+/// an unknown outcome makes the checker's search longer.
+fn remove_wipe_and_add_back(
+    ms: &mut [Member],
+    k: usize,
+    via: usize,
+    initial: &str,
+    apis: &std::sync::Mutex<Vec<std::net::SocketAddr>>,
+) {
+    apis.lock().unwrap().retain(|a| *a != ms[k].api);
+    std::thread::sleep(Duration::from_millis(200));
     let name = ms[k].name.clone();
     let (status, body) = ms[via].req("DELETE", &format!("/cluster/members/{name}"), b"");
     assert_eq!(status, 200, "{}", String::from_utf8_lossy(&body));
@@ -454,6 +469,7 @@ fn remove_wipe_and_add_back(ms: &mut [Member], k: usize, via: usize, initial: &s
     assert_eq!(status, 200, "{}", String::from_utf8_lossy(&answer));
     ms[k].start_with(initial, &["--initial-cluster-state", "existing"]);
     ms[k].wait_ready();
+    apis.lock().unwrap().push(ms[k].api);
 }
 
 /// Waits for a member's process to exit on its own (a removed member
@@ -499,12 +515,13 @@ fn members_removed_wiped_and_added_back_keep_the_history_linearizable() {
         })
         .collect();
     std::thread::sleep(Duration::from_millis(1000));
-    remove_wipe_and_add_back(&mut ms, 2, 0, &initial);
+    remove_wipe_and_add_back(&mut ms, 2, 0, &initial, &apis);
     std::thread::sleep(Duration::from_millis(500));
-    remove_wipe_and_add_back(&mut ms, 1, 0, &initial);
+    remove_wipe_and_add_back(&mut ms, 1, 0, &initial, &apis);
     std::thread::sleep(Duration::from_millis(500));
     // n1 goes for good: the clients stop using it first.
-    apis.lock().unwrap().remove(0);
+    apis.lock().unwrap().retain(|a| *a != ms[0].api);
+    std::thread::sleep(Duration::from_millis(200));
     let (status, body) = ms[1].req("DELETE", "/cluster/members/n1", b"");
     assert_eq!(status, 200, "{}", String::from_utf8_lossy(&body));
     assert!(wait_exit(&mut ms[0]).success());
@@ -530,4 +547,60 @@ fn members_removed_wiped_and_added_back_keep_the_history_linearizable() {
     if let Err(v) = raftwork_check::check(&history) {
         panic!("not linearizable:\n{v}");
     }
+}
+
+/// A member joining with `--initial-cluster-state existing` checks its
+/// flags against the cluster before it writes anything: not added, added
+/// under another token (another id), or added at another peer address, it
+/// exits 2 saying why and leaves no data dir; added as it says, it joins.
+#[test]
+fn a_join_whose_flags_disagree_with_the_cluster_is_refused_before_anything_is_written() {
+    let dir = tempfile::tempdir().unwrap();
+    let (mut ms, initial) = members(dir.path(), 3);
+    for m in ms.iter_mut() {
+        m.start(&initial);
+    }
+    agreed_leader(&mut ms, &[0, 1, 2]);
+    let extra_dir = dir.path().join("n4");
+    std::fs::create_dir_all(&extra_dir).unwrap();
+    let (mut extra, _) = members(&extra_dir, 1);
+    let n4 = &mut extra[0];
+    n4.name = "n4".into();
+    let joined = format!("{initial},n4={}", n4.peer);
+    let refused = |n4: &mut Member, extra: &[&str], why: &str| {
+        let mut flags = vec!["--initial-cluster-state", "existing"];
+        flags.extend_from_slice(extra);
+        let before = n4.logs().len();
+        n4.start_with(&joined, &flags);
+        let status = wait_exit(n4);
+        let logs = n4.logs()[before..].to_string();
+        assert_eq!(status.code(), Some(2), "{why}:\n{logs}");
+        assert!(!n4.data.exists(), "{why}: a data dir was written");
+        logs
+    };
+    // Not added at all.
+    let logs = refused(n4, &[], "not added");
+    assert!(logs.contains("does not expect this member"), "{logs}");
+    // Added, but started under another token: another id.
+    let add = serde_json::json!({
+        "name": "n4", "peer_addr": n4.peer, "api_url": format!("http://{}", n4.api),
+    })
+    .to_string();
+    let (status, body) = ms[0].req("POST", "/cluster/members", add.as_bytes());
+    assert_eq!(status, 200, "{}", String::from_utf8_lossy(&body));
+    let logs = refused(n4, &["--initial-cluster-token", "another"], "wrong token");
+    assert!(logs.contains("--initial-cluster-token"), "{logs}");
+    // Added at one peer address, started at another.
+    let added_at = n4.peer.clone();
+    n4.peer = format!("127.0.0.1:{}", common::free_port());
+    let logs = refused(n4, &[], "wrong peer address");
+    assert!(
+        logs.contains(&format!("at peer address {added_at}")),
+        "{logs}"
+    );
+    // As added: it joins.
+    n4.peer = added_at;
+    n4.start_with(&joined, &["--initial-cluster-state", "existing"]);
+    n4.wait_ready();
+    put(n4, "joined", "yes");
 }
