@@ -35,7 +35,9 @@ enum Command {
     /// Cluster members: list, add, remove, promote.
     Member(MemberArgs),
     /// Start N nodes on loopback as child processes (data under
-    /// --base-dir), print their API URLs, stop them all on Ctrl-C/SIGTERM.
+    /// --base-dir), print their API URLs, keep the others running when one
+    /// dies (`local-cluster restart NAME` starts it again), stop them all
+    /// on Ctrl-C/SIGTERM.
     LocalCluster(LocalClusterArgs),
     /// Backups: save the cluster's key space to a file, check a file, and
     /// restore one into the data dirs of a new cluster.
