@@ -27,8 +27,9 @@ struct Cli {
 
 #[derive(Debug, Subcommand)]
 enum Command {
-    /// Run a node. With no flags: a durable single-node cluster in
-    /// ./raftwork-data, API on 127.0.0.1:8080, peers on 127.0.0.1:2380.
+    /// Run a node. With no flags: a durable single-node cluster named
+    /// "default" in ./default.raftwork (./<name>.raftwork with --name), API
+    /// on 127.0.0.1:8080, peers on 127.0.0.1:2380.
     Serve(Box<ServeArgs>),
     /// Keys and values: put, get, del, list (any member takes any request).
     Kv(KvArgs),

@@ -268,3 +268,66 @@ fn member_and_status_commands_against_a_real_server() {
     );
     assert!(err.contains("400"), "{err}");
 }
+
+/// Starts `raftwork serve --name NAME` in `cwd` with no --data-dir and
+/// waits for /readyz: its child, or None if it exited first (a picked port
+/// was taken in between).
+fn serve_named_in(cwd: &std::path::Path, name: &str) -> Option<common::Server> {
+    let api: std::net::SocketAddr = format!("127.0.0.1:{}", free_port()).parse().unwrap();
+    let log = std::fs::File::create(cwd.join(format!("{name}.stderr"))).unwrap();
+    let mut child = raftwork()
+        .current_dir(cwd)
+        .args(["serve", "--name", name, "--log-level", "warn"])
+        .args(["--api-addr", &api.to_string()])
+        .args(["--peer-addr", &format!("127.0.0.1:{}", free_port())])
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(log)
+        .spawn()
+        .unwrap();
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(60);
+    loop {
+        if child.try_wait().unwrap().is_some() {
+            return None;
+        }
+        if let Ok((200, _)) = common::get(api, "/readyz") {
+            return Some(common::Server {
+                child,
+                url: format!("http://{api}"),
+            });
+        }
+        assert!(std::time::Instant::now() < deadline, "{name} not ready");
+        std::thread::sleep(std::time::Duration::from_millis(50));
+    }
+}
+
+#[test]
+fn serves_with_different_names_get_different_default_data_dirs() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut servers = Vec::new();
+    for name in ["alpha", "beta"] {
+        let server = (0..3)
+            .find_map(|_| serve_named_in(dir.path(), name))
+            .unwrap_or_else(|| {
+                let log = std::fs::read_to_string(dir.path().join(format!("{name}.stderr")));
+                panic!("serve --name {name} did not start: {log:?}")
+            });
+        servers.push(server);
+    }
+    // Both run at once, each in ./<name>.raftwork, and each took its own
+    // writes.
+    for (name, server) in ["alpha", "beta"].iter().zip(&servers) {
+        ok(&server.url, &["kv", "put", "who", name]);
+        assert!(
+            dir.path()
+                .join(format!("{name}.raftwork"))
+                .join("CLUSTER")
+                .exists(),
+            "{name}"
+        );
+    }
+    for (name, server) in ["alpha", "beta"].iter().zip(&servers) {
+        assert_eq!(ok(&server.url, &["kv", "get", "who"]), *name);
+    }
+    assert!(!dir.path().join("raftwork-data").exists());
+}
