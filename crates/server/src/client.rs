@@ -14,7 +14,19 @@
 //! Member changes have no session: one whose outcome is unknown fails
 //! rather than risk applying twice. A non-2xx answer prints the
 //! server's JSON `error` message on stderr and exits 1; no endpoint
-//! answering exits 1 too; bad arguments exit 2.
+//! answering exits 1 too; bad arguments exit 2, those found after parsing
+//! (a file an argument names that cannot be read, an existing `snapshot
+//! save` FILE) included (a `Failure` says which).
+//!
+//! Values are bytes: `kv put KEY -` reads stdin, `--file` a file, and a
+//! compare-and-set sends its expected value in the body (header
+//! `raftwork-prev-value-length`), never in the URI, so it may be as big
+//! as a value. `kv list` follows the server's `raftwork-list-next` cursor
+//! page by page until nothing more matches or `--limit` is reached (said
+//! on stderr). `-w json` prints values as UTF-8 strings with `"encoding":
+//! "utf8"` when key and value are UTF-8, else both in base64 with
+//! `"encoding": "base64"`; member ids in the server's answers are decimal
+//! strings.
 
 use std::io::Write;
 use std::process::ExitCode;

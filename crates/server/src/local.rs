@@ -32,7 +32,8 @@
 //!   request file `<base-dir>/control/restart-<name>-<nonce>.req`
 //!   (written under a temporary name, then renamed: never read half
 //!   written);
-//! * the supervisor polls that directory every 100 ms; for a request it
+//! * the supervisor polls that directory every 100 ms once the cluster is
+//!   up (a request made while it starts waits); for a request it
 //!   stops the node if it still runs (SIGTERM, SIGKILL after 30 s), starts
 //!   it again with the same flags, data dir and ports, prints its new line
 //!   on stdout and answers in `restart-<name>-<nonce>.ans` (renamed into
