@@ -251,6 +251,33 @@ impl<T: AsyncWrite + Unpin> AsyncWrite for ExplainTooLong<T> {
         Pin::new(&mut this.inner).poll_write(cx, buf)
     }
 
+    fn is_write_vectored(&self) -> bool {
+        // As the connection: hyper then writes heads and bodies without
+        // copying them into one buffer.
+        self.inner.is_write_vectored()
+    }
+
+    fn poll_write_vectored(
+        mut self: Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+        bufs: &[io::IoSlice<'_>],
+    ) -> std::task::Poll<io::Result<usize>> {
+        let this = &mut *self;
+        if this.drain(cx)?.is_pending() {
+            return std::task::Poll::Pending;
+        }
+        // hyper's refusal is a head alone: one non-empty slice.
+        let mut filled = bufs.iter().filter(|b| !b.is_empty());
+        if let (Some(only), None) = (filled.next(), filled.next()) {
+            if let Some(status) = refused_too_long(only) {
+                this.pending = Some((too_long_response(status), 0));
+                let _ = this.drain(cx)?;
+                return std::task::Poll::Ready(Ok(only.len()));
+            }
+        }
+        Pin::new(&mut this.inner).poll_write_vectored(cx, bufs)
+    }
+
     fn poll_flush(
         mut self: Pin<&mut Self>,
         cx: &mut std::task::Context<'_>,
