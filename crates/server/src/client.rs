@@ -114,8 +114,9 @@ enum KvCommand {
         /// The key.
         #[arg(value_parser = parse_key)]
         key: String,
-        /// The value; `-` reads it from stdin (raw bytes, to the end). Omit
-        /// it with --file.
+        /// The value; `-` reads it from stdin (raw bytes, to the end; so a
+        /// lone `-` is stored with `printf - | raftwork kv put KEY -`).
+        /// Omit it with --file.
         #[arg(required_unless_present = "file")]
         value: Option<String>,
         /// Read the value from this file (raw bytes) instead of VALUE.
