@@ -96,6 +96,22 @@ fn three_nodes_converge_forward_fail_over_and_catch_up() {
     let body: Value = serde_json::from_str(text.split("\r\n\r\n").nth(1).unwrap()).unwrap();
     assert_eq!(body["leader"], leader_url.as_str(), "{body}");
 
+    // A listing through a follower is forwarded to the leader with its
+    // cursor headers: cut short at one entry, it says so and where to go on.
+    let mut stream = TcpStream::connect(follower.api).unwrap();
+    stream.set_read_timeout(Some(GUARD)).unwrap();
+    stream
+        .write_all(
+            b"GET /v1/kv?prefix=from-&limit=1 HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n",
+        )
+        .unwrap();
+    let mut buf = Vec::new();
+    stream.read_to_end(&mut buf).unwrap();
+    let text = String::from_utf8_lossy(&buf).to_ascii_lowercase();
+    assert!(text.starts_with("http/1.1 200"), "{text}");
+    assert!(text.contains("raftwork-list-more: true"), "{text}");
+    assert!(text.contains("raftwork-list-next: from-n1\r\n"), "{text}");
+
     // kill -9 the leader: the survivors elect another one and writes go on.
     let old = ms.iter().position(|m| m.name == leader).unwrap();
     ms[old].kill9();
