@@ -19,7 +19,7 @@
 //! the node), and the process exits 0.
 
 use std::net::SocketAddr;
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -46,6 +46,33 @@ pub const DEFAULT_NAME: &str = "default";
 /// examples' `./raftwork-data`.
 pub fn default_data_dir(name: &str) -> PathBuf {
     PathBuf::from(format!("./{name}.raftwork"))
+}
+
+/// The default data dir of `serve` before [`default_data_dir`] (and still
+/// the library examples' one).
+pub const OLD_DEFAULT_DATA_DIR: &str = "./raftwork-data";
+
+/// Refuses to start a member in a new default data dir `dir` while its
+/// data is in [`OLD_DEFAULT_DATA_DIR`] (a `CLUSTER` file naming it): that
+/// would silently start a new, empty cluster after an upgrade.
+fn refuse_old_default(dir: &Path, name: &str) -> Result<(), String> {
+    if dir.join(crate::cluster::CLUSTER_FILE).exists() {
+        return Ok(());
+    }
+    let old = Path::new(OLD_DEFAULT_DATA_DIR).join(crate::cluster::CLUSTER_FILE);
+    let Ok(text) = std::fs::read_to_string(old) else {
+        return Ok(());
+    };
+    if text.lines().any(|l| l.trim() == format!("name={name}")) {
+        return Err(format!(
+            "{OLD_DEFAULT_DATA_DIR} holds the data of member {name:?} (the default data dir \
+             of earlier versions); the default is now {}: pass --data-dir \
+             {OLD_DEFAULT_DATA_DIR}, or move it to {}",
+            dir.display(),
+            dir.display()
+        ));
+    }
+    Ok(())
 }
 
 /// [`default_data_dir`] of a node started without `--name`.
@@ -478,10 +505,14 @@ impl ServeArgs {
                 &api_addr.to_string(),
             )?,
         }
-        let data_dir = self
-            .data_dir
-            .or(file.data_dir)
-            .unwrap_or_else(|| default_data_dir(&name));
+        let data_dir = match self.data_dir.or(file.data_dir) {
+            Some(dir) => dir,
+            None => {
+                let dir = default_data_dir(&name);
+                refuse_old_default(&dir, &name)?;
+                dir
+            }
+        };
         Ok(Settings {
             peer_tls,
             client_tls,

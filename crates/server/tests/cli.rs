@@ -333,6 +333,43 @@ fn serves_with_different_names_get_different_default_data_dirs() {
         assert_eq!(ok(&server.url, &["kv", "get", "who"]), *name);
     }
     assert!(!dir.path().join("raftwork-data").exists());
+    drop(servers);
+
+    // A member whose data is in ./raftwork-data (the default of earlier
+    // versions) is not started afresh in ./<name>.raftwork: refused, exit 2.
+    std::fs::create_dir(dir.path().join("raftwork-data")).unwrap();
+    std::fs::write(
+        dir.path().join("raftwork-data").join("CLUSTER"),
+        "token=raftwork\nname=gamma\n",
+    )
+    .unwrap();
+    let mut child = raftwork()
+        .current_dir(dir.path())
+        .args(["serve", "--name", "gamma"])
+        .args(["--api-addr", &format!("127.0.0.1:{}", free_port())])
+        .args(["--peer-addr", &format!("127.0.0.1:{}", free_port())])
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    // A hang guard only: a refusal comes at once, a started node never
+    // exits by itself.
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(60);
+    while child.try_wait().unwrap().is_none() {
+        if std::time::Instant::now() > deadline {
+            let _ = child.kill();
+            let _ = child.wait();
+            panic!("serve --name gamma started in a new data dir instead of refusing");
+        }
+        std::thread::sleep(std::time::Duration::from_millis(50));
+    }
+    let o = child.wait_with_output().unwrap();
+    assert_eq!(o.status.code(), Some(2), "{o:?}");
+    assert!(
+        String::from_utf8_lossy(&o.stderr).contains("--data-dir ./raftwork-data"),
+        "{o:?}"
+    );
+    assert!(!dir.path().join("gamma.raftwork").exists());
 }
 
 /// Runs the CLI with `stdin` as its standard input.
