@@ -3,12 +3,13 @@
 //! | route | answer |
 //! | --- | --- |
 //! | `PUT /v1/kv/{key}` (body = raw value) | 200 `{"index": N}` |
-//! | `PUT /v1/kv/{key}?prev_value=V` | compare-and-set: 200 `{"index": N}`, 412 if the value is not `V` |
+//! | `PUT /v1/kv/{key}?prev_value=V` | compare-and-set: 200 `{"index": N}`, 412 if the value is not `V` (V percent-encoded; the URI is limited to 64 KiB) |
+//! | `PUT /v1/kv/{key}` with header `raftwork-prev-value-length: N` (body = expected value's N bytes, then the new value) | compare-and-set for an expected value of any size up to [`MAX_VALUE_BYTES`]: as above |
 //! | `PUT /v1/kv/{key}?prev_exist=false` / `=true` | create only / update only: 200, or 412 |
 //! | `GET /v1/kv/{key}[?consistency=stale]` | 200 raw value (`application/octet-stream`), 404 |
 //! | `DELETE /v1/kv/{key}` | 200 `{"index": N, "deleted": bool}` |
 //! | `POST /v1/kv/{key}?incr=N` (N a signed integer; empty: 1) | 200 `{"index": N, "value": V}`, 409 if the value is not a decimal integer |
-//! | `GET /v1/kv?prefix=p&limit=n[&encoding=base64][&consistency=stale]` | 200 `[{"key", "value"}]` |
+//! | `GET /v1/kv?prefix=p&limit=n[&start_after=k][&encoding=base64][&consistency=stale]` | 200 `[{"key", "value"}]`, keys after `k` only; header `raftwork-list-more: true` if more match, with `raftwork-list-next: <last key, percent-encoded>` to pass as `start_after` |
 //! | `GET /healthz` | 200 `ok`; 503 once this member was removed from the cluster (it then stops: logs why, exits 0) |
 //! | `GET /readyz` | 200 `ready`, or 503 |
 //! | `GET /v1/status` | 200 JSON (see [`StatusBody`]) |
@@ -54,11 +55,19 @@
 //! binary. Unknown or repeated query parameters are refused (400), so a
 //! typo never silently turns a compare-and-set into a plain put. Values
 //! are at most [`MAX_VALUE_BYTES`]; a bigger `Content-Length` is refused
-//! before the body is read.
+//! before the body is read. A URI over 64 KiB (or a head over about
+//! 400 KiB) is answered 414 (431) with a JSON error saying to send the
+//! expected value in the body ([`crate::listener`]).
+//!
+//! Member ids (`id`, `leader_id`, `voters`, `learners`, and `leader` in
+//! `/v1/status`) are decimal strings in every JSON body above: they are
+//! 64-bit, more than a JSON number read as a double (jq, JavaScript) holds
+//! exactly. (The etcd gateway under `/v3/` follows etcd's own JSON
+//! mapping, which also writes 64-bit integers as strings.)
 //!
 //! Errors are JSON: `{"error": "<message>", "leader": null}`. On a 503
 //! about leadership (not the leader, leader unreachable) `leader` carries
-//! the leader's API URL when known, and `"leader_id": N` is added when its
+//! the leader's API URL when known, and `"leader_id": "N"` is added when its
 //! id is known; other errors have `"leader": null`. Codes: 400 bad input
 //! (empty, oversized or reserved key, oversized value, unknown or malformed
 //! query parameter, malformed JSON), 404 no such key, route or member, 405
@@ -109,8 +118,17 @@ pub const MAX_LIST_LIMIT: usize = 10_000;
 /// short by this or by `limit` says so in [`LIST_MORE_HEADER`].
 pub const MAX_LIST_BYTES: usize = 4 << 20;
 /// Response header of a listing: `true` when more entries match past the
-/// last one returned (continue with a prefix or a key after it).
+/// last one returned (continue from [`LIST_NEXT_HEADER`]).
 pub const LIST_MORE_HEADER: &str = "raftwork-list-more";
+/// Response header of a listing cut short (with [`LIST_MORE_HEADER`]
+/// `true`): the last key returned, percent-encoded (every byte but
+/// `A-Za-z0-9-._~`), to pass as is as `start_after=` to get the next page.
+pub const LIST_NEXT_HEADER: &str = "raftwork-list-next";
+/// Request header of a compare-and-set with its expected value in the body:
+/// the body's first N bytes are the value the key must hold, the rest the
+/// new value. For expected values of any size up to [`MAX_VALUE_BYTES`]
+/// (a `prev_value=` query parameter is bounded by the URI's 64 KiB).
+pub const PREV_VALUE_LENGTH_HEADER: &str = "raftwork-prev-value-length";
 /// Request header of a write in a client session: the session's token
 /// (`<id>-<secret>`, from `POST /v1/sessions`). Without the secret a
 /// session cannot be written in, so clients cannot use each other's.
@@ -290,7 +308,10 @@ pub struct ApiError {
 struct ErrorBody<'a> {
     error: &'a str,
     leader: Option<String>,
-    #[serde(skip_serializing_if = "Option::is_none")]
+    #[serde(
+        skip_serializing_if = "Option::is_none",
+        serialize_with = "id_json::option"
+    )]
     leader_id: Option<u64>,
 }
 
@@ -349,7 +370,62 @@ fn not_leader(leader: u64) -> ApiError {
     }
 }
 
+// ---------- member ids in JSON ----------
+
+/// Member ids in REST JSON bodies are decimal strings: they are 64-bit, and
+/// JSON tools that read numbers as doubles (jq, JavaScript) would mangle
+/// the ones over 2^53. Reading accepts a string or a number (an answer
+/// forwarded from an older leader).
+pub(crate) mod id_json {
+    use serde::{Deserialize, Deserializer, Serializer};
+
+    /// One id, as a string.
+    pub fn serialize<S: Serializer>(id: &u64, s: S) -> Result<S::Ok, S::Error> {
+        s.collect_str(id)
+    }
+
+    /// One id, from a string or a number.
+    pub fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<u64, D::Error> {
+        #[derive(Deserialize)]
+        #[serde(untagged)]
+        enum Id {
+            Number(u64),
+            Text(String),
+        }
+        match Id::deserialize(d)? {
+            Id::Number(n) => Ok(n),
+            Id::Text(t) => t.parse().map_err(serde::de::Error::custom),
+        }
+    }
+
+    /// An optional id, as a string or null.
+    pub fn option<S: Serializer>(id: &Option<u64>, s: S) -> Result<S::Ok, S::Error> {
+        match id {
+            Some(id) => s.collect_str(id),
+            None => s.serialize_none(),
+        }
+    }
+
+    /// A list of ids, as strings.
+    pub fn list<S: Serializer>(ids: &[u64], s: S) -> Result<S::Ok, S::Error> {
+        s.collect_seq(ids.iter().map(u64::to_string))
+    }
+}
+
 // ---------- query parsing ----------
+
+/// Percent-encodes `bytes`: every byte but `A-Za-z0-9-._~` as `%XX`.
+pub fn percent_encode(bytes: &[u8]) -> String {
+    let mut out = String::with_capacity(bytes.len());
+    for &b in bytes {
+        if b.is_ascii_alphanumeric() || matches!(b, b'-' | b'_' | b'.' | b'~') {
+            out.push(b as char);
+        } else {
+            out.push_str(&format!("%{b:02X}"));
+        }
+    }
+    out
+}
 
 /// Percent-decodes `s` (`+` is a space in a query string, not in a path).
 /// `None` for a malformed escape.
@@ -460,22 +536,26 @@ fn key_of(uri: &Uri) -> ApiResult<Vec<u8>> {
     Ok(key)
 }
 
-async fn read_value(headers: &HeaderMap, body: Body) -> ApiResult<Vec<u8>> {
-    let too_large = || {
-        ApiError::bad_request(format!(
-            "the value is over the limit of {MAX_VALUE_BYTES} bytes"
-        ))
-    };
+fn value_too_large() -> ApiError {
+    ApiError::bad_request(format!(
+        "the value is over the limit of {MAX_VALUE_BYTES} bytes"
+    ))
+}
+
+/// A body of at most `max` bytes (a bigger one is refused as a value over
+/// [`MAX_VALUE_BYTES`]: the only part whose size a client chooses).
+async fn read_body(headers: &HeaderMap, body: Body, max: usize) -> ApiResult<Vec<u8>> {
+    let too_large = value_too_large;
     if let Some(len) = headers
         .get(header::CONTENT_LENGTH)
         .and_then(|v| v.to_str().ok())
         .and_then(|v| v.parse::<u64>().ok())
     {
-        if len > MAX_VALUE_BYTES as u64 {
+        if len > max as u64 {
             return Err(too_large());
         }
     }
-    match axum::body::to_bytes(body, MAX_VALUE_BYTES).await {
+    match axum::body::to_bytes(body, max).await {
         Ok(b) => Ok(b.to_vec()),
         Err(e) => {
             // to_bytes reports an over-limit body as a length-limit error.
@@ -1059,6 +1139,15 @@ async fn forward_to(
             if let Some(ct) = r.content_type.and_then(|c| c.parse().ok()) {
                 response.headers_mut().insert(header::CONTENT_TYPE, ct);
             }
+            // A listing's cursor headers, from the leader's answer.
+            for (name, value) in &r.raftwork_headers {
+                if let (Ok(n), Ok(v)) = (
+                    header::HeaderName::from_bytes(name.as_bytes()),
+                    axum::http::HeaderValue::from_str(value),
+                ) {
+                    response.headers_mut().insert(n, v);
+                }
+            }
             Ok(response)
         }
         Err(e) => Err(ApiError {
@@ -1129,7 +1218,8 @@ pub fn not_ready(s: &raftwork::Status) -> Option<String> {
 /// Body of `GET /v1/status`.
 #[derive(Debug, Serialize)]
 pub struct StatusBody {
-    /// Raft node id.
+    /// Raft node id (a decimal string in JSON, as every id below).
+    #[serde(serialize_with = "id_json::serialize")]
     pub id: u64,
     /// Node name (`--name`).
     pub name: String,
@@ -1139,6 +1229,7 @@ pub struct StatusBody {
     /// Current term.
     pub term: u64,
     /// Known leader's id, if any.
+    #[serde(serialize_with = "id_json::option")]
     pub leader: Option<u64>,
     /// Commit index.
     pub commit: u64,
@@ -1149,8 +1240,10 @@ pub struct StatusBody {
     /// Newest snapshot index.
     pub snapshot_index: u64,
     /// Voting members.
+    #[serde(serialize_with = "id_json::list")]
     pub voters: Vec<u64>,
     /// Learners.
+    #[serde(serialize_with = "id_json::list")]
     pub learners: Vec<u64>,
     /// Messages from peers dropped by validation since the node started
     /// (forged, corrupt, or from a broken peer; each is logged with its
@@ -1303,7 +1396,24 @@ async fn put_key(
             )))
         }
     };
-    let expect = match (query.bytes("prev_value"), prev_exist) {
+    let prev_len = match headers.get(PREV_VALUE_LENGTH_HEADER) {
+        None => None,
+        Some(v) => match v.to_str().ok().and_then(|v| v.parse::<usize>().ok()) {
+            Some(n) if n <= MAX_VALUE_BYTES => Some(n),
+            _ => {
+                return Err(ApiError::bad_request(format!(
+                    "{PREV_VALUE_LENGTH_HEADER} must be a byte count from 0 to {MAX_VALUE_BYTES}"
+                )))
+            }
+        },
+    };
+    if prev_len.is_some() && (query.bytes("prev_value").is_some() || prev_exist.is_some()) {
+        return Err(ApiError::bad_request(format!(
+            "{PREV_VALUE_LENGTH_HEADER} (the expected value in the body) cannot go with \
+             prev_value or prev_exist"
+        )));
+    }
+    let mut expect = match (query.bytes("prev_value"), prev_exist) {
         (Some(_), Some(false)) => {
             return Err(ApiError::bad_request(
                 "prev_value and prev_exist=false contradict each other",
@@ -1314,7 +1424,21 @@ async fn put_key(
         (None, Some(true)) => Some(Expect::Present),
         (None, None) => None,
     };
-    let value = read_value(&headers, body).await?;
+    let mut value = read_body(&headers, body, prev_len.unwrap_or(0) + MAX_VALUE_BYTES).await?;
+    if let Some(n) = prev_len {
+        if value.len() < n {
+            return Err(ApiError::bad_request(format!(
+                "{PREV_VALUE_LENGTH_HEADER} is {n} but the body has only {} bytes",
+                value.len()
+            )));
+        }
+        let new_value = value.split_off(n);
+        expect = Some(Expect::Value(value));
+        value = new_value;
+    }
+    if value.len() > MAX_VALUE_BYTES {
+        return Err(value_too_large());
+    }
     let create_only = matches!(expect, Some(Expect::Absent));
     let command = match expect {
         None => KvCommand::Put { key, value },
@@ -1416,9 +1540,13 @@ struct Item {
 }
 
 async fn list(State(state): State<Shared>, uri: Uri, headers: HeaderMap) -> ApiResult<Response> {
-    let query = Params::parse(&uri, &["prefix", "limit", "encoding", "consistency"])?;
+    let query = Params::parse(
+        &uri,
+        &["prefix", "limit", "encoding", "consistency", "start_after"],
+    )?;
     let stale = query.stale()?;
     let prefix = query.bytes("prefix").unwrap_or_default().to_vec();
+    let start_after = query.bytes("start_after").map(<[u8]>::to_vec);
     let limit = match query.text("limit")? {
         None => DEFAULT_LIST_LIMIT,
         Some(s) => match s.parse::<usize>() {
@@ -1447,7 +1575,13 @@ async fn list(State(state): State<Shared>, uri: Uri, headers: HeaderMap) -> ApiR
     // On the apply task this only takes references (the store shares its
     // buffers); the bytes are copied into the response here.
     let page = read(&state, stale, move |kv: &KvStore| {
-        kv.list_page(&prefix, limit, MAX_LIST_BYTES, RESERVED_PREFIX)
+        kv.list_page(
+            &prefix,
+            start_after.as_deref(),
+            limit,
+            MAX_LIST_BYTES,
+            RESERVED_PREFIX,
+        )
     })
     .await?;
     let text = |b: &[u8]| {
@@ -1471,12 +1605,21 @@ async fn list(State(state): State<Shared>, uri: Uri, headers: HeaderMap) -> ApiR
         LIST_MORE_HEADER,
         axum::http::HeaderValue::from_static(if page.more { "true" } else { "false" }),
     );
+    if page.more {
+        if let Some((last, _)) = page.entries.last() {
+            // Percent-encoded: only ASCII, so always a valid header value.
+            if let Ok(v) = axum::http::HeaderValue::from_str(&percent_encode(last)) {
+                response.headers_mut().insert(LIST_NEXT_HEADER, v);
+            }
+        }
+    }
     Ok(response)
 }
 
 /// One entry of `GET /cluster/nodes`.
 #[derive(Debug, Serialize)]
 struct NodeItem {
+    #[serde(with = "id_json")]
     id: u64,
     name: Option<String>,
     role: &'static str,
@@ -1561,6 +1704,7 @@ struct AddMember {
 /// Answer of `POST /cluster/members` without a name.
 #[derive(Debug, Serialize, serde::Deserialize)]
 pub(crate) struct PendingBody {
+    #[serde(with = "id_json")]
     pub(crate) id: u64,
     pub(crate) peer_addr: String,
     pub(crate) learner: bool,
@@ -1577,9 +1721,12 @@ struct TransferTo {
 /// Answer of the membership routes.
 #[derive(Debug, Serialize)]
 struct MembershipBody {
+    #[serde(with = "id_json")]
     id: u64,
     name: String,
+    #[serde(serialize_with = "id_json::list")]
     voters: Vec<u64>,
+    #[serde(serialize_with = "id_json::list")]
     learners: Vec<u64>,
 }
 
@@ -1680,7 +1827,7 @@ async fn add_member(
 ) -> ApiResult<Response> {
     Params::parse(&uri, &[])?;
     authorize_admin(&state, &caller, &headers)?;
-    let raw = read_value(&headers, body).await?;
+    let raw = read_body(&headers, body, MAX_VALUE_BYTES).await?;
     let req: AddMember = json_of(&raw)?;
     let Some(name) = req.name else {
         if req.api_url.is_some() {
@@ -1875,9 +2022,13 @@ async fn update_member(
 ) -> ApiResult<Response> {
     Params::parse(&uri, &[])?;
     authorize_admin(&state, &caller, &headers)?;
-    let raw = read_value(&headers, body).await?;
+    let raw = read_body(&headers, body, MAX_VALUE_BYTES).await?;
     let req: UpdateMember = json_of(&raw)?;
-    Ok(Json(update_peer_addr(&state, &headers, &name, req.peer_addr).await?).into_response())
+    let record = update_peer_addr(&state, &headers, &name, req.peer_addr).await?;
+    // The stored record keeps its numeric id; the answer's is a string.
+    let mut v = serde_json::to_value(&record).expect("serializable");
+    v["id"] = serde_json::Value::String(record.id.to_string());
+    Ok(Json(v).into_response())
 }
 
 /// Moves member `name`'s peer address in its record (etcd's
@@ -2069,7 +2220,7 @@ async fn transfer_leader(
 ) -> ApiResult<Response> {
     Params::parse(&uri, &[])?;
     authorize_admin(&state, &caller, &headers)?;
-    let raw = read_value(&headers, body).await?;
+    let raw = read_body(&headers, body, MAX_VALUE_BYTES).await?;
     let req: TransferTo = json_of(&raw)?;
     crate::serve::parse_name(&req.to).map_err(ApiError::bad_request)?;
     if let Some(url) = route(&state, &headers).await? {
@@ -2098,5 +2249,5 @@ async fn transfer_leader(
         })?;
         tracing::info!(to = %req.to, id, "leadership transferred");
     }
-    Ok(Json(serde_json::json!({"leader": req.to, "id": id})).into_response())
+    Ok(Json(serde_json::json!({"leader": req.to, "id": id.to_string()})).into_response())
 }

@@ -14,7 +14,19 @@
 //! Member changes have no session: one whose outcome is unknown fails
 //! rather than risk applying twice. A non-2xx answer prints the
 //! server's JSON `error` message on stderr and exits 1; no endpoint
-//! answering exits 1 too; bad arguments exit 2.
+//! answering exits 1 too; bad arguments exit 2, those found after parsing
+//! (a file an argument names that cannot be read, an existing `snapshot
+//! save` FILE) included (a `Failure` says which).
+//!
+//! Values are bytes: `kv put KEY -` reads stdin, `--file` a file, and a
+//! compare-and-set sends its expected value in the body (header
+//! `raftwork-prev-value-length`), never in the URI, so it may be as big
+//! as a value. `kv list` follows the server's `raftwork-list-next` cursor
+//! page by page until nothing more matches or `--limit` is reached (said
+//! on stderr). `-w json` prints values as UTF-8 strings with `"encoding":
+//! "utf8"` when key and value are UTF-8, else both in base64 with
+//! `"encoding": "base64"`; member ids in the server's answers are decimal
+//! strings.
 
 use std::io::Write;
 use std::process::ExitCode;
@@ -23,7 +35,9 @@ use std::time::Duration;
 use clap::{Args, Subcommand};
 use serde_json::Value;
 
-use crate::api::{SEQUENCE_HEADER, SESSION_HEADER};
+use crate::api::{
+    LIST_MORE_HEADER, LIST_NEXT_HEADER, PREV_VALUE_LENGTH_HEADER, SEQUENCE_HEADER, SESSION_HEADER,
+};
 use crate::forward::{ClientTls, HttpClient, HttpResponse, Outgoing, SendError};
 
 /// How long opening a connection to an endpoint may take.
@@ -70,15 +84,12 @@ pub struct Conn {
 impl Conn {
     /// The TLS settings of the flags, files read.
     fn tls(&self) -> Result<ClientTls, Failure> {
-        let read = |p: &std::path::Path| {
-            std::fs::read(p).map_err(|e| Failure(format!("cannot read {}: {e}", p.display())))
-        };
         let ca_pem = match &self.cacert {
-            Some(p) => read(p)?,
+            Some(p) => read_file("--cacert", p)?,
             None => Vec::new(),
         };
         let identity = match (&self.client_cert, &self.client_key) {
-            (Some(c), Some(k)) => Some((read(c)?, read(k)?)),
+            (Some(c), Some(k)) => Some((read_file("--cert", c)?, read_file("--key", k)?)),
             _ => None,
         };
         Ok(ClientTls { ca_pem, identity })
@@ -96,51 +107,81 @@ pub struct KvArgs {
 
 #[derive(Debug, Subcommand)]
 enum KvCommand {
-    /// Write a value (prints OK and the log index). With --prev-value or
-    /// --prev-exist, a compare-and-set (exit 1 if the condition fails).
+    /// Write a value (prints OK and the log index). With --prev-value,
+    /// --prev-value-file or --prev-exist, a compare-and-set (exit 1 if the
+    /// condition fails).
     Put {
         /// The key.
+        #[arg(value_parser = parse_key)]
         key: String,
-        /// The value.
-        value: String,
-        /// Write only if the current value is this.
-        #[arg(long, conflicts_with = "prev_exist")]
+        /// The value; `-` reads it from stdin (raw bytes, to the end; so a
+        /// lone `-` is stored with `printf - | raftwork kv put KEY -`).
+        /// Omit it with --file.
+        #[arg(required_unless_present = "file")]
+        value: Option<String>,
+        /// Read the value from this file (raw bytes) instead of VALUE.
+        #[arg(long, conflicts_with = "value")]
+        file: Option<std::path::PathBuf>,
+        /// Write only if the current value is this (sent in the request
+        /// body, so of any size the server takes).
+        #[arg(long, conflicts_with_all = ["prev_exist", "prev_value_file"])]
         prev_value: Option<String>,
+        /// Write only if the current value is this file's content (raw
+        /// bytes): for expected values too big for a command line.
+        #[arg(long, conflicts_with = "prev_exist")]
+        prev_value_file: Option<std::path::PathBuf>,
         /// true: write only if the key exists; false: only if it does not.
         #[arg(long, action = clap::ArgAction::Set)]
         prev_exist: Option<bool>,
+        /// Output: table (`OK (index N)`) or json (`{"index": N}`).
+        #[arg(short = 'w', long = "write-out", value_enum, default_value_t = Format::Table)]
+        write_out: Format,
     },
     /// Print a key's raw value (no newline added); exit 1 if missing.
     Get {
         /// The key.
+        #[arg(value_parser = parse_key)]
         key: String,
         /// Read the answering node's local copy (possibly stale) instead of
         /// a linearizable read.
         #[arg(long)]
         stale: bool,
+        /// Output: table (the raw value) or json (`{"key", "value",
+        /// "encoding"}`: "utf8" when key and value are UTF-8, else both in
+        /// base64).
+        #[arg(short = 'w', long = "write-out", value_enum, default_value_t = Format::Table)]
+        write_out: Format,
     },
     /// Delete a key (prints 1 if it existed, else 0).
     Del {
         /// The key.
+        #[arg(value_parser = parse_key)]
         key: String,
     },
     /// Add to the decimal integer a key holds (absent: 0) and print the new
     /// value; exit 1 if the value is not an integer.
     Incr {
         /// The key.
+        #[arg(value_parser = parse_key)]
         key: String,
         /// What to add (may be negative).
         #[arg(long, default_value_t = 1, allow_negative_numbers = true)]
         by: i64,
     },
-    /// List keys and values in key order, one "key<TAB>value" a line.
+    /// List keys and values in key order, one "key<TAB>value" a line: all
+    /// that match, fetched page by page (each page a read of its own).
     List {
         /// Only keys starting with this.
         #[arg(long)]
         prefix: Option<String>,
-        /// At most this many entries (1 to 10000) [server default: 1000].
-        #[arg(long)]
-        limit: Option<u32>,
+        /// At most this many entries [default: all]; stopping there with
+        /// more left says so on stderr.
+        #[arg(long, value_parser = clap::value_parser!(u64).range(1..))]
+        limit: Option<u64>,
+        /// Output: table (key<TAB>value lines, non-UTF-8 bytes shown as
+        /// U+FFFD) or json (an array of `{"key", "value", "encoding"}`).
+        #[arg(short = 'w', long = "write-out", value_enum, default_value_t = Format::Table)]
+        write_out: Format,
     },
 }
 
@@ -156,16 +197,20 @@ pub struct MemberArgs {
 #[derive(Debug, Subcommand)]
 enum MemberCommand {
     /// A table of the members (GET /cluster/nodes).
-    List,
+    List {
+        /// Output: table, or json (the server's answer).
+        #[arg(short = 'w', long = "write-out", value_enum, default_value_t = Format::Table)]
+        write_out: Format,
+    },
     /// Add a member; start it first with --initial-cluster-state existing.
     Add {
         /// Its name (--name of its `raftwork serve`).
         name: String,
         /// Its peer address (host:port).
-        #[arg(long)]
+        #[arg(long, value_parser = crate::cluster::parse_host_port)]
         peer_addr: String,
         /// Its API URL (http://host:port).
-        #[arg(long)]
+        #[arg(long, value_parser = parse_endpoint)]
         api_url: String,
         /// Add it as a learner (non-voting); promote it later.
         #[arg(long)]
@@ -193,6 +238,27 @@ enum MemberCommand {
 pub struct StatusArgs {
     #[command(flatten)]
     conn: Conn,
+    /// Output: json (the server's answer, pretty) or table (one
+    /// `field  value` a line).
+    #[arg(short = 'w', long = "write-out", value_enum, default_value_t = Format::Json)]
+    write_out: Format,
+}
+
+/// A key as the server takes it: non-empty, at most
+/// [`crate::kv::MAX_KEY_BYTES`] bytes (refused here with exit 2, not by
+/// the server with exit 1).
+fn parse_key(s: &str) -> Result<String, String> {
+    if s.is_empty() {
+        return Err("a key cannot be empty".into());
+    }
+    if s.len() > crate::kv::MAX_KEY_BYTES {
+        return Err(format!(
+            "the key is {} bytes, over the limit of {}",
+            s.len(),
+            crate::kv::MAX_KEY_BYTES
+        ));
+    }
+    Ok(s.to_string())
 }
 
 fn parse_endpoint(s: &str) -> Result<String, String> {
@@ -225,8 +291,29 @@ fn encode(s: &str, keep_slash: bool) -> String {
     out
 }
 
-/// A failed command: the message for stderr.
-struct Failure(String);
+/// A failed command: the message for stderr, and whether the fault is in
+/// the arguments (exit 2) rather than in what happened (exit 1).
+struct Failure {
+    message: String,
+    usage: bool,
+}
+
+/// A failure of the command (exit 1).
+fn fail(message: impl Into<String>) -> Failure {
+    Failure {
+        message: message.into(),
+        usage: false,
+    }
+}
+
+/// A bad argument found after parsing (exit 2), e.g. a file it names that
+/// cannot be read.
+fn usage(message: impl Into<String>) -> Failure {
+    Failure {
+        message: message.into(),
+        usage: true,
+    }
+}
 
 type CmdResult = Result<(), Failure>;
 
@@ -286,8 +373,9 @@ async fn call_with(conn: &Conn, call: Call<'_>) -> Result<HttpResponse, Failure>
     let mut errors = Vec::new();
     // Connecting gives up sooner than waiting for an answer, so that a
     // node that is down reads as "not sent" and the next one is tried.
-    let mut http =
-        HttpClient::with_tls((timeout / 2).min(CONNECT_TIMEOUT), &conn.tls()?).map_err(Failure)?;
+    // Unusable --cacert/--cert/--key contents are bad arguments.
+    let mut http = HttpClient::with_tls((timeout / 2).min(CONNECT_TIMEOUT), &conn.tls()?)
+        .map_err(|e| usage(format!("--cacert/--cert/--key: {e}")))?;
     if let Some(max) = call.response_bytes_max {
         http = http.reading_up_to(max);
     }
@@ -309,7 +397,7 @@ async fn call_with(conn: &Conn, call: Call<'_>) -> Result<HttpResponse, Failure>
                 if call.resend == Resend::IfNotSent && !matches!(e, SendError::Connect { .. }) =>
             {
                 errors.push(e.to_string());
-                return Err(Failure(format!(
+                return Err(fail(format!(
                     "outcome unknown, not retried on another endpoint: {}",
                     errors.join("; ")
                 )));
@@ -317,7 +405,7 @@ async fn call_with(conn: &Conn, call: Call<'_>) -> Result<HttpResponse, Failure>
             Err(e) => errors.push(e.to_string()),
         }
     }
-    Err(Failure(match call.resend {
+    Err(fail(match call.resend {
         Resend::AlsoAfter503 => format!(
             "no endpoint answered; the write may or may not be applied: {}",
             errors.join("; ")
@@ -353,6 +441,7 @@ async fn write_once(
     method: &str,
     path: &str,
     value: &[u8],
+    mut headers: Vec<(&'static str, String)>,
 ) -> Result<HttpResponse, Failure> {
     let register = Call {
         resend: Resend::Always,
@@ -361,14 +450,13 @@ async fn write_once(
     let v = json(&success(call_with(conn, register).await?)?)?;
     let session = v["session"]
         .as_str()
-        .ok_or_else(|| Failure(format!("the server's session answer has no token: {v}")))?
+        .ok_or_else(|| fail(format!("the server's session answer has no token: {v}")))?
         .to_string();
+    headers.push((SESSION_HEADER, session.clone()));
+    headers.push((SEQUENCE_HEADER, "1".to_string()));
     let write = Call {
         raw_body: value,
-        headers: vec![
-            (SESSION_HEADER, session.clone()),
-            (SEQUENCE_HEADER, "1".to_string()),
-        ],
+        headers,
         resend: Resend::AlsoAfter503,
         ..Call::new(method, path)
     };
@@ -398,16 +486,11 @@ fn success(r: HttpResponse) -> Result<Vec<u8>, Failure> {
     if (200..300).contains(&r.status) {
         return Ok(r.body);
     }
-    Err(Failure(format!(
-        "{} (HTTP {})",
-        error_message(&r),
-        r.status
-    )))
+    Err(fail(format!("{} (HTTP {})", error_message(&r), r.status)))
 }
 
 fn json(body: &[u8]) -> Result<Value, Failure> {
-    serde_json::from_slice(body)
-        .map_err(|e| Failure(format!("the server's answer is not JSON: {e}")))
+    serde_json::from_slice(body).map_err(|e| fail(format!("the server's answer is not JSON: {e}")))
 }
 
 fn out(bytes: &[u8]) -> CmdResult {
@@ -415,15 +498,22 @@ fn out(bytes: &[u8]) -> CmdResult {
     stdout
         .write_all(bytes)
         .and_then(|_| stdout.flush())
-        .map_err(|e| Failure(format!("cannot write to stdout: {e}")))
+        .map_err(|e| fail(format!("cannot write to stdout: {e}")))
 }
 
 fn finish(result: CmdResult) -> ExitCode {
     match result {
         Ok(()) => ExitCode::SUCCESS,
-        Err(Failure(message)) => {
+        Err(Failure {
+            message,
+            usage: is_usage,
+        }) => {
             eprintln!("raftwork: {message}");
-            ExitCode::FAILURE
+            if is_usage {
+                ExitCode::from(2)
+            } else {
+                ExitCode::FAILURE
+            }
         }
     }
 }
@@ -434,7 +524,7 @@ fn block_on<F: std::future::Future<Output = CmdResult>>(f: F) -> ExitCode {
         .build()
     {
         Ok(rt) => finish(rt.block_on(f)),
-        Err(e) => finish(Err(Failure(format!("cannot start the async runtime: {e}")))),
+        Err(e) => finish(Err(fail(format!("cannot start the async runtime: {e}")))),
     }
 }
 
@@ -449,33 +539,75 @@ async fn kv_inner(args: KvArgs) -> CmdResult {
         KvCommand::Put {
             key,
             value,
+            file,
             prev_value,
+            prev_value_file,
             prev_exist,
+            write_out,
         } => {
+            let value = match (value.as_deref(), &file) {
+                (_, Some(path)) => read_file("--file", path)?,
+                (Some("-"), None) => {
+                    let mut bytes = Vec::new();
+                    std::io::Read::read_to_end(&mut std::io::stdin().lock(), &mut bytes)
+                        .map_err(|e| fail(format!("cannot read the value from stdin: {e}")))?;
+                    bytes
+                }
+                (Some(v), None) => v.as_bytes().to_vec(),
+                // clap requires VALUE or --file.
+                (None, None) => Vec::new(),
+            };
+            let expected = match (prev_value, &prev_value_file) {
+                (Some(v), _) => Some(v.into_bytes()),
+                (None, Some(path)) => Some(read_file("--prev-value-file", path)?),
+                (None, None) => None,
+            };
             let mut path = format!("/v1/kv/{}", encode(&key, true));
-            if let Some(v) = prev_value {
-                path.push_str(&format!("?prev_value={}", encode(&v, false)));
-            } else if let Some(e) = prev_exist {
-                path.push_str(&format!("?prev_exist={e}"));
-            }
-            let r = write_once(conn, "PUT", &path, value.as_bytes()).await?;
+            let mut headers = Vec::new();
+            let body = match expected {
+                // The expected value goes first in the body (any size),
+                // never in the URI (64 KiB at most).
+                Some(mut body) => {
+                    headers.push((PREV_VALUE_LENGTH_HEADER, body.len().to_string()));
+                    body.extend_from_slice(&value);
+                    body
+                }
+                None => {
+                    if let Some(e) = prev_exist {
+                        path.push_str(&format!("?prev_exist={e}"));
+                    }
+                    value
+                }
+            };
+            let r = write_once(conn, "PUT", &path, &body, headers).await?;
             let v = json(&success(r)?)?;
-            out(format!("OK (index {})\n", v["index"]).as_bytes())
+            match write_out {
+                Format::Json => out(format!("{v}\n").as_bytes()),
+                Format::Table => out(format!("OK (index {})\n", v["index"]).as_bytes()),
+            }
         }
-        KvCommand::Get { key, stale } => {
+        KvCommand::Get {
+            key,
+            stale,
+            write_out,
+        } => {
             let mut path = format!("/v1/kv/{}", encode(&key, true));
             if stale {
                 path.push_str("?consistency=stale");
             }
             let r = call(conn, "GET", &path, None, b"").await?;
             if r.status == 404 {
-                return Err(Failure(format!("key not found: {key}")));
+                return Err(fail(format!("key not found: {key}")));
             }
-            out(&success(r)?)
+            let value = success(r)?;
+            match write_out {
+                Format::Json => out(format!("{}\n", entry_json(key.as_bytes(), &value)).as_bytes()),
+                Format::Table => out(&value),
+            }
         }
         KvCommand::Del { key } => {
             let path = format!("/v1/kv/{}", encode(&key, true));
-            let r = write_once(conn, "DELETE", &path, b"").await?;
+            let r = write_once(conn, "DELETE", &path, b"", Vec::new()).await?;
             let v = json(&success(r)?)?;
             let n = if v["deleted"].as_bool() == Some(true) {
                 1
@@ -486,40 +618,146 @@ async fn kv_inner(args: KvArgs) -> CmdResult {
         }
         KvCommand::Incr { key, by } => {
             let path = format!("/v1/kv/{}?incr={by}", encode(&key, true));
-            let r = write_once(conn, "POST", &path, b"").await?;
+            let r = write_once(conn, "POST", &path, b"", Vec::new()).await?;
             let v = json(&success(r)?)?;
             out(format!("{}\n", v["value"]).as_bytes())
         }
-        KvCommand::List { prefix, limit } => {
-            let mut query = Vec::new();
-            if let Some(p) = prefix {
-                query.push(format!("prefix={}", encode(&p, false)));
+        KvCommand::List {
+            prefix,
+            limit,
+            write_out,
+        } => {
+            let entries = list_all(conn, prefix.as_deref(), limit).await?;
+            match write_out {
+                Format::Json => {
+                    let items: Vec<Value> = entries.iter().map(|(k, v)| entry_json(k, v)).collect();
+                    out(format!("{}\n", Value::Array(items)).as_bytes())
+                }
+                Format::Table => {
+                    let mut text = Vec::new();
+                    for (k, v) in &entries {
+                        text.extend_from_slice(String::from_utf8_lossy(k).as_bytes());
+                        text.push(b'\t');
+                        text.extend_from_slice(String::from_utf8_lossy(v).as_bytes());
+                        text.push(b'\n');
+                    }
+                    out(&text)
+                }
             }
-            if let Some(n) = limit {
-                query.push(format!("limit={n}"));
-            }
-            let mut path = "/v1/kv".to_string();
-            if !query.is_empty() {
-                path = format!("{path}?{}", query.join("&"));
-            }
-            let r = call(conn, "GET", &path, None, b"").await?;
-            let v = json(&success(r)?)?;
-            let mut text = String::new();
-            for item in v.as_array().into_iter().flatten() {
-                text.push_str(&format!(
-                    "{}\t{}\n",
-                    item["key"].as_str().unwrap_or_default(),
-                    item["value"].as_str().unwrap_or_default()
-                ));
-            }
-            out(text.as_bytes())
         }
     }
+}
+
+/// Entries one page of `kv list` asks for.
+const LIST_PAGE: u64 = 1000;
+
+/// Every entry under `prefix` (at most `limit`), following the server's
+/// `raftwork-list-next` cursor page by page; says on stderr when it stops
+/// at `limit` with more left.
+async fn list_all(
+    conn: &Conn,
+    prefix: Option<&str>,
+    limit: Option<u64>,
+) -> Result<Vec<(Vec<u8>, Vec<u8>)>, Failure> {
+    let b64 = base64::engine::general_purpose::STANDARD;
+    let mut entries = Vec::new();
+    let mut cursor: Option<String> = None;
+    loop {
+        let left = limit.map_or(LIST_PAGE, |l| l - entries.len() as u64);
+        let mut path = format!("/v1/kv?encoding=base64&limit={}", left.min(LIST_PAGE));
+        if let Some(p) = prefix {
+            path.push_str(&format!("&prefix={}", encode(p, false)));
+        }
+        if let Some(c) = &cursor {
+            // Already percent-encoded by the server.
+            path.push_str(&format!("&start_after={c}"));
+        }
+        let r = call(conn, "GET", &path, None, b"").await?;
+        let header = |name: &str| {
+            r.raftwork_headers
+                .iter()
+                .find(|(n, _)| n == name)
+                .map(|(_, v)| v.clone())
+        };
+        let more = header(LIST_MORE_HEADER).as_deref() == Some("true");
+        let next = header(LIST_NEXT_HEADER);
+        let v = json(&success(r)?)?;
+        for item in v.as_array().into_iter().flatten() {
+            let field = |name: &str| {
+                item[name]
+                    .as_str()
+                    .and_then(|s| base64::Engine::decode(&b64, s).ok())
+                    .ok_or_else(|| fail(format!("the server's listing has a bad {name}: {item}")))
+            };
+            entries.push((field("key")?, field("value")?));
+        }
+        if !more {
+            return Ok(entries);
+        }
+        if limit.is_some_and(|l| entries.len() as u64 >= l) {
+            eprintln!(
+                "raftwork: stopped at --limit {}; more keys match (the last listed is {:?})",
+                entries.len(),
+                entries
+                    .last()
+                    .map(|(k, _)| String::from_utf8_lossy(k).into_owned())
+                    .unwrap_or_default()
+            );
+            return Ok(entries);
+        }
+        match next {
+            Some(n) => cursor = Some(n),
+            None => {
+                return Err(fail(format!(
+                    "the server says more keys match but sends no {LIST_NEXT_HEADER} cursor \
+                     (an older server?); listed {} so far",
+                    entries.len()
+                )))
+            }
+        }
+    }
+}
+
+/// A key and value as JSON: `{"key", "value", "encoding": "utf8"}` when both
+/// are UTF-8, else both in standard base64 with `"encoding": "base64"`.
+fn entry_json(key: &[u8], value: &[u8]) -> Value {
+    match (std::str::from_utf8(key), std::str::from_utf8(value)) {
+        (Ok(k), Ok(v)) => serde_json::json!({"key": k, "value": v, "encoding": "utf8"}),
+        _ => {
+            let b64 = base64::engine::general_purpose::STANDARD;
+            serde_json::json!({
+                "key": base64::Engine::encode(&b64, key),
+                "value": base64::Engine::encode(&b64, value),
+                "encoding": "base64",
+            })
+        }
+    }
+}
+
+/// The content of a file named by the argument `flag`; one that cannot be
+/// read is a bad argument (exit 2).
+fn read_file(flag: &str, path: &std::path::Path) -> Result<Vec<u8>, Failure> {
+    std::fs::read(path).map_err(|e| usage(format!("{flag}: cannot read {}: {e}", path.display())))
 }
 
 /// Runs `raftwork member ...`.
 pub fn member(args: MemberArgs) -> ExitCode {
     block_on(member_inner(args))
+}
+
+/// A member id of a JSON answer (a decimal string; a number from an older
+/// server) as text.
+fn id_text(v: &Value) -> String {
+    match v {
+        Value::String(s) => s.clone(),
+        other => other.to_string(),
+    }
+}
+
+/// A list of member ids as `[1, 2, 3]`.
+fn ids_text(v: &Value) -> String {
+    let ids: Vec<String> = v.as_array().into_iter().flatten().map(id_text).collect();
+    format!("[{}]", ids.join(", "))
 }
 
 /// The `GET /cluster/nodes` answer as a table.
@@ -560,14 +798,19 @@ async fn member_inner(args: MemberArgs) -> CmdResult {
     let changed = |verb: &str, name: &str, v: &Value| {
         format!(
             "member {name} {verb} (id {}); voters {}, learners {}\n",
-            v["id"], v["voters"], v["learners"]
+            id_text(&v["id"]),
+            ids_text(&v["voters"]),
+            ids_text(&v["learners"])
         )
     };
     match args.command {
-        MemberCommand::List => {
+        MemberCommand::List { write_out } => {
             let r = call(conn, "GET", "/cluster/nodes", None, b"").await?;
             let v = json(&success(r)?)?;
-            out(members_table(&v).as_bytes())
+            match write_out {
+                Format::Json => out(format!("{v}\n").as_bytes()),
+                Format::Table => out(members_table(&v).as_bytes()),
+            }
         }
         MemberCommand::Add {
             name,
@@ -603,7 +846,7 @@ async fn member_inner(args: MemberArgs) -> CmdResult {
             let body = serde_json::json!({ "to": name });
             let r = call(conn, "POST", "/cluster/transfer-leader", Some(&body), b"").await?;
             let v = json(&success(r)?)?;
-            out(format!("leader is now {name} (id {})\n", v["id"]).as_bytes())
+            out(format!("leader is now {name} (id {})\n", id_text(&v["id"])).as_bytes())
         }
     }
 }
@@ -613,8 +856,13 @@ pub fn status(args: StatusArgs) -> ExitCode {
     block_on(async move {
         let r = call(&args.conn, "GET", "/v1/status", None, b"").await?;
         let v = json(&success(r)?)?;
-        let text = serde_json::to_string_pretty(&v).unwrap_or_default();
-        out(format!("{text}\n").as_bytes())
+        match args.write_out {
+            Format::Json => {
+                let text = serde_json::to_string_pretty(&v).unwrap_or_default();
+                out(format!("{text}\n").as_bytes())
+            }
+            Format::Table => out(record_table(&v).as_bytes()),
+        }
     })
 }
 
@@ -685,6 +933,13 @@ const BACKUP_BYTES_MAX: usize = 64 << 30;
 pub fn snapshot(args: SnapshotArgs) -> ExitCode {
     match args.command {
         SnapshotCommand::Save { conn, file } => block_on(async move {
+            // Checked before the download too (and again when writing).
+            if file.exists() {
+                return Err(usage(format!(
+                    "FILE {} exists; refusing to overwrite it",
+                    file.display()
+                )));
+            }
             let r = call_with(
                 &conn,
                 Call {
@@ -697,8 +952,8 @@ pub fn snapshot(args: SnapshotArgs) -> ExitCode {
             // Checked before it is kept: a backup that does not read back
             // is no backup.
             let backup = crate::backup::decode(&file, &bytes)
-                .map_err(|e| Failure(format!("the server's backup does not check: {e}")))?;
-            crate::backup::write_file(&file, &bytes).map_err(|e| Failure(e.to_string()))?;
+                .map_err(|e| fail(format!("the server's backup does not check: {e}")))?;
+            crate::backup::write_file(&file, &bytes).map_err(|e| fail(e.to_string()))?;
             let summary = backup_summary(&backup);
             out(format!(
                 "saved {} ({} bytes): revision {}, {} keys, log index {}\n",
@@ -711,7 +966,7 @@ pub fn snapshot(args: SnapshotArgs) -> ExitCode {
             .as_bytes())
         }),
         SnapshotCommand::Status { file, write_out } => finish((|| {
-            let backup = crate::backup::read(&file).map_err(|e| Failure(e.to_string()))?;
+            let backup = crate::backup::read(&file).map_err(|e| fail(e.to_string()))?;
             let v = backup_summary(&backup);
             match write_out {
                 Format::Json => out(format!("{v}\n").as_bytes()),
@@ -736,20 +991,19 @@ pub fn snapshot(args: SnapshotArgs) -> ExitCode {
                 }
             };
             finish((|| {
-                let backup = crate::backup::read(&file).map_err(|e| Failure(e.to_string()))?;
+                let backup = crate::backup::read(&file).map_err(|e| fail(e.to_string()))?;
                 let token = match (&initial_cluster_token, &backup.meta) {
                     (Some(t), _) => t.clone(),
                     (None, Some(m)) => crate::backup::default_token(&m.cluster_token),
                     (None, None) => {
-                        return Err(Failure(
+                        return Err(usage(
                             "this file carries no cluster token (an etcd API snapshot): give \
-                             --initial-cluster-token"
-                                .into(),
+                             --initial-cluster-token",
                         ))
                     }
                 };
                 crate::serve::parse_name(&token).map_err(|e| {
-                    Failure(format!(
+                    fail(format!(
                         "the token {token:?} cannot be used ({e}): give --initial-cluster-token"
                     ))
                 })?;
@@ -760,7 +1014,7 @@ pub fn snapshot(args: SnapshotArgs) -> ExitCode {
                     data_dir: data_dir.clone(),
                 };
                 let index =
-                    crate::backup::restore(backup, &target).map_err(|e| Failure(e.to_string()))?;
+                    crate::backup::restore(backup, &target).map_err(|e| fail(e.to_string()))?;
                 out(format!(
                     "restored member {name} of cluster {token:?} into {} (log index {index}); \
                      start it with: raftwork serve --name {name} --data-dir {}\n",

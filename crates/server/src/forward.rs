@@ -53,6 +53,9 @@ pub struct HttpResponse {
     pub content_type: Option<String>,
     /// The body.
     pub body: Vec<u8>,
+    /// The answer's `raftwork-*` headers (names lowercase), e.g. a
+    /// listing's `raftwork-list-more`: a forwarded answer passes them on.
+    pub raftwork_headers: Vec<(String, String)>,
 }
 
 /// Why no answer came.
@@ -288,6 +291,14 @@ impl HttpClient {
                 .get(CONTENT_TYPE)
                 .and_then(|v| v.to_str().ok())
                 .map(str::to_string);
+            let raftwork_headers = response
+                .headers()
+                .iter()
+                .filter(|(name, _)| name.as_str().starts_with("raftwork-"))
+                .filter_map(|(name, value)| {
+                    Some((name.as_str().to_string(), value.to_str().ok()?.to_string()))
+                })
+                .collect();
             let body = Limited::new(response.into_body(), self.max_response_bytes)
                 .collect()
                 .await
@@ -298,6 +309,7 @@ impl HttpClient {
                 status,
                 content_type,
                 body,
+                raftwork_headers,
             })
         };
         // A connection attempt that times out (connect_timeout, shorter)

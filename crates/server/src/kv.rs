@@ -538,17 +538,34 @@ impl KvStore {
 
     /// Up to `limit` entries whose key starts with `prefix`, in key order.
     pub fn list(&self, prefix: &[u8], limit: usize) -> Vec<(Bytes, Bytes)> {
-        self.list_page(prefix, limit, usize::MAX, &[]).entries
+        self.list_page(prefix, None, limit, usize::MAX, &[]).entries
     }
 
     /// The entries whose key starts with `prefix` and not with `skip` (an
     /// empty `skip` skips nothing), in key order: at most `limit` of them,
     /// and no more than `bytes_max` of keys and values together (always at
-    /// least one entry, if any matches).
-    pub fn list_page(&self, prefix: &[u8], limit: usize, bytes_max: usize, skip: &[u8]) -> Listing {
+    /// least one entry, if any matches); with `start_after`, only keys
+    /// after it.
+    pub fn list_page(
+        &self,
+        prefix: &[u8],
+        start_after: Option<&[u8]>,
+        limit: usize,
+        bytes_max: usize,
+        skip: &[u8],
+    ) -> Listing {
+        // The first key after `start_after` is `start_after` + a 0 byte.
+        let from = match start_after {
+            Some(k) if k >= prefix => {
+                let mut next = k.to_vec();
+                next.push(0);
+                next
+            }
+            _ => prefix.to_vec(),
+        };
         let matching = self
             .mvcc
-            .current_from(prefix)
+            .current_from(&from)
             .take_while(|(k, _)| k.starts_with(prefix))
             .filter(|(k, _)| skip.is_empty() || !k.starts_with(skip));
         let mut page = Listing::default();
@@ -1021,18 +1038,28 @@ mod tests {
         let commands: Vec<_> = (0..10).map(|i| put(&format!("k{i}"), &big)).collect();
         apply_all(&mut s, &commands);
         // 2 bytes of key + 1,000 of value per entry.
-        let page = s.list_page(b"k", 100, 3_500, b"");
+        let page = s.list_page(b"k", None, 100, 3_500, b"");
         assert_eq!(page.entries.len(), 3);
         assert!(page.more);
-        let page = s.list_page(b"k", 4, usize::MAX, b"");
+        let page = s.list_page(b"k", None, 4, usize::MAX, b"");
         assert_eq!((page.entries.len(), page.more), (4, true));
-        let page = s.list_page(b"k", 10, usize::MAX, b"");
+        let page = s.list_page(b"k", None, 10, usize::MAX, b"");
         assert_eq!((page.entries.len(), page.more), (10, false));
         // One entry always fits, however small the byte limit.
-        assert_eq!(s.list_page(b"k", 10, 1, b"").entries.len(), 1);
+        assert_eq!(s.list_page(b"k", None, 10, 1, b"").entries.len(), 1);
         // Skipped keys neither appear nor count.
-        let page = s.list_page(b"k", 100, usize::MAX, b"k1");
+        let page = s.list_page(b"k", None, 100, usize::MAX, b"k1");
         assert_eq!(page.entries.len(), 9);
+        // start_after: the keys after it (itself excluded), within the
+        // prefix; one before the prefix starts at the prefix.
+        let page = s.list_page(b"k", Some(b"k3"), 100, usize::MAX, b"");
+        let keys: Vec<&[u8]> = page.entries.iter().map(|(k, _)| &k[..]).collect();
+        assert_eq!(keys.first().copied(), Some(&b"k4"[..]));
+        assert_eq!(keys.len(), 6);
+        let page = s.list_page(b"k", Some(b"a"), 100, usize::MAX, b"");
+        assert_eq!(page.entries.len(), 10);
+        let page = s.list_page(b"k", Some(b"k9"), 100, usize::MAX, b"");
+        assert!(page.entries.is_empty() && !page.more);
         // The listing shares the store's buffers: taking it copied no bytes
         // (it cannot hold up applies while values are copied out).
         let stored = s.mvcc.get(&b"k3"[..]).unwrap();

@@ -5,6 +5,13 @@
 //! handlers see who is calling as `ConnectInfo<ApiPeer>`: the address and,
 //! over TLS, the client's certificate.
 //!
+//! hyper answers a request whose URI or head is over its limits (a URI of
+//! 64 KiB, a head of about 400 KiB) itself, with an empty 414 or 431,
+//! before any handler runs. [`ExplainTooLong`] wraps every connection and
+//! replaces such a bodiless answer (hyper closes the connection after it,
+//! so nothing follows it) with the same status and a JSON error body that
+//! says what to send instead, like every other error of the API.
+//!
 //! TLS handshakes run in tasks of their own, each within
 //! [`HANDSHAKE_TIMEOUT`] and at most [`HANDSHAKES_MAX`] at once (a
 //! connection past that is closed at once), so clients that stall their
@@ -100,7 +107,11 @@ async fn accept_loop(
         }
         let Some(tls) = tls.clone() else {
             let peer = ApiPeer { addr, cert: None };
-            if ready.send((Box::pin(tcp), peer)).await.is_err() {
+            if ready
+                .send((Box::pin(ExplainTooLong::new(tcp)), peer))
+                .await
+                .is_err()
+            {
                 return;
             }
             continue;
@@ -121,6 +132,7 @@ async fn accept_loop(
                         .peer_certificates()
                         .and_then(|chain| chain.first())
                         .map(|c| Arc::new(c.clone().into_owned()));
+                    let stream = ExplainTooLong::new(stream);
                     let _ = ready.send((Box::pin(stream), ApiPeer { addr, cert })).await;
                 }
                 Ok(Err(e)) => {
@@ -131,6 +143,161 @@ async fn accept_loop(
                 }
             }
         });
+    }
+}
+
+/// The JSON error of a request hyper refused as too long (`status` 414 or
+/// 431), as a whole HTTP/1.1 response.
+pub fn too_long_response(status: &str) -> Vec<u8> {
+    let body = serde_json::json!({
+        "error": format!(
+            "{status}: the request's URI or head is over the server's limit (64 KiB of URI); \
+             send a compare-and-set's expected value in the body (header \
+             raftwork-prev-value-length) instead of ?prev_value="
+        ),
+        "leader": null,
+    })
+    .to_string();
+    format!(
+        "HTTP/1.1 {status}\r\ncontent-type: application/json\r\ncontent-length: {}\r\n\
+         connection: close\r\n\r\n{body}",
+        body.len()
+    )
+    .into_bytes()
+}
+
+/// A connection whose bodiless 414/431 answers from hyper get a JSON body
+/// (see the module docs). Anything else passes through unchanged.
+pub struct ExplainTooLong<T> {
+    inner: T,
+    /// The replacement answer being written, and how much of it is.
+    pending: Option<(Vec<u8>, usize)>,
+}
+
+impl<T> ExplainTooLong<T> {
+    /// Wraps a connection.
+    pub fn new(inner: T) -> Self {
+        Self {
+            inner,
+            pending: None,
+        }
+    }
+}
+
+/// The status line's code and reason if `buf` is hyper's bodiless answer
+/// to an over-long request.
+fn refused_too_long(buf: &[u8]) -> Option<&'static str> {
+    let head_only = |b: &[u8]| {
+        b.ends_with(b"\r\n\r\n")
+            && b.windows(17)
+                .any(|w| w.eq_ignore_ascii_case(b"content-length: 0"))
+    };
+    if buf.starts_with(b"HTTP/1.1 414 ") && head_only(buf) {
+        Some("414 URI Too Long")
+    } else if buf.starts_with(b"HTTP/1.1 431 ") && head_only(buf) {
+        Some("431 Request Header Fields Too Large")
+    } else {
+        None
+    }
+}
+
+impl<T: AsyncWrite + Unpin> ExplainTooLong<T> {
+    /// Writes what is left of the replacement answer.
+    fn drain(&mut self, cx: &mut std::task::Context<'_>) -> std::task::Poll<io::Result<()>> {
+        while let Some((bytes, done)) = &mut self.pending {
+            if *done == bytes.len() {
+                self.pending = None;
+                break;
+            }
+            match Pin::new(&mut self.inner).poll_write(cx, &bytes[*done..]) {
+                std::task::Poll::Ready(Ok(0)) => {
+                    return std::task::Poll::Ready(Err(io::ErrorKind::WriteZero.into()))
+                }
+                std::task::Poll::Ready(Ok(n)) => *done += n,
+                std::task::Poll::Ready(Err(e)) => return std::task::Poll::Ready(Err(e)),
+                std::task::Poll::Pending => return std::task::Poll::Pending,
+            }
+        }
+        std::task::Poll::Ready(Ok(()))
+    }
+}
+
+impl<T: AsyncRead + Unpin> AsyncRead for ExplainTooLong<T> {
+    fn poll_read(
+        mut self: Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+        buf: &mut tokio::io::ReadBuf<'_>,
+    ) -> std::task::Poll<io::Result<()>> {
+        Pin::new(&mut self.inner).poll_read(cx, buf)
+    }
+}
+
+impl<T: AsyncWrite + Unpin> AsyncWrite for ExplainTooLong<T> {
+    fn poll_write(
+        mut self: Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+        buf: &[u8],
+    ) -> std::task::Poll<io::Result<usize>> {
+        let this = &mut *self;
+        if this.drain(cx)?.is_pending() {
+            return std::task::Poll::Pending;
+        }
+        if let Some(status) = refused_too_long(buf) {
+            this.pending = Some((too_long_response(status), 0));
+            // The rest goes out on the next write, flush or shutdown.
+            let _ = this.drain(cx)?;
+            return std::task::Poll::Ready(Ok(buf.len()));
+        }
+        Pin::new(&mut this.inner).poll_write(cx, buf)
+    }
+
+    fn is_write_vectored(&self) -> bool {
+        // As the connection: hyper then writes heads and bodies without
+        // copying them into one buffer.
+        self.inner.is_write_vectored()
+    }
+
+    fn poll_write_vectored(
+        mut self: Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+        bufs: &[io::IoSlice<'_>],
+    ) -> std::task::Poll<io::Result<usize>> {
+        let this = &mut *self;
+        if this.drain(cx)?.is_pending() {
+            return std::task::Poll::Pending;
+        }
+        // hyper's refusal is a head alone: one non-empty slice.
+        let mut filled = bufs.iter().filter(|b| !b.is_empty());
+        if let (Some(only), None) = (filled.next(), filled.next()) {
+            if let Some(status) = refused_too_long(only) {
+                this.pending = Some((too_long_response(status), 0));
+                let _ = this.drain(cx)?;
+                return std::task::Poll::Ready(Ok(only.len()));
+            }
+        }
+        Pin::new(&mut this.inner).poll_write_vectored(cx, bufs)
+    }
+
+    fn poll_flush(
+        mut self: Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<io::Result<()>> {
+        let this = &mut *self;
+        if this.drain(cx)?.is_pending() {
+            return std::task::Poll::Pending;
+        }
+        Pin::new(&mut this.inner).poll_flush(cx)
+    }
+
+    fn poll_shutdown(
+        mut self: Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<io::Result<()>> {
+        let this = &mut *self;
+        if this.drain(cx)?.is_pending() {
+            return std::task::Poll::Pending;
+        }
+        Pin::new(&mut this.inner).poll_shutdown(cx)
     }
 }
 

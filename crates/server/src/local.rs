@@ -1,5 +1,7 @@
 //! `raftwork local-cluster`: N `raftwork serve` child processes on
-//! loopback, in one command, for trying raftwork out.
+//! loopback, in one command, for trying raftwork out; and `raftwork
+//! local-cluster restart NAME`, which asks the running local-cluster to
+//! start one of its nodes again.
 //!
 //! Node `i` (named `n1`, `n2`, ...) gets the data dir `<base-dir>/n<i>`,
 //! logs to `<base-dir>/n<i>.log` and its ports from `--base-port P` (API
@@ -10,10 +12,40 @@
 //! shares one `--initial-cluster` and the token `local-cluster`.
 //!
 //! Once every node answers `/healthz` it prints one line per node on
-//! stdout, `n1 http://127.0.0.1:PORT pid=PID data=DIR log=FILE`. On SIGINT
-//! (Ctrl-C) or SIGTERM it sends SIGTERM to every child, waits for them
-//! (SIGKILL after 30 s) and exits 0. A child that exits on its own stops
-//! the others and exits 1.
+//! stdout, `n1 http://127.0.0.1:PORT pid=PID data=DIR log=FILE`. A child
+//! that exits before that (a port taken, a bad data dir) stops the others
+//! and local-cluster exits 1. After that, a child that exits or is killed
+//! leaves the others running: local-cluster says on stderr which node
+//! died, how (exit status or signal), and the exact command that restarts
+//! it. On SIGINT (Ctrl-C) or SIGTERM it sends SIGTERM to every running
+//! child, waits for them (SIGKILL after 30 s) and exits 0.
+//!
+//! Restarting a node: the running local-cluster (the supervisor) is the
+//! only process that starts nodes, so every node, restarted ones
+//! included, is its child, is reaped by it and is stopped by its
+//! Ctrl-C/SIGTERM. `raftwork local-cluster restart n2` only asks:
+//!
+//! * the supervisor writes its pid to `<base-dir>/local-cluster.pid` (and
+//!   removes it when it exits), and refuses to start while another live
+//!   local-cluster holds that file, so one base dir has one supervisor;
+//! * `restart` checks that pid is a live local-cluster, then writes a
+//!   request file `<base-dir>/control/restart-<name>-<nonce>.req`
+//!   (written under a temporary name, then renamed: never read half
+//!   written);
+//! * the supervisor polls that directory every 100 ms once the cluster is
+//!   up (a request made while it starts waits); for a request it
+//!   stops the node if it still runs (SIGTERM, SIGKILL after 30 s), starts
+//!   it again with the same flags, data dir and ports, prints its new line
+//!   on stdout and answers in `restart-<name>-<nonce>.ans` (renamed into
+//!   place too): `ok <node line>` or `error <message>`;
+//! * `restart` waits for that answer (giving up if the supervisor
+//!   disappears), then for the node's `/healthz`, and prints the node line.
+//!
+//! Files rather than a socket: nothing to clean up if the supervisor is
+//! SIGKILLed (a stale pid file names a dead process and is ignored), and
+//! a request cannot be lost half-way. The liveness check reads
+//! `/proc/<pid>/cmdline` (so a reused pid is not mistaken for the
+//! supervisor); where there is no `/proc` it falls back to `kill -0`.
 //!
 //! With `--tls` the peers talk mutual TLS: `raftwork tls init` writes a CA
 //! and one certificate per node into `<base-dir>/certs` on the first run
@@ -26,7 +58,7 @@ use std::path::{Path, PathBuf};
 use std::process::{Child, Command, ExitCode, Stdio};
 use std::time::{Duration, Instant};
 
-use clap::Args;
+use clap::{Args, Subcommand};
 
 use crate::forward::HttpClient;
 
@@ -55,14 +87,27 @@ fn ensure_certs(args: &LocalClusterArgs) -> Result<(), String> {
 /// How long the nodes get to answer `/healthz`, and to exit after SIGTERM.
 const GUARD: Duration = Duration::from_secs(30);
 
+/// Default of `--base-dir`.
+pub const DEFAULT_BASE_DIR: &str = "./raftwork-local";
+
+/// The supervisor's pid file, under the base dir.
+const PID_FILE: &str = "local-cluster.pid";
+
+/// The directory of restart requests and answers, under the base dir.
+const CONTROL_DIR: &str = "control";
+
 /// Flags of `raftwork local-cluster`.
 #[derive(Debug, Args)]
+#[command(args_conflicts_with_subcommands = true)]
 pub struct LocalClusterArgs {
+    /// `restart NAME`; none: run the cluster.
+    #[command(subcommand)]
+    pub command: Option<LocalCommand>,
     /// Number of nodes (1 to 15).
     #[arg(long, default_value_t = 3, value_parser = clap::value_parser!(u16).range(1..=15))]
     pub nodes: u16,
     /// Directory of the nodes' data dirs, logs and the ports file.
-    #[arg(long, default_value = "./raftwork-local")]
+    #[arg(long, default_value = DEFAULT_BASE_DIR)]
     pub base_dir: PathBuf,
     /// First port: node i (from 1) serves its API on BASE_PORT + 2(i-1) and
     /// peers on the next port [default: free ephemeral ports].
@@ -75,6 +120,25 @@ pub struct LocalClusterArgs {
     /// `raftwork tls init`), mutual and bound to the node names.
     #[arg(long)]
     pub tls: bool,
+}
+
+/// Subcommands of `raftwork local-cluster`.
+#[derive(Debug, Subcommand)]
+pub enum LocalCommand {
+    /// Ask the local-cluster running on --base-dir to start node NAME again
+    /// (stopping it first if it still runs), with the same flags, data dir
+    /// and ports; waits until it answers /healthz.
+    Restart(RestartArgs),
+}
+
+/// Flags of `raftwork local-cluster restart`.
+#[derive(Debug, Args)]
+pub struct RestartArgs {
+    /// The node: n1, n2, ... as local-cluster printed it.
+    pub name: String,
+    /// The base dir of the running local-cluster.
+    #[arg(long, default_value = DEFAULT_BASE_DIR)]
+    pub base_dir: PathBuf,
 }
 
 /// One node's ports.
@@ -187,11 +251,26 @@ fn plan_ports(args: &LocalClusterArgs) -> Result<Vec<Ports>, String> {
 struct Node {
     name: String,
     url: String,
+    ports: Ports,
     data: PathBuf,
     log: PathBuf,
     child: Child,
     healthy: bool,
     exited: bool,
+}
+
+impl Node {
+    /// The line printed for this node on stdout.
+    fn line(&self) -> String {
+        format!(
+            "{} {} pid={} data={} log={}",
+            self.name,
+            self.url,
+            self.child.id(),
+            self.data.display(),
+            self.log.display()
+        )
+    }
 }
 
 fn spawn_node(
@@ -240,6 +319,7 @@ fn spawn_node(
     Ok(Node {
         name: name.to_string(),
         url: format!("http://127.0.0.1:{}", ports.api),
+        ports,
         data,
         log,
         child,
@@ -248,44 +328,101 @@ fn spawn_node(
     })
 }
 
+/// Sends SIGTERM to a child (the `kill` utility: the crate forbids the
+/// unsafe code libc would need); SIGKILL if that cannot be sent.
+fn terminate(n: &mut Node) {
+    let sent = Command::new("kill")
+        .args(["-TERM", &n.child.id().to_string()])
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .status();
+    if !matches!(sent, Ok(s) if s.success()) {
+        let _ = n.child.kill();
+    }
+}
+
+/// Waits for a child sent SIGTERM until `deadline`, then SIGKILLs it.
+async fn reap(n: &mut Node, deadline: Instant) {
+    loop {
+        match n.child.try_wait() {
+            Ok(None) if Instant::now() < deadline => {
+                tokio::time::sleep(Duration::from_millis(50)).await;
+            }
+            Ok(None) => {
+                eprintln!(
+                    "raftwork: {} did not stop after SIGTERM: killing it",
+                    n.name
+                );
+                let _ = n.child.kill();
+                let _ = n.child.wait();
+                break;
+            }
+            Ok(Some(_)) | Err(_) => break,
+        }
+    }
+    n.exited = true;
+}
+
 /// Sends SIGTERM to every running child and waits for all of them
 /// (SIGKILL for any still running after [`GUARD`]).
 async fn stop_all(nodes: &mut [Node]) {
     for n in nodes.iter_mut().filter(|n| !n.exited) {
-        // No libc (the crate forbids unsafe code): the `kill` utility.
-        let sent = Command::new("kill")
-            .args(["-TERM", &n.child.id().to_string()])
-            .stdout(Stdio::null())
-            .stderr(Stdio::null())
-            .status();
-        if !matches!(sent, Ok(s) if s.success()) {
-            let _ = n.child.kill();
-        }
+        terminate(n);
     }
     let deadline = Instant::now() + GUARD;
     for n in nodes.iter_mut() {
-        loop {
-            match n.child.try_wait() {
-                Ok(None) if Instant::now() < deadline => {
-                    tokio::time::sleep(Duration::from_millis(50)).await;
-                }
-                Ok(None) => {
-                    eprintln!(
-                        "raftwork: {} did not stop after SIGTERM: killing it",
-                        n.name
-                    );
-                    let _ = n.child.kill();
-                    let _ = n.child.wait();
-                    break;
-                }
-                Ok(Some(_)) | Err(_) => break,
-            }
-        }
-        n.exited = true;
+        reap(n, deadline).await;
     }
 }
 
-/// Runs `raftwork local-cluster` until SIGINT or SIGTERM.
+/// `s` quoted for a POSIX shell if it needs it.
+fn shell_quote(s: &str) -> String {
+    let plain = !s.is_empty()
+        && s.bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b"/._-+=:,@%".contains(&b));
+    if plain {
+        s.to_string()
+    } else {
+        format!("'{}'", s.replace('\'', r"'\''"))
+    }
+}
+
+/// Whether `pid` is a live `raftwork local-cluster` (see the module
+/// header).
+fn supervisor_alive(pid: u32) -> bool {
+    match std::fs::read(format!("/proc/{pid}/cmdline")) {
+        Ok(cmdline) => cmdline
+            .split(|&b| b == 0)
+            .any(|arg| arg == b"local-cluster"),
+        Err(_) if Path::new("/proc/self").exists() => false,
+        Err(_) => Command::new("kill")
+            .args(["-0", &pid.to_string()])
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .status()
+            .is_ok_and(|s| s.success()),
+    }
+}
+
+/// The pid in the base dir's pid file, if any.
+fn read_pid_file(base_dir: &Path) -> Option<u32> {
+    std::fs::read_to_string(base_dir.join(PID_FILE))
+        .ok()?
+        .trim()
+        .parse()
+        .ok()
+}
+
+/// Writes `text` to `path` through a temporary file and a rename, so that
+/// a reader sees all of it or nothing.
+fn write_atomically(path: &Path, text: &str) -> std::io::Result<()> {
+    let tmp = path.with_extension("tmp");
+    std::fs::write(&tmp, text)?;
+    std::fs::rename(&tmp, path)
+}
+
+/// Runs `raftwork local-cluster` until SIGINT or SIGTERM, or `raftwork
+/// local-cluster restart`.
 pub fn run(args: LocalClusterArgs) -> ExitCode {
     let runtime = match tokio::runtime::Builder::new_current_thread()
         .enable_all()
@@ -297,7 +434,251 @@ pub fn run(args: LocalClusterArgs) -> ExitCode {
             return ExitCode::FAILURE;
         }
     };
-    runtime.block_on(run_async(args))
+    match args.command {
+        Some(LocalCommand::Restart(restart)) => runtime.block_on(request_restart(restart)),
+        None => runtime.block_on(run_async(args)),
+    }
+}
+
+/// A failure of `local-cluster restart`: its message and exit code.
+struct RestartError(u8, String);
+
+/// `raftwork local-cluster restart NAME`: exit 0 once the node answers
+/// /healthz, 1 if it could not be restarted, 2 on a bad argument.
+async fn request_restart(args: RestartArgs) -> ExitCode {
+    match request_restart_inner(&args).await {
+        Ok(line) => {
+            let mut stdout = std::io::stdout().lock();
+            let _ = writeln!(stdout, "{line}").and_then(|_| stdout.flush());
+            ExitCode::SUCCESS
+        }
+        Err(RestartError(code, message)) => {
+            eprintln!("raftwork: {message}");
+            ExitCode::from(code)
+        }
+    }
+}
+
+async fn request_restart_inner(args: &RestartArgs) -> Result<String, RestartError> {
+    let base = &args.base_dir;
+    let ports_file = base.join("ports");
+    let ports = std::fs::read_to_string(&ports_file)
+        .ok()
+        .and_then(|t| parse_ports_file(&t))
+        .ok_or_else(|| {
+            RestartError(
+                2,
+                format!(
+                    "--base-dir {}: no local cluster there (no readable {})",
+                    base.display(),
+                    ports_file.display()
+                ),
+            )
+        })?;
+    let known = (1..=ports.len()).any(|i| args.name == format!("n{i}"));
+    if !known {
+        return Err(RestartError(
+            2,
+            format!(
+                "NAME {:?}: the cluster in {} has the nodes n1 to n{}",
+                args.name,
+                base.display(),
+                ports.len()
+            ),
+        ));
+    }
+    let supervisor = read_pid_file(base).filter(|&pid| supervisor_alive(pid));
+    let Some(supervisor) = supervisor else {
+        return Err(RestartError(
+            1,
+            format!(
+                "no local-cluster is running on {}: start the whole cluster with \
+                 `raftwork local-cluster --base-dir {}`",
+                base.display(),
+                shell_quote(&base.display().to_string())
+            ),
+        ));
+    };
+    let control = base.join(CONTROL_DIR);
+    let nonce = format!(
+        "{}{}",
+        std::process::id(),
+        std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map(|d| d.subsec_nanos())
+            .unwrap_or(0)
+    );
+    let stem = format!("restart-{}-{nonce}", args.name);
+    let request = control.join(format!("{stem}.req"));
+    let answer = control.join(format!("{stem}.ans"));
+    std::fs::create_dir_all(&control)
+        .and_then(|_| write_atomically(&request, "restart\n"))
+        .map_err(|e| RestartError(1, format!("cannot write {}: {e}", request.display())))?;
+    // The supervisor may stop the node first (up to GUARD) and then
+    // starts it.
+    let deadline = Instant::now() + 2 * GUARD + Duration::from_secs(5);
+    let text = loop {
+        if let Ok(text) = std::fs::read_to_string(&answer) {
+            let _ = std::fs::remove_file(&answer);
+            break text;
+        }
+        if !supervisor_alive(supervisor) || Instant::now() > deadline {
+            let _ = std::fs::remove_file(&request);
+            return Err(RestartError(
+                1,
+                format!(
+                    "the local-cluster (pid {supervisor}) did not answer the restart of {}",
+                    args.name
+                ),
+            ));
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    };
+    let line = match text.trim_end().split_once(' ') {
+        Some(("ok", line)) => line.to_string(),
+        Some(("error", message)) => return Err(RestartError(1, message.to_string())),
+        _ => {
+            return Err(RestartError(
+                1,
+                format!("unexpected answer from the local-cluster: {text:?}"),
+            ))
+        }
+    };
+    let url = line
+        .split_whitespace()
+        .nth(1)
+        .unwrap_or_default()
+        .to_string();
+    let http = HttpClient::new(Duration::from_secs(1));
+    let deadline = Instant::now() + GUARD;
+    loop {
+        let r = http
+            .request(&url, "GET", "/healthz", None, b"", Duration::from_secs(1))
+            .await;
+        if matches!(r, Ok(r) if r.status == 200) {
+            return Ok(line);
+        }
+        if Instant::now() > deadline {
+            return Err(RestartError(
+                1,
+                format!(
+                    "{} was started again ({line}) but does not answer /healthz; see its log",
+                    args.name
+                ),
+            ));
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
+/// What the supervisor needs to start a node again.
+struct Supervisor<'a> {
+    args: &'a LocalClusterArgs,
+    exe: &'a Path,
+    initial_cluster: &'a str,
+    /// The binary and the base dir, shell-quoted, for the restart command
+    /// printed when a node dies.
+    exe_quoted: String,
+    base_quoted: String,
+}
+
+impl Supervisor<'_> {
+    /// Reports children that exited; true if any did.
+    fn reap_exited(&self, nodes: &mut [Node], announced: bool) -> bool {
+        let mut any = false;
+        for n in nodes.iter_mut().filter(|n| !n.exited) {
+            if let Ok(Some(status)) = n.child.try_wait() {
+                n.exited = true;
+                any = true;
+                if announced {
+                    eprintln!(
+                        "raftwork: {} (pid {}) died ({status}); see {}. The other nodes keep \
+                         running. Restart it with: {} local-cluster restart {} --base-dir {}",
+                        n.name,
+                        n.child.id(),
+                        n.log.display(),
+                        self.exe_quoted,
+                        n.name,
+                        self.base_quoted
+                    );
+                } else {
+                    eprintln!(
+                        "raftwork: {} exited ({status}) while starting; see {}. Stopping the others.",
+                        n.name,
+                        n.log.display()
+                    );
+                }
+            }
+        }
+        any
+    }
+
+    /// Serves the pending restart requests of the control directory.
+    async fn serve_restarts(&self, nodes: &mut [Node]) {
+        let control = self.args.base_dir.join(CONTROL_DIR);
+        let Ok(entries) = std::fs::read_dir(&control) else {
+            return;
+        };
+        let mut requests: Vec<PathBuf> = entries
+            .filter_map(|e| e.ok().map(|e| e.path()))
+            .filter(|p| p.extension().is_some_and(|x| x == "req"))
+            .collect();
+        requests.sort();
+        for request in requests {
+            let _ = std::fs::remove_file(&request);
+            let stem = request
+                .file_stem()
+                .map(|s| s.to_string_lossy().into_owned())
+                .unwrap_or_default();
+            let name = stem
+                .strip_prefix("restart-")
+                .and_then(|rest| rest.split_once('-'))
+                .map(|(name, _)| name.to_string())
+                .unwrap_or_default();
+            let answer = match nodes.iter_mut().find(|n| n.name == name) {
+                Some(node) => match self.restart(node).await {
+                    Ok(()) => format!("ok {}\n", node.line()),
+                    Err(e) => format!("error {e}\n"),
+                },
+                None => format!("error there is no node {name:?}\n"),
+            };
+            let path = control.join(format!("{stem}.ans"));
+            if let Err(e) = write_atomically(&path, &answer) {
+                eprintln!("raftwork: cannot write {}: {e}", path.display());
+            }
+        }
+    }
+
+    /// Stops `node` if it runs, then starts it again in place.
+    async fn restart(&self, node: &mut Node) -> Result<(), String> {
+        if !node.exited {
+            eprintln!(
+                "raftwork: restart of {}: stopping it (pid {})",
+                node.name,
+                node.child.id()
+            );
+            terminate(node);
+            reap(node, Instant::now() + GUARD).await;
+        }
+        let fresh = spawn_node(
+            self.args,
+            self.exe,
+            &node.name,
+            node.ports,
+            self.initial_cluster,
+        )
+        .map_err(|e| format!("cannot restart {}: {e}", node.name))?;
+        *node = fresh;
+        node.healthy = true;
+        eprintln!(
+            "raftwork: {} restarted (pid {})",
+            node.name,
+            node.child.id()
+        );
+        let mut stdout = std::io::stdout().lock();
+        let _ = writeln!(stdout, "{}", node.line()).and_then(|_| stdout.flush());
+        Ok(())
+    }
 }
 
 async fn run_async(args: LocalClusterArgs) -> ExitCode {
@@ -317,6 +698,13 @@ async fn run_async(args: LocalClusterArgs) -> ExitCode {
         eprintln!("raftwork: bad --log-level: {e}");
         return ExitCode::from(2);
     }
+    if let Some(pid) = read_pid_file(&args.base_dir).filter(|&pid| supervisor_alive(pid)) {
+        eprintln!(
+            "raftwork: another local-cluster (pid {pid}) runs on {}",
+            args.base_dir.display()
+        );
+        return ExitCode::FAILURE;
+    }
     let ports = match plan_ports(&args) {
         Ok(p) => p,
         Err(e) => {
@@ -324,6 +712,28 @@ async fn run_async(args: LocalClusterArgs) -> ExitCode {
             return ExitCode::from(2);
         }
     };
+    let pid_file = args.base_dir.join(PID_FILE);
+    let control = args.base_dir.join(CONTROL_DIR);
+    // Requests left by an earlier run are not for this one.
+    let _ = std::fs::remove_dir_all(&control);
+    if let Err(e) = std::fs::create_dir_all(&control)
+        .and_then(|_| write_atomically(&pid_file, &format!("{}\n", std::process::id())))
+    {
+        eprintln!("raftwork: cannot write {}: {e}", pid_file.display());
+        return ExitCode::FAILURE;
+    }
+    let code = supervise(&args, ports, &mut sigterm, &mut sigint).await;
+    let _ = std::fs::remove_file(&pid_file);
+    let _ = std::fs::remove_dir_all(&control);
+    code
+}
+
+async fn supervise(
+    args: &LocalClusterArgs,
+    ports: Vec<Ports>,
+    sigterm: &mut tokio::signal::unix::Signal,
+    sigint: &mut tokio::signal::unix::Signal,
+) -> ExitCode {
     let exe = match std::env::current_exe() {
         Ok(p) => p,
         Err(e) => {
@@ -332,7 +742,7 @@ async fn run_async(args: LocalClusterArgs) -> ExitCode {
         }
     };
     if args.tls {
-        if let Err(e) = ensure_certs(&args) {
+        if let Err(e) = ensure_certs(args) {
             eprintln!("raftwork: {e}");
             return ExitCode::FAILURE;
         }
@@ -343,9 +753,17 @@ async fn run_async(args: LocalClusterArgs) -> ExitCode {
         .map(|(i, p)| format!("n{}=127.0.0.1:{}", i + 1, p.peer))
         .collect::<Vec<_>>()
         .join(",");
+    let base_abs = std::fs::canonicalize(&args.base_dir).unwrap_or_else(|_| args.base_dir.clone());
+    let supervisor = Supervisor {
+        args,
+        exe: &exe,
+        initial_cluster: &initial_cluster,
+        exe_quoted: shell_quote(&exe.display().to_string()),
+        base_quoted: shell_quote(&base_abs.display().to_string()),
+    };
     let mut nodes = Vec::new();
     for (i, p) in ports.iter().enumerate() {
-        match spawn_node(&args, &exe, &format!("n{}", i + 1), *p, &initial_cluster) {
+        match spawn_node(args, &exe, &format!("n{}", i + 1), *p, &initial_cluster) {
             Ok(n) => nodes.push(n),
             Err(e) => {
                 eprintln!("raftwork: {e}");
@@ -359,21 +777,13 @@ async fn run_async(args: LocalClusterArgs) -> ExitCode {
     let started = Instant::now();
     let mut announced = false;
     loop {
-        for n in nodes.iter_mut() {
-            if let Ok(Some(status)) = n.child.try_wait() {
-                n.exited = true;
-                eprintln!(
-                    "raftwork: {} exited ({status}); see {}. Stopping the others.",
-                    n.name,
-                    n.log.display()
-                );
-            }
-        }
-        if nodes.iter().any(|n| n.exited) {
+        if supervisor.reap_exited(&mut nodes, announced) && !announced {
             stop_all(&mut nodes).await;
             return ExitCode::FAILURE;
         }
-        if !announced {
+        if announced {
+            supervisor.serve_restarts(&mut nodes).await;
+        } else {
             for n in nodes.iter_mut().filter(|n| !n.healthy) {
                 let r = http
                     .request(&n.url, "GET", "/healthz", None, b"", Duration::from_secs(1))
@@ -383,15 +793,7 @@ async fn run_async(args: LocalClusterArgs) -> ExitCode {
             if nodes.iter().all(|n| n.healthy) {
                 let mut text = String::new();
                 for n in &nodes {
-                    let _ = writeln!(
-                        text,
-                        "{} {} pid={} data={} log={}",
-                        n.name,
-                        n.url,
-                        n.child.id(),
-                        n.data.display(),
-                        n.log.display()
-                    );
+                    let _ = writeln!(text, "{}", n.line());
                 }
                 let mut stdout = std::io::stdout().lock();
                 let _ = stdout
@@ -400,9 +802,11 @@ async fn run_async(args: LocalClusterArgs) -> ExitCode {
                 let urls: Vec<&str> = nodes.iter().map(|n| n.url.as_str()).collect();
                 eprintln!(
                     "raftwork: {} nodes up; export RAFTWORK_ENDPOINTS={} for the CLI. \
-                     Ctrl-C stops them.",
+                     A node that dies leaves the others running; `raftwork local-cluster \
+                     restart NAME --base-dir {}` starts it again. Ctrl-C stops them all.",
                     nodes.len(),
-                    urls.join(",")
+                    urls.join(","),
+                    supervisor.base_quoted
                 );
                 announced = true;
             } else if started.elapsed() > GUARD {

@@ -27,15 +27,18 @@ struct Cli {
 
 #[derive(Debug, Subcommand)]
 enum Command {
-    /// Run a node. With no flags: a durable single-node cluster in
-    /// ./raftwork-data, API on 127.0.0.1:8080, peers on 127.0.0.1:2380.
+    /// Run a node. With no flags: a durable single-node cluster named
+    /// "default" in ./default.raftwork (./<name>.raftwork with --name), API
+    /// on 127.0.0.1:8080, peers on 127.0.0.1:2380.
     Serve(Box<ServeArgs>),
     /// Keys and values: put, get, del, list (any member takes any request).
     Kv(KvArgs),
     /// Cluster members: list, add, remove, promote.
     Member(MemberArgs),
     /// Start N nodes on loopback as child processes (data under
-    /// --base-dir), print their API URLs, stop them all on Ctrl-C/SIGTERM.
+    /// --base-dir), print their API URLs, keep the others running when one
+    /// dies (`local-cluster restart NAME` starts it again), stop them all
+    /// on Ctrl-C/SIGTERM.
     LocalCluster(LocalClusterArgs),
     /// Disaster recovery: make a stopped survivor's data dir a one-member
     /// cluster under a new fencing epoch (the other members are fenced).

@@ -98,7 +98,10 @@ pub const SYNC_INTERVAL: Duration = Duration::from_millis(200);
 pub struct MemberInfo {
     /// Member name (`--name`).
     pub name: String,
-    /// Raft id (derived from the token and the name).
+    /// Raft id (derived from the token and the name). Stored as a number;
+    /// read from a number or a string (a REST answer forwarded by the
+    /// leader carries it as a string).
+    #[serde(deserialize_with = "crate::api::id_json::deserialize")]
     pub id: u64,
     /// Where its peer transport listens (host:port).
     pub peer_addr: String,

@@ -19,7 +19,7 @@
 //! the node), and the process exits 0.
 
 use std::net::SocketAddr;
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -37,8 +37,46 @@ use crate::kv::{KvStore, MAX_KEY_BYTES, MAX_VALUE_BYTES};
 use crate::listener::{ApiListener, ApiPeer};
 use crate::members::{self, MemberInfo, Members};
 
-/// Default of `--data-dir`.
-pub const DEFAULT_DATA_DIR: &str = "./raftwork-data";
+/// Default of `--name`.
+pub const DEFAULT_NAME: &str = "default";
+
+/// Default of `--data-dir`: `./<name>.raftwork` (like etcd's
+/// `<name>.etcd`), so two nodes with different names started in one
+/// directory never share a data dir, and none shares the library
+/// examples' `./raftwork-data`.
+pub fn default_data_dir(name: &str) -> PathBuf {
+    PathBuf::from(format!("./{name}.raftwork"))
+}
+
+/// The default data dir of `serve` before [`default_data_dir`] (and still
+/// the library examples' one).
+pub const OLD_DEFAULT_DATA_DIR: &str = "./raftwork-data";
+
+/// Refuses to start a member in a new default data dir `dir` while its
+/// data is in [`OLD_DEFAULT_DATA_DIR`] (a `CLUSTER` file naming it): that
+/// would silently start a new, empty cluster after an upgrade.
+fn refuse_old_default(dir: &Path, name: &str) -> Result<(), String> {
+    if dir.join(crate::cluster::CLUSTER_FILE).exists() {
+        return Ok(());
+    }
+    let old = Path::new(OLD_DEFAULT_DATA_DIR).join(crate::cluster::CLUSTER_FILE);
+    let Ok(text) = std::fs::read_to_string(old) else {
+        return Ok(());
+    };
+    if text.lines().any(|l| l.trim() == format!("name={name}")) {
+        return Err(format!(
+            "{OLD_DEFAULT_DATA_DIR} holds the data of member {name:?} (the default data dir \
+             of earlier versions); the default is now {}: pass --data-dir \
+             {OLD_DEFAULT_DATA_DIR}, or move it to {}",
+            dir.display(),
+            dir.display()
+        ));
+    }
+    Ok(())
+}
+
+/// [`default_data_dir`] of a node started without `--name`.
+pub const DEFAULT_DATA_DIR: &str = "./default.raftwork";
 /// Default of `--peer-addr`.
 pub const DEFAULT_PEER_ADDR: &str = "127.0.0.1:2380";
 /// Default of `--api-addr`.
@@ -60,7 +98,7 @@ pub struct ServeArgs {
     #[arg(long, env = "RAFTWORK_NAME", value_parser = parse_name)]
     pub name: Option<String>,
     /// Directory of the WAL and snapshots; created if missing
-    /// [default: ./raftwork-data].
+    /// [default: ./<name>.raftwork, e.g. ./default.raftwork].
     #[arg(long, env = "RAFTWORK_DATA_DIR")]
     pub data_dir: Option<PathBuf>,
     /// Address (ip:port) the Raft peer transport listens on
@@ -351,7 +389,7 @@ impl ServeArgs {
             Some(n) => n,
             None => match file.name {
                 Some(n) => parse_name(&n).map_err(|e| in_file("name", e))?,
-                None => "default".to_string(),
+                None => DEFAULT_NAME.to_string(),
             },
         };
         let log_level = match self.log_level {
@@ -467,6 +505,14 @@ impl ServeArgs {
                 &api_addr.to_string(),
             )?,
         }
+        let data_dir = match self.data_dir.or(file.data_dir) {
+            Some(dir) => dir,
+            None => {
+                let dir = default_data_dir(&name);
+                refuse_old_default(&dir, &name)?;
+                dir
+            }
+        };
         Ok(Settings {
             peer_tls,
             client_tls,
@@ -478,10 +524,7 @@ impl ServeArgs {
             initial_cluster_state,
             initial_cluster_token,
             name,
-            data_dir: self
-                .data_dir
-                .or(file.data_dir)
-                .unwrap_or_else(|| PathBuf::from(DEFAULT_DATA_DIR)),
+            data_dir,
             peer_addr,
             api_addr,
             log_level,
@@ -1041,7 +1084,16 @@ mod tests {
     fn defaults_without_flags_or_file() {
         let s = ServeArgs::default().resolve().unwrap();
         assert_eq!(s.name, "default");
-        assert_eq!(s.data_dir, PathBuf::from("./raftwork-data"));
+        assert_eq!(s.data_dir, PathBuf::from("./default.raftwork"));
+        assert_eq!(s.data_dir, PathBuf::from(DEFAULT_DATA_DIR));
+        let named = ServeArgs {
+            name: Some("n7".into()),
+            ..ServeArgs::default()
+        };
+        assert_eq!(
+            named.resolve().unwrap().data_dir,
+            PathBuf::from("./n7.raftwork")
+        );
         assert_eq!(s.peer_addr.to_string(), "127.0.0.1:2380");
         assert_eq!(s.api_addr.to_string(), "127.0.0.1:8080");
         assert_eq!(s.log_level, "info");

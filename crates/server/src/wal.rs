@@ -36,7 +36,8 @@ pub enum WalCommand {
 /// Where the WAL is.
 #[derive(Debug, Args)]
 pub struct WalArgs {
-    /// The node's data directory (the WAL is its `wal` subdirectory).
+    /// The node's data directory (the WAL is its `wal` subdirectory)
+    /// [default: that of `serve` without --name].
     #[arg(long, env = "RAFTWORK_DATA_DIR", default_value = DEFAULT_DATA_DIR)]
     pub data_dir: PathBuf,
 }

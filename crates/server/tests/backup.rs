@@ -110,9 +110,9 @@ fn a_backup_restores_into_a_new_cluster_with_every_key() {
     let endpoint = format!("http://{}", ms[1].api);
     let saved = run(&["snapshot", "save", file_s, "--endpoints", &endpoint]);
     assert!(saved.status.success(), "{}", text(&saved));
-    // Refuses to overwrite.
+    // Refuses to overwrite: a bad argument (exit 2), before any download.
     let again = run(&["snapshot", "save", file_s, "--endpoints", &endpoint]);
-    assert_eq!(again.status.code(), Some(1), "{}", text(&again));
+    assert_eq!(again.status.code(), Some(2), "{}", text(&again));
 
     let status = run(&["snapshot", "status", file_s, "-w", "json"]);
     assert!(status.status.success(), "{}", text(&status));

@@ -478,10 +478,11 @@ fn health_readiness_and_status() {
     };
     // Ids derive from the cluster token and the name.
     let id = raftwork_server::cluster::member_id("raftwork", "e2e");
-    assert_eq!(v["id"], id);
+    // Ids are decimal strings (64-bit: jq would round a number).
+    assert_eq!(v["id"], id.to_string());
     assert_eq!(v["name"], "e2e");
     assert_eq!(v["role"], "leader");
-    assert_eq!(v["leader"], id);
+    assert_eq!(v["leader"], id.to_string());
     assert!(v["term"].as_u64().unwrap() >= 1);
     let commit = v["commit"].as_u64().unwrap();
     assert!(commit >= put_index && put_index >= 2, "{v}");
@@ -489,7 +490,7 @@ fn health_readiness_and_status() {
     // record or a lease refresh may be committing.
     assert!(v["last_index"].as_u64().unwrap() >= commit, "{v}");
     assert!(v["snapshot_index"].as_u64().is_some());
-    assert_eq!(v["voters"], serde_json::json!([id]));
+    assert_eq!(v["voters"], serde_json::json!([id.to_string()]));
     assert_eq!(v["pid"].as_u64().unwrap(), u64::from(s.child.id()));
     assert!(v["rss_bytes"].as_u64().unwrap() > 0);
     assert!(v["cpu_percent_avg"].as_f64().unwrap() >= 0.0, "{v}");

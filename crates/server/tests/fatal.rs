@@ -74,7 +74,11 @@ fn a_failed_fsync_ends_the_process_and_the_others_go_on() {
     loop {
         let named: Vec<Option<u64>> = rest
             .iter()
-            .map(|&i| status(&ms[i])["leader"].as_u64())
+            .map(|&i| {
+                status(&ms[i])["leader"]
+                    .as_str()
+                    .and_then(|l| l.parse().ok())
+            })
             .collect();
         let old = raftwork_server::cluster::member_id("cluster-test", &leader_name);
         if named[0].is_some() && named[0] == named[1] && named[0] != Some(old) {

@@ -133,7 +133,10 @@ fn forged_peer_messages_neither_stop_nor_wipe_a_node() {
     })
     .to_string();
     // To the leader, from a member other than n1 and the leader.
-    let leader_id = status(&ms[0])["leader"].as_u64().expect("a leader");
+    let leader_id: u64 = status(&ms[0])["leader"]
+        .as_str()
+        .and_then(|l| l.parse().ok())
+        .expect("a leader");
     let leader = ids.iter().position(|&id| id == leader_id).unwrap();
     let sender = if leader == 1 { 2 } else { 1 };
     let mut note = message(MessageType::MsgPropose, ids[sender], leader_id, 0);

@@ -2,7 +2,9 @@
 //! ephemeral loopback ports under a temp base dir, prints their URLs; a
 //! write through one node is read through another (with the CLI client);
 //! SIGTERM stops every child and exits 0; a second run on the same base
-//! dir restarts the same cluster with its data.
+//! dir restarts the same cluster with its data; a node killed with
+//! SIGKILL leaves the others serving, is reported on stderr with the
+//! command that restarts it, and `local-cluster restart` brings it back.
 //!
 //! Every wait is a poll or a read with a hang guard, never a timing
 //! assertion.
@@ -28,6 +30,8 @@ fn raftwork() -> Command {
 
 struct Running {
     child: Child,
+    /// Where local-cluster's stderr goes.
+    stderr: std::path::PathBuf,
     /// `(name, url, pid)` per node.
     nodes: Vec<(String, String, u32)>,
 }
@@ -54,10 +58,11 @@ fn start(base: &Path) -> Option<Running> {
 
 /// [`start`] with more flags for local-cluster.
 fn start_with(base: &Path, extra: &[&str]) -> Option<Running> {
+    let stderr_path = base.with_extension("stderr");
     let stderr = std::fs::OpenOptions::new()
         .create(true)
         .append(true)
-        .open(base.with_extension("stderr"))
+        .open(&stderr_path)
         .unwrap();
     let mut child = raftwork()
         .args(["local-cluster", "--nodes", "3", "--base-dir"])
@@ -71,6 +76,7 @@ fn start_with(base: &Path, extra: &[&str]) -> Option<Running> {
     let mut stdout = BufReader::new(child.stdout.take().unwrap());
     let mut running = Running {
         child,
+        stderr: stderr_path,
         nodes: Vec::new(),
     };
     for _ in 0..3 {
@@ -244,4 +250,153 @@ fn local_cluster_with_tls_runs_its_peers_over_mutual_tls() {
         std::thread::sleep(Duration::from_millis(100));
     }
     terminate(r);
+}
+
+/// Which node leads, from `member list` through `endpoints`, once every
+/// listed member has a role (None while there is no leader).
+fn leader(endpoints: &str) -> Option<String> {
+    let o = cli(endpoints, &["member", "list"]);
+    if !o.status.success() {
+        return None;
+    }
+    let table = String::from_utf8(o.stdout).unwrap();
+    table
+        .lines()
+        .find(|l| l.contains(" leader "))
+        .and_then(|l| l.split_whitespace().nth(1))
+        .map(str::to_string)
+}
+
+#[test]
+fn a_killed_node_leaves_the_others_serving_and_restarts() {
+    let dir = tempfile::tempdir().unwrap();
+    let base = dir.path().join("local");
+    let mut r = start_retrying(&base);
+    let urls: Vec<String> = r.nodes.iter().map(|n| n.1.clone()).collect();
+    let all = urls.join(",");
+    eventually(&urls[0], &["kv", "put", "before", "1"]);
+
+    // Kill the leader: the survivors must elect another one.
+    let deadline = Instant::now() + GUARD;
+    let victim = loop {
+        // (A member whose name is not known yet is listed as "-".)
+        let found = leader(&all).and_then(|name| r.nodes.iter().position(|n| n.0 == name));
+        if let Some(i) = found {
+            break i;
+        }
+        assert!(Instant::now() < deadline, "no leader");
+        std::thread::sleep(Duration::from_millis(100));
+    };
+    let (name, url, pid) = r.nodes[victim].clone();
+    let status = Command::new("kill")
+        .args(["-KILL", &pid.to_string()])
+        .status()
+        .unwrap();
+    assert!(status.success());
+
+    // local-cluster says who died, how, and how to restart it...
+    let deadline = Instant::now() + GUARD;
+    let report = loop {
+        let text = std::fs::read_to_string(&r.stderr).unwrap();
+        if let Some(line) = text.lines().find(|l| l.contains(" died ")) {
+            break line.to_string();
+        }
+        assert!(Instant::now() < deadline, "no death reported:\n{text}");
+        std::thread::sleep(Duration::from_millis(100));
+    };
+    assert!(report.contains(&format!("{name} (pid {pid})")), "{report}");
+    assert!(report.contains("SIGKILL"), "{report}");
+    let hint = format!("local-cluster restart {name} --base-dir ");
+    assert!(report.contains(&hint), "{report}");
+    // ...and keeps running, as do the two others.
+    assert!(
+        r.child.try_wait().unwrap().is_none(),
+        "local-cluster exited"
+    );
+    let survivors: Vec<String> = (0..3)
+        .filter(|&i| i != victim)
+        .map(|i| urls[i].clone())
+        .collect();
+    for (i, (other, _, other_pid)) in r.nodes.iter().enumerate() {
+        if i != victim {
+            let alive = Path::new(&format!("/proc/{other_pid}")).exists();
+            assert!(alive, "{other} was stopped too");
+        }
+    }
+    // A write through a survivor succeeds (once they elected a leader)
+    // and a linearizable read through the other sees it.
+    eventually(&survivors[0], &["kv", "put", "during", "2"]);
+    assert_eq!(eventually(&survivors[1], &["kv", "get", "during"]), "2");
+    assert_eq!(eventually(&survivors[1], &["kv", "get", "before"]), "1");
+    let new_leader = leader(&survivors.join(",")).unwrap_or_default();
+    assert_ne!(new_leader, name);
+
+    // Restart it from "another terminal".
+    let o = raftwork()
+        .args(["local-cluster", "restart", &name, "--base-dir"])
+        .arg(&base)
+        .output()
+        .unwrap();
+    assert!(o.status.success(), "{o:?}");
+    let line = String::from_utf8(o.stdout).unwrap();
+    let fields: Vec<&str> = line.split_whitespace().collect();
+    assert_eq!(fields[0], name, "{line}");
+    assert_eq!(fields[1], url, "{line}");
+    let new_pid: u32 = fields[2]
+        .strip_prefix("pid=")
+        .and_then(|p| p.parse().ok())
+        .unwrap_or_else(|| panic!("no pid in {line}"));
+    assert_ne!(new_pid, pid);
+    r.nodes[victim].2 = new_pid;
+    // It is the same member (same data and ports): ready, and it has both
+    // keys in its own copy.
+    let addr = url.strip_prefix("http://").unwrap();
+    let deadline = Instant::now() + GUARD;
+    loop {
+        let ready = http_status(addr, "/readyz") == Some(200);
+        let o1 = cli(&url, &["kv", "get", "--stale", "before"]);
+        let o2 = cli(&url, &["kv", "get", "--stale", "during"]);
+        if ready && o1.stdout == b"1" && o2.stdout == b"2" {
+            break;
+        }
+        assert!(Instant::now() < deadline, "{name} did not come back");
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    // A restart of an unknown node is a usage error.
+    let o = raftwork()
+        .args(["local-cluster", "restart", "n9", "--base-dir"])
+        .arg(&base)
+        .output()
+        .unwrap();
+    assert_eq!(o.status.code(), Some(2), "{o:?}");
+
+    // SIGTERM stops everything, the restarted node included.
+    terminate(r);
+    assert!(!base.join("local-cluster.pid").exists());
+    // With no local-cluster running, restart says so.
+    let o = raftwork()
+        .args(["local-cluster", "restart", &name, "--base-dir"])
+        .arg(&base)
+        .output()
+        .unwrap();
+    assert_eq!(o.status.code(), Some(1), "{o:?}");
+    assert!(
+        String::from_utf8_lossy(&o.stderr).contains("no local-cluster is running"),
+        "{o:?}"
+    );
+}
+
+/// The HTTP status of `GET path` on `addr`, None if it does not answer.
+fn http_status(addr: &str, path: &str) -> Option<u16> {
+    use std::io::{Read, Write};
+    let mut tcp = TcpStream::connect(addr).ok()?;
+    tcp.set_read_timeout(Some(Duration::from_secs(5))).ok()?;
+    write!(
+        tcp,
+        "GET {path} HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\n\r\n"
+    )
+    .ok()?;
+    let mut text = String::new();
+    tcp.read_to_string(&mut text).ok()?;
+    text.split_whitespace().nth(1)?.parse().ok()
 }
