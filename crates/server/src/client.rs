@@ -202,7 +202,8 @@ enum MemberCommand {
         #[arg(short = 'w', long = "write-out", value_enum, default_value_t = Format::Table)]
         write_out: Format,
     },
-    /// Add a member; start it first with --initial-cluster-state existing.
+    /// Add a member, then start it with --initial-cluster-state existing
+    /// (it checks that the cluster expects it before it writes anything).
     Add {
         /// Its name (--name of its `raftwork serve`).
         name: String,
@@ -215,6 +216,16 @@ enum MemberCommand {
         /// Add it as a learner (non-voting); promote it later.
         #[arg(long)]
         learner: bool,
+    },
+    /// Move a member's peer address (through Raft, as etcd's member
+    /// update): every member dials it there from now on; restart it
+    /// listening there (--peer-addr, and --advertise-peer-addr if set).
+    Update {
+        /// Its name.
+        name: String,
+        /// Its new peer address (host:port).
+        #[arg(long, value_parser = crate::cluster::parse_host_port)]
+        peer_addr: String,
     },
     /// Remove a member.
     Remove {
@@ -829,6 +840,18 @@ async fn member_inner(args: MemberArgs) -> CmdResult {
                 "added"
             };
             out(changed(verb, &name, &v).as_bytes())
+        }
+        MemberCommand::Update { name, peer_addr } => {
+            let path = format!("/cluster/members/{}", encode(&name, false));
+            let body = serde_json::json!({ "peer_addr": peer_addr });
+            let r = call(conn, "PUT", &path, Some(&body), b"").await?;
+            let v = json(&success(r)?)?;
+            out(format!(
+                "member {name} (id {}) moved to peer address {}; restart it listening there\n",
+                id_text(&v["id"]),
+                v["peer_addr"].as_str().unwrap_or(&peer_addr)
+            )
+            .as_bytes())
         }
         MemberCommand::Remove { name } => {
             let path = format!("/cluster/members/{}", encode(&name, false));

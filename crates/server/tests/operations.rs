@@ -297,7 +297,8 @@ fn a_recovered_survivor_takes_new_members_and_fences_the_old_ones() {
 }
 
 /// A member's addresses change: its peer address is moved through Raft
-/// (`PUT /cluster/members/{name}`, etcd's MemberUpdate), the member is
+/// (`raftwork member update`, through a follower: `PUT
+/// /cluster/members/{name}`, etcd's MemberUpdate), the member is
 /// restarted there and at a new API address, and the cluster goes on: the
 /// others reach it at the new addresses, its new API URL is published, and
 /// writes through it and reads of them work.
@@ -311,9 +312,21 @@ fn a_member_moved_to_new_addresses_stays_in_the_cluster() {
     agreed_leader(&mut ms, &[0, 1, 2]);
     put(&mut ms[0], "before", "move");
     let new_peer = format!("127.0.0.1:{}", common::free_port());
-    let body = serde_json::json!({ "peer_addr": new_peer }).to_string();
-    let (status, answer) = ms[0].req("PUT", "/cluster/members/n3", body.as_bytes());
-    assert_eq!(status, 200, "{}", String::from_utf8_lossy(&answer));
+    let moved = run_cli(&[
+        "member",
+        "update",
+        "n3",
+        "--peer-addr",
+        &new_peer,
+        "--endpoints",
+        &format!("http://{}", ms[1].api),
+    ]);
+    assert!(moved.status.success(), "{moved:?}");
+    assert!(
+        String::from_utf8_lossy(&moved.stdout)
+            .contains(&format!("moved to peer address {new_peer}")),
+        "{moved:?}"
+    );
     // n3 moves: stopped, restarted at the new peer and API addresses.
     let status = ms[2].terminate();
     assert!(status.success());
