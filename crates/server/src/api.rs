@@ -2127,11 +2127,7 @@ async fn forward_json<T: serde::de::DeserializeOwned>(
             )
         });
     }
-    let message = serde_json::from_slice::<serde_json::Value>(&r.body)
-        .ok()
-        .and_then(|v| v["error"].as_str().map(str::to_string))
-        .unwrap_or_else(|| String::from_utf8_lossy(&r.body).into_owned());
-    Err(ApiError::new(status, message))
+    Err(ApiError::new(status, r.error_message()))
 }
 
 /// `POST /cluster/members/{name}/promote`.

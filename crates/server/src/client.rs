@@ -400,7 +400,7 @@ async fn call_with(conn: &Conn, call: Call<'_>) -> Result<HttpResponse, Failure>
         };
         match http.send(url, &out, timeout).await {
             Ok(r) if r.status == 503 && call.resend == Resend::AlsoAfter503 => {
-                errors.push(format!("{url}: {}", error_message(&r)));
+                errors.push(format!("{url}: {}", r.error_message()));
             }
             Ok(r) => return Ok(r),
             // A change that may have reached a node is not sent again.
@@ -484,20 +484,12 @@ async fn write_once(
     result
 }
 
-/// The server's JSON `error` message of an answer.
-fn error_message(r: &HttpResponse) -> String {
-    serde_json::from_slice::<Value>(&r.body)
-        .ok()
-        .and_then(|v| v["error"].as_str().map(str::to_string))
-        .unwrap_or_else(|| String::from_utf8_lossy(&r.body).into_owned())
-}
-
 /// `Ok(body)` on 2xx; otherwise the server's error message.
 fn success(r: HttpResponse) -> Result<Vec<u8>, Failure> {
     if (200..300).contains(&r.status) {
         return Ok(r.body);
     }
-    Err(fail(format!("{} (HTTP {})", error_message(&r), r.status)))
+    Err(fail(format!("{} (HTTP {})", r.error_message(), r.status)))
 }
 
 fn json(body: &[u8]) -> Result<Value, Failure> {

@@ -58,6 +58,16 @@ pub struct HttpResponse {
     pub raftwork_headers: Vec<(String, String)>,
 }
 
+impl HttpResponse {
+    /// The JSON `error` message of a raftwork answer, else the body as text.
+    pub fn error_message(&self) -> String {
+        serde_json::from_slice::<serde_json::Value>(&self.body)
+            .ok()
+            .and_then(|v| v["error"].as_str().map(str::to_string))
+            .unwrap_or_else(|| String::from_utf8_lossy(&self.body).into_owned())
+    }
+}
+
 /// Why no answer came.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 pub enum SendError {

@@ -861,7 +861,8 @@ pub async fn run(args: Settings, plan: ClusterPlan) -> Result<(), ServeError> {
     // A member joining with a fresh data dir checks its flags against the
     // cluster first, and writes nothing if they disagree (see `fence`).
     let mut plan = plan;
-    if plan.state == ClusterState::Existing && !plan.existing_dir {
+    let joining = plan.state == ClusterState::Existing && !plan.existing_dir;
+    if joining {
         plan.epoch = crate::fence::check_join(
             &net,
             plan.id,
@@ -881,11 +882,14 @@ pub async fn run(args: Settings, plan: ClusterPlan) -> Result<(), ServeError> {
     let fencing = crate::fence::ServerFencing::new(&plan, args.data_dir.clone());
     net.fencing = Some(fencing.clone());
     // A member left out of a recovery learns it here, before it could
-    // campaign with the others left out (see `fence`).
-    fencing
-        .probe(&net, plan.id, &peers)
-        .await
-        .map_err(ServeError::Fenced)?;
+    // campaign with the others left out (see `fence`). A joining member
+    // settled its epoch in the join check: it cannot be left out of one.
+    if !joining {
+        fencing
+            .probe(&net, plan.id, &peers)
+            .await
+            .map_err(ServeError::Fenced)?;
+    }
     let mut builder = Builder::new(plan.id, KvStore::new())
         .data_dir(&args.data_dir)
         .wal_options(raftwork::WalOptions {

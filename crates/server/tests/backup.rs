@@ -12,7 +12,7 @@ use std::process::Output;
 
 use base64::Engine as _;
 use common::members::*;
-use common::BIN;
+use common::raftwork;
 use serde_json::{json, Value};
 
 fn b64(s: &str) -> String {
@@ -20,13 +20,7 @@ fn b64(s: &str) -> String {
 }
 
 fn run(args: &[&str]) -> Output {
-    let mut cmd = std::process::Command::new(BIN);
-    for (k, _) in std::env::vars_os() {
-        if k.to_string_lossy().starts_with("RAFTWORK_") {
-            cmd.env_remove(k);
-        }
-    }
-    cmd.args(args).output().expect("run raftwork")
+    raftwork().args(args).output().expect("run raftwork")
 }
 
 fn text(o: &Output) -> String {

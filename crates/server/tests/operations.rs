@@ -2,24 +2,17 @@
 
 mod common;
 
-use std::process::Command;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
 use common::members::*;
-use common::BIN;
+use common::raftwork;
 
 /// One `raftwork kv put` (a write in a session, sent again to the next
 /// endpoint while its outcome is unknown): Ok, or what it printed.
 fn cli_put(endpoints: &str, key: &str, value: &str) -> Result<(), String> {
-    let mut cmd = Command::new(BIN);
-    for (k, _) in std::env::vars_os() {
-        if k.to_string_lossy().starts_with("RAFTWORK_") {
-            cmd.env_remove(k);
-        }
-    }
-    let out = cmd
+    let out = raftwork()
         .args(["kv", "put", key, value, "--endpoints", endpoints])
         .args(["--timeout-ms", "15000"])
         .output()
@@ -169,13 +162,7 @@ fn a_rolling_restart_under_write_load_fails_no_write() {
 }
 
 fn run_cli(args: &[&str]) -> std::process::Output {
-    let mut cmd = Command::new(BIN);
-    for (k, _) in std::env::vars_os() {
-        if k.to_string_lossy().starts_with("RAFTWORK_") {
-            cmd.env_remove(k);
-        }
-    }
-    cmd.args(args).output().expect("run raftwork")
+    raftwork().args(args).output().expect("run raftwork")
 }
 
 fn term_of(m: &Member) -> u64 {
