@@ -31,6 +31,7 @@
 pub mod frame;
 mod grpc;
 mod http;
+pub mod metrics;
 mod peer;
 mod snapshot;
 mod tcp;

@@ -551,6 +551,7 @@ impl Shared {
         };
         drop(peers);
         if !queued {
+            crate::metrics::send_failed(to);
             self.report_unreachable(group_id, to);
         }
     }
@@ -626,6 +627,7 @@ impl Shared {
         let node = self.id;
         let cfg = &self.config;
         let mut shutdown = self.shutdown.subscribe();
+        let metrics = crate::metrics::PeerIn::new(from);
         loop {
             let next = match first.take() {
                 Some(f) => Ok(Some(f)),
@@ -635,7 +637,10 @@ impl Shared {
                 },
             };
             let env = match next {
-                Ok(Some((kind, body))) => frame::decode_batch(kind, &body),
+                Ok(Some((kind, body))) => {
+                    metrics.bytes.increment(body.len() as u64);
+                    frame::decode_batch(kind, &body)
+                }
                 Ok(None) => return Ok(()),
                 Err(FrameError::Io(e)) if e.kind() == std::io::ErrorKind::UnexpectedEof => {
                     Err(FrameError::Malformed("connection closed mid-frame".into()))
@@ -649,6 +654,7 @@ impl Shared {
                     return Err(e.to_string());
                 }
             };
+            metrics.messages.increment(env.messages.len() as u64);
             if self.own_inbox.send(Inbound::Messages(env)).await.is_err() {
                 return Ok(());
             }
@@ -766,6 +772,7 @@ async fn peer_task(
     let mut backoff = cfg.backoff_min;
     let mut retry_at: Option<Instant> = None;
     let mut buf = Vec::new();
+    let metrics = crate::metrics::PeerOut::new(peer);
     loop {
         let first = tokio::select! {
             e = rx.recv() => match e {
@@ -781,7 +788,9 @@ async fn peer_task(
                 Err(_) => break,
             }
         }
+        metrics.queue.set(rx.len() as f64);
         let report_all = |batch: &[Envelope]| {
+            metrics.failures.increment(1);
             let mut groups: Vec<u64> = batch.iter().map(|e| e.group_id).collect();
             groups.sort_unstable();
             groups.dedup();
@@ -875,10 +884,17 @@ async fn peer_task(
             k = end;
         }
         let (s, _) = sink.as_mut().unwrap();
-        if let Err(e) = s.send(&buf).await {
-            tracing::debug!(node = shared.id, peer, error = %e, "connection to peer broke");
-            sink = None;
-            report_all(&batch);
+        match s.send(&buf).await {
+            Ok(()) => {
+                metrics.bytes.increment(buf.len() as u64);
+                let sent: usize = batch.iter().map(|e| e.messages.len()).sum();
+                metrics.messages.increment(sent as u64);
+            }
+            Err(e) => {
+                tracing::debug!(node = shared.id, peer, error = %e, "connection to peer broke");
+                sink = None;
+                report_all(&batch);
+            }
         }
     }
 }
@@ -907,6 +923,7 @@ fn start_snapshot_transfers(
             let addr = addr.to_string();
             tokio::spawn(async move {
                 let index = msg.get_snapshot().get_metadata().index;
+                let started = std::time::Instant::now();
                 let outcome = async {
                     let dial = shared.link.open_duplex(peer, &addr);
                     let mut stream = tokio::time::timeout(shared.config.connect_timeout, dial)
@@ -916,8 +933,11 @@ fn start_snapshot_transfers(
                     snapshot::send(&shared, store, &mut stream, group, peer, &msg).await
                 }
                 .await;
+                crate::metrics::snapshot_sent(&outcome, started.elapsed());
                 match &outcome {
-                    Ok(()) => tracing::info!(node = shared.id, peer, index, "snapshot sent"),
+                    Ok(size_bytes) => {
+                        tracing::info!(node = shared.id, peer, index, size_bytes, "snapshot sent")
+                    }
                     Err(reason) => {
                         tracing::warn!(node = shared.id, peer, index, %reason, "snapshot transfer failed")
                     }

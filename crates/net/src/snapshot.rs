@@ -170,7 +170,7 @@ pub(crate) async fn send<S: AsyncRead + AsyncWrite + Unpin>(
     group: u64,
     to: NodeId,
     msg: &Message,
-) -> Result<(), String> {
+) -> Result<u64, String> {
     let meta = msg.get_snapshot().get_metadata().clone();
     let mut opening = Vec::new();
     frame::encode_hello_at(&mut opening, shared.id, to, shared.epoch());
@@ -268,7 +268,7 @@ pub(crate) async fn send<S: AsyncRead + AsyncWrite + Unpin>(
     .await?;
     let result = read_kind(stream, frame::KIND_SNAP_RESULT, 64 << 10).await?;
     match result.first() {
-        Some(1) => Ok(()),
+        Some(1) => Ok(size_bytes),
         _ => Err(format!(
             "peer refused the snapshot: {}",
             String::from_utf8_lossy(result.get(1..).unwrap_or_default())

@@ -497,6 +497,7 @@ impl<SM: StateMachine, S: LogStore> Builder<SM, S> {
             applied_index,
             applied_term,
             events: applied_tx,
+            metrics: crate::metrics::ApplyMetrics::new(),
         };
         let (events, _) = broadcast::channel(1024);
         let (leader, _) = tokio::sync::watch::channel(None);
@@ -526,6 +527,7 @@ impl<SM: StateMachine, S: LogStore> Builder<SM, S> {
             register_nonces: 0,
             session_config: config.sessions,
             reads: HashMap::new(),
+            metrics: crate::metrics::LoopMetrics::new(),
             conf_changes: HashMap::new(),
             transfers: HashMap::new(),
             snapshot_replies: HashMap::new(),

@@ -52,6 +52,7 @@
 
 mod builder;
 mod logging;
+pub mod metrics;
 mod node;
 mod runtime;
 mod seed;

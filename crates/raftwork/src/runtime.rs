@@ -108,6 +108,7 @@ pub(crate) struct Applier<SM: StateMachine> {
     /// The term of the entry at `applied_index`.
     pub(crate) applied_term: u64,
     pub(crate) events: mpsc::UnboundedSender<ApplyEvent>,
+    pub(crate) metrics: crate::metrics::ApplyMetrics,
 }
 
 /// Runs the applier until the ready loop hangs up.
@@ -116,6 +117,7 @@ pub(crate) async fn apply_task<SM: StateMachine>(
     mut rx: mpsc::UnboundedReceiver<ApplyMsg<SM>>,
 ) {
     while let Some(msg) = rx.recv().await {
+        applier.metrics.queue.set(rx.len() as f64);
         // A panicking state machine stops the node with a reason, instead of
         // leaving a loop whose applies go nowhere.
         let handled =
@@ -145,6 +147,10 @@ impl<SM: StateMachine> Applier<SM> {
                     return Ok(());
                 };
                 let (index, term) = (last.index, last.term);
+                let started = std::time::Instant::now();
+                self.metrics
+                    .batch_entries
+                    .record(batch.entries.len() as f64);
                 apply_batch(
                     &mut self.sm,
                     &mut self.sessions,
@@ -152,6 +158,7 @@ impl<SM: StateMachine> Applier<SM> {
                     replies,
                     session_replies,
                 );
+                self.metrics.batch_duration.record(started.elapsed());
                 self.applied_index = index;
                 self.applied_term = term;
                 let _ = self.events.send(ApplyEvent::Applied(index));
@@ -161,7 +168,8 @@ impl<SM: StateMachine> Applier<SM> {
                     index: meta.index,
                     detail,
                 };
-                let (_, mut reader) = self
+                let started = std::time::Instant::now();
+                let (info, mut reader) = self
                     .snapshots
                     .open(meta.index)
                     .map_err(|e| restore_failed(format!("opening it: {e}")))?;
@@ -170,6 +178,8 @@ impl<SM: StateMachine> Applier<SM> {
                 self.sessions =
                     crate::session::restore(&mut self.sm, self.session_config, &mut reader)
                         .map_err(|e| restore_failed(e.to_string()))?;
+                self.metrics.restore.record(started.elapsed());
+                self.metrics.restore_size.record(info.size_bytes as f64);
                 self.applied_index = meta.index;
                 self.applied_term = meta.term;
                 let _ = self.events.send(ApplyEvent::Applied(meta.index));
@@ -203,10 +213,13 @@ impl<SM: StateMachine> Applier<SM> {
                 return Ok(latest);
             }
         }
+        let started = std::time::Instant::now();
         let mut writer = self.snapshots.create(metadata).map_err(|e| e.to_string())?;
         crate::session::write_snapshot(&self.sm, &self.sessions, &mut writer)
             .map_err(|e| e.to_string())?;
         let meta = writer.commit().map_err(|e| e.to_string())?;
+        self.metrics.save.record(started.elapsed());
+        self.metrics.save_size.record(meta.size_bytes as f64);
         tracing::info!(
             index = meta.metadata.index,
             size_bytes = meta.size_bytes,
@@ -373,7 +386,9 @@ pub(crate) struct ReadyLoop<SM: StateMachine, S: LogStore> {
     pub(crate) register_nonces: u64,
     /// The session limits this node's register entries carry.
     pub(crate) session_config: SessionConfig,
-    pub(crate) reads: HashMap<RequestId, ReadFn<SM>>,
+    /// Linearizable reads waiting for their read index, with their arrival.
+    pub(crate) reads: HashMap<RequestId, (std::time::Instant, ReadFn<SM>)>,
+    pub(crate) metrics: crate::metrics::LoopMetrics,
     pub(crate) conf_changes:
         HashMap<RequestId, oneshot::Sender<Result<ConfState, ConfChangeError>>>,
     pub(crate) transfers: HashMap<RequestId, oneshot::Sender<Result<(), TransferError>>>,
@@ -561,6 +576,9 @@ impl<SM: StateMachine, S: LogStore> ReadyLoop<SM, S> {
                 if self.core.tick_count().is_multiple_of(SESSION_SWEEP_TICKS) {
                     self.sweep_session_waiters();
                 }
+                let pending = self.proposals.len() + self.session_waiters.len();
+                self.metrics
+                    .sample(&self.core.status(), pending, self.requests.len());
                 Ok(())
             }
             Step::Closed => Err(Stopped::Shutdown),
@@ -668,6 +686,9 @@ impl<SM: StateMachine, S: LogStore> ReadyLoop<SM, S> {
                     {
                         continue;
                     }
+                    if m.get_msg_type() == MessageType::MsgHeartbeatResponse {
+                        self.metrics.heartbeat_answered(env.from);
+                    }
                     // A rejected message is counted and logged by the core.
                     let _ = self.core.handle_message(m);
                 }
@@ -758,11 +779,12 @@ impl<SM: StateMachine, S: LogStore> ReadyLoop<SM, S> {
                     self.proposals.insert(id, reply);
                 }
                 Err(e) => {
+                    self.metrics.failed.increment(1);
                     let _ = reply.send(Err(e));
                 }
             },
             Request::Read { read } => {
-                self.reads.insert(id, read);
+                self.reads.insert(id, (std::time::Instant::now(), read));
                 self.core.handle_read(id);
             }
             Request::StaleRead { read } => {
@@ -874,6 +896,7 @@ impl<SM: StateMachine, S: LogStore> ReadyLoop<SM, S> {
                     });
                 }
                 Action::ProposalFailed { id, error } => {
+                    self.metrics.failed.increment(1);
                     if let Some(reply) = self.proposals.remove(&id) {
                         let _ = reply.send(Err(error));
                     } else if let Some(key) = self.session_ids.remove(&id) {
@@ -883,12 +906,19 @@ impl<SM: StateMachine, S: LogStore> ReadyLoop<SM, S> {
                     }
                 }
                 Action::ReadReady { ids, .. } => {
-                    let reads: Vec<_> = ids.iter().filter_map(|id| self.reads.remove(id)).collect();
+                    let reads: Vec<_> = ids
+                        .iter()
+                        .filter_map(|id| self.reads.remove(id))
+                        .map(|(arrived, read)| {
+                            self.metrics.read_index.record(arrived.elapsed());
+                            read
+                        })
+                        .collect();
                     let _ = self.apply_tx.send(ApplyMsg::Reads(reads));
                 }
                 Action::ReadFailed { ids, error } => {
                     for id in ids {
-                        if let Some(read) = self.reads.remove(&id) {
+                        if let Some((_, read)) = self.reads.remove(&id) {
                             read(Err(error.clone()));
                         }
                     }
@@ -916,6 +946,7 @@ impl<SM: StateMachine, S: LogStore> ReadyLoop<SM, S> {
                 Action::Event(event) => {
                     if let NodeEvent::LeaderChanged { leader, term } = &event {
                         tracing::info!(node = self.core.id(), leader = ?leader, term, "leader changed");
+                        self.metrics.leader(self.core.id(), *leader);
                         self.publish_leader(*leader);
                         self.term
                             .fetch_max(*term, std::sync::atomic::Ordering::Relaxed);
@@ -935,6 +966,9 @@ impl<SM: StateMachine, S: LogStore> ReadyLoop<SM, S> {
         let mut per_peer: Vec<Envelope> = Vec::new();
         let streams = self.transport.streams_snapshots();
         for mut m in msgs {
+            if m.get_msg_type() == MessageType::MsgHeartbeat {
+                self.metrics.heartbeat_sent(m.to);
+            }
             if m.get_msg_type() == MessageType::MsgSnapshot
                 && !streams
                 && !self.fill_snapshot(&mut m)

@@ -254,6 +254,7 @@ pub fn router(node: Node<KvStore>, config: ApiConfig) -> Router {
         .route("/healthz", get(healthz))
         .route("/readyz", get(readyz))
         .route("/v1/status", get(status))
+        .route("/metrics", get(crate::telemetry::metrics_handler))
         .route("/cluster/nodes", get(cluster_nodes))
         .route("/cluster/members", axum::routing::post(add_member))
         .route(
@@ -293,6 +294,7 @@ pub fn router(node: Node<KvStore>, config: ApiConfig) -> Router {
         .layer(DefaultBodyLimit::disable())
         .with_state(state)
         .merge(etcd)
+        .layer(axum::middleware::from_fn(crate::telemetry::track))
 }
 
 /// An API error: a status code and a JSON body.

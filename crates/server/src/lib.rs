@@ -35,5 +35,6 @@ pub mod mvcc;
 pub mod notify;
 pub mod recover;
 pub mod serve;
+pub mod telemetry;
 pub mod tls;
 pub mod wal;

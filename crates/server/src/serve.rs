@@ -674,6 +674,9 @@ pub enum ServeError {
     /// The peer TLS files cannot be used.
     #[error("peer TLS: {0}")]
     PeerTls(String),
+    /// The metrics recorder could not be installed.
+    #[error("metrics: {0}")]
+    Metrics(String),
     /// The API's TLS files cannot be used.
     #[error("API TLS: {0}")]
     ClientTls(String),
@@ -890,6 +893,8 @@ pub async fn run(args: Settings, plan: ClusterPlan) -> Result<(), ServeError> {
             .await
             .map_err(ServeError::Fenced)?;
     }
+    // Before the node starts: it makes its metric handles as it starts.
+    crate::telemetry::install().map_err(ServeError::Metrics)?;
     let mut builder = Builder::new(plan.id, KvStore::new())
         .data_dir(&args.data_dir)
         .wal_options(raftwork::WalOptions {

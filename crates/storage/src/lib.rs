@@ -28,6 +28,7 @@ mod error;
 mod file_snapshot;
 pub mod fs;
 mod mem_log;
+pub mod metrics;
 mod snapshot;
 mod wal;
 

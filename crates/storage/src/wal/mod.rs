@@ -219,6 +219,7 @@ struct Shared {
     _lock: Box<dyn std::any::Any + Send + Sync>,
     /// Where the segments live: the real file system, or the simulator's.
     fs: Arc<dyn FileSystem>,
+    metrics: crate::metrics::WalMetrics,
 }
 
 struct Segment {
@@ -921,7 +922,12 @@ impl Wal {
             failed: AtomicBool::new(false),
             _lock: lock,
             fs,
+            metrics: crate::metrics::WalMetrics::new(),
         });
+        shared.metrics.set_segments(
+            shared.state.read().unwrap().segments.len(),
+            shared.options.segment_size_bytes,
+        );
         let thread = if threaded {
             let for_thread = Wal {
                 shared: shared.clone(),
@@ -1175,9 +1181,12 @@ impl Wal {
         }
         assert!(w.offset + len <= u32::MAX as u64, "segment offset overflow");
         let path = || self.shared.dir.join(format::segment_name(w.seq));
+        let started = std::time::Instant::now();
         w.file
             .write_all_at(buf, w.offset)
             .map_err(|e| self.fail(io_err(&path(), e)))?;
+        self.shared.metrics.append.record(started.elapsed());
+        self.shared.metrics.write_bytes.increment(len);
         let at = w.offset;
         w.offset += len;
         Ok((w.seq, at))
@@ -1187,9 +1196,11 @@ impl Wal {
     /// ever have a torn tail) and opens the next one with a checkpoint.
     fn rotate(&self, w: &mut Writer) -> Result<(), StorageError> {
         let old_path = self.shared.dir.join(format::segment_name(w.seq));
+        let started = std::time::Instant::now();
         w.file
             .sync_data()
             .map_err(|e| self.fail(io_err(&old_path, e)))?;
+        self.shared.metrics.fsync.record(started.elapsed());
         let seq = w.seq + 1;
         let (file, path) = create_segment(
             &*self.shared.fs,
@@ -1229,6 +1240,9 @@ impl Wal {
                     max_entry_index: 0,
                 },
             );
+            self.shared
+                .metrics
+                .set_segments(st.segments.len(), self.shared.options.segment_size_bytes);
         }
         file.write_all_at(&checkpoint, format::SEGMENT_HEADER_BYTES)
             .map_err(|e| self.fail(io_err(&path, e)))?;
@@ -1664,10 +1678,12 @@ impl LogStore for Wal {
                 w.written.compacted_index + 1,
             )
         };
+        let started = std::time::Instant::now();
         if let Err(e) = file.sync_data() {
             let path = self.shared.dir.join(format::segment_name(seq));
             return Err(self.fail(io_err(&path, e)));
         }
+        self.shared.metrics.fsync.record(started.elapsed());
         let mut w = self.shared.writer.lock().unwrap();
         self.mark_synced(&mut w, seq, end)?;
         // Older segments were synced when they were closed. Every segment
@@ -1683,6 +1699,9 @@ impl LogStore for Wal {
                 doomed.push(seg.path.clone());
                 st.segments.pop_first();
             }
+            self.shared
+                .metrics
+                .set_segments(st.segments.len(), self.shared.options.segment_size_bytes);
             doomed
         };
         drop(w);

@@ -1,0 +1,171 @@
+//! `GET /metrics`: the Prometheus recorder, process metrics, and request
+//! metrics of the API.
+//!
+//! The library records through the `metrics` facade
+//! ([`raftwork::metrics`]); the server installs Prometheus's recorder as the
+//! process's global recorder, once, before the node starts (handles made
+//! before that would be no-ops), with every histogram's buckets taken from
+//! the library's catalogue, so histograms are exposed as real Prometheus
+//! histograms (`_bucket`, `_sum`, `_count`), never as summaries.
+//!
+//! Each scrape samples the process metrics (`process_cpu_seconds_total`,
+//! `process_resident_memory_bytes`, `process_open_fds`, …, from
+//! `/proc/self`) and renders the text format. A background task runs the
+//! recorder's upkeep (draining histogram samples) every 5 s so memory stays
+//! flat between scrapes.
+//!
+//! Request metrics, for every route of the API (REST, etcd gRPC and its
+//! JSON gateway):
+//! - `raftwork_http_requests_total{route, method, status}`
+//! - `raftwork_http_request_duration_seconds{route, method}`: from the
+//!   request's arrival to its response head (a streaming response, such as
+//!   a watch, counts until its head).
+//!
+//! `route` is the matched route template (`/v1/kv/{*key}`, not the key), so
+//! the number of series stays bounded; an unmatched path is `unmatched`. A
+//! gRPC call's route is its method's path (`/etcdserverpb.KV/Put`), bounded
+//! by the services' methods: a call the service does not implement is
+//! counted under the service's template.
+//! A gRPC call's `status` is its `grpc-status` when the response head
+//! carries one (an error answered at once) and `0` otherwise (success, or an
+//! error that only its trailers name).
+
+use std::sync::OnceLock;
+use std::time::{Duration, Instant};
+
+use axum::extract::{MatchedPath, Request};
+use axum::http::{header, HeaderValue, StatusCode};
+use axum::middleware::Next;
+use axum::response::{IntoResponse, Response};
+use metrics_exporter_prometheus::{Matcher, PrometheusBuilder, PrometheusHandle};
+use raftwork::metrics::{MetricDef, MetricKind, FAST_SECONDS_BUCKETS};
+
+/// `raftwork_http_requests_total{route, method, status}`.
+pub const HTTP_REQUESTS: MetricDef = MetricDef {
+    name: "raftwork_http_requests_total",
+    kind: MetricKind::Counter,
+    help: "API requests answered, by route template, method and status.",
+    labels: &["route", "method", "status"],
+    buckets: &[],
+};
+
+/// `raftwork_http_request_duration_seconds{route, method}`.
+pub const HTTP_DURATION: MetricDef = MetricDef {
+    name: "raftwork_http_request_duration_seconds",
+    kind: MetricKind::Histogram,
+    help: "Time from an API request's arrival to its response head, by route template and method.",
+    labels: &["route", "method"],
+    buckets: FAST_SECONDS_BUCKETS,
+};
+
+/// The server's own metrics.
+pub const SERVER: &[MetricDef] = &[HTTP_REQUESTS, HTTP_DURATION];
+
+struct Installed {
+    handle: PrometheusHandle,
+    process: metrics_process::Collector,
+}
+
+static INSTALLED: OnceLock<Result<Installed, String>> = OnceLock::new();
+
+/// Installs the Prometheus recorder as the global recorder, once per
+/// process (later calls return the first outcome). Call before building
+/// the node.
+pub fn install() -> Result<(), String> {
+    let outcome = INSTALLED.get_or_init(|| {
+        let mut builder = PrometheusBuilder::new();
+        for d in raftwork::metrics::catalogue().chain(SERVER) {
+            if d.kind == MetricKind::Histogram {
+                builder = builder
+                    .set_buckets_for_metric(Matcher::Full(d.name.to_string()), d.buckets)
+                    .map_err(|e| format!("{}: {e}", d.name))?;
+            }
+        }
+        let handle = builder
+            .install_recorder()
+            .map_err(|e| format!("cannot install the metrics recorder: {e}"))?;
+        raftwork::metrics::describe();
+        for d in SERVER {
+            match d.kind {
+                MetricKind::Counter => metrics::describe_counter!(d.name, d.help),
+                MetricKind::Gauge => metrics::describe_gauge!(d.name, d.help),
+                MetricKind::Histogram => {
+                    metrics::describe_histogram!(d.name, metrics::Unit::Seconds, d.help)
+                }
+            }
+        }
+        let process = metrics_process::Collector::default();
+        process.describe();
+        let upkeep = handle.clone();
+        std::thread::Builder::new()
+            .name("raftwork-metrics-upkeep".into())
+            .spawn(move || loop {
+                std::thread::sleep(Duration::from_secs(5));
+                upkeep.run_upkeep();
+            })
+            .map_err(|e| format!("cannot start the metrics upkeep thread: {e}"))?;
+        Ok(Installed { handle, process })
+    });
+    outcome.as_ref().map(|_| ()).map_err(Clone::clone)
+}
+
+/// The text exposition of every metric, process metrics sampled now;
+/// `None` if no recorder is installed.
+pub fn render() -> Option<String> {
+    let installed = INSTALLED.get()?.as_ref().ok()?;
+    installed.process.collect();
+    Some(installed.handle.render())
+}
+
+/// `GET /metrics`.
+pub async fn metrics_handler() -> Response {
+    match render() {
+        Some(text) => (
+            [(
+                header::CONTENT_TYPE,
+                HeaderValue::from_static("text/plain; version=0.0.4; charset=utf-8"),
+            )],
+            text,
+        )
+            .into_response(),
+        None => (
+            StatusCode::SERVICE_UNAVAILABLE,
+            "metrics are not enabled in this process\n",
+        )
+            .into_response(),
+    }
+}
+
+/// Middleware: counts and times every request by route template.
+pub async fn track(request: Request, next: Next) -> Response {
+    let started = Instant::now();
+    let mut route = request
+        .extensions()
+        .get::<MatchedPath>()
+        .map_or_else(|| "unmatched".to_string(), |p| p.as_str().to_string());
+    let method = request.method().as_str().to_string();
+    let path = request.uri().path().to_string();
+    let response = next.run(request).await;
+    let status = match response.headers().get("grpc-status") {
+        Some(code) => code.to_str().unwrap_or("?").to_string(),
+        None if is_grpc(&response) => "0".to_string(),
+        None => response.status().as_u16().to_string(),
+    };
+    // tonic answers an unknown method with grpc-status 12 (Unimplemented).
+    if is_grpc(&response) && route.ends_with("/{*rpc}") && status != "12" {
+        route = path;
+    }
+    metrics::histogram!(HTTP_DURATION.name, "route" => route.clone(), "method" => method.clone())
+        .record(started.elapsed());
+    metrics::counter!(HTTP_REQUESTS.name, "route" => route, "method" => method, "status" => status)
+        .increment(1);
+    response
+}
+
+fn is_grpc(response: &Response) -> bool {
+    response
+        .headers()
+        .get(header::CONTENT_TYPE)
+        .and_then(|v| v.to_str().ok())
+        .is_some_and(|v| v.starts_with("application/grpc"))
+}
