@@ -570,6 +570,11 @@ impl<S: LogStore> Core<S> {
         }
     }
 
+    /// Last index in raft's log (staged entries included).
+    pub fn last_index(&self) -> u64 {
+        self.raw.raft.raft_log.last_index()
+    }
+
     /// Ticks elapsed since start (the core's only notion of time).
     pub fn tick_count(&self) -> u64 {
         self.tick_count

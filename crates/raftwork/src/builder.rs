@@ -485,7 +485,7 @@ impl<SM: StateMachine, S: LogStore> Builder<SM, S> {
             let (mode, handle) = spawn_sync_worker(store.clone());
             (mode, Some(handle))
         };
-        let core = Core::new(config.core.clone(), store, &raft_logger(id))?;
+        let core = Core::new(config.core.clone(), store, &raft_logger())?;
         let (requests_tx, requests_rx) = mpsc::channel(config.request_queue_capacity);
         let (apply_tx, apply_rx) = mpsc::unbounded_channel();
         let (applied_tx, applied_rx) = mpsc::unbounded_channel();
@@ -522,6 +522,7 @@ impl<SM: StateMachine, S: LogStore> Builder<SM, S> {
             sync,
             next_request_id: 1,
             proposals: HashMap::new(),
+            proposal_spans: HashMap::new(),
             session_waiters: HashMap::new(),
             session_ids: HashMap::new(),
             register_nonces: 0,

@@ -156,6 +156,9 @@ pub(crate) enum Request<SM: StateMachine> {
     Propose {
         command: Vec<u8>,
         reply: ProposeReply<SM>,
+        /// The proposal's span (disabled unless `raftwork::propose` is
+        /// traced at debug level).
+        span: tracing::Span,
     },
     ProposeSession(SessionProposal<SM>),
     Read {
@@ -241,12 +244,36 @@ impl<SM: StateMachine> Node<SM> {
     ) -> Result<(u64, SM::Response), ProposeError> {
         let (reply, rx) = oneshot::channel();
         let command = command.into();
-        if !self.request(Request::Propose { command, reply }).await {
+        // A child of the caller's span (an API request's, in the server);
+        // the ready loop records the log index in it and marks each step.
+        let span = tracing::debug_span!(
+            target: "raftwork::propose",
+            "propose",
+            bytes = command.len(),
+            index = tracing::field::Empty
+        );
+        let request = Request::Propose {
+            command,
+            reply,
+            span: span.clone(),
+        };
+        if !self.request(request).await {
             return Err(ProposeError::Shutdown);
         }
         // The core times proposals out in ticks (`propose_timeout_ticks`), so
         // no timer per proposal here.
-        rx.await.unwrap_or(Err(ProposeError::Shutdown))
+        let outcome = rx.await.unwrap_or(Err(ProposeError::Shutdown));
+        if !span.is_disabled() {
+            match &outcome {
+                Ok((index, _)) => {
+                    tracing::debug!(target: "raftwork::propose", parent: &span, index, "applied; replying")
+                }
+                Err(e) => {
+                    tracing::debug!(target: "raftwork::propose", parent: &span, error = %e, "failed; replying")
+                }
+            }
+        }
+        outcome
     }
 
     /// Registers a client session and returns a handle that proposes

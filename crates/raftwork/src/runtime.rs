@@ -151,6 +151,14 @@ impl<SM: StateMachine> Applier<SM> {
                 self.metrics
                     .batch_entries
                     .record(batch.entries.len() as f64);
+                let _span = tracing::debug_span!(
+                    target: "raftwork::apply",
+                    "apply_batch",
+                    first_index = batch.entries[0].index,
+                    last_index = index,
+                    entries = batch.entries.len()
+                )
+                .entered();
                 apply_batch(
                     &mut self.sm,
                     &mut self.sessions,
@@ -377,6 +385,9 @@ pub(crate) struct ReadyLoop<SM: StateMachine, S: LogStore> {
     pub(crate) sync: SyncMode,
     pub(crate) next_request_id: RequestId,
     pub(crate) proposals: HashMap<RequestId, ProposeReply<SM>>,
+    /// Spans of the proposals being traced (none unless `raftwork::propose`
+    /// is enabled at debug level).
+    pub(crate) proposal_spans: HashMap<RequestId, tracing::Span>,
     /// Session requests by the key their entry is recognised by.
     pub(crate) session_waiters: HashMap<SessionKey, SessionWaiter<SM>>,
     /// Session requests this node proposed as leader, for the core's
@@ -448,6 +459,12 @@ pub(crate) fn spawn_sync_worker<S: LogStore>(store: S) -> (SyncMode, std::thread
                     must_sync |= m;
                 }
                 if must_sync {
+                    let _span = tracing::debug_span!(
+                        target: "raftwork::persist",
+                        "wal_sync",
+                        up_to_ready = number
+                    )
+                    .entered();
                     if let Err(e) = store.sync() {
                         let _ = done_tx.send(Err(e.to_string()));
                         return;
@@ -564,6 +581,7 @@ impl<SM: StateMachine, S: LogStore> ReadyLoop<SM, S> {
                 message: "the apply task ended".into(),
             })),
             Step::Persisted(Ok(n)) => {
+                tracing::debug!(target: "raftwork::persist", ready = n, "persisted");
                 self.core.handle_persisted(n);
                 Ok(())
             }
@@ -774,9 +792,17 @@ impl<SM: StateMachine, S: LogStore> ReadyLoop<SM, S> {
         self.next_request_id += 1;
         match request {
             Request::ProposeSession(proposal) => self.propose_session(id, proposal),
-            Request::Propose { command, reply } => match self.core.handle_propose(id, command) {
+            Request::Propose {
+                command,
+                reply,
+                span,
+            } => match self.core.handle_propose(id, command) {
                 Ok(()) => {
                     self.proposals.insert(id, reply);
+                    if !span.is_disabled() {
+                        tracing::debug!(target: "raftwork::propose", parent: &span, "proposed to raft");
+                        self.proposal_spans.insert(id, span);
+                    }
                 }
                 Err(e) => {
                     self.metrics.failed.increment(1);
@@ -869,12 +895,16 @@ impl<SM: StateMachine, S: LogStore> ReadyLoop<SM, S> {
         for action in actions {
             match action {
                 Action::Send(msgs) => self.send(msgs),
-                Action::Persist { number, must_sync } => match &self.sync {
-                    SyncMode::Inline => persisted_inline = Some(number),
-                    SyncMode::Worker { jobs, .. } => {
-                        let _ = jobs.send((number, must_sync));
+                Action::Persist { number, must_sync } => {
+                    tracing::debug!(target: "raftwork::persist", ready = number, must_sync,
+                        up_to_index = self.core.last_index(), "log changes staged; persisting");
+                    match &self.sync {
+                        SyncMode::Inline => persisted_inline = Some(number),
+                        SyncMode::Worker { jobs, .. } => {
+                            let _ = jobs.send((number, must_sync));
+                        }
                     }
-                },
+                }
                 Action::RestoreSnapshot(snap) => {
                     let meta = snap.get_metadata().clone();
                     let _ = self.apply_tx.send(ApplyMsg::Restore(meta));
@@ -883,6 +913,15 @@ impl<SM: StateMachine, S: LogStore> ReadyLoop<SM, S> {
                     let _ = self.apply_tx.send(ApplyMsg::TakeSnapshot { metadata, id });
                 }
                 Action::Apply(batch) => {
+                    if !self.proposal_spans.is_empty() {
+                        for (index, id) in &batch.proposals {
+                            if let Some(span) = self.proposal_spans.remove(id) {
+                                span.record("index", index);
+                                tracing::debug!(target: "raftwork::propose", parent: &span, index,
+                                    "committed; handed to the apply task");
+                            }
+                        }
+                    }
                     let replies = batch
                         .proposals
                         .iter()
@@ -897,6 +936,7 @@ impl<SM: StateMachine, S: LogStore> ReadyLoop<SM, S> {
                 }
                 Action::ProposalFailed { id, error } => {
                     self.metrics.failed.increment(1);
+                    self.proposal_spans.remove(&id);
                     if let Some(reply) = self.proposals.remove(&id) {
                         let _ = reply.send(Err(error));
                     } else if let Some(key) = self.session_ids.remove(&id) {
@@ -983,6 +1023,17 @@ impl<SM: StateMachine, S: LogStore> ReadyLoop<SM, S> {
                     to: m.to,
                     messages: vec![m],
                 }),
+            }
+        }
+        if tracing::enabled!(target: "raftwork::replicate", tracing::Level::DEBUG) {
+            for env in &per_peer {
+                for m in &env.messages {
+                    if let (Some(first), Some(last)) = (m.entries.first(), m.entries.last()) {
+                        tracing::debug!(target: "raftwork::replicate", to = env.to,
+                            first_index = first.index, last_index = last.index,
+                            commit = m.commit, "append sent");
+                    }
+                }
             }
         }
         for env in per_peer {

@@ -14,6 +14,10 @@
 //! recorder's upkeep (draining histogram samples) every 5 s so memory stays
 //! flat between scrapes.
 //!
+//! Every request also gets a `request` span and, when it is answered, a
+//! log line, both at debug level under target `raftwork::request` (so
+//! `--log-level info,raftwork::request=debug` logs every request).
+//!
 //! Request metrics, for every route of the API (REST, etcd gRPC and its
 //! JSON gateway):
 //! - `raftwork_http_requests_total{route, method, status}`
@@ -39,6 +43,7 @@ use axum::middleware::Next;
 use axum::response::{IntoResponse, Response};
 use metrics_exporter_prometheus::{Matcher, PrometheusBuilder, PrometheusHandle};
 use raftwork::metrics::{MetricDef, MetricKind, FAST_SECONDS_BUCKETS};
+use tracing::Instrument;
 
 /// `raftwork_http_requests_total{route, method, status}`.
 pub const HTTP_REQUESTS: MetricDef = MetricDef {
@@ -145,7 +150,11 @@ pub async fn track(request: Request, next: Next) -> Response {
         .map_or_else(|| "unmatched".to_string(), |p| p.as_str().to_string());
     let method = request.method().as_str().to_string();
     let path = request.uri().path().to_string();
-    let response = next.run(request).await;
+    // The request's span: a proposal it makes is a child of it (see
+    // `raftwork::Node::propose`), so one request is followed to its log
+    // index, the WAL sync and the apply that answered it.
+    let span = tracing::debug_span!(target: "raftwork::request", "request", %method, route = %route, %path);
+    let response = next.run(request).instrument(span.clone()).await;
     let status = match response.headers().get("grpc-status") {
         Some(code) => code.to_str().unwrap_or("?").to_string(),
         None if is_grpc(&response) => "0".to_string(),
@@ -153,10 +162,13 @@ pub async fn track(request: Request, next: Next) -> Response {
     };
     // tonic answers an unknown method with grpc-status 12 (Unimplemented).
     if is_grpc(&response) && route.ends_with("/{*rpc}") && status != "12" {
-        route = path;
+        route = path.clone();
     }
+    let elapsed = started.elapsed();
+    tracing::debug!(target: "raftwork::request", parent: &span, %method, %route, %path, %status,
+        duration_us = elapsed.as_micros() as u64, "request");
     metrics::histogram!(HTTP_DURATION.name, "route" => route.clone(), "method" => method.clone())
-        .record(started.elapsed());
+        .record(elapsed);
     metrics::counter!(HTTP_REQUESTS.name, "route" => route, "method" => method, "status" => status)
         .increment(1);
     response
