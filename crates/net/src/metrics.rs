@@ -4,7 +4,7 @@
 //! Every transport (TCP, HTTP, gRPC) records the same series: they share
 //! the peer task and the inbound batch loop.
 
-use metrics::{counter, gauge, histogram, Counter, Gauge};
+use metrics::{counter, gauge, histogram, Counter, Gauge, Histogram};
 use raftwork_storage::metrics::{MetricDef, MetricKind, SIZE_BYTES_BUCKETS, SLOW_SECONDS_BUCKETS};
 use raftwork_transport::NodeId;
 
@@ -150,13 +150,31 @@ impl PeerIn {
     }
 }
 
-/// A snapshot transfer's outcome.
-pub(crate) fn snapshot_sent(outcome: &Result<u64, String>, elapsed: std::time::Duration) {
-    match outcome {
-        Ok(size_bytes) => {
-            histogram!(SNAPSHOT_SEND.name).record(elapsed);
-            histogram!(SNAPSHOT_SEND_SIZE.name).record(*size_bytes as f64);
+/// The snapshot-transfer handles, made when the transport starts (so the
+/// series are exposed, at zero, before the first transfer).
+pub(crate) struct SnapshotSends {
+    duration: Histogram,
+    size: Histogram,
+    failures: Counter,
+}
+
+impl SnapshotSends {
+    pub(crate) fn new() -> Self {
+        Self {
+            duration: histogram!(SNAPSHOT_SEND.name),
+            size: histogram!(SNAPSHOT_SEND_SIZE.name),
+            failures: counter!(SNAPSHOT_SEND_FAILURES.name),
         }
-        Err(_) => counter!(SNAPSHOT_SEND_FAILURES.name).increment(1),
+    }
+
+    /// A transfer's outcome (its data size if it succeeded).
+    pub(crate) fn record(&self, outcome: &Result<u64, String>, elapsed: std::time::Duration) {
+        match outcome {
+            Ok(size_bytes) => {
+                self.duration.record(elapsed);
+                self.size.record(*size_bytes as f64);
+            }
+            Err(_) => self.failures.increment(1),
+        }
     }
 }

@@ -305,6 +305,7 @@ pub(crate) struct Shared {
     pub(crate) shutdown: watch::Sender<bool>,
     runtime: tokio::runtime::Handle,
     link: Arc<dyn Link>,
+    pub(crate) snapshot_metrics: crate::metrics::SnapshotSends,
 }
 
 impl Shared {
@@ -326,6 +327,7 @@ impl Shared {
             shutdown: watch::channel(false).0,
             runtime: tokio::runtime::Handle::current(),
             link,
+            snapshot_metrics: crate::metrics::SnapshotSends::new(),
         })
     }
 
@@ -933,7 +935,7 @@ fn start_snapshot_transfers(
                     snapshot::send(&shared, store, &mut stream, group, peer, &msg).await
                 }
                 .await;
-                crate::metrics::snapshot_sent(&outcome, started.elapsed());
+                shared.snapshot_metrics.record(&outcome, started.elapsed());
                 match &outcome {
                     Ok(size_bytes) => {
                         tracing::info!(node = shared.id, peer, index, size_bytes, "snapshot sent")

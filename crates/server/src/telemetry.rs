@@ -181,3 +181,47 @@ fn is_grpc(response: &Response) -> bool {
         .and_then(|v| v.to_str().ok())
         .is_some_and(|v| v.starts_with("application/grpc"))
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The exposition of a histogram recorded through the library's
+    /// handles: Prometheus histogram lines with the catalogue's buckets, in
+    /// seconds, cumulative, `+Inf` equal to the count.
+    #[test]
+    fn histograms_render_with_the_catalogues_buckets() {
+        install().unwrap();
+        install().unwrap(); // once per process; a second call is a no-op
+        let bounds = raftwork::metrics::FSYNC_SECONDS_BUCKETS;
+        let h = metrics::histogram!("raftwork_disk_wal_fsync_duration_seconds");
+        h.record(Duration::from_micros(150)); // in (0.0001, 0.0002]
+        h.record(Duration::from_secs(60)); // past the last bound
+        let text = render().unwrap();
+        let family = "raftwork_disk_wal_fsync_duration_seconds";
+        assert!(
+            text.contains(&format!("# TYPE {family} histogram")),
+            "{text}"
+        );
+        let bucket = |le: &str| -> f64 {
+            let prefix = format!("{family}_bucket{{le=\"{le}\"}} ");
+            let line = text
+                .lines()
+                .find(|l| l.starts_with(&prefix))
+                .unwrap_or_else(|| panic!("no {prefix}in {text}"));
+            line[prefix.len()..].parse().unwrap()
+        };
+        assert_eq!(bucket("0.0001"), 0.0);
+        assert_eq!(bucket("0.0002"), 1.0);
+        assert_eq!(bucket("13.1072"), 1.0);
+        assert_eq!(bucket("+Inf"), 2.0);
+        let buckets = text
+            .lines()
+            .filter(|l| l.starts_with(&format!("{family}_bucket")))
+            .count();
+        assert_eq!(buckets, bounds.len() + 1, "{text}");
+        assert!(text.contains(&format!("{family}_count 2")), "{text}");
+        // Process metrics are sampled at each render.
+        assert!(text.contains("process_resident_memory_bytes "), "{text}");
+    }
+}
