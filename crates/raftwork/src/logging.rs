@@ -118,15 +118,15 @@ macro_rules! emit {
         let kv = (!f.rest.is_empty()).then_some(f.rest.as_str());
         let msg_type = f.msg_type.as_deref();
         macro_rules! at {
-                            ($lvl:expr) => {
-                                tracing::event!(target: "raft", $lvl,
-                                    raft_id = f.raft_id, term = f.term, index = f.index,
-                                    from = f.from, to = f.to, commit = f.commit, vote = f.vote,
-                                    last_index = f.last_index, last_term = f.last_term,
-                                    log_index = f.log_index, log_term = f.log_term,
-                                    msg_type, raft_kv = kv, "{}", $msg)
-                            };
-                        }
+                                ($lvl:expr) => {
+                                    tracing::event!(target: "raft", $lvl,
+                                        raft_id = f.raft_id, term = f.term, index = f.index,
+                                        from = f.from, to = f.to, commit = f.commit, vote = f.vote,
+                                        last_index = f.last_index, last_term = f.last_term,
+                                        log_index = f.log_index, log_term = f.log_term,
+                                        msg_type, raft_kv = kv, "{}", $msg)
+                                };
+                            }
         match $level {
             tracing::Level::ERROR => at!(tracing::Level::ERROR),
             tracing::Level::WARN => at!(tracing::Level::WARN),

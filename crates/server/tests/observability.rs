@@ -30,12 +30,15 @@ use common::members::*;
 use raftwork::metrics::MetricKind;
 use serde_json::Value;
 
+/// A sample's labels, `(name, value)` in the order printed.
+type Labels = Vec<(String, String)>;
+
 /// One exposition, parsed: `# TYPE` per family and every sample.
 #[derive(Debug, Default)]
 struct Exposition {
     types: BTreeMap<String, String>,
     /// (name, labels as `k="v"` pairs in order, value).
-    samples: Vec<(String, Vec<(String, String)>, f64)>,
+    samples: Vec<(String, Labels, f64)>,
 }
 
 impl Exposition {
@@ -125,7 +128,7 @@ impl Exposition {
                 .get(family.as_str())
                 .unwrap_or_else(|| panic!("histogram {family} is not in the catalogue"));
             // Group the buckets by their other labels.
-            let mut groups: BTreeMap<Vec<(String, String)>, Vec<(String, f64)>> = BTreeMap::new();
+            let mut groups: BTreeMap<Labels, Vec<(String, f64)>> = BTreeMap::new();
             for (labels, v) in self.series(&format!("{family}_bucket")) {
                 let le = labels
                     .iter()
@@ -259,7 +262,7 @@ fn spawn_load(apis: Vec<SocketAddr>, stop: Arc<AtomicBool>) -> std::thread::Join
                 ok += 1;
             }
             // A linearizable read now and then: ReadIndex.
-            if i % 10 == 0 {
+            if i.is_multiple_of(10) {
                 let _ = request(api, "GET", &path, b"");
             }
             i += 1;
