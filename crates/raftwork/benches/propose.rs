@@ -11,7 +11,10 @@
 //! `BENCH_CLIENTS` (default `1,64,256,1024`), `BENCH_SIZES` in bytes
 //! (default `0,256`), `BENCH_WORKERS` tokio worker threads (default 2),
 //! `BENCH_SESSIONS` (default `0`; `0,1` runs every point also with each
-//! client proposing through an exactly-once session of its own).
+//! client proposing through an exactly-once session of its own),
+//! `BENCH_METRICS` (default `0`; `1` installs Prometheus's recorder first,
+//! as the server does, so every metric is recorded: compare two runs for
+//! the cost of metrics).
 
 use std::io::{Read, Write};
 use std::time::{Duration, Instant};
@@ -166,6 +169,26 @@ fn main() {
         .ok()
         .and_then(|s| s.parse().ok())
         .unwrap_or(2);
+    let metrics = std::env::var("BENCH_METRICS").is_ok_and(|v| v == "1");
+    if metrics {
+        let mut builder = metrics_exporter_prometheus::PrometheusBuilder::new();
+        for d in raftwork::metrics::catalogue() {
+            if !d.buckets.is_empty() {
+                builder = builder
+                    .set_buckets_for_metric(
+                        metrics_exporter_prometheus::Matcher::Full(d.name.into()),
+                        d.buckets,
+                    )
+                    .unwrap();
+            }
+        }
+        let handle = builder.install_recorder().unwrap();
+        // Upkeep as the server runs it, so histogram samples are drained.
+        std::thread::spawn(move || loop {
+            std::thread::sleep(Duration::from_secs(5));
+            handle.run_upkeep();
+        });
+    }
     let rt = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(workers)
         .enable_all()
@@ -173,8 +196,8 @@ fn main() {
         .unwrap();
     rt.block_on(async {
         println!(
-            "raftwork propose benchmark: 3 nodes in one process, in-memory log and network, {} tokio workers, {}s per point",
-            workers, secs
+            "raftwork propose benchmark: 3 nodes in one process, in-memory log and network, {} tokio workers, {}s per point, metrics {}",
+            workers, secs, if metrics { "recorded (Prometheus recorder)" } else { "off (no recorder)" }
         );
         println!(
             "{:>8} {:>8} {:>10} {:>12} {:>10} {:>10}",

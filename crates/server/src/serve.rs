@@ -180,6 +180,10 @@ pub struct ServeArgs {
     /// transfer leadership (needs --client-cert-auth) [default: anyone].
     #[arg(long, env = "RAFTWORK_ADMIN_IDENTITIES", value_delimiter = ',', value_parser = parse_name)]
     pub admin_identities: Vec<String>,
+    /// Record no metrics: GET /metrics answers 503 (for measuring what
+    /// metrics cost; they are on by default).
+    #[arg(long, env = "RAFTWORK_NO_METRICS")]
+    pub no_metrics: bool,
     /// Size of each WAL segment file, in bytes (65536 to 2147483648); a
     /// segment is closed (fdatasynced) and the next preallocated when a
     /// write would cross it. Small segments exercise rotation in tests
@@ -248,6 +252,7 @@ struct FileConfig {
     trusted_ca_file: Option<PathBuf>,
     client_cert_auth: Option<bool>,
     admin_identities: Option<Vec<String>>,
+    no_metrics: Option<bool>,
     wal_segment_bytes: Option<u64>,
     session_ttl_ms: Option<u64>,
     max_sessions: Option<u64>,
@@ -359,6 +364,8 @@ pub struct Settings {
     pub client_cert_auth: bool,
     /// Who may change membership and move leadership (empty: anyone).
     pub admin_identities: Vec<String>,
+    /// Whether to install the metrics recorder (`--no-metrics` turns it off).
+    pub metrics: bool,
     /// WAL segment size in bytes.
     pub wal_segment_bytes: u64,
     /// Client sessions' TTL and limit.
@@ -518,6 +525,7 @@ impl ServeArgs {
             client_tls,
             client_cert_auth,
             admin_identities,
+            metrics: !(self.no_metrics || file.no_metrics.unwrap_or(false)),
             advertise_peer_addr,
             advertise_api_addr,
             initial_cluster,
@@ -894,7 +902,9 @@ pub async fn run(args: Settings, plan: ClusterPlan) -> Result<(), ServeError> {
             .map_err(ServeError::Fenced)?;
     }
     // Before the node starts: it makes its metric handles as it starts.
-    crate::telemetry::install().map_err(ServeError::Metrics)?;
+    if args.metrics {
+        crate::telemetry::install().map_err(ServeError::Metrics)?;
+    }
     let mut builder = Builder::new(plan.id, KvStore::new())
         .data_dir(&args.data_dir)
         .wal_options(raftwork::WalOptions {

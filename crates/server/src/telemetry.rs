@@ -34,13 +34,15 @@
 //! carries one (an error answered at once) and `0` otherwise (success, or an
 //! error that only its trailers name).
 
-use std::sync::OnceLock;
+use std::collections::HashMap;
+use std::sync::{OnceLock, RwLock};
 use std::time::{Duration, Instant};
 
 use axum::extract::{MatchedPath, Request};
-use axum::http::{header, HeaderValue, StatusCode};
+use axum::http::{header, HeaderValue, Method, StatusCode};
 use axum::middleware::Next;
 use axum::response::{IntoResponse, Response};
+use metrics::{Counter, Histogram};
 use metrics_exporter_prometheus::{Matcher, PrometheusBuilder, PrometheusHandle};
 use raftwork::metrics::{MetricDef, MetricKind, FAST_SECONDS_BUCKETS};
 use tracing::Instrument;
@@ -141,37 +143,133 @@ pub async fn metrics_handler() -> Response {
     }
 }
 
+/// The request metrics' handles, by route, method and status, made once
+/// each: a request then costs a map lookup and two atomic updates, no
+/// allocation (the set of keys is bounded, see the module header).
+#[derive(Default)]
+struct RouteHandles {
+    routes: RwLock<HashMap<String, RouteEntry>>,
+}
+
+#[derive(Default)]
+struct RouteEntry {
+    /// By method.
+    durations: Vec<(&'static str, Histogram)>,
+    /// By method and status.
+    counts: Vec<(&'static str, String, Counter)>,
+}
+
+static ROUTE_HANDLES: OnceLock<RouteHandles> = OnceLock::new();
+
+impl RouteHandles {
+    fn record(&self, route: &str, method: &'static str, status: &str, elapsed: Duration) {
+        {
+            let routes = self.routes.read().unwrap();
+            if let Some(entry) = routes.get(route) {
+                let duration = entry.durations.iter().find(|(m, _)| *m == method);
+                let count = entry
+                    .counts
+                    .iter()
+                    .find(|(m, s, _)| *m == method && s == status);
+                if let (Some((_, h)), Some((_, _, c))) = (duration, count) {
+                    h.record(elapsed);
+                    c.increment(1);
+                    return;
+                }
+            }
+        }
+        let mut routes = self.routes.write().unwrap();
+        let entry = routes.entry(route.to_string()).or_default();
+        if !entry.durations.iter().any(|(m, _)| *m == method) {
+            let h = metrics::histogram!(HTTP_DURATION.name, "route" => route.to_string(), "method" => method);
+            entry.durations.push((method, h));
+        }
+        if !entry
+            .counts
+            .iter()
+            .any(|(m, s, _)| *m == method && s == status)
+        {
+            let c = metrics::counter!(HTTP_REQUESTS.name, "route" => route.to_string(),
+                "method" => method, "status" => status.to_string());
+            entry.counts.push((method, status.to_string(), c));
+        }
+        let h = &entry
+            .durations
+            .iter()
+            .find(|(m, _)| *m == method)
+            .unwrap()
+            .1;
+        h.record(elapsed);
+        let c = &entry
+            .counts
+            .iter()
+            .find(|(m, s, _)| *m == method && s == status)
+            .unwrap()
+            .2;
+        c.increment(1);
+    }
+}
+
+/// A method's name with a static lifetime (others are `other`: the label
+/// set stays bounded).
+fn method_name(method: &Method) -> &'static str {
+    match *method {
+        Method::GET => "GET",
+        Method::PUT => "PUT",
+        Method::POST => "POST",
+        Method::DELETE => "DELETE",
+        Method::HEAD => "HEAD",
+        Method::OPTIONS => "OPTIONS",
+        Method::PATCH => "PATCH",
+        _ => "other",
+    }
+}
+
 /// Middleware: counts and times every request by route template.
 pub async fn track(request: Request, next: Next) -> Response {
     let started = Instant::now();
-    let mut route = request
-        .extensions()
-        .get::<MatchedPath>()
-        .map_or_else(|| "unmatched".to_string(), |p| p.as_str().to_string());
-    let method = request.method().as_str().to_string();
-    let path = request.uri().path().to_string();
+    let matched = request.extensions().get::<MatchedPath>().cloned();
+    let method = method_name(request.method());
+    let uri = request.uri().clone();
+    let route = matched.as_ref().map_or("unmatched", |p| p.as_str());
     // The request's span: a proposal it makes is a child of it (see
     // `raftwork::Node::propose`), so one request is followed to its log
     // index, the WAL sync and the apply that answered it.
-    let span = tracing::debug_span!(target: "raftwork::request", "request", %method, route = %route, %path);
+    let span = tracing::debug_span!(target: "raftwork::request", "request", method, route, path = uri.path());
     let response = next.run(request).instrument(span.clone()).await;
-    let status = match response.headers().get("grpc-status") {
-        Some(code) => code.to_str().unwrap_or("?").to_string(),
-        None if is_grpc(&response) => "0".to_string(),
-        None => response.status().as_u16().to_string(),
+    let elapsed = started.elapsed();
+    let http_status = status_text(response.status());
+    let status: &str = match response.headers().get("grpc-status") {
+        Some(code) => code.to_str().unwrap_or("?"),
+        None if is_grpc(&response) => "0",
+        None => &http_status,
     };
     // tonic answers an unknown method with grpc-status 12 (Unimplemented).
-    if is_grpc(&response) && route.ends_with("/{*rpc}") && status != "12" {
-        route = path.clone();
+    let route = if is_grpc(&response) && route.ends_with("/{*rpc}") && status != "12" {
+        uri.path()
+    } else {
+        route
+    };
+    tracing::debug!(target: "raftwork::request", parent: &span, method, route, path = uri.path(),
+        status, duration_us = elapsed.as_micros() as u64, "request");
+    if INSTALLED.get().is_some() {
+        ROUTE_HANDLES
+            .get_or_init(RouteHandles::default)
+            .record(route, method, status, elapsed);
     }
-    let elapsed = started.elapsed();
-    tracing::debug!(target: "raftwork::request", parent: &span, %method, %route, %path, %status,
-        duration_us = elapsed.as_micros() as u64, "request");
-    metrics::histogram!(HTTP_DURATION.name, "route" => route.clone(), "method" => method.clone())
-        .record(elapsed);
-    metrics::counter!(HTTP_REQUESTS.name, "route" => route, "method" => method, "status" => status)
-        .increment(1);
     response
+}
+
+/// A status code as text, without an allocation for the common ones.
+fn status_text(status: StatusCode) -> std::borrow::Cow<'static, str> {
+    const COMMON: [&str; 12] = [
+        "200", "201", "204", "400", "403", "404", "405", "409", "412", "413", "500", "503",
+    ];
+    let text = status.as_str();
+    match COMMON.iter().find(|c| **c == text) {
+        Some(c) => std::borrow::Cow::Borrowed(c),
+        None => std::borrow::Cow::Owned(text.to_string()),
+    }
 }
 
 fn is_grpc(response: &Response) -> bool {
