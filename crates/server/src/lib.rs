@@ -33,6 +33,7 @@ pub mod local;
 pub mod members;
 pub mod mvcc;
 pub mod notify;
+pub mod otlp;
 pub mod recover;
 pub mod serve;
 pub mod telemetry;

@@ -111,10 +111,13 @@ fn main() -> ExitCode {
                     return ExitCode::from(2);
                 }
             };
-            if let Err(e) = init_logging(&args.log_level) {
-                eprintln!("raftwork: {e}");
-                return ExitCode::from(2);
-            }
+            let exporter = match init_logging(&args.log_level, args.otlp_endpoint.as_deref()) {
+                Ok(exporter) => exporter,
+                Err(e) => {
+                    eprintln!("raftwork: {e}");
+                    return ExitCode::from(2);
+                }
+            };
             let runtime = match tokio::runtime::Builder::new_multi_thread()
                 .enable_all()
                 .build()
@@ -125,7 +128,12 @@ fn main() -> ExitCode {
                     return ExitCode::FAILURE;
                 }
             };
-            match runtime.block_on(run(args, plan)) {
+            let outcome = runtime.block_on(run(args, plan));
+            // Spans still queued go out before the process ends.
+            if let Some(exporter) = exporter {
+                exporter.shutdown();
+            }
+            match outcome {
                 Ok(()) => ExitCode::SUCCESS,
                 // Distinct, so a supervisor can be told not to restart it
                 // (systemd: RestartPreventExitStatus=3).

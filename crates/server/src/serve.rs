@@ -184,6 +184,11 @@ pub struct ServeArgs {
     /// metrics cost; they are on by default).
     #[arg(long, env = "RAFTWORK_NO_METRICS")]
     pub no_metrics: bool,
+    /// Export the trace spans over OTLP/HTTP to this collector base URL
+    /// (http://host:4318; spans go to <url>/v1/traces). Needs a build with
+    /// the cargo feature `otlp`.
+    #[arg(long, env = "RAFTWORK_OTLP_ENDPOINT", value_parser = crate::otlp::parse_endpoint)]
+    pub otlp_endpoint: Option<String>,
     /// Size of each WAL segment file, in bytes (65536 to 2147483648); a
     /// segment is closed (fdatasynced) and the next preallocated when a
     /// write would cross it. Small segments exercise rotation in tests
@@ -253,6 +258,7 @@ struct FileConfig {
     client_cert_auth: Option<bool>,
     admin_identities: Option<Vec<String>>,
     no_metrics: Option<bool>,
+    otlp_endpoint: Option<String>,
     wal_segment_bytes: Option<u64>,
     session_ttl_ms: Option<u64>,
     max_sessions: Option<u64>,
@@ -366,6 +372,8 @@ pub struct Settings {
     pub admin_identities: Vec<String>,
     /// Whether to install the metrics recorder (`--no-metrics` turns it off).
     pub metrics: bool,
+    /// Where to export trace spans over OTLP, if anywhere.
+    pub otlp_endpoint: Option<String>,
     /// WAL segment size in bytes.
     pub wal_segment_bytes: u64,
     /// Client sessions' TTL and limit.
@@ -526,6 +534,15 @@ impl ServeArgs {
             client_cert_auth,
             admin_identities,
             metrics: !(self.no_metrics || file.no_metrics.unwrap_or(false)),
+            otlp_endpoint: match self.otlp_endpoint {
+                Some(e) => Some(e),
+                None => file
+                    .otlp_endpoint
+                    .map(|e| {
+                        crate::otlp::parse_endpoint(&e).map_err(|e| in_file("otlp-endpoint", e))
+                    })
+                    .transpose()?,
+            },
             advertise_peer_addr,
             advertise_api_addr,
             initial_cluster,
@@ -627,15 +644,37 @@ pub fn parse_log_level(s: &str) -> Result<String, String> {
 }
 
 /// Installs the JSON log subscriber on stderr at `level` (raft-rs's logs
-/// arrive through raftwork's slog bridge, target `raft`).
-pub fn init_logging(level: &str) -> Result<(), String> {
+/// arrive through raftwork's slog bridge, target `raft`), and the OTLP
+/// span exporter if `otlp` names a collector (see [`crate::otlp`]); the
+/// exporter's handle flushes it at the end.
+pub fn init_logging(
+    level: &str,
+    otlp: Option<&str>,
+) -> Result<Option<crate::otlp::Exporter>, String> {
+    use tracing_subscriber::layer::SubscriberExt as _;
+    use tracing_subscriber::util::SubscriberInitExt as _;
+    use tracing_subscriber::Layer as _;
     let filter = EnvFilter::try_new(level).map_err(|e| format!("bad --log-level: {e}"))?;
-    tracing_subscriber::fmt()
+    let logs = tracing_subscriber::fmt::layer()
         .json()
-        .with_env_filter(filter)
         .with_writer(std::io::stderr)
-        .try_init()
-        .map_err(|e| format!("cannot install the logger: {e}"))
+        .with_filter(filter);
+    let registry = tracing_subscriber::registry().with(logs);
+    let installed = match otlp {
+        None => registry.try_init().map(|()| None),
+        #[cfg(feature = "otlp")]
+        Some(endpoint) => {
+            let (layer, exporter) = crate::otlp::layer(endpoint)?;
+            registry.with(layer).try_init().map(|()| Some(exporter))
+        }
+        #[cfg(not(feature = "otlp"))]
+        Some(endpoint) => {
+            return Err(crate::otlp::parse_endpoint(endpoint)
+                .err()
+                .unwrap_or_else(|| "OTLP export is not built in".into()))
+        }
+    };
+    installed.map_err(|e| format!("cannot install the logger: {e}"))
 }
 
 /// Why `raftwork serve` stopped with an error.
