@@ -302,8 +302,8 @@ pub fn router(node: Node<KvStore>, config: ApiConfig) -> Router {
         // Bodies are limited by the handlers (400 with a JSON error).
         .layer(DefaultBodyLimit::disable())
         .with_state(state)
-        .merge(etcd)
         .merge(ui)
+        .merge(etcd)
 }
 
 /// An API error: a status code and a JSON body.
