@@ -23,6 +23,7 @@
 //! | `POST /cluster/transfer-leader` `{"to": name}` | 200 `{"leader", "id"}` |
 //! | `POST /v1/sessions` | 200 `{"session": "<id>-<secret>"}` (the token) |
 //! | `DELETE /v1/sessions/{token}` | 200 `{"closed": true}`, 410 if not live |
+//! | `GET /ui`, `GET /v1/ui/node`, `GET /v1/ui/overview` | the status page and its JSON ([`crate::ui`]) |
 //!
 //! Any node takes any request; the client never sees a redirect. A
 //! follower forwards linearizable reads to the leader's API URL (from the
@@ -87,6 +88,7 @@
 //! [`MAX_LIST_LIMIT`].
 
 use std::collections::HashMap;
+use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
@@ -148,6 +150,9 @@ pub const LOW_WATER_HEADER: &str = "raftwork-low-water";
 pub struct ApiConfig {
     /// This node's name (shown in the status).
     pub name: String,
+    /// The node's data dir, for the status page's WAL size (`None`: not
+    /// shown).
+    pub data_dir: Option<PathBuf>,
     /// How long a request waits for a leader before 503.
     pub request_timeout: Duration,
     /// The cluster token (member ids derive from it and the names).
@@ -231,6 +236,8 @@ fn authorize_admin(state: &AppState, caller: &Caller, headers: &HeaderMap) -> Ap
 pub(crate) struct AppState {
     pub(crate) node: Node<KvStore>,
     pub(crate) config: ApiConfig,
+    /// The status page's write window and events ([`crate::ui`]).
+    pub(crate) ui: crate::ui::UiState,
     started: SystemTime,
     started_at: Instant,
     /// This node's own session, for writes it takes as a follower without
@@ -242,14 +249,17 @@ pub(crate) type Shared = Arc<AppState>;
 
 /// The API's router for `node`.
 pub fn router(node: Node<KvStore>, config: ApiConfig) -> Router {
+    let ui = crate::ui::UiState::start(&node, config.data_dir.clone());
     let state = Arc::new(AppState {
         node,
         config,
+        ui,
         started: SystemTime::now(),
         started_at: Instant::now(),
         node_session: tokio::sync::Mutex::new(None),
     });
     let etcd = crate::etcd::service::routes(state.clone());
+    let ui = crate::ui::routes(state.clone());
     Router::new()
         .route("/healthz", get(healthz))
         .route("/readyz", get(readyz))
@@ -293,6 +303,7 @@ pub fn router(node: Node<KvStore>, config: ApiConfig) -> Router {
         // Bodies are limited by the handlers (400 with a JSON error).
         .layer(DefaultBodyLimit::disable())
         .with_state(state)
+        .merge(ui)
         .merge(etcd)
         .layer(axum::middleware::from_fn(crate::telemetry::track))
 }
@@ -356,7 +367,7 @@ fn no_leader(timeout: Duration) -> ApiError {
     ))
 }
 
-fn shutting_down() -> ApiError {
+pub(crate) fn shutting_down() -> ApiError {
     ApiError::unavailable("node is shutting down")
 }
 
@@ -781,7 +792,14 @@ pub(crate) async fn write(
     headers: &HeaderMap,
     command: KvCommand,
 ) -> ApiResult<(u64, KvResponse)> {
-    match propose_write(state, headers, command).await? {
+    let started = Instant::now();
+    let answered = propose_write(state, headers, command).await;
+    // The status page's write rate and p99: every write this node's API
+    // took and got an answer for (one forwarded here counts where it came in).
+    if answered.is_ok() && !headers.contains_key(FORWARDED_HEADER) {
+        state.ui.writes.record(started.elapsed());
+    }
+    match answered? {
         (_, KvResponse::NoSpace) => Err(ApiError::new(
             StatusCode::INSUFFICIENT_STORAGE,
             "etcdserver: mvcc: database space exceeded (the NOSPACE alarm is raised: delete \
@@ -1268,6 +1286,15 @@ pub struct StatusBody {
     pub uptime_seconds: f64,
 }
 
+/// The role `/v1/status` reports for a node with this status.
+pub(crate) fn role_of(s: &raftwork::Status) -> &'static str {
+    if s.removed {
+        "removed"
+    } else {
+        role_name(s.role)
+    }
+}
+
 fn role_name(role: Role) -> &'static str {
     match role {
         Role::Leader => "leader",
@@ -1304,11 +1331,7 @@ async fn status(State(state): State<Shared>) -> ApiResult<Json<StatusBody>> {
     Ok(Json(StatusBody {
         id: s.id,
         name: state.config.name.clone(),
-        role: if s.removed {
-            "removed"
-        } else {
-            role_name(s.role)
-        },
+        role: role_of(&s),
         term: s.term,
         leader: s.leader,
         commit: s.commit_index,

@@ -12,7 +12,8 @@
 //! * [`local`]: `raftwork local-cluster` (N child processes on loopback);
 //! * [`serve`]: `raftwork serve` (flags, logging, startup, graceful shutdown);
 //! * [`notify`]: systemd readiness (`READY=1`, `STOPPING=1` on `NOTIFY_SOCKET`);
-//! * [`wal`]: `raftwork wal inspect|repair` (the operator's view of the WAL).
+//! * [`wal`]: `raftwork wal inspect|repair` (the operator's view of the WAL);
+//! * [`ui`]: the status page at `/ui` (embedded HTML, CSS and JS) and its JSON.
 
 #![warn(missing_docs)]
 #![forbid(unsafe_code)]
@@ -38,4 +39,5 @@ pub mod recover;
 pub mod serve;
 pub mod telemetry;
 pub mod tls;
+pub mod ui;
 pub mod wal;

@@ -1046,6 +1046,7 @@ pub async fn run(args: Settings, plan: ClusterPlan) -> Result<(), ServeError> {
         node.clone(),
         ApiConfig {
             name: args.name.clone(),
+            data_dir: Some(args.data_dir.clone()),
             request_timeout,
             token: plan.token.clone(),
             members,

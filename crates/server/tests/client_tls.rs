@@ -53,7 +53,7 @@ fn eventually(dir: &Path, who: &str, endpoint: &str, args: &[&str]) -> String {
 }
 
 /// One HTTPS request with `who`'s certificate (and `extra` header lines,
-/// each ending in CRLF): the status code.
+/// each ending in CRLF): the status code and the body.
 fn https(
     dir: &Path,
     who: &str,
@@ -62,7 +62,7 @@ fn https(
     path: &str,
     body: &[u8],
     extra: &str,
-) -> u16 {
+) -> (u16, String) {
     let config = common::client_config(
         &dir.join("ca.pem"),
         Some((
@@ -85,10 +85,13 @@ fn https(
     let mut buf = Vec::new();
     let _ = tls.read_to_end(&mut buf);
     let text = String::from_utf8_lossy(&buf);
-    text.split_whitespace()
+    let status = text
+        .split_whitespace()
         .nth(1)
         .and_then(|s| s.parse().ok())
-        .unwrap_or_else(|| panic!("no status in {text:?}"))
+        .unwrap_or_else(|| panic!("no status in {text:?}"));
+    let body = text.split_once("\r\n\r\n").map_or("", |(_, b)| b);
+    (status, body.to_string())
 }
 
 #[test]
@@ -155,6 +158,25 @@ fn the_api_over_tls_takes_clients_by_certificate_and_admins_by_identity() {
         assert!(Instant::now() < deadline, "{table}");
         std::thread::sleep(Duration::from_millis(200));
     }
+    // The status page's overview, to a plain client certificate (the
+    // auth of /v1/status): a follower reaches every member over HTTPS with
+    // its own certificate.
+    let deadline = Instant::now() + GUARD;
+    loop {
+        let addr = ms[1].api.to_string();
+        let (code, body) = https(&certs, "client", &addr, "GET", "/v1/ui/overview", b"", "");
+        assert_eq!(code, 200, "{body}");
+        let o: serde_json::Value = serde_json::from_str(&body).unwrap();
+        let members = o["members"].as_array().unwrap();
+        if members.len() == 3 && members.iter().all(|m| m["reachable"] == true) {
+            assert!(members
+                .iter()
+                .all(|m| m["api_url"].as_str().unwrap().starts_with("https://")));
+            break;
+        }
+        assert!(Instant::now() < deadline, "{o}");
+        std::thread::sleep(Duration::from_millis(200));
+    }
 
     // A client that is not an admin: membership and leadership routes
     // answer 403, through any member.
@@ -176,7 +198,7 @@ fn the_api_over_tls_takes_clients_by_certificate_and_admins_by_identity() {
     assert_eq!(o.status.code(), Some(1));
     // Claiming to be a forwarding member does not help a client.
     for m in &ms {
-        let code = https(
+        let (code, _) = https(
             &certs,
             "client",
             &m.api.to_string(),
@@ -218,7 +240,7 @@ fn the_api_over_tls_takes_clients_by_certificate_and_admins_by_identity() {
         raftwork_server::cluster::member_id("cluster-test", "n1")
     );
     for m in &ms {
-        let code = https(
+        let (code, _) = https(
             &certs,
             "admin",
             &m.api.to_string(),

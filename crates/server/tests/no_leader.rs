@@ -59,6 +59,7 @@ async fn requests_without_a_leader_get_503() {
         node.clone(),
         ApiConfig {
             name: "lonely".into(),
+            data_dir: None,
             request_timeout: Duration::from_millis(300),
             token: "raftwork".into(),
             members: Default::default(),
