@@ -24,6 +24,8 @@
 #![warn(missing_docs)]
 #![forbid(unsafe_code)]
 
+#[cfg(feature = "engine")]
+mod engine_log;
 mod error;
 mod file_snapshot;
 pub mod fs;
@@ -32,6 +34,8 @@ pub mod metrics;
 mod snapshot;
 mod wal;
 
+#[cfg(feature = "engine")]
+pub use engine_log::{EngineHost, EngineLog};
 pub use error::StorageError;
 pub use file_snapshot::{FileSnapshotStore, SnapshotCompression};
 pub use mem_log::MemLogStore;

@@ -116,6 +116,21 @@ fn wal_conforms() {
 }
 
 /// Compacts through `stage`, as the core does.
+/// Each case a group of its own in one engine (nothing synced here, so
+/// reads come from the group's cache; `tests/engine_log.rs` reads across
+/// the cache and the engine).
+#[cfg(feature = "engine")]
+#[test]
+fn engine_log_conforms() {
+    let root = tempfile::tempdir().unwrap();
+    let host = raftwork_storage::EngineHost::open(root.path()).unwrap();
+    let next = std::cell::Cell::new(0);
+    conformance(|| {
+        next.set(next.get() + 1);
+        host.group(next.get()).unwrap()
+    });
+}
+
 fn compact<S: LogStore>(s: &S, index: u64) -> Result<(), raftwork_storage::StorageError> {
     s.stage(WriteBatch {
         group_id: 1,
