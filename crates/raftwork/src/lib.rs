@@ -51,6 +51,8 @@
 #![forbid(unsafe_code)]
 
 mod builder;
+#[cfg(feature = "host")]
+mod host;
 mod logging;
 pub mod metrics;
 mod node;
@@ -60,6 +62,8 @@ mod session;
 mod state_machine;
 
 pub use builder::{BuildError, Builder, Config, DataDir, TransportKind};
+#[cfg(feature = "host")]
+pub use host::{Host, GROUP_INBOX_ENVELOPES};
 pub use logging::{raft_logger, TracingDrain};
 pub use node::{
     AppliedAt, FatalReason, Node, NoteError, SnapshotError, Stopped, WaitError, NOTE_BYTES_MAX,

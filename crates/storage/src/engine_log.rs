@@ -96,6 +96,10 @@ impl EngineHost {
     /// Opens (or creates) the engine in `dir`, recovering every group in it.
     pub fn open(dir: impl AsRef<Path>) -> Result<Arc<Self>, StorageError> {
         let dir = dir.as_ref().to_path_buf();
+        std::fs::create_dir_all(&dir).map_err(|source| StorageError::Io {
+            path: dir.clone(),
+            source,
+        })?;
         let cfg = raft_engine::Config {
             dir: dir.display().to_string(),
             ..Default::default()

@@ -1,0 +1,243 @@
+//! Many Raft groups on one host (cargo feature `host`; issue 17, first
+//! step): one transport and one log engine shared by the groups, groups
+//! created and removed at run time.
+//!
+//! ```text
+//!  peers ──▶ Transport ──▶ host inbox ──▶ router task ──by group id──▶ group inbox ──▶ group's ready loop
+//!                                             │ unknown group: dropped, counted, logged
+//!  group's ready loop ──send──▶ GroupTransport ──▶ the shared Transport (envelopes carry the group id)
+//!  group's ready loop ──stage/sync──▶ EngineLog ──▶ the host's EngineHost (one raft-engine, one fdatasync per write for all groups)
+//! ```
+//!
+//! Invariants:
+//! * a host has one node id, which is its node id in every group it runs
+//!   (so a peer's transport address is its host's);
+//! * a message for a group this host does not run never creates state: it
+//!   is dropped, counted (`raftwork_host_unknown_group_messages_total`) and
+//!   logged (once per group id, for the first 1,024 ids);
+//! * a group's shutdown never shuts the shared transport down; the host's
+//!   does, after its groups.
+//!
+//! What this step does not do yet (the issue's later items): each group
+//! still runs its own ready-loop task, tick timer and sync-worker thread
+//! (the syncs meet in the one engine, which writes whatever every group
+//! staged, so concurrent syncs cost one fdatasync, not one each); idle
+//! groups do not hibernate; snapshots travel inline in envelopes (the
+//! streaming transports' snapshot store is one per transport).
+
+use std::collections::{HashMap, HashSet};
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex, RwLock};
+
+use raftwork_storage::{EngineHost, FileSnapshotStore};
+use raftwork_transport::{Envelope, Inbound, InboxSender, NodeId, Transport, TransportError};
+
+use crate::{BuildError, Builder, Config, Inbox, Node, StateMachine};
+
+/// Unknown group ids logged by name; past this many, only counted.
+const UNKNOWN_GROUPS_LOGGED: usize = 1024;
+
+/// Capacity of each group's inbox, in envelopes (a full one drops; raft
+/// sends again).
+pub const GROUP_INBOX_ENVELOPES: usize = 1024;
+
+/// The groups' inboxes, by group id.
+type Routes = Arc<RwLock<HashMap<u64, InboxSender>>>;
+
+/// Stops a running group and waits until it has.
+type Stopper =
+    Box<dyn FnOnce() -> std::pin::Pin<Box<dyn std::future::Future<Output = ()> + Send>> + Send>;
+
+/// A host: the transport and log engine its groups share.
+pub struct Host {
+    id: NodeId,
+    dir: PathBuf,
+    engine: Arc<EngineHost>,
+    transport: Arc<dyn Transport>,
+    routes: Routes,
+    /// How to stop each running group.
+    groups: Mutex<HashMap<u64, Stopper>>,
+    router: tokio::task::JoinHandle<()>,
+}
+
+impl Host {
+    /// A host with node id `id`, its log engine and snapshots under `dir`,
+    /// on `transport` (whose inbox is `inbox`). Must be called inside a
+    /// tokio runtime.
+    pub fn open(
+        id: NodeId,
+        dir: impl AsRef<Path>,
+        transport: impl Transport,
+        inbox: Inbox,
+    ) -> Result<Self, BuildError> {
+        let dir = dir.as_ref().to_path_buf();
+        let engine = EngineHost::open(dir.join("log"))?;
+        let routes: Routes = Arc::default();
+        let router = tokio::spawn(route(id, inbox, routes.clone()));
+        Ok(Self {
+            id,
+            dir,
+            engine,
+            transport: Arc::new(transport),
+            routes,
+            groups: Mutex::default(),
+            router,
+        })
+    }
+
+    /// This host's node id (its id in every group).
+    pub fn id(&self) -> NodeId {
+        self.id
+    }
+
+    /// Groups whose logs this host's engine holds (running or not).
+    pub fn stored_groups(&self) -> Vec<u64> {
+        self.engine.groups()
+    }
+
+    /// Starts group `group_id` on this host with `state_machine`. With
+    /// `voters`, a new group bootstraps with them (ignored if the group's
+    /// log already holds it: a restart); with none, the group joins an
+    /// existing one (another member adds this host). `configure` adjusts
+    /// the node's settings; the group id is set here.
+    pub fn create_group<SM: StateMachine>(
+        &self,
+        group_id: u64,
+        voters: &[NodeId],
+        state_machine: SM,
+        configure: impl FnOnce(&mut Config),
+    ) -> Result<Node<SM>, BuildError> {
+        if group_id == 0 {
+            return Err(BuildError::Config(crate::ConfigError(
+                "group id 0 is reserved".into(),
+            )));
+        }
+        let mut groups = self.groups.lock().unwrap();
+        if groups.contains_key(&group_id) {
+            return Err(BuildError::Config(crate::ConfigError(format!(
+                "group {group_id} already runs on this host"
+            ))));
+        }
+        let (tx, inbox) = tokio::sync::mpsc::channel(GROUP_INBOX_ENVELOPES);
+        let mut config = Config::default();
+        configure(&mut config);
+        config.core.id = self.id;
+        config.core.group_id = group_id;
+        let snapshots = FileSnapshotStore::open(
+            self.dir.join("snapshots").join(group_id.to_string()),
+            config.snapshot_keep_count,
+            config.snapshot_compression,
+        )?;
+        let mut builder = Builder::new(self.id, state_machine)
+            .log_store(self.engine.group(group_id)?)
+            .snapshot_store(snapshots)
+            .transport(
+                GroupTransport {
+                    inner: self.transport.clone(),
+                },
+                inbox,
+            )
+            .config(config);
+        builder = if voters.is_empty() {
+            builder.join_existing()
+        } else {
+            builder.initial_voters(voters.iter().copied())
+        };
+        let node = builder.build()?;
+        self.routes.write().unwrap().insert(group_id, tx);
+        let stopper = node.clone();
+        groups.insert(
+            group_id,
+            Box::new(move || Box::pin(async move { stopper.shutdown().await })),
+        );
+        Ok(node)
+    }
+
+    /// Stops group `group_id` on this host and waits until it has (its log
+    /// stays in the engine, so creating it again restarts it); from then
+    /// on its messages are dropped as a group this host does not run.
+    /// False if it was not running.
+    pub async fn remove_group(&self, group_id: u64) -> bool {
+        self.routes.write().unwrap().remove(&group_id);
+        let stop = self.groups.lock().unwrap().remove(&group_id);
+        match stop {
+            Some(stop) => {
+                stop().await;
+                true
+            }
+            None => false,
+        }
+    }
+
+    /// The groups running on this host.
+    pub fn running_groups(&self) -> Vec<u64> {
+        let mut g: Vec<u64> = self.groups.lock().unwrap().keys().copied().collect();
+        g.sort_unstable();
+        g
+    }
+
+    /// Records peer host `id`'s transport address (for every group).
+    pub fn set_peer(&self, id: NodeId, address: &str) -> Result<(), TransportError> {
+        self.transport.set_peer(id, address)
+    }
+
+    /// Stops every group, then the transport; the engine closes when the
+    /// host and its groups' handles are dropped.
+    pub async fn shutdown(self) {
+        for g in self.running_groups() {
+            self.remove_group(g).await;
+        }
+        self.transport.shutdown();
+        self.router.abort();
+    }
+}
+
+/// The shared transport as one group sees it: sends go through; shutting
+/// it down is the host's business, not a group's.
+struct GroupTransport {
+    inner: Arc<dyn Transport>,
+}
+
+impl Transport for GroupTransport {
+    fn send(&self, envelope: Envelope) {
+        self.inner.send(envelope)
+    }
+
+    fn set_peer(&self, id: NodeId, address: &str) -> Result<(), TransportError> {
+        self.inner.set_peer(id, address)
+    }
+}
+
+/// The router: every inbound item to its group's inbox.
+async fn route(host: NodeId, mut inbox: Inbox, routes: Routes) {
+    let unknown = metrics::counter!("raftwork_host_unknown_group_messages_total");
+    let mut logged: HashSet<u64> = HashSet::new();
+    while let Some(item) = inbox.recv().await {
+        let group = match &item {
+            Inbound::Messages(env) => env.group_id,
+            Inbound::Unreachable { group_id, .. } | Inbound::SnapshotStatus { group_id, .. } => {
+                *group_id
+            }
+        };
+        let tx = routes.read().unwrap().get(&group).cloned();
+        match tx {
+            // A full group inbox drops, as a full transport queue does.
+            Some(tx) => {
+                let _ = tx.try_send(item);
+            }
+            None => {
+                if let Inbound::Messages(env) = &item {
+                    unknown.increment(env.messages.len() as u64);
+                    if logged.len() < UNKNOWN_GROUPS_LOGGED && logged.insert(group) {
+                        tracing::warn!(
+                            host,
+                            group,
+                            from = env.from,
+                            "dropping messages for a group this host does not run"
+                        );
+                    }
+                }
+            }
+        }
+    }
+}

@@ -1,0 +1,182 @@
+//! Many groups on three hosts (`Host`, feature `host`) over one in-process
+//! network: every group elects a leader and commits through it; a message
+//! for a group a host does not run creates nothing there; a group removed
+//! from one host at run time goes on with the other two; a host restarted
+//! on its directory recovers every group from its one log engine and
+//! catches up with what it missed.
+
+// Groups are indexes into parallel vectors (per host, per group): plain
+// index loops read better than zipped iterators here.
+#![allow(clippy::needless_range_loop)]
+
+use std::io::{Read, Write};
+use std::time::Duration;
+
+use raftwork::{Command, Envelope, Host, MemNetwork, Node, StateMachine, Transport};
+
+/// The commands applied, in order: enough to compare replicas.
+#[derive(Default)]
+struct Log(Vec<Vec<u8>>);
+
+impl StateMachine for Log {
+    type Response = ();
+
+    fn apply(&mut self, commands: &[Command<'_>]) -> Vec<()> {
+        for c in commands {
+            self.0.push(c.data.to_vec());
+        }
+        vec![(); commands.len()]
+    }
+
+    fn snapshot(&self, w: &mut dyn Write) -> std::io::Result<()> {
+        for c in &self.0 {
+            w.write_all(&(c.len() as u32).to_le_bytes())?;
+            w.write_all(c)?;
+        }
+        Ok(())
+    }
+
+    fn restore(&mut self, r: &mut dyn Read) -> std::io::Result<()> {
+        let mut all = Vec::new();
+        r.read_to_end(&mut all)?;
+        self.0.clear();
+        let mut at = 0;
+        while at < all.len() {
+            let n = u32::from_le_bytes(all[at..at + 4].try_into().unwrap()) as usize;
+            self.0.push(all[at + 4..at + 4 + n].to_vec());
+            at += 4 + n;
+        }
+        Ok(())
+    }
+}
+
+const GROUPS: u64 = 8;
+const GUARD: Duration = Duration::from_secs(30);
+
+fn open_host(net: &MemNetwork, id: u64, dir: &std::path::Path) -> Host {
+    let (t, inbox) = net.join(id);
+    Host::open(id, dir.join(format!("host-{id}")), t, inbox).unwrap()
+}
+
+fn start_groups(host: &Host) -> Vec<Node<Log>> {
+    (1..=GROUPS)
+        .map(|g| {
+            host.create_group(g, &[1, 2, 3], Log::default(), |c| {
+                c.tick_interval = Duration::from_millis(20);
+            })
+            .unwrap()
+        })
+        .collect()
+}
+
+/// Proposes `data` to group `g` through whichever node leads it.
+async fn propose(nodes: &[&Vec<Node<Log>>], g: usize, data: &str) {
+    let deadline = tokio::time::Instant::now() + GUARD;
+    loop {
+        for hosts in nodes {
+            if let Ok((_, ())) = hosts[g].propose(data.as_bytes().to_vec()).await {
+                return;
+            }
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "no leader took {data}"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+/// Waits until `node` has applied `want` (in order).
+async fn applied(node: &Node<Log>, want: &[String]) {
+    let want: Vec<Vec<u8>> = want.iter().map(|s| s.as_bytes().to_vec()).collect();
+    let deadline = tokio::time::Instant::now() + GUARD;
+    loop {
+        let got = node.read_stale(|sm| sm.0.clone()).await.unwrap();
+        if got == want {
+            return;
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "applied {got:?}, want {want:?}"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn groups_on_three_hosts_commit_survive_removal_and_restart() {
+    let dir = tempfile::tempdir().unwrap();
+    let net = MemNetwork::new();
+    let mut hosts: Vec<Host> = (1..=3).map(|id| open_host(&net, id, dir.path())).collect();
+    let mut nodes: Vec<Vec<Node<Log>>> = hosts.iter().map(start_groups).collect();
+    assert_eq!(hosts[0].running_groups(), (1..=GROUPS).collect::<Vec<_>>());
+
+    // Every group elects a leader and commits through it, on every host.
+    let mut want: Vec<Vec<String>> = vec![Vec::new(); GROUPS as usize];
+    for g in 0..GROUPS as usize {
+        let data = format!("g{}-first", g + 1);
+        propose(&[&nodes[0], &nodes[1], &nodes[2]], g, &data).await;
+        want[g].push(data);
+    }
+    for host_nodes in &nodes {
+        for g in 0..GROUPS as usize {
+            applied(&host_nodes[g], &want[g]).await;
+        }
+    }
+    // Groups lead on their own: not every group's leader need be the same
+    // host, and each group's log is its own.
+    for g in 0..GROUPS as usize {
+        assert!(nodes[0][g].wait_for_leader(GUARD).await.is_ok());
+    }
+
+    // A message for a group host 1 does not run creates nothing there.
+    let (stranger, _inbox) = net.join(99);
+    stranger.send(Envelope {
+        group_id: 4242,
+        from: 99,
+        to: 1,
+        messages: vec![raft::prelude::Message {
+            msg_type: raft::prelude::MessageType::MsgHeartbeat,
+            from: 99,
+            to: 1,
+            term: 7,
+            ..Default::default()
+        }],
+    });
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    assert_eq!(hosts[0].running_groups(), (1..=GROUPS).collect::<Vec<_>>());
+    assert!(!hosts[0].stored_groups().contains(&4242));
+
+    // Group 3 leaves host 3 at run time: it goes on with hosts 1 and 2.
+    assert!(hosts[2].remove_group(3).await);
+    assert!(!hosts[2].remove_group(3).await);
+    let data = "g3-without-host-3".to_string();
+    propose(&[&nodes[0], &nodes[1]], 2, &data).await;
+    want[2].push(data);
+    applied(&nodes[0][2], &want[2]).await;
+    applied(&nodes[1][2], &want[2]).await;
+
+    // Host 1 stops; the others go on; it restarts on its directory with
+    // every group from its log engine and catches up.
+    let host1 = hosts.remove(0);
+    nodes.remove(0);
+    host1.shutdown().await;
+    for g in 0..GROUPS as usize {
+        if g == 2 {
+            continue; // group 3 has only host 2 left: no quorum without host 1
+        }
+        let data = format!("g{}-while-host-1-was-down", g + 1);
+        propose(&[&nodes[0], &nodes[1]], g, &data).await;
+        want[g].push(data);
+    }
+    let host1 = open_host(&net, 1, dir.path());
+    assert_eq!(host1.stored_groups(), (1..=GROUPS).collect::<Vec<_>>());
+    let restarted = start_groups(&host1);
+    for g in 0..GROUPS as usize {
+        applied(&restarted[g], &want[g]).await;
+    }
+    host1.shutdown().await;
+    for h in hosts {
+        h.shutdown().await;
+    }
+}
