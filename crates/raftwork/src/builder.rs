@@ -224,6 +224,9 @@ pub struct Builder<SM, S = DataDir> {
     initial_voters: Option<Vec<NodeId>>,
     data_dir: PathBuf,
     wal_options: WalOptions,
+    /// Persists go to this instead of a sync thread of the node's own (a
+    /// host's one sync thread for all its groups).
+    sync: Option<SyncMode>,
 }
 
 /// The network the builder starts itself, when no transport is given.
@@ -252,6 +255,7 @@ impl<SM: StateMachine> Builder<SM, DataDir> {
             initial_voters: Some(vec![id]),
             data_dir: PathBuf::from("./raftwork-data"),
             wal_options: WalOptions::default(),
+            sync: None,
         }
     }
 
@@ -311,7 +315,15 @@ impl<SM: StateMachine, S> Builder<SM, S> {
             initial_voters: self.initial_voters,
             data_dir: self.data_dir,
             wal_options: self.wal_options,
+            sync: self.sync,
         }
+    }
+
+    /// Sends persists to `sync` instead of a sync thread of the node's own.
+    #[cfg_attr(not(feature = "host"), allow(dead_code))]
+    pub(crate) fn shared_sync(mut self, sync: SyncMode) -> Self {
+        self.sync = Some(sync);
+        self
     }
 
     /// Uses `store` for snapshots.
@@ -400,6 +412,7 @@ impl<SM: StateMachine, S: LogStore> Builder<SM, S> {
             initial_voters,
             data_dir,
             wal_options: _,
+            sync: shared_sync,
         } = self;
         config.validate()?;
         let id = config.core.id;
@@ -479,11 +492,13 @@ impl<SM: StateMachine, S: LogStore> Builder<SM, S> {
             }
         };
         transport.attach_snapshots(snapshots.clone());
-        let (sync, sync_thread) = if store.is_volatile() {
-            (SyncMode::Inline, None)
-        } else {
-            let (mode, handle) = spawn_sync_worker(store.clone());
-            (mode, Some(handle))
+        let (sync, sync_thread) = match shared_sync {
+            Some(mode) => (mode, None),
+            None if store.is_volatile() => (SyncMode::Inline, None),
+            None => {
+                let (mode, handle) = spawn_sync_worker(store.clone());
+                (mode, Some(handle))
+            }
         };
         let core = Core::new(config.core.clone(), store, &raft_logger())?;
         let (requests_tx, requests_rx) = mpsc::channel(config.request_queue_capacity);

@@ -18,12 +18,14 @@
 //! * a group's shutdown never shuts the shared transport down; the host's
 //!   does, after its groups.
 //!
+//! One sync thread serves every group: it takes all the persists queued,
+//! makes them durable with one engine write and one fdatasync, and answers
+//! each group with its highest ready number.
+//!
 //! What this step does not do yet (the later items): each group
-//! still runs its own ready-loop task, tick timer and sync-worker thread
-//! (the syncs meet in the one engine, which writes whatever every group
-//! staged, so concurrent syncs cost one fdatasync, not one each); idle
-//! groups do not hibernate; snapshots travel inline in envelopes (the
-//! streaming transports' snapshot store is one per transport).
+//! still runs its own ready-loop task and tick timer; idle groups do not
+//! hibernate; snapshots travel inline in envelopes (the streaming
+//! transports' snapshot store is one per transport).
 
 use std::collections::{HashMap, HashSet};
 use std::path::{Path, PathBuf};
@@ -32,6 +34,9 @@ use std::sync::{Arc, Mutex, RwLock};
 use raftwork_storage::{EngineHost, FileSnapshotStore};
 use raftwork_transport::{Envelope, Inbound, InboxSender, NodeId, Transport, TransportError};
 
+use tokio::sync::mpsc;
+
+use crate::runtime::SyncMode;
 use crate::{BuildError, Builder, Config, Inbox, Node, StateMachine};
 
 /// Unknown group ids logged by name; past this many, only counted.
@@ -55,6 +60,10 @@ pub struct Host {
     engine: Arc<EngineHost>,
     transport: Arc<dyn Transport>,
     routes: Routes,
+    /// The one sync thread's queue (taken at shutdown, so the thread ends
+    /// once the groups' clones are gone too).
+    sync_jobs: Mutex<Option<mpsc::UnboundedSender<SyncJob>>>,
+    sync_thread: Mutex<Option<std::thread::JoinHandle<()>>>,
     /// How to stop each running group.
     groups: Mutex<HashMap<u64, Stopper>>,
     router: tokio::task::JoinHandle<()>,
@@ -74,12 +83,15 @@ impl Host {
         let engine = EngineHost::open(dir.join("log"))?;
         let routes: Routes = Arc::default();
         let router = tokio::spawn(route(id, inbox, routes.clone()));
+        let (jobs, thread) = spawn_sync_thread(engine.clone(), &dir)?;
         Ok(Self {
             id,
             dir,
             engine,
             transport: Arc::new(transport),
             routes,
+            sync_jobs: Mutex::new(Some(jobs)),
+            sync_thread: Mutex::new(Some(thread)),
             groups: Mutex::default(),
             router,
         })
@@ -128,8 +140,24 @@ impl Host {
             config.snapshot_keep_count,
             config.snapshot_compression,
         )?;
+        let jobs = self.sync_jobs.lock().unwrap().clone().ok_or_else(|| {
+            BuildError::Config(crate::ConfigError("the host is shutting down".into()))
+        })?;
+        let (done_tx, done) = mpsc::unbounded_channel();
+        let sync = SyncMode::Worker {
+            jobs: Box::new(move |number, must_sync| {
+                let _ = jobs.send(SyncJob {
+                    group: group_id,
+                    number,
+                    must_sync,
+                    done: done_tx.clone(),
+                });
+            }),
+            done,
+        };
         let mut builder = Builder::new(self.id, state_machine)
             .log_store(self.engine.group(group_id)?)
+            .shared_sync(sync)
             .snapshot_store(snapshots)
             .transport(
                 GroupTransport {
@@ -189,7 +217,63 @@ impl Host {
         }
         self.transport.shutdown();
         self.router.abort();
+        drop(self.sync_jobs.lock().unwrap().take());
+        let thread = self.sync_thread.lock().unwrap().take();
+        if let Some(thread) = thread {
+            let _ = tokio::task::spawn_blocking(move || thread.join()).await;
+        }
     }
+}
+
+/// A group's persist, for the host's sync thread.
+struct SyncJob {
+    group: u64,
+    number: u64,
+    must_sync: bool,
+    done: mpsc::UnboundedSender<Result<u64, String>>,
+}
+
+/// The host's one sync thread: takes every persist queued, makes them all
+/// durable with one engine write (one fdatasync) if any needs it, and
+/// answers each group with its highest ready number. After a failed write
+/// every answer is an error (the engine refuses all later writes), so each
+/// group's node stops.
+fn spawn_sync_thread(
+    engine: Arc<EngineHost>,
+    dir: &Path,
+) -> Result<(mpsc::UnboundedSender<SyncJob>, std::thread::JoinHandle<()>), BuildError> {
+    let (tx, mut rx) = mpsc::unbounded_channel::<SyncJob>();
+    let thread = std::thread::Builder::new()
+        .name("raftwork-host-sync".into())
+        .spawn(move || {
+            while let Some(first) = rx.blocking_recv() {
+                let mut jobs = vec![first];
+                while let Ok(j) = rx.try_recv() {
+                    jobs.push(j);
+                }
+                let outcome = if jobs.iter().any(|j| j.must_sync) {
+                    engine.sync().map_err(|e| e.to_string())
+                } else {
+                    Ok(())
+                };
+                // Jobs of one group come in ready order: its last is its highest.
+                let mut last: HashMap<u64, usize> = HashMap::new();
+                for (k, j) in jobs.iter().enumerate() {
+                    last.insert(j.group, k);
+                }
+                for (_, k) in last {
+                    let j = &jobs[k];
+                    let _ = j.done.send(outcome.clone().map(|()| j.number));
+                }
+            }
+        })
+        .map_err(|source| {
+            BuildError::Storage(raftwork_storage::StorageError::Io {
+                path: dir.to_path_buf(),
+                source,
+            })
+        })?;
+    Ok((tx, thread))
 }
 
 /// The shared transport as one group sees it: sends go through; shutting

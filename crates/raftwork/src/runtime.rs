@@ -438,9 +438,12 @@ impl Drop for StopGuard {
 pub(crate) enum SyncMode {
     /// The store keeps nothing across a crash: acknowledge at once.
     Inline,
-    /// A worker thread syncs and reports back.
+    /// A worker thread syncs and reports back: `jobs(number, must_sync)`
+    /// queues a ready's persist (this node's own worker, or a host's one
+    /// for all its groups), `done` brings back the highest number made
+    /// durable (or why not).
     Worker {
-        jobs: mpsc::UnboundedSender<(u64, bool)>,
+        jobs: Box<dyn Fn(u64, bool) + Send>,
         done: mpsc::UnboundedReceiver<Result<u64, String>>,
     },
 }
@@ -478,7 +481,9 @@ pub(crate) fn spawn_sync_worker<S: LogStore>(store: S) -> (SyncMode, std::thread
         .expect("spawning the sync worker thread");
     (
         SyncMode::Worker {
-            jobs: jobs_tx,
+            jobs: Box::new(move |number, must_sync| {
+                let _ = jobs_tx.send((number, must_sync));
+            }),
             done: done_rx,
         },
         handle,
@@ -900,9 +905,7 @@ impl<SM: StateMachine, S: LogStore> ReadyLoop<SM, S> {
                         up_to_index = self.core.last_index(), "log changes staged; persisting");
                     match &self.sync {
                         SyncMode::Inline => persisted_inline = Some(number),
-                        SyncMode::Worker { jobs, .. } => {
-                            let _ = jobs.send((number, must_sync));
-                        }
+                        SyncMode::Worker { jobs, .. } => jobs(number, must_sync),
                     }
                 }
                 Action::RestoreSnapshot(snap) => {

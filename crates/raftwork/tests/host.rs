@@ -51,6 +51,13 @@ impl StateMachine for Log {
 }
 
 const GROUPS: u64 = 8;
+
+/// Threads of this process (Linux).
+fn threads() -> usize {
+    let status = std::fs::read_to_string("/proc/self/status").unwrap();
+    let line = status.lines().find(|l| l.starts_with("Threads:")).unwrap();
+    line[8..].trim().parse().unwrap()
+}
 const GUARD: Duration = Duration::from_secs(30);
 
 fn open_host(net: &MemNetwork, id: u64, dir: &std::path::Path) -> Host {
@@ -108,7 +115,10 @@ async fn groups_on_three_hosts_commit_survive_removal_and_restart() {
     let dir = tempfile::tempdir().unwrap();
     let net = MemNetwork::new();
     let mut hosts: Vec<Host> = (1..=3).map(|id| open_host(&net, id, dir.path())).collect();
+    // Groups add no threads: one sync thread per host serves them all.
+    let threads_before = threads();
     let mut nodes: Vec<Vec<Node<Log>>> = hosts.iter().map(start_groups).collect();
+    assert_eq!(threads(), threads_before, "24 groups started threads");
     assert_eq!(hosts[0].running_groups(), (1..=GROUPS).collect::<Vec<_>>());
 
     // Every group elects a leader and commits through it, on every host.

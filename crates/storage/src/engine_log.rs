@@ -187,8 +187,9 @@ impl EngineHost {
         })
     }
 
-    /// Writes every group's staged changes with one fdatasync.
-    fn sync_all(&self) -> Result<(), StorageError> {
+    /// Writes every group's staged changes with one fdatasync (what a sync
+    /// of any group does).
+    pub fn sync(&self) -> Result<(), StorageError> {
         let _writing = self.writing.lock().unwrap();
         if self.failed.load(Ordering::Acquire) {
             return Err(StorageError::Invalid(
@@ -516,6 +517,6 @@ impl LogStore for EngineLog {
     }
 
     fn sync(&self) -> Result<(), StorageError> {
-        self.host.sync_all()
+        self.host.sync()
     }
 }
