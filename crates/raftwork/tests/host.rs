@@ -190,3 +190,36 @@ async fn groups_on_three_hosts_commit_survive_removal_and_restart() {
         h.shutdown().await;
     }
 }
+
+/// A host with 1,000 groups (one member each, so each leads at once)
+/// writes one entry per group, stops, and on restart recovers every group
+/// from its one log engine.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_host_restarts_with_a_thousand_groups() {
+    const MANY: u64 = 1000;
+    let dir = tempfile::tempdir().unwrap();
+    let net = MemNetwork::new();
+    let create = |host: &Host, g: u64| {
+        host.create_group(g, &[1], Log::default(), |c| {
+            c.tick_interval = Duration::from_millis(50);
+        })
+        .unwrap()
+    };
+    let host = open_host(&net, 1, dir.path());
+    let nodes: Vec<Node<Log>> = (1..=MANY).map(|g| create(&host, g)).collect();
+    for (k, node) in nodes.iter().enumerate() {
+        node.wait_for_leader(GUARD).await.unwrap();
+        let data = format!("group-{}", k + 1);
+        node.propose(data.into_bytes()).await.unwrap();
+    }
+    drop(nodes);
+    host.shutdown().await;
+
+    let host = open_host(&net, 1, dir.path());
+    assert_eq!(host.stored_groups(), (1..=MANY).collect::<Vec<_>>());
+    let nodes: Vec<Node<Log>> = (1..=MANY).map(|g| create(&host, g)).collect();
+    for (k, node) in nodes.iter().enumerate() {
+        applied(node, &[format!("group-{}", k + 1)]).await;
+    }
+    host.shutdown().await;
+}
