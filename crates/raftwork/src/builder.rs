@@ -53,6 +53,10 @@ pub struct Config {
     /// the leader that proposed it, and every replica takes them on when it
     /// applies the entry, so members with different settings still agree.
     pub sessions: SessionConfig,
+    /// Labels added to every metric the node itself records (not the WAL's
+    /// or the transport's, which a host's groups share): a `Host` sets
+    /// `group` to the group id. Default: none.
+    pub metric_labels: Vec<(String, String)>,
 }
 
 impl Default for Config {
@@ -65,6 +69,7 @@ impl Default for Config {
             snapshot_keep_count: 2,
             snapshot_compression: SnapshotCompression::default(),
             sessions: SessionConfig::default(),
+            metric_labels: Vec::new(),
         }
     }
 }
@@ -512,7 +517,7 @@ impl<SM: StateMachine, S: LogStore> Builder<SM, S> {
             applied_index,
             applied_term,
             events: applied_tx,
-            metrics: crate::metrics::ApplyMetrics::new(),
+            metrics: crate::metrics::ApplyMetrics::new(&config.metric_labels),
         };
         let (events, _) = broadcast::channel(1024);
         let (leader, _) = tokio::sync::watch::channel(None);
@@ -543,7 +548,7 @@ impl<SM: StateMachine, S: LogStore> Builder<SM, S> {
             register_nonces: 0,
             session_config: config.sessions,
             reads: HashMap::new(),
-            metrics: crate::metrics::LoopMetrics::new(),
+            metrics: crate::metrics::LoopMetrics::new(&config.metric_labels),
             conf_changes: HashMap::new(),
             transfers: HashMap::new(),
             snapshot_replies: HashMap::new(),

@@ -69,6 +69,12 @@ pub struct Host {
     router: tokio::task::JoinHandle<()>,
 }
 
+impl Drop for Host {
+    fn drop(&mut self) {
+        self.router.abort();
+    }
+}
+
 impl Host {
     /// A host with node id `id`, its log engine and snapshots under `dir`,
     /// on `transport` (whose inbox is `inbox`). Must be called inside a
@@ -135,6 +141,9 @@ impl Host {
         configure(&mut config);
         config.core.id = self.id;
         config.core.group_id = group_id;
+        config
+            .metric_labels
+            .push(("group".into(), group_id.to_string()));
         let snapshots = FileSnapshotStore::open(
             self.dir.join("snapshots").join(group_id.to_string()),
             config.snapshot_keep_count,

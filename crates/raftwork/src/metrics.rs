@@ -13,8 +13,10 @@
 //!
 //! Names follow etcd's where etcd has the same measure
 //! (`etcd_server_has_leader` is `raftwork_server_has_leader` here), with
-//! the unit in the name. A process is assumed to run one node: metrics
-//! carry no node or group label, and several nodes in one process add
+//! the unit in the name. The node's own metrics carry the labels of
+//! `Config::metric_labels` (none by default; a `Host` labels each group's
+//! with `group`); the WAL's and the transports' carry none (a host's groups
+//! share them). Several nodes in one process with the same labels add
 //! their observations together.
 //!
 //! Gauges of the node's state (term, indexes, pending proposals, queue
@@ -23,7 +25,7 @@
 
 use std::time::Duration;
 
-use metrics::{counter, gauge, histogram, Counter, Gauge, Histogram, Unit};
+use metrics::{counter, gauge, histogram, Counter, Gauge, Histogram, Label, Unit};
 pub use raftwork_storage::metrics::{
     MetricDef, MetricKind, FAST_SECONDS_BUCKETS, FSYNC_SECONDS_BUCKETS, SIZE_BYTES_BUCKETS,
     SLOW_SECONDS_BUCKETS,
@@ -321,6 +323,8 @@ pub(crate) struct LoopMetrics {
     /// the first sample: the counters count from when the node started.
     seen: Option<(u64, u64, u64)>,
     rtt: std::collections::HashMap<u64, Histogram>,
+    /// `Config::metric_labels`, for the per-peer series made later.
+    labels: Vec<Label>,
     /// The heartbeat in flight to each peer: when it was sent.
     probes: std::collections::HashMap<u64, std::time::Instant>,
 }
@@ -330,23 +334,25 @@ pub(crate) struct LoopMetrics {
 const PROBE_FORGET: Duration = Duration::from_secs(5);
 
 impl LoopMetrics {
-    pub(crate) fn new() -> Self {
+    pub(crate) fn new(labels: &[(String, String)]) -> Self {
+        let l = to_labels(labels);
         Self {
-            has_leader: gauge!(HAS_LEADER.name),
-            is_leader: gauge!(IS_LEADER.name),
-            leader_changes: counter!(LEADER_CHANGES.name),
-            term: gauge!(TERM.name),
-            commit_index: gauge!(COMMIT_INDEX.name),
-            applied_index: gauge!(APPLIED_INDEX.name),
-            last_index: gauge!(LAST_INDEX.name),
-            snapshot_index: gauge!(SNAPSHOT_INDEX.name),
-            committed: counter!(PROPOSALS_COMMITTED.name),
-            applied: counter!(PROPOSALS_APPLIED.name),
-            pending: gauge!(PROPOSALS_PENDING.name),
-            failed: counter!(PROPOSALS_FAILED.name),
-            rejected: counter!(MESSAGES_REJECTED.name),
-            read_index: histogram!(READ_INDEX.name),
-            requests_queue: gauge!(QUEUE_REQUESTS.name),
+            has_leader: gauge!(HAS_LEADER.name, l.iter()),
+            is_leader: gauge!(IS_LEADER.name, l.iter()),
+            leader_changes: counter!(LEADER_CHANGES.name, l.iter()),
+            term: gauge!(TERM.name, l.iter()),
+            commit_index: gauge!(COMMIT_INDEX.name, l.iter()),
+            applied_index: gauge!(APPLIED_INDEX.name, l.iter()),
+            last_index: gauge!(LAST_INDEX.name, l.iter()),
+            snapshot_index: gauge!(SNAPSHOT_INDEX.name, l.iter()),
+            committed: counter!(PROPOSALS_COMMITTED.name, l.iter()),
+            applied: counter!(PROPOSALS_APPLIED.name, l.iter()),
+            pending: gauge!(PROPOSALS_PENDING.name, l.iter()),
+            failed: counter!(PROPOSALS_FAILED.name, l.iter()),
+            rejected: counter!(MESSAGES_REJECTED.name, l.iter()),
+            read_index: histogram!(READ_INDEX.name, l.iter()),
+            requests_queue: gauge!(QUEUE_REQUESTS.name, l.iter()),
+            labels: l,
             last_leader: None,
             seen: None,
             rtt: Default::default(),
@@ -402,9 +408,14 @@ impl LoopMetrics {
         if let Some(sent) = self.probes.remove(&from) {
             let rtt = sent.elapsed();
             if rtt < PROBE_FORGET {
+                let labels = &self.labels;
                 self.rtt
                     .entry(from)
-                    .or_insert_with(|| histogram!(PEER_RTT.name, "to" => from.to_string()))
+                    .or_insert_with(|| {
+                        let mut l = labels.clone();
+                        l.push(Label::new("to", from.to_string()));
+                        histogram!(PEER_RTT.name, l)
+                    })
                     .record(rtt);
             }
         }
@@ -423,21 +434,29 @@ pub(crate) struct ApplyMetrics {
 }
 
 impl ApplyMetrics {
-    pub(crate) fn new() -> Self {
+    pub(crate) fn new(labels: &[(String, String)]) -> Self {
+        let l = to_labels(labels);
         Self {
-            batch_entries: histogram!(APPLY_BATCH_ENTRIES.name),
-            batch_duration: histogram!(APPLY_BATCH_DURATION.name),
-            queue: gauge!(QUEUE_APPLY.name),
-            save: histogram!(SNAPSHOT_SAVE.name),
-            save_size: histogram!(SNAPSHOT_SAVE_SIZE.name),
-            restore: histogram!(SNAPSHOT_APPLY.name),
-            restore_size: histogram!(SNAPSHOT_APPLY_SIZE.name),
+            batch_entries: histogram!(APPLY_BATCH_ENTRIES.name, l.iter()),
+            batch_duration: histogram!(APPLY_BATCH_DURATION.name, l.iter()),
+            queue: gauge!(QUEUE_APPLY.name, l.iter()),
+            save: histogram!(SNAPSHOT_SAVE.name, l.iter()),
+            save_size: histogram!(SNAPSHOT_SAVE_SIZE.name, l.iter()),
+            restore: histogram!(SNAPSHOT_APPLY.name, l.iter()),
+            restore_size: histogram!(SNAPSHOT_APPLY_SIZE.name, l.iter()),
         }
     }
 }
 
+fn to_labels(labels: &[(String, String)]) -> Vec<Label> {
+    labels
+        .iter()
+        .map(|(k, v)| Label::new(k.clone(), v.clone()))
+        .collect()
+}
+
 impl Default for LoopMetrics {
     fn default() -> Self {
-        Self::new()
+        Self::new(&[])
     }
 }

@@ -52,6 +52,18 @@ impl StateMachine for Log {
 
 const GROUPS: u64 = 8;
 
+/// Prometheus's recorder, installed once for the test binary before any
+/// host starts (handles made before it would record nothing).
+fn recorder() -> &'static metrics_exporter_prometheus::PrometheusHandle {
+    static HANDLE: std::sync::OnceLock<metrics_exporter_prometheus::PrometheusHandle> =
+        std::sync::OnceLock::new();
+    HANDLE.get_or_init(|| {
+        metrics_exporter_prometheus::PrometheusBuilder::new()
+            .install_recorder()
+            .unwrap()
+    })
+}
+
 /// Threads of this process (Linux).
 fn threads() -> usize {
     let status = std::fs::read_to_string("/proc/self/status").unwrap();
@@ -112,6 +124,7 @@ async fn applied(node: &Node<Log>, want: &[String]) {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn groups_on_three_hosts_commit_survive_removal_and_restart() {
+    let metrics = recorder();
     let dir = tempfile::tempdir().unwrap();
     let net = MemNetwork::new();
     let mut hosts: Vec<Host> = (1..=3).map(|id| open_host(&net, id, dir.path())).collect();
@@ -139,6 +152,23 @@ async fn groups_on_three_hosts_commit_survive_removal_and_restart() {
         assert!(nodes[0][g].wait_for_leader(GUARD).await.is_ok());
     }
 
+    // Each group's own metrics carry its id (sampled each tick).
+    let deadline = tokio::time::Instant::now() + GUARD;
+    loop {
+        let text = metrics.render();
+        let labelled =
+            (1..=GROUPS).all(|g| text.contains(&format!("raftwork_server_term{{group=\"{g}\"}}")));
+        if labelled {
+            assert!(
+                !text.lines().any(|l| l.starts_with("raftwork_server_term ")),
+                "a group without its label: {text}"
+            );
+            break;
+        }
+        assert!(tokio::time::Instant::now() < deadline, "{text}");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+
     // A message for a group host 1 does not run creates nothing there.
     let (stranger, _inbox) = net.join(99);
     stranger.send(Envelope {
@@ -153,7 +183,19 @@ async fn groups_on_three_hosts_commit_survive_removal_and_restart() {
             ..Default::default()
         }],
     });
-    tokio::time::sleep(Duration::from_millis(200)).await;
+    let counted = |text: &str| {
+        text.lines()
+            .find(|l| l.starts_with("raftwork_host_unknown_group_messages_total "))
+            .map(|l| l.rsplit(' ').next().unwrap().parse::<f64>().unwrap())
+    };
+    let deadline = tokio::time::Instant::now() + GUARD;
+    while counted(&metrics.render()).unwrap_or(0.0) < 1.0 {
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "the stranger's message was not counted"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
     assert_eq!(hosts[0].running_groups(), (1..=GROUPS).collect::<Vec<_>>());
     assert!(!hosts[0].stored_groups().contains(&4242));
 
@@ -196,6 +238,7 @@ async fn groups_on_three_hosts_commit_survive_removal_and_restart() {
 /// from its one log engine.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_host_restarts_with_a_thousand_groups() {
+    recorder();
     const MANY: u64 = 1000;
     let dir = tempfile::tempdir().unwrap();
     let net = MemNetwork::new();
