@@ -49,6 +49,9 @@ pub const GROUP_INBOX_ENVELOPES: usize = 1024;
 /// The groups' inboxes, by group id.
 type Routes = Arc<RwLock<HashMap<u64, InboxSender>>>;
 
+/// A group's `Node<SM>`, typed again by [`Host::group`].
+type AnyNode = Box<dyn std::any::Any + Send + Sync>;
+
 /// Stops a running group and waits until it has.
 type Stopper =
     Box<dyn FnOnce() -> std::pin::Pin<Box<dyn std::future::Future<Output = ()> + Send>> + Send>;
@@ -64,8 +67,8 @@ pub struct Host {
     /// once the groups' clones are gone too).
     sync_jobs: Mutex<Option<mpsc::UnboundedSender<SyncJob>>>,
     sync_thread: Mutex<Option<std::thread::JoinHandle<()>>>,
-    /// How to stop each running group.
-    groups: Mutex<HashMap<u64, Stopper>>,
+    /// Each running group: how to stop it, and its handle.
+    groups: Mutex<HashMap<u64, (Stopper, AnyNode)>>,
     router: tokio::task::JoinHandle<()>,
 }
 
@@ -183,11 +186,20 @@ impl Host {
         let node = builder.build()?;
         self.routes.write().unwrap().insert(group_id, tx);
         let stopper = node.clone();
-        groups.insert(
-            group_id,
-            Box::new(move || Box::pin(async move { stopper.shutdown().await })),
-        );
+        let stop: Stopper = Box::new(move || Box::pin(async move { stopper.shutdown().await }));
+        groups.insert(group_id, (stop, Box::new(node.clone())));
         Ok(node)
+    }
+
+    /// The handle of group `group_id`, if it runs on this host with state
+    /// machine type `SM` (`None` otherwise).
+    pub fn group<SM: StateMachine>(&self, group_id: u64) -> Option<Node<SM>> {
+        self.groups
+            .lock()
+            .unwrap()
+            .get(&group_id)
+            .and_then(|(_, node)| node.downcast_ref::<Node<SM>>())
+            .cloned()
     }
 
     /// Stops group `group_id` on this host and waits until it has (its log
@@ -198,7 +210,7 @@ impl Host {
         self.routes.write().unwrap().remove(&group_id);
         let stop = self.groups.lock().unwrap().remove(&group_id);
         match stop {
-            Some(stop) => {
+            Some((stop, _)) => {
                 stop().await;
                 true
             }

@@ -50,6 +50,26 @@ impl StateMachine for Log {
     }
 }
 
+/// A state machine of another type, for `Host::group`'s type check.
+#[derive(Default)]
+struct Other;
+
+impl StateMachine for Other {
+    type Response = ();
+
+    fn apply(&mut self, commands: &[Command<'_>]) -> Vec<()> {
+        vec![(); commands.len()]
+    }
+
+    fn snapshot(&self, _w: &mut dyn Write) -> std::io::Result<()> {
+        Ok(())
+    }
+
+    fn restore(&mut self, _r: &mut dyn Read) -> std::io::Result<()> {
+        Ok(())
+    }
+}
+
 const GROUPS: u64 = 8;
 
 /// Prometheus's recorder, installed once for the test binary before any
@@ -199,9 +219,19 @@ async fn groups_on_three_hosts_commit_survive_removal_and_restart() {
     assert_eq!(hosts[0].running_groups(), (1..=GROUPS).collect::<Vec<_>>());
     assert!(!hosts[0].stored_groups().contains(&4242));
 
+    // The host hands out a group's handle again, typed by its state machine.
+    let again: Node<Log> = hosts[1].group(4).expect("group 4 runs on host 2");
+    assert_eq!(again.id(), 2);
+    assert!(hosts[1].group::<Log>(4242).is_none());
+    assert!(
+        hosts[1].group::<Other>(4).is_none(),
+        "another state machine type"
+    );
+
     // Group 3 leaves host 3 at run time: it goes on with hosts 1 and 2.
     assert!(hosts[2].remove_group(3).await);
     assert!(!hosts[2].remove_group(3).await);
+    assert!(hosts[2].group::<Log>(3).is_none());
     let data = "g3-without-host-3".to_string();
     propose(&[&nodes[0], &nodes[1]], 2, &data).await;
     want[2].push(data);
