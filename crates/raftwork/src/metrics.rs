@@ -281,7 +281,14 @@ pub fn catalogue() -> impl Iterator<Item = &'static MetricDef> {
 
 /// Hands every metric's help text and unit to the installed recorder.
 pub fn describe() {
-    for d in catalogue() {
+    describe_defs(catalogue());
+}
+
+/// Hands these metrics' help texts and units (taken from the name's
+/// suffix) to the installed recorder: for an embedder's own metrics
+/// declared as [`MetricDef`]s.
+pub fn describe_defs<'a>(defs: impl IntoIterator<Item = &'a MetricDef>) {
+    for d in defs {
         let unit = if d.name.ends_with("_seconds") {
             Some(Unit::Seconds)
         } else if d.name.ends_with("_bytes") || d.name.ends_with("_bytes_total") {

@@ -92,15 +92,7 @@ pub fn install() -> Result<(), String> {
             .install_recorder()
             .map_err(|e| format!("cannot install the metrics recorder: {e}"))?;
         raftwork::metrics::describe();
-        for d in SERVER {
-            match d.kind {
-                MetricKind::Counter => metrics::describe_counter!(d.name, d.help),
-                MetricKind::Gauge => metrics::describe_gauge!(d.name, d.help),
-                MetricKind::Histogram => {
-                    metrics::describe_histogram!(d.name, metrics::Unit::Seconds, d.help)
-                }
-            }
-        }
+        raftwork::metrics::describe_defs(SERVER);
         let process = metrics_process::Collector::default();
         process.describe();
         let upkeep = handle.clone();
@@ -161,52 +153,53 @@ struct RouteEntry {
 
 static ROUTE_HANDLES: OnceLock<RouteHandles> = OnceLock::new();
 
-impl RouteHandles {
-    fn record(&self, route: &str, method: &'static str, status: &str, elapsed: Duration) {
-        {
-            let routes = self.routes.read().unwrap();
-            if let Some(entry) = routes.get(route) {
-                let duration = entry.durations.iter().find(|(m, _)| *m == method);
-                let count = entry
-                    .counts
-                    .iter()
-                    .find(|(m, s, _)| *m == method && s == status);
-                if let (Some((_, h)), Some((_, _, c))) = (duration, count) {
-                    h.record(elapsed);
-                    c.increment(1);
-                    return;
-                }
-            }
-        }
-        let mut routes = self.routes.write().unwrap();
-        let entry = routes.entry(route.to_string()).or_default();
-        if !entry.durations.iter().any(|(m, _)| *m == method) {
+impl RouteEntry {
+    fn find(&self, method: &str, status: &str) -> Option<(&Histogram, &Counter)> {
+        let (_, h) = self.durations.iter().find(|(m, _)| *m == method)?;
+        let (_, _, c) = self
+            .counts
+            .iter()
+            .find(|(m, s, _)| *m == method && s == status)?;
+        Some((h, c))
+    }
+
+    /// Makes the handles `find` lacks for `route`, `method`, `status`.
+    fn add_missing(&mut self, route: &str, method: &'static str, status: &str) {
+        if !self.durations.iter().any(|(m, _)| *m == method) {
             let h = metrics::histogram!(HTTP_DURATION.name, "route" => route.to_string(), "method" => method);
-            entry.durations.push((method, h));
+            self.durations.push((method, h));
         }
-        if !entry
+        if !self
             .counts
             .iter()
             .any(|(m, s, _)| *m == method && s == status)
         {
             let c = metrics::counter!(HTTP_REQUESTS.name, "route" => route.to_string(),
                 "method" => method, "status" => status.to_string());
-            entry.counts.push((method, status.to_string(), c));
+            self.counts.push((method, status.to_string(), c));
         }
-        let h = &entry
-            .durations
-            .iter()
-            .find(|(m, _)| *m == method)
+    }
+}
+
+impl RouteHandles {
+    fn record(&self, route: &str, method: &'static str, status: &str, elapsed: Duration) {
+        let record = |(h, c): (&Histogram, &Counter)| {
+            h.record(elapsed);
+            c.increment(1);
+        };
+        if let Some(found) = self
+            .routes
+            .read()
             .unwrap()
-            .1;
-        h.record(elapsed);
-        let c = &entry
-            .counts
-            .iter()
-            .find(|(m, s, _)| *m == method && s == status)
-            .unwrap()
-            .2;
-        c.increment(1);
+            .get(route)
+            .and_then(|e| e.find(method, status))
+        {
+            return record(found);
+        }
+        let mut routes = self.routes.write().unwrap();
+        let entry = routes.entry(route.to_string()).or_default();
+        entry.add_missing(route, method, status);
+        record(entry.find(method, status).expect("just made"));
     }
 }
 

@@ -354,18 +354,7 @@ impl raft::Storage for EngineLog {
     }
 
     fn snapshot(&self, request_index: u64, to: u64) -> raft::Result<Snapshot> {
-        let st = self.state.read().unwrap();
-        if st.snapshot.index < request_index
-            || st.snapshot.index == 0
-            || !crate::snapshot_includes(&st.snapshot, to)
-        {
-            return Err(raft::Error::Store(
-                RaftStorageError::SnapshotTemporarilyUnavailable,
-            ));
-        }
-        let mut snap = Snapshot::default();
-        snap.set_metadata(st.snapshot.clone());
-        Ok(snap)
+        crate::snapshot_at(&self.state.read().unwrap().snapshot, request_index, to)
     }
 }
 
@@ -374,18 +363,7 @@ impl LogStore for EngineLog {
         let mut st = self.state.write().unwrap();
         st.evict(self.host.durable_seq.load(Ordering::Acquire));
         let group = self.group;
-        if let Some(index) = batch.compact_to {
-            let last = match (&batch.snapshot, batch.entries.last()) {
-                (_, Some(e)) => e.index,
-                (Some(m), None) => m.index,
-                (None, None) => st.last_index,
-            };
-            if index > last + 1 {
-                return Err(StorageError::Invalid(format!(
-                    "compact to {index} beyond last index {last}"
-                )));
-            }
-        }
+        batch.check_compact(st.last_index)?;
         if let Some(first) = batch.entries.first() {
             let (floor, last) = match &batch.snapshot {
                 Some(m) => (m.index + 1, m.index),
@@ -441,12 +419,7 @@ impl LogStore for EngineLog {
             }
         }
         // The log after the entries, for the compaction point's term.
-        let new_last = batch
-            .entries
-            .last()
-            .map(|e| e.index)
-            .or(batch.snapshot.as_ref().map(|m| m.index))
-            .unwrap_or(st.last_index);
+        let new_last = batch.last_index_after(st.last_index);
         if let Some(index) = batch.compact_to {
             if index > compacted.0 + 1 {
                 let prev = index - 1;

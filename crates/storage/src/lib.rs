@@ -99,6 +99,48 @@ impl WriteBatch {
             && self.record_snapshot.is_none()
             && self.compact_to.is_none()
     }
+
+    /// The log's last index once this batch is in, for a log whose last
+    /// index is now `current_last`.
+    pub fn last_index_after(&self, current_last: u64) -> u64 {
+        match (&self.snapshot, self.entries.last()) {
+            (_, Some(e)) => e.index,
+            (Some(m), None) => m.index,
+            (None, None) => current_last,
+        }
+    }
+
+    /// Refuses a `compact_to` past the end of the log as the batch leaves it.
+    pub(crate) fn check_compact(&self, current_last: u64) -> Result<(), StorageError> {
+        match self.compact_to {
+            Some(index) if index > self.last_index_after(current_last) + 1 => {
+                Err(StorageError::Invalid(format!(
+                    "compact to {index} beyond last index {}",
+                    self.last_index_after(current_last)
+                )))
+            }
+            _ => Ok(()),
+        }
+    }
+}
+
+/// What [`raft::Storage::snapshot`] answers for a store whose newest
+/// snapshot point is `meta`: the snapshot (its metadata; the data is in a
+/// snapshot store), or "temporarily unavailable" if there is none at or
+/// past `request_index` or peer `to` is not in its configuration.
+pub(crate) fn snapshot_at(
+    meta: &SnapshotMetadata,
+    request_index: u64,
+    to: u64,
+) -> raft::Result<raft::prelude::Snapshot> {
+    if meta.index < request_index || meta.index == 0 || !snapshot_includes(meta, to) {
+        return Err(raft::Error::Store(
+            raft::StorageError::SnapshotTemporarilyUnavailable,
+        ));
+    }
+    let mut snap = raft::prelude::Snapshot::default();
+    snap.set_metadata(meta.clone());
+    Ok(snap)
 }
 
 /// The write side of a Raft log store.

@@ -138,36 +138,14 @@ impl raft::Storage for MemLogStore {
     }
 
     fn snapshot(&self, request_index: u64, to: u64) -> raft::Result<Snapshot> {
-        let inner = self.inner.read().unwrap();
-        if inner.snapshot.index < request_index
-            || inner.snapshot.index == 0
-            || !crate::snapshot_includes(&inner.snapshot, to)
-        {
-            return Err(raft::Error::Store(
-                RaftStorageError::SnapshotTemporarilyUnavailable,
-            ));
-        }
-        let mut snap = Snapshot::default();
-        snap.set_metadata(inner.snapshot.clone());
-        Ok(snap)
+        crate::snapshot_at(&self.inner.read().unwrap().snapshot, request_index, to)
     }
 }
 
 impl LogStore for MemLogStore {
     fn stage(&self, batch: WriteBatch) -> Result<(), StorageError> {
         let mut inner = self.inner.write().unwrap();
-        if let Some(index) = batch.compact_to {
-            let last = match (&batch.snapshot, batch.entries.last()) {
-                (_, Some(e)) => e.index,
-                (Some(m), None) => m.index,
-                (None, None) => inner.last_index(),
-            };
-            if index > last + 1 {
-                return Err(StorageError::Invalid(format!(
-                    "compact to {index} beyond last index {last}"
-                )));
-            }
-        }
+        batch.check_compact(inner.last_index())?;
         if let Some(meta) = batch.snapshot {
             // Installing a snapshot replaces the whole log.
             inner.entries.clear();

@@ -1537,18 +1537,11 @@ impl raft::Storage for Wal {
     }
 
     fn snapshot(&self, request_index: u64, to: u64) -> raft::Result<Snapshot> {
-        let st = self.shared.state.read().unwrap();
-        if st.snapshot.index < request_index
-            || st.snapshot.index == 0
-            || !crate::snapshot_includes(&st.snapshot, to)
-        {
-            return Err(raft::Error::Store(
-                RaftStorageError::SnapshotTemporarilyUnavailable,
-            ));
-        }
-        let mut snap = Snapshot::default();
-        snap.set_metadata(st.snapshot.clone());
-        Ok(snap)
+        crate::snapshot_at(
+            &self.shared.state.read().unwrap().snapshot,
+            request_index,
+            to,
+        )
     }
 }
 
