@@ -9,9 +9,12 @@
 //! `<target dir>/test-artifacts/ui/` (the path is printed).
 //!
 //! The browser: `chromium` on the PATH, else the test installs it
-//! (`apt-get install chromium`, as root). If it cannot, the test fails
-//! saying why, unless `RAFTWORK_SKIP_BROWSER=1` is set: then the browser
-//! part is skipped with a loud message (the JSON part still runs).
+//! (`apt-get install chromium`, as root). If it cannot, the browser part
+//! is skipped with a loud message (the JSON part still runs), as the other
+//! tests that need a tool the Rust toolchain lacks do, unless
+//! `RAFTWORK_REQUIRE_BROWSER` is set (`.ci/run` sets it): then the test
+//! fails saying why. `RAFTWORK_SKIP_BROWSER=1` skips the browser part
+//! without trying to install it.
 //!
 //! Every wait is a poll with a generous hang guard, never a timing
 //! assertion.
@@ -42,7 +45,8 @@ struct Browser {
 
 impl Browser {
     /// `chromium` from the PATH, installed first if absent; `None` (the
-    /// test skips the browser part) only under `RAFTWORK_SKIP_BROWSER`.
+    /// test skips the browser part) under `RAFTWORK_SKIP_BROWSER`, or if it
+    /// cannot be installed and `RAFTWORK_REQUIRE_BROWSER` is not set.
     fn find_or_install(dir: &Path) -> Option<Self> {
         let browser = Self {
             bin: "chromium".into(),
@@ -64,11 +68,17 @@ impl Browser {
         match installed {
             Ok(()) if browser.runs() => Some(browser),
             Ok(()) => panic!("apt-get installed chromium, but `chromium --version` fails"),
-            Err(why) => panic!(
+            Err(why) if std::env::var_os("RAFTWORK_REQUIRE_BROWSER").is_some() => panic!(
                 "the status page's test needs Debian's chromium and could not install it: \
-                 {why}. Install it (apt-get install chromium), or set RAFTWORK_SKIP_BROWSER=1 \
-                 to skip the browser part"
+                 {why}. Install it (apt-get install chromium); RAFTWORK_REQUIRE_BROWSER is set"
             ),
+            Err(why) => {
+                eprintln!(
+                    "\n******** SKIPPED: the status page's browser test: chromium is not \
+                     installed and could not be ({why}); apt-get install chromium ********\n"
+                );
+                None
+            }
         }
     }
 
