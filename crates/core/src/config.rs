@@ -90,6 +90,13 @@ pub struct CoreConfig {
     /// one. The tokio shell draws it from OS randomness at every start; the
     /// simulator from its seed. Default: 0.
     pub incarnation: u64,
+    /// Ticks of quiet after which this member may hibernate (stop being
+    /// ticked; see [`crate::Core::try_hibernate`]). 0 never hibernates.
+    /// Default: 0 (a node of its own ticks for ever); a multi-group host
+    /// sets it. Otherwise at least `2 * heartbeat_ticks` (the commit
+    /// reaches the followers first) and below `election_ticks - 1` (a
+    /// follower falls asleep before its election timer can fire).
+    pub hibernate_after_ticks: u64,
 }
 
 impl Default for CoreConfig {
@@ -119,6 +126,7 @@ impl Default for CoreConfig {
             applied_index: 0,
             fixed_election_ticks: None,
             incarnation: 0,
+            hibernate_after_ticks: 0,
         }
     }
 }
@@ -158,6 +166,14 @@ impl CoreConfig {
         }
         if self.read_retry_ticks == 0 || self.read_timeout_ticks < self.read_retry_ticks {
             return fail("need 1 <= read_retry_ticks <= read_timeout_ticks");
+        }
+        if self.hibernate_after_ticks > 0
+            && (self.hibernate_after_ticks < 2 * self.heartbeat_ticks as u64
+                || self.hibernate_after_ticks + 1 >= self.election_ticks as u64)
+        {
+            return fail(
+                "hibernate_after_ticks must be 0, or in [2 * heartbeat_ticks, election_ticks - 1)",
+            );
         }
         if let Some(t) = self.fixed_election_ticks {
             if t < self.election_ticks {

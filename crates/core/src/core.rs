@@ -77,6 +77,9 @@ pub struct Status {
     /// On a leader: how far each other member's log is known to match
     /// its own, `(id, match index)` sorted by id; empty elsewhere.
     pub followers_matched: Vec<(NodeId, u64)>,
+    /// The shell stopped ticking this member until something happens
+    /// ([`Core::try_hibernate`]).
+    pub hibernating: bool,
 }
 
 /// A membership change request.
@@ -408,6 +411,16 @@ pub struct Core<S: LogStore> {
     /// confirms them, oldest first.
     held_reads: VecDeque<HeldRead>,
     actions: Vec<Action>,
+    /// Consecutive ticks at which [`Core::quiescent`] held with no activity
+    /// in between (see "hibernation" below).
+    quiet_ticks: u64,
+    /// The shell stopped ticking this member ([`Core::try_hibernate`]).
+    hibernating: bool,
+    /// The leader this member last heard an append, heartbeat or snapshot
+    /// from in the current term (0: none since it last learned that the
+    /// leader's host changed). A follower sleeps only under a leader it
+    /// has heard.
+    leader_heard: NodeId,
 }
 
 /// A read answer raft-rs gave in lease mode, held until confirmed.
@@ -483,6 +496,9 @@ impl<S: LogStore> Core<S> {
             lease: None,
             held_reads: VecDeque::new(),
             actions: Vec::new(),
+            quiet_ticks: 0,
+            hibernating: false,
+            leader_heard: 0,
         })
     }
 
@@ -567,6 +583,7 @@ impl<S: LogStore> Core<S> {
             } else {
                 Vec::new()
             },
+            hibernating: self.hibernating,
         }
     }
 
@@ -580,15 +597,133 @@ impl<S: LogStore> Core<S> {
         self.tick_count
     }
 
+    // ----- hibernation -----
+    //
+    // A member with nothing to do may stop being ticked, so that thousands
+    // of idle groups on a host cost no CPU (TiKV's hibernate regions). The
+    // core decides; the shell carries it out (stops ticking, and watches
+    // the leader's host for a follower).
+    //
+    // * Quiet: `quiescent()` held at `hibernate_after_ticks` ticks in a
+    //   row with no activity between them. Activity is anything but a tick
+    //   or a heartbeat answer: a proposal, read, membership change,
+    //   transfer or snapshot request, any other peer message, an
+    //   unreachable report. Activity wakes a hibernating member.
+    // * A leader is quiescent when every member's log matches its last
+    //   index and everything is committed, persisted and applied, with
+    //   nothing waiting. It sent a heartbeat at each of those quiet ticks,
+    //   so the followers learned the commit index (unless all of them were
+    //   lost: then they learn it at the next activity).
+    // * A follower is quiescent when it heard its leader in this term and
+    //   has applied everything it knows committed, with nothing waiting.
+    //   Its leader's heartbeats are activity, so it falls asleep only
+    //   `hibernate_after_ticks` (< election_ticks - 1) ticks after the
+    //   leader's last one: before its election timer could fire. It sleeps
+    //   only while its leader's host is alive (the shell knows that); when
+    //   that host dies or restarts, the shell calls
+    //   `handle_leader_host_changed`, and the follower does not sleep again
+    //   before it hears a leader, so an election follows if none speaks.
+    // * Safety never depends on ticks. The lease does: a sleeping leader's
+    //   tick count stops while real time goes on, so hibernating expires
+    //   the lease and reads after waking wait for a fresh heartbeat round.
+
+    /// Nothing is in flight and nothing waits (see the section above).
+    fn quiescent(&self) -> bool {
+        let raft = &self.raw.raft;
+        let log = &raft.raft_log;
+        let last = log.last_index();
+        let settled = self.proposal_queue.is_empty()
+            && self.proposals.is_empty()
+            && self.conf_changes.is_empty()
+            && self.conf_changes_applying.is_empty()
+            && self.reads_waiting.is_empty()
+            && self.read_inflight.is_none()
+            && self.reads_confirmed.is_empty()
+            && self.held_reads.is_empty()
+            && self.transfer.is_none()
+            && self.persisted_messages.is_empty()
+            && !self.snapshot_taking
+            && !self.sole_voter_campaign
+            && !self.removed
+            && log.persisted == last
+            && log.committed == last
+            && self.dispatched_index == last
+            && self.applied_index == last
+            && !raft.has_pending_conf()
+            && raft.pending_read_count() == 0
+            && raft.ready_read_count() == 0;
+        settled
+            && match raft.state {
+                StateRole::Leader => {
+                    self.leader_committed_in_term
+                        && raft.lead_transferee.is_none()
+                        && raft.prs().iter().all(|(_, p)| p.matched == last)
+                }
+                StateRole::Follower => raft.leader_id != 0 && self.leader_heard == raft.leader_id,
+                _ => false,
+            }
+    }
+
+    /// Puts this member to sleep if it has been quiet long enough: returns
+    /// true if it hibernates (or already did), and the shell stops ticking
+    /// it until an event wakes it ([`Core::is_hibernating`] turns false).
+    /// `leader_host_alive`: a follower's leader's host answers the shell's
+    /// liveness checks (a follower sleeps only then).
+    pub fn try_hibernate(&mut self, leader_host_alive: bool) -> bool {
+        if self.hibernating {
+            return true;
+        }
+        let after = self.config.hibernate_after_ticks;
+        if after == 0 || self.quiet_ticks < after || !self.quiescent() {
+            return false;
+        }
+        if self.raw.raft.state != StateRole::Leader && !leader_host_alive {
+            return false;
+        }
+        self.hibernating = true;
+        self.quiet_ticks = 0;
+        // Frozen ticks vouch for nothing.
+        self.expire_lease();
+        true
+    }
+
+    /// Whether this member is asleep (the shell does not tick it).
+    pub fn is_hibernating(&self) -> bool {
+        self.hibernating
+    }
+
+    /// Activity: wakes a sleeping member and restarts the quiet count.
+    fn wake(&mut self) {
+        self.hibernating = false;
+        self.quiet_ticks = 0;
+    }
+
+    /// The shell saw this member's leader's host die or restart (or stop
+    /// leading some group): wake up, and sleep again only after hearing a
+    /// leader, so that a leader that is gone is replaced by an election.
+    pub fn handle_leader_host_changed(&mut self) {
+        self.wake();
+        self.leader_heard = 0;
+    }
+
     // ----- events in -----
 
     /// One tick of logical time.
     pub fn handle_tick(&mut self) {
+        // Only an awake member is ticked.
+        self.hibernating = false;
         self.tick_count += 1;
         self.raw.tick();
         self.check_read_timers();
         self.check_transfer_timer();
         self.check_proposal_timers();
+        if self.config.hibernate_after_ticks > 0 {
+            self.quiet_ticks = if self.quiescent() {
+                self.quiet_ticks + 1
+            } else {
+                0
+            };
+        }
     }
 
     /// Proposals are in index order, so the oldest are at the front: this is
@@ -654,8 +789,22 @@ impl<S: LogStore> Core<S> {
                 _ => {}
             }
         }
+        let from = msg.from;
+        let kind = msg.get_msg_type();
+        // A leader's heartbeat answers are not news (it sends heartbeats
+        // only while awake); anything else is activity.
+        if kind != MessageType::MsgHeartbeatResponse {
+            self.wake();
+        }
         if let Err(e) = self.raw.step(msg) {
             slog::debug!(self.logger, "step refused a message"; "error" => %e);
+        }
+        if matches!(
+            kind,
+            MessageType::MsgAppend | MessageType::MsgHeartbeat | MessageType::MsgSnapshot
+        ) && from == self.raw.raft.leader_id
+        {
+            self.leader_heard = from;
         }
         Ok(())
     }
@@ -681,11 +830,13 @@ impl<S: LogStore> Core<S> {
 
     /// A peer could not be reached.
     pub fn handle_unreachable(&mut self, to: NodeId) {
+        self.wake();
         self.raw.report_unreachable(to);
     }
 
     /// The outcome of sending a snapshot to `to`.
     pub fn handle_snapshot_status(&mut self, to: NodeId, ok: bool) {
+        self.wake();
         let status = if ok {
             raft::SnapshotStatus::Finish
         } else {
@@ -711,6 +862,7 @@ impl<S: LogStore> Core<S> {
         kind: crate::session::EntryKind,
         command: Vec<u8>,
     ) -> Result<(), ProposeError> {
+        self.wake();
         if self.removed {
             return Err(ProposeError::Removed);
         }
@@ -736,6 +888,7 @@ impl<S: LogStore> Core<S> {
 
     /// Asks for a linearizable read. The reply is `ReadReady` or `ReadFailed`.
     pub fn handle_read(&mut self, id: RequestId) {
+        self.wake();
         if self.removed {
             self.actions.push(Action::ReadFailed {
                 ids: vec![id],
@@ -758,6 +911,7 @@ impl<S: LogStore> Core<S> {
         change: MembershipChange,
         context: Vec<u8>,
     ) -> Result<(), ConfChangeError> {
+        self.wake();
         if self.removed {
             return Err(ConfChangeError::Removed);
         }
@@ -850,6 +1004,7 @@ impl<S: LogStore> Core<S> {
         id: RequestId,
         to: NodeId,
     ) -> Result<(), TransferError> {
+        self.wake();
         if self.raw.raft.state != StateRole::Leader {
             return Err(TransferError::NotLeader {
                 leader_hint: self.leader(),
@@ -1514,6 +1669,7 @@ impl<S: LogStore> Core<S> {
     /// for applying, answered with [`Action::TakeSnapshot`] carrying `id`.
     /// Fails (returns false) when nothing was applied yet.
     pub fn handle_snapshot_request(&mut self, id: RequestId) -> bool {
+        self.wake();
         if self.dispatched_index == 0 {
             return false;
         }

@@ -15,15 +15,20 @@ fn logger() -> slog::Logger {
 }
 
 fn core(id: u64, voters: &[u64]) -> Core<MemLogStore> {
+    core_with(id, voters, &|_| {})
+}
+
+fn core_with(id: u64, voters: &[u64], adjust: &dyn Fn(&mut CoreConfig)) -> Core<MemLogStore> {
     let store = MemLogStore::new();
     let applied = bootstrap(&store, 1, voters).unwrap().unwrap();
-    let config = CoreConfig {
+    let mut config = CoreConfig {
         id,
         applied_index: applied,
         // Fixed and distinct, so node 1 always times out first.
         fixed_election_ticks: Some(10 + id as usize),
         ..Default::default()
     };
+    adjust(&mut config);
     Core::new(config, store, &logger()).unwrap()
 }
 
@@ -40,8 +45,12 @@ struct Net {
 
 impl Net {
     fn new(ids: &[u64]) -> Self {
+        Self::with(ids, &|_| {})
+    }
+
+    fn with(ids: &[u64], adjust: &dyn Fn(&mut CoreConfig)) -> Self {
         Self {
-            cores: ids.iter().map(|&id| core(id, ids)).collect(),
+            cores: ids.iter().map(|&id| core_with(id, ids, adjust)).collect(),
             queue: VecDeque::new(),
             outputs: ids.iter().map(|_| Vec::new()).collect(),
             applied: Vec::new(),
@@ -681,4 +690,184 @@ fn log_time_never_goes_back_across_a_leader_with_a_slower_clock() {
     net.core(2).handle_propose(4, b"c".to_vec()).unwrap();
     net.pump();
     assert_eq!(stamps(&net.outputs[0]).last(), Some(&20_000));
+}
+
+/// Hibernation settings for the tests below: asleep after 4 quiet ticks.
+fn hibernating(c: &mut CoreConfig) {
+    c.hibernate_after_ticks = 4;
+}
+
+impl Net {
+    /// One tick of every awake core, then each tries to sleep
+    /// (`alive`: whether a follower's leader's host counts as alive).
+    fn tick_awake(&mut self, alive: bool) {
+        for c in &mut self.cores {
+            if !c.is_hibernating() {
+                c.handle_tick();
+            }
+        }
+        self.pump();
+        for c in &mut self.cores {
+            c.try_hibernate(alive);
+        }
+    }
+
+    fn all_asleep(&self) -> bool {
+        self.cores.iter().all(|c| c.is_hibernating())
+    }
+}
+
+#[test]
+fn a_quiet_group_hibernates_without_an_election_and_wakes_for_a_proposal() {
+    let mut net = Net::with(&[1, 2, 3], &hibernating);
+    let leader = net.tick_until_leader();
+    let term = net.core(leader).status().term;
+    for _ in 0..20 {
+        if net.all_asleep() {
+            break;
+        }
+        net.tick_awake(true);
+    }
+    assert!(net.all_asleep(), "a quiet group did not fall asleep");
+    // Asleep for a long time: nothing is ticked, nobody campaigns.
+    for _ in 0..100 {
+        net.tick_awake(true);
+    }
+    assert!(net.all_asleep());
+    assert_eq!(net.core(leader).status().term, term);
+
+    // A proposal wakes the leader, its append wakes the followers, and
+    // everyone applies it before the group sleeps again.
+    net.core(leader).handle_propose(1, b"x".to_vec()).unwrap();
+    assert!(!net.core(leader).is_hibernating());
+    net.pump();
+    assert!(net.cores.iter().all(|c| !c.is_hibernating()));
+    for _ in 0..20 {
+        if net.all_asleep() {
+            break;
+        }
+        net.tick_awake(true);
+    }
+    assert!(net.all_asleep(), "the group did not fall asleep again");
+    let applied: Vec<u64> = net
+        .applied
+        .iter()
+        .filter(|(_, _, d)| d == b"x")
+        .map(|(n, _, _)| *n)
+        .collect();
+    assert_eq!(applied.len(), 3, "applied on {applied:?}");
+    assert_eq!(net.core(leader).status().term, term);
+}
+
+#[test]
+fn a_follower_whose_leaders_host_is_not_known_alive_stays_awake_and_campaigns() {
+    let mut net = Net::with(&[1, 2, 3], &hibernating);
+    let leader = net.tick_until_leader();
+    let term = net.core(leader).status().term;
+    // The leader sleeps; followers that may not sleep stay awake, time out
+    // and campaign: only leaders ever sleep.
+    for _ in 0..60 {
+        net.tick_awake(false);
+        for c in &net.cores {
+            assert!(
+                !c.is_hibernating() || c.role() == Role::Leader,
+                "node {} slept as a {:?} without a live leader host",
+                c.id(),
+                c.role()
+            );
+        }
+    }
+    let term_now = net.cores.iter().map(|c| c.status().term).max().unwrap();
+    assert!(term_now > term, "the awake followers never campaigned");
+}
+
+#[test]
+fn followers_told_the_leaders_host_changed_elect_a_new_leader_if_it_is_gone() {
+    let mut net = Net::with(&[1, 2, 3], &hibernating);
+    let leader = net.tick_until_leader();
+    let term = net.core(leader).status().term;
+    for _ in 0..20 {
+        net.tick_awake(true);
+    }
+    assert!(net.all_asleep());
+    // The leader's host dies: its core is gone.
+    net.cores.retain(|c| c.id() != leader);
+    // Still asleep: nobody notices without the host's liveness.
+    for _ in 0..50 {
+        net.tick_awake(true);
+    }
+    assert!(net.all_asleep());
+    for c in &mut net.cores {
+        c.handle_leader_host_changed();
+    }
+    let mut new_leader = None;
+    for _ in 0..100 {
+        net.tick_awake(true);
+        new_leader = net
+            .cores
+            .iter()
+            .find(|c| c.role() == Role::Leader)
+            .map(|c| c.id());
+        if new_leader.is_some() {
+            break;
+        }
+    }
+    let new_leader = new_leader.expect("no new leader after the leader's host died");
+    assert_ne!(new_leader, leader);
+    assert!(net.core(new_leader).status().term > term);
+}
+
+#[test]
+fn a_leader_waking_from_hibernation_holds_no_lease() {
+    let mut net = Net::with(&[1, 2, 3], &|c| {
+        hibernating(c);
+        c.lease_read = true;
+    });
+    let leader = net.tick_until_leader();
+    // A lease read right now is answered from the lease, with no round.
+    for _ in 0..3 {
+        net.tick_awake(true);
+    }
+    net.core(leader).handle_read(7);
+    let actions = net.core(leader).poll().unwrap();
+    assert!(
+        actions
+            .iter()
+            .any(|a| matches!(a, Action::ReadReady { .. })),
+        "the lease did not answer (the test would prove nothing)"
+    );
+    net.pump();
+    for _ in 0..20 {
+        net.tick_awake(true);
+    }
+    assert!(net.all_asleep());
+    // Asleep, the leader's tick count stood still while time went on: a
+    // read must wait for a fresh heartbeat round.
+    net.core(leader).handle_read(8);
+    let actions = net.core(leader).poll().unwrap();
+    assert!(
+        !actions
+            .iter()
+            .any(|a| matches!(a, Action::ReadReady { .. })),
+        "a leader woken from hibernation answered from its old lease"
+    );
+    net.queue.clear();
+}
+
+#[test]
+fn hibernation_settings_that_could_fire_an_election_are_refused() {
+    for bad in [1, 9, 10, 50] {
+        let c = CoreConfig {
+            hibernate_after_ticks: bad,
+            heartbeat_ticks: 1,
+            election_ticks: 10,
+            ..Default::default()
+        };
+        assert!(c.validate().is_err(), "{bad} accepted");
+    }
+    let c = CoreConfig {
+        hibernate_after_ticks: 8,
+        ..Default::default()
+    };
+    c.validate().unwrap();
 }
