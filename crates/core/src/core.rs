@@ -687,6 +687,12 @@ impl<S: LogStore> Core<S> {
         true
     }
 
+    /// Consecutive quiet ticks so far (the shell asks a sleeping follower's
+    /// leader's host only once these reach `hibernate_after_ticks`).
+    pub fn quiet_ticks(&self) -> u64 {
+        self.quiet_ticks
+    }
+
     /// Whether this member is asleep (the shell does not tick it).
     pub fn is_hibernating(&self) -> bool {
         self.hibernating

@@ -232,6 +232,8 @@ pub struct Builder<SM, S = DataDir> {
     /// Persists go to this instead of a sync thread of the node's own (a
     /// host's one sync thread for all its groups).
     sync: Option<SyncMode>,
+    /// Ticks from a host's ticker instead of a timer of the node's own.
+    clock: Option<crate::clock::Clock>,
 }
 
 /// The network the builder starts itself, when no transport is given.
@@ -261,6 +263,7 @@ impl<SM: StateMachine> Builder<SM, DataDir> {
             data_dir: PathBuf::from("./raftwork-data"),
             wal_options: WalOptions::default(),
             sync: None,
+            clock: None,
         }
     }
 
@@ -321,6 +324,7 @@ impl<SM: StateMachine, S> Builder<SM, S> {
             data_dir: self.data_dir,
             wal_options: self.wal_options,
             sync: self.sync,
+            clock: self.clock,
         }
     }
 
@@ -328,6 +332,13 @@ impl<SM: StateMachine, S> Builder<SM, S> {
     #[cfg_attr(not(feature = "host"), allow(dead_code))]
     pub(crate) fn shared_sync(mut self, sync: SyncMode) -> Self {
         self.sync = Some(sync);
+        self
+    }
+
+    /// Takes ticks from a host's ticker (the group may then hibernate).
+    #[cfg_attr(not(feature = "host"), allow(dead_code))]
+    pub(crate) fn host_clock(mut self, clock: crate::clock::HostClock) -> Self {
+        self.clock = Some(crate::clock::Clock::Host(clock));
         self
     }
 
@@ -418,6 +429,7 @@ impl<SM: StateMachine, S: LogStore> Builder<SM, S> {
             data_dir,
             wal_options: _,
             sync: shared_sync,
+            clock,
         } = self;
         config.validate()?;
         let id = config.core.id;
@@ -536,6 +548,7 @@ impl<SM: StateMachine, S: LogStore> Builder<SM, S> {
             term: term.clone(),
             snapshots,
             tick_interval: config.tick_interval,
+            clock: clock.unwrap_or(crate::clock::Clock::Own(None)),
             last_tick_at: std::time::Instant::now(),
             stopped: stopped.clone(),
             stop: stop.clone(),

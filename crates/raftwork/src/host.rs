@@ -22,9 +22,19 @@
 //! makes them durable with one engine write and one fdatasync, and answers
 //! each group with its highest ready number.
 //!
+//! One ticker serves every group (no timer per group): each tick it bumps
+//! the tick number every awake group waits on, sends one coalesced
+//! heartbeat to each peer host (group 0, whatever the number of groups),
+//! and marks dead the peers not heard for `HostConfig::host_timeout_ticks`.
+//! A quiet group hibernates (`Core::try_hibernate`): it is not ticked, and
+//! as a follower it waits on its leader's host's view instead. That view
+//! changes when the host stops answering, restarts (a new incarnation), or
+//! one of its groups stops leading (its epoch): the followers then wake,
+//! and elect a new leader if theirs is gone (`clock.rs`).
+//!
 //! What this step does not do yet (the later items): each group
-//! still runs its own ready-loop task and tick timer; idle groups do not
-//! hibernate; snapshots travel inline in envelopes (the streaming
+//! runs as tokio tasks of its own (a ready loop and an apply task) on the
+//! runtime's workers; snapshots travel inline in envelopes (the streaming
 //! transports' snapshot store is one per transport).
 
 use std::collections::{HashMap, HashSet};
@@ -36,6 +46,7 @@ use raftwork_transport::{Envelope, Inbound, InboxSender, NodeId, Transport, Tran
 
 use tokio::sync::mpsc;
 
+use crate::clock::{HostClock, Liveness};
 use crate::runtime::SyncMode;
 use crate::{BuildError, Builder, Config, Inbox, Node, StateMachine};
 
@@ -45,6 +56,36 @@ const UNKNOWN_GROUPS_LOGGED: usize = 1024;
 /// Capacity of each group's inbox, in envelopes (a full one drops; raft
 /// sends again).
 pub const GROUP_INBOX_ENVELOPES: usize = 1024;
+
+/// The group id of host-level messages (the coalesced heartbeats): no
+/// group may use it.
+const HOST_GROUP: u64 = 0;
+
+/// Settings shared by every group of a host.
+#[derive(Debug, Clone)]
+pub struct HostConfig {
+    /// Length of one tick, for every group (a group's own
+    /// `Config::tick_interval` is replaced by it). Default: 100 ms.
+    pub tick_interval: std::time::Duration,
+    /// Quiet ticks after which a group hibernates (`CoreConfig::
+    /// hibernate_after_ticks`; 0: groups never do). Default: 5 (with the
+    /// default 10-tick elections).
+    pub hibernate_after_ticks: u64,
+    /// A peer host not heard for this many ticks is dead: the groups it
+    /// led wake up and elect new leaders. Default: 10 (one election
+    /// timeout).
+    pub host_timeout_ticks: u32,
+}
+
+impl Default for HostConfig {
+    fn default() -> Self {
+        Self {
+            tick_interval: std::time::Duration::from_millis(100),
+            hibernate_after_ticks: 5,
+            host_timeout_ticks: 10,
+        }
+    }
+}
 
 /// The groups' inboxes, by group id.
 type Routes = Arc<RwLock<HashMap<u64, InboxSender>>>;
@@ -70,11 +111,17 @@ pub struct Host {
     /// Each running group: how to stop it, and its handle.
     groups: Mutex<HashMap<u64, (Stopper, AnyNode)>>,
     router: tokio::task::JoinHandle<()>,
+    config: HostConfig,
+    liveness: Arc<Liveness>,
+    /// The tick number every awake group waits on.
+    ticks: tokio::sync::watch::Receiver<u64>,
+    ticker: tokio::task::JoinHandle<()>,
 }
 
 impl Drop for Host {
     fn drop(&mut self) {
         self.router.abort();
+        self.ticker.abort();
     }
 }
 
@@ -88,22 +135,62 @@ impl Host {
         transport: impl Transport,
         inbox: Inbox,
     ) -> Result<Self, BuildError> {
+        Self::open_with(id, dir, transport, inbox, HostConfig::default())
+    }
+
+    /// [`Host::open`] with settings of its own.
+    pub fn open_with(
+        id: NodeId,
+        dir: impl AsRef<Path>,
+        transport: impl Transport,
+        inbox: Inbox,
+        config: HostConfig,
+    ) -> Result<Self, BuildError> {
+        if config.tick_interval.is_zero() || config.host_timeout_ticks == 0 {
+            return Err(BuildError::Config(crate::ConfigError(
+                "tick_interval and host_timeout_ticks must not be 0".into(),
+            )));
+        }
         let dir = dir.as_ref().to_path_buf();
         let engine = EngineHost::open(dir.join("log"))?;
         let routes: Routes = Arc::default();
-        let router = tokio::spawn(route(id, inbox, routes.clone()));
+        // A random incarnation: peers tell this start from the last one.
+        let incarnation = crate::node::random_u64() >> 2;
+        let liveness = Arc::new(Liveness::new(
+            incarnation,
+            config.tick_interval * config.host_timeout_ticks,
+        ));
+        let transport: Arc<dyn Transport> = Arc::new(transport);
+        let router = tokio::spawn(route(id, inbox, routes.clone(), liveness.clone()));
+        let (ticks_tx, ticks) = tokio::sync::watch::channel(0u64);
+        let ticker = tokio::spawn(tick(
+            id,
+            config.tick_interval,
+            ticks_tx,
+            liveness.clone(),
+            transport.clone(),
+        ));
         let (jobs, thread) = spawn_sync_thread(engine.clone(), &dir)?;
         Ok(Self {
             id,
             dir,
             engine,
-            transport: Arc::new(transport),
+            transport,
             routes,
             sync_jobs: Mutex::new(Some(jobs)),
             sync_thread: Mutex::new(Some(thread)),
             groups: Mutex::default(),
             router,
+            config,
+            liveness,
+            ticks,
+            ticker,
         })
+    }
+
+    /// Groups asleep right now (hibernating: not ticked).
+    pub fn hibernating_groups(&self) -> usize {
+        self.liveness.asleep()
     }
 
     /// This host's node id (its id in every group).
@@ -128,7 +215,7 @@ impl Host {
         state_machine: SM,
         configure: impl FnOnce(&mut Config),
     ) -> Result<Node<SM>, BuildError> {
-        if group_id == 0 {
+        if group_id == HOST_GROUP {
             return Err(BuildError::Config(crate::ConfigError(
                 "group id 0 is reserved".into(),
             )));
@@ -141,9 +228,18 @@ impl Host {
         }
         let (tx, inbox) = tokio::sync::mpsc::channel(GROUP_INBOX_ENVELOPES);
         let mut config = Config::default();
+        config.tick_interval = self.config.tick_interval;
+        config.core.hibernate_after_ticks = self.config.hibernate_after_ticks;
         configure(&mut config);
+        if config.tick_interval != self.config.tick_interval {
+            return Err(BuildError::Config(crate::ConfigError(
+                "a group ticks with its host: set HostConfig::tick_interval instead".into(),
+            )));
+        }
         config.core.id = self.id;
         config.core.group_id = group_id;
+        self.liveness
+            .add_peers(voters.iter().copied().filter(|&v| v != self.id));
         config
             .metric_labels
             .push(("group".into(), group_id.to_string()));
@@ -171,6 +267,7 @@ impl Host {
             .log_store(self.engine.group(group_id)?)
             .shared_sync(sync)
             .snapshot_store(snapshots)
+            .host_clock(HostClock::new(self.ticks.clone(), self.liveness.clone()))
             .transport(
                 GroupTransport {
                     inner: self.transport.clone(),
@@ -227,7 +324,9 @@ impl Host {
 
     /// Records peer host `id`'s transport address (for every group).
     pub fn set_peer(&self, id: NodeId, address: &str) -> Result<(), TransportError> {
-        self.transport.set_peer(id, address)
+        self.transport.set_peer(id, address)?;
+        self.liveness.add_peers([id]);
+        Ok(())
     }
 
     /// Stops every group, then the transport; the engine closes when the
@@ -236,6 +335,7 @@ impl Host {
         for g in self.running_groups() {
             self.remove_group(g).await;
         }
+        self.ticker.abort();
         self.transport.shutdown();
         self.router.abort();
         drop(self.sync_jobs.lock().unwrap().take());
@@ -313,12 +413,68 @@ impl Transport for GroupTransport {
     }
 }
 
-/// The router: every inbound item to its group's inbox.
-async fn route(host: NodeId, mut inbox: Inbox, routes: Routes) {
+/// The host's ticker: one tick for every awake group, one heartbeat to
+/// each peer host, and the peers' liveness.
+async fn tick(
+    host: NodeId,
+    interval: std::time::Duration,
+    ticks: tokio::sync::watch::Sender<u64>,
+    liveness: Arc<Liveness>,
+    transport: Arc<dyn Transport>,
+) {
+    let mut timer = tokio::time::interval_at(tokio::time::Instant::now() + interval, interval);
+    timer.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        timer.tick().await;
+        ticks.send_modify(|t| *t += 1);
+        liveness.check(std::time::Instant::now());
+        let (incarnation, epoch) = liveness.own();
+        for peer in liveness.peers() {
+            transport.send(Envelope {
+                group_id: HOST_GROUP,
+                from: host,
+                to: peer,
+                messages: vec![host_heartbeat(host, peer, incarnation, epoch)],
+            });
+        }
+    }
+}
+
+/// A host heartbeat: a `MsgHeartbeat` in group 0 whose `index` is the
+/// sender's incarnation and `commit` its epoch.
+fn host_heartbeat(
+    from: NodeId,
+    to: NodeId,
+    incarnation: u64,
+    epoch: u64,
+) -> raft::prelude::Message {
+    let mut m = raft::prelude::Message::default();
+    m.set_msg_type(raft::prelude::MessageType::MsgHeartbeat);
+    m.from = from;
+    m.to = to;
+    m.index = incarnation;
+    m.commit = epoch;
+    m
+}
+
+/// The router: every inbound item to its group's inbox; host heartbeats
+/// to the host's liveness view.
+async fn route(host: NodeId, mut inbox: Inbox, routes: Routes, liveness: Arc<Liveness>) {
     let unknown = metrics::counter!("raftwork_host_unknown_group_messages_total");
     let mut logged: HashSet<u64> = HashSet::new();
     while let Some(item) = inbox.recv().await {
         let group = match &item {
+            Inbound::Messages(env) if env.group_id == HOST_GROUP => {
+                let now = std::time::Instant::now();
+                for m in &env.messages {
+                    if m.get_msg_type() == raft::prelude::MessageType::MsgHeartbeat {
+                        liveness.heard(env.from, m.index, m.commit, now);
+                    }
+                }
+                continue;
+            }
+            // Host heartbeats that did not go through: the ticker goes on.
+            Inbound::Unreachable { group_id, .. } if *group_id == HOST_GROUP => continue,
             Inbound::Messages(env) => env.group_id,
             Inbound::Unreachable { group_id, .. } | Inbound::SnapshotStatus { group_id, .. } => {
                 *group_id

@@ -17,6 +17,7 @@
 //! * persists complete in ready order (one worker, in order);
 //! * a sync error is fatal: the loop stops and every pending request fails.
 
+use crate::clock::ClockEvent;
 use std::collections::{HashMap, HashSet};
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
@@ -376,6 +377,9 @@ pub(crate) struct ReadyLoop<SM: StateMachine, S: LogStore> {
     /// The term of the newest leader change, for `Node::term`.
     pub(crate) term: Arc<std::sync::atomic::AtomicU64>,
     pub(crate) tick_interval: std::time::Duration,
+    /// Where ticks come from: a timer of its own, or a host's ticker (and
+    /// then the group may hibernate).
+    pub(crate) clock: crate::clock::Clock,
     /// When the last tick was handed to the core: a leader whose loop
     /// stalled must not trust its tick count for a lease (see `drive`).
     pub(crate) last_tick_at: std::time::Instant,
@@ -499,6 +503,8 @@ enum Step<SM: StateMachine> {
     ApplyTaskGone,
     Persisted(Result<u64, String>),
     Tick,
+    /// A sleeping follower's leader's host changed (`clock.rs`).
+    LeaderHostChanged,
     Closed,
 }
 
@@ -513,9 +519,6 @@ impl<SM: StateMachine, S: LogStore> ReadyLoop<SM, S> {
             stop: self.stop.clone(),
             reason: None,
         };
-        let mut ticker = tokio::time::interval(self.tick_interval);
-        ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-        ticker.tick().await;
         let mut panicked = false;
         let reason = loop {
             let step = tokio::select! {
@@ -524,7 +527,10 @@ impl<SM: StateMachine, S: LogStore> ReadyLoop<SM, S> {
                 i = self.applied_rx.recv() => i.map_or(Step::ApplyTaskGone, Step::Applied),
                 Some(m) = self.inbox.recv() => Step::Inbound(m),
                 r = self.requests.recv() => r.map_or(Step::Closed, Step::Request),
-                _ = ticker.tick() => Step::Tick,
+                e = self.clock.next(self.tick_interval, self.core.is_hibernating()) => match e {
+                    ClockEvent::Tick => Step::Tick,
+                    ClockEvent::LeaderHostChanged => Step::LeaderHostChanged,
+                },
             };
             // A panic (a broken invariant here or in raft-rs) stops the node
             // with a reason instead of leaving handles to a dead loop.
@@ -551,6 +557,9 @@ impl<SM: StateMachine, S: LogStore> ReadyLoop<SM, S> {
         }
         // After a panic the core's state is unknown: fail everything by
         // dropping it instead of asking it for its last actions.
+        if panicked || self.core.role() == raftwork_core::Role::Leader {
+            self.clock.stepped_down();
+        }
         if !panicked {
             let actions = self.core.shutdown();
             self.execute(actions);
@@ -602,9 +611,55 @@ impl<SM: StateMachine, S: LogStore> ReadyLoop<SM, S> {
                 let pending = self.proposals.len() + self.session_waiters.len();
                 self.metrics
                     .sample(&self.core.status(), pending, self.requests.len());
+                self.maybe_hibernate();
+                Ok(())
+            }
+            Step::LeaderHostChanged => {
+                if self.clock.leader_host_really_changed() {
+                    self.core.handle_leader_host_changed();
+                }
                 Ok(())
             }
             Step::Closed => Err(Stopped::Shutdown),
+        }
+    }
+
+    /// Lets the core fall asleep if it has been quiet long enough and the
+    /// shell has nothing waiting on ticks either (see `clock.rs`).
+    fn maybe_hibernate(&mut self) {
+        let after = self.core.config().hibernate_after_ticks;
+        if after == 0 || self.core.quiet_ticks() < after || !self.clock.can_sleep() {
+            return;
+        }
+        // The shell's own waiters time out by ticks.
+        let shell_idle = self.proposals.is_empty()
+            && self.session_waiters.is_empty()
+            && self.reads.is_empty()
+            && self.conf_changes.is_empty()
+            && self.transfers.is_empty()
+            && self.snapshot_replies.is_empty();
+        if !shell_idle {
+            return;
+        }
+        let me = self.core.id();
+        let members = self.core.conf_state();
+        self.clock.add_peers(
+            members
+                .voters
+                .iter()
+                .chain(&members.learners)
+                .copied()
+                .filter(|&id| id != me),
+        );
+        let watching = self
+            .core
+            .leader()
+            .filter(|&l| l != me)
+            .and_then(|l| self.clock.watch_leader_host(l));
+        let alive = watching.as_ref().is_some_and(|(view, _)| view.alive);
+        if self.core.try_hibernate(alive) {
+            tracing::debug!(node = me, group = self.core.group_id(), "hibernating");
+            self.clock.fell_asleep(watching);
         }
     }
 
@@ -886,6 +941,10 @@ impl<SM: StateMachine, S: LogStore> ReadyLoop<SM, S> {
     /// Makes `leader` what `Node::leader` answers; waiters wake only on a
     /// change.
     fn publish_leader(&self, leader: Option<NodeId>) {
+        let me = Some(self.core.id());
+        if *self.leader.borrow() == me && leader != me {
+            self.clock.stepped_down();
+        }
         self.leader.send_if_modified(|l| {
             let changed = *l != leader;
             *l = leader;

@@ -12,7 +12,7 @@
 use std::io::{Read, Write};
 use std::time::Duration;
 
-use raftwork::{Command, Envelope, Host, MemNetwork, Node, StateMachine, Transport};
+use raftwork::{Command, Envelope, Host, HostConfig, MemNetwork, Node, StateMachine, Transport};
 
 /// The commands applied, in order: enough to compare replicas.
 #[derive(Default)]
@@ -92,18 +92,23 @@ fn threads() -> usize {
 }
 const GUARD: Duration = Duration::from_secs(30);
 
+/// Ticks of 20 ms: elections after 200–400 ms, a silent host dead after 200 ms.
+const TICK: Duration = Duration::from_millis(20);
+
 fn open_host(net: &MemNetwork, id: u64, dir: &std::path::Path) -> Host {
     let (t, inbox) = net.join(id);
-    Host::open(id, dir.join(format!("host-{id}")), t, inbox).unwrap()
+    let config = HostConfig {
+        tick_interval: TICK,
+        ..HostConfig::default()
+    };
+    Host::open_with(id, dir.join(format!("host-{id}")), t, inbox, config).unwrap()
 }
 
 fn start_groups(host: &Host) -> Vec<Node<Log>> {
     (1..=GROUPS)
         .map(|g| {
-            host.create_group(g, &[1, 2, 3], Log::default(), |c| {
-                c.tick_interval = Duration::from_millis(20);
-            })
-            .unwrap()
+            host.create_group(g, &[1, 2, 3], Log::default(), |_| {})
+                .unwrap()
         })
         .collect()
 }
@@ -272,12 +277,7 @@ async fn a_host_restarts_with_a_thousand_groups() {
     const MANY: u64 = 1000;
     let dir = tempfile::tempdir().unwrap();
     let net = MemNetwork::new();
-    let create = |host: &Host, g: u64| {
-        host.create_group(g, &[1], Log::default(), |c| {
-            c.tick_interval = Duration::from_millis(50);
-        })
-        .unwrap()
-    };
+    let create = |host: &Host, g: u64| host.create_group(g, &[1], Log::default(), |_| {}).unwrap();
     let host = open_host(&net, 1, dir.path());
     let nodes: Vec<Node<Log>> = (1..=MANY).map(|g| create(&host, g)).collect();
     for (k, node) in nodes.iter().enumerate() {
@@ -295,4 +295,130 @@ async fn a_host_restarts_with_a_thousand_groups() {
         applied(node, &[format!("group-{}", k + 1)]).await;
     }
     host.shutdown().await;
+}
+
+/// The term of each of these nodes.
+async fn terms(nodes: &[Node<Log>]) -> Vec<u64> {
+    let mut t = Vec::new();
+    for n in nodes {
+        t.push(n.status().await.unwrap().term);
+    }
+    t
+}
+
+/// Waits until `host` has `n` groups asleep.
+async fn asleep(host: &Host, n: usize) {
+    let deadline = tokio::time::Instant::now() + GUARD;
+    while host.hibernating_groups() != n {
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "host {} has {} groups asleep, want {n}",
+            host.id(),
+            host.hibernating_groups()
+        );
+        tokio::time::sleep(TICK).await;
+    }
+}
+
+/// Idle groups stop ticking on every host and stay asleep without an
+/// election; a write wakes its group, which applies it everywhere and
+/// sleeps again; a host cut off from the others is noticed through the
+/// missing host heartbeats, and every group it led elects a new leader on
+/// the other two; once it is back, its groups catch up.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn idle_groups_hibernate_and_a_lost_hosts_groups_elect_new_leaders() {
+    recorder();
+    let dir = tempfile::tempdir().unwrap();
+    let net = MemNetwork::new();
+    let hosts: Vec<Host> = (1..=3).map(|id| open_host(&net, id, dir.path())).collect();
+    let nodes: Vec<Vec<Node<Log>>> = hosts.iter().map(start_groups).collect();
+    let all = [&nodes[0], &nodes[1], &nodes[2]];
+    let mut want: Vec<Vec<String>> = vec![Vec::new(); GROUPS as usize];
+    for g in 0..GROUPS as usize {
+        let data = format!("g{}-first", g + 1);
+        propose(&all, g, &data).await;
+        want[g].push(data);
+    }
+    for h in &hosts {
+        asleep(h, GROUPS as usize).await;
+    }
+    // Every group sleeps, and its replicas hold what it committed.
+    for host_nodes in &nodes {
+        for g in 0..GROUPS as usize {
+            applied(&host_nodes[g], &want[g]).await;
+            assert!(host_nodes[g].status().await.unwrap().hibernating);
+        }
+    }
+    let before = terms(&nodes[0]).await;
+    // Five election timeouts asleep: no group wakes, none campaigns.
+    for _ in 0..10 {
+        tokio::time::sleep(TICK * 10).await;
+        for h in &hosts {
+            assert_eq!(h.hibernating_groups(), GROUPS as usize, "a group woke");
+        }
+    }
+    assert_eq!(terms(&nodes[0]).await, before, "an election while asleep");
+
+    // A write wakes its group; it is applied everywhere, then all sleep.
+    propose(&all, 0, "g1-second").await;
+    want[0].push("g1-second".into());
+    for host_nodes in &nodes {
+        applied(&host_nodes[0], &want[0]).await;
+    }
+    for h in &hosts {
+        asleep(h, GROUPS as usize).await;
+    }
+
+    // The host leading the most groups is cut off from the others.
+    let mut leaders = Vec::new();
+    for g in 0..GROUPS as usize {
+        leaders.push(nodes[0][g].leader().expect("a leader"));
+    }
+    let lost = (1..=3u64)
+        .max_by_key(|h| leaders.iter().filter(|l| *l == h).count())
+        .unwrap();
+    let led: Vec<usize> = (0..GROUPS as usize)
+        .filter(|&g| leaders[g] == lost)
+        .collect();
+    assert!(!led.is_empty());
+    net.isolate(lost);
+    let survivors: Vec<&Vec<Node<Log>>> = (1..=3u64)
+        .filter(|&h| h != lost)
+        .map(|h| &nodes[h as usize - 1])
+        .collect();
+    // Every group it led gets a new leader on the survivors, which takes
+    // writes.
+    for &g in &led {
+        let deadline = tokio::time::Instant::now() + GUARD;
+        loop {
+            let leader = survivors[0][g].leader();
+            if leader.is_some_and(|l| l != lost) {
+                break;
+            }
+            assert!(
+                tokio::time::Instant::now() < deadline,
+                "group {} has no new leader after host {lost} was lost",
+                g + 1
+            );
+            tokio::time::sleep(TICK).await;
+        }
+        let data = format!("g{}-without-host-{lost}", g + 1);
+        propose(&survivors, g, &data).await;
+        want[g].push(data);
+    }
+    // Back: it catches up on every group.
+    net.heal();
+    for g in 0..GROUPS as usize {
+        let data = format!("g{}-after-heal", g + 1);
+        propose(&all, g, &data).await;
+        want[g].push(data);
+    }
+    for host_nodes in &nodes {
+        for g in 0..GROUPS as usize {
+            applied(&host_nodes[g], &want[g]).await;
+        }
+    }
+    for h in hosts {
+        h.shutdown().await;
+    }
 }
