@@ -22,7 +22,7 @@ use raftwork_storage::{
     StorageError, Wal, WalOptions,
 };
 use raftwork_transport::{Inbox, MemNetwork, Transport};
-use tokio::sync::{broadcast, mpsc};
+use tokio::sync::mpsc;
 
 use crate::logging::raft_logger;
 use crate::node::{Node, Shared};
@@ -531,7 +531,9 @@ impl<SM: StateMachine, S: LogStore> Builder<SM, S> {
             events: applied_tx,
             metrics: crate::metrics::ApplyMetrics::new(&config.metric_labels),
         };
-        let (events, _) = broadcast::channel(1024);
+        // Made at the first subscription: a group no one listens to
+        // keeps no event ring (1,024 slots) in memory.
+        let events: crate::node::Events = Arc::default();
         let (leader, _) = tokio::sync::watch::channel(None);
         let term = Arc::new(std::sync::atomic::AtomicU64::new(0));
         let stopped = Arc::new(AtomicBool::new(false));

@@ -7,7 +7,7 @@
 //! for ticks at all, so 10,000 sleeping groups cost no wake-ups. A
 //! sleeping follower waits instead on the view of its leader's host
 //! ([`Liveness`]), which changes when that host stops answering, restarts,
-//! or one of its groups stops leading.
+//! or one of its groups stops while leading.
 //!
 //! Invariants:
 //! * a group is ticked only while its core is awake
@@ -35,7 +35,7 @@ pub(crate) struct HostView {
     pub(crate) alive: bool,
     /// The peer's incarnation (differs between any two starts).
     pub(crate) incarnation: u64,
-    /// How many times a group on the peer stopped leading.
+    /// How many times a group on the peer stopped while leading.
     pub(crate) epoch: u64,
 }
 
@@ -49,8 +49,8 @@ struct Peer {
 /// it tells them about itself.
 pub(crate) struct Liveness {
     incarnation: u64,
-    /// Bumped each time a group here stops leading, so that the followers
-    /// of this host's groups on other hosts check on their leader.
+    /// Bumped each time a group here stops while leading, so that the
+    /// followers of this host's groups on other hosts check on their leader.
     epoch: AtomicU64,
     /// A peer not heard for this long is dead.
     timeout: Duration,
@@ -74,8 +74,8 @@ impl Liveness {
         (self.incarnation, self.epoch.load(Ordering::Acquire))
     }
 
-    /// A group here stopped leading (or stopped while leading).
-    pub(crate) fn stepped_down(&self) {
+    /// A group here stopped while leading.
+    pub(crate) fn stopped_leading(&self) {
         self.epoch.fetch_add(1, Ordering::AcqRel);
     }
 
@@ -258,7 +258,7 @@ impl Clock {
 
     /// A sleeping follower's leader's host changed its view: true if it
     /// is not the view the follower fell asleep under (dead, restarted,
-    /// or a group there stopped leading); false for a repeat.
+    /// or a group there stopped while leading); false for a repeat.
     pub(crate) fn leader_host_really_changed(&mut self) -> bool {
         match self {
             Clock::Host(HostClock {
@@ -276,10 +276,10 @@ impl Clock {
         }
     }
 
-    /// A group of this host stopped leading.
-    pub(crate) fn stepped_down(&self) {
+    /// A group of this host stopped while leading.
+    pub(crate) fn stopped_leading(&self) {
         if let Clock::Host(clock) = self {
-            clock.liveness.stepped_down();
+            clock.liveness.stopped_leading();
         }
     }
 

@@ -194,10 +194,18 @@ pub(crate) enum Request<SM: StateMachine> {
     Shutdown,
 }
 
+/// The node's event channel, made at the first [`Node::subscribe`] (a
+/// broadcast channel allocates its whole ring up front; events before the
+/// first subscription reach no one either way).
+pub(crate) type Events = Arc<std::sync::OnceLock<broadcast::Sender<NodeEvent>>>;
+
+/// Events a subscriber may fall behind by before it sees `Lagged`.
+const EVENTS_BUFFERED: usize = 1024;
+
 pub(crate) struct Shared<SM: StateMachine> {
     pub(crate) id: NodeId,
     pub(crate) requests: mpsc::Sender<Request<SM>>,
-    pub(crate) events: broadcast::Sender<NodeEvent>,
+    pub(crate) events: Events,
     /// The leader the ready loop last learned; `None` once it stopped.
     pub(crate) leader: watch::Sender<Option<NodeId>>,
     /// The term of the newest leader change this node saw.
@@ -594,7 +602,10 @@ impl<SM: StateMachine> Node<SM> {
 
     /// Subscribes to leader and membership changes, and notes from peers.
     pub fn subscribe(&self) -> broadcast::Receiver<NodeEvent> {
-        self.shared.events.subscribe()
+        self.shared
+            .events
+            .get_or_init(|| broadcast::channel(EVENTS_BUFFERED).0)
+            .subscribe()
     }
 
     /// True once the node's ready loop has stopped (shutdown or fatal error).

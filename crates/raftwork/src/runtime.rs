@@ -29,7 +29,7 @@ use raftwork_core::{
 };
 use raftwork_storage::{LogStore, SnapshotMeta, SnapshotStore, StorageError};
 use raftwork_transport::{Envelope, Inbound, Inbox, Transport};
-use tokio::sync::{broadcast, mpsc, oneshot};
+use tokio::sync::{mpsc, oneshot};
 
 use crate::node::{
     panic_message, AppliedAt, FatalReason, ProposeReply, ReadFn, Request, SnapshotError, Stopped,
@@ -59,25 +59,31 @@ const SESSION_SWEEP_TICKS: u64 = 5;
 /// loop's latency while still batching bursts.
 const DRAIN_EVENTS_MAX: usize = 4096;
 
+///
+/// Large payloads are boxed: a channel allocates its first block of 32
+/// slots at creation, so the enum's size is paid per group even when idle.
 pub(crate) enum ApplyMsg<SM: StateMachine> {
-    Apply {
-        batch: ApplyBatch,
-        /// Plain proposals of this node, by index, in index order.
-        replies: Vec<(u64, ProposeReply<SM>)>,
-        /// Session requests waiting at this node, by the index of the entry
-        /// that answers them.
-        session_replies: HashMap<u64, SessionReply<SM>>,
-    },
+    Apply(Box<ApplyWork<SM>>),
     /// Restore from the snapshot at this point; its data is already in the
     /// snapshot store.
-    Restore(SnapshotMetadata),
+    Restore(Box<SnapshotMetadata>),
     Reads(Vec<ReadFn<SM>>),
     /// Write a snapshot at `metadata` (the core's `TakeSnapshot`): the
     /// state machine is exactly there when this arrives (FIFO).
     TakeSnapshot {
-        metadata: SnapshotMetadata,
+        metadata: Box<SnapshotMetadata>,
         id: Option<RequestId>,
     },
+}
+
+/// Committed entries to apply, with the replies waiting for them.
+pub(crate) struct ApplyWork<SM: StateMachine> {
+    batch: ApplyBatch,
+    /// Plain proposals of this node, by index, in index order.
+    replies: Vec<(u64, ProposeReply<SM>)>,
+    /// Session requests waiting at this node, by the index of the entry
+    /// that answers them.
+    session_replies: HashMap<u64, SessionReply<SM>>,
 }
 
 /// What the apply task tells the ready loop.
@@ -88,7 +94,7 @@ pub(crate) enum ApplyEvent {
     /// could not be written).
     SnapshotTaken {
         id: Option<RequestId>,
-        result: Result<SnapshotMeta, String>,
+        result: Box<Result<SnapshotMeta, String>>,
     },
     /// The node must stop: a snapshot could not be restored, or the state
     /// machine panicked.
@@ -139,11 +145,12 @@ pub(crate) async fn apply_task<SM: StateMachine>(
 impl<SM: StateMachine> Applier<SM> {
     fn handle(&mut self, msg: ApplyMsg<SM>) -> Result<(), FatalReason> {
         match msg {
-            ApplyMsg::Apply {
-                batch,
-                replies,
-                session_replies,
-            } => {
+            ApplyMsg::Apply(work) => {
+                let ApplyWork {
+                    batch,
+                    replies,
+                    session_replies,
+                } = *work;
                 let Some(last) = batch.entries.last() else {
                     return Ok(());
                 };
@@ -203,7 +210,7 @@ impl<SM: StateMachine> Applier<SM> {
                 }
             }
             ApplyMsg::TakeSnapshot { metadata, id } => {
-                let result = self.write_snapshot(metadata);
+                let result = Box::new(self.write_snapshot(*metadata));
                 let _ = self.events.send(ApplyEvent::SnapshotTaken { id, result });
             }
         }
@@ -371,7 +378,7 @@ pub(crate) struct ReadyLoop<SM: StateMachine, S: LogStore> {
     pub(crate) apply_tx: mpsc::UnboundedSender<ApplyMsg<SM>>,
     pub(crate) applied_rx: mpsc::UnboundedReceiver<ApplyEvent>,
     pub(crate) snapshots: Arc<dyn SnapshotStore>,
-    pub(crate) events: broadcast::Sender<NodeEvent>,
+    pub(crate) events: crate::node::Events,
     /// The leader this node knows, for `Node::leader` (no round trip).
     pub(crate) leader: tokio::sync::watch::Sender<Option<NodeId>>,
     /// The term of the newest leader change, for `Node::term`.
@@ -557,8 +564,11 @@ impl<SM: StateMachine, S: LogStore> ReadyLoop<SM, S> {
         }
         // After a panic the core's state is unknown: fail everything by
         // dropping it instead of asking it for its last actions.
+        // A group that stops while leading goes silent: its followers
+        // elsewhere hear of it through this host's epoch. (A leader that
+        // steps down while running does so by messages its followers see.)
         if panicked || self.core.role() == raftwork_core::Role::Leader {
-            self.clock.stepped_down();
+            self.clock.stopped_leading();
         }
         if !panicked {
             let actions = self.core.shutdown();
@@ -687,6 +697,7 @@ impl<SM: StateMachine, S: LogStore> ReadyLoop<SM, S> {
         match event {
             ApplyEvent::Applied(i) => self.core.handle_applied(i),
             ApplyEvent::SnapshotTaken { id, result } => {
+                let result = *result;
                 let point = result
                     .as_ref()
                     .map(|m| m.metadata.clone())
@@ -797,7 +808,9 @@ impl<SM: StateMachine, S: LogStore> ReadyLoop<SM, S> {
             return;
         }
         let data = std::mem::take(&mut m.entries[0].data);
-        let _ = self.events.send(NodeEvent::Note { from: sender, data });
+        if let Some(events) = self.events.get() {
+            let _ = events.send(NodeEvent::Note { from: sender, data });
+        }
     }
 
     /// Lets a `MsgSnapshot` on to the core only if the core accepts its
@@ -941,10 +954,6 @@ impl<SM: StateMachine, S: LogStore> ReadyLoop<SM, S> {
     /// Makes `leader` what `Node::leader` answers; waiters wake only on a
     /// change.
     fn publish_leader(&self, leader: Option<NodeId>) {
-        let me = Some(self.core.id());
-        if *self.leader.borrow() == me && leader != me {
-            self.clock.stepped_down();
-        }
         self.leader.send_if_modified(|l| {
             let changed = *l != leader;
             *l = leader;
@@ -969,10 +978,13 @@ impl<SM: StateMachine, S: LogStore> ReadyLoop<SM, S> {
                 }
                 Action::RestoreSnapshot(snap) => {
                     let meta = snap.get_metadata().clone();
-                    let _ = self.apply_tx.send(ApplyMsg::Restore(meta));
+                    let _ = self.apply_tx.send(ApplyMsg::Restore(Box::new(meta)));
                 }
                 Action::TakeSnapshot { metadata, id } => {
-                    let _ = self.apply_tx.send(ApplyMsg::TakeSnapshot { metadata, id });
+                    let _ = self.apply_tx.send(ApplyMsg::TakeSnapshot {
+                        metadata: Box::new(metadata),
+                        id,
+                    });
                 }
                 Action::Apply(batch) => {
                     if !self.proposal_spans.is_empty() {
@@ -990,11 +1002,11 @@ impl<SM: StateMachine, S: LogStore> ReadyLoop<SM, S> {
                         .filter_map(|(index, id)| self.proposals.remove(id).map(|r| (*index, r)))
                         .collect();
                     let session_replies = self.take_session_waiters(&batch);
-                    let _ = self.apply_tx.send(ApplyMsg::Apply {
+                    let _ = self.apply_tx.send(ApplyMsg::Apply(Box::new(ApplyWork {
                         batch,
                         replies,
                         session_replies,
-                    });
+                    })));
                 }
                 Action::ProposalFailed { id, error } => {
                     self.metrics.failed.increment(1);
@@ -1054,7 +1066,9 @@ impl<SM: StateMachine, S: LogStore> ReadyLoop<SM, S> {
                             .fetch_max(*term, std::sync::atomic::Ordering::Relaxed);
                         self.fail_forwarded(*leader);
                     }
-                    let _ = self.events.send(event);
+                    if let Some(events) = self.events.get() {
+                        let _ = events.send(event);
+                    }
                 }
             }
         }

@@ -324,7 +324,8 @@ async fn asleep(host: &Host, n: usize) {
 /// election; a write wakes its group, which applies it everywhere and
 /// sleeps again; a host cut off from the others is noticed through the
 /// missing host heartbeats, and every group it led elects a new leader on
-/// the other two; once it is back, its groups catch up.
+/// the other two; once it is back, its groups catch up. A group that stops
+/// on the live host leading it is replaced too (through the host's epoch).
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn idle_groups_hibernate_and_a_lost_hosts_groups_elect_new_leaders() {
     recorder();
@@ -418,6 +419,28 @@ async fn idle_groups_hibernate_and_a_lost_hosts_groups_elect_new_leaders() {
             applied(&host_nodes[g], &want[g]).await;
         }
     }
+
+    // Asleep again, group 1 stops on the live host that leads it: it goes
+    // silent, and its followers learn of it only through that host's
+    // epoch; they wake and elect a new leader.
+    for h in &hosts {
+        asleep(h, GROUPS as usize).await;
+    }
+    let leader = nodes[0][0].leader().expect("group 1 has a leader");
+    assert!(hosts[leader as usize - 1].remove_group(1).await);
+    let others: Vec<&Vec<Node<Log>>> = (1..=3u64)
+        .filter(|&h| h != leader)
+        .map(|h| &nodes[h as usize - 1])
+        .collect();
+    let deadline = tokio::time::Instant::now() + GUARD;
+    while !others[0][0].leader().is_some_and(|l| l != leader) {
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "group 1's followers never replaced the leader that stopped"
+        );
+        tokio::time::sleep(TICK).await;
+    }
+    propose(&others, 0, "g1-after-its-leader-stopped").await;
     for h in hosts {
         h.shutdown().await;
     }
