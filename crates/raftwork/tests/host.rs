@@ -433,7 +433,7 @@ async fn idle_groups_hibernate_and_a_lost_hosts_groups_elect_new_leaders() {
         .map(|h| &nodes[h as usize - 1])
         .collect();
     let deadline = tokio::time::Instant::now() + GUARD;
-    while !others[0][0].leader().is_some_and(|l| l != leader) {
+    while others[0][0].leader().is_none_or(|l| l == leader) {
         assert!(
             tokio::time::Instant::now() < deadline,
             "group 1's followers never replaced the leader that stopped"
