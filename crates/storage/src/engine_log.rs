@@ -293,14 +293,7 @@ impl raft::Storage for EngineLog {
         _context: GetEntriesContext,
     ) -> raft::Result<Vec<Entry>> {
         let st = self.state.read().unwrap();
-        if low < st.first_index() {
-            return Err(raft::Error::Store(RaftStorageError::Compacted));
-        }
-        assert!(
-            high <= st.last_index + 1,
-            "entries high {high} beyond last index {}",
-            st.last_index
-        );
+        crate::check_entries_range(low, high, st.first_index(), st.last_index)?;
         let max_size = max_size.into();
         let mut out: Vec<Entry> = Vec::with_capacity((high - low) as usize);
         let cache_first = st.cache_first();

@@ -124,6 +124,20 @@ impl WriteBatch {
     }
 }
 
+/// The range check of every log store's `entries(low, high)` on a log of
+/// `first..=last`: below `first` is compacted (an error raft-rs handles);
+/// `high` past `last + 1` is a bug in the caller.
+pub(crate) fn check_entries_range(low: u64, high: u64, first: u64, last: u64) -> raft::Result<()> {
+    if low < first {
+        return Err(raft::Error::Store(raft::StorageError::Compacted));
+    }
+    assert!(
+        high <= last + 1,
+        "entries high {high} beyond last index {last}"
+    );
+    Ok(())
+}
+
 /// What [`raft::Storage::snapshot`] answers for a store whose newest
 /// snapshot point is `meta`: the snapshot (its metadata; the data is in a
 /// snapshot store), or "temporarily unavailable" if there is none at or

@@ -88,15 +88,7 @@ impl raft::Storage for MemLogStore {
         _context: GetEntriesContext,
     ) -> raft::Result<Vec<Entry>> {
         let inner = self.inner.read().unwrap();
-        if low < inner.first_index() {
-            return Err(raft::Error::Store(RaftStorageError::Compacted));
-        }
-        assert!(
-            high <= inner.last_index() + 1,
-            "entries high {} beyond last index {}",
-            high,
-            inner.last_index()
-        );
+        crate::check_entries_range(low, high, inner.first_index(), inner.last_index())?;
         let max_size = max_size.into();
         let start = (low - inner.first_index()) as usize;
         let end = (high - inner.first_index()) as usize;

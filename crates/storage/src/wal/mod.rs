@@ -1470,14 +1470,7 @@ impl raft::Storage for Wal {
         let max_size = max_size.into();
         let cache_first = {
             let st = self.shared.state.read().unwrap();
-            if low < st.index.first() {
-                return Err(raft::Error::Store(RaftStorageError::Compacted));
-            }
-            assert!(
-                high <= st.index.last() + 1,
-                "entries high {high} beyond last index {}",
-                st.index.last()
-            );
+            crate::check_entries_range(low, high, st.index.first(), st.index.last())?;
             st.cache.first
         };
         let mut out = Vec::with_capacity((high - low) as usize);
