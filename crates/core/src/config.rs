@@ -92,8 +92,8 @@ pub struct CoreConfig {
     pub incarnation: u64,
     /// Ticks of quiet after which this member may hibernate (stop being
     /// ticked; see [`crate::Core::try_hibernate`]). 0 never hibernates.
-    /// Default: 0 (a node of its own ticks for ever); a multi-group host
-    /// sets it. Otherwise at least `2 * heartbeat_ticks` (the commit
+    /// Default: 0 (a node of its own ticks for ever, and its builder
+    /// refuses any other value); a multi-group host sets it. Otherwise at least `2 * heartbeat_ticks` (the commit
     /// reaches the followers first) and below `election_ticks - 1` (a
     /// follower falls asleep before its election timer can fire).
     pub hibernate_after_ticks: u64,

@@ -432,6 +432,15 @@ impl<SM: StateMachine, S: LogStore> Builder<SM, S> {
             clock,
         } = self;
         config.validate()?;
+        // Only a host's clock can let a core sleep: it knows whether a
+        // follower's leader's host is alive.
+        if config.core.hibernate_after_ticks > 0
+            && !matches!(clock, Some(crate::clock::Clock::Host(_)))
+        {
+            return Err(BuildError::Config(ConfigError(
+                "hibernate_after_ticks needs a Host (a node of its own always ticks)".into(),
+            )));
+        }
         let id = config.core.id;
         let snapshots: Arc<dyn SnapshotStore> = match snapshots {
             Some(s) => s,

@@ -282,9 +282,4 @@ impl Clock {
             clock.liveness.stopped_leading();
         }
     }
-
-    /// Whether this clock may let its group sleep at all.
-    pub(crate) fn can_sleep(&self) -> bool {
-        matches!(self, Clock::Host(_))
-    }
 }

@@ -17,7 +17,6 @@
 //! * persists complete in ready order (one worker, in order);
 //! * a sync error is fatal: the loop stops and every pending request fails.
 
-use crate::clock::ClockEvent;
 use std::collections::{HashMap, HashSet};
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
@@ -31,6 +30,7 @@ use raftwork_storage::{LogStore, SnapshotMeta, SnapshotStore, StorageError};
 use raftwork_transport::{Envelope, Inbound, Inbox, Transport};
 use tokio::sync::{mpsc, oneshot};
 
+use crate::clock::ClockEvent;
 use crate::node::{
     panic_message, AppliedAt, FatalReason, ProposeReply, ReadFn, Request, SnapshotError, Stopped,
 };
@@ -59,9 +59,9 @@ const SESSION_SWEEP_TICKS: u64 = 5;
 /// loop's latency while still batching bursts.
 const DRAIN_EVENTS_MAX: usize = 4096;
 
-///
-/// Large payloads are boxed: a channel allocates its first block of 32
-/// slots at creation, so the enum's size is paid per group even when idle.
+/// What the ready loop asks of the apply task. Large payloads are boxed: a
+/// channel allocates its first block of 32 slots at creation, so the
+/// enum's size is paid by every group, idle or not.
 pub(crate) enum ApplyMsg<SM: StateMachine> {
     Apply(Box<ApplyWork<SM>>),
     /// Restore from the snapshot at this point; its data is already in the
@@ -562,14 +562,14 @@ impl<SM: StateMachine, S: LogStore> ReadyLoop<SM, S> {
             Stopped::Fatal(e) => tracing::error!(node, error = %e, "node stopped on a fatal error"),
             _ => tracing::info!(node, "node stopped"),
         }
-        // After a panic the core's state is unknown: fail everything by
-        // dropping it instead of asking it for its last actions.
         // A group that stops while leading goes silent: its followers
         // elsewhere hear of it through this host's epoch. (A leader that
         // steps down while running does so by messages its followers see.)
         if panicked || self.core.role() == raftwork_core::Role::Leader {
             self.clock.stopped_leading();
         }
+        // After a panic the core's state is unknown: fail everything by
+        // dropping it instead of asking it for its last actions.
         if !panicked {
             let actions = self.core.shutdown();
             self.execute(actions);
@@ -638,7 +638,7 @@ impl<SM: StateMachine, S: LogStore> ReadyLoop<SM, S> {
     /// shell has nothing waiting on ticks either (see `clock.rs`).
     fn maybe_hibernate(&mut self) {
         let after = self.core.config().hibernate_after_ticks;
-        if after == 0 || self.core.quiet_ticks() < after || !self.clock.can_sleep() {
+        if after == 0 || self.core.quiet_ticks() < after {
             return;
         }
         // The shell's own waiters time out by ticks.
@@ -808,9 +808,7 @@ impl<SM: StateMachine, S: LogStore> ReadyLoop<SM, S> {
             return;
         }
         let data = std::mem::take(&mut m.entries[0].data);
-        if let Some(events) = self.events.get() {
-            let _ = events.send(NodeEvent::Note { from: sender, data });
-        }
+        self.publish(NodeEvent::Note { from: sender, data });
     }
 
     /// Lets a `MsgSnapshot` on to the core only if the core accepts its
@@ -953,6 +951,14 @@ impl<SM: StateMachine, S: LogStore> ReadyLoop<SM, S> {
 
     /// Makes `leader` what `Node::leader` answers; waiters wake only on a
     /// change.
+    /// Hands an event to the subscribers of `Node::subscribe` (before the
+    /// first one there is no channel, and no one to tell).
+    fn publish(&self, event: NodeEvent) {
+        if let Some(events) = self.events.get() {
+            let _ = events.send(event);
+        }
+    }
+
     fn publish_leader(&self, leader: Option<NodeId>) {
         self.leader.send_if_modified(|l| {
             let changed = *l != leader;
@@ -1066,9 +1072,7 @@ impl<SM: StateMachine, S: LogStore> ReadyLoop<SM, S> {
                             .fetch_max(*term, std::sync::atomic::Ordering::Relaxed);
                         self.fail_forwarded(*leader);
                     }
-                    if let Some(events) = self.events.get() {
-                        let _ = events.send(event);
-                    }
+                    self.publish(event);
                 }
             }
         }

@@ -345,6 +345,21 @@ async fn lease_reads_and_stale_reads_are_explicit_options() {
     }
 }
 
+#[tokio::test]
+async fn hibernation_is_refused_for_a_node_of_its_own() {
+    let mut config = raftwork::Config::default();
+    config.core.hibernate_after_ticks = 5;
+    let built = raftwork::Builder::new(1, HashSm::default())
+        .in_memory()
+        .initial_voters([1])
+        .config(config)
+        .build();
+    assert!(
+        matches!(built, Err(raftwork::BuildError::Config(_))),
+        "a node of its own accepted hibernate_after_ticks"
+    );
+}
+
 #[test]
 fn lease_reads_require_check_quorum() {
     let mut config = raftwork::Config::default();
