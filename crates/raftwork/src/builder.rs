@@ -229,11 +229,9 @@ pub struct Builder<SM, S = DataDir> {
     initial_voters: Option<Vec<NodeId>>,
     data_dir: PathBuf,
     wal_options: WalOptions,
-    /// Persists go to this instead of a sync thread of the node's own (a
-    /// host's one sync thread for all its groups).
-    sync: Option<SyncMode>,
-    /// Ticks from a host's ticker instead of a timer of the node's own.
-    clock: Option<crate::clock::Clock>,
+    /// A host group: driven by one of the host's shards (its transport,
+    /// sync thread, ticker and apply shard) instead of tasks of its own.
+    shard: Option<crate::shard::ShardWiring>,
 }
 
 /// The network the builder starts itself, when no transport is given.
@@ -262,8 +260,7 @@ impl<SM: StateMachine> Builder<SM, DataDir> {
             initial_voters: Some(vec![id]),
             data_dir: PathBuf::from("./raftwork-data"),
             wal_options: WalOptions::default(),
-            sync: None,
-            clock: None,
+            shard: None,
         }
     }
 
@@ -323,22 +320,14 @@ impl<SM: StateMachine, S> Builder<SM, S> {
             initial_voters: self.initial_voters,
             data_dir: self.data_dir,
             wal_options: self.wal_options,
-            sync: self.sync,
-            clock: self.clock,
+            shard: self.shard,
         }
     }
 
-    /// Sends persists to `sync` instead of a sync thread of the node's own.
+    /// Runs the node as a group of a host, on `shard` (see `shard.rs`).
     #[cfg_attr(not(feature = "host"), allow(dead_code))]
-    pub(crate) fn shared_sync(mut self, sync: SyncMode) -> Self {
-        self.sync = Some(sync);
-        self
-    }
-
-    /// Takes ticks from a host's ticker (the group may then hibernate).
-    #[cfg_attr(not(feature = "host"), allow(dead_code))]
-    pub(crate) fn host_clock(mut self, clock: crate::clock::HostClock) -> Self {
-        self.clock = Some(crate::clock::Clock::Host(clock));
+    pub(crate) fn on_shard(mut self, shard: crate::shard::ShardWiring) -> Self {
+        self.shard = Some(shard);
         self
     }
 
@@ -428,15 +417,12 @@ impl<SM: StateMachine, S: LogStore> Builder<SM, S> {
             initial_voters,
             data_dir,
             wal_options: _,
-            sync: shared_sync,
-            clock,
+            shard,
         } = self;
         config.validate()?;
-        // Only a host's clock can let a core sleep: it knows whether a
-        // follower's leader's host is alive.
-        if config.core.hibernate_after_ticks > 0
-            && !matches!(clock, Some(crate::clock::Clock::Host(_)))
-        {
+        // Only a host can let a core sleep: it knows whether a follower's
+        // leader's host is alive.
+        if config.core.hibernate_after_ticks > 0 && shard.is_none() {
             return Err(BuildError::Config(ConfigError(
                 "hibernate_after_ticks needs a Host (a node of its own always ticks)".into(),
             )));
@@ -480,9 +466,10 @@ impl<SM: StateMachine, S: LogStore> Builder<SM, S> {
         config.core.applied_index = applied_index;
         // Differs between two starts of the node (`CoreConfig::incarnation`).
         config.core.incarnation = crate::node::random_u64();
-        let (transport, inbox) = match (transport, network.listen) {
-            (Some(t), _) => t,
-            (None, Some(listen)) => {
+        let (transport, inbox) = match (&shard, transport, network.listen) {
+            (Some(w), _, _) => (w.transport(), None),
+            (None, Some((t, inbox)), _) => (t, Some(inbox)),
+            (None, None, Some(listen)) => {
                 let net_err = |e: NetError| BuildError::Network(e.to_string());
                 let (t, inbox): (Box<dyn Transport>, Inbox) = match network.kind {
                     TransportKind::Tcp => {
@@ -505,31 +492,63 @@ impl<SM: StateMachine, S: LogStore> Builder<SM, S> {
                     t.set_peer(*peer, address)
                         .map_err(|e| BuildError::Network(e.to_string()))?;
                 }
-                (t, inbox)
+                (t, Some(inbox))
             }
-            (None, None) if !network.peers.is_empty() => {
+            (None, None, None) if !network.peers.is_empty() => {
                 return Err(BuildError::Network(
                     "peer addresses given but no listen address".into(),
                 ))
             }
-            (None, None) => {
+            (None, None, None) => {
                 let (t, inbox) = MemNetwork::new().join(id);
-                (Box::new(t) as Box<dyn Transport>, inbox)
+                (Box::new(t) as Box<dyn Transport>, Some(inbox))
             }
         };
         transport.attach_snapshots(snapshots.clone());
-        let (sync, sync_thread) = match shared_sync {
-            Some(mode) => (mode, None),
-            None if store.is_volatile() => (SyncMode::Inline, None),
+        let (sync, persisted, sync_thread) = match &shard {
+            Some(_) => (SyncMode::Deferred { pending: None }, None, None),
+            None if store.is_volatile() => (SyncMode::Inline, None, None),
             None => {
-                let (mode, handle) = spawn_sync_worker(store.clone());
-                (mode, Some(handle))
+                let (mode, done, handle) = spawn_sync_worker(store.clone());
+                (mode, Some(done), Some(handle))
             }
         };
         let core = Core::new(config.core.clone(), store, &raft_logger())?;
-        let (requests_tx, requests_rx) = mpsc::channel(config.request_queue_capacity);
-        let (apply_tx, apply_rx) = mpsc::unbounded_channel();
-        let (applied_tx, applied_rx) = mpsc::unbounded_channel();
+        // A node of its own gets its channels; a host group uses its
+        // shard's (none of its own).
+        let (own, apply_tx, applied_tx, requests_tx, clock) = match &shard {
+            Some(w) => (
+                None,
+                w.apply_sink::<SM>(),
+                w.apply_events(),
+                w.requests::<SM>(),
+                crate::clock::Clock::Host(w.clock()),
+            ),
+            None => {
+                let (requests_tx, requests_rx) = mpsc::channel(config.request_queue_capacity);
+                let (apply_tx, apply_rx) = mpsc::unbounded_channel();
+                let (applied_tx, applied_rx) = mpsc::unbounded_channel();
+                let inputs = crate::runtime::Inputs {
+                    inbox: inbox.expect("a node of its own has an inbox"),
+                    requests: requests_rx,
+                    applied: applied_rx,
+                    persisted,
+                };
+                let apply_sink: crate::runtime::ApplySink<SM> = Box::new(move |m| {
+                    let _ = apply_tx.send(m);
+                });
+                let events: crate::runtime::ApplyEvents = Box::new(move |e| {
+                    let _ = applied_tx.send(e);
+                });
+                (
+                    Some((inputs, apply_rx)),
+                    apply_sink,
+                    events,
+                    crate::node::RequestTx::Own(requests_tx),
+                    crate::clock::Clock::Own,
+                )
+            }
+        };
         let applier = Applier {
             sm: state_machine,
             sessions,
@@ -550,16 +569,13 @@ impl<SM: StateMachine, S: LogStore> Builder<SM, S> {
         let ready_loop = ReadyLoop {
             core,
             transport,
-            inbox,
-            requests: requests_rx,
             apply_tx,
-            applied_rx,
             events: events.clone(),
             leader: leader.clone(),
             term: term.clone(),
             snapshots,
             tick_interval: config.tick_interval,
-            clock: clock.unwrap_or(crate::clock::Clock::Own(None)),
+            clock,
             last_tick_at: std::time::Instant::now(),
             stopped: stopped.clone(),
             stop: stop.clone(),
@@ -577,10 +593,15 @@ impl<SM: StateMachine, S: LogStore> Builder<SM, S> {
             transfers: HashMap::new(),
             snapshot_replies: HashMap::new(),
         };
-        let mut tasks = vec![
-            tokio::spawn(ready_loop.run()),
-            tokio::spawn(apply_task(applier, apply_rx)),
-        ];
+        let mut tasks = Vec::new();
+        match (own, shard) {
+            (Some((inputs, apply_rx)), _) => {
+                tasks.push(tokio::spawn(ready_loop.run(inputs)));
+                tasks.push(tokio::spawn(apply_task(applier, apply_rx)));
+            }
+            (None, Some(w)) => w.start(ready_loop, applier),
+            (None, None) => unreachable!("a node is either of its own or a host's group"),
+        }
         if let Some(handle) = sync_thread {
             tasks.push(tokio::task::spawn_blocking(move || {
                 let _ = handle.join();

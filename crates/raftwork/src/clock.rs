@@ -1,13 +1,12 @@
-//! Where a ready loop's ticks come from, and what a hibernating group
-//! waits on.
+//! What a hibernating group waits on, and how a host knows its peers are
+//! alive.
 //!
-//! A node of its own has its own interval timer. The groups of a `Host`
-//! share the host's one ticker (a `watch` of the tick number): an awake
-//! group waits for the next tick number; a hibernating group does not wait
-//! for ticks at all, so 10,000 sleeping groups cost no wake-ups. A
-//! sleeping follower waits instead on the view of its leader's host
-//! ([`Liveness`]), which changes when that host stops answering, restarts,
-//! or one of its groups stops while leading.
+//! A node of its own ticks on its own timer and never sleeps. The groups
+//! of a `Host` are ticked by their shard on the host's one ticker, and
+//! only while awake: 10,000 sleeping groups cost no wake-ups. A sleeping
+//! follower is checked instead when the view of its leader's host
+//! ([`Liveness`]) changes: that host stops answering, restarts, or one of
+//! its groups stops while leading.
 //!
 //! Invariants:
 //! * a group is ticked only while its core is awake
@@ -15,7 +14,9 @@
 //! * a sleeping follower always watches its leader's host: a group never
 //!   sleeps with nothing that could wake it but its own traffic, unless
 //!   it leads (a leader's followers notice its host instead);
-//! * [`Liveness::asleep`] counts the groups asleep right now.
+//! * [`Liveness::asleep`] counts the groups asleep right now;
+//! * [`Liveness::generation`] moves whenever any peer's view does, so a
+//!   shard rechecks its sleeping followers only then.
 
 // Only a `Host` (feature `host`) makes host clocks.
 #![cfg_attr(not(feature = "host"), allow(dead_code))]
@@ -26,7 +27,6 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use raftwork_transport::NodeId;
-use tokio::sync::watch;
 
 /// What a host knows about a peer host.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
@@ -39,8 +39,9 @@ pub(crate) struct HostView {
     pub(crate) epoch: u64,
 }
 
+#[derive(Default)]
 struct Peer {
-    view: watch::Sender<HostView>,
+    view: HostView,
     last_heard: Option<Instant>,
 }
 
@@ -55,6 +56,8 @@ pub(crate) struct Liveness {
     /// A peer not heard for this long is dead.
     timeout: Duration,
     peers: Mutex<HashMap<NodeId, Peer>>,
+    /// Moves whenever a peer's view changes.
+    generation: AtomicU64,
     asleep: AtomicUsize,
 }
 
@@ -65,6 +68,7 @@ impl Liveness {
             epoch: AtomicU64::new(0),
             timeout,
             peers: Mutex::default(),
+            generation: AtomicU64::new(0),
             asleep: AtomicUsize::new(0),
         }
     }
@@ -88,25 +92,24 @@ impl Liveness {
     pub(crate) fn add_peers(&self, ids: impl IntoIterator<Item = NodeId>) {
         let mut peers = self.peers.lock().unwrap();
         for id in ids {
-            peers.entry(id).or_insert_with(new_peer);
+            peers.entry(id).or_default();
         }
     }
 
     /// A heartbeat from `from`: alive, with this incarnation and epoch.
     pub(crate) fn heard(&self, from: NodeId, incarnation: u64, epoch: u64, now: Instant) {
         let mut peers = self.peers.lock().unwrap();
-        let peer = peers.entry(from).or_insert_with(new_peer);
+        let peer = peers.entry(from).or_default();
         peer.last_heard = Some(now);
         let view = HostView {
             alive: true,
             incarnation,
             epoch,
         };
-        peer.view.send_if_modified(|v| {
-            let changed = *v != view;
-            *v = view;
-            changed
-        });
+        if peer.view != view {
+            peer.view = view;
+            self.generation.fetch_add(1, Ordering::AcqRel);
+        }
     }
 
     /// Marks dead every peer not heard within the timeout.
@@ -115,20 +118,20 @@ impl Liveness {
             let silent = peer
                 .last_heard
                 .is_none_or(|t| now.duration_since(t) > self.timeout);
-            if silent {
-                peer.view
-                    .send_if_modified(|v| std::mem::replace(&mut v.alive, false));
+            if silent && std::mem::replace(&mut peer.view.alive, false) {
+                self.generation.fetch_add(1, Ordering::AcqRel);
             }
         }
     }
 
-    /// The view of host `id` now, and a receiver that sees its changes.
-    fn watch(&self, id: NodeId) -> (HostView, watch::Receiver<HostView>) {
-        let mut peers = self.peers.lock().unwrap();
-        let peer = peers.entry(id).or_insert_with(new_peer);
-        let rx = peer.view.subscribe();
-        let view = *rx.borrow();
-        (view, rx)
+    /// The view of host `id` now.
+    pub(crate) fn view(&self, id: NodeId) -> HostView {
+        self.peers.lock().unwrap().entry(id).or_default().view
+    }
+
+    /// A number that moves whenever a peer's view changes.
+    pub(crate) fn generation(&self) -> u64 {
+        self.generation.load(Ordering::Acquire)
     }
 
     /// Groups asleep on this host right now.
@@ -137,116 +140,56 @@ impl Liveness {
     }
 }
 
-fn new_peer() -> Peer {
-    Peer {
-        view: watch::Sender::new(HostView::default()),
-        last_heard: None,
-    }
-}
-
-/// What woke a ready loop's clock.
-pub(crate) enum ClockEvent {
-    /// A tick.
-    Tick,
-    /// A sleeping follower's leader's host changed: check on the leader.
-    LeaderHostChanged,
-}
-
-/// Where a ready loop's ticks come from.
+/// A ready loop's place among hosts.
 pub(crate) enum Clock {
-    /// A node of its own: its own timer (created when the loop starts).
-    Own(Option<tokio::time::Interval>),
+    /// A node of its own: it never sleeps and knows no hosts.
+    Own,
     /// A group on a host.
     Host(HostClock),
 }
 
-/// A host group's clock: the host's ticks while awake, its leader's host's
-/// view while asleep as a follower.
+/// A host group's view of hibernation: whether it sleeps, and the view of
+/// its leader's host it fell asleep under.
 pub(crate) struct HostClock {
-    ticks: watch::Receiver<u64>,
     liveness: Arc<Liveness>,
     /// While asleep: counted in `Liveness::asleep`.
     asleep: bool,
-    /// While asleep as a follower: its leader's host's view when it fell
-    /// asleep, and that view's receiver.
-    watching: Option<(HostView, watch::Receiver<HostView>)>,
+    /// While asleep as a follower: its leader and the view of the leader's
+    /// host when it fell asleep.
+    watching: Option<(NodeId, HostView)>,
 }
 
 impl HostClock {
-    pub(crate) fn new(ticks: watch::Receiver<u64>, liveness: Arc<Liveness>) -> Self {
+    pub(crate) fn new(liveness: Arc<Liveness>) -> Self {
         Self {
-            ticks,
             liveness,
             asleep: false,
             watching: None,
         }
     }
-
-    fn wake(&mut self) {
-        if std::mem::take(&mut self.asleep) {
-            self.liveness.asleep.fetch_sub(1, Ordering::AcqRel);
-        }
-        self.watching = None;
-    }
 }
 
 impl Drop for HostClock {
     fn drop(&mut self) {
-        self.wake();
+        if self.asleep {
+            self.liveness.asleep.fetch_sub(1, Ordering::AcqRel);
+        }
     }
 }
 
 impl Clock {
-    /// The next event for a loop whose core is (or is not) hibernating.
-    pub(crate) async fn next(&mut self, tick: Duration, hibernating: bool) -> ClockEvent {
+    /// The view of `leader`'s host now, for a follower about to sleep (a
+    /// node of its own has no view of hosts: `None`).
+    pub(crate) fn leader_host_view(&self, leader: NodeId) -> Option<HostView> {
         match self {
-            Clock::Own(interval) => {
-                let interval = interval.get_or_insert_with(|| {
-                    let mut i = tokio::time::interval_at(tokio::time::Instant::now() + tick, tick);
-                    i.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-                    i
-                });
-                interval.tick().await;
-                ClockEvent::Tick
-            }
-            Clock::Host(clock) => {
-                if !hibernating {
-                    clock.wake();
-                    // The host's ticker ended: the host is shutting down.
-                    if clock.ticks.changed().await.is_err() {
-                        std::future::pending::<()>().await;
-                    }
-                    return ClockEvent::Tick;
-                }
-                match &mut clock.watching {
-                    Some((_, rx)) => {
-                        if rx.changed().await.is_err() {
-                            std::future::pending::<()>().await;
-                        }
-                        ClockEvent::LeaderHostChanged
-                    }
-                    // A sleeping leader: only its own traffic wakes it.
-                    None => std::future::pending().await,
-                }
-            }
-        }
-    }
-
-    /// The view of `leader`'s host now and its receiver, for a follower
-    /// about to sleep (a node of its own has no view of hosts: `None`).
-    pub(crate) fn watch_leader_host(
-        &self,
-        leader: NodeId,
-    ) -> Option<(HostView, watch::Receiver<HostView>)> {
-        match self {
-            Clock::Own(_) => None,
-            Clock::Host(clock) => Some(clock.liveness.watch(leader)),
+            Clock::Own => None,
+            Clock::Host(clock) => Some(clock.liveness.view(leader)),
         }
     }
 
     /// The core fell asleep; a follower watches its leader's host (as
-    /// `watch_leader_host` gave it).
-    pub(crate) fn fell_asleep(&mut self, watching: Option<(HostView, watch::Receiver<HostView>)>) {
+    /// `leader_host_view` gave it).
+    pub(crate) fn fell_asleep(&mut self, watching: Option<(NodeId, HostView)>) {
         if let Clock::Host(clock) = self {
             if !clock.asleep {
                 clock.asleep = true;
@@ -256,15 +199,26 @@ impl Clock {
         }
     }
 
-    /// A sleeping follower's leader's host changed its view: true if it
-    /// is not the view the follower fell asleep under (dead, restarted,
-    /// or a group there stopped while leading); false for a repeat.
-    pub(crate) fn leader_host_really_changed(&mut self) -> bool {
+    /// The core is awake (it was woken, or it stops).
+    pub(crate) fn wake(&mut self) {
+        if let Clock::Host(clock) = self {
+            if std::mem::take(&mut clock.asleep) {
+                clock.liveness.asleep.fetch_sub(1, Ordering::AcqRel);
+            }
+            clock.watching = None;
+        }
+    }
+
+    /// For a sleeping follower: true if its leader's host's view is not
+    /// the one it fell asleep under (dead, restarted, or a group there
+    /// stopped while leading).
+    pub(crate) fn leader_host_changed(&self) -> bool {
         match self {
             Clock::Host(HostClock {
-                watching: Some((then, rx)),
+                liveness,
+                watching: Some((leader, then)),
                 ..
-            }) => *rx.borrow_and_update() != *then,
+            }) => liveness.view(*leader) != *then,
             _ => false,
         }
     }

@@ -1,61 +1,56 @@
-//! Many Raft groups on one host (cargo feature `host`; issue 17, first
-//! step): one transport and one log engine shared by the groups, groups
-//! created and removed at run time.
+//! Many Raft groups on one host (cargo feature `host`; issue 17): one
+//! transport, one log engine, one sync thread, one ticker and a fixed set
+//! of worker shards shared by the groups, groups created and removed at
+//! run time.
 //!
 //! ```text
-//!  peers ──▶ Transport ──▶ host inbox ──▶ router task ──by group id──▶ group inbox ──▶ group's ready loop
-//!                                             │ unknown group: dropped, counted, logged
-//!  group's ready loop ──send──▶ GroupTransport ──▶ the shared Transport (envelopes carry the group id)
-//!  group's ready loop ──stage/sync──▶ EngineLog ──▶ the host's EngineHost (one raft-engine, one fdatasync per write for all groups)
+//!  peers ──▶ Transport ──▶ host inbox ──▶ router task ──group % shards──▶ shard i (shard.rs)
+//!                                             │ group 0: host heartbeats ──▶ Liveness
+//!  shard's groups ──send──▶ the shared Transport (envelopes carry the group id)
+//!  shard's groups ──stage──▶ EngineLog ──▶ the host's EngineHost; one SyncBatch per shard round
+//!      ──▶ host sync thread (one raft-engine write and fdatasync for every batch queued)
 //! ```
 //!
 //! Invariants:
 //! * a host has one node id, which is its node id in every group it runs
 //!   (so a peer's transport address is its host's);
-//! * a message for a group this host does not run never creates state: it
-//!   is dropped, counted (`raftwork_host_unknown_group_messages_total`) and
-//!   logged (once per group id, for the first 1,024 ids);
+//! * a message for a group this host does not run never creates state: its
+//!   shard drops it, counts it (`raftwork_host_unknown_group_messages_total`)
+//!   and logs it (once per group id, for the first 1,024 ids per shard);
 //! * a group's shutdown never shuts the shared transport down; the host's
 //!   does, after its groups.
 //!
-//! One sync thread serves every group: it takes all the persists queued,
+//! A group has no task, channel or timer of its own: its shard drives it
+//! (`shard.rs`). The one sync thread takes every shard's batch queued,
 //! makes them durable with one engine write and one fdatasync, and answers
-//! each group with its highest ready number.
+//! each shard with its groups' ready numbers.
 //!
-//! One ticker serves every group (no timer per group): each tick it bumps
-//! the tick number every awake group waits on, sends one coalesced
-//! heartbeat to each peer host (group 0, whatever the number of groups),
-//! and marks dead the peers not heard for `HostConfig::host_timeout_ticks`.
-//! A quiet group hibernates (`Core::try_hibernate`): it is not ticked, and
-//! as a follower it waits on its leader's host's view instead. That view
-//! changes when the host stops answering, restarts (a new incarnation), or
-//! one of its groups stops while leading (its epoch): the followers then wake,
+//! One ticker serves every group: each tick it tells every shard to tick
+//! its awake groups, sends one coalesced heartbeat to each peer host
+//! (group 0, whatever the number of groups), and marks dead the peers not
+//! heard for `HostConfig::host_timeout_ticks`. A quiet group hibernates
+//! (`Core::try_hibernate`): it is not ticked, and as a follower it is
+//! checked against its leader's host's view instead. That view changes
+//! when the host stops answering, restarts (a new incarnation), or one of
+//! its groups stops while leading (its epoch): the followers then wake,
 //! and elect a new leader if theirs is gone (`clock.rs`).
 //!
-//! What this step does not do yet (the issue's later items): each group
-//! runs as tokio tasks of its own (a ready loop and an apply task) on the
-//! runtime's workers; snapshots travel inline in envelopes (the streaming
-//! transports' snapshot store is one per transport).
+//! What this does not do yet (the issue's later items): snapshots travel
+//! inline in envelopes (the streaming transports' snapshot store is one
+//! per transport).
 
 use std::collections::{HashMap, HashSet};
 use std::path::{Path, PathBuf};
-use std::sync::{Arc, Mutex, RwLock};
+use std::sync::{Arc, Mutex};
 
 use raftwork_storage::{EngineHost, FileSnapshotStore};
-use raftwork_transport::{Envelope, Inbound, InboxSender, NodeId, Transport, TransportError};
+use raftwork_transport::{Envelope, Inbound, NodeId, Transport, TransportError};
 
 use tokio::sync::mpsc;
 
-use crate::clock::{HostClock, Liveness};
-use crate::runtime::SyncMode;
+use crate::clock::Liveness;
+use crate::shard::{ShardMsg, ShardQueues, ShardWiring, SyncBatch};
 use crate::{BuildError, Builder, Config, Inbox, Node, StateMachine};
-
-/// Unknown group ids logged by name; past this many, only counted.
-const UNKNOWN_GROUPS_LOGGED: usize = 1024;
-
-/// Capacity of each group's inbox, in envelopes (a full one drops; raft
-/// sends again).
-pub const GROUP_INBOX_ENVELOPES: usize = 1024;
 
 /// The group id of host-level messages (the coalesced heartbeats): no
 /// group may use it.
@@ -75,6 +70,9 @@ pub struct HostConfig {
     /// led wake up and elect new leaders. Default: 10 (one election
     /// timeout).
     pub host_timeout_ticks: u32,
+    /// Worker shards driving the groups (group `g` on shard `g % shards`),
+    /// each a ready task and an apply task. Default: the machine's cores.
+    pub shards: usize,
 }
 
 impl Default for HostConfig {
@@ -83,6 +81,7 @@ impl Default for HostConfig {
             tick_interval: std::time::Duration::from_millis(100),
             hibernate_after_ticks: 5,
             host_timeout_ticks: 10,
+            shards: std::thread::available_parallelism().map_or(2, |n| n.get()),
         }
     }
 }
@@ -93,9 +92,6 @@ impl Default for HostConfig {
 /// group 6 KiB; one of many groups rarely has 32 appends unanswered.
 /// `configure` in [`Host::create_group`] may set another.
 pub const GROUP_INFLIGHT_MSGS: usize = 32;
-
-/// The groups' inboxes, by group id.
-type Routes = Arc<RwLock<HashMap<u64, InboxSender>>>;
 
 /// A group's `Node<SM>`, typed again by [`Host::group`].
 type AnyNode = Box<dyn std::any::Any + Send + Sync>;
@@ -110,18 +106,18 @@ pub struct Host {
     dir: PathBuf,
     engine: Arc<EngineHost>,
     transport: Arc<dyn Transport>,
-    routes: Routes,
-    /// The one sync thread's queue (taken at shutdown, so the thread ends
-    /// once the groups' clones are gone too).
-    sync_jobs: Mutex<Option<mpsc::UnboundedSender<SyncJob>>>,
+    /// The worker shards' queues (group `g` on `shards[g % len]`).
+    shards: Arc<Vec<ShardQueues>>,
+    /// The shards' ready and apply tasks.
+    shard_tasks: Mutex<Vec<tokio::task::JoinHandle<()>>>,
     sync_thread: Mutex<Option<std::thread::JoinHandle<()>>>,
     /// Each running group: how to stop it, and its handle.
     groups: Mutex<HashMap<u64, (Stopper, AnyNode)>>,
+    /// Groups being removed: not running, not yet free to create again.
+    removing: Mutex<HashSet<u64>>,
     router: tokio::task::JoinHandle<()>,
     config: HostConfig,
     liveness: Arc<Liveness>,
-    /// The tick number every awake group waits on.
-    ticks: tokio::sync::watch::Receiver<u64>,
     ticker: tokio::task::JoinHandle<()>,
 }
 
@@ -153,14 +149,13 @@ impl Host {
         inbox: Inbox,
         config: HostConfig,
     ) -> Result<Self, BuildError> {
-        if config.tick_interval.is_zero() || config.host_timeout_ticks == 0 {
+        if config.tick_interval.is_zero() || config.host_timeout_ticks == 0 || config.shards == 0 {
             return Err(BuildError::Config(crate::ConfigError(
-                "tick_interval and host_timeout_ticks must not be 0".into(),
+                "tick_interval, host_timeout_ticks and shards must not be 0".into(),
             )));
         }
         let dir = dir.as_ref().to_path_buf();
         let engine = EngineHost::open(dir.join("log"))?;
-        let routes: Routes = Arc::default();
         // A random incarnation: peers tell this start from the last one.
         let incarnation = crate::node::random_u64() >> 2;
         let liveness = Arc::new(Liveness::new(
@@ -168,29 +163,39 @@ impl Host {
             config.tick_interval * config.host_timeout_ticks,
         ));
         let transport: Arc<dyn Transport> = Arc::new(transport);
-        let router = tokio::spawn(route(id, inbox, routes.clone(), liveness.clone()));
-        let (ticks_tx, ticks) = tokio::sync::watch::channel(0u64);
+        let (jobs, thread) = spawn_sync_thread(engine.clone(), &dir)?;
+        let mut shards = Vec::with_capacity(config.shards);
+        let mut shard_tasks = Vec::with_capacity(2 * config.shards);
+        for index in 0..config.shards {
+            let (queues, tasks) =
+                crate::shard::spawn_shard(id, index, liveness.clone(), jobs.clone());
+            shards.push(queues);
+            shard_tasks.extend(tasks);
+        }
+        // The shards hold the sync thread's only queue: it ends after them.
+        drop(jobs);
+        let shards = Arc::new(shards);
+        let router = tokio::spawn(route(inbox, shards.clone(), liveness.clone()));
         let ticker = tokio::spawn(tick(
             id,
             config.tick_interval,
-            ticks_tx,
+            shards.clone(),
             liveness.clone(),
             transport.clone(),
         ));
-        let (jobs, thread) = spawn_sync_thread(engine.clone(), &dir)?;
         Ok(Self {
             id,
             dir,
             engine,
             transport,
-            routes,
-            sync_jobs: Mutex::new(Some(jobs)),
+            shards,
+            shard_tasks: Mutex::new(shard_tasks),
             sync_thread: Mutex::new(Some(thread)),
             groups: Mutex::default(),
+            removing: Mutex::default(),
             router,
             config,
             liveness,
-            ticks,
             ticker,
         })
     }
@@ -228,12 +233,11 @@ impl Host {
             )));
         }
         let mut groups = self.groups.lock().unwrap();
-        if groups.contains_key(&group_id) {
+        if groups.contains_key(&group_id) || self.removing.lock().unwrap().contains(&group_id) {
             return Err(BuildError::Config(crate::ConfigError(format!(
-                "group {group_id} already runs on this host"
+                "group {group_id} already runs on this host (or is being removed)"
             ))));
         }
-        let (tx, inbox) = tokio::sync::mpsc::channel(GROUP_INBOX_ENVELOPES);
         let mut config = Config::default();
         config.tick_interval = self.config.tick_interval;
         config.core.hibernate_after_ticks = self.config.hibernate_after_ticks;
@@ -256,32 +260,21 @@ impl Host {
             config.snapshot_keep_count,
             config.snapshot_compression,
         )?;
-        let jobs = self.sync_jobs.lock().unwrap().clone().ok_or_else(|| {
-            BuildError::Config(crate::ConfigError("the host is shutting down".into()))
-        })?;
-        let (done_tx, done) = mpsc::unbounded_channel();
-        let sync = SyncMode::Worker {
-            jobs: Box::new(move |number, must_sync| {
-                let _ = jobs.send(SyncJob {
-                    group: group_id,
-                    number,
-                    must_sync,
-                    done: done_tx.clone(),
-                });
-            }),
-            done,
-        };
+        let queues = &self.shards[(group_id % self.shards.len() as u64) as usize];
+        if queues.control.is_closed() {
+            return Err(BuildError::Config(crate::ConfigError(
+                "the host is shutting down".into(),
+            )));
+        }
         let mut builder = Builder::new(self.id, state_machine)
             .log_store(self.engine.group(group_id)?)
-            .shared_sync(sync)
             .snapshot_store(snapshots)
-            .host_clock(HostClock::new(self.ticks.clone(), self.liveness.clone()))
-            .transport(
-                GroupTransport {
-                    inner: self.transport.clone(),
-                },
-                inbox,
-            )
+            .on_shard(ShardWiring {
+                group: group_id,
+                queues: queues.clone(),
+                transport: self.transport.clone(),
+                liveness: self.liveness.clone(),
+            })
             .config(config);
         builder = if voters.is_empty() {
             builder.join_existing()
@@ -289,7 +282,6 @@ impl Host {
             builder.initial_voters(voters.iter().copied())
         };
         let node = builder.build()?;
-        self.routes.write().unwrap().insert(group_id, tx);
         let stopper = node.clone();
         let stop: Stopper = Box::new(move || Box::pin(async move { stopper.shutdown().await }));
         groups.insert(group_id, (stop, Box::new(node.clone())));
@@ -312,11 +304,18 @@ impl Host {
     /// on its messages are dropped as a group this host does not run.
     /// False if it was not running.
     pub async fn remove_group(&self, group_id: u64) -> bool {
-        self.routes.write().unwrap().remove(&group_id);
-        let stop = self.groups.lock().unwrap().remove(&group_id);
+        let stop = {
+            let mut groups = self.groups.lock().unwrap();
+            let stop = groups.remove(&group_id);
+            if stop.is_some() {
+                self.removing.lock().unwrap().insert(group_id);
+            }
+            stop
+        };
         match stop {
             Some((stop, _)) => {
                 stop().await;
+                self.removing.lock().unwrap().remove(&group_id);
                 true
             }
             None => false,
@@ -340,24 +339,19 @@ impl Host {
     /// Stops every group, then the transport; the engine closes when the
     /// host and its groups' handles are dropped.
     pub async fn shutdown(self) {
-        // Every group stops at once (one by one, 10,000 groups would take
-        // 10,000 round trips through the runtime).
-        self.routes.write().unwrap().clear();
-        let stops: Vec<Stopper> = self
-            .groups
-            .lock()
-            .unwrap()
-            .drain()
-            .map(|(_, (stop, _))| stop)
-            .collect();
-        let stopping: Vec<_> = stops.into_iter().map(|stop| tokio::spawn(stop())).collect();
-        for s in stopping {
-            let _ = s.await;
-        }
+        // Each shard stops all its groups at once, then ends; its apply
+        // task ends once its last group's applies ran.
         self.ticker.abort();
-        self.transport.shutdown();
         self.router.abort();
-        drop(self.sync_jobs.lock().unwrap().take());
+        for shard in self.shards.iter() {
+            let _ = shard.control.send(ShardMsg::Stop);
+        }
+        self.groups.lock().unwrap().clear();
+        let tasks = std::mem::take(&mut *self.shard_tasks.lock().unwrap());
+        for t in tasks {
+            let _ = t.await;
+        }
+        self.transport.shutdown();
         let thread = self.sync_thread.lock().unwrap().take();
         if let Some(thread) = thread {
             let _ = tokio::task::spawn_blocking(move || thread.join()).await;
@@ -365,45 +359,45 @@ impl Host {
     }
 }
 
-/// A group's persist, for the host's sync thread.
-struct SyncJob {
-    group: u64,
-    number: u64,
-    must_sync: bool,
-    done: mpsc::UnboundedSender<Result<u64, String>>,
-}
-
-/// The host's one sync thread: takes every persist queued, makes them all
-/// durable with one engine write (one fdatasync) if any needs it, and
-/// answers each group with its highest ready number. After a failed write
-/// every answer is an error (the engine refuses all later writes), so each
-/// group's node stops.
+/// The host's one sync thread: takes every shard's batch queued, makes
+/// them all durable with one engine write (one fdatasync) if any needs it,
+/// and answers each batch. After a failed write every answer is an error
+/// (the engine refuses all later writes), so each group stops.
 fn spawn_sync_thread(
     engine: Arc<EngineHost>,
     dir: &Path,
-) -> Result<(mpsc::UnboundedSender<SyncJob>, std::thread::JoinHandle<()>), BuildError> {
-    let (tx, mut rx) = mpsc::unbounded_channel::<SyncJob>();
+) -> Result<
+    (
+        mpsc::UnboundedSender<SyncBatch>,
+        std::thread::JoinHandle<()>,
+    ),
+    BuildError,
+> {
+    let (tx, mut rx) = mpsc::unbounded_channel::<SyncBatch>();
     let thread = std::thread::Builder::new()
         .name("raftwork-host-sync".into())
         .spawn(move || {
             while let Some(first) = rx.blocking_recv() {
-                let mut jobs = vec![first];
-                while let Ok(j) = rx.try_recv() {
-                    jobs.push(j);
+                let mut batches = vec![first];
+                while let Ok(b) = rx.try_recv() {
+                    batches.push(b);
                 }
-                let outcome = if jobs.iter().any(|j| j.must_sync) {
+                let result = if batches.iter().any(|b| b.must_sync) {
+                    let _span = tracing::debug_span!(
+                        target: "raftwork::persist",
+                        "host_sync",
+                        batches = batches.len()
+                    )
+                    .entered();
                     engine.sync().map_err(|e| e.to_string())
                 } else {
                     Ok(())
                 };
-                // Jobs of one group come in ready order: its last is its highest.
-                let mut last: HashMap<u64, usize> = HashMap::new();
-                for (k, j) in jobs.iter().enumerate() {
-                    last.insert(j.group, k);
-                }
-                for (_, k) in last {
-                    let j = &jobs[k];
-                    let _ = j.done.send(outcome.clone().map(|()| j.number));
+                for b in batches {
+                    let _ = b.reply.send(ShardMsg::Persisted {
+                        items: b.items,
+                        result: result.clone(),
+                    });
                 }
             }
         })
@@ -416,28 +410,12 @@ fn spawn_sync_thread(
     Ok((tx, thread))
 }
 
-/// The shared transport as one group sees it: sends go through; shutting
-/// it down is the host's business, not a group's.
-struct GroupTransport {
-    inner: Arc<dyn Transport>,
-}
-
-impl Transport for GroupTransport {
-    fn send(&self, envelope: Envelope) {
-        self.inner.send(envelope)
-    }
-
-    fn set_peer(&self, id: NodeId, address: &str) -> Result<(), TransportError> {
-        self.inner.set_peer(id, address)
-    }
-}
-
 /// The host's ticker: one tick for every awake group, one heartbeat to
 /// each peer host, and the peers' liveness.
 async fn tick(
     host: NodeId,
     interval: std::time::Duration,
-    ticks: tokio::sync::watch::Sender<u64>,
+    shards: Arc<Vec<ShardQueues>>,
     liveness: Arc<Liveness>,
     transport: Arc<dyn Transport>,
 ) {
@@ -445,8 +423,10 @@ async fn tick(
     timer.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     loop {
         timer.tick().await;
-        ticks.send_modify(|t| *t += 1);
         liveness.check(std::time::Instant::now());
+        for shard in shards.iter() {
+            let _ = shard.control.send(ShardMsg::Tick);
+        }
         let (incarnation, epoch) = liveness.own();
         for peer in liveness.peers() {
             transport.send(Envelope {
@@ -476,11 +456,10 @@ fn host_heartbeat(
     m
 }
 
-/// The router: every inbound item to its group's inbox; host heartbeats
-/// to the host's liveness view.
-async fn route(host: NodeId, mut inbox: Inbox, routes: Routes, liveness: Arc<Liveness>) {
-    let unknown = metrics::counter!("raftwork_host_unknown_group_messages_total");
-    let mut logged: HashSet<u64> = HashSet::new();
+/// The router: every inbound item to its group's shard (which drops it if
+/// the group does not run there); host heartbeats to the host's liveness
+/// view.
+async fn route(mut inbox: Inbox, shards: Arc<Vec<ShardQueues>>, liveness: Arc<Liveness>) {
     while let Some(item) = inbox.recv().await {
         let group = match &item {
             Inbound::Messages(env) if env.group_id == HOST_GROUP => {
@@ -499,25 +478,8 @@ async fn route(host: NodeId, mut inbox: Inbox, routes: Routes, liveness: Arc<Liv
                 *group_id
             }
         };
-        let tx = routes.read().unwrap().get(&group).cloned();
-        match tx {
-            // A full group inbox drops, as a full transport queue does.
-            Some(tx) => {
-                let _ = tx.try_send(item);
-            }
-            None => {
-                if let Inbound::Messages(env) = &item {
-                    unknown.increment(env.messages.len() as u64);
-                    if logged.len() < UNKNOWN_GROUPS_LOGGED && logged.insert(group) {
-                        tracing::warn!(
-                            host,
-                            group,
-                            from = env.from,
-                            "dropping messages for a group this host does not run"
-                        );
-                    }
-                }
-            }
-        }
+        let shard = &shards[(group % shards.len() as u64) as usize];
+        // A full shard inbox drops, as a full transport queue does.
+        let _ = shard.inbound.try_send(item);
     }
 }

@@ -60,17 +60,20 @@ mod node;
 mod runtime;
 mod seed;
 mod session;
+mod shard;
 mod state_machine;
 
 pub use builder::{BuildError, Builder, Config, DataDir, TransportKind};
 #[cfg(feature = "host")]
-pub use host::{Host, HostConfig, GROUP_INBOX_ENVELOPES, GROUP_INFLIGHT_MSGS};
+pub use host::{Host, HostConfig, GROUP_INFLIGHT_MSGS};
 pub use logging::{raft_logger, TracingDrain};
 pub use node::{
     AppliedAt, FatalReason, Node, NoteError, SnapshotError, Stopped, WaitError, NOTE_BYTES_MAX,
 };
 pub use seed::{force_new_cluster, seed_data_dir, Recovered, Seed};
 pub use session::{Session, SessionId, SessionToken, SESSION_RETRY_TIMEOUT};
+#[cfg(feature = "host")]
+pub use shard::SHARD_INBOX_ENVELOPES;
 pub use state_machine::{Command, ResponseBytes, StateMachine};
 
 pub use raft::prelude::ConfState;

@@ -202,9 +202,37 @@ pub(crate) type Events = Arc<std::sync::OnceLock<broadcast::Sender<NodeEvent>>>;
 /// Events a subscriber may fall behind by before it sees `Lagged`.
 const EVENTS_BUFFERED: usize = 1024;
 
+/// Where a node's requests go: its own ready loop, or its host shard
+/// (tagged with the group, type-erased: a shard drives groups of any
+/// state machine type).
+pub(crate) enum RequestTx<SM: StateMachine> {
+    Own(mpsc::Sender<Request<SM>>),
+    #[cfg_attr(not(feature = "host"), allow(dead_code))]
+    Shard {
+        group: u64,
+        tx: mpsc::Sender<crate::shard::ShardRequest>,
+    },
+}
+
+impl<SM: StateMachine> RequestTx<SM> {
+    /// False if the loop (or its shard) is gone.
+    async fn send(&self, request: Request<SM>) -> bool {
+        match self {
+            RequestTx::Own(tx) => tx.send(request).await.is_ok(),
+            RequestTx::Shard { group, tx } => tx
+                .send(crate::shard::ShardRequest {
+                    group: *group,
+                    request: Box::new(request),
+                })
+                .await
+                .is_ok(),
+        }
+    }
+}
+
 pub(crate) struct Shared<SM: StateMachine> {
     pub(crate) id: NodeId,
-    pub(crate) requests: mpsc::Sender<Request<SM>>,
+    pub(crate) requests: RequestTx<SM>,
     pub(crate) events: Events,
     /// The leader the ready loop last learned; `None` once it stopped.
     pub(crate) leader: watch::Sender<Option<NodeId>>,
@@ -238,7 +266,7 @@ impl<SM: StateMachine> Node<SM> {
     }
 
     async fn request(&self, request: Request<SM>) -> bool {
-        self.shared.requests.send(request).await.is_ok()
+        self.shared.requests.send(request).await
     }
 
     /// Proposes `command`. Resolves once it is applied on this node, with its
@@ -639,6 +667,11 @@ impl<SM: StateMachine> Node<SM> {
         let tasks = std::mem::take(&mut *self.shared.tasks.lock().unwrap());
         for t in tasks {
             let _ = t.await;
+        }
+        // A host group has no tasks of its own: its shard says when it
+        // stopped.
+        if matches!(self.shared.requests, RequestTx::Shard { .. }) {
+            self.stopped().await;
         }
     }
 }

@@ -30,7 +30,6 @@ use raftwork_storage::{LogStore, SnapshotMeta, SnapshotStore, StorageError};
 use raftwork_transport::{Envelope, Inbound, Inbox, Transport};
 use tokio::sync::{mpsc, oneshot};
 
-use crate::clock::ClockEvent;
 use crate::node::{
     panic_message, AppliedAt, FatalReason, ProposeReply, ReadFn, Request, SnapshotError, Stopped,
 };
@@ -58,6 +57,13 @@ const SESSION_SWEEP_TICKS: u64 = 5;
 /// Most events drained per channel before the core is polled; bounds the
 /// loop's latency while still batching bursts.
 const DRAIN_EVENTS_MAX: usize = 4096;
+
+/// Where a ready loop's apply messages go: its node's apply task, or its
+/// host's apply shard.
+pub(crate) type ApplySink<SM> = Box<dyn Fn(ApplyMsg<SM>) + Send>;
+
+/// Where an applier's events go: its node's ready loop, or its host shard.
+pub(crate) type ApplyEvents = Box<dyn Fn(ApplyEvent) + Send>;
 
 /// What the ready loop asks of the apply task. Large payloads are boxed: a
 /// channel allocates its first block of 32 slots at creation, so the
@@ -114,7 +120,8 @@ pub(crate) struct Applier<SM: StateMachine> {
     pub(crate) applied_index: u64,
     /// The term of the entry at `applied_index`.
     pub(crate) applied_term: u64,
-    pub(crate) events: mpsc::UnboundedSender<ApplyEvent>,
+    /// Where its events go: the node's ready loop, or its host shard.
+    pub(crate) events: ApplyEvents,
     pub(crate) metrics: crate::metrics::ApplyMetrics,
 }
 
@@ -125,24 +132,31 @@ pub(crate) async fn apply_task<SM: StateMachine>(
 ) {
     while let Some(msg) = rx.recv().await {
         applier.metrics.queue.set(rx.len() as f64);
-        // A panicking state machine stops the node with a reason, instead of
-        // leaving a loop whose applies go nowhere.
-        let handled =
-            std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| applier.handle(msg)));
+        if !applier.handle_or_report(msg) {
+            return;
+        }
+    }
+}
+
+impl<SM: StateMachine> Applier<SM> {
+    /// Handles `msg`; false (after reporting it to the ready loop) if the
+    /// applier hit a fatal error and must get nothing more. A panicking
+    /// state machine stops the node with a reason, instead of leaving a
+    /// loop whose applies go nowhere.
+    pub(crate) fn handle_or_report(&mut self, msg: ApplyMsg<SM>) -> bool {
+        let handled = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| self.handle(msg)));
         let fatal = match handled {
-            Ok(Ok(())) => continue,
+            Ok(Ok(())) => return true,
             Ok(Err(fatal)) => fatal,
             Err(payload) => FatalReason::StateMachinePanicked {
                 message: panic_message(payload.as_ref()),
             },
         };
-        tracing::error!(error = %fatal, "apply task stopping on a fatal error");
-        let _ = applier.events.send(ApplyEvent::Fatal(fatal));
-        return;
+        tracing::error!(error = %fatal, "applier stopping on a fatal error");
+        (self.events)(ApplyEvent::Fatal(fatal));
+        false
     }
-}
 
-impl<SM: StateMachine> Applier<SM> {
     fn handle(&mut self, msg: ApplyMsg<SM>) -> Result<(), FatalReason> {
         match msg {
             ApplyMsg::Apply(work) => {
@@ -177,7 +191,7 @@ impl<SM: StateMachine> Applier<SM> {
                 self.metrics.batch_duration.record(started.elapsed());
                 self.applied_index = index;
                 self.applied_term = term;
-                let _ = self.events.send(ApplyEvent::Applied(index));
+                (self.events)(ApplyEvent::Applied(index));
             }
             ApplyMsg::Restore(meta) => {
                 let restore_failed = |detail: String| FatalReason::SnapshotRestore {
@@ -198,7 +212,7 @@ impl<SM: StateMachine> Applier<SM> {
                 self.metrics.restore_size.record(info.size_bytes as f64);
                 self.applied_index = meta.index;
                 self.applied_term = meta.term;
-                let _ = self.events.send(ApplyEvent::Applied(meta.index));
+                (self.events)(ApplyEvent::Applied(meta.index));
             }
             ApplyMsg::Reads(reads) => {
                 let at = AppliedAt {
@@ -211,7 +225,7 @@ impl<SM: StateMachine> Applier<SM> {
             }
             ApplyMsg::TakeSnapshot { metadata, id } => {
                 let result = Box::new(self.write_snapshot(*metadata));
-                let _ = self.events.send(ApplyEvent::SnapshotTaken { id, result });
+                (self.events)(ApplyEvent::SnapshotTaken { id, result });
             }
         }
         Ok(())
@@ -373,10 +387,7 @@ pub(crate) struct SessionWaiter<SM: StateMachine> {
 pub(crate) struct ReadyLoop<SM: StateMachine, S: LogStore> {
     pub(crate) core: Core<S>,
     pub(crate) transport: Box<dyn Transport>,
-    pub(crate) inbox: Inbox,
-    pub(crate) requests: mpsc::Receiver<Request<SM>>,
-    pub(crate) apply_tx: mpsc::UnboundedSender<ApplyMsg<SM>>,
-    pub(crate) applied_rx: mpsc::UnboundedReceiver<ApplyEvent>,
+    pub(crate) apply_tx: ApplySink<SM>,
     pub(crate) snapshots: Arc<dyn SnapshotStore>,
     pub(crate) events: crate::node::Events,
     /// The leader this node knows, for `Node::leader` (no round trip).
@@ -419,48 +430,40 @@ pub(crate) struct ReadyLoop<SM: StateMachine, S: LogStore> {
         HashMap<RequestId, oneshot::Sender<Result<SnapshotMeta, SnapshotError>>>,
 }
 
-/// Marks the node stopped, clears its known leader and publishes why it
-/// stopped when dropped.
-struct StopGuard {
-    stopped: Arc<std::sync::atomic::AtomicBool>,
-    leader: tokio::sync::watch::Sender<Option<NodeId>>,
-    stop: tokio::sync::watch::Sender<Option<Stopped>>,
-    /// Set by the loop as it ends; a guard dropped without one is unwinding
-    /// from a panic outside the loop's own catch.
-    reason: Option<Stopped>,
-}
-
-impl Drop for StopGuard {
-    fn drop(&mut self) {
-        // Stopped before the leader is cleared: a waiter woken by the
-        // change must see the stop (Node::wait_for_leader).
-        self.stopped.store(true, Ordering::Release);
-        self.leader.send_replace(None);
-        let reason = self.reason.take().unwrap_or_else(|| {
-            Stopped::Fatal(FatalReason::LoopPanicked {
-                message: "the ready loop ended by a panic (see the log)".into(),
-            })
-        });
-        self.stop.send_replace(Some(reason));
-    }
-}
-
 /// How persists are made durable.
 pub(crate) enum SyncMode {
     /// The store keeps nothing across a crash: acknowledge at once.
     Inline,
-    /// A worker thread syncs and reports back: `jobs(number, must_sync)`
-    /// queues a ready's persist (this node's own worker, or a host's one
-    /// for all its groups), `done` brings back the highest number made
-    /// durable (or why not).
-    Worker {
-        jobs: Box<dyn Fn(u64, bool) + Send>,
-        done: mpsc::UnboundedReceiver<Result<u64, String>>,
-    },
+    /// The node's own sync thread: `jobs(number, must_sync)` queues a
+    /// ready's persist; the thread answers on the loop's `Inputs::persisted`
+    /// with the highest number made durable (or why not).
+    Worker { jobs: Box<dyn Fn(u64, bool) + Send> },
+    /// A host group: the persist waits here until its shard collects it
+    /// (`ReadyLoop::take_persist`), so one job to the host's sync thread
+    /// covers every group the shard drove in a round.
+    #[cfg_attr(not(feature = "host"), allow(dead_code))]
+    Deferred { pending: Option<(u64, bool)> },
 }
 
-/// Starts the sync worker thread for `store`.
-pub(crate) fn spawn_sync_worker<S: LogStore>(store: S) -> (SyncMode, std::thread::JoinHandle<()>) {
+/// The channels a node of its own reads (a host group's shard reads its
+/// own instead).
+pub(crate) struct Inputs<SM: StateMachine> {
+    pub(crate) inbox: Inbox,
+    pub(crate) requests: mpsc::Receiver<Request<SM>>,
+    pub(crate) applied: mpsc::UnboundedReceiver<ApplyEvent>,
+    /// The sync thread's answers (`SyncMode::Worker`).
+    pub(crate) persisted: Option<mpsc::UnboundedReceiver<Result<u64, String>>>,
+}
+
+/// Starts the sync worker thread for `store`; returns how to queue jobs,
+/// where the answers come, and the thread.
+pub(crate) fn spawn_sync_worker<S: LogStore>(
+    store: S,
+) -> (
+    SyncMode,
+    mpsc::UnboundedReceiver<Result<u64, String>>,
+    std::thread::JoinHandle<()>,
+) {
     let (jobs_tx, mut jobs_rx) = mpsc::unbounded_channel::<(u64, bool)>();
     let (done_tx, done_rx) = mpsc::unbounded_channel();
     let handle = std::thread::Builder::new()
@@ -495,10 +498,25 @@ pub(crate) fn spawn_sync_worker<S: LogStore>(store: S) -> (SyncMode, std::thread
             jobs: Box::new(move |number, must_sync| {
                 let _ = jobs_tx.send((number, must_sync));
             }),
-            done: done_rx,
         },
+        done_rx,
         handle,
     )
+}
+
+/// Runs `f` on a loop; an error or a panic (a broken invariant here or in
+/// raft-rs) becomes why the loop stops, and whether it panicked.
+pub(crate) fn catch_stop(f: impl FnOnce() -> Result<(), Stopped>) -> Result<(), (Stopped, bool)> {
+    match std::panic::catch_unwind(std::panic::AssertUnwindSafe(f)) {
+        Ok(Ok(())) => Ok(()),
+        Ok(Err(reason)) => Err((reason, false)),
+        Err(payload) => Err((
+            Stopped::Fatal(FatalReason::LoopPanicked {
+                message: panic_message(payload.as_ref()),
+            }),
+            true,
+        )),
+    }
 }
 
 enum Step<SM: StateMachine> {
@@ -510,57 +528,104 @@ enum Step<SM: StateMachine> {
     ApplyTaskGone,
     Persisted(Result<u64, String>),
     Tick,
-    /// A sleeping follower's leader's host changed (`clock.rs`).
-    LeaderHostChanged,
     Closed,
 }
 
+/// Marks the node stopped, clears its known leader and publishes why it
+/// stopped: made when a loop starts, finished when it ends. Dropped
+/// unfinished (unwinding from a panic outside the loop's own catch), it
+/// publishes that the loop panicked.
+pub(crate) struct StopGuard {
+    stopped: Arc<std::sync::atomic::AtomicBool>,
+    leader: tokio::sync::watch::Sender<Option<NodeId>>,
+    stop: tokio::sync::watch::Sender<Option<Stopped>>,
+    reason: Option<Stopped>,
+}
+
+impl StopGuard {
+    pub(crate) fn finish(mut self, reason: Stopped) {
+        self.reason = Some(reason);
+    }
+}
+
+impl Drop for StopGuard {
+    fn drop(&mut self) {
+        // Stopped before the leader is cleared: a waiter woken by the
+        // change must see the stop (Node::wait_for_leader).
+        self.stopped.store(true, Ordering::Release);
+        self.leader.send_replace(None);
+        let reason = self.reason.take().unwrap_or_else(|| {
+            Stopped::Fatal(FatalReason::LoopPanicked {
+                message: "the ready loop ended by a panic (see the log)".into(),
+            })
+        });
+        self.stop.send_replace(Some(reason));
+    }
+}
+
 impl<SM: StateMachine, S: LogStore> ReadyLoop<SM, S> {
-    pub(crate) async fn run(mut self) {
-        // Marks the node stopped however the loop ends, a panic included
-        // (raft-rs panics on a broken invariant), so `Node::leader` and
-        // `wait_for_leader` never report a leader of a dead loop.
-        let mut stop_guard = StopGuard {
+    /// The guard that publishes this loop's stop (see [`StopGuard`]).
+    pub(crate) fn stop_guard(&self) -> StopGuard {
+        StopGuard {
             stopped: self.stopped.clone(),
             leader: self.leader.clone(),
             stop: self.stop.clone(),
             reason: None,
-        };
-        let mut panicked = false;
-        let reason = loop {
+        }
+    }
+
+    /// A node of its own: runs the loop on its channels until it stops.
+    pub(crate) async fn run(mut self, mut inputs: Inputs<SM>) {
+        // Marks the node stopped however the loop ends, a panic included
+        // (raft-rs panics on a broken invariant), so `Node::leader` and
+        // `wait_for_leader` never report a leader of a dead loop.
+        let stop_guard = self.stop_guard();
+        let mut interval = tokio::time::interval_at(
+            tokio::time::Instant::now() + self.tick_interval,
+            self.tick_interval,
+        );
+        // Missed ticks are delayed, never burst (see `drive`).
+        interval.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        let (reason, panicked) = loop {
             let step = tokio::select! {
                 biased;
-                r = Self::next_persisted(&mut self.sync) => Step::Persisted(r),
-                i = self.applied_rx.recv() => i.map_or(Step::ApplyTaskGone, Step::Applied),
-                Some(m) = self.inbox.recv() => Step::Inbound(m),
-                r = self.requests.recv() => r.map_or(Step::Closed, Step::Request),
-                e = self.clock.next(self.tick_interval, self.core.is_hibernating()) => match e {
-                    ClockEvent::Tick => Step::Tick,
-                    ClockEvent::LeaderHostChanged => Step::LeaderHostChanged,
-                },
+                r = Self::next_persisted(&mut inputs.persisted) => Step::Persisted(r),
+                i = inputs.applied.recv() => i.map_or(Step::ApplyTaskGone, Step::Applied),
+                Some(m) = inputs.inbox.recv() => Step::Inbound(m),
+                r = inputs.requests.recv() => r.map_or(Step::Closed, Step::Request),
+                _ = interval.tick() => Step::Tick,
             };
-            // A panic (a broken invariant here or in raft-rs) stops the node
-            // with a reason instead of leaving handles to a dead loop.
-            let stepped = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
-                self.handle_step(step)?;
-                self.drain()?;
+            let queued = inputs.requests.len();
+            let stepped = catch_stop(|| {
+                self.handle_step(step, queued)?;
+                self.drain(&mut inputs)?;
                 self.drive()
-            }));
-            match stepped {
-                Ok(Ok(())) => {}
-                Ok(Err(reason)) => break reason,
-                Err(payload) => {
-                    panicked = true;
-                    break Stopped::Fatal(FatalReason::LoopPanicked {
-                        message: panic_message(payload.as_ref()),
-                    });
-                }
+            });
+            if let Err(stop) = stepped {
+                break stop;
             }
         };
+        self.finish(&reason, panicked);
+        stop_guard.finish(reason);
+        // Requests still queued get their shutdown error as their replies drop.
+        inputs.requests.close();
+        while let Ok(r) = inputs.requests.try_recv() {
+            drop(r);
+        }
+        // Dropping apply_tx ends the apply task after its queue drains;
+        // dropping the sync jobs sender ends the sync worker.
+    }
+
+    /// Ends the loop: fails what waits and shuts the transport (the
+    /// caller then publishes why, through the loop's `StopGuard`).
+    pub(crate) fn finish(&mut self, reason: &Stopped, panicked: bool) {
         let node = self.core.id();
-        match &reason {
-            Stopped::Fatal(e) => tracing::error!(node, error = %e, "node stopped on a fatal error"),
-            _ => tracing::info!(node, "node stopped"),
+        let group = self.core.group_id();
+        match reason {
+            Stopped::Fatal(e) => {
+                tracing::error!(node, group, error = %e, "node stopped on a fatal error")
+            }
+            _ => tracing::info!(node, group, "node stopped"),
         }
         // A group that stops while leading goes silent: its followers
         // elsewhere hear of it through this host's epoch. (A leader that
@@ -568,35 +633,29 @@ impl<SM: StateMachine, S: LogStore> ReadyLoop<SM, S> {
         if panicked || self.core.role() == raftwork_core::Role::Leader {
             self.clock.stopped_leading();
         }
+        self.clock.wake();
         // After a panic the core's state is unknown: fail everything by
         // dropping it instead of asking it for its last actions.
         if !panicked {
             let actions = self.core.shutdown();
             self.execute(actions);
         }
-        // Requests still queued get their shutdown error as their replies drop.
-        self.requests.close();
-        while let Ok(r) = self.requests.try_recv() {
-            drop(r);
-        }
         self.transport.shutdown();
-        stop_guard.reason = Some(reason);
-        drop(stop_guard);
-        // Dropping apply_tx ends the apply task after its queue drains;
-        // dropping the sync jobs sender ends the sync worker.
     }
 
-    async fn next_persisted(sync: &mut SyncMode) -> Result<u64, String> {
-        match sync {
-            SyncMode::Inline => std::future::pending().await,
-            SyncMode::Worker { done, .. } => match done.recv().await {
+    async fn next_persisted(
+        persisted: &mut Option<mpsc::UnboundedReceiver<Result<u64, String>>>,
+    ) -> Result<u64, String> {
+        match persisted {
+            None => std::future::pending().await,
+            Some(done) => match done.recv().await {
                 Some(r) => r,
                 None => Err("sync worker stopped".into()),
             },
         }
     }
 
-    fn handle_step(&mut self, step: Step<SM>) -> Result<(), Stopped> {
+    fn handle_step(&mut self, step: Step<SM>, requests_queued: usize) -> Result<(), Stopped> {
         match step {
             Step::Request(r) => self.handle_request(r),
             Step::Inbound(m) => self.handle_inbound(m),
@@ -604,33 +663,58 @@ impl<SM: StateMachine, S: LogStore> ReadyLoop<SM, S> {
             Step::ApplyTaskGone => Err(Stopped::Fatal(FatalReason::StateMachinePanicked {
                 message: "the apply task ended".into(),
             })),
-            Step::Persisted(Ok(n)) => {
+            Step::Persisted(r) => self.handle_persisted(r),
+            Step::Tick => {
+                self.handle_tick(requests_queued);
+                Ok(())
+            }
+            Step::Closed => Err(Stopped::Shutdown),
+        }
+    }
+
+    /// The sync thread's answer: durable up to ready `r`, or why not.
+    pub(crate) fn handle_persisted(&mut self, r: Result<u64, String>) -> Result<(), Stopped> {
+        match r {
+            Ok(n) => {
                 tracing::debug!(target: "raftwork::persist", ready = n, "persisted");
                 self.core.handle_persisted(n);
                 Ok(())
             }
-            Step::Persisted(Err(detail)) => Err(Stopped::Fatal(FatalReason::LogStore {
+            Err(detail) => Err(Stopped::Fatal(FatalReason::LogStore {
                 detail: format!("sync failed: {detail}"),
             })),
-            Step::Tick => {
-                self.core.handle_tick();
-                self.last_tick_at = std::time::Instant::now();
-                if self.core.tick_count().is_multiple_of(SESSION_SWEEP_TICKS) {
-                    self.sweep_session_waiters();
-                }
-                let pending = self.proposals.len() + self.session_waiters.len();
-                self.metrics
-                    .sample(&self.core.status(), pending, self.requests.len());
-                self.maybe_hibernate();
-                Ok(())
-            }
-            Step::LeaderHostChanged => {
-                if self.clock.leader_host_really_changed() {
-                    self.core.handle_leader_host_changed();
-                }
-                Ok(())
-            }
-            Step::Closed => Err(Stopped::Shutdown),
+        }
+    }
+
+    /// One tick of the core's clock (never called while it hibernates).
+    pub(crate) fn handle_tick(&mut self, requests_queued: usize) {
+        self.core.handle_tick();
+        self.last_tick_at = std::time::Instant::now();
+        if self.core.tick_count().is_multiple_of(SESSION_SWEEP_TICKS) {
+            self.sweep_session_waiters();
+        }
+        let pending = self.proposals.len() + self.session_waiters.len();
+        self.metrics
+            .sample(&self.core.status(), pending, requests_queued);
+        self.maybe_hibernate();
+    }
+
+    /// A sleeping follower's leader's host changed (dead, restarted, or a
+    /// group there stopped while leading): wake, and elect if the leader
+    /// is gone. A repeat of the view it fell asleep under changes nothing.
+    #[cfg_attr(not(feature = "host"), allow(dead_code))]
+    pub(crate) fn check_leader_host(&mut self) {
+        if self.clock.leader_host_changed() {
+            self.core.handle_leader_host_changed();
+        }
+    }
+
+    /// A host group's persist waiting for its shard (`SyncMode::Deferred`).
+    #[cfg_attr(not(feature = "host"), allow(dead_code))]
+    pub(crate) fn take_persist(&mut self) -> Option<(u64, bool)> {
+        match &mut self.sync {
+            SyncMode::Deferred { pending } => pending.take(),
+            _ => None,
         }
     }
 
@@ -665,35 +749,40 @@ impl<SM: StateMachine, S: LogStore> ReadyLoop<SM, S> {
             .core
             .leader()
             .filter(|&l| l != me)
-            .and_then(|l| self.clock.watch_leader_host(l));
-        let alive = watching.as_ref().is_some_and(|(view, _)| view.alive);
+            .and_then(|l| self.clock.leader_host_view(l).map(|view| (l, view)));
+        let alive = watching.as_ref().is_some_and(|(_, view)| view.alive);
         if self.core.try_hibernate(alive) {
             tracing::debug!(node = me, group = self.core.group_id(), "hibernating");
             self.clock.fell_asleep(watching);
         }
     }
 
+    /// Whether the core sleeps (a host's shard skips its ticks).
+    #[cfg_attr(not(feature = "host"), allow(dead_code))]
+    pub(crate) fn is_hibernating(&self) -> bool {
+        self.core.is_hibernating()
+    }
+
     /// Takes whatever else is already queued, so one poll covers a burst.
-    fn drain(&mut self) -> Result<(), Stopped> {
+    fn drain(&mut self, inputs: &mut Inputs<SM>) -> Result<(), Stopped> {
         for _ in 0..DRAIN_EVENTS_MAX {
-            match self.inbox.try_recv() {
+            match inputs.inbox.try_recv() {
                 Ok(m) => self.handle_inbound(m)?,
                 Err(_) => break,
             }
         }
         for _ in 0..DRAIN_EVENTS_MAX {
-            match self.requests.try_recv() {
+            match inputs.requests.try_recv() {
                 Ok(r) => self.handle_request(r)?,
                 Err(_) => break,
             }
         }
-        while let Ok(event) = self.applied_rx.try_recv() {
+        while let Ok(event) = inputs.applied.try_recv() {
             self.handle_apply_event(event)?;
         }
         Ok(())
     }
-
-    fn handle_apply_event(&mut self, event: ApplyEvent) -> Result<(), Stopped> {
+    pub(crate) fn handle_apply_event(&mut self, event: ApplyEvent) -> Result<(), Stopped> {
         match event {
             ApplyEvent::Applied(i) => self.core.handle_applied(i),
             ApplyEvent::SnapshotTaken { id, result } => {
@@ -717,7 +806,7 @@ impl<SM: StateMachine, S: LogStore> ReadyLoop<SM, S> {
     }
 
     /// Polls the core until it has nothing more to do.
-    fn drive(&mut self) -> Result<(), Stopped> {
+    pub(crate) fn drive(&mut self) -> Result<(), Stopped> {
         // Ticks are the core's clock, and the interval delays (never
         // bursts) missed ticks, which keeps a follower's election timer from
         // running ahead of real time. A leader's lease counts the same
@@ -743,6 +832,9 @@ impl<SM: StateMachine, S: LogStore> ReadyLoop<SM, S> {
                 })
             })?;
             if actions.is_empty() {
+                if !self.core.is_hibernating() {
+                    self.clock.wake();
+                }
                 return Ok(());
             }
             if let Some(number) = self.execute(actions) {
@@ -751,7 +843,7 @@ impl<SM: StateMachine, S: LogStore> ReadyLoop<SM, S> {
         }
     }
 
-    fn handle_inbound(&mut self, inbound: Inbound) -> Result<(), Stopped> {
+    pub(crate) fn handle_inbound(&mut self, inbound: Inbound) -> Result<(), Stopped> {
         match inbound {
             Inbound::Messages(env) => {
                 if env.group_id != self.core.group_id() {
@@ -858,7 +950,7 @@ impl<SM: StateMachine, S: LogStore> ReadyLoop<SM, S> {
         true
     }
 
-    fn handle_request(&mut self, request: Request<SM>) -> Result<(), Stopped> {
+    pub(crate) fn handle_request(&mut self, request: Request<SM>) -> Result<(), Stopped> {
         let id = self.next_request_id;
         self.next_request_id += 1;
         match request {
@@ -885,7 +977,7 @@ impl<SM: StateMachine, S: LogStore> ReadyLoop<SM, S> {
                 self.core.handle_read(id);
             }
             Request::StaleRead { read } => {
-                let _ = self.apply_tx.send(ApplyMsg::Reads(vec![read]));
+                (self.apply_tx)(ApplyMsg::Reads(vec![read]));
             }
             Request::ConfChange {
                 change,
@@ -977,17 +1069,21 @@ impl<SM: StateMachine, S: LogStore> ReadyLoop<SM, S> {
                 Action::Persist { number, must_sync } => {
                     tracing::debug!(target: "raftwork::persist", ready = number, must_sync,
                         up_to_index = self.core.last_index(), "log changes staged; persisting");
-                    match &self.sync {
+                    match &mut self.sync {
                         SyncMode::Inline => persisted_inline = Some(number),
-                        SyncMode::Worker { jobs, .. } => jobs(number, must_sync),
+                        SyncMode::Worker { jobs } => jobs(number, must_sync),
+                        SyncMode::Deferred { pending } => {
+                            let earlier = pending.is_some_and(|(_, m)| m);
+                            *pending = Some((number, must_sync || earlier));
+                        }
                     }
                 }
                 Action::RestoreSnapshot(snap) => {
                     let meta = snap.get_metadata().clone();
-                    let _ = self.apply_tx.send(ApplyMsg::Restore(Box::new(meta)));
+                    (self.apply_tx)(ApplyMsg::Restore(Box::new(meta)));
                 }
                 Action::TakeSnapshot { metadata, id } => {
-                    let _ = self.apply_tx.send(ApplyMsg::TakeSnapshot {
+                    (self.apply_tx)(ApplyMsg::TakeSnapshot {
                         metadata: Box::new(metadata),
                         id,
                     });
@@ -1008,7 +1104,7 @@ impl<SM: StateMachine, S: LogStore> ReadyLoop<SM, S> {
                         .filter_map(|(index, id)| self.proposals.remove(id).map(|r| (*index, r)))
                         .collect();
                     let session_replies = self.take_session_waiters(&batch);
-                    let _ = self.apply_tx.send(ApplyMsg::Apply(Box::new(ApplyWork {
+                    (self.apply_tx)(ApplyMsg::Apply(Box::new(ApplyWork {
                         batch,
                         replies,
                         session_replies,
@@ -1034,7 +1130,7 @@ impl<SM: StateMachine, S: LogStore> ReadyLoop<SM, S> {
                             read
                         })
                         .collect();
-                    let _ = self.apply_tx.send(ApplyMsg::Reads(reads));
+                    (self.apply_tx)(ApplyMsg::Reads(reads));
                 }
                 Action::ReadFailed { ids, error } => {
                     for id in ids {

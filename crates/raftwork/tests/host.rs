@@ -153,10 +153,14 @@ async fn groups_on_three_hosts_commit_survive_removal_and_restart() {
     let dir = tempfile::tempdir().unwrap();
     let net = MemNetwork::new();
     let mut hosts: Vec<Host> = (1..=3).map(|id| open_host(&net, id, dir.path())).collect();
-    // Groups add no threads: one sync thread per host serves them all.
+    // Groups add no threads (one sync thread per host serves them all)
+    // and no tasks (each host's shards drive them all).
     let threads_before = threads();
+    let tasks = || tokio::runtime::Handle::current().metrics().num_alive_tasks();
+    let tasks_before = tasks();
     let mut nodes: Vec<Vec<Node<Log>>> = hosts.iter().map(start_groups).collect();
     assert_eq!(threads(), threads_before, "24 groups started threads");
+    assert_eq!(tasks(), tasks_before, "24 groups started tasks");
     assert_eq!(hosts[0].running_groups(), (1..=GROUPS).collect::<Vec<_>>());
 
     // Every group elects a leader and commits through it, on every host.

@@ -1,0 +1,604 @@
+//! Sharded scheduling: a host's groups driven by a fixed set of worker
+//! shards, with no task, channel or timer per group (issue 17).
+//!
+//! ```text
+//!  Node handles ──ShardRequest(group)──▶ ┌─────────────────┐ ──envelopes──▶ shared Transport
+//!  router ──Inbound (group % shards)───▶ │ ready shard i   │ ──ApplyShardMsg(group)──▶ apply shard i ──▶ each group's StateMachine
+//!  ticker ──Tick───────────────────────▶ │ groups' ReadyLoops│ ◀──Applied(group)─────────┘
+//!  sync thread ──Persisted(batch)──────▶ └─────────────────┘ ──one SyncBatch per round──▶ host sync thread (one fdatasync)
+//! ```
+//!
+//! A ready shard is one tokio task that owns its groups' ready loops as
+//! plain values. Each round it takes every message queued (up to a bound),
+//! hands each to its group, then drives every group that got one, and
+//! sends the persists of all of them as one batch to the host's sync
+//! thread. An apply shard is one tokio task that owns the same groups'
+//! state machines and applies in order, as a node's own apply task does.
+//! Group `g` lives on shard `g % shards`, ready side and apply side.
+//!
+//! Invariants:
+//! * a group's ready loop is touched only by its shard's task, and its
+//!   state machine only by its apply shard's task;
+//! * a group's apply messages reach its apply shard in the order its loop
+//!   sent them (one channel, FIFO), so a read released after an apply
+//!   still runs after it;
+//! * a group is ticked only while awake; a sleeping follower is checked
+//!   when the host's view of its peers moves (`Liveness::generation`);
+//! * a group that stops (error, panic, shutdown) leaves its shard alone:
+//!   its own stop reason is published and the other groups go on;
+//! * the apply side learns of a group's stop after the ready side sent it
+//!   its last message, so a group created again with the same id starts on
+//!   an empty slot.
+
+#![cfg_attr(not(feature = "host"), allow(dead_code))]
+
+use std::any::Any;
+use std::collections::{HashMap, HashSet};
+use std::sync::Arc;
+
+use raftwork_core::NodeId;
+use raftwork_storage::LogStore;
+use raftwork_transport::{Envelope, Inbound, Transport, TransportError};
+use tokio::sync::mpsc;
+
+use crate::clock::{HostClock, Liveness};
+use crate::node::{Request, RequestTx, Stopped};
+use crate::runtime::{Applier, ApplyEvent, ApplyEvents, ApplyMsg, ApplySink, ReadyLoop, StopGuard};
+use crate::state_machine::StateMachine;
+
+/// Capacity of a shard's request queue, in requests, shared by its groups
+/// (a node of its own has `Config::request_queue_capacity`, which a host
+/// group does not use). A full queue holds the proposer back.
+pub(crate) const SHARD_REQUEST_QUEUE: usize = 65_536;
+
+/// Capacity of a shard's inbox, in envelopes from peers, shared by its
+/// groups. A full one drops (raft sends again), as a full transport queue
+/// does, so a flood of messages cannot grow a host's memory.
+pub const SHARD_INBOX_ENVELOPES: usize = 16_384;
+
+/// Most messages a shard takes per queue before it drives its groups:
+/// bounds a round's latency while batching bursts.
+const SHARD_DRAIN_MAX: usize = 8192;
+
+/// Unknown group ids a shard logs by name; past this many, only counted.
+const UNKNOWN_GROUPS_LOGGED: usize = 1024;
+
+/// A request of a group's `Node`, for its shard.
+pub(crate) struct ShardRequest {
+    pub(crate) group: u64,
+    /// A `Request<SM>` of the group's state machine type.
+    pub(crate) request: Box<dyn Any + Send>,
+}
+
+/// What a ready shard is told, besides requests and peers' messages.
+pub(crate) enum ShardMsg {
+    /// A group's apply shard reports.
+    Applied { group: u64, event: ApplyEvent },
+    /// The host's sync thread made this batch durable (or could not).
+    Persisted {
+        items: Vec<(u64, u64)>,
+        result: Result<(), String>,
+    },
+    /// The host's ticker.
+    Tick,
+    /// A new group to drive.
+    Add { group: u64, driven: Box<dyn Driven> },
+    /// Stop every group and end.
+    Stop,
+}
+
+/// A round's persists for the host's sync thread: each group's highest
+/// ready number, and where to answer.
+pub(crate) struct SyncBatch {
+    pub(crate) items: Vec<(u64, u64)>,
+    pub(crate) must_sync: bool,
+    pub(crate) reply: mpsc::UnboundedSender<ShardMsg>,
+}
+
+/// What an apply shard is told.
+pub(crate) enum ApplyShardMsg {
+    /// A new group's state machine.
+    Add {
+        group: u64,
+        applier: Box<dyn AnyApplier>,
+    },
+    /// An `ApplyMsg<SM>` for a group.
+    Apply {
+        group: u64,
+        msg: Box<dyn Any + Send>,
+    },
+    /// The group stopped: its ready loop sends nothing more.
+    Remove { group: u64 },
+    /// The ready shard ended: nothing more comes.
+    Stop,
+}
+
+/// A group's ready loop as its shard sees it, whatever its state machine
+/// and log store types.
+pub(crate) trait Driven: Send {
+    fn request(&mut self, request: Box<dyn Any + Send>) -> Result<(), Stopped>;
+    fn inbound(&mut self, inbound: Inbound) -> Result<(), Stopped>;
+    fn applied(&mut self, event: ApplyEvent) -> Result<(), Stopped>;
+    fn persisted(&mut self, result: Result<u64, String>) -> Result<(), Stopped>;
+    fn tick(&mut self, requests_queued: usize);
+    fn check_leader_host(&mut self);
+    fn drive(&mut self) -> Result<(), Stopped>;
+    fn take_persist(&mut self) -> Option<(u64, bool)>;
+    fn is_hibernating(&self) -> bool;
+    fn stop_guard(&self) -> StopGuard;
+    fn finish(&mut self, reason: &Stopped, panicked: bool);
+}
+
+impl<SM: StateMachine, S: LogStore> Driven for ReadyLoop<SM, S> {
+    fn request(&mut self, request: Box<dyn Any + Send>) -> Result<(), Stopped> {
+        let request = request
+            .downcast::<Request<SM>>()
+            .expect("a group's requests are of its state machine's type");
+        self.handle_request(*request)
+    }
+    fn inbound(&mut self, inbound: Inbound) -> Result<(), Stopped> {
+        self.handle_inbound(inbound)
+    }
+    fn applied(&mut self, event: ApplyEvent) -> Result<(), Stopped> {
+        self.handle_apply_event(event)
+    }
+    fn persisted(&mut self, result: Result<u64, String>) -> Result<(), Stopped> {
+        self.handle_persisted(result)
+    }
+    fn tick(&mut self, requests_queued: usize) {
+        self.handle_tick(requests_queued)
+    }
+    fn check_leader_host(&mut self) {
+        ReadyLoop::check_leader_host(self)
+    }
+    fn drive(&mut self) -> Result<(), Stopped> {
+        ReadyLoop::drive(self)
+    }
+    fn take_persist(&mut self) -> Option<(u64, bool)> {
+        ReadyLoop::take_persist(self)
+    }
+    fn is_hibernating(&self) -> bool {
+        ReadyLoop::is_hibernating(self)
+    }
+    fn stop_guard(&self) -> StopGuard {
+        ReadyLoop::stop_guard(self)
+    }
+    fn finish(&mut self, reason: &Stopped, panicked: bool) {
+        ReadyLoop::finish(self, reason, panicked)
+    }
+}
+
+/// A group's applier as its apply shard sees it.
+pub(crate) trait AnyApplier: Send {
+    /// False if the applier stopped on a fatal error (already reported).
+    fn handle(&mut self, msg: Box<dyn Any + Send>) -> bool;
+}
+
+impl<SM: StateMachine> AnyApplier for Applier<SM> {
+    fn handle(&mut self, msg: Box<dyn Any + Send>) -> bool {
+        let msg = msg
+            .downcast::<ApplyMsg<SM>>()
+            .expect("a group's apply messages are of its state machine's type");
+        self.handle_or_report(*msg)
+    }
+}
+
+/// One shard's queues, as the host holds them.
+#[derive(Clone)]
+pub(crate) struct ShardQueues {
+    pub(crate) control: mpsc::UnboundedSender<ShardMsg>,
+    /// Peers' messages (bounded: see [`SHARD_INBOX_ENVELOPES`]).
+    pub(crate) inbound: mpsc::Sender<Inbound>,
+    pub(crate) requests: mpsc::Sender<ShardRequest>,
+    pub(crate) apply: mpsc::UnboundedSender<ApplyShardMsg>,
+}
+
+/// How a group being built joins its shard (`Builder::on_shard`).
+pub(crate) struct ShardWiring {
+    pub(crate) group: u64,
+    pub(crate) queues: ShardQueues,
+    pub(crate) transport: Arc<dyn Transport>,
+    pub(crate) liveness: Arc<Liveness>,
+}
+
+impl ShardWiring {
+    pub(crate) fn apply_sink<SM: StateMachine>(&self) -> ApplySink<SM> {
+        let (group, tx) = (self.group, self.queues.apply.clone());
+        Box::new(move |msg| {
+            let _ = tx.send(ApplyShardMsg::Apply {
+                group,
+                msg: Box::new(msg),
+            });
+        })
+    }
+
+    pub(crate) fn apply_events(&self) -> ApplyEvents {
+        let (group, tx) = (self.group, self.queues.control.clone());
+        Box::new(move |event| {
+            let _ = tx.send(ShardMsg::Applied { group, event });
+        })
+    }
+
+    pub(crate) fn requests<SM: StateMachine>(&self) -> RequestTx<SM> {
+        RequestTx::Shard {
+            group: self.group,
+            tx: self.queues.requests.clone(),
+        }
+    }
+
+    pub(crate) fn transport(&self) -> Box<dyn Transport> {
+        Box::new(GroupTransport {
+            inner: self.transport.clone(),
+        })
+    }
+
+    pub(crate) fn clock(&self) -> HostClock {
+        HostClock::new(self.liveness.clone())
+    }
+
+    /// Hands the group to its shards: the state machine first, so it is
+    /// there before the loop's first apply message.
+    pub(crate) fn start<SM: StateMachine, S: LogStore>(
+        self,
+        ready: ReadyLoop<SM, S>,
+        applier: Applier<SM>,
+    ) {
+        let _ = self.queues.apply.send(ApplyShardMsg::Add {
+            group: self.group,
+            applier: Box::new(applier),
+        });
+        let _ = self.queues.control.send(ShardMsg::Add {
+            group: self.group,
+            driven: Box::new(ready),
+        });
+    }
+}
+
+/// The shared transport as one group sees it: sends go through; shutting
+/// it down is the host's business, not a group's.
+struct GroupTransport {
+    inner: Arc<dyn Transport>,
+}
+
+impl Transport for GroupTransport {
+    fn send(&self, envelope: Envelope) {
+        self.inner.send(envelope)
+    }
+
+    fn set_peer(&self, id: NodeId, address: &str) -> Result<(), TransportError> {
+        self.inner.set_peer(id, address)
+    }
+}
+
+/// Starts shard `index`'s ready and apply tasks; returns its queues and
+/// the two tasks.
+pub(crate) fn spawn_shard(
+    host: NodeId,
+    index: usize,
+    liveness: Arc<Liveness>,
+    sync: mpsc::UnboundedSender<SyncBatch>,
+) -> (ShardQueues, [tokio::task::JoinHandle<()>; 2]) {
+    let (control, control_rx) = mpsc::unbounded_channel();
+    let (inbound, inbound_rx) = mpsc::channel(SHARD_INBOX_ENVELOPES);
+    let (requests, requests_rx) = mpsc::channel(SHARD_REQUEST_QUEUE);
+    let (apply, apply_rx) = mpsc::unbounded_channel();
+    let shard = Shard {
+        host,
+        index,
+        groups: HashMap::new(),
+        dirty: Vec::new(),
+        awake: HashSet::new(),
+        generation: liveness.generation(),
+        liveness,
+        sync,
+        me: control.clone(),
+        apply: apply.clone(),
+        unknown: metrics::counter!("raftwork_host_unknown_group_messages_total"),
+        logged: HashSet::new(),
+    };
+    let ready = tokio::spawn(shard.run(control_rx, inbound_rx, requests_rx));
+    let applies = tokio::spawn(apply_shard(apply_rx));
+    (
+        ShardQueues {
+            control,
+            inbound,
+            requests,
+            apply,
+        },
+        [ready, applies],
+    )
+}
+
+/// A group on its shard.
+struct Slot {
+    driven: Box<dyn Driven>,
+    /// Publishes the group's stop (a panic that ends the shard's task
+    /// included: the guard then says the loop panicked).
+    guard: StopGuard,
+    /// Queued in `Shard::dirty` for this round's drive.
+    dirty: bool,
+}
+
+struct Shard {
+    host: NodeId,
+    index: usize,
+    groups: HashMap<u64, Slot>,
+    /// Groups to drive at the end of this round.
+    dirty: Vec<u64>,
+    /// Groups not hibernating: the ones a tick reaches.
+    awake: HashSet<u64>,
+    liveness: Arc<Liveness>,
+    /// `Liveness::generation` when the sleeping followers were last checked.
+    generation: u64,
+    sync: mpsc::UnboundedSender<SyncBatch>,
+    /// This shard's control queue, for the sync thread's answers.
+    me: mpsc::UnboundedSender<ShardMsg>,
+    apply: mpsc::UnboundedSender<ApplyShardMsg>,
+    unknown: metrics::Counter,
+    logged: HashSet<u64>,
+}
+
+impl Shard {
+    async fn run(
+        mut self,
+        mut control: mpsc::UnboundedReceiver<ShardMsg>,
+        mut inbound: mpsc::Receiver<Inbound>,
+        mut requests: mpsc::Receiver<ShardRequest>,
+    ) {
+        loop {
+            let stop = tokio::select! {
+                biased;
+                m = control.recv() => match m {
+                    Some(m) => self.control(m),
+                    None => true,
+                },
+                Some(i) = inbound.recv() => {
+                    self.inbound(i);
+                    false
+                }
+                Some(r) = requests.recv() => {
+                    self.request(r);
+                    false
+                }
+            };
+            if stop {
+                break;
+            }
+            // Everything else already queued joins this round.
+            let mut stop = false;
+            for _ in 0..SHARD_DRAIN_MAX {
+                match control.try_recv() {
+                    Ok(m) => {
+                        if self.control(m) {
+                            stop = true;
+                            break;
+                        }
+                    }
+                    Err(_) => break,
+                }
+            }
+            if stop {
+                break;
+            }
+            for _ in 0..SHARD_DRAIN_MAX {
+                match inbound.try_recv() {
+                    Ok(i) => self.inbound(i),
+                    Err(_) => break,
+                }
+            }
+            for _ in 0..SHARD_DRAIN_MAX {
+                match requests.try_recv() {
+                    Ok(r) => self.request(r),
+                    Err(_) => break,
+                }
+            }
+            self.drive_round();
+        }
+        // Requests still queued fail as their replies drop.
+        requests.close();
+        while requests.try_recv().is_ok() {}
+        let groups: Vec<u64> = self.groups.keys().copied().collect();
+        for group in groups {
+            self.stop_group(group, Stopped::Shutdown, false);
+        }
+        let _ = self.apply.send(ApplyShardMsg::Stop);
+    }
+
+    /// Handles one control message; true if the shard must stop.
+    fn control(&mut self, msg: ShardMsg) -> bool {
+        match msg {
+            ShardMsg::Applied { group, event } => self.step(group, |d| d.applied(event)),
+            ShardMsg::Persisted { items, result } => {
+                for (group, number) in items {
+                    let r = result.clone().map(|()| number);
+                    self.step(group, |d| d.persisted(r));
+                }
+            }
+            ShardMsg::Tick => self.tick(),
+            ShardMsg::Add { group, driven } => {
+                assert!(
+                    !self.groups.contains_key(&group),
+                    "group {group} added twice to shard {}",
+                    self.index
+                );
+                let guard = driven.stop_guard();
+                self.groups.insert(
+                    group,
+                    Slot {
+                        driven,
+                        guard,
+                        dirty: false,
+                    },
+                );
+                self.awake.insert(group);
+                self.mark(group);
+            }
+            ShardMsg::Stop => return true,
+        }
+        false
+    }
+
+    /// A peer's message (or a transport report) for one of its groups.
+    fn inbound(&mut self, inbound: Inbound) {
+        let group = match &inbound {
+            Inbound::Messages(env) => env.group_id,
+            Inbound::Unreachable { group_id, .. } | Inbound::SnapshotStatus { group_id, .. } => {
+                *group_id
+            }
+        };
+        if !self.groups.contains_key(&group) {
+            self.unknown_group(group, &inbound);
+            return;
+        }
+        self.step(group, |d| d.inbound(inbound));
+    }
+
+    /// A group's request. For a group removed since, the request drops,
+    /// and with it its reply: its caller gets a shutdown error.
+    fn request(&mut self, r: ShardRequest) {
+        let ShardRequest { group, request } = r;
+        self.step(group, |d| d.request(request));
+    }
+
+    /// Hands an event to `group` (if it runs here) and queues it for this
+    /// round's drive; stops it if the event says so.
+    fn step(&mut self, group: u64, f: impl FnOnce(&mut dyn Driven) -> Result<(), Stopped>) {
+        let Some(slot) = self.groups.get_mut(&group) else {
+            return;
+        };
+        match crate::runtime::catch_stop(|| f(slot.driven.as_mut())) {
+            Ok(()) => self.mark(group),
+            Err((reason, panicked)) => self.stop_group(group, reason, panicked),
+        }
+    }
+
+    fn mark(&mut self, group: u64) {
+        if let Some(slot) = self.groups.get_mut(&group) {
+            if !std::mem::replace(&mut slot.dirty, true) {
+                self.dirty.push(group);
+            }
+        }
+    }
+
+    /// One tick for every awake group; the sleeping followers checked if
+    /// any peer host's view moved.
+    fn tick(&mut self) {
+        let generation = self.liveness.generation();
+        if generation != self.generation {
+            self.generation = generation;
+            let asleep: Vec<u64> = self
+                .groups
+                .keys()
+                .filter(|g| !self.awake.contains(g))
+                .copied()
+                .collect();
+            for group in asleep {
+                self.step(group, |d| {
+                    d.check_leader_host();
+                    Ok(())
+                });
+            }
+        }
+        let awake: Vec<u64> = self.awake.iter().copied().collect();
+        for group in awake {
+            self.step(group, |d| {
+                d.tick(0);
+                Ok(())
+            });
+        }
+    }
+
+    /// Drives every group that got an event this round, then sends their
+    /// persists to the sync thread as one batch.
+    fn drive_round(&mut self) {
+        let mut items = Vec::new();
+        let mut must_sync = false;
+        for group in std::mem::take(&mut self.dirty) {
+            let Some(slot) = self.groups.get_mut(&group) else {
+                continue;
+            };
+            slot.dirty = false;
+            let driven = &mut slot.driven;
+            if let Err((reason, panicked)) = crate::runtime::catch_stop(|| driven.drive()) {
+                self.stop_group(group, reason, panicked);
+                continue;
+            }
+            let driven = &mut self.groups.get_mut(&group).expect("driven above").driven;
+            if let Some((number, sync)) = driven.take_persist() {
+                items.push((group, number));
+                must_sync |= sync;
+            }
+            if driven.is_hibernating() {
+                self.awake.remove(&group);
+            } else {
+                self.awake.insert(group);
+            }
+        }
+        if !items.is_empty() {
+            let _ = self.sync.send(SyncBatch {
+                items,
+                must_sync,
+                reply: self.me.clone(),
+            });
+        }
+    }
+
+    /// Ends `group` here: its loop finishes (failing what waits), its
+    /// state machine is let go once its last apply message ran, and its
+    /// stop reason is published.
+    fn stop_group(&mut self, group: u64, reason: Stopped, panicked: bool) {
+        let Some(mut slot) = self.groups.remove(&group) else {
+            return;
+        };
+        self.awake.remove(&group);
+        let finished = crate::runtime::catch_stop(|| {
+            slot.driven.finish(&reason, panicked);
+            Ok(())
+        });
+        if let Err((e, _)) = finished {
+            tracing::error!(group, error = ?e, "a group panicked while stopping");
+        }
+        let _ = self.apply.send(ApplyShardMsg::Remove { group });
+        slot.guard.finish(reason);
+    }
+
+    fn unknown_group(&mut self, group: u64, inbound: &Inbound) {
+        if let Inbound::Messages(env) = inbound {
+            self.unknown.increment(env.messages.len() as u64);
+            if self.logged.len() < UNKNOWN_GROUPS_LOGGED && self.logged.insert(group) {
+                tracing::warn!(
+                    host = self.host,
+                    group,
+                    from = env.from,
+                    "dropping messages for a group this host does not run"
+                );
+            }
+        }
+    }
+}
+
+/// An apply shard: each group's apply messages, in order, on its state
+/// machine.
+async fn apply_shard(mut rx: mpsc::UnboundedReceiver<ApplyShardMsg>) {
+    let mut appliers: HashMap<u64, Box<dyn AnyApplier>> = HashMap::new();
+    while let Some(msg) = rx.recv().await {
+        match msg {
+            ApplyShardMsg::Add { group, applier } => {
+                appliers.insert(group, applier);
+            }
+            ApplyShardMsg::Apply { group, msg } => {
+                if let Some(applier) = appliers.get_mut(&group) {
+                    if !applier.handle(msg) {
+                        // Stopped on a fatal error it reported: nothing
+                        // more reaches its state machine.
+                        appliers.remove(&group);
+                    }
+                }
+            }
+            ApplyShardMsg::Remove { group } => {
+                appliers.remove(&group);
+            }
+            ApplyShardMsg::Stop => return,
+        }
+    }
+}
