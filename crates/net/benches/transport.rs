@@ -190,8 +190,8 @@ async fn snapshot_throughput(kind: &str, mib: u64) -> f64 {
         std::io::Write::write_all(&mut w, &piece).unwrap();
     }
     w.commit().unwrap();
-    a.attach_snapshots(Arc::new(sa));
-    b.attach_snapshots(Arc::new(sb));
+    a.attach_snapshots(1, Arc::new(sa));
+    b.attach_snapshots(1, Arc::new(sb));
     let mut m = Message::default();
     m.set_msg_type(MessageType::MsgSnapshot);
     m.from = 1;

@@ -226,8 +226,16 @@ macro_rules! delegate_transport {
                 true
             }
 
-            fn attach_snapshots(&self, store: std::sync::Arc<dyn raftwork_storage::SnapshotStore>) {
-                self.shared.attach_snapshots(store)
+            fn attach_snapshots(
+                &self,
+                group_id: u64,
+                store: std::sync::Arc<dyn raftwork_storage::SnapshotStore>,
+            ) {
+                self.shared.attach_snapshots(group_id, store)
+            }
+
+            fn detach_snapshots(&self, group_id: u64) {
+                self.shared.detach_snapshots(group_id)
             }
         }
     };
@@ -295,8 +303,9 @@ pub(crate) struct Shared {
     pub(crate) id: NodeId,
     pub(crate) config: NetConfig,
     pub(crate) own_inbox: InboxSender,
-    /// The node's snapshot store, once attached: snapshots are then streamed.
-    snapshots: Mutex<Option<Arc<dyn SnapshotStore>>>,
+    /// Each group's snapshot store, once attached: that group's snapshots
+    /// are then streamed from and into it.
+    snapshots: Mutex<HashMap<u64, Arc<dyn SnapshotStore>>>,
     /// Snapshots being received or kept for resuming (see `snapshot.rs`).
     pub(crate) partials: Mutex<snapshot::Partials>,
     /// Connections open per remote IP address (see [`Shared::admit`]).
@@ -320,7 +329,7 @@ impl Shared {
             id,
             config,
             own_inbox,
-            snapshots: Mutex::new(None),
+            snapshots: Mutex::default(),
             partials: Mutex::default(),
             connections: Arc::default(),
             peers: Mutex::new(HashMap::new()),
@@ -338,12 +347,23 @@ impl Shared {
     }
 
     /// [`raftwork_transport::Transport::attach_snapshots`].
-    pub(crate) fn attach_snapshots(&self, store: Arc<dyn SnapshotStore>) {
-        *self.snapshots.lock().unwrap() = Some(store);
+    pub(crate) fn attach_snapshots(&self, group: u64, store: Arc<dyn SnapshotStore>) {
+        self.snapshots.lock().unwrap().insert(group, store);
     }
 
-    fn snapshot_store(&self) -> Option<Arc<dyn SnapshotStore>> {
-        self.snapshots.lock().unwrap().clone()
+    /// [`raftwork_transport::Transport::detach_snapshots`].
+    pub(crate) fn detach_snapshots(&self, group: u64) {
+        self.snapshots.lock().unwrap().remove(&group);
+    }
+
+    /// Group `group`'s snapshot store, if one is attached.
+    pub(crate) fn snapshot_store(&self, group: u64) -> Option<Arc<dyn SnapshotStore>> {
+        self.snapshots.lock().unwrap().get(&group).cloned()
+    }
+
+    /// Whether any group's snapshots are streamed.
+    fn streams_any(&self) -> bool {
+        !self.snapshots.lock().unwrap().is_empty()
     }
 
     /// Admits a connection from `remote` if fewer than
@@ -433,17 +453,8 @@ impl Shared {
                 .await;
             return;
         }
-        let Some(store) = self.snapshot_store() else {
-            tracing::warn!(
-                node = self.id,
-                remote,
-                from,
-                "refusing a snapshot: no snapshot store attached"
-            );
-            return;
-        };
         let outcome = tokio::select! {
-            r = snapshot::receive(self, store, &mut reader, from, &body) => r,
+            r = snapshot::receive(self, &mut reader, from, &body) => r,
             _ = shutdown.changed() => Err("transport shut down".to_string()),
         };
         if let Err(reason) = outcome {
@@ -801,8 +812,8 @@ async fn peer_task(
             }
         };
         let (target, generation) = addr.lock().unwrap().clone();
-        if let Some(store) = shared.snapshot_store() {
-            start_snapshot_transfers(&shared, &store, peer, &target, &mut batch);
+        if shared.streams_any() {
+            start_snapshot_transfers(&shared, peer, &target, &mut batch);
             batch.retain(|e| !e.messages.is_empty());
             if batch.is_empty() {
                 continue;
@@ -906,13 +917,16 @@ async fn peer_task(
 /// [`Inbound::SnapshotStatus`].
 fn start_snapshot_transfers(
     shared: &Arc<Shared>,
-    store: &Arc<dyn SnapshotStore>,
     peer: NodeId,
     addr: &str,
     batch: &mut [Envelope],
 ) {
     for env in batch.iter_mut() {
         let group = env.group_id;
+        // A group without a store here sends its snapshots inline.
+        let Some(store) = shared.snapshot_store(group) else {
+            continue;
+        };
         let (snaps, rest): (Vec<_>, Vec<_>) = std::mem::take(&mut env.messages)
             .into_iter()
             .partition(|m| {

@@ -293,7 +293,6 @@ fn read_full(r: &mut dyn Read, buf: &mut [u8]) -> std::io::Result<usize> {
 /// the snapshot store.
 pub(crate) async fn receive<S: AsyncRead + AsyncWrite + Unpin>(
     shared: &Shared,
-    store: Arc<dyn SnapshotStore>,
     stream: &mut S,
     hello_from: NodeId,
     offer: &[u8],
@@ -314,6 +313,11 @@ pub(crate) async fn receive<S: AsyncRead + AsyncWrite + Unpin>(
     if meta.index == 0 {
         return Err("snapshot offer at index 0".into());
     }
+    let Some(store) = shared.snapshot_store(group) else {
+        return Err(format!(
+            "snapshot offer for group {group}, which has no snapshot store here"
+        ));
+    };
     let key = (from, group);
     let cfg = &shared.config;
     let held = shared.partials.lock().unwrap().start(

@@ -168,8 +168,8 @@ impl Transport for Net {
     fn streams_snapshots(&self) -> bool {
         self.inner().streams_snapshots()
     }
-    fn attach_snapshots(&self, store: Arc<dyn SnapshotStore>) {
-        self.inner().attach_snapshots(store)
+    fn attach_snapshots(&self, group_id: u64, store: Arc<dyn SnapshotStore>) {
+        self.inner().attach_snapshots(group_id, store)
     }
 }
 

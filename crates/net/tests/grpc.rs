@@ -579,8 +579,8 @@ async fn a_snapshot_streams_whole_and_raft_hears_of_it_once_stored() {
     };
     let (a, mut inbox_a) = bind(1, net.clone()).await;
     let (b, mut inbox_b) = bind(2, net).await;
-    a.attach_snapshots(Arc::new(store_a));
-    b.attach_snapshots(Arc::new(store_b.clone()));
+    a.attach_snapshots(1, Arc::new(store_a));
+    b.attach_snapshots(1, Arc::new(store_b.clone()));
     assert!(a.streams_snapshots() && b.streams_snapshots());
     a.set_peer(2, &b.local_addr().to_string()).unwrap();
     assert!(store_b.latest().unwrap().is_none());

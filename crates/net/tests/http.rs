@@ -525,8 +525,8 @@ async fn snapshots_stream_on_an_upgraded_connection_in_both_modes() {
         };
         let (a, mut inbox_a) = bind(1, mode, net.clone()).await;
         let (b, mut inbox_b) = bind(2, mode, net).await;
-        a.attach_snapshots(Arc::new(store_a));
-        b.attach_snapshots(Arc::new(store_b.clone()));
+        a.attach_snapshots(1, Arc::new(store_a));
+        b.attach_snapshots(1, Arc::new(store_b.clone()));
         assert!(a.streams_snapshots() && b.streams_snapshots());
         a.set_peer(2, &b.local_addr().to_string()).unwrap();
         a.send(Envelope {

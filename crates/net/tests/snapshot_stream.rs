@@ -151,8 +151,8 @@ async fn a_cut_transfer_resumes_under_the_rate_limit_and_installs_whole() {
         .await
         .unwrap();
     let (b, mut inbox_b) = TcpTransport::bind(2, "127.0.0.1:0", net).await.unwrap();
-    a.attach_snapshots(Arc::new(store_a));
-    b.attach_snapshots(Arc::new(store_b.clone()));
+    a.attach_snapshots(1, Arc::new(store_a));
+    b.attach_snapshots(1, Arc::new(store_b.clone()));
     assert!(a.streams_snapshots());
     let (proxy, carried) = cutting_proxy(b.local_addr(), size_bytes / 2).await;
     a.set_peer(2, &proxy.to_string()).unwrap();

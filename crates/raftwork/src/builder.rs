@@ -504,7 +504,7 @@ impl<SM: StateMachine, S: LogStore> Builder<SM, S> {
                 (Box::new(t) as Box<dyn Transport>, Some(inbox))
             }
         };
-        transport.attach_snapshots(snapshots.clone());
+        transport.attach_snapshots(config.core.group_id, snapshots.clone());
         let (sync, persisted, sync_thread) = match &shard {
             Some(_) => (SyncMode::Deferred { pending: None }, None, None),
             None if store.is_volatile() => (SyncMode::Inline, None, None),

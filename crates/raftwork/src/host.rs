@@ -35,9 +35,10 @@
 //! its groups stops while leading (its epoch): the followers then wake,
 //! and elect a new leader if theirs is gone (`clock.rs`).
 //!
-//! What this does not do yet (the later items): snapshots travel
-//! inline in envelopes (the streaming transports' snapshot store is one
-//! per transport).
+//! A group's snapshots stream over a network transport as a node's own
+//! do: each group attaches its snapshot store to the shared transport
+//! under its group id (`Transport::attach_snapshots`) and detaches it when
+//! it stops here.
 
 use std::collections::{HashMap, HashSet};
 use std::path::{Path, PathBuf};

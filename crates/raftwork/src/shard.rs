@@ -229,6 +229,7 @@ impl ShardWiring {
     pub(crate) fn transport(&self) -> Box<dyn Transport> {
         Box::new(GroupTransport {
             inner: self.transport.clone(),
+            group: self.group,
         })
     }
 
@@ -254,10 +255,12 @@ impl ShardWiring {
     }
 }
 
-/// The shared transport as one group sees it: sends go through; shutting
-/// it down is the host's business, not a group's.
+/// The shared transport as one group sees it: sends go through; a group's
+/// shutdown only takes its snapshot store away (shutting the transport
+/// down is the host's business, not a group's).
 struct GroupTransport {
     inner: Arc<dyn Transport>,
+    group: u64,
 }
 
 impl Transport for GroupTransport {
@@ -267,6 +270,18 @@ impl Transport for GroupTransport {
 
     fn set_peer(&self, id: NodeId, address: &str) -> Result<(), TransportError> {
         self.inner.set_peer(id, address)
+    }
+
+    fn streams_snapshots(&self) -> bool {
+        self.inner.streams_snapshots()
+    }
+
+    fn attach_snapshots(&self, group_id: u64, store: Arc<dyn raftwork_storage::SnapshotStore>) {
+        self.inner.attach_snapshots(group_id, store)
+    }
+
+    fn shutdown(&self) {
+        self.inner.detach_snapshots(self.group)
     }
 }
 

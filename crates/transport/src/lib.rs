@@ -123,9 +123,21 @@ pub trait Transport: Send + Sync + 'static {
         false
     }
 
-    /// Gives a snapshot-streaming transport the node's snapshot store. Called
-    /// once by the node builder before the node starts.
-    fn attach_snapshots(&self, store: std::sync::Arc<dyn raftwork_storage::SnapshotStore>) {
-        let _ = store;
+    /// Gives a snapshot-streaming transport group `group_id`'s snapshot
+    /// store: snapshots of that group are sent from it and received into
+    /// it. Called by the node builder before the node starts (once per
+    /// group: a host's groups share its transport).
+    fn attach_snapshots(
+        &self,
+        group_id: u64,
+        store: std::sync::Arc<dyn raftwork_storage::SnapshotStore>,
+    ) {
+        let _ = (group_id, store);
+    }
+
+    /// Forgets group `group_id`'s snapshot store (the group stopped here):
+    /// its snapshots are refused from then on.
+    fn detach_snapshots(&self, group_id: u64) {
+        let _ = group_id;
     }
 }
