@@ -30,6 +30,15 @@ pub struct CoreConfig {
     pub max_committed_size_per_ready_bytes: u64,
     /// Largest command accepted by `propose`. Default: 1 MiB. Minimum: 1.
     pub max_command_size_bytes: u64,
+    /// When a write commits, the leader tells its followers with the next
+    /// append or heartbeat instead of an append of its own (raft-rs's
+    /// `skip_bcast_commit`; not while a membership change is pending).
+    /// Halves the messages and follower persists of a lone write, and
+    /// delays followers' applies (so their stale reads, and their
+    /// linearizable reads' wait to apply) by up to one heartbeat.
+    /// Default: false; a multi-group host sets it, as TiKV does for its
+    /// regions.
+    pub lazy_commit_broadcast: bool,
     /// Leader steps down when it cannot reach a quorum for an election
     /// timeout. Default: true. Required by `lease_read`.
     pub check_quorum: bool,
@@ -110,6 +119,7 @@ impl Default for CoreConfig {
             max_inflight_msgs: 256,
             max_uncommitted_size_bytes: 1024 * 1024 * 1024,
             max_committed_size_per_ready_bytes: 16 * 1024 * 1024,
+            lazy_commit_broadcast: false,
             max_command_size_bytes: 1024 * 1024,
             check_quorum: true,
             pre_vote: true,
@@ -207,6 +217,7 @@ impl CoreConfig {
             },
             max_uncommitted_size: self.max_uncommitted_size_bytes,
             max_committed_size_per_ready: self.max_committed_size_per_ready_bytes,
+            skip_bcast_commit: self.lazy_commit_broadcast,
             // raft-rs 0.7's batch_append merges new entries into an append
             // already queued for the follower without checking they follow
             // its index; after a late rejection that yields an append whose

@@ -871,3 +871,40 @@ fn hibernation_settings_that_could_fire_an_election_are_refused() {
     };
     c.validate().unwrap();
 }
+
+/// `lazy_commit_broadcast`: a lone write commits without an append of its
+/// own to tell the followers; they learn the commit from the next
+/// heartbeat, apply it, and the group still falls asleep. By default the
+/// followers apply at once.
+#[test]
+fn a_lazy_commit_reaches_followers_with_the_next_heartbeat() {
+    let applied_x = |net: &Net| net.applied.iter().filter(|(_, _, d)| d == b"x").count();
+
+    let mut eager = Net::new(&[1, 2, 3]);
+    let leader = eager.tick_until_leader();
+    eager.core(leader).handle_propose(1, b"x".to_vec()).unwrap();
+    eager.pump();
+    assert_eq!(
+        applied_x(&eager),
+        3,
+        "by default every member applies at once"
+    );
+
+    let mut lazy = Net::with(&[1, 2, 3], &|c| {
+        hibernating(c);
+        c.lazy_commit_broadcast = true;
+    });
+    let leader = lazy.tick_until_leader();
+    lazy.core(leader).handle_propose(1, b"x".to_vec()).unwrap();
+    lazy.pump();
+    assert_eq!(applied_x(&lazy), 1, "only the leader knows of the commit");
+    lazy.tick_awake(true);
+    assert_eq!(applied_x(&lazy), 3, "a heartbeat carried the commit");
+    for _ in 0..20 {
+        if lazy.all_asleep() {
+            break;
+        }
+        lazy.tick_awake(true);
+    }
+    assert!(lazy.all_asleep(), "a lazily committed group did not sleep");
+}

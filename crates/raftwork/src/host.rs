@@ -220,7 +220,11 @@ impl Host {
     /// `voters`, a new group bootstraps with them (ignored if the group's
     /// log already holds it: a restart); with none, the group joins an
     /// existing one (another member adds this host). `configure` adjusts
-    /// the node's settings; the group id is set here.
+    /// the node's settings; the group id is set here. A host group's
+    /// defaults differ from a node of its own's in three settings:
+    /// `hibernate_after_ticks` (from [`HostConfig`]), `max_inflight_msgs`
+    /// ([`GROUP_INFLIGHT_MSGS`]) and `lazy_commit_broadcast` (on: see
+    /// `CoreConfig`).
     pub fn create_group<SM: StateMachine>(
         &self,
         group_id: u64,
@@ -243,6 +247,7 @@ impl Host {
         config.tick_interval = self.config.tick_interval;
         config.core.hibernate_after_ticks = self.config.hibernate_after_ticks;
         config.core.max_inflight_msgs = GROUP_INFLIGHT_MSGS;
+        config.core.lazy_commit_broadcast = true;
         configure(&mut config);
         if config.tick_interval != self.config.tick_interval {
             return Err(BuildError::Config(crate::ConfigError(

@@ -183,6 +183,7 @@ impl EngineHost {
                 compacted_term,
                 last_index,
                 cache: VecDeque::new(),
+                evicted: (0, 0),
             })),
         })
     }
@@ -227,6 +228,11 @@ struct GroupState {
     /// it; contiguous and ending at `last_index` when not empty. Entries
     /// before the first are in the engine.
     cache: VecDeque<(Entry, u64)>,
+    /// Index and term of the newest entry evicted from the cache, while
+    /// the log still holds it as it was ((0, 0) if none): raft asks for
+    /// the term just before each append it receives, and the engine would
+    /// read (and decompress) a whole block for it.
+    evicted: (u64, u64),
 }
 
 impl GroupState {
@@ -244,7 +250,8 @@ impl GroupState {
     /// engine now); the stamps grow along the cache.
     fn evict(&mut self, durable_seq: u64) {
         while self.cache.front().is_some_and(|(_, s)| *s <= durable_seq) {
-            self.cache.pop_front();
+            let (e, _) = self.cache.pop_front().expect("checked above");
+            self.evicted = (e.index, e.term);
         }
     }
 }
@@ -266,6 +273,9 @@ impl EngineLog {
     fn entry_term(&self, st: &GroupState, idx: u64) -> raft::Result<u64> {
         if idx >= st.cache_first() {
             return Ok(st.cache[(idx - st.cache_first()) as usize].0.term);
+        }
+        if idx == st.evicted.0 {
+            return Ok(st.evicted.1);
         }
         match self
             .host
@@ -457,8 +467,13 @@ impl LogStore for EngineLog {
         };
         if batch.snapshot.is_some() {
             st.cache.clear();
+            st.evicted = (0, 0);
         }
         if let Some(first) = batch.entries.first() {
+            // Entries from `first` on are replaced.
+            if first.index <= st.evicted.0 {
+                st.evicted = (0, 0);
+            }
             if first.index < st.cache_first() {
                 st.cache.clear();
             } else {
