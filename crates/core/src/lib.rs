@@ -44,6 +44,7 @@ mod config;
 mod core;
 mod error;
 mod lease;
+pub mod liveness;
 pub mod session;
 mod validate;
 

@@ -21,117 +21,77 @@
 // Only a `Host` (feature `host`) makes host clocks.
 #![cfg_attr(not(feature = "host"), allow(dead_code))]
 
-use std::collections::HashMap;
-use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use raftwork_transport::NodeId;
 
-/// What a host knows about a peer host.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
-pub(crate) struct HostView {
-    /// Heard within the liveness timeout.
-    pub(crate) alive: bool,
-    /// The peer's incarnation (differs between any two starts).
-    pub(crate) incarnation: u64,
-    /// How many times a group on the peer stopped while leading.
-    pub(crate) epoch: u64,
-}
+use raftwork_core::liveness::HostLiveness;
+pub(crate) use raftwork_core::liveness::HostView;
 
-#[derive(Default)]
-struct Peer {
-    view: HostView,
-    last_heard: Option<Instant>,
-}
-
-/// A host's view of its peer hosts, fed by their coalesced heartbeats
-/// (one per host pair per tick, whatever the number of groups), and what
-/// it tells them about itself.
+/// A host's view of its peer hosts (the core's sans-IO [`HostLiveness`],
+/// on the wall clock, shared by the ticker, the router and the shards),
+/// and how many of its groups sleep.
 pub(crate) struct Liveness {
-    incarnation: u64,
-    /// Bumped each time a group here stops while leading, so that the
-    /// followers of this host's groups on other hosts check on their leader.
-    epoch: AtomicU64,
-    /// A peer not heard for this long is dead.
-    timeout: Duration,
-    peers: Mutex<HashMap<NodeId, Peer>>,
-    /// Moves whenever a peer's view changes.
-    generation: AtomicU64,
+    inner: Mutex<HostLiveness>,
+    /// The wall clock's zero for `HostLiveness`'s milliseconds.
+    started: Instant,
     asleep: AtomicUsize,
 }
 
 impl Liveness {
     pub(crate) fn new(incarnation: u64, timeout: Duration) -> Self {
         Self {
-            incarnation,
-            epoch: AtomicU64::new(0),
-            timeout,
-            peers: Mutex::default(),
-            generation: AtomicU64::new(0),
+            inner: Mutex::new(HostLiveness::new(incarnation, timeout.as_millis() as u64)),
+            started: Instant::now(),
             asleep: AtomicUsize::new(0),
         }
     }
 
-    /// This host's incarnation and epoch, for its heartbeats.
-    pub(crate) fn own(&self) -> (u64, u64) {
-        (self.incarnation, self.epoch.load(Ordering::Acquire))
+    fn ms(&self, at: Instant) -> u64 {
+        at.saturating_duration_since(self.started).as_millis() as u64
+    }
+
+    /// This host's heartbeats to every peer host.
+    pub(crate) fn heartbeats(&self, from: NodeId) -> Vec<(NodeId, raft::prelude::Message)> {
+        let l = self.inner.lock().unwrap();
+        l.peers()
+            .into_iter()
+            .map(|to| (to, l.heartbeat(from, to)))
+            .collect()
     }
 
     /// A group here stopped while leading.
     pub(crate) fn stopped_leading(&self) {
-        self.epoch.fetch_add(1, Ordering::AcqRel);
-    }
-
-    /// Peer hosts to send heartbeats to.
-    pub(crate) fn peers(&self) -> Vec<NodeId> {
-        self.peers.lock().unwrap().keys().copied().collect()
+        self.inner.lock().unwrap().stopped_leading();
     }
 
     /// Makes sure these hosts are heartbeat peers.
     pub(crate) fn add_peers(&self, ids: impl IntoIterator<Item = NodeId>) {
-        let mut peers = self.peers.lock().unwrap();
-        for id in ids {
-            peers.entry(id).or_default();
-        }
+        self.inner.lock().unwrap().add_peers(ids);
     }
 
-    /// A heartbeat from `from`: alive, with this incarnation and epoch.
-    pub(crate) fn heard(&self, from: NodeId, incarnation: u64, epoch: u64, now: Instant) {
-        let mut peers = self.peers.lock().unwrap();
-        let peer = peers.entry(from).or_default();
-        peer.last_heard = Some(now);
-        let view = HostView {
-            alive: true,
-            incarnation,
-            epoch,
-        };
-        if peer.view != view {
-            peer.view = view;
-            self.generation.fetch_add(1, Ordering::AcqRel);
-        }
+    /// A host-group message from `from`, arrived at `now`.
+    pub(crate) fn receive(&self, from: NodeId, m: &raft::prelude::Message, now: Instant) {
+        let ms = self.ms(now);
+        self.inner.lock().unwrap().receive(from, m, ms);
     }
 
     /// Marks dead every peer not heard within the timeout.
     pub(crate) fn check(&self, now: Instant) {
-        for peer in self.peers.lock().unwrap().values_mut() {
-            let silent = peer
-                .last_heard
-                .is_none_or(|t| now.duration_since(t) > self.timeout);
-            if silent && std::mem::replace(&mut peer.view.alive, false) {
-                self.generation.fetch_add(1, Ordering::AcqRel);
-            }
-        }
+        let ms = self.ms(now);
+        self.inner.lock().unwrap().check(ms);
     }
 
     /// The view of host `id` now.
     pub(crate) fn view(&self, id: NodeId) -> HostView {
-        self.peers.lock().unwrap().entry(id).or_default().view
+        self.inner.lock().unwrap().view(id)
     }
 
     /// A number that moves whenever a peer's view changes.
     pub(crate) fn generation(&self) -> u64 {
-        self.generation.load(Ordering::Acquire)
+        self.inner.lock().unwrap().generation()
     }
 
     /// Groups asleep on this host right now.

@@ -44,6 +44,7 @@ use std::collections::{HashMap, HashSet};
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
 
+use raftwork_core::liveness::HOST_GROUP;
 use raftwork_storage::{EngineHost, FileSnapshotStore};
 use raftwork_transport::{Envelope, Inbound, NodeId, Transport, TransportError};
 
@@ -52,10 +53,6 @@ use tokio::sync::mpsc;
 use crate::clock::Liveness;
 use crate::shard::{ShardMsg, ShardQueues, ShardWiring, SyncBatch};
 use crate::{BuildError, Builder, Config, Inbox, Node, StateMachine};
-
-/// The group id of host-level messages (the coalesced heartbeats): no
-/// group may use it.
-const HOST_GROUP: u64 = 0;
 
 /// Settings shared by every group of a host.
 #[derive(Debug, Clone)]
@@ -433,33 +430,15 @@ async fn tick(
         for shard in shards.iter() {
             let _ = shard.control.send(ShardMsg::Tick);
         }
-        let (incarnation, epoch) = liveness.own();
-        for peer in liveness.peers() {
+        for (peer, heartbeat) in liveness.heartbeats(host) {
             transport.send(Envelope {
                 group_id: HOST_GROUP,
                 from: host,
                 to: peer,
-                messages: vec![host_heartbeat(host, peer, incarnation, epoch)],
+                messages: vec![heartbeat],
             });
         }
     }
-}
-
-/// A host heartbeat: a `MsgHeartbeat` in group 0 whose `index` is the
-/// sender's incarnation and `commit` its epoch.
-fn host_heartbeat(
-    from: NodeId,
-    to: NodeId,
-    incarnation: u64,
-    epoch: u64,
-) -> raft::prelude::Message {
-    let mut m = raft::prelude::Message::default();
-    m.set_msg_type(raft::prelude::MessageType::MsgHeartbeat);
-    m.from = from;
-    m.to = to;
-    m.index = incarnation;
-    m.commit = epoch;
-    m
 }
 
 /// The router: every inbound item to its group's shard (which drops it if
@@ -471,9 +450,7 @@ async fn route(mut inbox: Inbox, shards: Arc<Vec<ShardQueues>>, liveness: Arc<Li
             Inbound::Messages(env) if env.group_id == HOST_GROUP => {
                 let now = std::time::Instant::now();
                 for m in &env.messages {
-                    if m.get_msg_type() == raft::prelude::MessageType::MsgHeartbeat {
-                        liveness.heard(env.from, m.index, m.commit, now);
-                    }
+                    liveness.receive(env.from, m, now);
                 }
                 continue;
             }
