@@ -24,6 +24,8 @@
 #![forbid(unsafe_code)]
 
 pub mod hostile;
+pub mod multi;
+pub use multi::{run_multi, MultiBug, MultiConfig, MultiReport};
 
 use std::cmp::Reverse;
 use std::collections::{BTreeMap, BTreeSet, BinaryHeap};
