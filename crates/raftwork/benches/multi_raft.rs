@@ -22,7 +22,8 @@
 //! `BENCH_IDLE_SECS` (default 10), `BENCH_IDLE_OFF_GROUPS` (default
 //! `1000`: the same idle case without hibernation, for contrast; `0`
 //! skips it), `BENCH_WRITE_GROUPS` (default `1,1000`), `BENCH_CLIENTS`
-//! (default 256), `BENCH_SECS` per write case (default 5).
+//! (default 256), `BENCH_SECS` per write case (default 5), `BENCH_SHARDS`
+//! worker shards per host (default: the machine's cores).
 
 use std::alloc::{GlobalAlloc, Layout, System};
 use std::io::{Read, Write};
@@ -152,6 +153,7 @@ async fn start(groups: u64, hibernate: bool) -> Cluster {
         } else {
             0
         },
+        shards: env_u64("BENCH_SHARDS", HostConfig::default().shards as u64) as usize,
         ..HostConfig::default()
     };
     let mut hosts = Vec::new();
