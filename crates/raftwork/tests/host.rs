@@ -578,3 +578,100 @@ async fn one_group_snapshots_and_compacts_while_the_others_lag() {
         h.shutdown().await;
     }
 }
+
+/// The node that leads group `g` among `nodes` (one per host), once one
+/// does.
+async fn leader_of(nodes: &[&Node<Log>]) -> Node<Log> {
+    let deadline = tokio::time::Instant::now() + GUARD;
+    loop {
+        if let Some(n) = nodes.iter().find(|n| n.leader() == Some(n.id())) {
+            return (*n).clone();
+        }
+        assert!(tokio::time::Instant::now() < deadline, "no leader");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+/// A group's replica moves from host 3 to a fourth host at run time, as a
+/// rebalancer would move it: the new host joins as a learner, catches up
+/// through a snapshot (the group compacted its log), is promoted, and
+/// host 3 is removed and lets the group go. The other group on the same
+/// hosts never notices.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_group_moves_to_another_host_at_run_time() {
+    recorder();
+    let dir = tempfile::tempdir().unwrap();
+    let net = MemNetwork::new();
+    let hosts: Vec<Host> = (1..=4).map(|id| open_host(&net, id, dir.path())).collect();
+    let snapshots_often = |c: &mut raftwork::Config| {
+        c.core.snapshot_interval_entries = 20;
+        c.core.snapshot_keep_entries = 5;
+    };
+    let group = |h: &Host, g: u64| {
+        h.create_group(g, &[1, 2, 3], Log::default(), snapshots_often)
+            .unwrap()
+    };
+    let one: Vec<Node<Log>> = hosts[..3].iter().map(|h| group(h, 1)).collect();
+    let two: Vec<Node<Log>> = hosts[..3].iter().map(|h| group(h, 2)).collect();
+    let mut want_one = Vec::new();
+    for k in 0..60 {
+        let data = format!("one-{k}");
+        leader_of(&[&one[0], &one[1], &one[2]])
+            .await
+            .propose(data.clone().into_bytes())
+            .await
+            .unwrap();
+        want_one.push(data);
+    }
+
+    // Host 4 joins group 1 empty, as a learner, and catches up.
+    let newcomer = hosts[3]
+        .create_group(1, &[], Log::default(), snapshots_often)
+        .unwrap();
+    let leader = leader_of(&[&one[0], &one[1], &one[2]]).await;
+    leader.add_learner(4, Vec::new()).await.unwrap();
+    applied(&newcomer, &want_one).await;
+    let status = newcomer.status().await.unwrap();
+    assert!(
+        status.snapshot_index > 0,
+        "the newcomer caught up without a snapshot: {status:?}"
+    );
+    leader.promote_learner(4).await.unwrap();
+
+    // Host 3 leaves group 1 (handing leadership over first if it leads).
+    if leader.id() == 3 {
+        leader.transfer_leader(1).await.unwrap();
+    }
+    let leader = leader_of(&[&one[0], &one[1], &newcomer]).await;
+    leader.remove_node(3).await.unwrap();
+    assert!(hosts[2].remove_group(1).await);
+    assert_eq!(hosts[2].running_groups(), vec![2]);
+    assert_eq!(hosts[3].running_groups(), vec![1]);
+
+    // Group 1 goes on with hosts 1, 2 and 4; group 2 with 1, 2 and 3.
+    let data = "one-after-the-move".to_string();
+    leader_of(&[&one[0], &one[1], &newcomer])
+        .await
+        .propose(data.clone().into_bytes())
+        .await
+        .unwrap();
+    want_one.push(data);
+    for node in [&one[0], &one[1], &newcomer] {
+        applied(node, &want_one).await;
+    }
+    let data = "two-after-the-move".to_string();
+    leader_of(&[&two[0], &two[1], &two[2]])
+        .await
+        .propose(data.clone().into_bytes())
+        .await
+        .unwrap();
+    for node in &two {
+        applied(node, std::slice::from_ref(&data)).await;
+    }
+    let mut voters = newcomer.status().await.unwrap().voters;
+    voters.sort_unstable();
+    assert_eq!(voters, vec![1, 2, 4]);
+    for h in hosts {
+        h.shutdown().await;
+    }
+}
