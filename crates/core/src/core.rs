@@ -610,10 +610,10 @@ impl<S: LogStore> Core<S> {
     //   transfer or snapshot request, any other peer message, an
     //   unreachable report. Activity wakes a hibernating member.
     // * A leader is quiescent when every member's log matches its last
-    //   index and everything is committed, persisted and applied, with
-    //   nothing waiting. It sent a heartbeat at each of those quiet ticks,
-    //   so the followers learned the commit index (unless all of them were
-    //   lost: then they learn it at the next activity).
+    //   index, every member has said (in its last answer) that it knows
+    //   all of it committed, and everything is committed, persisted and
+    //   applied here, with nothing waiting. So a follower never waits for
+    //   a commit its sleeping leader would only tell with a heartbeat.
     // * A follower is quiescent when it heard its leader in this term and
     //   has applied everything it knows committed, with nothing waiting.
     //   Its leader's heartbeats are activity, so it falls asleep only
@@ -657,7 +657,14 @@ impl<S: LogStore> Core<S> {
                 StateRole::Leader => {
                     self.leader_committed_in_term
                         && raft.lead_transferee.is_none()
-                        && raft.prs().iter().all(|(_, p)| p.matched == last)
+                        // Every member has the log and knows it is
+                        // committed (with lazy commit broadcast, a
+                        // follower learns that from a heartbeat; its
+                        // answers say so): none waits on a commit.
+                        && raft
+                            .prs()
+                            .iter()
+                            .all(|(_, p)| p.matched == last && p.committed_index == last)
                 }
                 StateRole::Follower => raft.leader_id != 0 && self.leader_heard == raft.leader_id,
                 _ => false,

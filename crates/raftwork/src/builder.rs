@@ -513,7 +513,15 @@ impl<SM: StateMachine, S: LogStore> Builder<SM, S> {
                 (mode, Some(done), Some(handle))
             }
         };
-        let core = Core::new(config.core.clone(), store, &raft_logger())?;
+        let core = match Core::new(config.core.clone(), store, &raft_logger()) {
+            Ok(core) => core,
+            Err(e) => {
+                // A shared transport must not keep a store for a group
+                // that never started.
+                transport.detach_snapshots(config.core.group_id);
+                return Err(e.into());
+            }
+        };
         // A node of its own gets its channels; a host group uses its
         // shard's (none of its own).
         let (own, apply_tx, applied_tx, requests_tx, clock) = match &shard {

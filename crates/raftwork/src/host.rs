@@ -113,6 +113,8 @@ pub struct Host {
     groups: Mutex<HashMap<u64, (Stopper, AnyNode)>>,
     /// Groups being removed: not running, not yet free to create again.
     removing: Mutex<HashSet<u64>>,
+    /// The next group instance's token (see `shard.rs`).
+    next_token: std::sync::atomic::AtomicU64,
     router: tokio::task::JoinHandle<()>,
     config: HostConfig,
     liveness: Arc<Liveness>,
@@ -191,6 +193,7 @@ impl Host {
             sync_thread: Mutex::new(Some(thread)),
             groups: Mutex::default(),
             removing: Mutex::default(),
+            next_token: std::sync::atomic::AtomicU64::new(1),
             router,
             config,
             liveness,
@@ -274,6 +277,9 @@ impl Host {
             .snapshot_store(snapshots)
             .on_shard(ShardWiring {
                 group: group_id,
+                token: self
+                    .next_token
+                    .fetch_add(1, std::sync::atomic::Ordering::Relaxed),
                 queues: queues.clone(),
                 transport: self.transport.clone(),
                 liveness: self.liveness.clone(),
@@ -380,12 +386,17 @@ fn spawn_sync_thread(
     let thread = std::thread::Builder::new()
         .name("raftwork-host-sync".into())
         .spawn(move || {
+            // After a failed write, every answer is that failure: the
+            // engine's state is unknown, so nothing more is durable.
+            let mut failed: Option<String> = None;
             while let Some(first) = rx.blocking_recv() {
                 let mut batches = vec![first];
                 while let Ok(b) = rx.try_recv() {
                     batches.push(b);
                 }
-                let result = if batches.iter().any(|b| b.must_sync) {
+                let result = if let Some(e) = &failed {
+                    Err(e.clone())
+                } else if batches.iter().any(|b| b.must_sync) {
                     let _span = tracing::debug_span!(
                         target: "raftwork::persist",
                         "host_sync",
@@ -396,6 +407,9 @@ fn spawn_sync_thread(
                 } else {
                     Ok(())
                 };
+                if let Err(e) = &result {
+                    failed = Some(e.clone());
+                }
                 for b in batches {
                     let _ = b.reply.send(ShardMsg::Persisted {
                         items: b.items,
@@ -462,7 +476,17 @@ async fn route(mut inbox: Inbox, shards: Arc<Vec<ShardQueues>>, liveness: Arc<Li
             }
         };
         let shard = &shards[(group % shards.len() as u64) as usize];
-        // A full shard inbox drops, as a full transport queue does.
-        let _ = shard.inbound.try_send(item);
+        match item {
+            // A full shard inbox drops a peer's messages, as a full
+            // transport queue does (raft sends again).
+            Inbound::Messages(_) => {
+                let _ = shard.inbound.try_send(item);
+            }
+            // The transport's own reports are never dropped: a lost
+            // snapshot report would leave its leader waiting for ever.
+            report => {
+                let _ = shard.control.send(ShardMsg::Report(report));
+            }
+        }
     }
 }

@@ -210,6 +210,8 @@ pub(crate) enum RequestTx<SM: StateMachine> {
     #[cfg_attr(not(feature = "host"), allow(dead_code))]
     Shard {
         group: u64,
+        /// The group instance this handle belongs to.
+        token: u64,
         tx: mpsc::Sender<crate::shard::ShardRequest>,
     },
 }
@@ -219,9 +221,10 @@ impl<SM: StateMachine> RequestTx<SM> {
     async fn send(&self, request: Request<SM>) -> bool {
         match self {
             RequestTx::Own(tx) => tx.send(request).await.is_ok(),
-            RequestTx::Shard { group, tx } => tx
+            RequestTx::Shard { group, token, tx } => tx
                 .send(crate::shard::ShardRequest {
                     group: *group,
+                    token: *token,
                     request: Box::new(request),
                 })
                 .await
@@ -668,8 +671,8 @@ impl<SM: StateMachine> Node<SM> {
         for t in tasks {
             let _ = t.await;
         }
-        // A host group has no tasks of its own: its shard says when it
-        // stopped.
+        // A host group has no tasks of its own: its shards say when it
+        // stopped (after its state machine was let go).
         if matches!(self.shared.requests, RequestTx::Shard { .. }) {
             self.stopped().await;
         }

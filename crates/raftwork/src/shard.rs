@@ -26,9 +26,16 @@
 //!   when the host's view of its peers moves (`Liveness::generation`);
 //! * a group that stops (error, panic, shutdown) leaves its shard alone:
 //!   its own stop reason is published and the other groups go on;
-//! * the apply side learns of a group's stop after the ready side sent it
-//!   its last message, so a group created again with the same id starts on
-//!   an empty slot.
+//! * a group's stop is published only once its apply shard let its state
+//!   machine go, after every apply message the group sent before it: a
+//!   `Node::shutdown` or `Host::remove_group` that returned leaves nothing
+//!   of the group running;
+//! * every group instance has a token of its own: a request, apply report
+//!   or persist answer of an earlier instance of the same group id (a
+//!   handle kept after `remove_group`, a report still on its way) carries
+//!   the old token and is dropped, never given to the new instance;
+//! * ticks never burst: however many queued, a round ticks its awake
+//!   groups once.
 
 #![cfg_attr(not(feature = "host"), allow(dead_code))]
 
@@ -66,6 +73,8 @@ const UNKNOWN_GROUPS_LOGGED: usize = 1024;
 /// A request of a group's `Node`, for its shard.
 pub(crate) struct ShardRequest {
     pub(crate) group: u64,
+    /// The group instance's token (see the module header).
+    pub(crate) token: u64,
     /// A `Request<SM>` of the group's state machine type.
     pub(crate) request: Box<dyn Any + Send>,
 }
@@ -73,16 +82,27 @@ pub(crate) struct ShardRequest {
 /// What a ready shard is told, besides requests and peers' messages.
 pub(crate) enum ShardMsg {
     /// A group's apply shard reports.
-    Applied { group: u64, event: ApplyEvent },
+    Applied {
+        group: u64,
+        token: u64,
+        event: ApplyEvent,
+    },
     /// The host's sync thread made this batch durable (or could not).
     Persisted {
-        items: Vec<(u64, u64)>,
+        items: Vec<SyncItem>,
         result: Result<(), String>,
     },
+    /// A transport's report on one of its groups (a peer unreachable, a
+    /// snapshot sent or not): never dropped, unlike peers' messages.
+    Report(Inbound),
     /// The host's ticker.
     Tick,
     /// A new group to drive.
-    Add { group: u64, driven: Box<dyn Driven> },
+    Add {
+        group: u64,
+        token: u64,
+        driven: Box<dyn Driven>,
+    },
     /// Stop every group and end.
     Stop,
 }
@@ -90,25 +110,36 @@ pub(crate) enum ShardMsg {
 /// A round's persists for the host's sync thread: each group's highest
 /// ready number, and where to answer.
 pub(crate) struct SyncBatch {
-    pub(crate) items: Vec<(u64, u64)>,
+    pub(crate) items: Vec<SyncItem>,
     pub(crate) must_sync: bool,
     pub(crate) reply: mpsc::UnboundedSender<ShardMsg>,
 }
+
+/// One group's persist in a [`SyncBatch`]: group, token, ready number.
+pub(crate) type SyncItem = (u64, u64, u64);
 
 /// What an apply shard is told.
 pub(crate) enum ApplyShardMsg {
     /// A new group's state machine.
     Add {
         group: u64,
+        token: u64,
         applier: Box<dyn AnyApplier>,
     },
     /// An `ApplyMsg<SM>` for a group.
     Apply {
         group: u64,
+        token: u64,
         msg: Box<dyn Any + Send>,
     },
-    /// The group stopped: its ready loop sends nothing more.
-    Remove { group: u64 },
+    /// The group stopped: its ready loop sends nothing more. Once its state
+    /// machine is let go, the guard publishes why it stopped.
+    Remove {
+        group: u64,
+        token: u64,
+        guard: StopGuard,
+        reason: Stopped,
+    },
     /// The ready shard ended: nothing more comes.
     Stop,
 }
@@ -196,6 +227,8 @@ pub(crate) struct ShardQueues {
 /// How a group being built joins its shard (`Builder::on_shard`).
 pub(crate) struct ShardWiring {
     pub(crate) group: u64,
+    /// This instance of the group (unique on the host).
+    pub(crate) token: u64,
     pub(crate) queues: ShardQueues,
     pub(crate) transport: Arc<dyn Transport>,
     pub(crate) liveness: Arc<Liveness>,
@@ -203,25 +236,31 @@ pub(crate) struct ShardWiring {
 
 impl ShardWiring {
     pub(crate) fn apply_sink<SM: StateMachine>(&self) -> ApplySink<SM> {
-        let (group, tx) = (self.group, self.queues.apply.clone());
+        let (group, token, tx) = (self.group, self.token, self.queues.apply.clone());
         Box::new(move |msg| {
             let _ = tx.send(ApplyShardMsg::Apply {
                 group,
+                token,
                 msg: Box::new(msg),
             });
         })
     }
 
     pub(crate) fn apply_events(&self) -> ApplyEvents {
-        let (group, tx) = (self.group, self.queues.control.clone());
+        let (group, token, tx) = (self.group, self.token, self.queues.control.clone());
         Box::new(move |event| {
-            let _ = tx.send(ShardMsg::Applied { group, event });
+            let _ = tx.send(ShardMsg::Applied {
+                group,
+                token,
+                event,
+            });
         })
     }
 
     pub(crate) fn requests<SM: StateMachine>(&self) -> RequestTx<SM> {
         RequestTx::Shard {
             group: self.group,
+            token: self.token,
             tx: self.queues.requests.clone(),
         }
     }
@@ -246,10 +285,12 @@ impl ShardWiring {
     ) {
         let _ = self.queues.apply.send(ApplyShardMsg::Add {
             group: self.group,
+            token: self.token,
             applier: Box::new(applier),
         });
         let _ = self.queues.control.send(ShardMsg::Add {
             group: self.group,
+            token: self.token,
             driven: Box::new(ready),
         });
     }
@@ -283,6 +324,10 @@ impl Transport for GroupTransport {
     fn shutdown(&self) {
         self.inner.detach_snapshots(self.group)
     }
+
+    fn detach_snapshots(&self, group_id: u64) {
+        self.inner.detach_snapshots(group_id)
+    }
 }
 
 /// Starts shard `index`'s ready and apply tasks; returns its queues and
@@ -310,6 +355,7 @@ pub(crate) fn spawn_shard(
         apply: apply.clone(),
         unknown: metrics::counter!("raftwork_host_unknown_group_messages_total"),
         logged: HashSet::new(),
+        tick_due: false,
     };
     let ready = tokio::spawn(shard.run(control_rx, inbound_rx, requests_rx));
     let applies = tokio::spawn(apply_shard(apply_rx));
@@ -326,6 +372,8 @@ pub(crate) fn spawn_shard(
 
 /// A group on its shard.
 struct Slot {
+    /// This instance of the group.
+    token: u64,
     driven: Box<dyn Driven>,
     /// Publishes the group's stop (a panic that ends the shard's task
     /// included: the guard then says the loop panicked).
@@ -351,6 +399,8 @@ struct Shard {
     apply: mpsc::UnboundedSender<ApplyShardMsg>,
     unknown: metrics::Counter,
     logged: HashSet<u64>,
+    /// A tick came this round (several merge into one).
+    tick_due: bool,
 }
 
 impl Shard {
@@ -379,17 +429,14 @@ impl Shard {
             if stop {
                 break;
             }
-            // Everything else already queued joins this round.
+            // Everything else already queued joins this round. The host's
+            // own messages all (a group's `Add` comes before any request
+            // for it), peers' and requests up to a bound.
             let mut stop = false;
-            for _ in 0..SHARD_DRAIN_MAX {
-                match control.try_recv() {
-                    Ok(m) => {
-                        if self.control(m) {
-                            stop = true;
-                            break;
-                        }
-                    }
-                    Err(_) => break,
+            while let Ok(m) = control.try_recv() {
+                if self.control(m) {
+                    stop = true;
+                    break;
                 }
             }
             if stop {
@@ -407,6 +454,9 @@ impl Shard {
                     Err(_) => break,
                 }
             }
+            if std::mem::take(&mut self.tick_due) {
+                self.tick();
+            }
             self.drive_round();
         }
         // Requests still queued fail as their replies drop.
@@ -422,15 +472,24 @@ impl Shard {
     /// Handles one control message; true if the shard must stop.
     fn control(&mut self, msg: ShardMsg) -> bool {
         match msg {
-            ShardMsg::Applied { group, event } => self.step(group, |d| d.applied(event)),
+            ShardMsg::Applied {
+                group,
+                token,
+                event,
+            } => self.step(group, Some(token), |d| d.applied(event)),
             ShardMsg::Persisted { items, result } => {
-                for (group, number) in items {
+                for (group, token, number) in items {
                     let r = result.clone().map(|()| number);
-                    self.step(group, |d| d.persisted(r));
+                    self.step(group, Some(token), |d| d.persisted(r));
                 }
             }
-            ShardMsg::Tick => self.tick(),
-            ShardMsg::Add { group, driven } => {
+            ShardMsg::Report(report) => self.inbound(report),
+            ShardMsg::Tick => self.tick_due = true,
+            ShardMsg::Add {
+                group,
+                token,
+                driven,
+            } => {
                 assert!(
                     !self.groups.contains_key(&group),
                     "group {group} added twice to shard {}",
@@ -440,6 +499,7 @@ impl Shard {
                 self.groups.insert(
                     group,
                     Slot {
+                        token,
                         driven,
                         guard,
                         dirty: false,
@@ -465,22 +525,35 @@ impl Shard {
             self.unknown_group(group, &inbound);
             return;
         }
-        self.step(group, |d| d.inbound(inbound));
+        self.step(group, None, |d| d.inbound(inbound));
     }
 
     /// A group's request. For a group removed since, the request drops,
     /// and with it its reply: its caller gets a shutdown error.
     fn request(&mut self, r: ShardRequest) {
-        let ShardRequest { group, request } = r;
-        self.step(group, |d| d.request(request));
+        let ShardRequest {
+            group,
+            token,
+            request,
+        } = r;
+        self.step(group, Some(token), |d| d.request(request));
     }
 
-    /// Hands an event to `group` (if it runs here) and queues it for this
-    /// round's drive; stops it if the event says so.
-    fn step(&mut self, group: u64, f: impl FnOnce(&mut dyn Driven) -> Result<(), Stopped>) {
+    /// Hands an event to `group` (if it runs here, as the instance `token`
+    /// names when given) and queues it for this round's drive; stops it if
+    /// the event says so.
+    fn step(
+        &mut self,
+        group: u64,
+        token: Option<u64>,
+        f: impl FnOnce(&mut dyn Driven) -> Result<(), Stopped>,
+    ) {
         let Some(slot) = self.groups.get_mut(&group) else {
             return;
         };
+        if token.is_some_and(|t| t != slot.token) {
+            return;
+        }
         match crate::runtime::catch_stop(|| f(slot.driven.as_mut())) {
             Ok(()) => self.mark(group),
             Err((reason, panicked)) => self.stop_group(group, reason, panicked),
@@ -508,18 +581,26 @@ impl Shard {
                 .copied()
                 .collect();
             for group in asleep {
-                self.step(group, |d| {
+                self.step(group, None, |d| {
                     d.check_leader_host();
                     Ok(())
                 });
             }
         }
-        let awake: Vec<u64> = self.awake.iter().copied().collect();
+        let mut awake: Vec<u64> = self.awake.iter().copied().collect();
+        awake.sort_unstable();
         for group in awake {
-            self.step(group, |d| {
+            self.step(group, None, |d| {
                 d.tick(0);
                 Ok(())
             });
+            if self
+                .groups
+                .get(&group)
+                .is_some_and(|s| s.driven.is_hibernating())
+            {
+                self.awake.remove(&group);
+            }
         }
     }
 
@@ -533,6 +614,7 @@ impl Shard {
                 continue;
             };
             slot.dirty = false;
+            let token = slot.token;
             let driven = &mut slot.driven;
             if let Err((reason, panicked)) = crate::runtime::catch_stop(|| driven.drive()) {
                 self.stop_group(group, reason, panicked);
@@ -540,7 +622,7 @@ impl Shard {
             }
             let driven = &mut self.groups.get_mut(&group).expect("driven above").driven;
             if let Some((number, sync)) = driven.take_persist() {
-                items.push((group, number));
+                items.push((group, token, number));
                 must_sync |= sync;
             }
             if driven.is_hibernating() {
@@ -573,8 +655,19 @@ impl Shard {
         if let Err((e, _)) = finished {
             tracing::error!(group, error = ?e, "a group panicked while stopping");
         }
-        let _ = self.apply.send(ApplyShardMsg::Remove { group });
-        slot.guard.finish(reason);
+        // The apply shard publishes the stop once the state machine is
+        // gone; if the apply shard is gone, it is published here.
+        let removal = ApplyShardMsg::Remove {
+            group,
+            token: slot.token,
+            guard: slot.guard,
+            reason,
+        };
+        if let Err(mpsc::error::SendError(ApplyShardMsg::Remove { guard, reason, .. })) =
+            self.apply.send(removal)
+        {
+            guard.finish(reason);
+        }
     }
 
     fn unknown_group(&mut self, group: u64, inbound: &Inbound) {
@@ -592,28 +685,73 @@ impl Shard {
     }
 }
 
+/// What an apply shard does after a message.
+enum Next {
+    Continue,
+    /// The applier of this instance stopped on a fatal error it reported.
+    Drop(u64, u64),
+    Stop,
+}
+
 /// An apply shard: each group's apply messages, in order, on its state
-/// machine.
+/// machine. A panic here (a state machine's `Drop`, a broken invariant)
+/// is caught per message and logged; the shard goes on. (A panic in
+/// `apply`, `snapshot` or a read is caught by the applier itself and stops
+/// its group with a reason.)
 async fn apply_shard(mut rx: mpsc::UnboundedReceiver<ApplyShardMsg>) {
-    let mut appliers: HashMap<u64, Box<dyn AnyApplier>> = HashMap::new();
+    let mut appliers: HashMap<u64, (u64, Box<dyn AnyApplier>)> = HashMap::new();
     while let Some(msg) = rx.recv().await {
-        match msg {
-            ApplyShardMsg::Add { group, applier } => {
-                appliers.insert(group, applier);
+        let next = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| match msg {
+            ApplyShardMsg::Add {
+                group,
+                token,
+                applier,
+            } => {
+                appliers.insert(group, (token, applier));
+                Next::Continue
             }
-            ApplyShardMsg::Apply { group, msg } => {
-                if let Some(applier) = appliers.get_mut(&group) {
-                    if !applier.handle(msg) {
-                        // Stopped on a fatal error it reported: nothing
-                        // more reaches its state machine.
-                        appliers.remove(&group);
+            ApplyShardMsg::Apply { group, token, msg } => match appliers.get_mut(&group) {
+                Some((t, applier)) if *t == token => {
+                    if applier.handle(msg) {
+                        Next::Continue
+                    } else {
+                        Next::Drop(group, token)
+                    }
+                }
+                _ => Next::Continue,
+            },
+            ApplyShardMsg::Remove {
+                group,
+                token,
+                guard,
+                reason,
+            } => {
+                if appliers.get(&group).is_some_and(|(t, _)| *t == token) {
+                    appliers.remove(&group);
+                }
+                guard.finish(reason);
+                Next::Continue
+            }
+            ApplyShardMsg::Stop => Next::Stop,
+        }));
+        match next {
+            Ok(Next::Continue) => {}
+            Ok(Next::Stop) => return,
+            Ok(Next::Drop(group, token)) => {
+                // Nothing more reaches a state machine that failed.
+                if appliers.get(&group).is_some_and(|(t, _)| *t == token) {
+                    let gone = appliers.remove(&group);
+                    if std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| drop(gone)))
+                        .is_err()
+                    {
+                        tracing::error!(group, "a state machine panicked while dropped");
                     }
                 }
             }
-            ApplyShardMsg::Remove { group } => {
-                appliers.remove(&group);
+            Err(payload) => {
+                let message = crate::node::panic_message(payload.as_ref());
+                tracing::error!(%message, "the apply shard caught a panic and goes on");
             }
-            ApplyShardMsg::Stop => return,
         }
     }
 }

@@ -14,9 +14,10 @@ use std::time::Duration;
 
 use raftwork::{Command, Envelope, Host, HostConfig, MemNetwork, Node, StateMachine, Transport};
 
-/// The commands applied, in order: enough to compare replicas.
+/// The commands applied, in order: enough to compare replicas; and
+/// whether it was ever restored from a snapshot.
 #[derive(Default)]
-struct Log(Vec<Vec<u8>>);
+struct Log(Vec<Vec<u8>>, bool);
 
 impl StateMachine for Log {
     type Response = ();
@@ -39,6 +40,7 @@ impl StateMachine for Log {
     fn restore(&mut self, r: &mut dyn Read) -> std::io::Result<()> {
         let mut all = Vec::new();
         r.read_to_end(&mut all)?;
+        self.1 = true;
         self.0.clear();
         let mut at = 0;
         while at < all.len() {
@@ -631,10 +633,9 @@ async fn a_group_moves_to_another_host_at_run_time() {
     let leader = leader_of(&[&one[0], &one[1], &one[2]]).await;
     leader.add_learner(4, Vec::new()).await.unwrap();
     applied(&newcomer, &want_one).await;
-    let status = newcomer.status().await.unwrap();
     assert!(
-        status.snapshot_index > 0,
-        "the newcomer caught up without a snapshot: {status:?}"
+        newcomer.read_stale(|sm| sm.1).await.unwrap(),
+        "the newcomer caught up without a snapshot"
     );
     leader.promote_learner(4).await.unwrap();
 
@@ -674,4 +675,107 @@ async fn a_group_moves_to_another_host_at_run_time() {
     for h in hosts {
         h.shutdown().await;
     }
+}
+
+/// A state machine that panics on the command `boom`.
+#[derive(Default)]
+struct Fragile(u64);
+
+impl StateMachine for Fragile {
+    type Response = ();
+
+    fn apply(&mut self, commands: &[Command<'_>]) -> Vec<()> {
+        for c in commands {
+            assert!(c.data != b"boom", "the state machine was told to fail");
+            self.0 += 1;
+        }
+        vec![(); commands.len()]
+    }
+
+    fn snapshot(&self, w: &mut dyn Write) -> std::io::Result<()> {
+        w.write_all(&self.0.to_le_bytes())
+    }
+
+    fn restore(&mut self, r: &mut dyn Read) -> std::io::Result<()> {
+        let mut b = [0u8; 8];
+        r.read_exact(&mut b)?;
+        self.0 = u64::from_le_bytes(b);
+        Ok(())
+    }
+}
+
+/// Groups share a shard (one here), not their fate: a group whose state
+/// machine panics stops with that reason, and the other groups on the
+/// shard go on. A group removed and created again under the same id is a
+/// new instance: a handle of the old one gets shutdown errors, never the
+/// new group.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_shards_groups_fail_alone_and_a_recreated_group_is_new() {
+    recorder();
+    let dir = tempfile::tempdir().unwrap();
+    let net = MemNetwork::new();
+    let (t, inbox) = net.join(1);
+    let config = HostConfig {
+        tick_interval: TICK,
+        shards: 1,
+        ..HostConfig::default()
+    };
+    let host = Host::open_with(1, dir.path(), t, inbox, config).unwrap();
+    let fragile = host
+        .create_group(1, &[1], Fragile::default(), |_| {})
+        .unwrap();
+    let sturdy = host
+        .create_group(2, &[1], Fragile::default(), |_| {})
+        .unwrap();
+    for node in [&fragile, &sturdy] {
+        node.wait_for_leader(GUARD).await.unwrap();
+        node.propose(b"one".to_vec()).await.unwrap();
+    }
+    assert!(fragile.propose(b"boom".to_vec()).await.is_err());
+    let stopped = tokio::time::timeout(GUARD, fragile.stopped())
+        .await
+        .unwrap();
+    assert!(
+        matches!(
+            stopped,
+            raftwork::Stopped::Fatal(raftwork::FatalReason::StateMachinePanicked { .. })
+        ),
+        "{stopped:?}"
+    );
+    // The other group on the same shard goes on.
+    sturdy.propose(b"two".to_vec()).await.unwrap();
+    assert_eq!(sturdy.read_stale(|sm| sm.0).await.unwrap(), 2);
+
+    // Group 2 removed and created again: the old handle is not the new
+    // group's, whatever it asks.
+    let old = sturdy;
+    assert!(host.remove_group(2).await);
+    assert!(old.is_stopped());
+    let new = host
+        .create_group(2, &[1], Fragile::default(), |_| {})
+        .unwrap();
+    new.wait_for_leader(GUARD).await.unwrap();
+    assert!(
+        matches!(
+            old.propose(b"stale".to_vec()).await,
+            Err(raftwork::ProposeError::Shutdown)
+        ),
+        "an old handle reached the new group"
+    );
+    old.shutdown().await;
+    new.propose(b"three".to_vec()).await.unwrap();
+    // Restarted from the log: one, two, three (the stale one never came).
+    let deadline = tokio::time::Instant::now() + GUARD;
+    while new.read_stale(|sm| sm.0).await.unwrap() != 3 {
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "the new group did not apply"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    assert!(
+        !new.is_stopped(),
+        "the old handle's shutdown stopped the new group"
+    );
+    host.shutdown().await;
 }

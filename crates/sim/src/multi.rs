@@ -1,7 +1,9 @@
 //! Deterministic simulation of multi-group hosts (issue 17): H hosts, each
 //! a member of the same G Raft groups, in virtual time from one seed.
 //!
-//! The simulator plays what a `raftwork::Host` and its shards do: one tick
+//! The simulator plays the rules a `raftwork::Host` and its shards follow
+//! (persists and applies happen inline, not through the shards' queues,
+//! which `raftwork`'s host tests cover): one tick
 //! per host for its awake members only, one heartbeat per peer host per
 //! tick in group 0 ([`HostLiveness`], the same rules the tokio host runs),
 //! hibernation (`Core::try_hibernate` after enough quiet ticks, when the
