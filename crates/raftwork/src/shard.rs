@@ -356,6 +356,7 @@ pub(crate) fn spawn_shard(
         unknown: metrics::counter!("raftwork_host_unknown_group_messages_total"),
         logged: HashSet::new(),
         tick_due: false,
+        requests_queued: 0,
     };
     let ready = tokio::spawn(shard.run(control_rx, inbound_rx, requests_rx));
     let applies = tokio::spawn(apply_shard(apply_rx));
@@ -401,6 +402,9 @@ struct Shard {
     logged: HashSet<u64>,
     /// A tick came this round (several merge into one).
     tick_due: bool,
+    /// Requests queued at the shard when this round began (the groups'
+    /// `requests_queued` metric: the queue is the shard's).
+    requests_queued: usize,
 }
 
 impl Shard {
@@ -454,6 +458,7 @@ impl Shard {
                     Err(_) => break,
                 }
             }
+            self.requests_queued = requests.len();
             if std::mem::take(&mut self.tick_due) {
                 self.tick();
             }
@@ -589,9 +594,10 @@ impl Shard {
         }
         let mut awake: Vec<u64> = self.awake.iter().copied().collect();
         awake.sort_unstable();
+        let queued = self.requests_queued;
         for group in awake {
             self.step(group, None, |d| {
-                d.tick(0);
+                d.tick(queued);
                 Ok(())
             });
             if self
