@@ -3,7 +3,7 @@
 //! HTTP/1.1 to them over a plain `TcpStream`.
 
 use std::io::{Read, Write};
-use std::net::{SocketAddr, TcpListener, TcpStream};
+use std::net::{SocketAddr, TcpStream};
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, ExitStatus, Output, Stdio};
 use std::time::{Duration, Instant};
@@ -12,14 +12,9 @@ use serde_json::Value;
 
 const BIN: &str = env!("CARGO_BIN_EXE_raftwork");
 
-/// A port free right now (bound to 127.0.0.1:0, then released).
-fn free_port() -> u16 {
-    TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
-}
+// A loopback port free now (below the ephemeral range: see there).
+mod common;
+use common::free_port;
 
 /// `raftwork` with no RAFTWORK_* variables inherited from the environment.
 fn raftwork() -> Command {
@@ -701,7 +696,7 @@ fn bad_flags_fail_clearly_and_write_nothing() {
     assert!(!data.exists());
 
     // The API address in use: exit 1 before the data dir is created.
-    let busy = TcpListener::bind("127.0.0.1:0").unwrap();
+    let busy = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
     let busy_addr = busy.local_addr().unwrap().to_string();
     let peer = format!("127.0.0.1:{}", free_port());
     let out = run_bad(&[

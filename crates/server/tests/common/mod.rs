@@ -18,12 +18,33 @@ use serde_json::Value;
 
 pub const BIN: &str = env!("CARGO_BIN_EXE_raftwork");
 
+/// A loopback port free now, for a process started later to listen on.
+///
+/// Drawn below the kernel's ephemeral range: a port the kernel hands out
+/// (`bind` to port 0, or the local end of any outgoing connection, such as
+/// a node dialing its peers) could be taken again by another connection
+/// between this pick and the process's own bind ("Address already in
+/// use"). Below that range only an explicit bind takes a port, and each
+/// pick in this process is a new one.
 pub fn free_port() -> u16 {
-    TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
+    use std::sync::atomic::{AtomicU32, Ordering};
+    static NEXT: AtomicU32 = AtomicU32::new(0);
+    let ephemeral_low: u32 = std::fs::read_to_string("/proc/sys/net/ipv4/ip_local_port_range")
+        .ok()
+        .and_then(|s| s.split_whitespace().next()?.parse().ok())
+        .unwrap_or(32768);
+    let (low, high) = (10_000u32, ephemeral_low.max(10_100));
+    let span = high - low;
+    // Test binaries run one after another; spread each one's picks apart.
+    let start = std::process::id().wrapping_mul(7919) % span;
+    for _ in 0..span {
+        let k = NEXT.fetch_add(1, Ordering::Relaxed);
+        let port = (low + (start + k) % span) as u16;
+        if TcpListener::bind(("127.0.0.1", port)).is_ok() {
+            return port;
+        }
+    }
+    panic!("no free loopback port below {high}");
 }
 
 /// `raftwork` with no RAFTWORK_* variables inherited from the environment.
