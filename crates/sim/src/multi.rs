@@ -17,9 +17,15 @@
 //! stopped and started again on a live host, partitions and one-way cuts
 //! between hosts, dropped, duplicated and delayed messages.
 //!
+//! Clients (closed loop, one operation at a time) write and read: each
+//! group is a register, written through its leader and read with a
+//! linearizable read (ReadIndex) at any member, a sleeping follower
+//! included; their history is checked with `raftwork_check`.
+//!
 //! Checked, per group, at every step: at most one leader per term; every
 //! member applies the same command at the same index; an acknowledged
-//! write is never lost. Liveness, after the faulty phase:
+//! write is never lost; and at the end, every group's history is
+//! linearizable. Liveness, after the faulty phase:
 //! * everything healed and restarted, every group has one leader that
 //!   all members follow, and each has applied every acknowledged write;
 //! * then group 1's leader stops on its live host: its (sleeping)
@@ -31,6 +37,7 @@ use std::cmp::Reverse;
 use std::collections::{BTreeMap, BTreeSet, BinaryHeap};
 
 use raft::prelude::Message;
+use raftwork_check::{Input, Operation, Output};
 use raftwork_core::liveness::{HostLiveness, HostView, HOST_GROUP};
 use raftwork_core::{bootstrap, is_command, Action, Core, CoreConfig, RequestId, Role};
 use raftwork_storage::MemLogStore;
@@ -48,6 +55,9 @@ pub enum MultiBug {
     /// A write counts as acknowledged as soon as the leader appends it,
     /// before it commits (the safety checks must see it lost).
     AckBeforeCommit,
+    /// A read is answered from the member's own state at once, without a
+    /// ReadIndex round (the linearizability check must see a stale one).
+    LocalRead,
 }
 
 /// What to simulate.
@@ -63,6 +73,8 @@ pub struct MultiConfig {
     pub duration_ms: u64,
     /// Virtual length of a tick.
     pub tick_ms: u64,
+    /// Closed-loop clients.
+    pub clients: u64,
     /// Inject faults in the first phase.
     pub faults: bool,
     /// Quiet ticks before a member may hibernate (0: never).
@@ -85,6 +97,7 @@ impl Default for MultiConfig {
             groups: 4,
             duration_ms: 3_000,
             tick_ms: 10,
+            clients: 4,
             faults: true,
             hibernate_after_ticks: 5,
             host_timeout_ticks: 10,
@@ -106,6 +119,10 @@ pub struct MultiReport {
     pub events: u64,
     /// Writes acknowledged (applied by the leader that proposed them).
     pub acknowledged_writes: u64,
+    /// Linearizable reads answered.
+    pub reads: u64,
+    /// Operations in the checked histories.
+    pub operations: u64,
     /// Host crashes injected.
     pub crashes: u64,
     /// Single groups stopped and started again on a live host.
@@ -127,7 +144,13 @@ enum Event {
         group: u64,
         msgs: Vec<Message>,
     },
-    Client,
+    /// Client `c` issues its next operation.
+    Client(u64),
+    /// Client `c`'s operation `op` is given up on if still open.
+    ClientTimeout {
+        client: u64,
+        op: usize,
+    },
     Fault,
     RestartHost(u64),
     StartGroup {
@@ -172,8 +195,31 @@ struct Member {
     asleep: bool,
     /// While asleep as a follower: its leader and that host's view then.
     watching: Option<(u64, HostView)>,
-    /// Client proposals waiting here: request id to data.
-    pending: BTreeMap<RequestId, Vec<u8>>,
+    /// Client proposals waiting here: request id to data and operation.
+    pending: BTreeMap<RequestId, (Vec<u8>, usize)>,
+    /// The register's value as this member applied it.
+    value: Option<u64>,
+    /// The last index this member applied (commands or not).
+    applied_index: u64,
+    /// Reads waiting for their read index: request id to operation.
+    reads: BTreeMap<RequestId, usize>,
+    /// Reads with a read index, waiting for this member to apply it.
+    read_waits: Vec<(u64, usize)>,
+}
+
+impl Member {
+    /// Forgets everything of the core that stopped (its log stays).
+    fn clear(&mut self) {
+        self.core = None;
+        self.applied.clear();
+        self.asleep = false;
+        self.watching = None;
+        self.pending.clear();
+        self.value = None;
+        self.applied_index = 0;
+        self.reads.clear();
+        self.read_waits.clear();
+    }
 }
 
 struct Host {
@@ -205,6 +251,10 @@ struct Sim {
     leaders: BTreeMap<(u64, u64), u64>,
     next_request: RequestId,
     next_data: u64,
+    /// Every client operation, for the linearizability check.
+    history: Vec<Operation>,
+    /// Per client: the operation it waits on.
+    clients: Vec<Option<usize>>,
     report: MultiReport,
 }
 
@@ -264,11 +314,8 @@ impl Sim {
         let core = Core::new(config, m.store.clone(), &logger())
             .map_err(|e| self.fail(format!("host {id} group {group}: {e}")))?;
         let m = &mut self.hosts[h].members[group as usize - 1];
+        m.clear();
         m.core = Some(core);
-        m.applied.clear();
-        m.asleep = false;
-        m.watching = None;
-        m.pending.clear();
         self.pump(h, group)
     }
 
@@ -277,10 +324,7 @@ impl Sim {
     fn stop_member(&mut self, h: usize, group: u64) {
         let m = &mut self.hosts[h].members[group as usize - 1];
         let was_leading = m.core.as_ref().is_some_and(|c| c.role() == Role::Leader);
-        m.core = None;
-        m.asleep = false;
-        m.watching = None;
-        m.pending.clear();
+        m.clear();
         if was_leading && self.cfg.bug != Some(MultiBug::NoEpoch) {
             self.hosts[h].liveness.stopped_leading();
         }
@@ -291,10 +335,7 @@ impl Sim {
         let host = &mut self.hosts[h];
         host.up = false;
         for m in &mut host.members {
-            m.core = None;
-            m.asleep = false;
-            m.watching = None;
-            m.pending.clear();
+            m.clear();
         }
     }
 
@@ -394,11 +435,14 @@ impl Sim {
                             self.committed[gi].insert(e.index, data.clone());
                         }
                     }
-                    self.hosts[h].members[gi].applied.insert(e.index, data);
+                    let m = &mut self.hosts[h].members[gi];
+                    m.value = decode_value(&data);
+                    m.applied.insert(e.index, data);
                 }
+                self.hosts[h].members[gi].applied_index = last;
                 for (index, id) in &batch.proposals {
                     let m = &mut self.hosts[h].members[gi];
-                    if let Some(data) = m.pending.remove(id) {
+                    if let Some((data, op)) = m.pending.remove(id) {
                         if m.applied.get(index) != Some(&data) {
                             return Err(self.fail(format!(
                                 "group {group}: proposal {id} answered at index {index} with another command"
@@ -406,14 +450,35 @@ impl Sim {
                         }
                         self.acked[gi].insert(*index, data);
                         self.report.acknowledged_writes += 1;
+                        self.complete(op, Output::Written);
                     }
                 }
+                self.release_reads(h, gi);
                 if let Some(core) = self.hosts[h].members[gi].core.as_mut() {
                     core.handle_applied(last);
                 }
             }
             Action::ProposalFailed { id, .. } => {
-                self.hosts[h].members[gi].pending.remove(&id);
+                // It may still commit: the outcome is unknown.
+                if let Some((_, op)) = self.hosts[h].members[gi].pending.remove(&id) {
+                    self.complete(op, Output::Unknown);
+                }
+            }
+            Action::ReadReady { ids, read_index } => {
+                let m = &mut self.hosts[h].members[gi];
+                for id in ids {
+                    if let Some(op) = m.reads.remove(&id) {
+                        m.read_waits.push((read_index, op));
+                    }
+                }
+                self.release_reads(h, gi);
+            }
+            Action::ReadFailed { ids, .. } => {
+                for id in ids {
+                    if let Some(op) = self.hosts[h].members[gi].reads.remove(&id) {
+                        self.complete(op, Output::Unknown);
+                    }
+                }
             }
             Action::TakeSnapshot { .. } | Action::RestoreSnapshot(_) => {
                 return Err(self.fail(format!(
@@ -547,7 +612,8 @@ impl Sim {
         let Some(core) = m.core.as_mut() else {
             return;
         };
-        if after == 0 || core.quiet_ticks() < after || !m.pending.is_empty() {
+        let waiting = !m.pending.is_empty() || !m.reads.is_empty() || !m.read_waits.is_empty();
+        if after == 0 || core.quiet_ticks() < after || waiting {
             return;
         }
         let cs = core.conf_state();
@@ -572,19 +638,158 @@ impl Sim {
         }
     }
 
-    fn client(&mut self) -> Result<(), Failure> {
-        if !self.clients_on {
+    /// Client `c`'s next operation: a write to a group's leader or a
+    /// linearizable read at any live member of a group.
+    fn client(&mut self, c: u64) -> Result<(), Failure> {
+        if !self.clients_on || self.clients[c as usize].is_some() {
             return Ok(());
         }
         let group = 1 + self.rng.below(self.cfg.groups);
-        self.propose_to_leader(group);
-        let next = 2 + self.rng.below(10);
-        self.schedule(next, Event::Client);
+        let op = if self.rng.chance(500) {
+            self.write(c, group)
+        } else {
+            self.read(c, group)
+        };
+        match op {
+            Some(op) => {
+                self.clients[c as usize] = Some(op);
+                self.schedule(1_000, Event::ClientTimeout { client: c, op });
+            }
+            // Nobody to ask right now: try again soon.
+            None => {
+                let next = 5 + self.rng.below(20);
+                self.schedule(next, Event::Client(c));
+            }
+        }
         Ok(())
     }
 
+    /// Records the call of an operation; returns its index.
+    fn call(&mut self, client: u64, group: u64, input: Input) -> usize {
+        self.history.push(Operation {
+            client,
+            key: group,
+            input,
+            output: Output::Unknown,
+            call_time: self.now,
+            return_time: u64::MAX,
+        });
+        self.history.len() - 1
+    }
+
+    /// The outcome of operation `op` (ignored once it has one, or was given
+    /// up on); its client goes on.
+    fn complete(&mut self, op: usize, output: Output) {
+        let client = self.history[op].client;
+        // The liveness phase's own writes have no client waiting.
+        let tracked = (client as usize) < self.clients.len();
+        if tracked {
+            if self.clients[client as usize] != Some(op) {
+                return;
+            }
+            self.clients[client as usize] = None;
+        } else if self.history[op].return_time != u64::MAX {
+            return;
+        }
+        if output != Output::Unknown {
+            let o = &mut self.history[op];
+            o.output = output;
+            o.return_time = self.now;
+            if matches!(output, Output::Read(_)) {
+                self.report.reads += 1;
+            }
+        }
+        if tracked {
+            let next = 1 + self.rng.below(5);
+            self.schedule(next, Event::Client(client));
+        }
+    }
+
+    /// Answers the reads of member (`h`, `gi`) whose read index it has
+    /// applied, with its register's value.
+    fn release_reads(&mut self, h: usize, gi: usize) {
+        let m = &mut self.hosts[h].members[gi];
+        let (applied, value) = (m.applied_index, m.value);
+        let (ready, waiting): (Vec<_>, Vec<_>) = m
+            .read_waits
+            .drain(..)
+            .partition(|(index, _)| *index <= applied);
+        m.read_waits = waiting;
+        for (_, op) in ready {
+            self.complete(op, Output::Read(value));
+        }
+    }
+
+    fn write(&mut self, client: u64, group: u64) -> Option<usize> {
+        let gi = group as usize - 1;
+        let h = (0..self.hosts.len()).find(|&h| {
+            self.hosts[h].up
+                && self.hosts[h].members[gi]
+                    .core
+                    .as_ref()
+                    .is_some_and(|c| c.role() == Role::Leader)
+        })?;
+        self.next_data += 1;
+        let value = self.next_data;
+        let op = self.call(client, group, Input::Write(value));
+        self.propose_at(h, group, value, Some(op));
+        Some(op)
+    }
+
+    fn read(&mut self, client: u64, group: u64) -> Option<usize> {
+        let gi = group as usize - 1;
+        let live: Vec<usize> = (0..self.hosts.len())
+            .filter(|&h| self.hosts[h].up && self.hosts[h].members[gi].core.is_some())
+            .collect();
+        if live.is_empty() {
+            return None;
+        }
+        let h = live[self.rng.below(live.len() as u64) as usize];
+        let op = self.call(client, group, Input::Read);
+        if self.cfg.bug == Some(MultiBug::LocalRead) {
+            // Answered now; the client moves on at once.
+            let o = &mut self.history[op];
+            o.output = Output::Read(self.hosts[h].members[gi].value);
+            o.return_time = self.now;
+            self.schedule(0, Event::ClientTimeout { client, op });
+            return Some(op);
+        }
+        self.next_request += 1;
+        let id = self.next_request;
+        let m = &mut self.hosts[h].members[gi];
+        m.reads.insert(id, op);
+        m.core.as_mut().expect("live").handle_read(id);
+        let _ = self.pump(h, group);
+        Some(op)
+    }
+
+    /// Proposes `value` to `group` at host `h`'s member, for operation `op`.
+    fn propose_at(&mut self, h: usize, group: u64, value: u64, op: Option<usize>) {
+        let gi = group as usize - 1;
+        self.next_request += 1;
+        let id = self.next_request;
+        let data = encode_value(value);
+        let m = &mut self.hosts[h].members[gi];
+        let core = m.core.as_mut().expect("a live member");
+        if core.handle_propose(id, data.clone()).is_ok() {
+            if self.cfg.bug == Some(MultiBug::AckBeforeCommit) {
+                let index = core.status().last_index;
+                self.acked[gi].insert(index, data.clone());
+            }
+            if let Some(op) = op {
+                m.pending.insert(id, (data, op));
+            }
+        } else if let Some(op) = op {
+            // Refused: it never takes effect, but Unknown says no more
+            // than that it may not have.
+            self.complete(op, Output::Unknown);
+        }
+        let _ = self.pump(h, group);
+    }
+
     /// Proposes a new command to `group` through a member that leads it,
-    /// if one does; true if proposed.
+    /// if one does (outside the checked history's clients: the liveness
+    /// phase's write); true if proposed.
     fn propose_to_leader(&mut self, group: u64) -> bool {
         let gi = group as usize - 1;
         let leader = (0..self.hosts.len()).find(|&h| {
@@ -598,18 +803,9 @@ impl Sim {
             return false;
         };
         self.next_data += 1;
-        self.next_request += 1;
-        let (id, data) = (self.next_request, format!("g{group}-{}", self.next_data));
-        let m = &mut self.hosts[h].members[gi];
-        let core = m.core.as_mut().expect("found above");
-        if core.handle_propose(id, data.clone().into_bytes()).is_ok() {
-            if self.cfg.bug == Some(MultiBug::AckBeforeCommit) {
-                let index = core.status().last_index;
-                self.acked[gi].insert(index, data.clone().into_bytes());
-            }
-            m.pending.insert(id, data.into_bytes());
-        }
-        let _ = self.pump(h, group);
+        let value = self.next_data;
+        let op = self.call(u64::MAX, group, Input::Write(value));
+        self.propose_at(h, group, value, Some(op));
         true
     }
 
@@ -693,10 +889,15 @@ impl Sim {
                 self.report.trace_hash = h;
                 self.deliver(from, to, group, msgs)?;
             }
-            Event::Client => {
-                fnv(&mut h, 2);
+            Event::Client(c) => {
+                fnv(&mut h, 2 + c * 1000);
                 self.report.trace_hash = h;
-                self.client()?;
+                self.client(c)?;
+            }
+            Event::ClientTimeout { client, op } => {
+                fnv(&mut h, 3 + client * 1000);
+                self.report.trace_hash = h;
+                self.complete(op, Output::Unknown);
             }
             Event::Fault => {
                 fnv(&mut h, 3);
@@ -842,6 +1043,10 @@ pub fn run_multi(cfg: &MultiConfig) -> Result<MultiReport, Failure> {
                 asleep: false,
                 watching: None,
                 pending: BTreeMap::new(),
+                value: None,
+                applied_index: 0,
+                reads: BTreeMap::new(),
+                read_waits: Vec::new(),
             });
         }
         hosts.push(Host {
@@ -867,6 +1072,8 @@ pub fn run_multi(cfg: &MultiConfig) -> Result<MultiReport, Failure> {
         leaders: BTreeMap::new(),
         next_request: 0,
         next_data: 0,
+        history: Vec::new(),
+        clients: vec![None; cfg.clients as usize],
         report: MultiReport {
             seed: cfg.seed,
             trace_hash: 0xcbf2_9ce4_8422_2325,
@@ -884,7 +1091,9 @@ pub fn run_multi(cfg: &MultiConfig) -> Result<MultiReport, Failure> {
         let offset = sim.rng.below(cfg.tick_ms);
         sim.schedule(offset, Event::Tick(k as u64 + 1));
     }
-    sim.schedule(5, Event::Client);
+    for c in 0..cfg.clients {
+        sim.schedule(5 + c, Event::Client(c));
+    }
     if cfg.faults {
         sim.schedule(200, Event::Fault);
     }
@@ -980,5 +1189,18 @@ pub fn run_multi(cfg: &MultiConfig) -> Result<MultiReport, Failure> {
         }
     }
     sim.check_acked_applied()?;
+    sim.report.operations = sim.history.len() as u64;
+    if let Err(v) = raftwork_check::check(&sim.history) {
+        return Err(sim.fail(format!("a history is not linearizable: {v}")));
+    }
     Ok(sim.report)
+}
+
+/// A write's command: its value, in decimal.
+fn encode_value(value: u64) -> Vec<u8> {
+    value.to_string().into_bytes()
+}
+
+fn decode_value(data: &[u8]) -> Option<u64> {
+    std::str::from_utf8(data).ok()?.parse().ok()
 }

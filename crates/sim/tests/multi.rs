@@ -1,8 +1,9 @@
 //! The multi-group simulation (several Raft groups per host, with host
 //! liveness and hibernation): many seeds with faults, determinism, and
 //! negative controls that prove the checks see a host that never notices
-//! a dead peer, a leader that stops without moving its host's epoch, and
-//! a write acknowledged before it commits.
+//! a dead peer, a leader that stops without moving its host's epoch, a
+//! write acknowledged before it commits, and a read served without
+//! ReadIndex.
 //!
 //! `RAFTWORK_MULTI_SEEDS=N` runs N seeds (default 500);
 //! `RAFTWORK_MULTI_FIRST` picks the first (default 1);
@@ -61,8 +62,10 @@ fn many_groups_per_host_stay_safe_and_live_through_faults() {
     use std::io::Write as _;
     let _ = writeln!(
         std::io::stderr(),
-        "multi-group simulation: {count} seeds from {first} (3 hosts x 4 groups), {} acknowledged writes, {} host crashes, {} groups restarted on a live host, {} sleeps, {} followers woken by their leader's host, {} leaders replaced after a leader stopped or its host died; {} failures",
+        "multi-group simulation: {count} seeds from {first} (3 hosts x 4 groups), {} operations in linearizable histories ({} acknowledged writes, {} reads), {} host crashes, {} groups restarted on a live host, {} sleeps, {} followers woken by their leader's host, {} leaders replaced after a leader stopped or its host died; {} failures",
+        sum(|r| r.operations),
         sum(|r| r.acknowledged_writes),
+        sum(|r| r.reads),
         sum(|r| r.crashes),
         sum(|r| r.group_restarts),
         sum(|r| r.sleeps),
@@ -73,7 +76,7 @@ fn many_groups_per_host_stay_safe_and_live_through_faults() {
     if let Some(f) = failures.first() {
         panic!("{} of {count} seeds failed; first:\n{f}", failures.len());
     }
-    assert!(sum(|r| r.acknowledged_writes) > 0);
+    assert!(sum(|r| r.acknowledged_writes) > 0 && sum(|r| r.reads) > 0);
     assert!(sum(|r| r.sleeps) > 0 && sum(|r| r.host_wakes) > 0);
     assert!(sum(|r| r.crashes) > 0 && sum(|r| r.group_restarts) > 0);
     // Each seed replaces group 1's stopped leader and the dead host's.
@@ -111,13 +114,15 @@ fn the_checks_see_broken_rules() {
         assert_eq!(failures.len(), 10, "{bug:?} got through some seeds");
     }
     // A write acknowledged before it commits is lost when its leader
-    // falls: some seed must catch it.
-    let base = MultiConfig {
-        bug: Some(MultiBug::AckBeforeCommit),
-        ..MultiConfig::default()
-    };
-    let (_, failures) = run_seeds(1, 20, &base);
-    assert!(!failures.is_empty(), "an early acknowledgement went unseen");
+    // falls, and a read served locally is stale: some seed must catch each.
+    for bug in [MultiBug::AckBeforeCommit, MultiBug::LocalRead] {
+        let base = MultiConfig {
+            bug: Some(bug),
+            ..MultiConfig::default()
+        };
+        let (_, failures) = run_seeds(1, 20, &base);
+        assert!(!failures.is_empty(), "{bug:?} went unseen");
+    }
 }
 
 /// `RAFTWORK_MULTI_SEED=S` reruns one seed and prints its outcome.
