@@ -155,6 +155,7 @@ impl Host {
             )));
         }
         let dir = dir.as_ref().to_path_buf();
+        crate::metrics::describe_defs(crate::metrics::HOST);
         let engine = EngineHost::open(dir.join("log"))?;
         // A random incarnation: peers tell this start from the last one.
         let incarnation = crate::node::random_u64() >> 2;

@@ -243,6 +243,49 @@ pub const SNAPSHOT_APPLY_SIZE: MetricDef = def(
     SIZE_BYTES_BUCKETS,
 );
 
+/// Messages a host dropped because they were for a group it does not run.
+pub const HOST_UNKNOWN_GROUP_MESSAGES: MetricDef = def(
+    "raftwork_host_unknown_group_messages_total",
+    C,
+    "Messages dropped because they were for a group this host does not run.",
+    &[],
+    &[],
+);
+/// Groups a worker shard drives, awake (ticked) or asleep (hibernating).
+pub const HOST_SHARD_GROUPS: MetricDef = def(
+    "raftwork_host_shard_groups",
+    G,
+    "Groups a worker shard drives, by state: awake (ticked) or asleep (hibernating).",
+    &["shard", "state"],
+    &[],
+);
+/// Peers' envelopes queued at a worker shard.
+pub const HOST_SHARD_INBOX: MetricDef = def(
+    "raftwork_host_shard_inbox_envelopes",
+    G,
+    "Peers' envelopes queued at a worker shard (a full queue drops).",
+    &["shard"],
+    &[],
+);
+/// Requests of a shard's groups' handles queued at the shard.
+pub const HOST_SHARD_REQUESTS: MetricDef = def(
+    "raftwork_host_shard_requests_queued",
+    G,
+    "Requests of its groups' handles queued at a worker shard.",
+    &["shard"],
+    &[],
+);
+
+/// What a multi-group `Host` (feature `host`) records besides its groups'
+/// own metrics; the shards' gauges are sampled each tick. Not in
+/// [`catalogue`], which lists what every node records.
+pub const HOST: &[MetricDef] = &[
+    HOST_UNKNOWN_GROUP_MESSAGES,
+    HOST_SHARD_GROUPS,
+    HOST_SHARD_INBOX,
+    HOST_SHARD_REQUESTS,
+];
+
 /// Every metric the node itself records (the WAL's and the network's are
 /// in [`catalogue`]).
 pub const NODE: &[MetricDef] = &[

@@ -353,7 +353,9 @@ pub(crate) fn spawn_shard(
         sync,
         me: control.clone(),
         apply: apply.clone(),
-        unknown: metrics::counter!("raftwork_host_unknown_group_messages_total"),
+        unknown: metrics::counter!(crate::metrics::HOST_UNKNOWN_GROUP_MESSAGES.name),
+        gauges: ShardGauges::new(index),
+        inbox_queued: 0,
         logged: HashSet::new(),
         tick_due: false,
         requests_queued: 0,
@@ -405,6 +407,30 @@ struct Shard {
     /// Requests queued at the shard when this round began (the groups'
     /// `requests_queued` metric: the queue is the shard's).
     requests_queued: usize,
+    /// Peers' envelopes queued when this round began.
+    inbox_queued: usize,
+    gauges: ShardGauges,
+}
+
+/// A shard's gauges (`metrics::HOST`), sampled each tick.
+struct ShardGauges {
+    awake: metrics::Gauge,
+    asleep: metrics::Gauge,
+    inbox: metrics::Gauge,
+    requests: metrics::Gauge,
+}
+
+impl ShardGauges {
+    fn new(index: usize) -> Self {
+        use crate::metrics::{HOST_SHARD_GROUPS, HOST_SHARD_INBOX, HOST_SHARD_REQUESTS};
+        let shard = index.to_string();
+        Self {
+            awake: metrics::gauge!(HOST_SHARD_GROUPS.name, "shard" => shard.clone(), "state" => "awake"),
+            asleep: metrics::gauge!(HOST_SHARD_GROUPS.name, "shard" => shard.clone(), "state" => "asleep"),
+            inbox: metrics::gauge!(HOST_SHARD_INBOX.name, "shard" => shard.clone()),
+            requests: metrics::gauge!(HOST_SHARD_REQUESTS.name, "shard" => shard),
+        }
+    }
 }
 
 impl Shard {
@@ -459,6 +485,7 @@ impl Shard {
                 }
             }
             self.requests_queued = requests.len();
+            self.inbox_queued = inbound.len();
             if std::mem::take(&mut self.tick_due) {
                 self.tick();
             }
@@ -595,6 +622,11 @@ impl Shard {
         let mut awake: Vec<u64> = self.awake.iter().copied().collect();
         awake.sort_unstable();
         let queued = self.requests_queued;
+        let g = &self.gauges;
+        g.awake.set(self.awake.len() as f64);
+        g.asleep.set((self.groups.len() - self.awake.len()) as f64);
+        g.inbox.set(self.inbox_queued as f64);
+        g.requests.set(queued as f64);
         for group in awake {
             self.step(group, None, |d| {
                 d.tick(queued);

@@ -237,6 +237,16 @@ async fn groups_on_three_hosts_commit_survive_removal_and_restart() {
     }
     assert_eq!(hosts[0].running_groups(), (1..=GROUPS).collect::<Vec<_>>());
     assert!(!hosts[0].stored_groups().contains(&4242));
+    // The shards' gauges (`metrics::HOST`) are sampled each tick.
+    let text = metrics.render();
+    for name in [
+        "raftwork_host_shard_groups{shard=\"0\",state=\"awake\"}",
+        "raftwork_host_shard_groups{shard=\"0\",state=\"asleep\"}",
+        "raftwork_host_shard_inbox_envelopes{shard=\"0\"}",
+        "raftwork_host_shard_requests_queued{shard=\"0\"}",
+    ] {
+        assert!(text.contains(name), "{name} missing from:\n{text}");
+    }
 
     // The host hands out a group's handle again, typed by its state machine.
     let again: Node<Log> = hosts[1].group(4).expect("group 4 runs on host 2");
