@@ -787,5 +787,43 @@ async fn a_shards_groups_fail_alone_and_a_recreated_group_is_new() {
         !new.is_stopped(),
         "the old handle's shutdown stopped the new group"
     );
+
+    // The same while busy: a writer keeps proposing through its handle
+    // while the group is removed and created again. Whatever it got
+    // acknowledged was the old instance's (an index at or below where the
+    // new one started); everything it sends afterwards is refused.
+    let busy = new;
+    let writer = {
+        let busy = busy.clone();
+        tokio::spawn(async move {
+            let mut acked = Vec::new();
+            let mut refused_in_a_row = 0;
+            let until = tokio::time::Instant::now() + Duration::from_secs(5);
+            while refused_in_a_row < 200 && tokio::time::Instant::now() < until {
+                match busy.propose(b"busy".to_vec()).await {
+                    Ok((index, ())) => {
+                        acked.push(index);
+                        refused_in_a_row = 0;
+                    }
+                    Err(_) => refused_in_a_row += 1,
+                }
+                tokio::task::yield_now().await;
+            }
+            acked
+        })
+    };
+    tokio::time::sleep(Duration::from_millis(50)).await;
+    assert!(host.remove_group(2).await);
+    let again = host
+        .create_group(2, &[1], Fragile::default(), |_| {})
+        .unwrap();
+    again.wait_for_leader(GUARD).await.unwrap();
+    let started_at = again.status().await.unwrap().last_index;
+    let acked = tokio::time::timeout(GUARD, writer).await.unwrap().unwrap();
+    assert!(!acked.is_empty(), "the writer got nothing through before");
+    assert!(
+        acked.iter().all(|&i| i <= started_at),
+        "an old handle's write reached the new instance: {acked:?} past {started_at}"
+    );
     host.shutdown().await;
 }
