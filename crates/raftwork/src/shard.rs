@@ -451,10 +451,7 @@ impl Shard {
                     self.inbound(i);
                     false
                 }
-                Some(r) = requests.recv() => {
-                    self.request(r);
-                    false
-                }
+                Some(r) = requests.recv() => self.request(r, &mut control),
             };
             if stop {
                 break;
@@ -480,9 +477,17 @@ impl Shard {
             }
             for _ in 0..SHARD_DRAIN_MAX {
                 match requests.try_recv() {
-                    Ok(r) => self.request(r),
+                    Ok(r) => {
+                        if self.request(r, &mut control) {
+                            stop = true;
+                            break;
+                        }
+                    }
                     Err(_) => break,
                 }
+            }
+            if stop {
+                break;
             }
             self.requests_queued = requests.len();
             self.inbox_queued = inbound.len();
@@ -560,15 +565,30 @@ impl Shard {
         self.step(group, None, |d| d.inbound(inbound));
     }
 
-    /// A group's request. For a group removed since, the request drops,
-    /// and with it its reply: its caller gets a shutdown error.
-    fn request(&mut self, r: ShardRequest) {
+    /// A group's request; true if the shard must stop. For a group
+    /// removed since, the request drops, and with it its reply: its caller
+    /// gets a shutdown error. For a group not known yet, the host's queue
+    /// is read first: its `Add` went there before the group's handle
+    /// existed, but may have arrived after this round read that queue.
+    fn request(
+        &mut self,
+        r: ShardRequest,
+        control: &mut mpsc::UnboundedReceiver<ShardMsg>,
+    ) -> bool {
+        if !self.groups.contains_key(&r.group) {
+            while let Ok(m) = control.try_recv() {
+                if self.control(m) {
+                    return true;
+                }
+            }
+        }
         let ShardRequest {
             group,
             token,
             request,
         } = r;
         self.step(group, Some(token), |d| d.request(request));
+        false
     }
 
     /// Hands an event to `group` (if it runs here, as the instance `token`
