@@ -461,24 +461,26 @@ enum Event {
     Heal(Vec<(u64, u64)>),
 }
 
-struct Queued {
+/// An event due at virtual time `at`; `seq` orders events due at the same
+/// time by when they were scheduled (both simulators' queues).
+struct Queued<E> {
     at: u64,
     seq: u64,
-    event: Event,
+    event: E,
 }
 
-impl PartialEq for Queued {
+impl<E> PartialEq for Queued<E> {
     fn eq(&self, o: &Self) -> bool {
         (self.at, self.seq) == (o.at, o.seq)
     }
 }
-impl Eq for Queued {}
-impl PartialOrd for Queued {
+impl<E> Eq for Queued<E> {}
+impl<E> PartialOrd for Queued<E> {
     fn partial_cmp(&self, o: &Self) -> Option<std::cmp::Ordering> {
         Some(self.cmp(o))
     }
 }
-impl Ord for Queued {
+impl<E> Ord for Queued<E> {
     fn cmp(&self, o: &Self) -> std::cmp::Ordering {
         (self.at, self.seq).cmp(&(o.at, o.seq))
     }
@@ -564,7 +566,7 @@ struct Sim {
     rng: Rng,
     now: u64,
     seq: u64,
-    queue: BinaryHeap<Reverse<Queued>>,
+    queue: BinaryHeap<Reverse<Queued<Event>>>,
     nodes: Vec<Node>,
     clients: Vec<Client>,
     history: Vec<Operation>,

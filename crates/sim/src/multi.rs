@@ -42,7 +42,7 @@ use raftwork_core::liveness::{HostLiveness, HostView, HOST_GROUP};
 use raftwork_core::{bootstrap, is_command, Action, Core, CoreConfig, RequestId, Role};
 use raftwork_storage::MemLogStore;
 
-use crate::{fnv, Failure, Rng};
+use crate::{fnv, Failure, Queued, Rng};
 
 /// A deliberate bug in the simulated host (negative controls: the liveness
 /// checks must see each).
@@ -160,29 +160,6 @@ enum Event {
     Heal(Vec<(u64, u64)>),
 }
 
-struct Queued {
-    at: u64,
-    seq: u64,
-    event: Event,
-}
-
-impl PartialEq for Queued {
-    fn eq(&self, o: &Self) -> bool {
-        (self.at, self.seq) == (o.at, o.seq)
-    }
-}
-impl Eq for Queued {}
-impl PartialOrd for Queued {
-    fn partial_cmp(&self, o: &Self) -> Option<std::cmp::Ordering> {
-        Some(self.cmp(o))
-    }
-}
-impl Ord for Queued {
-    fn cmp(&self, o: &Self) -> std::cmp::Ordering {
-        (self.at, self.seq).cmp(&(o.at, o.seq))
-    }
-}
-
 /// One host's member of one group.
 struct Member {
     /// `None` while its host is down or the group is stopped here.
@@ -237,7 +214,7 @@ struct Sim {
     rng: Rng,
     now: u64,
     seq: u64,
-    queue: BinaryHeap<Reverse<Queued>>,
+    queue: BinaryHeap<Reverse<Queued<Event>>>,
     hosts: Vec<Host>,
     /// Host pairs (from, to) whose messages are cut.
     cuts: BTreeSet<(u64, u64)>,
@@ -720,19 +697,25 @@ impl Sim {
         }
     }
 
-    fn write(&mut self, client: u64, group: u64) -> Option<usize> {
-        let gi = group as usize - 1;
-        let h = (0..self.hosts.len()).find(|&h| {
+    /// The live host whose member of group `gi + 1` leads it, if any.
+    fn leader_host(&self, gi: usize) -> Option<usize> {
+        (0..self.hosts.len()).find(|&h| {
             self.hosts[h].up
                 && self.hosts[h].members[gi]
                     .core
                     .as_ref()
                     .is_some_and(|c| c.role() == Role::Leader)
-        })?;
+        })
+    }
+
+    /// Client `client` writes a new value to `group` through its leader,
+    /// if one is known; returns the operation.
+    fn write(&mut self, client: u64, group: u64) -> Option<usize> {
+        let h = self.leader_host(group as usize - 1)?;
         self.next_data += 1;
         let value = self.next_data;
         let op = self.call(client, group, Input::Write(value));
-        self.propose_at(h, group, value, Some(op));
+        self.propose_at(h, group, value, op);
         Some(op)
     }
 
@@ -764,7 +747,7 @@ impl Sim {
     }
 
     /// Proposes `value` to `group` at host `h`'s member, for operation `op`.
-    fn propose_at(&mut self, h: usize, group: u64, value: u64, op: Option<usize>) {
+    fn propose_at(&mut self, h: usize, group: u64, value: u64, op: usize) {
         let gi = group as usize - 1;
         self.next_request += 1;
         let id = self.next_request;
@@ -776,10 +759,8 @@ impl Sim {
                 let index = core.status().last_index;
                 self.acked[gi].insert(index, data.clone());
             }
-            if let Some(op) = op {
-                m.pending.insert(id, (data, op));
-            }
-        } else if let Some(op) = op {
+            m.pending.insert(id, (data, op));
+        } else {
             // Refused: it never takes effect, but Unknown says no more
             // than that it may not have.
             self.complete(op, Output::Unknown);
@@ -787,26 +768,10 @@ impl Sim {
         let _ = self.pump(h, group);
     }
 
-    /// Proposes a new command to `group` through a member that leads it,
-    /// if one does (outside the checked history's clients: the liveness
-    /// phase's write); true if proposed.
+    /// The liveness phase's write to `group` (no client waits on it):
+    /// true if a leader took it.
     fn propose_to_leader(&mut self, group: u64) -> bool {
-        let gi = group as usize - 1;
-        let leader = (0..self.hosts.len()).find(|&h| {
-            self.hosts[h].up
-                && self.hosts[h].members[gi]
-                    .core
-                    .as_ref()
-                    .is_some_and(|c| c.role() == Role::Leader)
-        });
-        let Some(h) = leader else {
-            return false;
-        };
-        self.next_data += 1;
-        let value = self.next_data;
-        let op = self.call(u64::MAX, group, Input::Write(value));
-        self.propose_at(h, group, value, Some(op));
-        true
+        self.write(u64::MAX, group).is_some()
     }
 
     fn fault(&mut self) -> Result<(), Failure> {
