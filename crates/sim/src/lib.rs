@@ -1892,6 +1892,39 @@ impl Sim {
     }
 }
 
+/// Runs `run` for seeds `first..first + count` on two threads; returns
+/// the reports and the failures (in no particular order). For many-seed
+/// runs of either simulator.
+pub fn run_seeds<R: Send>(
+    first: u64,
+    count: u64,
+    run: impl Fn(u64) -> Result<R, Failure> + Sync,
+) -> (Vec<R>, Vec<Failure>) {
+    let threads = 2;
+    let results: Vec<Vec<Result<R, Failure>>> = std::thread::scope(|s| {
+        let handles: Vec<_> = (0..threads)
+            .map(|t| {
+                let run = &run;
+                s.spawn(move || {
+                    (first..first + count)
+                        .filter(|seed| seed % threads == t)
+                        .map(run)
+                        .collect()
+                })
+            })
+            .collect();
+        handles.into_iter().map(|h| h.join().unwrap()).collect()
+    });
+    let (mut reports, mut failures) = (Vec::new(), Vec::new());
+    for r in results.into_iter().flatten() {
+        match r {
+            Ok(r) => reports.push(r),
+            Err(f) => failures.push(f),
+        }
+    }
+    (reports, failures)
+}
+
 /// Runs one simulation.
 pub fn run(cfg: &SimConfig) -> Result<Report, Failure> {
     assert!(cfg.nodes >= 1 && cfg.tick_ms >= 1 && cfg.keys >= 1);

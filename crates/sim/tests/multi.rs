@@ -24,33 +24,12 @@ fn run_seeds(
     count: u64,
     base: &MultiConfig,
 ) -> (Vec<MultiReport>, Vec<raftwork_sim::Failure>) {
-    let threads = 2;
-    let results: Vec<Vec<_>> = std::thread::scope(|s| {
-        let handles: Vec<_> = (0..threads)
-            .map(|t| {
-                s.spawn(move || {
-                    (first..first + count)
-                        .filter(|seed| seed % threads == t)
-                        .map(|seed| {
-                            run_multi(&MultiConfig {
-                                seed,
-                                ..base.clone()
-                            })
-                        })
-                        .collect()
-                })
-            })
-            .collect();
-        handles.into_iter().map(|h| h.join().unwrap()).collect()
-    });
-    let (mut reports, mut failures) = (Vec::new(), Vec::new());
-    for r in results.into_iter().flatten() {
-        match r {
-            Ok(r) => reports.push(r),
-            Err(f) => failures.push(f),
-        }
-    }
-    (reports, failures)
+    raftwork_sim::run_seeds(first, count, |seed| {
+        run_multi(&MultiConfig {
+            seed,
+            ..base.clone()
+        })
+    })
 }
 
 #[test]

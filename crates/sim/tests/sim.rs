@@ -41,30 +41,7 @@ fn run_seeds_with(
     count: u64,
     config: impl Fn(u64) -> SimConfig + Sync,
 ) -> (Vec<Report>, Vec<Failure>) {
-    let threads = 2;
-    let results: Vec<Vec<Result<Report, Failure>>> = std::thread::scope(|s| {
-        let handles: Vec<_> = (0..threads)
-            .map(|t| {
-                let config = &config;
-                s.spawn(move || {
-                    (first..first + count)
-                        .filter(|seed| seed % threads == t)
-                        .map(|seed| run(&config(seed)))
-                        .collect()
-                })
-            })
-            .collect();
-        handles.into_iter().map(|h| h.join().unwrap()).collect()
-    });
-    let mut reports = Vec::new();
-    let mut failures = Vec::new();
-    for r in results.into_iter().flatten() {
-        match r {
-            Ok(r) => reports.push(r),
-            Err(f) => failures.push(f),
-        }
-    }
-    (reports, failures)
+    raftwork_sim::run_seeds(first, count, |seed| run(&config(seed)))
 }
 
 #[test]
