@@ -16,6 +16,10 @@
 //!   it: that is what makes a ReadIndex read see every earlier write;
 //! * persists complete in ready order (one worker, in order);
 //! * a sync error is fatal: the loop stops and every pending request fails.
+//!
+//! A node of its own runs [`ReadyLoop::run`] on the channels drawn above
+//! (`Inputs`). A `Host`'s group runs the same loop body without them: its
+//! worker shard hands it events and collects its persists (`shard.rs`).
 
 use std::collections::{HashMap, HashSet};
 use std::sync::atomic::Ordering;
@@ -395,8 +399,8 @@ pub(crate) struct ReadyLoop<SM: StateMachine, S: LogStore> {
     /// The term of the newest leader change, for `Node::term`.
     pub(crate) term: Arc<std::sync::atomic::AtomicU64>,
     pub(crate) tick_interval: std::time::Duration,
-    /// Where ticks come from: a timer of its own, or a host's ticker (and
-    /// then the group may hibernate).
+    /// A host group's place among hosts (whether it sleeps, and whose
+    /// host it watches then); a node of its own has none and never sleeps.
     pub(crate) clock: crate::clock::Clock,
     /// When the last tick was handed to the core: a leader whose loop
     /// stalled must not trust its tick count for a lease (see `drive`).
