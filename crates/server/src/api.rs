@@ -234,31 +234,89 @@ fn authorize_admin(state: &AppState, caller: &Caller, headers: &HeaderMap) -> Ap
 }
 
 pub(crate) struct AppState {
+    /// The group this state serves: the only one, or with `--groups` > 1
+    /// group 1 for the router's own state (member records live there) and
+    /// each key group's in [`AppState::key_groups`].
     pub(crate) node: Node<KvStore>,
     pub(crate) config: ApiConfig,
-    /// The status page's write window and events ([`crate::ui`]).
-    pub(crate) ui: crate::ui::UiState,
+    /// The status page's write window and events ([`crate::ui`]), one for
+    /// the whole member.
+    pub(crate) ui: Arc<crate::ui::UiState>,
     started: SystemTime,
     started_at: Instant,
-    /// This node's own session, for writes it takes as a follower without
-    /// a client session: registered on first use, again if it expired.
+    /// This node's own session in this group, for writes it takes as a
+    /// follower without a client session: registered on first use, again
+    /// if it expired.
     node_session: tokio::sync::Mutex<Option<Arc<Session<KvStore>>>>,
+    /// The Raft groups the key space is split over (`--groups`).
+    groups: u32,
+    /// With more than one group: the state of group `g` at `g - 1`
+    /// (empty in those states themselves, and with one group).
+    key_groups: Vec<Arc<AppState>>,
+}
+
+impl AppState {
+    /// The state of the group that holds `key` (`crate::groups`).
+    fn for_key(self: &Arc<Self>, key: &[u8]) -> Arc<Self> {
+        if self.key_groups.is_empty() {
+            return self.clone();
+        }
+        let g = crate::groups::group_of(key, self.groups);
+        self.key_groups[(g - 1) as usize].clone()
+    }
+
+    /// 501 for what a member whose keys are split over several groups
+    /// does not do (see `crate::groups`).
+    pub(crate) fn refuse_split(&self, what: &str) -> ApiResult<()> {
+        if self.groups == 1 {
+            return Ok(());
+        }
+        Err(ApiError::new(
+            StatusCode::NOT_IMPLEMENTED,
+            crate::groups::refusal(what, self.groups),
+        ))
+    }
 }
 
 pub(crate) type Shared = Arc<AppState>;
 
-/// The API's router for `node`.
-pub fn router(node: Node<KvStore>, config: ApiConfig) -> Router {
-    let ui = crate::ui::UiState::start(&node, config.data_dir.clone());
-    let state = Arc::new(AppState {
-        node,
-        config,
-        ui,
-        started: SystemTime::now(),
-        started_at: Instant::now(),
-        node_session: tokio::sync::Mutex::new(None),
-    });
-    let etcd = crate::etcd::service::routes(state.clone());
+/// The API's router for `nodes`: one group's node, or the nodes of groups
+/// 1..=G in order when the key space is split (`--groups`).
+pub fn router(nodes: Vec<Node<KvStore>>, config: ApiConfig) -> Router {
+    assert!(!nodes.is_empty(), "a router needs at least one group");
+    let groups = u32::try_from(nodes.len()).expect("at most MAX_GROUPS groups");
+    let ui = Arc::new(crate::ui::UiState::start(
+        &nodes[0],
+        config.data_dir.clone(),
+    ));
+    let started = SystemTime::now();
+    let started_at = Instant::now();
+    let state_of = |node: Node<KvStore>, key_groups: Vec<Arc<AppState>>| {
+        Arc::new(AppState {
+            node,
+            config: config.clone(),
+            ui: ui.clone(),
+            started,
+            started_at,
+            node_session: tokio::sync::Mutex::new(None),
+            groups,
+            key_groups,
+        })
+    };
+    let key_groups = if groups > 1 {
+        nodes
+            .iter()
+            .map(|n| state_of(n.clone(), Vec::new()))
+            .collect()
+    } else {
+        Vec::new()
+    };
+    let state = state_of(nodes[0].clone(), key_groups);
+    let etcd = if groups > 1 {
+        crate::etcd::service::refused_routes(groups)
+    } else {
+        crate::etcd::service::routes(state.clone())
+    };
     let ui = crate::ui::routes(state.clone());
     Router::new()
         .route("/healthz", get(healthz))
@@ -329,7 +387,7 @@ struct ErrorBody<'a> {
 }
 
 impl ApiError {
-    fn new(status: StatusCode, message: impl Into<String>) -> Self {
+    pub(crate) fn new(status: StatusCode, message: impl Into<String>) -> Self {
         Self {
             status,
             message: message.into(),
@@ -817,6 +875,9 @@ async fn propose_write(
 ) -> ApiResult<(u64, KvResponse)> {
     let data = command.encode();
     let timeout = state.config.request_timeout;
+    if headers.contains_key(SESSION_HEADER) {
+        state.refuse_split("client sessions (the raftwork-session header)")?;
+    }
     if let Some(s) = client_session(headers)? {
         return Session::resume(state.node.clone(), s.token, s.seq)
             .with_retry_timeout(timeout)
@@ -921,6 +982,7 @@ struct SessionBody {
 
 /// `POST /v1/sessions`: registers a client session.
 async fn open_session(State(state): State<Shared>) -> ApiResult<Json<SessionBody>> {
+    state.refuse_split("client sessions")?;
     let session = register(&state).await?;
     Ok(Json(SessionBody {
         session: session.token().to_string(),
@@ -937,6 +999,7 @@ async fn close_session(
     State(state): State<Shared>,
     axum::extract::Path(token): axum::extract::Path<String>,
 ) -> ApiResult<Json<ClosedBody>> {
+    state.refuse_split("client sessions")?;
     let token: SessionToken = token.parse().map_err(ApiError::bad_request)?;
     Session::resume(state.node.clone(), token, 1)
         .with_retry_timeout(state.config.request_timeout)
@@ -985,6 +1048,7 @@ async fn snapshot(
     uri: Uri,
     headers: HeaderMap,
 ) -> ApiResult<Response> {
+    state.refuse_split("backups (GET /v1/snapshot)")?;
     use raftwork::StateMachine as _;
     Params::parse(&uri, &[])?;
     authorize_admin(&state, &caller, &headers)?;
@@ -1210,13 +1274,26 @@ async fn healthz(State(state): State<Shared>) -> Response {
 }
 
 async fn readyz(State(state): State<Shared>) -> Response {
-    match state.node.status().await {
-        Some(s) => match not_ready(&s) {
-            None => (StatusCode::OK, "ready").into_response(),
-            Some(why) => ApiError::unavailable(why).into_response(),
-        },
-        None => shutting_down().into_response(),
+    let groups: Vec<&AppState> = if state.key_groups.is_empty() {
+        vec![&state]
+    } else {
+        state.key_groups.iter().map(|g| &**g).collect()
+    };
+    for (g, group) in (1u64..).zip(groups) {
+        match group.node.status().await {
+            Some(s) => match not_ready(&s) {
+                None => {}
+                Some(why) if state.key_groups.is_empty() => {
+                    return ApiError::unavailable(why).into_response()
+                }
+                Some(why) => {
+                    return ApiError::unavailable(format!("group {g}: {why}")).into_response()
+                }
+            },
+            None => return shutting_down().into_response(),
+        }
     }
+    (StatusCode::OK, "ready").into_response()
 }
 
 /// Whether a node with this status is ready, the one rule of `GET /readyz`
@@ -1284,6 +1361,28 @@ pub struct StatusBody {
     pub start_time_unix_ms: u64,
     /// Seconds since start.
     pub uptime_seconds: f64,
+    /// With `--groups` > 1, every group's view from this member (the
+    /// fields above are group 1's); absent with one group.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub groups: Option<Vec<GroupStatus>>,
+}
+
+/// One group's entry in [`StatusBody::groups`].
+#[derive(Debug, Serialize)]
+pub struct GroupStatus {
+    /// The group's id (1..=G).
+    pub group: u64,
+    /// This member's role in it (as [`StatusBody::role`]).
+    pub role: &'static str,
+    /// The group's current term.
+    pub term: u64,
+    /// The group's known leader's id, if any.
+    #[serde(serialize_with = "id_json::option")]
+    pub leader: Option<u64>,
+    /// Commit index.
+    pub commit: u64,
+    /// Applied index.
+    pub applied: u64,
 }
 
 /// The role `/v1/status` reports for a node with this status.
@@ -1327,6 +1426,23 @@ fn cpu_seconds() -> Option<f64> {
 
 async fn status(State(state): State<Shared>) -> ApiResult<Json<StatusBody>> {
     let s = state.node.status().await.ok_or_else(shutting_down)?;
+    let groups = if state.key_groups.is_empty() {
+        None
+    } else {
+        let mut groups = Vec::with_capacity(state.key_groups.len());
+        for (g, group) in (1u64..).zip(&state.key_groups) {
+            let s = group.node.status().await.ok_or_else(shutting_down)?;
+            groups.push(GroupStatus {
+                group: g,
+                role: role_of(&s),
+                term: s.term,
+                leader: s.leader,
+                commit: s.commit_index,
+                applied: s.applied_index,
+            });
+        }
+        Some(groups)
+    };
     let uptime = state.started_at.elapsed().as_secs_f64();
     Ok(Json(StatusBody {
         id: s.id,
@@ -1353,6 +1469,7 @@ async fn status(State(state): State<Shared>) -> ApiResult<Json<StatusBody>> {
             .map(|d| d.as_millis() as u64)
             .unwrap_or(0),
         uptime_seconds: uptime,
+        groups,
     }))
 }
 
@@ -1378,6 +1495,7 @@ async fn get_key(State(state): State<Shared>, uri: Uri, headers: HeaderMap) -> A
     let query = Params::parse(&uri, &["consistency"])?;
     let stale = query.stale()?;
     let key = key_of(&uri)?;
+    let state = state.for_key(&key);
     if !stale {
         if let Some(url) = route(&state, &headers).await? {
             return forward_to(&state, &url, "GET", &uri, None, b"").await;
@@ -1411,6 +1529,7 @@ async fn put_key(
     let query = Params::parse(&uri, &["prev_value", "prev_exist"])?;
     let key = key_of(&uri)?;
     refuse_reserved(&key)?;
+    let state = state.for_key(&key);
     let prev_exist = match query.text("prev_exist")? {
         None => None,
         Some("true") => Some(true),
@@ -1503,6 +1622,7 @@ async fn delete_key(
     Params::parse(&uri, &[])?;
     let key = key_of(&uri)?;
     refuse_reserved(&key)?;
+    let state = state.for_key(&key);
     let (index, response) = write(&state, &headers, KvCommand::Delete { key }).await?;
     match response {
         KvResponse::Deleted { existed } => Ok(Json(DeleteBody {
@@ -1544,6 +1664,7 @@ async fn incr_key(
     };
     let key = key_of(&uri)?;
     refuse_reserved(&key)?;
+    let state = state.for_key(&key);
     let (index, response) = write(&state, &headers, KvCommand::Incr { key, by }).await?;
     match response {
         KvResponse::Incremented { value } => Ok(Json(IncrBody { index, value }).into_response()),
@@ -1592,14 +1713,9 @@ async fn list(State(state): State<Shared>, uri: Uri, headers: HeaderMap) -> ApiR
             )))
         }
     };
-    if !stale {
-        if let Some(url) = route(&state, &headers).await? {
-            return forward_to(&state, &url, "GET", &uri, None, b"").await;
-        }
-    }
     // On the apply task this only takes references (the store shares its
     // buffers); the bytes are copied into the response here.
-    let page = read(&state, stale, move |kv: &KvStore| {
+    let list_page = move |kv: &KvStore| {
         kv.list_page(
             &prefix,
             start_after.as_deref(),
@@ -1607,8 +1723,30 @@ async fn list(State(state): State<Shared>, uri: Uri, headers: HeaderMap) -> ApiR
             MAX_LIST_BYTES,
             RESERVED_PREFIX,
         )
-    })
-    .await?;
+    };
+    let page = if state.key_groups.is_empty() {
+        if !stale {
+            if let Some(url) = route(&state, &headers).await? {
+                return forward_to(&state, &url, "GET", &uri, None, b"").await;
+            }
+        }
+        read(&state, stale, list_page).await?
+    } else {
+        // Every group's page, read here (a ReadIndex works on followers),
+        // merged in key order.
+        let mut reads = tokio::task::JoinSet::new();
+        for group in &state.key_groups {
+            let (group, list_page) = (group.clone(), list_page.clone());
+            reads.spawn(async move { read(&group, stale, list_page).await });
+        }
+        let mut pages = Vec::with_capacity(state.key_groups.len());
+        while let Some(page) = reads.join_next().await {
+            pages.push(page.map_err(|e| {
+                ApiError::new(StatusCode::INTERNAL_SERVER_ERROR, format!("listing: {e}"))
+            })??);
+        }
+        crate::groups::merge_pages(pages, limit, MAX_LIST_BYTES)
+    };
     let text = |b: &[u8]| {
         if base64 {
             base64::engine::general_purpose::STANDARD.encode(b)
@@ -1850,6 +1988,7 @@ async fn add_member(
     headers: HeaderMap,
     body: Body,
 ) -> ApiResult<Response> {
+    state.refuse_split("membership changes")?;
     Params::parse(&uri, &[])?;
     authorize_admin(&state, &caller, &headers)?;
     let raw = read_body(&headers, body, MAX_VALUE_BYTES).await?;
@@ -1981,6 +2120,7 @@ async fn remove_pending(
     uri: Uri,
     headers: HeaderMap,
 ) -> ApiResult<Response> {
+    state.refuse_split("membership changes")?;
     Params::parse(&uri, &[])?;
     authorize_admin(&state, &caller, &headers)?;
     if let Some(url) = route(&state, &headers).await? {
@@ -2045,6 +2185,7 @@ async fn update_member(
     headers: HeaderMap,
     body: Body,
 ) -> ApiResult<Response> {
+    state.refuse_split("membership changes")?;
     Params::parse(&uri, &[])?;
     authorize_admin(&state, &caller, &headers)?;
     let raw = read_body(&headers, body, MAX_VALUE_BYTES).await?;
@@ -2163,6 +2304,7 @@ async fn promote_member(
     uri: Uri,
     headers: HeaderMap,
 ) -> ApiResult<Response> {
+    state.refuse_split("membership changes")?;
     Params::parse(&uri, &[])?;
     authorize_admin(&state, &caller, &headers)?;
     if let Some(url) = route(&state, &headers).await? {
@@ -2185,6 +2327,7 @@ async fn remove_member(
     uri: Uri,
     headers: HeaderMap,
 ) -> ApiResult<Response> {
+    state.refuse_split("membership changes")?;
     Params::parse(&uri, &[])?;
     authorize_admin(&state, &caller, &headers)?;
     if let Some(url) = route(&state, &headers).await? {
@@ -2239,6 +2382,7 @@ async fn transfer_leader(
     headers: HeaderMap,
     body: Body,
 ) -> ApiResult<Response> {
+    state.refuse_split("leadership transfer")?;
     Params::parse(&uri, &[])?;
     authorize_admin(&state, &caller, &headers)?;
     let raw = read_body(&headers, body, MAX_VALUE_BYTES).await?;

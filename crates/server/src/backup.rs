@@ -339,6 +339,7 @@ pub fn restore(backup: Backup, target: &RestoreTarget) -> Result<u64, BackupErro
         members: target.initial_cluster.clone(),
         existing_dir: false,
         epoch: 0,
+        groups: 1,
     };
     if !plan.members.iter().any(|(n, _)| *n == plan.name) {
         return Err(BackupError::Usage(format!(

@@ -25,6 +25,7 @@
 //! id=<this member's id>
 //! state=new|existing
 //! epoch=<n>                      (the fencing epoch; absent: 0)
+//! groups=<G>                     (--groups, the key space's Raft groups; absent: 1)
 //! member=<name>=<host:port>      (one line per --initial-cluster member)
 //! ```
 //!
@@ -34,8 +35,10 @@
 //! first member it meets, and `serve` writes it here.
 //!
 //! Once it exists the bootstrap flags (`--initial-cluster*`) are ignored:
-//! the file's values are used. A `--initial-cluster-token` or `--name` that
-//! differs from the file's is refused (exit 2, nothing written).
+//! the file's values are used. A `--initial-cluster-token`, `--name` or
+//! `--groups` that differs from the file's is refused (exit 2, nothing
+//! written): with another number of groups every key would belong to
+//! another group (see `groups.rs`).
 
 use std::path::Path;
 
@@ -109,6 +112,19 @@ pub fn parse_host_port(s: &str) -> Result<String, String> {
     }
 }
 
+/// Most Raft groups `--groups` may ask for.
+pub const MAX_GROUPS: u32 = 4096;
+
+/// Checks a `--groups` value: 1 to [`MAX_GROUPS`].
+pub fn parse_groups(s: &str) -> Result<u32, String> {
+    match s.parse::<u32>() {
+        Ok(g) if (1..=MAX_GROUPS).contains(&g) => Ok(g),
+        _ => Err(format!(
+            "{s:?} is not a number of groups from 1 to {MAX_GROUPS}"
+        )),
+    }
+}
+
 /// Parses `name=host:port,...`: names are checked with `check_name`, no
 /// name may repeat.
 pub fn parse_initial_cluster(
@@ -149,6 +165,9 @@ pub struct ClusterPlan {
     pub existing_dir: bool,
     /// The fencing epoch (see the module header).
     pub epoch: u64,
+    /// The Raft groups the key space is split over (`--groups`; see
+    /// `groups.rs`), at least 1.
+    pub groups: u32,
 }
 
 impl ClusterPlan {
@@ -171,6 +190,9 @@ impl ClusterPlan {
         if self.epoch != 0 {
             s.push_str(&format!("epoch={}\n", self.epoch));
         }
+        if self.groups != 1 {
+            s.push_str(&format!("groups={}\n", self.groups));
+        }
         for (n, a) in &self.members {
             s.push_str(&format!("member={n}={a}\n"));
         }
@@ -180,6 +202,7 @@ impl ClusterPlan {
     fn parse_file(text: &str) -> Result<Self, String> {
         let (mut token, mut name, mut id, mut state) = (None, None, None, None);
         let mut epoch = 0;
+        let mut groups = 1;
         let mut members = Vec::new();
         for line in text.lines().filter(|l| !l.trim().is_empty()) {
             let (k, v) = line
@@ -191,6 +214,7 @@ impl ClusterPlan {
                 "id" => id = Some(v.parse::<u64>().map_err(|e| format!("bad id: {e}"))?),
                 "state" => state = Some(ClusterState::parse(v)?),
                 "epoch" => epoch = v.parse::<u64>().map_err(|e| format!("bad epoch: {e}"))?,
+                "groups" => groups = parse_groups(v).map_err(|e| format!("bad groups: {e}"))?,
                 "member" => {
                     let (n, a) = v
                         .split_once('=')
@@ -209,18 +233,20 @@ impl ClusterPlan {
             members,
             existing_dir: true,
             epoch,
+            groups,
         })
     }
 
     /// Reads `<data_dir>/CLUSTER` if it exists and checks it against the
-    /// flags (a token or name given that differs is an error); otherwise
-    /// plans from the flags. Reads only, writes nothing.
+    /// flags (a token, name or number of groups given that differs is an
+    /// error); otherwise plans from the flags. Reads only, writes nothing.
     pub fn load(
         data_dir: &Path,
         name: &str,
         token: Option<&str>,
         state: ClusterState,
         members: Vec<(String, String)>,
+        groups: Option<u32>,
     ) -> Result<Self, String> {
         let path = data_dir.join(CLUSTER_FILE);
         match std::fs::read_to_string(&path) {
@@ -245,6 +271,15 @@ impl ClusterPlan {
                         plan.name
                     ));
                 }
+                if let Some(g) = groups.filter(|&g| g != plan.groups) {
+                    return Err(format!(
+                        "the data dir {} splits its keys over {} group(s), not {g} (--groups): \
+                         the number of groups is fixed when a cluster is created (each key's \
+                         group follows from it); refusing to start",
+                        data_dir.display(),
+                        plan.groups
+                    ));
+                }
                 Ok(plan)
             }
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
@@ -262,6 +297,7 @@ impl ClusterPlan {
                     members,
                     existing_dir: false,
                     epoch: 0,
+                    groups: groups.unwrap_or(1),
                 })
             }
             Err(e) => Err(format!("cannot read {}: {e}", path.display())),
@@ -355,24 +391,44 @@ mod tests {
             ("a".to_string(), "h:1".to_string()),
             ("b".into(), "h:2".into()),
         ];
-        let err = ClusterPlan::load(dir.path(), "c", None, ClusterState::New, members.clone())
-            .unwrap_err();
+        let err = ClusterPlan::load(
+            dir.path(),
+            "c",
+            None,
+            ClusterState::New,
+            members.clone(),
+            None,
+        )
+        .unwrap_err();
         assert!(err.contains("does not name"), "{err}");
-        let plan =
-            ClusterPlan::load(dir.path(), "a", Some("t"), ClusterState::New, members).unwrap();
+        let plan = ClusterPlan::load(
+            dir.path(),
+            "a",
+            Some("t"),
+            ClusterState::New,
+            members,
+            Some(4),
+        )
+        .unwrap();
         assert!(!plan.existing_dir);
         assert_eq!(plan.id, member_id("t", "a"));
         plan.persist(dir.path()).unwrap();
         let again =
-            ClusterPlan::load(dir.path(), "a", None, ClusterState::Existing, vec![]).unwrap();
+            ClusterPlan::load(dir.path(), "a", None, ClusterState::Existing, vec![], None).unwrap();
         assert!(again.existing_dir);
         assert_eq!((again.token.as_str(), again.id), ("t", plan.id));
         assert_eq!(again.members, plan.members);
         assert_eq!(again.state, ClusterState::New);
-        let err =
-            ClusterPlan::load(dir.path(), "a", Some("u"), ClusterState::New, vec![]).unwrap_err();
+        assert_eq!(again.groups, 4);
+        let err = ClusterPlan::load(dir.path(), "a", None, ClusterState::New, vec![], Some(1))
+            .unwrap_err();
+        assert!(err.contains("groups"), "{err}");
+        ClusterPlan::load(dir.path(), "a", None, ClusterState::New, vec![], Some(4)).unwrap();
+        let err = ClusterPlan::load(dir.path(), "a", Some("u"), ClusterState::New, vec![], None)
+            .unwrap_err();
         assert!(err.contains("token"), "{err}");
-        let err = ClusterPlan::load(dir.path(), "b", None, ClusterState::New, vec![]).unwrap_err();
+        let err =
+            ClusterPlan::load(dir.path(), "b", None, ClusterState::New, vec![], None).unwrap_err();
         assert!(err.contains("belongs to member"), "{err}");
     }
 }

@@ -4,6 +4,7 @@
 //! * [`kv`]: the replicated state machine (command and snapshot formats);
 //! * [`api`]: the REST API (routes, error format, limits);
 //! * [`cluster`]: static bootstrap (`--initial-cluster`, node ids, the `CLUSTER` file);
+//! * [`groups`]: the key space split over several Raft groups (`--groups`);
 //! * [`members`]: member records (names, peer addresses, API URLs) in the replicated state;
 //! * [`forward`]: the small HTTP client that forwards requests to the leader;
 //! * [`client`]: the CLI client (`raftwork kv|member|status`);
@@ -27,6 +28,7 @@ pub mod docs;
 pub mod etcd;
 pub mod fence;
 pub mod forward;
+pub mod groups;
 pub mod kv;
 pub mod leases;
 pub mod listener;

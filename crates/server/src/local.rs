@@ -120,6 +120,11 @@ pub struct LocalClusterArgs {
     /// `raftwork tls init`), mutual and bound to the node names.
     #[arg(long)]
     pub tls: bool,
+    /// `--groups` of the nodes: the key space split over this many Raft
+    /// groups, each with its own leader [default: 1; a base dir made
+    /// before keeps its own].
+    #[arg(long, value_parser = crate::cluster::parse_groups)]
+    pub groups: Option<u32>,
 }
 
 /// Subcommands of `raftwork local-cluster`.
@@ -301,6 +306,9 @@ fn spawn_node(
         .args(["--peer-addr", &format!("127.0.0.1:{}", ports.peer)])
         .args(["--initial-cluster", initial_cluster])
         .args(["--initial-cluster-token", LOCAL_TOKEN]);
+    if let Some(groups) = args.groups {
+        cmd.args(["--groups", &groups.to_string()]);
+    }
     if args.tls {
         let certs = args.base_dir.join(CERTS_DIR);
         cmd.arg("--peer-cert-file")

@@ -174,9 +174,10 @@ pub struct Readiness {
 }
 
 impl Readiness {
-    /// Reads `NOTIFY_SOCKET` and, if it is set, starts watching `node` for
-    /// readiness. A bad variable is logged and ignored.
-    pub fn spawn(node: Node<KvStore>) -> Self {
+    /// Reads `NOTIFY_SOCKET` and, if it is set, starts watching `nodes`
+    /// (the member's groups) until every one is ready. A bad variable is
+    /// logged and ignored.
+    pub fn spawn(nodes: Vec<Node<KvStore>>) -> Self {
         let notifier = match Notifier::from_env() {
             Ok(Some(n)) => Arc::new(n),
             Ok(None) => {
@@ -195,12 +196,14 @@ impl Readiness {
         };
         let ready = notifier.clone();
         let task = tokio::spawn(async move {
-            loop {
-                match node.status().await {
-                    // The node is shutting down: it will not become ready.
-                    None => return,
-                    Some(s) if crate::api::not_ready(&s).is_none() => break,
-                    Some(_) => tokio::time::sleep(POLL).await,
+            for node in &nodes {
+                loop {
+                    match node.status().await {
+                        // The node is shutting down: it will not become ready.
+                        None => return,
+                        Some(s) if crate::api::not_ready(&s).is_none() => break,
+                        Some(_) => tokio::time::sleep(POLL).await,
+                    }
                 }
             }
             match ready.ready() {

@@ -43,6 +43,14 @@ pub fn run(args: RecoverArgs) -> ExitCode {
 fn recover(args: &RecoverArgs) -> Result<(), String> {
     let dir = &args.data_dir;
     let plan = ClusterPlan::read(dir)?;
+    if plan.groups > 1 {
+        return Err(format!(
+            "{} splits its keys over {} groups (--groups); raftwork recover works on a \
+             one-group member's WAL only",
+            dir.display(),
+            plan.groups
+        ));
+    }
     let my_addr = plan
         .members
         .iter()

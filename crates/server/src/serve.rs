@@ -215,6 +215,14 @@ pub struct ServeArgs {
     #[arg(long, env = "RAFTWORK_QUOTA_BACKEND_BYTES",
           value_parser = clap::value_parser!(u64).range(1..))]
     pub quota_backend_bytes: Option<u64>,
+    /// Raft groups to split the key space over, by key hash, each with a
+    /// leader of its own (1 to 4096); fixed when the cluster is created
+    /// (kept in the data dir's CLUSTER file). With more than one, the
+    /// members run them on raft-engine's shared log, and the etcd v3 API,
+    /// client sessions, membership changes, leadership transfer and
+    /// backups are refused (see the server's README) [default: 1].
+    #[arg(long, env = "RAFTWORK_GROUPS", value_parser = crate::cluster::parse_groups)]
+    pub groups: Option<u32>,
 }
 
 /// Default of `--quota-backend-bytes` (etcd's).
@@ -263,6 +271,7 @@ struct FileConfig {
     session_ttl_ms: Option<u64>,
     max_sessions: Option<u64>,
     quota_backend_bytes: Option<u64>,
+    groups: Option<u32>,
 }
 
 /// The contents of [`TlsFiles`] (PEM).
@@ -380,6 +389,8 @@ pub struct Settings {
     pub sessions: raftwork::SessionConfig,
     /// The key space size that raises the NOSPACE alarm.
     pub quota_backend_bytes: u64,
+    /// `--groups`, if given (the data dir's `CLUSTER` file, else 1, if not).
+    pub groups: Option<u32>,
 }
 
 impl ServeArgs {
@@ -586,6 +597,16 @@ impl ServeArgs {
                 }
                 Some(n) => n,
             },
+            groups: match self.groups {
+                Some(g) => Some(g),
+                None => file
+                    .groups
+                    .map(|g| {
+                        crate::cluster::parse_groups(&g.to_string())
+                            .map_err(|e| in_file("groups", e))
+                    })
+                    .transpose()?,
+            },
         })
     }
 }
@@ -595,13 +616,21 @@ impl Settings {
     /// one (checked against `--name` and `--initial-cluster-token`), else the
     /// flags. Reads only.
     pub fn plan(&self) -> Result<ClusterPlan, String> {
-        ClusterPlan::load(
+        let plan = ClusterPlan::load(
             &self.data_dir,
             &self.name,
             self.initial_cluster_token.as_deref(),
             self.initial_cluster_state,
             self.initial_cluster.clone(),
-        )
+            self.groups,
+        )?;
+        if plan.groups > 1 && plan.state == ClusterState::Existing && !plan.existing_dir {
+            return Err(crate::groups::refusal(
+                "joining an existing cluster (--initial-cluster-state existing)",
+                plan.groups,
+            ));
+        }
+        Ok(plan)
     }
 }
 
@@ -869,6 +898,108 @@ async fn hand_over_leadership(node: &Node<KvStore>) {
     }
 }
 
+/// [`hand_over_leadership`] of every group this member leads, at once.
+async fn hand_over_every_leadership(nodes: Vec<Node<KvStore>>) {
+    let mut handing = tokio::task::JoinSet::new();
+    for node in nodes {
+        handing.spawn(async move { hand_over_leadership(&node).await });
+    }
+    while handing.join_next().await.is_some() {}
+}
+
+/// Resolves when the first of `nodes` (groups 1..=G) stops, with its group
+/// and why.
+async fn first_stopped(nodes: Vec<Node<KvStore>>) -> (u64, raftwork::Stopped) {
+    let mut stops = tokio::task::JoinSet::new();
+    for (group, node) in (1u64..).zip(nodes) {
+        stops.spawn(async move { (group, node.stopped().await) });
+    }
+    match stops.join_next().await {
+        Some(Ok(stopped)) => stopped,
+        // Tasks are neither aborted nor panicking here.
+        Some(Err(e)) => panic!("a stop watch failed: {e}"),
+        None => unreachable!("a member runs at least one group"),
+    }
+}
+
+/// A member's Raft groups: one node of its own on the WAL (`--groups 1`),
+/// or groups 1..=G on a [`raftwork::Host`] (see `crate::groups`).
+struct Replicas {
+    /// Groups 1..=G in order.
+    nodes: Vec<Node<KvStore>>,
+    /// The host running them, with more than one.
+    host: Option<raftwork::Host>,
+}
+
+impl Replicas {
+    /// Starts the member's groups (`--groups` from `plan`) on the peer
+    /// transport described by `net`.
+    fn start(
+        args: &Settings,
+        plan: &ClusterPlan,
+        net: raftwork::net::NetConfig,
+    ) -> Result<Self, BuildError> {
+        let initial = plan.member_ids();
+        let configure = |c: &mut raftwork::Config| {
+            // A put carries a key and a value; a compare-and-set also the
+            // expected value (from the query string, far below this).
+            c.core.max_command_size_bytes = (2 * MAX_VALUE_BYTES + MAX_KEY_BYTES + 64) as u64;
+            c.sessions = args.sessions;
+        };
+        if plan.groups == 1 {
+            let mut builder = Builder::new(plan.id, KvStore::new())
+                .data_dir(&args.data_dir)
+                .wal_options(raftwork::WalOptions {
+                    segment_size_bytes: args.wal_segment_bytes,
+                    ..Default::default()
+                })
+                .listen(args.peer_addr)
+                .net_config(net);
+            for (id, _, addr) in &initial {
+                if *id != plan.id {
+                    builder = builder.peer(*id, addr.clone());
+                }
+            }
+            builder = match plan.state {
+                ClusterState::New => builder.initial_voters(initial.iter().map(|(id, _, _)| *id)),
+                ClusterState::Existing => builder.join_existing(),
+            };
+            let node = builder.configure(configure).build()?;
+            return Ok(Self {
+                nodes: vec![node],
+                host: None,
+            });
+        }
+        // `Settings::plan` refuses a joining member with several groups.
+        assert_eq!(plan.state, ClusterState::New, "a split member bootstraps");
+        let (transport, inbox) = raftwork::TcpTransport::bind_now(plan.id, args.peer_addr, net)
+            .map_err(|e| BuildError::Network(e.to_string()))?;
+        let host = raftwork::Host::open(plan.id, args.data_dir.join("host"), transport, inbox)?;
+        for (id, _, addr) in &initial {
+            if *id != plan.id {
+                host.set_peer(*id, addr)
+                    .map_err(|e| BuildError::Network(e.to_string()))?;
+            }
+        }
+        let voters: Vec<u64> = initial.iter().map(|(id, _, _)| *id).collect();
+        let nodes = (1..=u64::from(plan.groups))
+            .map(|g| host.create_group(g, &voters, KvStore::new(), configure))
+            .collect::<Result<Vec<_>, _>>()?;
+        Ok(Self {
+            nodes,
+            host: Some(host),
+        })
+    }
+
+    /// Stops every group (and the host), waiting until they have.
+    async fn shutdown(self) {
+        match self.host {
+            Some(host) => host.shutdown().await,
+            None => self.nodes[0].shutdown().await,
+        }
+    }
+}
+
 /// Runs `raftwork serve` until SIGTERM or SIGINT.
 pub async fn run(args: Settings, plan: ClusterPlan) -> Result<(), ServeError> {
     // Signals first: a signal during startup must not kill the process
@@ -944,35 +1075,11 @@ pub async fn run(args: Settings, plan: ClusterPlan) -> Result<(), ServeError> {
     if args.metrics {
         crate::telemetry::install().map_err(ServeError::Metrics)?;
     }
-    let mut builder = Builder::new(plan.id, KvStore::new())
-        .data_dir(&args.data_dir)
-        .wal_options(raftwork::WalOptions {
-            segment_size_bytes: args.wal_segment_bytes,
-            ..Default::default()
-        })
-        .listen(args.peer_addr)
-        .net_config(net);
-    for (id, _, addr) in &initial {
-        if *id != plan.id {
-            builder = builder.peer(*id, addr.clone());
-        }
-    }
-    builder = match plan.state {
-        ClusterState::New => builder.initial_voters(initial.iter().map(|(id, _, _)| *id)),
-        ClusterState::Existing => builder.join_existing(),
-    };
-    let node = builder
-        .configure(|c| {
-            // A put carries a key and a value; a compare-and-set also the
-            // expected value (from the query string, far below this).
-            c.core.max_command_size_bytes = (2 * MAX_VALUE_BYTES + MAX_KEY_BYTES + 64) as u64;
-            c.sessions = args.sessions;
-        })
-        .build()
-        .map_err(|source| ServeError::Build {
-            dir: args.data_dir.clone(),
-            source,
-        })?;
+    let replicas = Replicas::start(&args, &plan, net).map_err(|source| ServeError::Build {
+        dir: args.data_dir.clone(),
+        source,
+    })?;
+    let node = replicas.nodes[0].clone();
     tracing::info!(
         name = %args.name,
         id = plan.id,
@@ -1040,10 +1147,16 @@ pub async fn run(args: Settings, plan: ClusterPlan) -> Result<(), ServeError> {
         introduce_to,
     );
     let describing = spawn_description(node.clone(), members.clone(), fencing.clone());
-    let lessor = crate::etcd::lessor::spawn(node.clone());
-    let quota = crate::etcd::lessor::spawn_quota(node.clone(), args.quota_backend_bytes);
+    // Leases and the NOSPACE alarm belong to the etcd API, which a split
+    // key space does not serve (`crate::groups`).
+    let etcd_tasks = (replicas.nodes.len() == 1).then(|| {
+        (
+            crate::etcd::lessor::spawn(node.clone()),
+            crate::etcd::lessor::spawn_quota(node.clone(), args.quota_backend_bytes),
+        )
+    });
     let router = api::router(
-        node.clone(),
+        replicas.nodes.clone(),
         ApiConfig {
             name: args.name.clone(),
             data_dir: Some(args.data_dir.clone()),
@@ -1057,23 +1170,25 @@ pub async fn run(args: Settings, plan: ClusterPlan) -> Result<(), ServeError> {
     );
     // A node that stops on its own (a fatal error) ends the process too: a
     // process that answers "shutting down" forever is never restarted.
-    let watched = node.clone();
+    let watched = replicas.nodes.clone();
     let removal = removed(node.clone());
-    let handing = node.clone();
+    let handing = replicas.nodes.clone();
     let fencing_watch = fencing.clone();
     // systemd's Type=notify: READY=1 once ready, STOPPING=1 on shutdown.
-    let readiness = crate::notify::Readiness::spawn(node.clone());
+    let readiness = crate::notify::Readiness::spawn(replicas.nodes.clone());
     let shutdown = async move {
         tokio::select! {
             _ = sigterm.recv() => {
                 tracing::info!(signal = "SIGTERM", "shutting down");
-                hand_over_leadership(&handing).await;
+                hand_over_every_leadership(handing).await;
             }
             _ = sigint.recv() => {
                 tracing::info!(signal = "SIGINT", "shutting down");
-                hand_over_leadership(&handing).await;
+                hand_over_every_leadership(handing).await;
             }
-            reason = watched.stopped() => tracing::error!(?reason, "the node stopped; shutting down"),
+            (group, reason) = first_stopped(watched) => tracing::error!(
+                group, ?reason, "the node stopped; shutting down"
+            ),
             () = removal => tracing::error!(
                 "this member was removed from the cluster; stopping (its data dir stays; to \
                  bring it back, wipe the data dir and add it again)"
@@ -1092,15 +1207,17 @@ pub async fn run(args: Settings, plan: ClusterPlan) -> Result<(), ServeError> {
     .with_graceful_shutdown(shutdown)
     .await;
     // A loop that already ended keeps its reason through our shutdown.
-    let failed = match node.stop_reason() {
+    let failed = replicas.nodes.iter().find_map(|n| match n.stop_reason() {
         Some(raftwork::Stopped::Fatal(reason)) => Some(reason),
         _ => None,
-    };
-    node.shutdown().await;
+    });
+    replicas.shutdown().await;
     sync.abort();
     describing.abort();
-    lessor.abort();
-    quota.abort();
+    if let Some((lessor, quota)) = etcd_tasks {
+        lessor.abort();
+        quota.abort();
+    }
     served.map_err(ServeError::Serve)?;
     if let Some(reason) = failed {
         return Err(ServeError::NodeFailed(reason));

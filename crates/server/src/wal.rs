@@ -106,6 +106,18 @@ pub fn run(command: WalCommand) -> ExitCode {
 }
 
 fn inspect(args: &WalArgs) -> Option<WalInspection> {
+    // A member of several groups keeps raft-engine's log, not a WAL.
+    if let Ok(plan) = crate::cluster::ClusterPlan::read(&args.data_dir) {
+        if plan.groups > 1 {
+            eprintln!(
+                "raftwork: {} splits its keys over {} groups (--groups): its log is the \
+                 host's shared log engine under host/, not a WAL",
+                args.data_dir.display(),
+                plan.groups
+            );
+            return None;
+        }
+    }
     let dir = args.data_dir.join("wal");
     match Wal::inspect(&dir) {
         Ok(seen) => Some(seen),

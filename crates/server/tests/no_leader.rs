@@ -56,7 +56,7 @@ async fn requests_without_a_leader_get_503() {
         .build()
         .unwrap();
     let app = router(
-        node.clone(),
+        vec![node.clone()],
         ApiConfig {
             name: "lonely".into(),
             data_dir: None,

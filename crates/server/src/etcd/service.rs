@@ -98,6 +98,41 @@ pub(crate) fn routes(state: Shared) -> axum::Router {
         .merge(super::gateway::routes(etcd))
 }
 
+/// The etcd API's routes on a member whose keys are split over several
+/// groups (`crate::groups`): every gRPC call is refused with
+/// FAILED_PRECONDITION and the gateway's with 501, saying why.
+pub(crate) fn refused_routes(groups: u32) -> axum::Router {
+    let message = crate::groups::refusal(
+        "the etcd v3 API (its revision is one counter for the whole key space)",
+        groups,
+    );
+    let grpc = {
+        let message = message.clone();
+        move || {
+            let message = message.clone();
+            async move { Status::failed_precondition(message).into_http::<axum::body::Body>() }
+        }
+    };
+    let gateway = move || {
+        let message = message.clone();
+        async move { ApiError::new(StatusCode::NOT_IMPLEMENTED, message) }
+    };
+    fn path<S: NamedService>() -> String {
+        format!("/{}/{{*rpc}}", S::NAME)
+    }
+    let mut router = axum::Router::new();
+    for p in [
+        path::<kv_server::KvServer<Etcd>>(),
+        path::<watch_server::WatchServer<Etcd>>(),
+        path::<lease_server::LeaseServer<Etcd>>(),
+        path::<cluster_server::ClusterServer<Etcd>>(),
+        path::<maintenance_server::MaintenanceServer<Etcd>>(),
+    ] {
+        router = router.route(&p, axum::routing::any(grpc.clone()));
+    }
+    router.route("/v3/{*rest}", axum::routing::any(gateway))
+}
+
 /// A REST API error as a gRPC status.
 fn status_of(e: ApiError) -> Status {
     let code = match e.status {

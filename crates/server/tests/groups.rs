@@ -1,0 +1,272 @@
+//! `raftwork serve --groups G`: three real members split their key space
+//! over four Raft groups (issue 17). Every group elects a leader; keys
+//! land in every group; any member takes any key (forwarded to its group's
+//! leader); a listing merges every group in key order, page by page; a
+//! killed member's groups go on without it and it recovers them all from
+//! the shared log; what a split member does not do is refused, and the
+//! number of groups cannot change under a data dir.
+
+mod common;
+
+use std::collections::BTreeMap;
+use std::process::Command;
+
+use common::members::{members, put, request_with, Member};
+use serde_json::Value;
+
+const GROUPS: usize = 4;
+
+fn status(m: &Member) -> Value {
+    let (code, body) = m.req("GET", "/v1/status", b"");
+    assert_eq!(code, 200, "{}", String::from_utf8_lossy(&body));
+    serde_json::from_slice(&body).unwrap()
+}
+
+/// Every group's commit index on `m`.
+fn commits(m: &Member) -> Vec<u64> {
+    status(m)["groups"]
+        .as_array()
+        .expect("a split member lists its groups")
+        .iter()
+        .map(|g| g["commit"].as_u64().unwrap())
+        .collect()
+}
+
+/// Every group's leader (by id) as `m` sees it, if it knows them all.
+fn leaders_now(m: &Member) -> Option<Vec<String>> {
+    let s = status(m);
+    let groups = s["groups"].as_array()?;
+    assert_eq!(groups.len(), GROUPS);
+    groups
+        .iter()
+        .map(|g| g["leader"].as_str().map(str::to_string))
+        .collect()
+}
+
+/// Every group's leader, once the members `running` all name the same.
+fn agreed_leaders(ms: &[Member], running: &[usize]) -> Vec<String> {
+    let deadline = std::time::Instant::now() + common::members::GUARD;
+    loop {
+        let seen: Vec<Option<Vec<String>>> = running.iter().map(|&i| leaders_now(&ms[i])).collect();
+        if seen[0].is_some() && seen.iter().all(|l| *l == seen[0]) {
+            return seen[0].clone().unwrap();
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "no agreement: {seen:?}"
+        );
+        std::thread::sleep(std::time::Duration::from_millis(100));
+    }
+}
+
+/// A full listing through `m`, `limit` entries a page, following the
+/// cursor headers: every key and value, in the order given.
+fn list_all(m: &Member, prefix: &str, limit: usize) -> Vec<(String, String)> {
+    let mut out = Vec::new();
+    let mut after: Option<String> = None;
+    loop {
+        let mut path = format!("/v1/kv?prefix={prefix}&limit={limit}");
+        if let Some(a) = &after {
+            path.push_str(&format!("&start_after={a}"));
+        }
+        let raw = raw_request(m, "GET", &path);
+        let (head, body) = raw.split_once("\r\n\r\n").unwrap();
+        assert!(head.starts_with("HTTP/1.1 200"), "{raw}");
+        let page: Vec<Value> = serde_json::from_str(body).unwrap();
+        assert!(page.len() <= limit);
+        out.extend(page.iter().map(|i| {
+            (
+                i["key"].as_str().unwrap().to_string(),
+                i["value"].as_str().unwrap().to_string(),
+            )
+        }));
+        let head = head.to_ascii_lowercase();
+        if !head.contains("raftwork-list-more: true") {
+            return out;
+        }
+        let next = head
+            .lines()
+            .find_map(|l| l.strip_prefix("raftwork-list-next: "))
+            .expect("a page cut short names its last key")
+            .trim()
+            .to_string();
+        after = Some(next);
+    }
+}
+
+/// One request, its whole answer (head and body) as text.
+fn raw_request(m: &Member, method: &str, path: &str) -> String {
+    use std::io::{Read, Write};
+    let mut s = std::net::TcpStream::connect(m.api).unwrap();
+    s.set_read_timeout(Some(common::members::GUARD)).unwrap();
+    write!(
+        s,
+        "{method} {path} HTTP/1.1\r\nHost: x\r\nConnection: close\r\nContent-Length: 0\r\n\r\n"
+    )
+    .unwrap();
+    let mut buf = String::new();
+    s.read_to_string(&mut buf).unwrap();
+    buf
+}
+
+fn get(m: &Member, key: &str, stale: bool) -> Option<String> {
+    let path = if stale {
+        format!("/v1/kv/{key}?consistency=stale")
+    } else {
+        format!("/v1/kv/{key}")
+    };
+    match m.req("GET", &path, b"") {
+        (200, v) => Some(String::from_utf8(v).unwrap()),
+        (404, _) => None,
+        (code, body) => panic!(
+            "GET {key} via {}: {code} {}",
+            m.name,
+            String::from_utf8_lossy(&body)
+        ),
+    }
+}
+
+fn refused(m: &Member, method: &str, path: &str, headers: &[(&str, String)], body: &[u8]) {
+    let (code, answer) = request_with(m.api, method, path, headers, body).unwrap();
+    let text = String::from_utf8_lossy(&answer);
+    assert_eq!(code, 501, "{method} {path}: {text}");
+    assert!(text.contains("--groups 4"), "{method} {path}: {text}");
+}
+
+#[test]
+fn three_members_split_their_keys_over_four_groups() {
+    let dir = tempfile::tempdir().unwrap();
+    let (mut ms, initial) = members(dir.path(), 3);
+    for m in ms.iter_mut() {
+        m.start_with(&initial, &["--groups", "4"]);
+    }
+    for m in ms.iter_mut() {
+        m.wait_ready();
+    }
+    let before = commits(&ms[0]);
+    let agreed = agreed_leaders(&ms, &[0, 1, 2]);
+
+    // Writes through every member, in keys that land in every group.
+    let mut model = BTreeMap::new();
+    for i in 0..120 {
+        let (key, value) = (format!("k{i:03}"), format!("v{i}"));
+        put(&mut ms[i % 3], &key, &value);
+        model.insert(key, value);
+    }
+    let after = commits(&ms[0]);
+    for g in 0..GROUPS {
+        assert!(
+            after[g] > before[g],
+            "group {} took no write: {before:?} -> {after:?}",
+            g + 1
+        );
+    }
+    // Linearizable reads through every member (each forwarded to its
+    // group's leader where this member does not lead it).
+    for (i, (k, v)) in model.iter().enumerate() {
+        assert_eq!(get(&ms[(i + 1) % 3], k, false).as_deref(), Some(v.as_str()));
+    }
+    // A listing merges the groups in key order, across pages of 17.
+    let expected: Vec<(String, String)> =
+        model.iter().map(|(k, v)| (k.clone(), v.clone())).collect();
+    for m in &ms {
+        assert_eq!(list_all(m, "k", 17), expected, "listing through {}", m.name);
+    }
+    assert_eq!(list_all(&ms[1], "k1", 1000).len(), 20);
+
+    // What a split member does not do is refused, saying why.
+    refused(&ms[0], "POST", "/v1/sessions", &[], b"");
+    refused(
+        &ms[1],
+        "PUT",
+        "/v1/kv/x",
+        &[
+            ("raftwork-session", "1-2".into()),
+            ("raftwork-sequence", "1".into()),
+        ],
+        b"v",
+    );
+    refused(&ms[2], "GET", "/v1/snapshot", &[], b"");
+    refused(
+        &ms[0],
+        "POST",
+        "/cluster/transfer-leader",
+        &[],
+        br#"{"to":"n2"}"#,
+    );
+    refused(
+        &ms[0],
+        "POST",
+        "/cluster/members",
+        &[],
+        br#"{"name":"n4","peer_addr":"127.0.0.1:1","api_url":"http://127.0.0.1:2"}"#,
+    );
+    refused(&ms[0], "POST", "/v3/kv/put", &[], br#"{"key":"eA=="}"#);
+    // etcd's own client gets a gRPC FAILED_PRECONDITION that says why.
+    let etcdctl = Command::new("etcdctl")
+        .env("ETCDCTL_API", "3")
+        .args(["--endpoints", &ms[0].api.to_string()])
+        .args(["--command-timeout", "10s", "put", "x", "y"])
+        .output()
+        .expect("run etcdctl (Debian's etcd-client; .ci/run installs it)");
+    let said = String::from_utf8_lossy(&etcdctl.stderr);
+    assert!(!etcdctl.status.success(), "{said}");
+    assert!(
+        said.contains("FailedPrecondition") && said.contains("--groups 4"),
+        "{said}"
+    );
+
+    // The leader of group 1 dies: every group elects among the other two,
+    // and writes to every group go on.
+    let victim = ms
+        .iter()
+        .position(|m| status(m)["id"].as_str() == Some(agreed[0].as_str()))
+        .expect("group 1's leader is a member");
+    ms[victim].kill9();
+    let (a, b) = ((victim + 1) % 3, (victim + 2) % 3);
+    for i in 120..200 {
+        let (key, value) = (format!("k{i:03}"), format!("v{i}"));
+        put(&mut ms[if i % 2 == 0 { a } else { b }], &key, &value);
+        model.insert(key, value);
+    }
+    let now = agreed_leaders(&ms, &[a, b]);
+    assert!(
+        now.iter().all(|l| *l != agreed[0]),
+        "a dead member still leads: {now:?}"
+    );
+    assert_eq!(list_all(&ms[b], "k", 50).len(), 200);
+
+    // It restarts (no --groups: the data dir's CLUSTER file says 4),
+    // recovers every group from the shared log and catches up.
+    ms[victim].start(&initial);
+    ms[victim].wait_ready();
+    for (k, v) in &model {
+        let m = &mut ms[victim];
+        m.wait("the restarted member to catch up", |m| {
+            (get(m, k, true).as_deref() == Some(v.as_str())).then_some(())
+        });
+    }
+
+    // The number of groups is fixed with the data dir: another is refused,
+    // and so are the WAL tools, which have no WAL to read here.
+    let status = ms[victim].terminate();
+    assert!(status.success(), "{status}");
+    let out = common::raftwork()
+        .args(["serve", "--name", &ms[victim].name, "--groups", "2"])
+        .arg("--data-dir")
+        .arg(&ms[victim].data)
+        .args(["--initial-cluster-token", "cluster-test"])
+        .output()
+        .unwrap();
+    let said = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(2), "{said}");
+    assert!(said.contains("over 4 group(s), not 2"), "{said}");
+    let out = common::raftwork()
+        .args(["wal", "inspect", "--data-dir"])
+        .arg(&ms[victim].data)
+        .output()
+        .unwrap();
+    let said = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(2), "{said}");
+    assert!(said.contains("4 groups"), "{said}");
+}
