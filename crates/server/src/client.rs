@@ -447,6 +447,12 @@ async fn call(
 /// Runs one write in a session of its own: registers it, sends the write
 /// (again to the next endpoint while its outcome is unknown), then closes
 /// the session whatever happened (a session left behind expires).
+///
+/// A cluster split over several groups (`--groups`) has no client
+/// sessions (it answers 501): the write is then sent without one, and not
+/// sent again once it may have reached a node (the node that takes it
+/// still proposes it exactly once, in its own session, if it does not
+/// lead the key's group).
 async fn write_once(
     conn: &Conn,
     method: &str,
@@ -458,7 +464,17 @@ async fn write_once(
         resend: Resend::Always,
         ..Call::new("POST", "/v1/sessions")
     };
-    let v = json(&success(call_with(conn, register).await?)?)?;
+    let registered = call_with(conn, register).await?;
+    if registered.status == 501 {
+        let write = Call {
+            raw_body: value,
+            headers,
+            resend: Resend::IfNotSent,
+            ..Call::new(method, path)
+        };
+        return call_with(conn, write).await;
+    }
+    let v = json(&success(registered)?)?;
     let session = v["session"]
         .as_str()
         .ok_or_else(|| fail(format!("the server's session answer has no token: {v}")))?

@@ -174,6 +174,38 @@ fn three_members_split_their_keys_over_four_groups() {
     }
     assert_eq!(list_all(&ms[1], "k1", 1000).len(), 20);
 
+    // The CLI writes without a client session here (the cluster has
+    // none), through any member, into any group.
+    let endpoints = ms
+        .iter()
+        .map(|m| format!("http://{}", m.api))
+        .collect::<Vec<_>>()
+        .join(",");
+    let cli = |args: &[&str]| {
+        let out = common::raftwork()
+            .args(args)
+            .args(["--endpoints", &endpoints])
+            .output()
+            .unwrap();
+        assert!(
+            out.status.success(),
+            "{args:?}: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        String::from_utf8(out.stdout).unwrap()
+    };
+    for i in 0..8 {
+        let key = format!("cli-{i}");
+        assert!(cli(&["kv", "put", &key, "from-the-cli"]).starts_with("OK (index "));
+        assert_eq!(cli(&["kv", "get", &key]), "from-the-cli");
+        assert_eq!(
+            get(&ms[i % 3], &key, false).as_deref(),
+            Some("from-the-cli")
+        );
+        cli(&["kv", "del", &key]);
+        assert_eq!(get(&ms[(i + 1) % 3], &key, false), None);
+    }
+
     // What a split member does not do is refused, saying why.
     refused(&ms[0], "POST", "/v1/sessions", &[], b"");
     refused(
