@@ -238,6 +238,9 @@ pub(crate) struct AppState {
     /// group 1 for the router's own state (member records live there) and
     /// each key group's in [`AppState::key_groups`].
     pub(crate) node: Node<KvStore>,
+    /// The group holding the member records (`crate::members`): group 1,
+    /// whichever group `node` is.
+    pub(crate) records: Node<KvStore>,
     pub(crate) config: ApiConfig,
     /// The status page's write window and events ([`crate::ui`]), one for
     /// the whole member.
@@ -294,6 +297,7 @@ pub fn router(nodes: Vec<Node<KvStore>>, config: ApiConfig) -> Router {
     let state_of = |node: Node<KvStore>, key_groups: Vec<Arc<AppState>>| {
         Arc::new(AppState {
             node,
+            records: nodes[0].clone(),
             config: config.clone(),
             ui: ui.clone(),
             started,
@@ -1135,7 +1139,7 @@ async fn route(state: &AppState, headers: &HeaderMap) -> ApiResult<Option<String
             Some(l) => {
                 let members = &state.config.members;
                 if members.get(l).is_none() {
-                    members.refresh(&state.node).await;
+                    members.refresh(&state.records).await;
                 }
                 if let Some(m) = members.get(l) {
                     return Ok(Some(m.api_url));
@@ -1804,7 +1808,7 @@ async fn cluster_nodes(State(state): State<Shared>) -> ApiResult<Json<NodesBody>
     let records = state
         .config
         .members
-        .refresh(&state.node)
+        .refresh(&state.records)
         .await
         .unwrap_or_else(|| state.config.members.all());
     let mut ids: Vec<u64> = s.voters.iter().chain(&s.learners).copied().collect();
@@ -2101,7 +2105,7 @@ pub(crate) async fn add_pending(
             "the slot at {peer_addr} changed meanwhile ({e}); retry"
         ))
     })?;
-    state.config.members.refresh(&state.node).await;
+    state.config.members.refresh(&state.records).await;
     tracing::info!(peer_addr = %peer_addr, id = slot.id, learner, "member added by peer address");
     Ok(PendingBody {
         id: slot.id,
@@ -2133,7 +2137,7 @@ async fn remove_pending(
 /// On the leader: drops the slot waiting at `peer_addr`. 404 if none waits
 /// there; 409 if its member took it meanwhile (remove the member then).
 pub(crate) async fn drop_pending(state: &AppState, peer_addr: &str) -> ApiResult<()> {
-    state.config.members.refresh(&state.node).await;
+    state.config.members.refresh(&state.records).await;
     let Some(slot) = state.config.members.waiting().remove(peer_addr) else {
         return Err(ApiError::new(
             StatusCode::NOT_FOUND,
@@ -2155,7 +2159,7 @@ pub(crate) async fn drop_pending(state: &AppState, peer_addr: &str) -> ApiResult
 /// slot has it.
 async fn peer_addr_free(state: &AppState, peer_addr: &str, except: Option<u64>) -> ApiResult<()> {
     let members = &state.config.members;
-    members.refresh(&state.node).await;
+    members.refresh(&state.records).await;
     if members
         .all()
         .values()
@@ -2240,7 +2244,7 @@ pub(crate) async fn update_peer_addr(
             .await
             .map_err(|e| ApiError::bad_request(e.to_string()))?;
     }
-    state.config.members.refresh(&state.node).await;
+    state.config.members.refresh(&state.records).await;
     tracing::info!(name = %name, id, peer_addr = %record.peer_addr, "member's peer address updated");
     Ok(record)
 }
@@ -2362,7 +2366,7 @@ pub(crate) async fn remove_here(
             tracing::warn!(name = %name, error = %e.message, "the removed member's record stays");
         }
     }
-    state.config.members.refresh(&state.node).await;
+    state.config.members.refresh(&state.records).await;
     for slot in state.config.members.slots().into_values() {
         if slot.claimed_by != Some(id) || slot.dropped {
             continue;

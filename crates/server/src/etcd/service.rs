@@ -851,7 +851,7 @@ impl Etcd {
     /// the leader shows in a follower's answer too.
     async fn members_after_change(&self) -> Result<Vec<pb::Member>, Status> {
         self.read(false, |_| ()).await?;
-        self.state.config.members.refresh(&self.state.node).await;
+        self.state.config.members.refresh(&self.state.records).await;
         self.members().await
     }
 
@@ -860,7 +860,7 @@ impl Etcd {
     /// records.
     async fn resolve(&self, id: u64) -> u64 {
         let members = &self.state.config.members;
-        members.refresh(&self.state.node).await;
+        members.refresh(&self.state.records).await;
         members.resolve(id)
     }
 
@@ -919,7 +919,7 @@ impl cluster_server::Cluster for Etcd {
         self.admin_only(&request)?;
         let req = request.into_inner();
         let addr = one_peer_addr(&req.peer_ur_ls)?;
-        self.state.config.members.refresh(&self.state.node).await;
+        self.state.config.members.refresh(&self.state.records).await;
         if self
             .members()
             .await?
