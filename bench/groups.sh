@@ -62,11 +62,13 @@ ENDPOINTS="$(api_url 1),$(api_url 2),$(api_url 3)"
 
 # start_cluster BINARY GROUPS: a fresh cluster, ready on every member.
 start_cluster() {
-    local server=$1 groups=$2 i dir
+    local server=$1 groups=$2 i dir split=()
     dir=$(mktemp -d -p "$WORK" cluster.XXXX)
+    # Not passed at 1, so that a build from before --groups can run too.
+    [ "$groups" = 1 ] || split=(--groups "$groups")
     for i in 1 2 3; do
         env $(env | awk -F= '/^RAFTWORK_/ {printf "-u %s ", $1}') \
-            "$server" serve --name "n$i" --data-dir "$dir/n$i" --groups "$groups" \
+            "$server" serve --name "n$i" --data-dir "$dir/n$i" "${split[@]}" \
             --api-addr "127.0.0.1:$((RAFTWORK_PORT + i - 1))" --peer-addr "$(peer_addr $i)" \
             --initial-cluster "$CLUSTER" --initial-cluster-token groups-bench \
             --log-level warn >"$dir/n$i.log" 2>&1 &

@@ -98,6 +98,19 @@ type AnyNode = Box<dyn std::any::Any + Send + Sync>;
 type Stopper =
     Box<dyn FnOnce() -> std::pin::Pin<Box<dyn std::future::Future<Output = ()> + Send>> + Send>;
 
+/// A host's view of its peer hosts' liveness ([`Host::peer_liveness`]);
+/// cheap to clone. It stops changing once the host has stopped.
+#[derive(Clone)]
+pub struct PeerLiveness(Arc<Liveness>);
+
+impl PeerLiveness {
+    /// Whether peer host `id` has been heard within
+    /// [`HostConfig::host_timeout_ticks`] (false for a peer never heard).
+    pub fn is_alive(&self, id: NodeId) -> bool {
+        self.0.view(id).alive
+    }
+}
+
 /// A host: the transport and log engine its groups share.
 pub struct Host {
     id: NodeId,
@@ -200,6 +213,13 @@ impl Host {
             liveness,
             ticker,
         })
+    }
+
+    /// A handle on this host's view of its peer hosts' liveness (the
+    /// coalesced heartbeats'), for decisions above Raft such as where to
+    /// move a group's leadership.
+    pub fn peer_liveness(&self) -> PeerLiveness {
+        PeerLiveness(self.liveness.clone())
     }
 
     /// Groups asleep right now (hibernating: not ticked).

@@ -65,7 +65,7 @@ mod state_machine;
 
 pub use builder::{BuildError, Builder, Config, DataDir, TransportKind};
 #[cfg(feature = "host")]
-pub use host::{Host, HostConfig, GROUP_INFLIGHT_MSGS};
+pub use host::{Host, HostConfig, PeerLiveness, GROUP_INFLIGHT_MSGS};
 pub use logging::{raft_logger, TracingDrain};
 pub use node::{
     AppliedAt, FatalReason, Node, NoteError, SnapshotError, Stopped, WaitError, NOTE_BYTES_MAX,

@@ -35,6 +35,12 @@
 //!   may be seen while a later write to another is not).
 //! * `/v1/status` adds each group's leader, term and indexes; `/readyz` is
 //!   ready when every group is.
+//! * Leaders are spread over the members ([`spawn_balancer`]): a member
+//!   that leads more than one group more than the member leading fewest
+//!   hands one of them over, every [`BALANCE_INTERVAL`]. Without it the
+//!   leaders gather where elections and hand-overs left them (a restarted
+//!   member leads nothing until an election; a stopping leader hands every
+//!   group to the same caught-up voter).
 //! * Refused with a clear error ([`refusal`]; REST 501, gRPC
 //!   FAILED_PRECONDITION):
 //!   - the etcd v3 API: its revision is one counter for the whole key space,
@@ -45,10 +51,101 @@
 //!   - backups (`GET /v1/snapshot`, `raftwork recover`, `raftwork wal`):
 //!     there is no single WAL or read point to take them from.
 
-use bytes::Bytes;
+use std::time::Duration;
 
-use crate::kv::Listing;
+use bytes::Bytes;
+use raftwork::{Node, PeerLiveness, Role};
+
+use crate::kv::{KvStore, Listing};
 use crate::members::RESERVED_PREFIX;
+
+/// How often a member of a split cluster looks at the groups' leaders
+/// ([`spawn_balancer`]).
+pub const BALANCE_INTERVAL: Duration = Duration::from_secs(2);
+
+/// Which group this member (`me`) should hand over, and to whom: given
+/// each group's leader as seen here (`leaders[i]` for group `i + 1`) and
+/// the live voters (`me` among them), the first group `me` leads if it
+/// leads more than one more group than the live voter leading fewest (ties:
+/// the lowest id), which takes it. Nothing while any group has no known
+/// leader (an election is settling).
+///
+/// Only members above the fewest + 1 act, and each hands over one group at
+/// a time, so the members' counts converge without two of them undoing
+/// each other's moves.
+pub fn rebalance(me: u64, live_voters: &[u64], leaders: &[Option<u64>]) -> Option<(usize, u64)> {
+    let leaders: Vec<u64> = leaders.iter().copied().collect::<Option<_>>()?;
+    let led = |id: u64| leaders.iter().filter(|&&l| l == id).count();
+    let (fewest, least) = live_voters
+        .iter()
+        .map(|&v| (led(v), v))
+        .min()
+        .filter(|&(_, v)| v != me)?;
+    if led(me) <= fewest + 1 {
+        return None;
+    }
+    let group = leaders.iter().position(|&l| l == me)?;
+    Some((group, least))
+}
+
+/// Spreads the leaders of `nodes` (groups 1..=G on this member) over the
+/// live voters by [`rebalance`] (a move seen on two checks in a row), one
+/// leadership transfer at a time, to a
+/// voter this host hears (`liveness`) and that has the group's whole log
+/// (so the transfer does not stall the group waiting for it). Ends when
+/// the groups stop.
+pub fn spawn_balancer(
+    nodes: Vec<Node<KvStore>>,
+    liveness: PeerLiveness,
+) -> tokio::task::JoinHandle<()> {
+    tokio::spawn(async move {
+        let me = nodes[0].id();
+        let mut last = None;
+        loop {
+            tokio::time::sleep(BALANCE_INTERVAL).await;
+            let Some(status) = nodes[0].status().await else {
+                return;
+            };
+            let live: Vec<u64> = status
+                .voters
+                .iter()
+                .copied()
+                .filter(|&v| v == me || liveness.is_alive(v))
+                .collect();
+            let leaders: Vec<Option<u64>> = nodes.iter().map(Node::leader).collect();
+            // A move is made only once seen twice in a row: a member that
+            // just handed its groups over because it is stopping is gone
+            // (and dead to the liveness view) by then, not given them back.
+            let seen = rebalance(me, &live, &leaders);
+            let confirmed = seen.is_some() && seen == last;
+            last = seen;
+            let Some((group, to)) = seen.filter(|_| confirmed) else {
+                continue;
+            };
+            let node = &nodes[group];
+            let Some(st) = node.status().await else {
+                return;
+            };
+            let caught_up = st
+                .followers_matched
+                .iter()
+                .any(|&(id, matched)| id == to && matched >= st.last_index);
+            if st.role != Role::Leader || !caught_up {
+                continue;
+            }
+            let g = group + 1;
+            match tokio::time::timeout(BALANCE_INTERVAL, node.transfer_leader(to)).await {
+                Ok(Ok(())) => tracing::info!(
+                    group = g,
+                    to,
+                    "moved a group's leadership to even out the leaders"
+                ),
+                Ok(Err(e)) => tracing::warn!(group = g, to, error = %e, "leadership move failed"),
+                Err(_) => tracing::warn!(group = g, to, "leadership move timed out"),
+            }
+        }
+    })
+}
 
 /// The group (1..=`groups`) that holds `key`; see the module header.
 pub fn group_of(key: &[u8], groups: u32) -> u64 {
@@ -106,6 +203,32 @@ pub fn merge_pages(pages: Vec<Listing>, limit: usize, bytes_max: usize) -> Listi
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn leaders_even_out_one_move_at_a_time() {
+        let voters = [1, 2, 3];
+        // 2, 2, 0: both leading members hand one group to member 3.
+        let leaders = [Some(1), Some(2), Some(1), Some(2)];
+        assert_eq!(rebalance(1, &voters, &leaders), Some((0, 3)));
+        assert_eq!(rebalance(2, &voters, &leaders), Some((1, 3)));
+        assert_eq!(rebalance(3, &voters, &leaders), None);
+        // 2, 1, 1 is even enough; so is anything with a group leaderless.
+        let leaders = [Some(1), Some(2), Some(1), Some(3)];
+        assert!(voters
+            .iter()
+            .all(|&v| rebalance(v, &voters, &leaders).is_none()));
+        assert_eq!(
+            rebalance(1, &voters, &[Some(1), Some(1), None, Some(1)]),
+            None
+        );
+        // A dead member takes nothing: only live voters count.
+        let leaders = [Some(1), Some(1), Some(1), Some(2)];
+        assert_eq!(rebalance(1, &[1, 2], &leaders), Some((0, 2)));
+        assert_eq!(rebalance(1, &voters, &leaders), Some((0, 3)));
+        // Ties go to the lowest id.
+        let leaders = [Some(3), Some(3), Some(3), Some(3)];
+        assert_eq!(rebalance(3, &voters, &leaders), Some((0, 1)));
+    }
 
     #[test]
     fn a_keys_group_is_pinned() {

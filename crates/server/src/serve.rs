@@ -945,6 +945,11 @@ impl Replicas {
             // expected value (from the query string, far below this).
             c.core.max_command_size_bytes = (2 * MAX_VALUE_BYTES + MAX_KEY_BYTES + 64) as u64;
             c.sessions = args.sessions;
+            // A member answers a write it does not lead once it applied
+            // it itself (its own session's proposal), and a follower's
+            // read waits to apply too: a commit told lazily (a host
+            // group's default) would keep either waiting up to a tick.
+            c.core.lazy_commit_broadcast = false;
         };
         if plan.groups == 1 {
             let mut builder = Builder::new(plan.id, KvStore::new())
@@ -1147,6 +1152,10 @@ pub async fn run(args: Settings, plan: ClusterPlan) -> Result<(), ServeError> {
         introduce_to,
     );
     let describing = spawn_description(node.clone(), members.clone(), fencing.clone());
+    let balancing = replicas
+        .host
+        .as_ref()
+        .map(|h| crate::groups::spawn_balancer(replicas.nodes.clone(), h.peer_liveness()));
     // Leases and the NOSPACE alarm belong to the etcd API, which a split
     // key space does not serve (`crate::groups`).
     let etcd_tasks = (replicas.nodes.len() == 1).then(|| {
@@ -1211,6 +1220,9 @@ pub async fn run(args: Settings, plan: ClusterPlan) -> Result<(), ServeError> {
         Some(raftwork::Stopped::Fatal(reason)) => Some(reason),
         _ => None,
     });
+    if let Some(b) = balancing {
+        b.abort();
+    }
     replicas.shutdown().await;
     sync.abort();
     describing.abort();

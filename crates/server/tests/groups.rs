@@ -3,7 +3,8 @@
 //! land in every group; any member takes any key (forwarded to its group's
 //! leader); a listing merges every group in key order, page by page; a
 //! killed member's groups go on without it and it recovers them all from
-//! the shared log; what a split member does not do is refused, and the
+//! the shared log, then gets its share of the leaders back; what a split
+//! member does not do is refused, and the
 //! number of groups cannot change under a data dir.
 
 mod common;
@@ -277,6 +278,29 @@ fn three_members_split_their_keys_over_four_groups() {
         m.wait("the restarted member to catch up", |m| {
             (get(m, k, true).as_deref() == Some(v.as_str())).then_some(())
         });
+    }
+
+    // The leaders spread out again: the restarted member, which led
+    // nothing, is handed groups by the others (it would lead none until
+    // the next election without it).
+    let victim_id = status(&ms[victim])["id"].as_str().unwrap().to_string();
+    let running = [0, 1, 2];
+    let deadline = std::time::Instant::now() + common::members::GUARD;
+    loop {
+        let now = agreed_leaders(&ms, &running);
+        let led = |id: &str| now.iter().filter(|l| *l == id).count();
+        let ids: Vec<String> = ms
+            .iter()
+            .map(|m| status(m)["id"].as_str().unwrap().to_string())
+            .collect();
+        if led(&victim_id) >= 1 && ids.iter().all(|id| led(id) <= 2) {
+            break;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the leaders stay uneven: {now:?}"
+        );
+        std::thread::sleep(std::time::Duration::from_millis(200));
     }
 
     // The number of groups is fixed with the data dir: another is refused,
