@@ -303,10 +303,26 @@ fn three_members_split_their_keys_over_four_groups() {
         std::thread::sleep(std::time::Duration::from_millis(200));
     }
 
-    // The number of groups is fixed with the data dir: another is refused,
-    // and so are the WAL tools, which have no WAL to read here.
+    // SIGTERM: the member hands every group it leads over before it stops.
+    let led_here = agreed_leaders(&ms, &running)
+        .iter()
+        .filter(|l| **l == victim_id)
+        .count();
+    assert!(led_here >= 1);
+    let handed_before = ms[victim].logs().matches("leadership handed over").count();
     let status = ms[victim].terminate();
     assert!(status.success(), "{status}");
+    let handed = ms[victim].logs().matches("leadership handed over").count() - handed_before;
+    assert!(
+        handed >= led_here,
+        "led {led_here} group(s), handed {handed} over:\n{}",
+        ms[victim].logs()
+    );
+    let others = agreed_leaders(&ms, &[a, b]);
+    assert!(others.iter().all(|l| *l != victim_id), "{others:?}");
+
+    // The number of groups is fixed with the data dir: another is refused,
+    // and so are the WAL tools, which have no WAL to read here.
     let out = common::raftwork()
         .args(["serve", "--name", &ms[victim].name, "--groups", "2"])
         .arg("--data-dir")
