@@ -38,6 +38,8 @@ pub(crate) struct Liveness {
     /// The wall clock's zero for `HostLiveness`'s milliseconds.
     started: Instant,
     asleep: AtomicUsize,
+    /// This host stopped announcing itself (`PeerLiveness::stop_announcing`).
+    silent: std::sync::atomic::AtomicBool,
 }
 
 impl Liveness {
@@ -46,6 +48,7 @@ impl Liveness {
             inner: Mutex::new(HostLiveness::new(incarnation, timeout.as_millis() as u64)),
             started: Instant::now(),
             asleep: AtomicUsize::new(0),
+            silent: std::sync::atomic::AtomicBool::new(false),
         }
     }
 
@@ -53,13 +56,21 @@ impl Liveness {
         at.saturating_duration_since(self.started).as_millis() as u64
     }
 
-    /// This host's heartbeats to every peer host.
+    /// This host's heartbeats to every peer host (none once silent).
     pub(crate) fn heartbeats(&self, from: NodeId) -> Vec<(NodeId, raft::prelude::Message)> {
+        if self.silent.load(Ordering::Acquire) {
+            return Vec::new();
+        }
         let l = self.inner.lock().unwrap();
         l.peers()
             .into_iter()
             .map(|to| (to, l.heartbeat(from, to)))
             .collect()
+    }
+
+    /// Stops this host's heartbeats for good.
+    pub(crate) fn fall_silent(&self) {
+        self.silent.store(true, Ordering::Release);
     }
 
     /// A group here stopped while leading.

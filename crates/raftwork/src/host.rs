@@ -109,6 +109,15 @@ impl PeerLiveness {
     pub fn is_alive(&self, id: NodeId) -> bool {
         self.0.view(id).alive
     }
+
+    /// Stops this host's own heartbeats for good, for a host about to stop
+    /// that has handed its leaderships over: its peers then see it dead
+    /// after `host_timeout_ticks` (and decisions like [`Self::is_alive`]
+    /// stop counting on it), while its groups still run until it stops.
+    /// Followers whose leader is still here wake and elect another.
+    pub fn stop_announcing(&self) {
+        self.0.fall_silent();
+    }
 }
 
 /// A host: the transport and log engine its groups share.

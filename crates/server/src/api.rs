@@ -1719,12 +1719,15 @@ async fn list(State(state): State<Shared>, uri: Uri, headers: HeaderMap) -> ApiR
     };
     // On the apply task this only takes references (the store shares its
     // buffers); the bytes are copied into the response here.
+    // A split member asks each group for its share of the page only.
+    let (group_limit, group_bytes) =
+        crate::groups::share_of_page(limit, MAX_LIST_BYTES, state.key_groups.len().max(1));
     let list_page = move |kv: &KvStore| {
         kv.list_page(
             &prefix,
             start_after.as_deref(),
-            limit,
-            MAX_LIST_BYTES,
+            group_limit,
+            group_bytes,
             RESERVED_PREFIX,
         )
     };

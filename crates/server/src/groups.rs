@@ -21,6 +21,12 @@
 //! line); a member started with another `--groups` is refused. The
 //! server's own records (member records) live in group 1.
 //!
+//! On the wire, in the log engine and in metric labels, group `g` of G has
+//! the id [`wire_id`]` = G × 10,000 + g` (with G = 1: id 1, as a one-group
+//! member always had). So members started with different G share no group:
+//! each drops the other's messages as for a group it does not run (counted
+//! and logged), and none takes part in a group that maps keys otherwise.
+//!
 //! # What a split member serves
 //!
 //! * Single-key routes (`GET`/`PUT`/`DELETE`/`POST /v1/kv/{key}`): run in
@@ -63,6 +69,14 @@ use crate::members::RESERVED_PREFIX;
 /// ([`spawn_balancer`]).
 pub const BALANCE_INTERVAL: Duration = Duration::from_secs(2);
 
+/// How long the balancer waits after a move failed or timed out.
+pub const BALANCE_BACKOFF: Duration = Duration::from_secs(10);
+
+/// How far behind the leader's log a member may be and still be given the
+/// group's leadership (raft-rs first sends it the rest, while the group's
+/// proposals wait).
+pub const BALANCE_LAG_ENTRIES_MAX: u64 = 64;
+
 /// Which group this member (`me`) should hand over, and to whom: given
 /// each group's leader as seen here (`leaders[i]` for group `i + 1`) and
 /// the live voters (`me` among them), the first group `me` leads if it
@@ -90,10 +104,11 @@ pub fn rebalance(me: u64, live_voters: &[u64], leaders: &[Option<u64>]) -> Optio
 
 /// Spreads the leaders of `nodes` (groups 1..=G on this member) over the
 /// live voters by [`rebalance`] (a move seen on two checks in a row), one
-/// leadership transfer at a time, to a
-/// voter this host hears (`liveness`) and that has the group's whole log
-/// (so the transfer does not stall the group waiting for it). Ends when
-/// the groups stop.
+/// leadership transfer at a time, to a voter this host hears (`liveness`;
+/// a member stopping falls silent first, see `serve`) and that is at most
+/// [`BALANCE_LAG_ENTRIES_MAX`] entries behind (so the transfer does not
+/// stall the group long). After a failed move it waits
+/// [`BALANCE_BACKOFF`]. Ends when the groups stop.
 pub fn spawn_balancer(
     nodes: Vec<Node<KvStore>>,
     liveness: PeerLiveness,
@@ -126,25 +141,46 @@ pub fn spawn_balancer(
             let Some(st) = node.status().await else {
                 return;
             };
-            let caught_up = st
-                .followers_matched
-                .iter()
-                .any(|&(id, matched)| id == to && matched >= st.last_index);
+            let caught_up = st.followers_matched.iter().any(|&(id, matched)| {
+                id == to && matched + BALANCE_LAG_ENTRIES_MAX >= st.last_index
+            });
             if st.role != Role::Leader || !caught_up {
                 continue;
             }
             let g = group + 1;
-            match tokio::time::timeout(BALANCE_INTERVAL, node.transfer_leader(to)).await {
-                Ok(Ok(())) => tracing::info!(
-                    group = g,
-                    to,
-                    "moved a group's leadership to even out the leaders"
-                ),
+            let moved = tokio::time::timeout(BALANCE_INTERVAL, node.transfer_leader(to)).await;
+            match moved {
+                Ok(Ok(())) => {
+                    tracing::info!(
+                        group = g,
+                        to,
+                        "moved a group's leadership to even out the leaders"
+                    );
+                    continue;
+                }
                 Ok(Err(e)) => tracing::warn!(group = g, to, error = %e, "leadership move failed"),
                 Err(_) => tracing::warn!(group = g, to, "leadership move timed out"),
             }
+            // A group's proposals wait while a move is under way: one that
+            // failed is not tried again at once.
+            last = None;
+            tokio::time::sleep(BALANCE_BACKOFF).await;
         }
     })
+}
+
+/// The id on the wire and in the log of group `g` (1..=`groups`) of a
+/// key space split over `groups`; see the module header.
+pub fn wire_id(g: u64, groups: u32) -> u64 {
+    assert!(
+        (1..=u64::from(groups)).contains(&g),
+        "group {g} of {groups}"
+    );
+    if groups == 1 {
+        1
+    } else {
+        u64::from(groups) * 10_000 + g
+    }
 }
 
 /// The group (1..=`groups`) that holds `key`; see the module header.
@@ -162,6 +198,20 @@ pub fn refusal(what: &str, groups: u32) -> String {
         "{what}: not available on a cluster whose keys are split over {groups} Raft groups \
          (--groups {groups}); these need a cluster created with --groups 1"
     )
+}
+
+/// How many entries, and bytes, a listing over `groups` groups asks of
+/// each group for a page of `limit` entries and `bytes_max` bytes: an even
+/// share with room to spare (at least 16 entries and 64 KiB, at most the
+/// page's), so a page does not read G times what it returns. A page may
+/// then come out shorter than `limit` while more match ([`merge_pages`]
+/// stops where a group's share ends); the cursor goes on from there.
+pub fn share_of_page(limit: usize, bytes_max: usize, groups: usize) -> (usize, usize) {
+    let entries = (2 * limit).div_ceil(groups).clamp(16.min(limit), limit);
+    let bytes = (2 * bytes_max)
+        .div_ceil(groups)
+        .clamp((64 << 10).min(bytes_max), bytes_max);
+    (entries, bytes)
 }
 
 /// Merges one listing page per group (each in key order, each at most
@@ -228,6 +278,24 @@ mod tests {
         // Ties go to the lowest id.
         let leaders = [Some(3), Some(3), Some(3), Some(3)];
         assert_eq!(rebalance(3, &voters, &leaders), Some((0, 1)));
+    }
+
+    #[test]
+    fn wire_ids_differ_between_splits() {
+        assert_eq!(wire_id(1, 1), 1);
+        assert_eq!(wire_id(3, 4), 40_003);
+        let four: Vec<u64> = (1..=4).map(|g| wire_id(g, 4)).collect();
+        let two: Vec<u64> = (1..=2).map(|g| wire_id(g, 2)).collect();
+        assert!(four.iter().all(|id| !two.contains(id) && *id != 1));
+        assert_eq!(wire_id(4096, 4096), 4096 * 10_000 + 4096);
+    }
+
+    #[test]
+    fn a_groups_share_of_a_page() {
+        assert_eq!(share_of_page(1000, 4 << 20, 1), (1000, 4 << 20));
+        assert_eq!(share_of_page(1000, 4 << 20, 4), (500, 2 << 20));
+        assert_eq!(share_of_page(10_000, 4 << 20, 4096), (16, 64 << 10));
+        assert_eq!(share_of_page(5, 4 << 20, 4096), (5, 64 << 10));
     }
 
     #[test]

@@ -624,7 +624,7 @@ impl Settings {
             self.initial_cluster.clone(),
             self.groups,
         )?;
-        if plan.groups > 1 && plan.state == ClusterState::Existing && !plan.existing_dir {
+        if plan.groups > 1 && plan.state == ClusterState::Existing {
             return Err(crate::groups::refusal(
                 "joining an existing cluster (--initial-cluster-state existing)",
                 plan.groups,
@@ -988,7 +988,10 @@ impl Replicas {
         }
         let voters: Vec<u64> = initial.iter().map(|(id, _, _)| *id).collect();
         let nodes = (1..=u64::from(plan.groups))
-            .map(|g| host.create_group(g, &voters, KvStore::new(), configure))
+            .map(|g| {
+                let id = crate::groups::wire_id(g, plan.groups);
+                host.create_group(id, &voters, KvStore::new(), configure)
+            })
             .collect::<Result<Vec<_>, _>>()?;
         Ok(Self {
             nodes,
@@ -1182,6 +1185,9 @@ pub async fn run(args: Settings, plan: ClusterPlan) -> Result<(), ServeError> {
     let watched = replicas.nodes.clone();
     let removal = removed(node.clone());
     let handing = replicas.nodes.clone();
+    // A split member falls silent once it has handed its groups over, so
+    // that the others' balancers do not give any back while it stops.
+    let announcing = replicas.host.as_ref().map(|h| h.peer_liveness());
     let fencing_watch = fencing.clone();
     // systemd's Type=notify: READY=1 once ready, STOPPING=1 on shutdown.
     let readiness = crate::notify::Readiness::spawn(replicas.nodes.clone());
@@ -1190,10 +1196,16 @@ pub async fn run(args: Settings, plan: ClusterPlan) -> Result<(), ServeError> {
             _ = sigterm.recv() => {
                 tracing::info!(signal = "SIGTERM", "shutting down");
                 hand_over_every_leadership(handing).await;
+                if let Some(l) = &announcing {
+                    l.stop_announcing();
+                }
             }
             _ = sigint.recv() => {
                 tracing::info!(signal = "SIGINT", "shutting down");
                 hand_over_every_leadership(handing).await;
+                if let Some(l) = &announcing {
+                    l.stop_announcing();
+                }
             }
             (group, reason) = first_stopped(watched) => tracing::error!(
                 group, ?reason, "the node stopped; shutting down"

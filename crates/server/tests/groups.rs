@@ -342,3 +342,32 @@ fn three_members_split_their_keys_over_four_groups() {
     assert_eq!(out.status.code(), Some(2), "{said}");
     assert!(said.contains("4 groups"), "{said}");
 }
+
+/// Members started with different `--groups` share no group (each group's
+/// id carries G): the two with four groups serve every key, and the one
+/// with two takes part in nothing, so a write through it lands nowhere,
+/// rather than in a group the others map other keys to.
+#[test]
+fn members_started_with_different_groups_share_no_group() {
+    let dir = tempfile::tempdir().unwrap();
+    let (mut ms, initial) = members(dir.path(), 3);
+    ms[0].start_with(&initial, &["--groups", "4"]);
+    ms[1].start_with(&initial, &["--groups", "4"]);
+    ms[2].start_with(&initial, &["--groups", "2"]);
+    ms[0].wait_ready();
+    ms[1].wait_ready();
+    put(&mut ms[0], "agreed", "yes");
+    assert_eq!(get(&ms[1], "agreed", false).as_deref(), Some("yes"));
+    // Its groups never elect: no write goes through it (503 after the
+    // request timeout), and the others never see one.
+    let (code, body) = ms[2].req("PUT", "/v1/kv/mixed", b"no");
+    assert_eq!(code, 503, "{}", String::from_utf8_lossy(&body));
+    assert_eq!(ms[2].req("GET", "/readyz", b"").0, 503);
+    assert_eq!(get(&ms[0], "mixed", false), None);
+    let dropped = "dropping messages for a group this host does not run";
+    assert!(
+        ms[2].logs().contains(dropped),
+        "the others' groups are strangers to it:\n{}",
+        ms[2].logs()
+    );
+}

@@ -466,6 +466,9 @@ fn example_config_loads_through_serve_config() {
     assert_eq!(a.sessions.ttl_ms, 1_800_000);
     assert_eq!(a.sessions.max_sessions, 100_000);
     assert_eq!(a.quota_backend_bytes, 2147483648);
+    // Given, 1 is checked against the data dir's; not given, it is taken
+    // from there.
+    assert_eq!((a.groups, s.groups), (Some(1), None));
     assert_eq!(
         Settings {
             peer_tls: None,
@@ -473,6 +476,7 @@ fn example_config_loads_through_serve_config() {
             client_cert_auth: false,
             admin_identities: Vec::new(),
             otlp_endpoint: None,
+            groups: None,
             ..a
         },
         s,
