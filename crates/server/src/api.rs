@@ -345,6 +345,10 @@ pub fn router(nodes: Vec<Node<KvStore>>, config: ApiConfig) -> Router {
             "/cluster/transfer-leader",
             axum::routing::post(transfer_leader),
         )
+        .route(
+            "/cluster/groups/{g}/change",
+            axum::routing::post(change_group),
+        )
         .route("/v1/snapshot", get(snapshot))
         .route("/v1/sessions", axum::routing::post(open_session))
         .route("/v1/sessions/{token}", axum::routing::delete(close_session))
@@ -1966,6 +1970,145 @@ fn membership_body(id: u64, name: &str, cs: ConfState) -> Response {
 
 /// Runs a membership change, retrying while another one is in progress or
 /// the learner is catching up, up to the request timeout.
+/// A membership change as a split member applies it in every group
+/// (`crate::groups`): in group 1 as with one group, in each other group
+/// at that group's leader (`POST /cluster/groups/{g}/change`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub(crate) enum GroupChange {
+    AddVoter,
+    AddLearner,
+    Promote,
+    Remove,
+}
+
+/// Body of `POST /cluster/groups/{g}/change` (member to member).
+#[derive(Debug, serde::Serialize, serde::Deserialize)]
+struct GroupChangeBody {
+    change: GroupChange,
+    #[serde(with = "id_json")]
+    id: u64,
+    /// The member's record (JSON) for an add; empty otherwise.
+    context: String,
+}
+
+/// Runs `change` on `node` (its group's leader). A change already made
+/// there (a voter added again, a member already gone, a learner already
+/// promoted) counts as made, so that an interrupted change can be sent
+/// again until every group has it.
+async fn apply_change(
+    node: &Node<KvStore>,
+    change: GroupChange,
+    id: u64,
+    context: &[u8],
+) -> Result<ConfState, ConfChangeError> {
+    let result = match change {
+        GroupChange::AddVoter => node.add_voter(id, context.to_vec()).await,
+        GroupChange::AddLearner => node.add_learner(id, context.to_vec()).await,
+        GroupChange::Promote => node.promote_learner(id).await,
+        GroupChange::Remove => node.remove_node(id).await,
+    };
+    match (change, result) {
+        (
+            GroupChange::AddVoter | GroupChange::AddLearner,
+            Err(ConfChangeError::AlreadyMember(_)),
+        )
+        | (GroupChange::Remove, Err(ConfChangeError::UnknownNode(_)))
+        | (GroupChange::Promote, Err(ConfChangeError::NotLearner(_))) => {
+            let st = node.status().await.ok_or(ConfChangeError::Shutdown)?;
+            Ok(ConfState {
+                voters: st.voters,
+                learners: st.learners,
+                ..Default::default()
+            })
+        }
+        (_, result) => result,
+    }
+}
+
+/// Applies `change` in groups 2..=G (nothing with one group), each at its
+/// leader: here, or forwarded to the member leading it. A group whose
+/// leader moves meanwhile is tried again, up to the request timeout.
+async fn change_every_other_group(
+    state: &AppState,
+    change: GroupChange,
+    id: u64,
+    context: &[u8],
+) -> ApiResult<()> {
+    for (g, group) in (1u64..).zip(&state.key_groups).skip(1) {
+        let deadline = Instant::now() + state.config.request_timeout;
+        loop {
+            let attempt = match route(group, &HeaderMap::new()).await? {
+                None => change_membership(group, || apply_change(&group.node, change, id, context))
+                    .await
+                    .map(|_| ()),
+                Some(url) => {
+                    let body = serde_json::to_value(GroupChangeBody {
+                        change,
+                        id,
+                        context: String::from_utf8_lossy(context).into_owned(),
+                    })
+                    .expect("serializable");
+                    let path = format!("/cluster/groups/{g}/change");
+                    forward_json::<serde_json::Value>(state, &url, "POST", &path, &body)
+                        .await
+                        .map(|_| ())
+                }
+            };
+            match attempt {
+                Ok(()) => break,
+                Err(e)
+                    if e.status == StatusCode::SERVICE_UNAVAILABLE && Instant::now() < deadline =>
+                {
+                    tokio::time::sleep(Duration::from_millis(100)).await;
+                }
+                Err(mut e) => {
+                    e.message = format!(
+                        "group {g}: {} (the change is made in the groups before it; send it \
+                         again to finish it)",
+                        e.message
+                    );
+                    return Err(e);
+                }
+            }
+        }
+    }
+    Ok(())
+}
+
+/// `POST /cluster/groups/{g}/change`: one group's part of a membership
+/// change, sent by the member that runs the change to the member leading
+/// group `g` (503 where it does not lead it).
+async fn change_group(
+    State(state): State<Shared>,
+    caller: Caller,
+    axum::extract::Path(g): axum::extract::Path<u64>,
+    uri: Uri,
+    headers: HeaderMap,
+    body: Body,
+) -> ApiResult<Response> {
+    Params::parse(&uri, &[])?;
+    authorize_admin(&state, &caller, &headers)?;
+    let group = usize::try_from(g)
+        .ok()
+        .and_then(|g| g.checked_sub(1))
+        .and_then(|i| state.key_groups.get(i))
+        .ok_or_else(|| ApiError::new(StatusCode::NOT_FOUND, format!("no group {g} here")))?;
+    let raw = read_body(&headers, body, MAX_VALUE_BYTES).await?;
+    let req: GroupChangeBody = json_of(&raw)?;
+    if group.node.leader() != Some(group.node.id()) {
+        return Err(ApiError::unavailable(format!(
+            "this member does not lead group {g}"
+        )));
+    }
+    let cs = change_membership(group, || {
+        apply_change(&group.node, req.change, req.id, req.context.as_bytes())
+    })
+    .await?;
+    tracing::info!(group = g, id = req.id, change = ?req.change, "group membership changed");
+    Ok(membership_body(req.id, "", cs))
+}
+
 async fn change_membership<F, Fut>(state: &AppState, mut change: F) -> ApiResult<ConfState>
 where
     F: FnMut() -> Fut,
@@ -1995,12 +2138,12 @@ async fn add_member(
     headers: HeaderMap,
     body: Body,
 ) -> ApiResult<Response> {
-    state.refuse_split("membership changes")?;
     Params::parse(&uri, &[])?;
     authorize_admin(&state, &caller, &headers)?;
     let raw = read_body(&headers, body, MAX_VALUE_BYTES).await?;
     let req: AddMember = json_of(&raw)?;
     let Some(name) = req.name else {
+        state.refuse_split("adding a member by peer address alone (add it by name)")?;
         if req.api_url.is_some() {
             return Err(ApiError::bad_request(
                 "api_url comes with a name: a member added by peer address alone publishes \
@@ -2027,7 +2170,11 @@ async fn add_member(
         return forward_to(&state, &url, "POST", &uri, Some("application/json"), &raw).await;
     }
     let s = state.node.status().await.ok_or_else(shutting_down)?;
-    if s.voters.contains(&id) || s.learners.contains(&id) {
+    // Split over groups, an add that stopped part-way (group 1 took it,
+    // not every other group) is finished by sending it again.
+    let resumed = state.groups > 1
+        && (s.voters.contains(&id) && !req.learner || s.learners.contains(&id) && req.learner);
+    if (s.voters.contains(&id) || s.learners.contains(&id)) && !resumed {
         return Err(conflict(format!("{name:?} is already a member")));
     }
     peer_addr_free(&state, &req.peer_addr, Some(id)).await?;
@@ -2046,18 +2193,13 @@ async fn add_member(
     )
     .await?;
     let learner = req.learner;
-    let cs = change_membership(&state, || {
-        let record = record.clone();
-        let node = state.node.clone();
-        async move {
-            if learner {
-                node.add_learner(id, record).await
-            } else {
-                node.add_voter(id, record).await
-            }
-        }
-    })
-    .await?;
+    let change = if learner {
+        GroupChange::AddLearner
+    } else {
+        GroupChange::AddVoter
+    };
+    let cs = change_membership(&state, || apply_change(&state.node, change, id, &record)).await?;
+    change_every_other_group(&state, change, id, &record).await?;
     tracing::info!(name = %info.name, id, learner, "member added");
     Ok(membership_body(id, &info.name, cs))
 }
@@ -2127,7 +2269,7 @@ async fn remove_pending(
     uri: Uri,
     headers: HeaderMap,
 ) -> ApiResult<Response> {
-    state.refuse_split("membership changes")?;
+    state.refuse_split("pending member slots (DELETE /cluster/pending/...)")?;
     Params::parse(&uri, &[])?;
     authorize_admin(&state, &caller, &headers)?;
     if let Some(url) = route(&state, &headers).await? {
@@ -2192,7 +2334,7 @@ async fn update_member(
     headers: HeaderMap,
     body: Body,
 ) -> ApiResult<Response> {
-    state.refuse_split("membership changes")?;
+    state.refuse_split("moving a member to another peer address (PUT /cluster/members/{name})")?;
     Params::parse(&uri, &[])?;
     authorize_admin(&state, &caller, &headers)?;
     let raw = read_body(&headers, body, MAX_VALUE_BYTES).await?;
@@ -2311,17 +2453,21 @@ async fn promote_member(
     uri: Uri,
     headers: HeaderMap,
 ) -> ApiResult<Response> {
-    state.refuse_split("membership changes")?;
     Params::parse(&uri, &[])?;
     authorize_admin(&state, &caller, &headers)?;
     if let Some(url) = route(&state, &headers).await? {
         return forward_to(&state, &url, "POST", &uri, None, b"").await;
     }
     let (id, learner) = member_of(&state, &name).await?;
-    if !learner {
+    if !learner && state.groups == 1 {
         return Err(conflict(format!("{name:?} is already a voter")));
     }
-    let cs = change_membership(&state, || state.node.promote_learner(id)).await?;
+    // Every other group first: group 1 says whether it is done.
+    change_every_other_group(&state, GroupChange::Promote, id, b"").await?;
+    let cs = change_membership(&state, || {
+        apply_change(&state.node, GroupChange::Promote, id, b"")
+    })
+    .await?;
     tracing::info!(name = %name, id, "member promoted");
     Ok(membership_body(id, &name, cs))
 }
@@ -2334,13 +2480,15 @@ async fn remove_member(
     uri: Uri,
     headers: HeaderMap,
 ) -> ApiResult<Response> {
-    state.refuse_split("membership changes")?;
     Params::parse(&uri, &[])?;
     authorize_admin(&state, &caller, &headers)?;
     if let Some(url) = route(&state, &headers).await? {
         return forward_to(&state, &url, "DELETE", &uri, None, b"").await;
     }
     let (id, _) = member_of(&state, &name).await?;
+    // Every other group first: group 1 holds the record, and a member
+    // removed from it stops (so it must be the last).
+    change_every_other_group(&state, GroupChange::Remove, id, b"").await?;
     let cs = remove_here(&state, id, Some(&name)).await?;
     Ok(membership_body(id, &name, cs))
 }

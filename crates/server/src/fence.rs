@@ -80,6 +80,14 @@ pub struct Membership {
     pub records: Vec<(String, String, String)>,
     /// Peer addresses reserved by a nameless member add, not yet joined.
     pub pending: Vec<String>,
+    /// The Raft groups the key space is split over (`--groups`; absent
+    /// from members before it: 1).
+    #[serde(default = "one_group")]
+    pub groups: u32,
+}
+
+fn one_group() -> u32 {
+    1
 }
 
 /// Why a joining member refuses to start.
@@ -96,7 +104,8 @@ pub enum JoinError {
 /// Checks a joining member's flags against the cluster before anything is
 /// written: asks each of `peers` for its membership (adopting a newer
 /// epoch in memory on the way) and returns the epoch to start at. `me` is
-/// the member's id, `peer_addr` the address it advertises, `name` its name.
+/// the member's id, `peer_addr` the address it advertises, `name` its name,
+/// `groups` its `--groups` (which must be the cluster's).
 pub async fn check_join(
     config: &NetConfig,
     me: u64,
@@ -104,13 +113,14 @@ pub async fn check_join(
     peer_addr: &str,
     epoch: u64,
     peers: &[(u64, String)],
+    groups: u32,
 ) -> Result<u64, JoinError> {
     // A member add answers once the leader applied it; the member asked
     // may lag behind, and describes what it knows every half second: so a
     // refusal is only final after a few seconds of asking again.
     let deadline = tokio::time::Instant::now() + JOIN_CHECK_TIME;
     loop {
-        let outcome = check_join_once(config, me, name, peer_addr, epoch, peers).await;
+        let outcome = check_join_once(config, me, name, peer_addr, epoch, peers, groups).await;
         match outcome {
             Ok(epoch) => return Ok(epoch),
             Err(e) if tokio::time::Instant::now() >= deadline => return Err(e),
@@ -130,6 +140,7 @@ async fn check_join_once(
     peer_addr: &str,
     mut epoch: u64,
     peers: &[(u64, String)],
+    groups: u32,
 ) -> Result<u64, JoinError> {
     let mut errors = Vec::new();
     for (id, addr) in peers {
@@ -167,6 +178,14 @@ async fn check_join_once(
             errors.push(format!("{addr}: no membership in its answer"));
             continue;
         };
+        if m.groups != groups {
+            return Err(JoinError::Disagrees(format!(
+                "the cluster (asked at {addr}) splits its keys over {} group(s), and this \
+                 member was started with --groups {groups}: start it with --groups {}; \
+                 nothing was written",
+                m.groups, m.groups
+            )));
+        }
         let id = me.to_string();
         let known = m.voters.contains(&id) || m.learners.contains(&id);
         if let Some((_, _, recorded)) = m.records.iter().find(|(rid, _, _)| *rid == id) {

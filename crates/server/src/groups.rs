@@ -47,13 +47,23 @@
 //!   leaders gather where elections and hand-overs left them (a restarted
 //!   member leads nothing until an election; a stopping leader hands every
 //!   group to the same caught-up voter).
+//! * Membership changes (add by name, promote, remove) run on group 1's
+//!   leader as with one group, and then in every other group at that
+//!   group's leader (`api::change_every_other_group`, member to member
+//!   through `POST /cluster/groups/{g}/change`): an add goes to group 1
+//!   first, a removal last (a member removed from group 1 stops). A change
+//!   already made in a group counts as made there, so one that failed
+//!   part-way is finished by sending it again. A joining member
+//!   (`--initial-cluster-state existing`) creates every group waiting to be
+//!   added, after checking that the cluster has its G.
 //! * Refused with a clear error ([`refusal`]; REST 501, gRPC
 //!   FAILED_PRECONDITION):
 //!   - the etcd v3 API: its revision is one counter for the whole key space,
 //!     which G independent logs do not have;
 //!   - client sessions: a session is registered in one group's log;
-//!   - membership changes and leadership transfer: they would have to
-//!     change every group, and a joining member create them all;
+//!   - leadership transfer (the balancer places leaders), adding a member
+//!     by peer address alone and moving a member's peer address (not
+//!     carried over to every group yet);
 //!   - backups (`GET /v1/snapshot`, `raftwork recover`, `raftwork wal`):
 //!     there is no single WAL or read point to take them from.
 

@@ -219,8 +219,8 @@ pub struct ServeArgs {
     /// leader of its own (1 to 4096); fixed when the cluster is created
     /// (kept in the data dir's CLUSTER file). With more than one, the
     /// members run them on raft-engine's shared log, and the etcd v3 API,
-    /// client sessions, membership changes, leadership transfer and
-    /// backups are refused (see the server's README) [default: 1].
+    /// client sessions, leadership transfer and backups are refused (see
+    /// the server's README) [default: 1].
     #[arg(long, env = "RAFTWORK_GROUPS", value_parser = crate::cluster::parse_groups)]
     pub groups: Option<u32>,
 }
@@ -616,21 +616,14 @@ impl Settings {
     /// one (checked against `--name` and `--initial-cluster-token`), else the
     /// flags. Reads only.
     pub fn plan(&self) -> Result<ClusterPlan, String> {
-        let plan = ClusterPlan::load(
+        ClusterPlan::load(
             &self.data_dir,
             &self.name,
             self.initial_cluster_token.as_deref(),
             self.initial_cluster_state,
             self.initial_cluster.clone(),
             self.groups,
-        )?;
-        if plan.groups > 1 && plan.state == ClusterState::Existing {
-            return Err(crate::groups::refusal(
-                "joining an existing cluster (--initial-cluster-state existing)",
-                plan.groups,
-            ));
-        }
-        Ok(plan)
+        )
     }
 }
 
@@ -839,6 +832,7 @@ fn spawn_description(
     node: Node<KvStore>,
     members: Arc<Members>,
     fencing: Arc<crate::fence::ServerFencing>,
+    groups: u32,
 ) -> tokio::task::JoinHandle<()> {
     tokio::spawn(async move {
         loop {
@@ -857,6 +851,7 @@ fn spawn_description(
                         .into_values()
                         .map(|s| s.peer_addr)
                         .collect(),
+                    groups,
                 });
             }
             tokio::time::sleep(Duration::from_millis(500)).await;
@@ -975,8 +970,6 @@ impl Replicas {
                 host: None,
             });
         }
-        // `Settings::plan` refuses a joining member with several groups.
-        assert_eq!(plan.state, ClusterState::New, "a split member bootstraps");
         let (transport, inbox) = raftwork::TcpTransport::bind_now(plan.id, args.peer_addr, net)
             .map_err(|e| BuildError::Network(e.to_string()))?;
         let host = raftwork::Host::open(plan.id, args.data_dir.join("host"), transport, inbox)?;
@@ -986,7 +979,12 @@ impl Replicas {
                     .map_err(|e| BuildError::Network(e.to_string()))?;
             }
         }
-        let voters: Vec<u64> = initial.iter().map(|(id, _, _)| *id).collect();
+        // A joining member's groups wait to be added (as a node of its own
+        // does with `join_existing`).
+        let voters: Vec<u64> = match plan.state {
+            ClusterState::New => initial.iter().map(|(id, _, _)| *id).collect(),
+            ClusterState::Existing => Vec::new(),
+        };
         let nodes = (1..=u64::from(plan.groups))
             .map(|g| {
                 let id = crate::groups::wire_id(g, plan.groups);
@@ -1059,6 +1057,7 @@ pub async fn run(args: Settings, plan: ClusterPlan) -> Result<(), ServeError> {
             &args.advertise_peer_addr,
             plan.epoch,
             &peers,
+            plan.groups,
         )
         .await
         .map_err(ServeError::Join)?;
@@ -1154,7 +1153,7 @@ pub async fn run(args: Settings, plan: ClusterPlan) -> Result<(), ServeError> {
         plan.token.clone(),
         introduce_to,
     );
-    let describing = spawn_description(node.clone(), members.clone(), fencing.clone());
+    let describing = spawn_description(node.clone(), members.clone(), fencing.clone(), plan.groups);
     let balancing = replicas
         .host
         .as_ref()

@@ -116,14 +116,22 @@ fn get(m: &Member, key: &str, stale: bool) -> Option<String> {
     } else {
         format!("/v1/kv/{key}")
     };
-    match m.req("GET", &path, b"") {
-        (200, v) => Some(String::from_utf8(v).unwrap()),
-        (404, _) => None,
-        (code, body) => panic!(
-            "GET {key} via {}: {code} {}",
-            m.name,
-            String::from_utf8_lossy(&body)
-        ),
+    // 503 while a group's leadership moves (the balancer's doing, or an
+    // election): asked again.
+    let deadline = std::time::Instant::now() + common::members::GUARD;
+    loop {
+        match m.req("GET", &path, b"") {
+            (200, v) => return Some(String::from_utf8(v).unwrap()),
+            (404, _) => return None,
+            (503, _) if std::time::Instant::now() < deadline => {
+                std::thread::sleep(std::time::Duration::from_millis(100))
+            }
+            (code, body) => panic!(
+                "GET {key} via {}: {code} {}",
+                m.name,
+                String::from_utf8_lossy(&body)
+            ),
+        }
     }
 }
 
@@ -232,7 +240,14 @@ fn three_members_split_their_keys_over_four_groups() {
         "POST",
         "/cluster/members",
         &[],
-        br#"{"name":"n4","peer_addr":"127.0.0.1:1","api_url":"http://127.0.0.1:2"}"#,
+        br#"{"peer_addr":"127.0.0.1:1"}"#,
+    );
+    refused(
+        &ms[0],
+        "PUT",
+        "/cluster/members/n2",
+        &[],
+        br#"{"peer_addr":"127.0.0.1:1"}"#,
     );
     refused(&ms[0], "POST", "/v3/kv/put", &[], br#"{"key":"eA=="}"#);
     // etcd's own client gets a gRPC FAILED_PRECONDITION that says why.
@@ -370,4 +385,107 @@ fn members_started_with_different_groups_share_no_group() {
         "the others' groups are strangers to it:\n{}",
         ms[2].logs()
     );
+}
+
+/// A split cluster changes membership in every group: a fourth member is
+/// added by name (refused first with another `--groups`), joins and
+/// catches up every group; a founder is removed from every group and
+/// stops; writes go on through the others.
+#[test]
+fn a_member_joins_every_group_and_a_founder_leaves() {
+    let dir = tempfile::tempdir().unwrap();
+    let (mut ms, all) = members(dir.path(), 4);
+    let founders = ms[..3]
+        .iter()
+        .map(|m| format!("{}={}", m.name, m.peer))
+        .collect::<Vec<_>>()
+        .join(",");
+    for m in &mut ms[..3] {
+        m.start_with(&founders, &["--groups", "4"]);
+    }
+    for m in &mut ms[..3] {
+        m.wait_ready();
+    }
+    let mut model = BTreeMap::new();
+    for i in 0..40 {
+        let (key, value) = (format!("m{i:02}"), format!("v{i}"));
+        put(&mut ms[i % 3], &key, &value);
+        model.insert(key, value);
+    }
+
+    let add = serde_json::json!({
+        "name": "n4",
+        "peer_addr": ms[3].peer,
+        "api_url": format!("http://{}", ms[3].api),
+    });
+    let (code, body) = ms[1].req("POST", "/cluster/members", add.to_string().as_bytes());
+    assert_eq!(code, 200, "{}", String::from_utf8_lossy(&body));
+    // Sent again (as after an answer lost), it is a no-op that succeeds.
+    let (code, body) = ms[2].req("POST", "/cluster/members", add.to_string().as_bytes());
+    assert_eq!(code, 200, "{}", String::from_utf8_lossy(&body));
+
+    // Another --groups than the cluster's: refused before anything is
+    // written.
+    let out = common::raftwork()
+        .args(["serve", "--name", "n4", "--groups", "2"])
+        .arg("--data-dir")
+        .arg(&ms[3].data)
+        .args([
+            "--api-addr",
+            &ms[3].api.to_string(),
+            "--peer-addr",
+            &ms[3].peer,
+        ])
+        .args([
+            "--initial-cluster",
+            &all,
+            "--initial-cluster-state",
+            "existing",
+        ])
+        .args(["--initial-cluster-token", "cluster-test"])
+        .output()
+        .unwrap();
+    let said = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(2), "{said}");
+    assert!(said.contains("over 4 group(s)"), "{said}");
+    assert!(!ms[3].data.join("CLUSTER").exists());
+
+    ms[3].start_with(
+        &all,
+        &["--groups", "4", "--initial-cluster-state", "existing"],
+    );
+    ms[3].wait_ready();
+    for (k, v) in &model {
+        ms[3].wait("the new member to hold every group's keys", |m| {
+            (get(m, k, true).as_deref() == Some(v.as_str())).then_some(())
+        });
+    }
+    let roles: Vec<String> = status(&ms[3])["groups"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|g| g["role"].as_str().unwrap().to_string())
+        .collect();
+    assert!(
+        roles.iter().all(|r| r == "follower" || r == "leader"),
+        "a voter in every group: {roles:?}"
+    );
+
+    // A founder leaves every group, and stops by itself.
+    let n1 = status(&ms[0])["id"].as_str().unwrap().to_string();
+    let (code, body) = ms[2].req("DELETE", "/cluster/members/n1", b"");
+    assert_eq!(code, 200, "{}", String::from_utf8_lossy(&body));
+    let exited = ms[0].child.as_mut().unwrap().wait().unwrap();
+    assert!(exited.success(), "{exited}");
+    ms[0].child = None;
+    for i in 40..60 {
+        let (key, value) = (format!("m{i:02}"), format!("v{i}"));
+        put(&mut ms[1 + i % 3], &key, &value);
+        model.insert(key, value);
+    }
+    let leaders = agreed_leaders(&ms, &[1, 2, 3]);
+    assert!(leaders.iter().all(|l| *l != n1), "{leaders:?}");
+    for (i, (k, v)) in model.iter().enumerate() {
+        assert_eq!(get(&ms[1 + i % 3], k, false).as_deref(), Some(v.as_str()));
+    }
 }
