@@ -388,9 +388,10 @@ fn members_started_with_different_groups_share_no_group() {
 }
 
 /// A split cluster changes membership in every group: a fourth member is
-/// added by name (refused first with another `--groups`), joins and
-/// catches up every group; a founder is removed from every group and
-/// stops; writes go on through the others.
+/// added by name as a learner (refused first with another `--groups`),
+/// joins and catches up every group, and is promoted in every group; a
+/// founder is removed from every group and stops; writes go on through
+/// the others.
 #[test]
 fn a_member_joins_every_group_and_a_founder_leaves() {
     let dir = tempfile::tempdir().unwrap();
@@ -417,6 +418,7 @@ fn a_member_joins_every_group_and_a_founder_leaves() {
         "name": "n4",
         "peer_addr": ms[3].peer,
         "api_url": format!("http://{}", ms[3].api),
+        "learner": true,
     });
     let (code, body) = ms[1].req("POST", "/cluster/members", add.to_string().as_bytes());
     assert_eq!(code, 200, "{}", String::from_utf8_lossy(&body));
@@ -460,16 +462,27 @@ fn a_member_joins_every_group_and_a_founder_leaves() {
             (get(m, k, true).as_deref() == Some(v.as_str())).then_some(())
         });
     }
-    let roles: Vec<String> = status(&ms[3])["groups"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .map(|g| g["role"].as_str().unwrap().to_string())
-        .collect();
+    let roles = |m: &Member| -> Vec<String> {
+        status(m)["groups"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|g| g["role"].as_str().unwrap().to_string())
+            .collect()
+    };
     assert!(
-        roles.iter().all(|r| r == "follower" || r == "leader"),
-        "a voter in every group: {roles:?}"
+        roles(&ms[3]).iter().all(|r| r == "learner"),
+        "a learner in every group: {:?}",
+        roles(&ms[3])
     );
+    let (code, body) = ms[0].req("POST", "/cluster/members/n4/promote", b"");
+    assert_eq!(code, 200, "{}", String::from_utf8_lossy(&body));
+    ms[3].wait("a voter in every group", |m| {
+        roles(m)
+            .iter()
+            .all(|r| r == "follower" || r == "leader")
+            .then_some(())
+    });
 
     // A founder leaves every group, and stops by itself.
     let n1 = status(&ms[0])["id"].as_str().unwrap().to_string();
