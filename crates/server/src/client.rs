@@ -465,38 +465,39 @@ async fn write_once(
         ..Call::new("POST", "/v1/sessions")
     };
     let registered = call_with(conn, register).await?;
-    if registered.status == 501 {
-        let write = Call {
-            raw_body: value,
-            headers,
-            resend: Resend::IfNotSent,
-            ..Call::new(method, path)
-        };
-        return call_with(conn, write).await;
-    }
-    let v = json(&success(registered)?)?;
-    let session = v["session"]
-        .as_str()
-        .ok_or_else(|| fail(format!("the server's session answer has no token: {v}")))?
-        .to_string();
-    headers.push((SESSION_HEADER, session.clone()));
-    headers.push((SEQUENCE_HEADER, "1".to_string()));
+    let session = if registered.status == 501 {
+        None
+    } else {
+        let v = json(&success(registered)?)?;
+        let token = v["session"]
+            .as_str()
+            .ok_or_else(|| fail(format!("the server's session answer has no token: {v}")))?
+            .to_string();
+        headers.push((SESSION_HEADER, token.clone()));
+        headers.push((SEQUENCE_HEADER, "1".to_string()));
+        Some(token)
+    };
     let write = Call {
         raw_body: value,
         headers,
-        resend: Resend::AlsoAfter503,
+        resend: match session {
+            Some(_) => Resend::AlsoAfter503,
+            None => Resend::IfNotSent,
+        },
         ..Call::new(method, path)
     };
     let result = call_with(conn, write).await;
-    let close_path = format!("/v1/sessions/{session}");
-    let _ = call_with(
-        conn,
-        Call {
-            resend: Resend::Always,
-            ..Call::new("DELETE", &close_path)
-        },
-    )
-    .await;
+    if let Some(session) = session {
+        let close_path = format!("/v1/sessions/{session}");
+        let _ = call_with(
+            conn,
+            Call {
+                resend: Resend::Always,
+                ..Call::new("DELETE", &close_path)
+            },
+        )
+        .await;
+    }
     result
 }
 

@@ -67,13 +67,15 @@ pub struct Etcd {
     cluster_id: u64,
 }
 
+/// The route of every call of gRPC service `S`.
+fn path<S: NamedService>() -> String {
+    format!("/{}/{{*rpc}}", S::NAME)
+}
+
 /// The routes of etcd's gRPC services, for the API router.
 pub(crate) fn routes(state: Shared) -> axum::Router {
     let cluster_id = crate::cluster::member_id(&state.config.token, "");
     let etcd = Etcd { state, cluster_id };
-    fn path<S: NamedService>() -> String {
-        format!("/{}/{{*rpc}}", S::NAME)
-    }
     axum::Router::new()
         .route_service(
             &path::<kv_server::KvServer<Etcd>>(),
@@ -117,9 +119,6 @@ pub(crate) fn refused_routes(groups: u32) -> axum::Router {
         let message = message.clone();
         async move { ApiError::new(StatusCode::NOT_IMPLEMENTED, message) }
     };
-    fn path<S: NamedService>() -> String {
-        format!("/{}/{{*rpc}}", S::NAME)
-    }
     let mut router = axum::Router::new();
     for p in [
         path::<kv_server::KvServer<Etcd>>(),
