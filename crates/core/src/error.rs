@@ -72,6 +72,12 @@ pub enum ProposeError {
         /// The session's low-water mark.
         low_water: u64,
     },
+    /// This node's state machine keeps its state on disk, where
+    /// exactly-once sessions are not supported (their table is rebuilt
+    /// from snapshots, which an on-disk state machine's restart does not
+    /// read). Nothing was proposed. Propose without a session.
+    #[error("exactly-once sessions are not supported by an on-disk state machine")]
+    SessionsUnsupported,
 }
 
 impl From<crate::session::SessionError> for ProposeError {

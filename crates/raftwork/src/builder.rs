@@ -143,6 +143,23 @@ pub enum BuildError {
     /// not empty; nothing was written.
     #[error("data dir {} is not empty; refusing to write into it", .0.display())]
     DataDirNotEmpty(PathBuf),
+    /// An on-disk state machine's store could not be opened.
+    #[error("opening the on-disk state machine failed: {0}")]
+    StateMachineOpen(#[source] std::io::Error),
+    /// An on-disk state machine's store holds applies past the end of the
+    /// log: the store and the data dir do not belong together (a store
+    /// kept while the data dir was wiped, or the other way round). Nothing
+    /// was changed.
+    #[error(
+        "the on-disk state machine is durable at index {durable_index}, past the log's last \
+         index {log_last_index}: its store and this data dir do not belong together"
+    )]
+    StateMachineAhead {
+        /// What the store says it holds.
+        durable_index: u64,
+        /// The last index of the log.
+        log_last_index: u64,
+    },
 }
 
 /// Checks (or, in a new data dir, writes) the `NODE` file naming the node
@@ -449,6 +466,21 @@ impl<SM: StateMachine, S: LogStore> Builder<SM, S> {
             }
             bootstrapped = bootstrap(&store, config.core.group_id, voters)?;
         }
+        // An on-disk state machine says how far its own store is durable.
+        let disk_durable = match state_machine.disk() {
+            Some(disk) => Some(disk.open().map_err(BuildError::StateMachineOpen)?),
+            None => None,
+        };
+        if let Some(durable_index) = disk_durable {
+            let log_last_index = raft::Storage::last_index(&store)
+                .map_err(|e| BuildError::Fatal(FatalError::Raft(e)))?;
+            if durable_index > log_last_index {
+                return Err(BuildError::StateMachineAhead {
+                    durable_index,
+                    log_last_index,
+                });
+            }
+        }
         let (applied_index, applied_term, sessions) = match bootstrapped {
             // The bootstrap entries are at term 1.
             Some(applied) => (applied, 1, SessionTable::new(config.sessions)),
@@ -459,6 +491,7 @@ impl<SM: StateMachine, S: LogStore> Builder<SM, S> {
                     snapshots.as_ref(),
                     &mut state_machine,
                     config.sessions,
+                    disk_durable,
                 )?;
                 (index, term, sessions)
             }
@@ -545,7 +578,7 @@ impl<SM: StateMachine, S: LogStore> Builder<SM, S> {
                 let apply_sink: crate::runtime::ApplySink<SM> = Box::new(move |m| {
                     let _ = apply_tx.send(m);
                 });
-                let events: crate::runtime::ApplyEvents = Box::new(move |e| {
+                let events: crate::runtime::ApplyEvents = Arc::new(move |e| {
                     let _ = applied_tx.send(e);
                 });
                 (
@@ -566,6 +599,9 @@ impl<SM: StateMachine, S: LogStore> Builder<SM, S> {
             applied_term,
             events: applied_tx,
             metrics: crate::metrics::ApplyMetrics::new(&config.metric_labels),
+            skip_through: disk_durable.unwrap_or(0),
+            view_writer: None,
+            failed: false,
         };
         // Made at the first subscription: a group no one listens to
         // keeps no event ring (1,024 slots) in memory.
@@ -629,6 +665,7 @@ impl<SM: StateMachine, S: LogStore> Builder<SM, S> {
                 // The core times reads out in ticks; this is only a hang guard.
                 read_timeout: config.tick_interval * read_ticks * 2,
                 membership_timeout: config.membership_timeout,
+                sessions_supported: disk_durable.is_none(),
             }),
         })
     }
@@ -644,6 +681,7 @@ fn restore_from_snapshot<S: LogStore, SM: StateMachine>(
     snapshots: &dyn SnapshotStore,
     sm: &mut SM,
     session_config: SessionConfig,
+    disk_durable: Option<u64>,
 ) -> Result<(u64, u64, SessionTable), BuildError> {
     let stored = snapshots.latest()?.map(|s| s.metadata);
     let meta = adopt_snapshot(store, group_id, stored)?;
@@ -651,12 +689,24 @@ fn restore_from_snapshot<S: LogStore, SM: StateMachine>(
         return Ok((0, 0, SessionTable::new(session_config)));
     }
     let (_, mut reader) = snapshots.open(meta.index)?;
-    let sessions = crate::session::restore(sm, session_config, &mut reader).map_err(|source| {
-        BuildError::Restore {
-            index: meta.index,
-            source,
-        }
-    })?;
+    let restore_error = |source| BuildError::Restore {
+        index: meta.index,
+        source,
+    };
+    if let Some(durable) = disk_durable.filter(|d| *d >= meta.index) {
+        // The store holds the snapshot's state and more: only the session
+        // table is read (the rest of the snapshot is left unread).
+        let sessions = crate::session::read_section(session_config, &mut reader, |_| Ok(()))
+            .map_err(restore_error)?;
+        tracing::info!(
+            snapshot_index = meta.index,
+            durable_index = durable,
+            "on-disk state machine is durable at or past the snapshot; not restoring it"
+        );
+        return Ok((meta.index, meta.term, sessions));
+    }
+    let sessions = crate::session::restore(sm, meta.index, session_config, &mut reader)
+        .map_err(restore_error)?;
     tracing::info!(
         index = meta.index,
         term = meta.term,

@@ -74,7 +74,9 @@ pub use seed::{force_new_cluster, seed_data_dir, Recovered, Seed};
 pub use session::{Session, SessionId, SessionToken, SESSION_RETRY_TIMEOUT};
 #[cfg(feature = "host")]
 pub use shard::SHARD_INBOX_ENVELOPES;
-pub use state_machine::{Command, ResponseBytes, StateMachine};
+pub use state_machine::{
+    Command, DiskHooks, DiskStateMachine, OnDisk, ResponseBytes, SnapshotView, StateMachine,
+};
 
 pub use raft::prelude::ConfState;
 pub use raftwork_core::session::SessionConfig;

@@ -100,6 +100,14 @@ pub enum FatalReason {
         /// The panic message.
         message: String,
     },
+    /// An on-disk state machine could not make its state durable (its
+    /// `sync` failed): what it holds durably is unknown. Fix the disk,
+    /// then restart; the log still holds everything it may have lost.
+    #[error("the state machine's storage failed: {detail}")]
+    StateMachineStorage {
+        /// The storage error.
+        detail: String,
+    },
     /// The ready loop panicked: a broken invariant in raftwork or raft-rs (a
     /// bug; the log has the details).
     #[error("the ready loop panicked: {message}")]
@@ -247,6 +255,9 @@ pub(crate) struct Shared<SM: StateMachine> {
     pub(crate) stop: watch::Sender<Option<Stopped>>,
     pub(crate) read_timeout: Duration,
     pub(crate) membership_timeout: Duration,
+    /// False for an on-disk state machine (see
+    /// [`crate::DiskStateMachine`]).
+    pub(crate) sessions_supported: bool,
 }
 
 /// A running Raft node. Clone it freely: all clones drive the same node.
@@ -331,6 +342,9 @@ impl<SM: StateMachine> Node<SM> {
         reply: SessionReply<SM>,
         rx: oneshot::Receiver<Result<T, ProposeError>>,
     ) -> Result<T, ProposeError> {
+        if !self.shared.sessions_supported {
+            return Err(ProposeError::SessionsUnsupported);
+        }
         let proposal = SessionProposal { kind, data, reply };
         if !self.request(Request::ProposeSession(proposal)).await {
             return Err(ProposeError::Shutdown);

@@ -38,7 +38,7 @@ use crate::node::{
     panic_message, AppliedAt, FatalReason, ProposeReply, ReadFn, Request, SnapshotError, Stopped,
 };
 use crate::session::{SessionKey, SessionProposal, SessionReply, FORWARD_CONTEXT};
-use crate::state_machine::{Command, ResponseBytes, StateMachine};
+use crate::state_machine::{Command, ResponseBytes, SnapshotView, StateMachine};
 use raftwork_core::session::{classify, Applied, EntryKind, SessionConfig, SessionTable};
 
 /// Marks a note (`Node::send_note`): a `MsgPropose` with this context and
@@ -67,7 +67,8 @@ const DRAIN_EVENTS_MAX: usize = 4096;
 pub(crate) type ApplySink<SM> = Box<dyn Fn(ApplyMsg<SM>) + Send>;
 
 /// Where an applier's events go: its node's ready loop, or its host shard.
-pub(crate) type ApplyEvents = Box<dyn Fn(ApplyEvent) + Send>;
+/// Shared with the thread that writes a snapshot view.
+pub(crate) type ApplyEvents = Arc<dyn Fn(ApplyEvent) + Send + Sync>;
 
 /// What the ready loop asks of the apply task. Large payloads are boxed: a
 /// channel allocates its first block of 32 slots at creation, so the
@@ -127,6 +128,39 @@ pub(crate) struct Applier<SM: StateMachine> {
     /// Where its events go: the node's ready loop, or its host shard.
     pub(crate) events: ApplyEvents,
     pub(crate) metrics: crate::metrics::ApplyMetrics,
+    /// Commands at or below this index are already in an on-disk state
+    /// machine's store (its durable index at start, when that was at or
+    /// past the snapshot the node started from): the replay from the
+    /// snapshot passes them through the session table only.
+    pub(crate) skip_through: u64,
+    /// The snapshot view being written on a thread of its own, if any.
+    pub(crate) view_writer: Option<std::thread::JoinHandle<()>>,
+    /// The applier hit a fatal error: the state machine's state is
+    /// unknown, so nothing of it is made durable on drop.
+    pub(crate) failed: bool,
+}
+
+impl<SM: StateMachine> Drop for Applier<SM> {
+    /// Waits for a snapshot view being written (a stopped group leaves
+    /// nothing running), then makes an on-disk state machine durable at
+    /// the applied index, so a restart replays less.
+    fn drop(&mut self) {
+        self.join_view_writer();
+        if self.failed {
+            return;
+        }
+        let applied = self.applied_index;
+        let synced = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+            self.sm.disk().map(|disk| disk.sync(applied))
+        }));
+        match synced {
+            Ok(Some(Err(e))) => {
+                tracing::error!(error = %e, applied, "on-disk state machine: sync at stop failed")
+            }
+            Err(_) => tracing::error!(applied, "on-disk state machine: sync at stop panicked"),
+            Ok(_) => {}
+        }
+    }
 }
 
 /// Runs the applier until the ready loop hangs up.
@@ -157,6 +191,7 @@ impl<SM: StateMachine> Applier<SM> {
             },
         };
         tracing::error!(error = %fatal, "applier stopping on a fatal error");
+        self.failed = true;
         (self.events)(ApplyEvent::Fatal(fatal));
         false
     }
@@ -188,6 +223,7 @@ impl<SM: StateMachine> Applier<SM> {
                 apply_batch(
                     &mut self.sm,
                     &mut self.sessions,
+                    self.skip_through,
                     batch,
                     replies,
                     session_replies,
@@ -209,9 +245,17 @@ impl<SM: StateMachine> Applier<SM> {
                     .map_err(|e| restore_failed(format!("opening it: {e}")))?;
                 // A snapshot that cannot be restored leaves the state machine
                 // undefined; continuing would diverge.
-                self.sessions =
-                    crate::session::restore(&mut self.sm, self.session_config, &mut reader)
-                        .map_err(|e| restore_failed(e.to_string()))?;
+                // A view still being written reads the state it was taken
+                // from, not this one; wait for it all the same, so that
+                // snapshots are reported in order.
+                self.join_view_writer();
+                self.sessions = crate::session::restore(
+                    &mut self.sm,
+                    meta.index,
+                    self.session_config,
+                    &mut reader,
+                )
+                .map_err(|e| restore_failed(e.to_string()))?;
                 self.metrics.restore.record(started.elapsed());
                 self.metrics.restore_size.record(info.size_bytes as f64);
                 self.applied_index = meta.index;
@@ -228,20 +272,113 @@ impl<SM: StateMachine> Applier<SM> {
                 }
             }
             ApplyMsg::TakeSnapshot { metadata, id } => {
-                let result = Box::new(self.write_snapshot(*metadata));
-                (self.events)(ApplyEvent::SnapshotTaken { id, result });
+                assert_eq!(
+                    metadata.index, self.applied_index,
+                    "a snapshot is taken exactly at the applied index"
+                );
+                // One view written at a time.
+                self.join_view_writer();
+                // An on-disk store first holds durably everything the
+                // snapshot covers: the log is compacted behind it.
+                let applied = self.applied_index;
+                if let Some(disk) = self.sm.disk() {
+                    disk.sync(applied)
+                        .map_err(|e| FatalReason::StateMachineStorage {
+                            detail: format!("sync at {applied} for a snapshot: {e}"),
+                        })?;
+                }
+                match self.sm.snapshot_view() {
+                    Some(view) => self.write_view(*metadata, id, view),
+                    None => {
+                        let result = Box::new(self.write_snapshot(*metadata));
+                        (self.events)(ApplyEvent::SnapshotTaken { id, result });
+                    }
+                }
             }
         }
         Ok(())
     }
 
+    /// Waits for the snapshot view being written, if any (it reports
+    /// itself).
+    fn join_view_writer(&mut self) {
+        if let Some(writer) = self.view_writer.take() {
+            // The thread catches the view's panics itself.
+            let _ = writer.join();
+        }
+    }
+
+    /// Writes `view` (the state at `metadata`) into the snapshot store on a
+    /// thread of its own; applies go on meanwhile. The session table is
+    /// encoded here, at the same point as the view.
+    fn write_view(
+        &mut self,
+        metadata: SnapshotMetadata,
+        id: Option<RequestId>,
+        view: Box<dyn SnapshotView>,
+    ) {
+        match self.snapshots.latest() {
+            Ok(Some(latest))
+                if (latest.metadata.index, latest.metadata.term)
+                    == (metadata.index, metadata.term) =>
+            {
+                let result = Box::new(Ok(latest));
+                (self.events)(ApplyEvent::SnapshotTaken { id, result });
+                return;
+            }
+            Ok(_) => {}
+            Err(e) => {
+                let result = Box::new(Err(e.to_string()));
+                (self.events)(ApplyEvent::SnapshotTaken { id, result });
+                return;
+            }
+        }
+        let table = self.sessions.encode();
+        let snapshots = self.snapshots.clone();
+        let events = self.events.clone();
+        let (save, save_size) = (self.metrics.save.clone(), self.metrics.save_size.clone());
+        let write = move || -> Result<SnapshotMeta, String> {
+            let started = std::time::Instant::now();
+            let mut writer = snapshots.create(metadata).map_err(|e| e.to_string())?;
+            crate::session::write_section(&table, &mut writer).map_err(|e| e.to_string())?;
+            view.write_to(&mut writer).map_err(|e| e.to_string())?;
+            let meta = writer.commit().map_err(|e| e.to_string())?;
+            save.record(started.elapsed());
+            save_size.record(meta.size_bytes as f64);
+            tracing::info!(
+                index = meta.metadata.index,
+                size_bytes = meta.size_bytes,
+                "snapshot taken (written off the apply path)"
+            );
+            Ok(meta)
+        };
+        let spawned = std::thread::Builder::new()
+            .name("raftwork-snapshot".into())
+            .spawn(move || {
+                let result = std::panic::catch_unwind(std::panic::AssertUnwindSafe(write))
+                    .unwrap_or_else(|payload| {
+                        Err(format!(
+                            "the snapshot view panicked: {}",
+                            panic_message(payload.as_ref())
+                        ))
+                    });
+                events(ApplyEvent::SnapshotTaken {
+                    id,
+                    result: Box::new(result),
+                });
+            });
+        match spawned {
+            Ok(handle) => self.view_writer = Some(handle),
+            Err(e) => {
+                let result = Box::new(Err(format!("cannot start a snapshot thread: {e}")));
+                (self.events)(ApplyEvent::SnapshotTaken { id, result });
+            }
+        }
+    }
+
     /// Streams the state machine into the snapshot store at `metadata`, the
     /// point it is at now (or finds that snapshot already there).
     fn write_snapshot(&mut self, metadata: SnapshotMetadata) -> Result<SnapshotMeta, String> {
-        assert_eq!(
-            metadata.index, self.applied_index,
-            "a snapshot is taken exactly at the applied index"
-        );
         if let Some(latest) = self.snapshots.latest().map_err(|e| e.to_string())? {
             if (latest.metadata.index, latest.metadata.term) == (metadata.index, metadata.term) {
                 return Ok(latest);
@@ -276,6 +413,7 @@ type RunItem = (usize, Option<(u64, u64)>, u64);
 fn apply_batch<SM: StateMachine>(
     sm: &mut SM,
     table: &mut SessionTable,
+    skip_through: u64,
     batch: ApplyBatch,
     replies: Vec<(u64, ProposeReply<SM>)>,
     mut session_replies: HashMap<u64, SessionReply<SM>>,
@@ -337,6 +475,8 @@ fn apply_batch<SM: StateMachine>(
             flush(&mut run, &mut run_keys, table, &mut session_replies);
         }
         match table.apply_entry(e.index, &e.context) {
+            // Already in an on-disk state machine's store.
+            Applied::Apply if e.index <= skip_through => {}
             Applied::Apply => {
                 if let Some(k) = key {
                     run_keys.insert(k);

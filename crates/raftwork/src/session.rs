@@ -64,25 +64,43 @@ pub(crate) fn write_snapshot<SM: StateMachine>(
     table: &SessionTable,
     writer: &mut dyn Write,
 ) -> io::Result<()> {
-    let bytes = table.encode();
-    writer.write_all(SNAPSHOT_MAGIC)?;
-    writer.write_all(&(bytes.len() as u64).to_le_bytes())?;
-    writer.write_all(&bytes)?;
+    write_section(&table.encode(), writer)?;
     sm.snapshot(writer)
 }
 
+/// Writes the session section of an encoded table.
+pub(crate) fn write_section(table: &[u8], writer: &mut dyn Write) -> io::Result<()> {
+    writer.write_all(SNAPSHOT_MAGIC)?;
+    writer.write_all(&(table.len() as u64).to_le_bytes())?;
+    writer.write_all(table)
+}
+
 /// Reads the session section (if any), then restores the state machine
-/// from the rest.
+/// from the rest: an on-disk one at `index`.
 pub(crate) fn restore<SM: StateMachine>(
     sm: &mut SM,
+    index: u64,
     config: SessionConfig,
     reader: &mut dyn Read,
+) -> io::Result<SessionTable> {
+    read_section(config, reader, |rest| match sm.disk() {
+        Some(disk) => disk.restore_at(index, rest),
+        None => sm.restore(rest),
+    })
+}
+
+/// Reads the session section (if any) and hands the rest of the snapshot,
+/// the state machine's bytes, to `rest`.
+pub(crate) fn read_section(
+    config: SessionConfig,
+    reader: &mut dyn Read,
+    rest: impl FnOnce(&mut dyn Read) -> io::Result<()>,
 ) -> io::Result<SessionTable> {
     let mut head = Vec::with_capacity(8);
     reader.take(8).read_to_end(&mut head)?;
     if head.as_slice() != SNAPSHOT_MAGIC {
         // Written before sessions: all of it is the state machine's.
-        sm.restore(&mut io::Cursor::new(head).chain(reader))?;
+        rest(&mut io::Cursor::new(head).chain(reader))?;
         return Ok(SessionTable::new(config));
     }
     let mut len = [0u8; 8];
@@ -101,7 +119,7 @@ pub(crate) fn restore<SM: StateMachine>(
     }
     let table = SessionTable::decode(&bytes)
         .map_err(|e| io::Error::new(io::ErrorKind::InvalidData, format!("session table: {e}")))?;
-    sm.restore(reader)?;
+    rest(reader)?;
     Ok(table)
 }
 

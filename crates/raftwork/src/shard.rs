@@ -248,7 +248,7 @@ impl ShardWiring {
 
     pub(crate) fn apply_events(&self) -> ApplyEvents {
         let (group, token, tx) = (self.group, self.token, self.queues.control.clone());
-        Box::new(move |event| {
+        std::sync::Arc::new(move |event| {
             let _ = tx.send(ShardMsg::Applied {
                 group,
                 token,

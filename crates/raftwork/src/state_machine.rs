@@ -48,6 +48,186 @@ pub trait StateMachine: Send + Sync + 'static {
 
     /// Replaces the whole state with the one read from `reader`.
     fn restore(&mut self, reader: &mut dyn Read) -> io::Result<()>;
+
+    /// A point-in-time view of the state, for a snapshot that does not stop
+    /// applies. `None` (the default): raftwork calls [`Self::snapshot`] on
+    /// the apply path, and applies wait until the whole state is written.
+    ///
+    /// # Contract
+    /// * Called on the apply path at exactly the snapshot's index: applies
+    ///   wait while it runs, so it must be quick (a reference count, a
+    ///   fork of a persistent or copy-on-write structure, a store's read
+    ///   transaction), never a copy of the whole state.
+    /// * The view is written out on a thread of its own while `apply`
+    ///   goes on changing the state machine. What it writes must be the
+    ///   state at the moment it was taken, whatever `apply` does after,
+    ///   in the format [`Self::restore`] reads.
+    /// * At most one view is being written at a time: raftwork takes the
+    ///   next only after the last was written.
+    fn snapshot_view(&self) -> Option<Box<dyn SnapshotView>> {
+        None
+    }
+
+    /// `Some` for an on-disk state machine: raftwork's [`OnDisk`] adapter
+    /// answers it for a [`DiskStateMachine`]. Leave the default otherwise.
+    fn disk(&mut self) -> Option<&mut dyn DiskHooks> {
+        None
+    }
+}
+
+/// A point-in-time view of a state machine's state, written out into a
+/// snapshot off the apply path (see [`StateMachine::snapshot_view`]).
+pub trait SnapshotView: Send + 'static {
+    /// Writes the state as it was when the view was taken.
+    fn write_to(self: Box<Self>, writer: &mut dyn Write) -> io::Result<()>;
+}
+
+/// A state machine that keeps its state in durable storage of its own (an
+/// embedded store such as redb, fjall or RocksDB), so that a restart does
+/// not rebuild it from a snapshot. Wrap it in [`OnDisk`] to run it.
+///
+/// What raftwork does with one:
+/// * **At start** it calls [`Self::open`] and learns the applied index the
+///   store holds durably. If that is at least the newest snapshot's index,
+///   the state machine is not restored: raftwork replays the log from the
+///   snapshot through its own bookkeeping (membership) but hands the state
+///   machine only the commands after the store's index. Otherwise it
+///   restores the snapshot with [`Self::restore`].
+/// * **Before each snapshot** it calls [`Self::sync`] with the applied
+///   index, and only then takes the [`Self::snapshot_view`] and records the
+///   snapshot, so the log is never compacted past what the store holds
+///   durably: whatever the store loses in a crash is still in the log.
+///   It calls `sync` again when the node stops.
+/// * **Snapshots stream** from the view on a thread of their own while
+///   `apply` goes on.
+///
+/// # Correctness requirements
+/// * `apply` is deterministic, as for [`StateMachine::apply`].
+/// * The durable applied index never runs ahead of the durable data: the
+///   store writes its index in the same atomic write as the data it
+///   covers (a transaction, or a batch). It may lag: a crash loses
+///   applies the store never made durable, and raftwork applies them
+///   again from the log. So each command must reach the store durably at
+///   most once: never apply a command's effect durably without its index.
+/// * `restore` replaces the whole state and makes it durable at `index`
+///   in one atomic step (or leaves the old state and index if it fails).
+/// * Exactly-once sessions are not supported: their table lives in memory
+///   and is rebuilt from snapshots, which a restart of an on-disk state
+///   machine does not read. [`crate::Node::session`] refuses with
+///   [`crate::ProposeError::SessionsUnsupported`].
+pub trait DiskStateMachine: Send + Sync + 'static {
+    /// What `apply` returns for each command.
+    type Response: ResponseBytes + Send + 'static;
+
+    /// Opens the store (created empty if new) and returns the highest
+    /// applied index it holds durably: 0 for a new store. Called once,
+    /// before anything else.
+    fn open(&mut self) -> io::Result<u64>;
+
+    /// Applies a batch of committed commands in order; one response each.
+    /// May make them durable at once, or leave that to [`Self::sync`].
+    fn apply(&mut self, commands: &[Command<'_>]) -> Vec<Self::Response>;
+
+    /// Makes every command applied so far durable, with `applied_index` as
+    /// the store's durable applied index. `applied_index` may be past the
+    /// last command `apply` saw: raft's own entries and membership changes
+    /// move it too. An error stops the node (durability is then unknown).
+    fn sync(&mut self, applied_index: u64) -> io::Result<()>;
+
+    /// A consistent point-in-time view of the whole state (a read
+    /// transaction, a checkpoint): see [`StateMachine::snapshot_view`].
+    fn snapshot_view(&self) -> io::Result<Box<dyn SnapshotView>>;
+
+    /// Replaces the whole state with the snapshot's, durably, at `index`.
+    fn restore(&mut self, index: u64, reader: &mut dyn Read) -> io::Result<()>;
+}
+
+/// What raftwork calls on an on-disk state machine beyond [`StateMachine`];
+/// [`OnDisk`] implements it for a [`DiskStateMachine`].
+pub trait DiskHooks: Send {
+    /// [`DiskStateMachine::open`].
+    fn open(&mut self) -> io::Result<u64>;
+    /// [`DiskStateMachine::sync`].
+    fn sync(&mut self, applied_index: u64) -> io::Result<()>;
+    /// [`DiskStateMachine::restore`].
+    fn restore_at(&mut self, index: u64, reader: &mut dyn Read) -> io::Result<()>;
+}
+
+/// Runs a [`DiskStateMachine`] as a node's state machine:
+/// `Builder::new(id, OnDisk::new(store))`. Read closures get the adapter,
+/// which dereferences to the store.
+#[derive(Debug)]
+pub struct OnDisk<D>(D);
+
+impl<D: DiskStateMachine> OnDisk<D> {
+    /// Wraps `store`; raftwork opens it when the node is built.
+    pub fn new(store: D) -> Self {
+        Self(store)
+    }
+
+    /// The store.
+    pub fn get(&self) -> &D {
+        &self.0
+    }
+}
+
+impl<D> std::ops::Deref for OnDisk<D> {
+    type Target = D;
+    fn deref(&self) -> &D {
+        &self.0
+    }
+}
+
+/// A view that could not be taken: writing it fails with the reason.
+struct FailedView(io::Error);
+
+impl SnapshotView for FailedView {
+    fn write_to(self: Box<Self>, _: &mut dyn Write) -> io::Result<()> {
+        Err(self.0)
+    }
+}
+
+impl<D: DiskStateMachine> StateMachine for OnDisk<D> {
+    type Response = D::Response;
+
+    fn apply(&mut self, commands: &[Command<'_>]) -> Vec<D::Response> {
+        self.0.apply(commands)
+    }
+
+    fn snapshot(&self, writer: &mut dyn Write) -> io::Result<()> {
+        self.0.snapshot_view()?.write_to(writer)
+    }
+
+    fn restore(&mut self, _: &mut dyn Read) -> io::Result<()> {
+        // raftwork restores an on-disk state machine through `disk()`,
+        // which knows the snapshot's index.
+        Err(io::Error::other(
+            "an on-disk state machine is restored at an index (DiskHooks::restore_at)",
+        ))
+    }
+
+    fn snapshot_view(&self) -> Option<Box<dyn SnapshotView>> {
+        Some(match self.0.snapshot_view() {
+            Ok(view) => view,
+            Err(e) => Box::new(FailedView(e)),
+        })
+    }
+
+    fn disk(&mut self) -> Option<&mut dyn DiskHooks> {
+        Some(self)
+    }
+}
+
+impl<D: DiskStateMachine> DiskHooks for OnDisk<D> {
+    fn open(&mut self) -> io::Result<u64> {
+        self.0.open()
+    }
+    fn sync(&mut self, applied_index: u64) -> io::Result<()> {
+        self.0.sync(applied_index)
+    }
+    fn restore_at(&mut self, index: u64, reader: &mut dyn Read) -> io::Result<()> {
+        self.0.restore(index, reader)
+    }
 }
 
 /// A response as bytes, for exactly-once sessions.
