@@ -186,8 +186,11 @@ impl<SM: StateMachine> Applier<SM> {
         let fatal = match handled {
             Ok(Ok(())) => return true,
             Ok(Err(fatal)) => fatal,
-            Err(payload) => FatalReason::StateMachinePanicked {
-                message: panic_message(payload.as_ref()),
+            Err(payload) => match payload.downcast::<crate::state_machine::StorageFailure>() {
+                Ok(failure) => FatalReason::StateMachineStorage { detail: failure.0 },
+                Err(payload) => FatalReason::StateMachinePanicked {
+                    message: panic_message(payload.as_ref()),
+                },
             },
         };
         tracing::error!(error = %fatal, "applier stopping on a fatal error");

@@ -126,7 +126,10 @@ pub trait DiskStateMachine: Send + Sync + 'static {
 
     /// Applies a batch of committed commands in order; one response each.
     /// May make them durable at once, or leave that to [`Self::sync`].
-    fn apply(&mut self, commands: &[Command<'_>]) -> Vec<Self::Response>;
+    /// An error (the store's I/O failed) stops the node with
+    /// [`crate::FatalReason::StateMachineStorage`]: the batch may be half
+    /// applied in memory, so nothing more is applied or synced.
+    fn apply(&mut self, commands: &[Command<'_>]) -> io::Result<Vec<Self::Response>>;
 
     /// Makes every command applied so far durable, with `applied_index` as
     /// the store's durable applied index. `applied_index` may be past the
@@ -165,8 +168,8 @@ impl<D: DiskStateMachine> OnDisk<D> {
         Self(store)
     }
 
-    /// The store.
-    pub fn get(&self) -> &D {
+    /// The store (also reached through `Deref`).
+    pub fn inner(&self) -> &D {
         &self.0
     }
 }
@@ -177,6 +180,10 @@ impl<D> std::ops::Deref for OnDisk<D> {
         &self.0
     }
 }
+
+/// The panic payload of an on-disk state machine whose `apply` failed:
+/// the applier reports it as [`crate::FatalReason::StateMachineStorage`].
+pub(crate) struct StorageFailure(pub(crate) String);
 
 /// A view that could not be taken: writing it fails with the reason.
 struct FailedView(io::Error);
@@ -191,7 +198,16 @@ impl<D: DiskStateMachine> StateMachine for OnDisk<D> {
     type Response = D::Response;
 
     fn apply(&mut self, commands: &[Command<'_>]) -> Vec<D::Response> {
-        self.0.apply(commands)
+        match self.0.apply(commands) {
+            Ok(responses) => responses,
+            // The applier turns this panic into a fatal stop that names the
+            // storage (see `StorageFailure`).
+            Err(e) => std::panic::panic_any(StorageFailure(format!(
+                "applying commands {}..={}: {e}",
+                commands.first().map_or(0, |c| c.index),
+                commands.last().map_or(0, |c| c.index)
+            ))),
+        }
     }
 
     fn snapshot(&self, writer: &mut dyn Write) -> io::Result<()> {
