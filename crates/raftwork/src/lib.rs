@@ -62,6 +62,7 @@ mod seed;
 mod session;
 mod shard;
 mod state_machine;
+mod typed;
 
 pub use builder::{BuildError, Builder, Config, DataDir, TransportKind};
 #[cfg(feature = "host")]
@@ -74,6 +75,10 @@ pub use seed::{force_new_cluster, seed_data_dir, Recovered, Seed};
 pub use session::{Session, SessionId, SessionToken, SESSION_RETRY_TIMEOUT};
 #[cfg(feature = "host")]
 pub use shard::SHARD_INBOX_ENVELOPES;
+pub use typed::{
+    decode_command, encode_command, CommandError, Typed, TypedCommand, TypedProposeError,
+    TypedReply, TypedStateMachine,
+};
 pub use state_machine::{
     Command, DiskHooks, DiskStateMachine, OnDisk, ResponseBytes, SnapshotView, StateMachine,
 };
