@@ -157,9 +157,8 @@ async fn main() {
         Some("restart") => return restart(Path::new(&args[2]), args[3].parse().unwrap()).await,
         _ => {}
     }
-    let points = std::env::var("POINTS").unwrap_or_else(|_| {
-        "100000:10000 100000:100000 1000000:10000 1000000:100000".to_string()
-    });
+    let points = std::env::var("POINTS")
+        .unwrap_or_else(|_| "100000:10000 100000:100000 1000000:10000 1000000:100000".to_string());
     let clients = std::env::var("CLIENTS").unwrap_or_else(|_| "256".into());
     let base = std::env::var("BENCH_DIR").map(PathBuf::from).ok();
     for point in points.split_whitespace() {

@@ -252,7 +252,15 @@ async fn a_store_ahead_of_the_log_is_refused() {
     node.wait_for_leader(WAIT).await.unwrap();
     write(&node, 0, 10).await;
     node.shutdown().await;
-    // The node's data dir is wiped, the store kept.
+    // The node's log is wiped, its snapshots and the store kept: the
+    // node would bootstrap a new log whose commands the store claims.
+    std::fs::remove_dir_all(dir.path().join("node/wal")).unwrap();
+    let err = start(1, &[1], dir.path(), None).err().expect("refused");
+    assert!(
+        matches!(err, raftwork::BuildError::StateMachineAhead { .. }),
+        "{err}"
+    );
+    // The whole data dir wiped: refused as well.
     std::fs::remove_dir_all(dir.path().join("node")).unwrap();
     let err = start(1, &[1], dir.path(), None).err().expect("refused");
     assert!(

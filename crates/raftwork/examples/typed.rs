@@ -17,10 +17,18 @@ use serde::{Deserialize, Serialize};
 /// position), with a new version (see `command_version`).
 #[derive(Debug, Serialize, Deserialize)]
 enum Cmd {
-    Set { key: String, value: String },
-    Remove { key: String },
+    Set {
+        key: String,
+        value: String,
+    },
+    Remove {
+        key: String,
+    },
     /// Added in version 2: members still on version 1 refuse it.
-    Append { key: String, suffix: String },
+    Append {
+        key: String,
+        suffix: String,
+    },
 }
 
 #[derive(Debug, Serialize, Deserialize)]

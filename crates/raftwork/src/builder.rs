@@ -474,11 +474,35 @@ impl<SM: StateMachine, S: LogStore> Builder<SM, S> {
         if let Some(durable_index) = disk_durable {
             let log_last_index = raft::Storage::last_index(&store)
                 .map_err(|e| BuildError::Fatal(FatalError::Raft(e)))?;
-            if durable_index > log_last_index {
+            // The store is past the log only after restoring a received
+            // snapshot whose install a crash kept out of the log (raft
+            // hands a received snapshot out before its install is
+            // durable). Its data is in the snapshot store, saved before
+            // raft saw it; every command up to it is committed, so the
+            // node goes on from its log and skips them as the leader sends
+            // them again. Without that snapshot, the store and the data dir
+            // do not belong together.
+            if durable_index > 0 && bootstrapped.is_some() {
+                // A new log, and a store that holds applies: they do not
+                // belong together, whatever else the data dir holds.
                 return Err(BuildError::StateMachineAhead {
                     durable_index,
-                    log_last_index,
+                    log_last_index: 0,
                 });
+            }
+            if durable_index > log_last_index {
+                if snapshots.open(durable_index).is_err() {
+                    return Err(BuildError::StateMachineAhead {
+                        durable_index,
+                        log_last_index,
+                    });
+                }
+                tracing::warn!(
+                    durable_index,
+                    log_last_index,
+                    "the on-disk state machine restored a received snapshot the log had not \
+                     recorded before a crash; going on from the log, skipping what it holds"
+                );
             }
         }
         let (applied_index, applied_term, sessions) = match bootstrapped {

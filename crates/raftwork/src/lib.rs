@@ -75,12 +75,12 @@ pub use seed::{force_new_cluster, seed_data_dir, Recovered, Seed};
 pub use session::{Session, SessionId, SessionToken, SESSION_RETRY_TIMEOUT};
 #[cfg(feature = "host")]
 pub use shard::SHARD_INBOX_ENVELOPES;
+pub use state_machine::{
+    Command, DiskHooks, DiskStateMachine, OnDisk, ResponseBytes, SnapshotView, StateMachine,
+};
 pub use typed::{
     decode_command, encode_command, CommandError, Typed, TypedCommand, TypedProposeError,
     TypedReply, TypedStateMachine,
-};
-pub use state_machine::{
-    Command, DiskHooks, DiskStateMachine, OnDisk, ResponseBytes, SnapshotView, StateMachine,
 };
 
 pub use raft::prelude::ConfState;

@@ -172,7 +172,10 @@ pub fn decode_command<T: TypedStateMachine>(
     let (command, rest) =
         postcard::take_from_bytes(body).map_err(|e| undecodable(e.to_string()))?;
     if !rest.is_empty() {
-        return Err(undecodable(format!("{} bytes after the command", rest.len())));
+        return Err(undecodable(format!(
+            "{} bytes after the command",
+            rest.len()
+        )));
     }
     Ok((version, command))
 }

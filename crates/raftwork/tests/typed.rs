@@ -24,9 +24,19 @@ enum CommandV1 {
 /// The second version: a variant added at the end.
 #[derive(Debug, Serialize, Deserialize)]
 enum CommandV2 {
-    Deposit { account: String, amount: u64 },
-    Withdraw { account: String, amount: u64 },
-    Transfer { from: String, to: String, amount: u64 },
+    Deposit {
+        account: String,
+        amount: u64,
+    },
+    Withdraw {
+        account: String,
+        amount: u64,
+    },
+    Transfer {
+        from: String,
+        to: String,
+        amount: u64,
+    },
 }
 
 #[derive(Debug, PartialEq, Serialize, Deserialize)]
@@ -209,7 +219,10 @@ async fn typed_commands_apply_and_an_older_member_refuses_a_newer_one_and_goes_o
     assert_eq!(n3.stop_reason(), None, "the old member is running");
     let (old, refused) = balances(&n3, |b: &BankV1| &b.0).await;
     assert_eq!(refused, 2, "the transfer and the garbage");
-    assert_eq!(old["alice"], 100, "the old member did not apply the transfer");
+    assert_eq!(
+        old["alice"], 100,
+        "the old member did not apply the transfer"
+    );
     assert_eq!(old["carol"], 7);
     let (current, refused) = balances(new, |b: &BankV2| &b.0).await;
     assert_eq!(refused, 1, "the garbage only");

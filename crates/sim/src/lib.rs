@@ -203,6 +203,14 @@ pub enum Bug {
     /// Move session time by each replica's own clock at apply time (as
     /// Babuza does) instead of by the log's stamps.
     LocalClockExpiry,
+    /// With `disk_state_machine`: a restart hands the state machine every
+    /// command the log replays, also those its store already holds (no
+    /// skip past the store's index).
+    DiskReplayAll,
+    /// With `disk_state_machine`: each apply batch's record carries the
+    /// batch's index but the state from before it, as a store that makes
+    /// its index durable ahead of the data it covers.
+    DiskIndexBeforeData,
 }
 
 /// What to simulate.
@@ -254,6 +262,14 @@ pub struct SimConfig {
     /// Election timeouts are drawn per node incarnation from
     /// `[10, 10 + election_jitter_ticks)` ticks. Default: 10.
     pub election_jitter_ticks: u64,
+    /// Each node's state machine keeps its state on its simulated disk, as
+    /// an on-disk state machine does (`raftwork::DiskStateMachine`): every
+    /// apply batch appends a record (state and the index it covers) to
+    /// `/sm/log` without a sync, the durability point is an fsync before
+    /// each snapshot and after a restore, and a restart opens the last
+    /// whole record and replays only the commands after it. Needs
+    /// `sessions` off (an on-disk state machine refuses them).
+    pub disk_state_machine: bool,
     /// A deliberate bug, for negative controls.
     pub bug: Option<Bug>,
 }
@@ -277,6 +293,7 @@ impl Default for SimConfig {
             election_jitter_ticks: 10,
             liveness_ms: 2_000,
             sessions: true,
+            disk_state_machine: false,
             bug: None,
         }
     }
@@ -358,14 +375,15 @@ fn encode_kv(kv: &Kv) -> Vec<u8> {
     out
 }
 
-/// A node's state machine as snapshot bytes:
-/// `kv len u32 | kv | session commands applied u64 | session table`.
+/// A node's state machine as snapshot bytes: `kv len u32 | kv | session
+/// commands applied u64 | commands applied u64 | session table`.
 fn encode_state(node: &Node) -> Vec<u8> {
     let kv = encode_kv(&node.kv);
     let mut out = Vec::with_capacity(kv.len() + 64);
     out.extend_from_slice(&(kv.len() as u32).to_le_bytes());
     out.extend_from_slice(&kv);
     out.extend_from_slice(&node.session_commands_applied.to_le_bytes());
+    out.extend_from_slice(&node.commands_applied.to_le_bytes());
     out.extend_from_slice(&node.sessions.encode());
     out
 }
@@ -376,8 +394,74 @@ fn restore_state(node: &mut Node, data: &[u8]) {
     node.kv = decode_kv(&data[4..4 + kv_len]);
     let at = 4 + kv_len;
     node.session_commands_applied = u64::from_le_bytes(data[at..at + 8].try_into().unwrap());
+    node.commands_applied = u64::from_le_bytes(data[at + 8..at + 16].try_into().unwrap());
     node.sessions =
-        SessionTable::decode(&data[at + 8..]).expect("a snapshot's session table decodes");
+        SessionTable::decode(&data[at + 16..]).expect("a snapshot's session table decodes");
+}
+
+/// The on-disk state machine's file (`SimConfig::disk_state_machine`): a
+/// sequence of records, each the whole state and the index it covers.
+/// ```text
+/// | len u32 | fnv u64 of payload | payload: index u64 | commands applied u64 | kv |
+/// ```
+/// Appended without a sync after every apply batch; a record's index
+/// commits with its data (one record). Recovery takes the last record
+/// whose length and checksum hold: a power cut loses or tears only
+/// records written after the last sync.
+const SM_DIR: &str = "/sm";
+const SM_LOG: &str = "/sm/log";
+
+fn sm_record(index: u64, commands_applied: u64, kv: &Kv) -> Vec<u8> {
+    let mut payload = Vec::with_capacity(16 + kv.len() * 16);
+    payload.extend_from_slice(&index.to_le_bytes());
+    payload.extend_from_slice(&commands_applied.to_le_bytes());
+    payload.extend_from_slice(&encode_kv(kv));
+    let mut h = 0xcbf2_9ce4_8422_2325u64;
+    for b in &payload {
+        fnv(&mut h, *b as u64);
+    }
+    let mut out = Vec::with_capacity(12 + payload.len());
+    out.extend_from_slice(&(payload.len() as u32).to_le_bytes());
+    out.extend_from_slice(&h.to_le_bytes());
+    out.extend_from_slice(&payload);
+    out
+}
+
+/// The last whole record of the state machine's file, and where the next
+/// one goes.
+#[allow(clippy::type_complexity)]
+fn sm_recover(fs: &SimFs) -> std::io::Result<(u64, Option<(u64, u64, Kv)>)> {
+    let path = std::path::Path::new(SM_LOG);
+    if !fs.exists(path)? {
+        return Ok((0, None));
+    }
+    let file = fs.open(path, raftwork_storage::fs::OpenMode::Read)?;
+    let len = file.len()?;
+    let mut data = vec![0u8; len as usize];
+    file.read_exact_at(&mut data, 0)?;
+    let (mut at, mut last) = (0usize, None);
+    while at + 12 <= data.len() {
+        let n = u32::from_le_bytes(data[at..at + 4].try_into().unwrap()) as usize;
+        let want = u64::from_le_bytes(data[at + 4..at + 12].try_into().unwrap());
+        if n < 16 || at + 12 + n > data.len() {
+            break;
+        }
+        let payload = &data[at + 12..at + 12 + n];
+        let mut h = 0xcbf2_9ce4_8422_2325u64;
+        for b in payload {
+            fnv(&mut h, *b as u64);
+        }
+        if h != want {
+            break;
+        }
+        last = Some((
+            u64::from_le_bytes(payload[..8].try_into().unwrap()),
+            u64::from_le_bytes(payload[8..16].try_into().unwrap()),
+            decode_kv(&payload[16..]),
+        ));
+        at += 12 + n;
+    }
+    Ok((at as u64, last))
 }
 
 fn decode_kv(data: &[u8]) -> Kv {
@@ -548,6 +632,14 @@ struct Node {
     /// equal the distinct session commands committed up to its applied
     /// index, or something applied twice or not at all.
     session_commands_applied: u64,
+    /// Commands this replica's state machine applied (state machine
+    /// state): must equal the commands committed up to its applied index.
+    commands_applied: u64,
+    /// With an on-disk state machine: commands at or below this index are
+    /// in its store already (its index at the last start).
+    skip_through: u64,
+    /// Where the next record of the state machine's file goes.
+    sm_end: u64,
 }
 
 struct Client {
@@ -581,6 +673,11 @@ struct Sim {
     leaders: BTreeMap<u64, u64>,
     /// Applied index → (node, fingerprint of its session table there).
     session_tables: BTreeMap<u64, (u64, u64)>,
+    /// Every replica's state fingerprint at an applied index, as first
+    /// reported: `(node, fingerprint)`.
+    states: BTreeMap<u64, (u64, u64)>,
+    /// Indexes of the plain (sessionless) commands committed.
+    commands: BTreeSet<u64>,
     /// Index → (session, sequence) of every committed session command.
     session_commands: BTreeMap<u64, (u64, u64)>,
     trace: u64,
@@ -667,9 +764,16 @@ impl Sim {
             None => {
                 node.kv = Kv::new();
                 node.session_commands_applied = 0;
+                node.commands_applied = 0;
                 node.sessions = SessionTable::new(SessionConfig::default());
             }
         }
+        node.skip_through = 0;
+        if self.cfg.disk_state_machine && !self.open_disk_state_machine(k, base.index)? {
+            // Its disk failed on purpose: it stopped, and comes back later.
+            return Ok(());
+        }
+        let node = &mut self.nodes[k];
         node.applied = base.index;
         node.applied_term = base.term;
         node.conf_state = raft::Storage::initial_state(&store).unwrap().conf_state;
@@ -680,6 +784,92 @@ impl Sim {
         node.core = Some(core);
         node.incarnation += 1;
         Ok(())
+    }
+
+    /// Opens node `k`'s on-disk state machine, as the builder does: its
+    /// store's state if that is at or past the snapshot the node starts
+    /// from (`base`: its state is already in `node`), else the snapshot's
+    /// state made durable in the store at its index. False if the disk
+    /// failed on purpose and the node stopped.
+    fn open_disk_state_machine(&mut self, k: usize, base: u64) -> Result<bool, Failure> {
+        let id = self.nodes[k].id;
+        let (end, record) = sm_recover(&self.nodes[k].fs).map_err(|e| {
+            self.fail(format!(
+                "node {id}: the state machine's file does not open after a crash: {e}"
+            ))
+        })?;
+        self.nodes[k].sm_end = end;
+        let last = raft::Storage::last_index(&self.nodes[k].store).unwrap();
+        match record {
+            Some((durable, commands, kv)) if durable >= base => {
+                // Past the log only after restoring a received snapshot
+                // whose install the crash kept out of the log; its data is
+                // in the snapshot store (saved before raft saw it).
+                if durable > last && read_snapshot(&self.nodes[k].snapshots, durable).is_err() {
+                    return Err(self.fail(format!(
+                        "node {id}: the state machine holds index {durable}, past the log's last {last}, and no snapshot there"
+                    )));
+                }
+                let node = &mut self.nodes[k];
+                node.kv = kv;
+                node.commands_applied = commands;
+                if self.cfg.bug != Some(Bug::DiskReplayAll) {
+                    node.skip_through = durable;
+                }
+                Ok(true)
+            }
+            // Restore the snapshot's state into the store, durably.
+            _ if base > 0 => Ok(self.sm_append(k, base)? && self.sm_sync(k)?),
+            _ => Ok(true),
+        }
+    }
+
+    /// Appends the state machine's state at `index` to its file (no sync).
+    /// False if the disk failed on purpose and the node stopped.
+    fn sm_append(&mut self, k: usize, index: u64) -> Result<bool, Failure> {
+        let node = &self.nodes[k];
+        let record = sm_record(index, node.commands_applied, &node.kv);
+        let at = node.sm_end;
+        let fs = node.fs.clone();
+        let written = (|| {
+            let path = std::path::Path::new(SM_LOG);
+            if !fs.exists(path)? {
+                fs.create_dir_all(std::path::Path::new(SM_DIR))?;
+                let f = fs.open(path, raftwork_storage::fs::OpenMode::CreateNew)?;
+                f.sync_all()?;
+                fs.sync_dir(std::path::Path::new(SM_DIR))?;
+                fs.sync_dir(std::path::Path::new("/"))?;
+            }
+            let f = fs.open(path, raftwork_storage::fs::OpenMode::ReadWrite)?;
+            f.write_all_at(&record, at)
+        })();
+        match written {
+            Ok(()) => {
+                self.nodes[k].sm_end = at + record.len() as u64;
+                Ok(true)
+            }
+            Err(e) => self
+                .io_failed(k, format!("state machine write: {e}"))
+                .map(|()| false),
+        }
+    }
+
+    /// The on-disk state machine's durability point: an fsync of its file.
+    /// False if the disk failed on purpose and the node stopped.
+    fn sm_sync(&mut self, k: usize) -> Result<bool, Failure> {
+        let fs = self.nodes[k].fs.clone();
+        let synced = fs
+            .open(
+                std::path::Path::new(SM_LOG),
+                raftwork_storage::fs::OpenMode::ReadWrite,
+            )
+            .and_then(|f| f.sync_data());
+        match synced {
+            Ok(()) => Ok(true),
+            Err(e) => self
+                .io_failed(k, format!("state machine sync: {e}"))
+                .map(|()| false),
+        }
     }
 
     fn run(mut self) -> Result<Report, Failure> {
@@ -1555,6 +1745,12 @@ impl Sim {
                 node.applied_term = meta.term;
                 node.conf_state = meta.get_conf_state().clone();
                 let index = meta.index;
+                // Restored durably at its index, before it counts as
+                // applied.
+                if self.cfg.disk_state_machine && !(self.sm_append(k, index)? && self.sm_sync(k)?) {
+                    return Ok(());
+                }
+                let node = &mut self.nodes[k];
                 node.core.as_mut().unwrap().handle_applied(index);
             }
             Action::Apply(batch) => self.apply(k, batch)?,
@@ -1652,6 +1848,8 @@ impl Sim {
             let clock = self.wall_clock_ms(k);
             self.nodes[k].sessions.advance_time(clock);
         }
+        let before = (self.cfg.bug == Some(Bug::DiskIndexBeforeData))
+            .then(|| (self.nodes[k].commands_applied, self.nodes[k].kv.clone()));
         for e in &batch.entries {
             self.check_committed(id, e)?;
             self.applied_entries += 1;
@@ -1666,7 +1864,17 @@ impl Sim {
             );
             let step = node.sessions.apply_entry(e.index, &e.context);
             let ok = match step {
+                // Already in the on-disk state machine's store; the client
+                // that proposed it is long gone (a restart came between).
+                Applied::Apply
+                    if (session_cmd || is_command(e)) && e.index <= node.skip_through =>
+                {
+                    None
+                }
                 Applied::Apply if session_cmd || is_command(e) => {
+                    if !session_cmd {
+                        node.commands_applied += 1;
+                    }
                     let ok = apply_command(&mut node.kv, &e.data);
                     if let Some((EntryKind::SessionCommand { session, seq, .. }, _)) =
                         classify(&e.context)
@@ -1720,7 +1928,57 @@ impl Sim {
         }
         node.applied = last_index;
         node.applied_term = last_term;
+        if self.cfg.disk_state_machine && last_index > self.nodes[k].skip_through {
+            let written = match before {
+                Some((commands, kv)) => {
+                    let node = &mut self.nodes[k];
+                    let now = (
+                        std::mem::replace(&mut node.commands_applied, commands),
+                        std::mem::replace(&mut node.kv, kv),
+                    );
+                    let written = self.sm_append(k, last_index)?;
+                    let node = &mut self.nodes[k];
+                    (node.commands_applied, node.kv) = now;
+                    written
+                }
+                None => self.sm_append(k, last_index)?,
+            };
+            if !written {
+                return Ok(());
+            }
+        }
+        let node = &mut self.nodes[k];
         node.core.as_mut().unwrap().handle_applied(last_index);
+        // Every replica holds the same state at the same applied index,
+        // having applied each committed command once (on its way back from
+        // a restart, an on-disk state machine already holds a later state).
+        if last_index >= node.skip_through {
+            let commands = self.commands.range(..=last_index).count() as u64;
+            let applied = node.commands_applied;
+            if applied != commands {
+                return Err(self.fail(format!(
+                    "node {id} applied {applied} commands up to index {last_index}, but {commands} committed there"
+                )));
+            }
+            let node = &self.nodes[k];
+            let mut fp = 0xcbf2_9ce4_8422_2325u64;
+            for (key, value) in &node.kv {
+                fnv(&mut fp, *key);
+                fnv(&mut fp, *value);
+            }
+            match self.states.get(&last_index) {
+                Some(&(other, f)) if f != fp => {
+                    return Err(self.fail(format!(
+                        "states differ at index {last_index}: node {id} and node {other}"
+                    )))
+                }
+                Some(_) => {}
+                None => {
+                    self.states.insert(last_index, (id, fp));
+                }
+            }
+        }
+        let node = &mut self.nodes[k];
         // Replicas agree on the session table at the same applied index.
         let fp = node.sessions.fingerprint();
         match self.session_tables.get(&last_index) {
@@ -1746,11 +2004,19 @@ impl Sim {
         metadata: SnapshotMetadata,
         id: Option<RequestId>,
     ) -> Result<(), Failure> {
-        let node = &self.nodes[k];
         assert_eq!(
-            metadata.index, node.applied,
+            metadata.index, self.nodes[k].applied,
             "snapshot at the applied index"
         );
+        if self.cfg.disk_state_machine {
+            // The durability point: the store holds the snapshot's index
+            // before the log is compacted behind it.
+            let index = metadata.index;
+            if !(self.sm_append(k, index)? && self.sm_sync(k)?) {
+                return Ok(());
+            }
+        }
+        let node = &self.nodes[k];
         let result = write_snapshot(&node.snapshots, &metadata, &encode_state(node))
             .map(|()| metadata)
             .map_err(|e| e.to_string());
@@ -1769,6 +2035,9 @@ impl Sim {
     }
 
     fn check_committed(&mut self, node: u64, e: &Entry) -> Result<(), Failure> {
+        if is_command(e) {
+            self.commands.insert(e.index);
+        }
         if let Some((EntryKind::SessionCommand { session, seq, .. }, _)) = classify(&e.context) {
             self.session_commands.insert(e.index, (session, seq));
         }
@@ -1957,6 +2226,9 @@ pub fn run(cfg: &SimConfig) -> Result<Report, Failure> {
             last_sync_at: 0,
             sessions: SessionTable::new(SessionConfig::default()),
             session_commands_applied: 0,
+            commands_applied: 0,
+            skip_through: 0,
+            sm_end: 0,
         });
     }
     let clients = (0..cfg.clients)
@@ -1986,6 +2258,8 @@ pub fn run(cfg: &SimConfig) -> Result<Report, Failure> {
         committed: BTreeMap::new(),
         leaders: BTreeMap::new(),
         session_tables: BTreeMap::new(),
+        states: BTreeMap::new(),
+        commands: BTreeSet::new(),
         session_commands: BTreeMap::new(),
         trace,
         events: 0,
