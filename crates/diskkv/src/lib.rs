@@ -299,6 +299,83 @@ impl DiskKv {
     pub fn applied_since_open(&self) -> u64 {
         self.applied_since_open
     }
+
+    /// An estimate of the number of keys, without counting them.
+    pub fn approximate_len(&self) -> io::Result<u64> {
+        Ok(self.opened()?.data.approximate_len() as u64)
+    }
+
+    /// Calls `visit` on the keys and values from `start` on, in key order,
+    /// until it returns false.
+    pub fn scan_from(
+        &self,
+        start: &[u8],
+        mut visit: impl FnMut(&[u8], &[u8]) -> bool,
+    ) -> io::Result<()> {
+        for item in self.opened()?.data.range(start..) {
+            let (k, v) = item.into_inner().map_err(io_err)?;
+            if !visit(&k, &v) {
+                break;
+            }
+        }
+        Ok(())
+    }
+
+    /// Applies `commands` commands through `f`, as one atomic batch that
+    /// also sets the applied index to `last_index` (see "Durability"):
+    /// what a [`DiskStateMachine::apply`] of a state machine of its own
+    /// on this store calls. Nothing is written if `f` fails.
+    pub fn write<R>(
+        &mut self,
+        last_index: u64,
+        commands: u64,
+        f: impl FnOnce(&mut Batch<'_>) -> io::Result<R>,
+    ) -> io::Result<R> {
+        let open = self.opened()?;
+        let mut batch = Batch {
+            open,
+            batch: open.db.batch().durability(None),
+            written: HashMap::new(),
+        };
+        let out = f(&mut batch)?;
+        let Batch { mut batch, .. } = batch;
+        batch.insert(&open.meta, APPLIED, &last_index.to_be_bytes()[..]);
+        batch.commit().map_err(io_err)?;
+        self.applied_since_open += commands;
+        Ok(out)
+    }
+}
+
+/// An atomic write batch over the store; its reads see its own writes.
+pub struct Batch<'a> {
+    open: &'a Open,
+    batch: fjall::OwnedWriteBatch,
+    /// What this batch wrote so far: a batch's writes are not readable in
+    /// the store before it commits, and a later command may read an
+    /// earlier one's.
+    written: HashMap<Vec<u8>, Option<Vec<u8>>>,
+}
+
+impl Batch<'_> {
+    /// The value of `key`, with this batch's writes.
+    pub fn get(&self, key: &[u8]) -> io::Result<Option<Vec<u8>>> {
+        match self.written.get(key) {
+            Some(v) => Ok(v.clone()),
+            None => Ok(self.open.data.get(key).map_err(io_err)?.map(|v| v.to_vec())),
+        }
+    }
+
+    /// Sets `key` to `value`.
+    pub fn put(&mut self, key: &[u8], value: &[u8]) {
+        self.batch.insert(&self.open.data, key, value);
+        self.written.insert(key.to_vec(), Some(value.to_vec()));
+    }
+
+    /// Removes `key`.
+    pub fn delete(&mut self, key: &[u8]) {
+        self.batch.remove(&self.open.data, key);
+        self.written.insert(key.to_vec(), None);
+    }
 }
 
 /// Adds `by` to the decimal number `current` (absent: 0).
@@ -357,54 +434,34 @@ impl DiskStateMachine for DiskKv {
         let Some(last) = commands.last() else {
             return Ok(Vec::new());
         };
-        let open = self.opened()?;
-        let mut batch = open.db.batch().durability(None);
-        // What this batch wrote so far: a batch's writes are not readable
-        // before it commits, and a later command may read an earlier one's.
-        let mut written: HashMap<Vec<u8>, Option<Vec<u8>>> = HashMap::new();
-        let read = |written: &HashMap<Vec<u8>, Option<Vec<u8>>>, key: &[u8]| match written.get(key)
-        {
-            Some(v) => Ok(v.clone()),
-            None => open
-                .data
-                .get(key)
-                .map(|v| v.map(|v| v.to_vec()))
-                .map_err(io_err),
-        };
-        let mut replies = Vec::with_capacity(commands.len());
-        for c in commands {
-            let reply = match KvOp::decode(c.data) {
-                Err(why) => KvReply::Refused(why),
-                Ok(KvOp::Put { key, value }) => {
-                    let replaced = read(&written, &key)?.is_some();
-                    batch.insert(&open.data, key.as_slice(), value.as_slice());
-                    written.insert(key, Some(value));
-                    KvReply::Put { replaced }
-                }
-                Ok(KvOp::Delete { key }) => {
-                    let existed = read(&written, &key)?.is_some();
-                    batch.remove(&open.data, key.as_slice());
-                    written.insert(key, None);
-                    KvReply::Deleted { existed }
-                }
-                Ok(KvOp::Incr { key, by }) => {
-                    match increment(read(&written, &key)?.as_deref(), by) {
-                        Ok(sum) => {
-                            let text = sum.to_string().into_bytes();
-                            batch.insert(&open.data, key.as_slice(), text.as_slice());
-                            written.insert(key, Some(text));
-                            KvReply::Incremented(sum)
-                        }
-                        Err(why) => KvReply::Refused(why),
+        self.write(last.index, commands.len() as u64, |batch| {
+            let mut replies = Vec::with_capacity(commands.len());
+            for c in commands {
+                replies.push(match KvOp::decode(c.data) {
+                    Err(why) => KvReply::Refused(why),
+                    Ok(KvOp::Put { key, value }) => {
+                        let replaced = batch.get(&key)?.is_some();
+                        batch.put(&key, &value);
+                        KvReply::Put { replaced }
                     }
-                }
-            };
-            replies.push(reply);
-        }
-        batch.insert(&open.meta, APPLIED, &last.index.to_be_bytes()[..]);
-        batch.commit().map_err(io_err)?;
-        self.applied_since_open += commands.len() as u64;
-        Ok(replies)
+                    Ok(KvOp::Delete { key }) => {
+                        let existed = batch.get(&key)?.is_some();
+                        batch.delete(&key);
+                        KvReply::Deleted { existed }
+                    }
+                    Ok(KvOp::Incr { key, by }) => {
+                        match increment(batch.get(&key)?.as_deref(), by) {
+                            Ok(sum) => {
+                                batch.put(&key, sum.to_string().as_bytes());
+                                KvReply::Incremented(sum)
+                            }
+                            Err(why) => KvReply::Refused(why),
+                        }
+                    }
+                });
+            }
+            Ok(replies)
+        })
     }
 
     fn sync(&mut self, applied_index: u64) -> io::Result<()> {
