@@ -168,6 +168,9 @@ pub struct ApiConfig {
     /// Peer TLS binds certificates to member names: a member added by its
     /// peer address alone could not be checked, so such adds are refused.
     pub peer_names_checked: bool,
+    /// The key space is on disk (`--state-store disk`): the etcd API,
+    /// client sessions and backups are refused.
+    pub on_disk: bool,
 }
 
 /// The caller of a request, as the API listener saw it (`None` when the
@@ -270,6 +273,18 @@ impl AppState {
 
     /// 501 for what a member whose keys are split over several groups
     /// does not do (see `crate::groups`).
+    /// 501 for what a member with its key space on disk does not serve
+    /// (`--state-store disk`, see `crate::kv::DiskBackend`).
+    pub(crate) fn refuse_on_disk(&self, what: &str) -> ApiResult<()> {
+        if !self.config.on_disk {
+            return Ok(());
+        }
+        Err(ApiError::new(
+            StatusCode::NOT_IMPLEMENTED,
+            crate::kv::disk_refusal(what),
+        ))
+    }
+
     pub(crate) fn refuse_split(&self, what: &str) -> ApiResult<()> {
         if self.groups == 1 {
             return Ok(());
@@ -317,7 +332,14 @@ pub fn router(nodes: Vec<Node<KvStore>>, config: ApiConfig) -> Router {
     };
     let state = state_of(nodes[0].clone(), key_groups);
     let etcd = if groups > 1 {
-        crate::etcd::service::refused_routes(groups)
+        crate::etcd::service::refused_routes(crate::groups::refusal(
+            "the etcd v3 API (its revision is one counter for the whole key space)",
+            groups,
+        ))
+    } else if config.on_disk {
+        crate::etcd::service::refused_routes(crate::kv::disk_refusal(
+            "the etcd v3 API (it serves the key space's history, which a store on disk does not keep)",
+        ))
     } else {
         crate::etcd::service::routes(state.clone())
     };
@@ -350,6 +372,7 @@ pub fn router(nodes: Vec<Node<KvStore>>, config: ApiConfig) -> Router {
             axum::routing::post(change_group),
         )
         .route("/v1/snapshot", get(snapshot))
+        .route(INTERNAL_PROPOSE_PATH, axum::routing::post(internal_propose))
         .route("/v1/sessions", axum::routing::post(open_session))
         .route("/v1/sessions/{token}", axum::routing::delete(close_session))
         .route("/v1/kv", get(list))
@@ -885,6 +908,7 @@ async fn propose_write(
     let timeout = state.config.request_timeout;
     if headers.contains_key(SESSION_HEADER) {
         state.refuse_split("client sessions (the raftwork-session header)")?;
+        state.refuse_on_disk("client sessions (the raftwork-session header)")?;
     }
     if let Some(s) = client_session(headers)? {
         return Session::resume(state.node.clone(), s.token, s.seq)
@@ -895,6 +919,14 @@ async fn propose_write(
     }
     if headers.contains_key(FORWARDED_HEADER) {
         return propose_here(state, data).await;
+    }
+    if state.config.on_disk {
+        // No sessions on a key space on disk: a follower sends the command
+        // to the leader's API, once.
+        return match route(state, headers).await? {
+            None => propose_here(state, data).await,
+            Some(url) => forward_command(state, &url, &data).await,
+        };
     }
     if state.node.leader() == Some(state.node.id()) {
         match state.node.propose(data.clone()).await {
@@ -945,6 +977,92 @@ async fn propose_write(
     ))
 }
 
+/// Path of the route a member on disk sends a follower's write to
+/// ([`internal_propose`]).
+const INTERNAL_PROPOSE_PATH: &str = "/v1/internal/propose";
+
+/// Sends an encoded command to the leader's [`internal_propose`] once:
+/// its index and response, or the leader's error as it gave it. A request
+/// that may have reached it unanswered has an unknown outcome (503).
+async fn forward_command(state: &AppState, url: &str, data: &[u8]) -> ApiResult<(u64, KvResponse)> {
+    let timeout = state.config.request_timeout;
+    let sent = state
+        .config
+        .http
+        .request(
+            url,
+            "POST",
+            INTERNAL_PROPOSE_PATH,
+            Some("application/octet-stream"),
+            data,
+            timeout,
+        )
+        .await;
+    let answer = match sent {
+        Ok(answer) => answer,
+        Err(SendError::Connect { .. }) => {
+            return Err(ApiError::unavailable(format!(
+                "the leader at {url} cannot be reached; nothing was applied; retry"
+            )))
+        }
+        Err(e) => {
+            return Err(ApiError::unavailable(format!(
+                "the write was sent to the leader and no answer came ({e}); it may or may not \
+                 be applied"
+            )))
+        }
+    };
+    if answer.status != 200 {
+        let status =
+            StatusCode::from_u16(answer.status).unwrap_or(StatusCode::INTERNAL_SERVER_ERROR);
+        let message = serde_json::from_slice::<serde_json::Value>(&answer.body)
+            .ok()
+            .and_then(|v| v["error"].as_str().map(str::to_string))
+            .unwrap_or_else(|| String::from_utf8_lossy(&answer.body).into_owned());
+        return Err(ApiError::new(status, message));
+    }
+    let malformed = || ApiError::new(StatusCode::BAD_GATEWAY, "the leader's answer is malformed");
+    let (index, response) = answer.body.split_at_checked(8).ok_or_else(malformed)?;
+    let index = u64::from_le_bytes(index.try_into().expect("8 bytes"));
+    let response =
+        <KvResponse as raftwork::ResponseBytes>::from_bytes(response).ok_or_else(malformed)?;
+    Ok((index, response))
+}
+
+/// `POST /v1/internal/propose` (members only, marked forwarded): a
+/// follower's write on a key space on disk, proposed here, on the leader.
+/// The body is an encoded command; only what the public routes take is
+/// accepted (put, delete, compare-and-set, increment of a key that is not
+/// reserved), so this route lets no one do more than the public ones. The
+/// answer is `index u64 LE | response` (`ResponseBytes`).
+async fn internal_propose(
+    State(state): State<Shared>,
+    headers: HeaderMap,
+    body: Bytes,
+) -> ApiResult<Response> {
+    if !headers.contains_key(FORWARDED_HEADER) {
+        return Err(ApiError::bad_request(
+            "an internal route: members send it a follower's write",
+        ));
+    }
+    let command = KvCommand::decode(&body).map_err(|e| ApiError::bad_request(e.to_string()))?;
+    match &command {
+        KvCommand::Put { key, .. }
+        | KvCommand::Delete { key }
+        | KvCommand::Cas { key, .. }
+        | KvCommand::Incr { key, .. } => refuse_reserved(key)?,
+        KvCommand::Etcd(_) => return Err(ApiError::bad_request("not an etcd write")),
+    }
+    let (index, response) = propose_here(&state, body.to_vec()).await?;
+    let mut out = index.to_le_bytes().to_vec();
+    out.extend_from_slice(&raftwork::ResponseBytes::to_bytes(&response));
+    Ok((
+        [(header::CONTENT_TYPE, "application/octet-stream")],
+        Bytes::from(out),
+    )
+        .into_response())
+}
+
 /// Proposes `command` plainly on this node (the leader), waiting for a
 /// leader while there is none.
 async fn propose(state: &AppState, command: KvCommand) -> ApiResult<(u64, KvResponse)> {
@@ -991,6 +1109,7 @@ struct SessionBody {
 /// `POST /v1/sessions`: registers a client session.
 async fn open_session(State(state): State<Shared>) -> ApiResult<Json<SessionBody>> {
     state.refuse_split("client sessions")?;
+    state.refuse_on_disk("client sessions")?;
     let session = register(&state).await?;
     Ok(Json(SessionBody {
         session: session.token().to_string(),
@@ -1008,6 +1127,7 @@ async fn close_session(
     axum::extract::Path(token): axum::extract::Path<String>,
 ) -> ApiResult<Json<ClosedBody>> {
     state.refuse_split("client sessions")?;
+    state.refuse_on_disk("client sessions")?;
     let token: SessionToken = token.parse().map_err(ApiError::bad_request)?;
     Session::resume(state.node.clone(), token, 1)
         .with_retry_timeout(state.config.request_timeout)
@@ -1057,6 +1177,7 @@ async fn snapshot(
     headers: HeaderMap,
 ) -> ApiResult<Response> {
     state.refuse_split("backups (GET /v1/snapshot)")?;
+    state.refuse_on_disk("backups (GET /v1/snapshot)")?;
     use raftwork::StateMachine as _;
     Params::parse(&uri, &[])?;
     authorize_admin(&state, &caller, &headers)?;
@@ -1510,7 +1631,7 @@ async fn get_key(State(state): State<Shared>, uri: Uri, headers: HeaderMap) -> A
         }
     }
     let value = read(&state, stale, move |kv: &KvStore| {
-        kv.get(&key).map(<[u8]>::to_vec)
+        kv.get(&key).map(|v| v.to_vec())
     })
     .await?;
     match value {

@@ -340,6 +340,7 @@ pub fn restore(backup: Backup, target: &RestoreTarget) -> Result<u64, BackupErro
         existing_dir: false,
         epoch: 0,
         groups: 1,
+        state_store: crate::cluster::StateStore::Memory,
     };
     if !plan.members.iter().any(|(n, _)| *n == plan.name) {
         return Err(BackupError::Usage(format!(

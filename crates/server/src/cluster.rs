@@ -168,6 +168,50 @@ pub struct ClusterPlan {
     /// The Raft groups the key space is split over (`--groups`; see
     /// `groups.rs`), at least 1.
     pub groups: u32,
+    /// Where the key space lives (`--state-store`).
+    pub state_store: StateStore,
+}
+
+/// Where a member keeps its key space (`--state-store`); fixed when the
+/// cluster is created, since members exchange snapshots in its format.
+#[derive(
+    Debug,
+    Clone,
+    Copy,
+    PartialEq,
+    Eq,
+    Default,
+    clap::ValueEnum,
+    serde::Serialize,
+    serde::Deserialize,
+)]
+#[serde(rename_all = "lowercase")]
+pub enum StateStore {
+    /// In memory, with history (MVCC), restored from a snapshot and the
+    /// log at start.
+    #[default]
+    Memory,
+    /// On disk in a fjall store under the data dir (`state/`), opened at
+    /// start; no history, no etcd API, no client sessions, no backups.
+    Disk,
+}
+
+impl StateStore {
+    /// The flag's spelling.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            StateStore::Memory => "memory",
+            StateStore::Disk => "disk",
+        }
+    }
+
+    fn parse(s: &str) -> Result<Self, String> {
+        match s {
+            "memory" => Ok(StateStore::Memory),
+            "disk" => Ok(StateStore::Disk),
+            other => Err(format!("unknown state store {other:?} (memory or disk)")),
+        }
+    }
 }
 
 impl ClusterPlan {
@@ -193,6 +237,9 @@ impl ClusterPlan {
         if self.groups != 1 {
             s.push_str(&format!("groups={}\n", self.groups));
         }
+        if self.state_store != StateStore::Memory {
+            s.push_str(&format!("state-store={}\n", self.state_store.as_str()));
+        }
         for (n, a) in &self.members {
             s.push_str(&format!("member={n}={a}\n"));
         }
@@ -203,6 +250,7 @@ impl ClusterPlan {
         let (mut token, mut name, mut id, mut state) = (None, None, None, None);
         let mut epoch = 0;
         let mut groups = 1;
+        let mut state_store = StateStore::Memory;
         let mut members = Vec::new();
         for line in text.lines().filter(|l| !l.trim().is_empty()) {
             let (k, v) = line
@@ -215,6 +263,7 @@ impl ClusterPlan {
                 "state" => state = Some(ClusterState::parse(v)?),
                 "epoch" => epoch = v.parse::<u64>().map_err(|e| format!("bad epoch: {e}"))?,
                 "groups" => groups = parse_groups(v).map_err(|e| format!("bad groups: {e}"))?,
+                "state-store" => state_store = StateStore::parse(v)?,
                 "member" => {
                     let (n, a) = v
                         .split_once('=')
@@ -234,6 +283,7 @@ impl ClusterPlan {
             existing_dir: true,
             epoch,
             groups,
+            state_store,
         })
     }
 
@@ -247,6 +297,7 @@ impl ClusterPlan {
         state: ClusterState,
         members: Vec<(String, String)>,
         groups: Option<u32>,
+        state_store: Option<StateStore>,
     ) -> Result<Self, String> {
         let path = data_dir.join(CLUSTER_FILE);
         match std::fs::read_to_string(&path) {
@@ -280,6 +331,26 @@ impl ClusterPlan {
                         plan.groups
                     ));
                 }
+                if let Some(st) = state_store.filter(|&st| st != plan.state_store) {
+                    return Err(format!(
+                        "the data dir {} keeps its key space {} (--state-store {}), not {} \
+                         (--state-store {}): where the key space lives is fixed when a cluster \
+                         is created; refusing to start",
+                        data_dir.display(),
+                        if plan.state_store == StateStore::Disk {
+                            "on disk"
+                        } else {
+                            "in memory"
+                        },
+                        plan.state_store.as_str(),
+                        if st == StateStore::Disk {
+                            "on disk"
+                        } else {
+                            "in memory"
+                        },
+                        st.as_str()
+                    ));
+                }
                 Ok(plan)
             }
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
@@ -298,6 +369,7 @@ impl ClusterPlan {
                     existing_dir: false,
                     epoch: 0,
                     groups: groups.unwrap_or(1),
+                    state_store: state_store.unwrap_or_default(),
                 })
             }
             Err(e) => Err(format!("cannot read {}: {e}", path.display())),
@@ -398,6 +470,7 @@ mod tests {
             ClusterState::New,
             members.clone(),
             None,
+            None,
         )
         .unwrap_err();
         assert!(err.contains("does not name"), "{err}");
@@ -408,27 +481,98 @@ mod tests {
             ClusterState::New,
             members,
             Some(4),
+            None,
         )
         .unwrap();
         assert!(!plan.existing_dir);
         assert_eq!(plan.id, member_id("t", "a"));
         plan.persist(dir.path()).unwrap();
-        let again =
-            ClusterPlan::load(dir.path(), "a", None, ClusterState::Existing, vec![], None).unwrap();
+        let again = ClusterPlan::load(
+            dir.path(),
+            "a",
+            None,
+            ClusterState::Existing,
+            vec![],
+            None,
+            None,
+        )
+        .unwrap();
         assert!(again.existing_dir);
         assert_eq!((again.token.as_str(), again.id), ("t", plan.id));
         assert_eq!(again.members, plan.members);
         assert_eq!(again.state, ClusterState::New);
         assert_eq!(again.groups, 4);
-        let err = ClusterPlan::load(dir.path(), "a", None, ClusterState::New, vec![], Some(1))
-            .unwrap_err();
+        let err = ClusterPlan::load(
+            dir.path(),
+            "a",
+            None,
+            ClusterState::New,
+            vec![],
+            Some(1),
+            None,
+        )
+        .unwrap_err();
         assert!(err.contains("groups"), "{err}");
-        ClusterPlan::load(dir.path(), "a", None, ClusterState::New, vec![], Some(4)).unwrap();
-        let err = ClusterPlan::load(dir.path(), "a", Some("u"), ClusterState::New, vec![], None)
-            .unwrap_err();
+        ClusterPlan::load(
+            dir.path(),
+            "a",
+            None,
+            ClusterState::New,
+            vec![],
+            Some(4),
+            None,
+        )
+        .unwrap();
+        // Where the key space lives is fixed too, and kept in the file.
+        let disk = tempfile::tempdir().unwrap();
+        let plan = ClusterPlan::load(
+            disk.path(),
+            "a",
+            None,
+            ClusterState::New,
+            vec![("a".into(), "h:1".into())],
+            None,
+            Some(StateStore::Disk),
+        )
+        .unwrap();
+        plan.persist(disk.path()).unwrap();
+        let again = ClusterPlan::read(disk.path()).unwrap();
+        assert_eq!(again.state_store, StateStore::Disk);
+        let err = ClusterPlan::load(
+            disk.path(),
+            "a",
+            None,
+            ClusterState::New,
+            vec![],
+            None,
+            Some(StateStore::Memory),
+        )
+        .unwrap_err();
+        assert!(err.contains("--state-store"), "{err}");
+        let kept = ClusterPlan::load(
+            disk.path(),
+            "a",
+            None,
+            ClusterState::New,
+            vec![],
+            None,
+            None,
+        )
+        .unwrap();
+        assert_eq!(kept.state_store, StateStore::Disk);
+        let err = ClusterPlan::load(
+            dir.path(),
+            "a",
+            Some("u"),
+            ClusterState::New,
+            vec![],
+            None,
+            None,
+        )
+        .unwrap_err();
         assert!(err.contains("token"), "{err}");
-        let err =
-            ClusterPlan::load(dir.path(), "b", None, ClusterState::New, vec![], None).unwrap_err();
+        let err = ClusterPlan::load(dir.path(), "b", None, ClusterState::New, vec![], None, None)
+            .unwrap_err();
         assert!(err.contains("belongs to member"), "{err}");
     }
 }

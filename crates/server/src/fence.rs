@@ -84,6 +84,10 @@ pub struct Membership {
     /// from members before it: 1).
     #[serde(default = "one_group")]
     pub groups: u32,
+    /// Where the key space lives (`--state-store`; absent from members
+    /// before it: memory). Members exchange snapshots in its format.
+    #[serde(default)]
+    pub state_store: crate::cluster::StateStore,
 }
 
 fn one_group() -> u32 {
@@ -105,7 +109,9 @@ pub enum JoinError {
 /// written: asks each of `peers` for its membership (adopting a newer
 /// epoch in memory on the way) and returns the epoch to start at. `me` is
 /// the member's id, `peer_addr` the address it advertises, `name` its name,
-/// `groups` its `--groups` (which must be the cluster's).
+/// `groups` its `--groups` and `state_store` its `--state-store` (which
+/// must be the cluster's).
+#[allow(clippy::too_many_arguments)]
 pub async fn check_join(
     config: &NetConfig,
     me: u64,
@@ -114,13 +120,24 @@ pub async fn check_join(
     epoch: u64,
     peers: &[(u64, String)],
     groups: u32,
+    state_store: crate::cluster::StateStore,
 ) -> Result<u64, JoinError> {
     // A member add answers once the leader applied it; the member asked
     // may lag behind, and describes what it knows every half second: so a
     // refusal is only final after a few seconds of asking again.
     let deadline = tokio::time::Instant::now() + JOIN_CHECK_TIME;
     loop {
-        let outcome = check_join_once(config, me, name, peer_addr, epoch, peers, groups).await;
+        let outcome = check_join_once(
+            config,
+            me,
+            name,
+            peer_addr,
+            epoch,
+            peers,
+            groups,
+            state_store,
+        )
+        .await;
         match outcome {
             Ok(epoch) => return Ok(epoch),
             Err(e) if tokio::time::Instant::now() >= deadline => return Err(e),
@@ -133,6 +150,7 @@ pub async fn check_join(
 /// final.
 const JOIN_CHECK_TIME: Duration = Duration::from_secs(4);
 
+#[allow(clippy::too_many_arguments)]
 async fn check_join_once(
     config: &NetConfig,
     me: u64,
@@ -141,6 +159,7 @@ async fn check_join_once(
     mut epoch: u64,
     peers: &[(u64, String)],
     groups: u32,
+    state_store: crate::cluster::StateStore,
 ) -> Result<u64, JoinError> {
     let mut errors = Vec::new();
     for (id, addr) in peers {
@@ -184,6 +203,16 @@ async fn check_join_once(
                  member was started with --groups {groups}: start it with --groups {}; \
                  nothing was written",
                 m.groups, m.groups
+            )));
+        }
+        if m.state_store != state_store {
+            return Err(JoinError::Disagrees(format!(
+                "the cluster (asked at {addr}) keeps its key space with --state-store {}, and \
+                 this member was started with --state-store {}: start it with --state-store \
+                 {}; nothing was written",
+                m.state_store.as_str(),
+                state_store.as_str(),
+                m.state_store.as_str()
             )));
         }
         let id = me.to_string();

@@ -434,11 +434,68 @@ pub const HISTORY_REVISIONS: i64 = 1_000;
 /// The replicated key space: an MVCC store ([`crate::mvcc`]) whose
 /// current state the REST API reads and writes, and which the etcd API
 /// serves with its history, leases and alarms.
-#[derive(Debug, Default, Clone, PartialEq, Eq)]
+#[derive(Debug, Default, PartialEq, Eq)]
 pub struct KvStore {
     mvcc: Mvcc,
     etcd: EtcdState,
     feed: WatchFeed,
+    /// `--state-store disk`: the current key space lives here instead of
+    /// `mvcc` (see "On disk").
+    disk: Option<DiskBackend>,
+}
+
+/// The on-disk key space (`--state-store disk`): a
+/// [`raftwork_diskkv::DiskKv`] holding the current value of each key, so
+/// the state can be larger than memory and a restart opens it instead of
+/// restoring a snapshot. What it leaves out: history (no revisions), the
+/// etcd API and its leases and alarms, exactly-once sessions (raftwork
+/// refuses them for an on-disk state machine) and backups; the server
+/// refuses those routes. Commands keep their format; an etcd command that
+/// reaches the log anyway is answered `Invalid` on every replica alike.
+pub struct DiskBackend(raftwork_diskkv::DiskKv);
+
+impl std::fmt::Debug for DiskBackend {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("DiskBackend")
+    }
+}
+
+impl PartialEq for DiskBackend {
+    /// Two stores on disk are never compared (tests compare memory ones).
+    fn eq(&self, _: &Self) -> bool {
+        false
+    }
+}
+
+impl Eq for DiskBackend {}
+
+impl Clone for KvStore {
+    fn clone(&self) -> Self {
+        assert!(
+            self.disk.is_none(),
+            "a store on disk is one store: it is never cloned"
+        );
+        Self {
+            mvcc: self.mvcc.clone(),
+            etcd: self.etcd.clone(),
+            feed: self.feed.clone(),
+            disk: None,
+        }
+    }
+}
+
+/// Why a member with its key space on disk refuses `what`.
+pub fn disk_refusal(what: &str) -> String {
+    format!(
+        "{what}: not available on a member whose key space is on disk (--state-store disk); \
+         these need a cluster created with --state-store memory"
+    )
+}
+
+fn disk_failed(what: &str, e: io::Error) -> ! {
+    // The runtime turns a panic in apply into a fatal stop of the node;
+    // a read closure's panic stops it too. The store's state is unknown.
+    panic!("the on-disk key space failed ({what}): {e}")
 }
 
 /// What the store tells watchers after a write.
@@ -490,9 +547,30 @@ impl KvStore {
         Self::default()
     }
 
+    /// A store whose key space is on disk, in the directory `dir` (opened
+    /// when the node is built).
+    pub fn on_disk(dir: impl AsRef<std::path::Path>) -> Self {
+        Self {
+            disk: Some(DiskBackend(raftwork_diskkv::DiskKv::new(dir))),
+            ..Self::default()
+        }
+    }
+
+    /// Whether the key space is on disk.
+    pub fn is_on_disk(&self) -> bool {
+        self.disk.is_some()
+    }
+
     /// The value of `key`.
-    pub fn get(&self, key: &[u8]) -> Option<&[u8]> {
-        self.mvcc.get(key).map(|v| &v[..])
+    pub fn get(&self, key: &[u8]) -> Option<Bytes> {
+        match &self.disk {
+            Some(d) => {
+                d.0.get(key)
+                    .unwrap_or_else(|e| disk_failed("get", e))
+                    .map(Bytes::from)
+            }
+            None => self.mvcc.get(key).cloned(),
+        }
     }
 
     /// The MVCC key space under the store.
@@ -563,13 +641,36 @@ impl KvStore {
             }
             _ => prefix.to_vec(),
         };
+        let mut page = Listing::default();
+        let mut bytes = 0usize;
+        if let Some(d) = &self.disk {
+            d.0.scan_from(&from, |k, v| {
+                if !k.starts_with(prefix) {
+                    return false;
+                }
+                if !skip.is_empty() && k.starts_with(skip) {
+                    return true;
+                }
+                let size = k.len() + v.len();
+                if page.entries.len() == limit
+                    || (!page.entries.is_empty() && bytes + size > bytes_max)
+                {
+                    page.more = true;
+                    return false;
+                }
+                bytes += size;
+                page.entries
+                    .push((Bytes::copy_from_slice(k), Bytes::copy_from_slice(v)));
+                true
+            })
+            .unwrap_or_else(|e| disk_failed("scan", e));
+            return page;
+        }
         let matching = self
             .mvcc
             .current_from(&from)
             .take_while(|(k, _)| k.starts_with(prefix))
             .filter(|(k, _)| skip.is_empty() || !k.starts_with(skip));
-        let mut page = Listing::default();
-        let mut bytes = 0usize;
         for (k, v) in matching {
             let size = k.len() + v.len();
             if page.entries.len() == limit || (!page.entries.is_empty() && bytes + size > bytes_max)
@@ -603,14 +704,83 @@ impl KvStore {
         self.etcd.alarms.clear();
     }
 
-    /// Number of keys.
+    /// Number of keys (on disk: an estimate, not a count).
     pub fn len(&self) -> usize {
-        self.mvcc.len()
+        match &self.disk {
+            Some(d) => {
+                d.0.approximate_len()
+                    .unwrap_or_else(|e| disk_failed("len", e)) as usize
+            }
+            None => self.mvcc.len(),
+        }
     }
 
     /// True when there are no keys.
     pub fn is_empty(&self) -> bool {
-        self.mvcc.is_empty()
+        match &self.disk {
+            Some(d) => d.0.is_empty().unwrap_or_else(|e| disk_failed("len", e)),
+            None => self.mvcc.is_empty(),
+        }
+    }
+
+    /// Applies a batch on the on-disk key space: the same commands, the
+    /// same answers as on the MVCC space, without history.
+    fn apply_on_disk(&mut self, commands: &[Command<'_>]) -> Vec<KvResponse> {
+        let Some(last) = commands.last() else {
+            return Vec::new();
+        };
+        let disk = &mut self.disk.as_mut().expect("on disk").0;
+        disk.write(last.index, commands.len() as u64, |batch| {
+            let mut out = Vec::with_capacity(commands.len());
+            for c in commands {
+                out.push(match KvCommand::decode(c.data) {
+                    Err(e) => KvResponse::Invalid(e),
+                    // The etcd API is refused on a disk store: never
+                    // proposed by this server.
+                    Ok(KvCommand::Etcd(_)) => KvResponse::Invalid(DecodeError::Etcd),
+                    Ok(KvCommand::Put { key, value }) => {
+                        batch.put(&key, &value);
+                        KvResponse::Written
+                    }
+                    Ok(KvCommand::Delete { key }) => {
+                        let existed = batch.get(&key)?.is_some();
+                        batch.delete(&key);
+                        KvResponse::Deleted { existed }
+                    }
+                    Ok(KvCommand::Cas { key, expect, value }) => {
+                        let current = batch.get(&key)?;
+                        let ok = match (&expect, &current) {
+                            (Expect::Absent, None) | (Expect::Present, Some(_)) => true,
+                            (Expect::Value(want), Some(have)) => want == have,
+                            _ => false,
+                        };
+                        if ok {
+                            batch.put(&key, &value);
+                            KvResponse::Written
+                        } else {
+                            KvResponse::CasFailed { current }
+                        }
+                    }
+                    Ok(KvCommand::Incr { key, by }) => {
+                        let current = match batch.get(&key)? {
+                            None => Some(0),
+                            Some(v) => std::str::from_utf8(&v)
+                                .ok()
+                                .and_then(|t| t.parse::<i64>().ok()),
+                        };
+                        match current.and_then(|c| c.checked_add(by)) {
+                            Some(value) => {
+                                batch.put(&key, value.to_string().as_bytes());
+                                KvResponse::Incremented { value }
+                            }
+                            None => KvResponse::NotANumber,
+                        }
+                    }
+                });
+            }
+            Ok(out)
+        })
+        .unwrap_or_else(|e| disk_failed("apply", e))
     }
 
     fn put(&mut self, key: Vec<u8>, value: Vec<u8>) {
@@ -713,13 +883,35 @@ impl StateMachine for KvStore {
     type Response = KvResponse;
 
     fn apply(&mut self, commands: &[Command<'_>]) -> Vec<KvResponse> {
+        if self.disk.is_some() {
+            return self.apply_on_disk(commands);
+        }
         commands
             .iter()
             .map(|c| self.apply_one(c.data, c.log_time_ms))
             .collect()
     }
 
+    fn snapshot_view(&self) -> Option<Box<dyn raftwork::SnapshotView>> {
+        use raftwork::DiskStateMachine;
+        let disk = &self.disk.as_ref()?.0;
+        Some(match disk.snapshot_view() {
+            Ok(view) => view,
+            Err(e) => Box::new(FailedView(Some(e))),
+        })
+    }
+
+    fn disk(&mut self) -> Option<&mut dyn raftwork::DiskHooks> {
+        match self.disk {
+            Some(ref mut d) => Some(d),
+            None => None,
+        }
+    }
+
     fn snapshot(&self, w: &mut dyn Write) -> io::Result<()> {
+        if let Some(view) = self.snapshot_view() {
+            return view.write_to(w);
+        }
         w.write_all(SNAPSHOT_MAGIC)?;
         w.write_all(&[SNAPSHOT_VERSION])?;
         self.etcd.leases.snapshot(w)?;
@@ -732,6 +924,10 @@ impl StateMachine for KvStore {
     }
 
     fn restore(&mut self, r: &mut dyn Read) -> io::Result<()> {
+        if self.disk.is_some() {
+            // raftwork restores an on-disk state machine through `disk()`.
+            return Err(invalid("a store on disk is restored at an index"));
+        }
         let mut header = [0u8; 5];
         r.read_exact(&mut header)?;
         if &header[..4] != SNAPSHOT_MAGIC {
@@ -759,6 +955,27 @@ impl StateMachine for KvStore {
         self.etcd = etcd;
         let _ = self.feed.0.send(FeedItem::Restored(self.mvcc.revision()));
         Ok(())
+    }
+}
+
+/// A view that could not be taken: writing it fails with the reason.
+struct FailedView(Option<io::Error>);
+
+impl raftwork::SnapshotView for FailedView {
+    fn write_to(mut self: Box<Self>, _: &mut dyn Write) -> io::Result<()> {
+        Err(self.0.take().unwrap_or_else(|| io::Error::other("no view")))
+    }
+}
+
+impl raftwork::DiskHooks for DiskBackend {
+    fn open(&mut self) -> io::Result<u64> {
+        raftwork::DiskStateMachine::open(&mut self.0)
+    }
+    fn sync(&mut self, applied_index: u64) -> io::Result<()> {
+        raftwork::DiskStateMachine::sync(&mut self.0, applied_index)
+    }
+    fn restore_at(&mut self, index: u64, reader: &mut dyn Read) -> io::Result<()> {
+        raftwork::DiskStateMachine::restore(&mut self.0, index, reader)
     }
 }
 
@@ -902,8 +1119,8 @@ mod tests {
         assert_eq!(r[2], KvResponse::Incremented { value: -3 });
         assert_eq!(r[4], KvResponse::NotANumber);
         assert_eq!(r[6], KvResponse::NotANumber, "overflow");
-        assert_eq!(s.get(b"n"), Some(&b"-3"[..]));
-        assert_eq!(s.get(b"t"), Some(&b"text"[..]));
+        assert_eq!(s.get(b"n").as_deref(), Some(&b"-3"[..]));
+        assert_eq!(s.get(b"t").as_deref(), Some(&b"text"[..]));
     }
 
     #[test]
@@ -946,8 +1163,8 @@ mod tests {
         let del = KvCommand::Delete { key: b"a".to_vec() }.encode();
         let r = apply_all(&mut s, &[put("a", "1"), put("b", "2"), put("a", "3")]);
         assert_eq!(r, vec![KvResponse::Written; 3]);
-        assert_eq!(s.get(b"a"), Some(&b"3"[..]));
-        assert_eq!(s.get(b"b"), Some(&b"2"[..]));
+        assert_eq!(s.get(b"a").as_deref(), Some(&b"3"[..]));
+        assert_eq!(s.get(b"b").as_deref(), Some(&b"2"[..]));
         let r = apply_all(&mut s, &[del.clone(), del]);
         assert_eq!(
             r,
@@ -956,7 +1173,7 @@ mod tests {
                 KvResponse::Deleted { existed: false }
             ]
         );
-        assert_eq!(s.get(b"a"), None);
+        assert_eq!(s.get(b"a").as_deref(), None);
         assert_eq!(s.len(), 1);
     }
 
@@ -985,7 +1202,7 @@ mod tests {
             s.apply_one(&cas("k", Expect::Value(b"1".to_vec()), "2"), 0),
             KvResponse::Written
         );
-        assert_eq!(s.get(b"k"), Some(&b"2"[..]));
+        assert_eq!(s.get(b"k").as_deref(), Some(&b"2"[..]));
         // Present: any value, but not a missing key.
         assert_eq!(
             s.apply_one(&cas("k", Expect::Present, "3"), 0),
@@ -999,7 +1216,7 @@ mod tests {
             s.apply_one(&cas("nope", Expect::Value(vec![]), "3"), 0),
             KvResponse::CasFailed { current: None }
         );
-        assert_eq!(s.get(b"nope"), None);
+        assert_eq!(s.get(b"nope").as_deref(), None);
         // An empty expected value differs from absence.
         s.apply_one(&put("e", ""), 0);
         assert_eq!(
@@ -1080,7 +1297,7 @@ mod tests {
         let mut s = KvStore::new();
         s.restore(&mut &v1[..]).unwrap();
         assert_eq!(
-            (s.get(b"a"), s.get(b"b"), s.len()),
+            (s.get(b"a").as_deref(), s.get(b"b").as_deref(), s.len()),
             (Some(&b"1"[..]), Some(&b"2"[..]), 2)
         );
         assert_eq!(s.mvcc().revision(), 2);

@@ -440,8 +440,8 @@ async fn write_noted_record(
     let (current, slot) = node
         .read_stale(move |kv: &KvStore| {
             (
-                kv.get(&key).map(<[u8]>::to_vec),
-                kv.get(&slot_key).map(<[u8]>::to_vec),
+                kv.get(&key).map(|v| v.to_vec()),
+                kv.get(&slot_key).map(|v| v.to_vec()),
             )
         })
         .await

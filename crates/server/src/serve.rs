@@ -223,6 +223,14 @@ pub struct ServeArgs {
     /// the server's README) [default: 1].
     #[arg(long, env = "RAFTWORK_GROUPS", value_parser = crate::cluster::parse_groups)]
     pub groups: Option<u32>,
+    /// Where the key space lives: `memory` (with history; restored from a
+    /// snapshot and the log at start) or `disk` (a fjall store under the
+    /// data dir: larger than memory, opened at start; no history, so the
+    /// etcd v3 API, client sessions and backups are refused). Fixed when
+    /// the cluster is created (kept in the data dir's CLUSTER file); needs
+    /// --groups 1 [default: memory].
+    #[arg(long, env = "RAFTWORK_STATE_STORE", value_enum)]
+    pub state_store: Option<crate::cluster::StateStore>,
 }
 
 /// Default of `--quota-backend-bytes` (etcd's).
@@ -272,6 +280,7 @@ struct FileConfig {
     max_sessions: Option<u64>,
     quota_backend_bytes: Option<u64>,
     groups: Option<u32>,
+    state_store: Option<crate::cluster::StateStore>,
 }
 
 /// The contents of [`TlsFiles`] (PEM).
@@ -391,6 +400,9 @@ pub struct Settings {
     pub quota_backend_bytes: u64,
     /// `--groups`, if given (the data dir's `CLUSTER` file, else 1, if not).
     pub groups: Option<u32>,
+    /// `--state-store`, if given (the data dir's `CLUSTER` file, else
+    /// memory, if not).
+    pub state_store: Option<crate::cluster::StateStore>,
 }
 
 impl ServeArgs {
@@ -607,6 +619,7 @@ impl ServeArgs {
                     })
                     .transpose()?,
             },
+            state_store: self.state_store.or(file.state_store),
         })
     }
 }
@@ -623,7 +636,18 @@ impl Settings {
             self.initial_cluster_state,
             self.initial_cluster.clone(),
             self.groups,
+            self.state_store,
         )
+        .and_then(|plan| {
+            if plan.groups > 1 && plan.state_store == crate::cluster::StateStore::Disk {
+                return Err(format!(
+                    "--state-store disk needs --groups 1 (the key space on disk is one \
+                     group's); this plan has {} groups",
+                    plan.groups
+                ));
+            }
+            Ok(plan)
+        })
     }
 }
 
@@ -833,6 +857,7 @@ fn spawn_description(
     members: Arc<Members>,
     fencing: Arc<crate::fence::ServerFencing>,
     groups: u32,
+    state_store: crate::cluster::StateStore,
 ) -> tokio::task::JoinHandle<()> {
     tokio::spawn(async move {
         loop {
@@ -852,6 +877,7 @@ fn spawn_description(
                         .map(|s| s.peer_addr)
                         .collect(),
                     groups,
+                    state_store,
                 });
             }
             tokio::time::sleep(Duration::from_millis(500)).await;
@@ -947,7 +973,11 @@ impl Replicas {
             c.core.lazy_commit_broadcast = false;
         };
         if plan.groups == 1 {
-            let mut builder = Builder::new(plan.id, KvStore::new())
+            let store = match plan.state_store {
+                crate::cluster::StateStore::Memory => KvStore::new(),
+                crate::cluster::StateStore::Disk => KvStore::on_disk(args.data_dir.join("state")),
+            };
+            let mut builder = Builder::new(plan.id, store)
                 .data_dir(&args.data_dir)
                 .wal_options(raftwork::WalOptions {
                     segment_size_bytes: args.wal_segment_bytes,
@@ -1058,6 +1088,7 @@ pub async fn run(args: Settings, plan: ClusterPlan) -> Result<(), ServeError> {
             plan.epoch,
             &peers,
             plan.groups,
+            plan.state_store,
         )
         .await
         .map_err(ServeError::Join)?;
@@ -1153,7 +1184,13 @@ pub async fn run(args: Settings, plan: ClusterPlan) -> Result<(), ServeError> {
         plan.token.clone(),
         introduce_to,
     );
-    let describing = spawn_description(node.clone(), members.clone(), fencing.clone(), plan.groups);
+    let describing = spawn_description(
+        node.clone(),
+        members.clone(),
+        fencing.clone(),
+        plan.groups,
+        plan.state_store,
+    );
     let balancing = replicas
         .host
         .as_ref()
@@ -1177,6 +1214,7 @@ pub async fn run(args: Settings, plan: ClusterPlan) -> Result<(), ServeError> {
             http,
             admin_identities: args.admin_identities.clone(),
             peer_names_checked: args.peer_tls.is_some(),
+            on_disk: plan.state_store == crate::cluster::StateStore::Disk,
         },
     );
     // A node that stops on its own (a fatal error) ends the process too: a

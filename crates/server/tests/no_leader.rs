@@ -66,6 +66,7 @@ async fn requests_without_a_leader_get_503() {
             http: raftwork_server::forward::HttpClient::forwarding(Duration::from_secs(1)),
             admin_identities: Vec::new(),
             peer_names_checked: false,
+            on_disk: false,
         },
     );
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();

@@ -470,6 +470,10 @@ fn example_config_loads_through_serve_config() {
     // from there.
     assert_eq!((a.groups, s.groups), (Some(1), None));
     assert_eq!(
+        (a.state_store, s.state_store),
+        (Some(raftwork_server::cluster::StateStore::Memory), None)
+    );
+    assert_eq!(
         Settings {
             peer_tls: None,
             client_tls: None,
@@ -477,6 +481,7 @@ fn example_config_loads_through_serve_config() {
             admin_identities: Vec::new(),
             otlp_endpoint: None,
             groups: None,
+            state_store: None,
             ..a
         },
         s,

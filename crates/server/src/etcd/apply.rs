@@ -620,8 +620,8 @@ mod tests {
         let before = s.mvcc().revision();
         assert_eq!(run(&mut s, expire(), 15_000), response::Response::Leases(1));
         assert!(s.get(b"a").is_none(), "the lease's key went with it");
-        assert_eq!(s.get(b"b"), Some(&b"2'"[..]));
-        assert_eq!(s.get(b"c"), Some(&b"3"[..]));
+        assert_eq!(s.get(b"b").as_deref(), Some(&b"2'"[..]));
+        assert_eq!(s.get(b"c").as_deref(), Some(&b"3"[..]));
         assert_eq!(
             s.mvcc().revision(),
             before + 1,

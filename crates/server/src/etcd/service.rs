@@ -100,14 +100,11 @@ pub(crate) fn routes(state: Shared) -> axum::Router {
         .merge(super::gateway::routes(etcd))
 }
 
-/// The etcd API's routes on a member whose keys are split over several
-/// groups (`crate::groups`): every gRPC call is refused with
-/// FAILED_PRECONDITION and the gateway's with 501, saying why.
-pub(crate) fn refused_routes(groups: u32) -> axum::Router {
-    let message = crate::groups::refusal(
-        "the etcd v3 API (its revision is one counter for the whole key space)",
-        groups,
-    );
+/// The etcd API's routes on a member that does not serve it (keys split
+/// over several groups, `crate::groups`, or kept on disk without
+/// history, `--state-store disk`): every gRPC call is refused with
+/// FAILED_PRECONDITION and the gateway's with 501, with `message`.
+pub(crate) fn refused_routes(message: String) -> axum::Router {
     let grpc = {
         let message = message.clone();
         move || {
