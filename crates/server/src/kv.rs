@@ -902,10 +902,7 @@ impl StateMachine for KvStore {
     }
 
     fn disk(&mut self) -> Option<&mut dyn raftwork::DiskHooks> {
-        match self.disk {
-            Some(ref mut d) => Some(d),
-            None => None,
-        }
+        self.disk.as_mut().map(|d| d as &mut dyn raftwork::DiskHooks)
     }
 
     fn snapshot(&self, w: &mut dyn Write) -> io::Result<()> {
