@@ -902,7 +902,9 @@ impl StateMachine for KvStore {
     }
 
     fn disk(&mut self) -> Option<&mut dyn raftwork::DiskHooks> {
-        self.disk.as_mut().map(|d| d as &mut dyn raftwork::DiskHooks)
+        self.disk
+            .as_mut()
+            .map(|d| d as &mut dyn raftwork::DiskHooks)
     }
 
     fn snapshot(&self, w: &mut dyn Write) -> io::Result<()> {

@@ -125,6 +125,10 @@ pub struct LocalClusterArgs {
     /// before keeps its own].
     #[arg(long, value_parser = crate::cluster::parse_groups)]
     pub groups: Option<u32>,
+    /// `--state-store` of the nodes: where the key space lives [default:
+    /// memory; a base dir made before keeps its own].
+    #[arg(long, value_enum)]
+    pub state_store: Option<crate::cluster::StateStore>,
 }
 
 /// Subcommands of `raftwork local-cluster`.
@@ -308,6 +312,9 @@ fn spawn_node(
         .args(["--initial-cluster-token", LOCAL_TOKEN]);
     if let Some(groups) = args.groups {
         cmd.args(["--groups", &groups.to_string()]);
+    }
+    if let Some(store) = args.state_store {
+        cmd.args(["--state-store", store.as_str()]);
     }
     if args.tls {
         let certs = args.base_dir.join(CERTS_DIR);
