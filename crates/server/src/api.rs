@@ -1038,13 +1038,16 @@ async fn forward_command(state: &AppState, url: &str, data: &[u8]) -> ApiResult<
 async fn internal_propose(
     State(state): State<Shared>,
     headers: HeaderMap,
-    body: Bytes,
+    body: Body,
 ) -> ApiResult<Response> {
     if !headers.contains_key(FORWARDED_HEADER) {
         return Err(ApiError::bad_request(
             "an internal route: members send it a follower's write",
         ));
     }
+    // At most what the public routes encode: a compare-and-set carries a
+    // key, the expected value and the new one.
+    let body = read_body(&headers, body, 2 * MAX_VALUE_BYTES + MAX_KEY_BYTES + 64).await?;
     let command = KvCommand::decode(&body).map_err(|e| ApiError::bad_request(e.to_string()))?;
     match &command {
         KvCommand::Put { key, .. }
@@ -1053,7 +1056,7 @@ async fn internal_propose(
         | KvCommand::Incr { key, .. } => refuse_reserved(key)?,
         KvCommand::Etcd(_) => return Err(ApiError::bad_request("not an etcd write")),
     }
-    let (index, response) = propose_here(&state, body.to_vec()).await?;
+    let (index, response) = propose_here(&state, body).await?;
     let mut out = index.to_le_bytes().to_vec();
     out.extend_from_slice(&raftwork::ResponseBytes::to_bytes(&response));
     Ok((

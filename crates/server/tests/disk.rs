@@ -117,6 +117,22 @@ fn three_members_keep_their_key_space_on_disk() {
     );
     refused(&ms[2], "GET", "/v1/snapshot", &[], b"");
     refused(&ms[0], "POST", "/v3/kv/put", &[], br#"{"key":"eA=="}"#);
+    // The internal route a follower's write goes to takes no more than the
+    // public routes do.
+    let internal = |headers: &[(&str, String)], body: &[u8]| {
+        request_with(ms[0].api, "POST", "/v1/internal/propose", headers, body).unwrap()
+    };
+    let forwarded = [("x-raftwork-forwarded", "1".to_string())];
+    let mut reserved = vec![0x01u8];
+    let key = b"\0raftwork/members/x";
+    reserved.extend_from_slice(&(key.len() as u32).to_le_bytes());
+    reserved.extend_from_slice(key);
+    reserved.extend_from_slice(b"forged");
+    assert_eq!(internal(&[], &reserved).0, 400, "unmarked");
+    assert_eq!(internal(&forwarded, &reserved).0, 400, "a reserved key");
+    assert_eq!(internal(&forwarded, &[0x07]).0, 400, "garbage");
+    let huge = vec![0x01u8; 3 << 20];
+    assert_eq!(internal(&forwarded, &huge).0, 400, "over the largest command");
     // The CLI writes without a session there.
     let endpoints = format!("http://{}", ms[0].api);
     let out = common::raftwork()
