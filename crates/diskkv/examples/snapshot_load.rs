@@ -101,8 +101,7 @@ async fn load(node: &KvNode, keys: u64) {
 /// Latencies (µs) recorded since the last take.
 #[derive(Default)]
 struct Window(Vec<u64>);
-
-fn summary(name: &str, w: &mut Vec<u64>, secs: f64) -> String {
+fn summary(name: &str, w: &mut [u64], secs: f64) -> String {
     w.sort_unstable();
     let q = |p: f64| w.get(((w.len() as f64 * p) as usize).min(w.len().saturating_sub(1)));
     format!(
