@@ -132,7 +132,11 @@ fn three_members_keep_their_key_space_on_disk() {
     assert_eq!(internal(&forwarded, &reserved).0, 400, "a reserved key");
     assert_eq!(internal(&forwarded, &[0x07]).0, 400, "garbage");
     let huge = vec![0x01u8; 3 << 20];
-    assert_eq!(internal(&forwarded, &huge).0, 400, "over the largest command");
+    assert_eq!(
+        internal(&forwarded, &huge).0,
+        400,
+        "over the largest command"
+    );
     // The CLI writes without a session there.
     let endpoints = format!("http://{}", ms[0].api);
     let out = common::raftwork()
