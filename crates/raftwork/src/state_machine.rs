@@ -172,6 +172,12 @@ impl<D: DiskStateMachine> OnDisk<D> {
     pub fn inner(&self) -> &D {
         &self.0
     }
+
+    /// The store, to apply through it from a state machine that embeds
+    /// this adapter.
+    pub fn inner_mut(&mut self) -> &mut D {
+        &mut self.0
+    }
 }
 
 impl<D> std::ops::Deref for OnDisk<D> {

@@ -119,6 +119,28 @@ pub enum Expect {
     Value(Vec<u8>),
 }
 
+impl Expect {
+    /// Whether a key holding `current` (`None`: absent) satisfies it.
+    fn holds(&self, current: Option<&[u8]>) -> bool {
+        match (self, current) {
+            (Expect::Absent, None) | (Expect::Present, Some(_)) => true,
+            (Expect::Value(want), Some(have)) => want[..] == *have,
+            _ => false,
+        }
+    }
+}
+
+/// The value an increment by `by` leaves at a key holding `current`
+/// (absent counts as 0); `None` if that is not a decimal i64 or the sum
+/// overflows.
+fn incremented(current: Option<&[u8]>, by: i64) -> Option<i64> {
+    let now = match current {
+        None => 0,
+        Some(v) => std::str::from_utf8(v).ok()?.parse::<i64>().ok()?,
+    };
+    now.checked_add(by)
+}
+
 /// One command of the KV state machine.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum KvCommand {
@@ -452,7 +474,7 @@ pub struct KvStore {
 /// refuses them for an on-disk state machine) and backups; the server
 /// refuses those routes. Commands keep their format; an etcd command that
 /// reaches the log anyway is answered `Invalid` on every replica alike.
-pub struct DiskBackend(raftwork_diskkv::DiskKv);
+pub struct DiskBackend(raftwork::OnDisk<raftwork_diskkv::DiskKv>);
 
 impl std::fmt::Debug for DiskBackend {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
@@ -551,7 +573,9 @@ impl KvStore {
     /// when the node is built).
     pub fn on_disk(dir: impl AsRef<std::path::Path>) -> Self {
         Self {
-            disk: Some(DiskBackend(raftwork_diskkv::DiskKv::new(dir))),
+            disk: Some(DiskBackend(raftwork::OnDisk::new(
+                raftwork_diskkv::DiskKv::new(dir),
+            ))),
             ..Self::default()
         }
     }
@@ -729,7 +753,7 @@ impl KvStore {
         let Some(last) = commands.last() else {
             return Vec::new();
         };
-        let disk = &mut self.disk.as_mut().expect("on disk").0;
+        let disk = self.disk.as_mut().expect("on disk").0.inner_mut();
         disk.write(last.index, commands.len() as u64, |batch| {
             let mut out = Vec::with_capacity(commands.len());
             for c in commands {
@@ -749,12 +773,7 @@ impl KvStore {
                     }
                     Ok(KvCommand::Cas { key, expect, value }) => {
                         let current = batch.get(&key)?;
-                        let ok = match (&expect, &current) {
-                            (Expect::Absent, None) | (Expect::Present, Some(_)) => true,
-                            (Expect::Value(want), Some(have)) => want == have,
-                            _ => false,
-                        };
-                        if ok {
+                        if expect.holds(current.as_deref()) {
                             batch.put(&key, &value);
                             KvResponse::Written
                         } else {
@@ -762,13 +781,7 @@ impl KvStore {
                         }
                     }
                     Ok(KvCommand::Incr { key, by }) => {
-                        let current = match batch.get(&key)? {
-                            None => Some(0),
-                            Some(v) => std::str::from_utf8(&v)
-                                .ok()
-                                .and_then(|t| t.parse::<i64>().ok()),
-                        };
-                        match current.and_then(|c| c.checked_add(by)) {
+                        match incremented(batch.get(&key)?.as_deref(), by) {
                             Some(value) => {
                                 batch.put(&key, value.to_string().as_bytes());
                                 KvResponse::Incremented { value }
@@ -829,13 +842,7 @@ impl KvStore {
             }
             KvCommand::Cas { key, expect, value } => {
                 let current = self.mvcc.get(&key);
-                let ok = match (&expect, current) {
-                    (Expect::Absent, None) => true,
-                    (Expect::Present, Some(_)) => true,
-                    (Expect::Value(want), Some(have)) => want[..] == have[..],
-                    _ => false,
-                };
-                if ok {
+                if expect.holds(current.map(|v| &v[..])) {
                     self.put(key, value);
                     KvResponse::Written
                 } else {
@@ -845,13 +852,7 @@ impl KvStore {
                 }
             }
             KvCommand::Incr { key, by } => {
-                let current = match self.mvcc.get(&key) {
-                    None => Some(0),
-                    Some(v) => std::str::from_utf8(v)
-                        .ok()
-                        .and_then(|t| t.parse::<i64>().ok()),
-                };
-                match current.and_then(|c| c.checked_add(by)) {
+                match incremented(self.mvcc.get(&key).map(|v| &v[..]), by) {
                     Some(value) => {
                         self.put(key, value.to_string().into_bytes());
                         KvResponse::Incremented { value }
@@ -892,19 +893,13 @@ impl StateMachine for KvStore {
             .collect()
     }
 
+    // On disk, the store's adapter answers both.
     fn snapshot_view(&self) -> Option<Box<dyn raftwork::SnapshotView>> {
-        use raftwork::DiskStateMachine;
-        let disk = &self.disk.as_ref()?.0;
-        Some(match disk.snapshot_view() {
-            Ok(view) => view,
-            Err(e) => Box::new(FailedView(Some(e))),
-        })
+        self.disk.as_ref()?.0.snapshot_view()
     }
 
     fn disk(&mut self) -> Option<&mut dyn raftwork::DiskHooks> {
-        self.disk
-            .as_mut()
-            .map(|d| d as &mut dyn raftwork::DiskHooks)
+        self.disk.as_mut()?.0.disk()
     }
 
     fn snapshot(&self, w: &mut dyn Write) -> io::Result<()> {
@@ -954,27 +949,6 @@ impl StateMachine for KvStore {
         self.etcd = etcd;
         let _ = self.feed.0.send(FeedItem::Restored(self.mvcc.revision()));
         Ok(())
-    }
-}
-
-/// A view that could not be taken: writing it fails with the reason.
-struct FailedView(Option<io::Error>);
-
-impl raftwork::SnapshotView for FailedView {
-    fn write_to(mut self: Box<Self>, _: &mut dyn Write) -> io::Result<()> {
-        Err(self.0.take().unwrap_or_else(|| io::Error::other("no view")))
-    }
-}
-
-impl raftwork::DiskHooks for DiskBackend {
-    fn open(&mut self) -> io::Result<u64> {
-        raftwork::DiskStateMachine::open(&mut self.0)
-    }
-    fn sync(&mut self, applied_index: u64) -> io::Result<()> {
-        raftwork::DiskStateMachine::sync(&mut self.0, applied_index)
-    }
-    fn restore_at(&mut self, index: u64, reader: &mut dyn Read) -> io::Result<()> {
-        raftwork::DiskStateMachine::restore(&mut self.0, index, reader)
     }
 }
 

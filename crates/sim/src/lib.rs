@@ -416,13 +416,9 @@ fn sm_record(index: u64, commands_applied: u64, kv: &Kv) -> Vec<u8> {
     payload.extend_from_slice(&index.to_le_bytes());
     payload.extend_from_slice(&commands_applied.to_le_bytes());
     payload.extend_from_slice(&encode_kv(kv));
-    let mut h = 0xcbf2_9ce4_8422_2325u64;
-    for b in &payload {
-        fnv(&mut h, *b as u64);
-    }
     let mut out = Vec::with_capacity(12 + payload.len());
     out.extend_from_slice(&(payload.len() as u32).to_le_bytes());
-    out.extend_from_slice(&h.to_le_bytes());
+    out.extend_from_slice(&fnv_bytes(&payload).to_le_bytes());
     out.extend_from_slice(&payload);
     out
 }
@@ -447,11 +443,7 @@ fn sm_recover(fs: &SimFs) -> std::io::Result<(u64, Option<(u64, u64, Kv)>)> {
             break;
         }
         let payload = &data[at + 12..at + 12 + n];
-        let mut h = 0xcbf2_9ce4_8422_2325u64;
-        for b in payload {
-            fnv(&mut h, *b as u64);
-        }
-        if h != want {
+        if fnv_bytes(payload) != want {
             break;
         }
         last = Some((
@@ -516,6 +508,15 @@ fn apply_command(kv: &mut Kv, data: &[u8]) -> bool {
         }
         k => panic!("unknown command kind {k}"),
     }
+}
+
+/// FNV-1a of `bytes` (one step per byte, as `fnv` is fed elsewhere).
+fn fnv_bytes(bytes: &[u8]) -> u64 {
+    let mut h = 0xcbf2_9ce4_8422_2325u64;
+    for b in bytes {
+        fnv(&mut h, *b as u64);
+    }
+    h
 }
 
 fn fnv(h: &mut u64, x: u64) {
