@@ -27,6 +27,10 @@ use raftwork_diskkv::{DiskKv, KvOp};
 
 type KvNode = Node<OnDisk<DiskKv>>;
 
+/// Puts slower than this are printed with the time they started (since
+/// the start of the run, as in the log lines with `RUST_LOG` set).
+const SLOW: Duration = Duration::from_millis(250);
+
 const WAIT: Duration = Duration::from_secs(900);
 
 fn env(name: &str, default: u64) -> u64 {
@@ -115,6 +119,13 @@ fn summary(name: &str, w: &mut [u64], secs: f64) -> String {
 
 #[tokio::main]
 async fn main() {
+    if std::env::var_os("RUST_LOG").is_some() {
+        tracing_subscriber::fmt()
+            .with_env_filter(tracing_subscriber::EnvFilter::from_default_env())
+            .with_timer(tracing_subscriber::fmt::time::uptime())
+            .init();
+    }
+    let epoch = Instant::now();
     let keys = env("KEYS", 500_000);
     let writers = env("WRITERS", 64);
     let quiet_secs = env("QUIET_SECS", 5);
@@ -160,11 +171,15 @@ async fn main() {
                 };
                 let t = Instant::now();
                 node.propose(op.encode()).await.expect("put");
-                window
-                    .lock()
-                    .unwrap()
-                    .0
-                    .push(t.elapsed().as_micros() as u64);
+                let took = t.elapsed();
+                if took > SLOW {
+                    println!(
+                        "slow put: {:.0} ms, started at {:.2} s",
+                        took.as_secs_f64() * 1e3,
+                        (t - epoch).as_secs_f64()
+                    );
+                }
+                window.lock().unwrap().0.push(took.as_micros() as u64);
             }
         }));
     }
@@ -175,6 +190,7 @@ async fn main() {
     let mut quiet = take();
 
     let t = Instant::now();
+    println!("the new member joins at {:.2} s", (t - epoch).as_secs_f64());
     let joiner = start(4, &dirs[3], &addrs, None);
     leader
         .add_learner(4, Vec::new())
