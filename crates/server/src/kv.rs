@@ -893,9 +893,20 @@ impl StateMachine for KvStore {
             .collect()
     }
 
-    // On disk, the store's adapter answers both.
+    // On disk, the store's adapter answers. In memory, the view is a clone
+    // of the MVCC space (a persistent map: one reference count, and writes
+    // after it copy only their paths) behind the lease table and alarms,
+    // encoded here: they are small beside the key space.
     fn snapshot_view(&self) -> Option<Box<dyn raftwork::SnapshotView>> {
-        self.disk.as_ref()?.0.snapshot_view()
+        if let Some(disk) = &self.disk {
+            return disk.0.snapshot_view();
+        }
+        let mut head = Vec::new();
+        let encoded = self.write_head(&mut head);
+        Some(Box::new(MemoryView {
+            head: encoded.map(|()| head),
+            mvcc: self.mvcc.clone(),
+        }))
     }
 
     fn disk(&mut self) -> Option<&mut dyn raftwork::DiskHooks> {
@@ -903,17 +914,14 @@ impl StateMachine for KvStore {
     }
 
     fn snapshot(&self, w: &mut dyn Write) -> io::Result<()> {
-        if let Some(view) = self.snapshot_view() {
-            return view.write_to(w);
+        if let Some(disk) = &self.disk {
+            return disk
+                .0
+                .snapshot_view()
+                .expect("a store on disk has a view")
+                .write_to(w);
         }
-        w.write_all(SNAPSHOT_MAGIC)?;
-        w.write_all(&[SNAPSHOT_VERSION])?;
-        self.etcd.leases.snapshot(w)?;
-        w.write_all(&(self.etcd.alarms.len() as u32).to_le_bytes())?;
-        for (member, alarm) in &self.etcd.alarms {
-            w.write_all(&member.to_le_bytes())?;
-            w.write_all(&alarm.to_le_bytes())?;
-        }
+        self.write_head(w)?;
         self.mvcc.snapshot(w)
     }
 
@@ -949,6 +957,36 @@ impl StateMachine for KvStore {
         self.etcd = etcd;
         let _ = self.feed.0.send(FeedItem::Restored(self.mvcc.revision()));
         Ok(())
+    }
+}
+
+impl KvStore {
+    /// The snapshot's head: magic, version, the lease table and the alarms
+    /// (the MVCC space follows).
+    fn write_head(&self, w: &mut dyn Write) -> io::Result<()> {
+        w.write_all(SNAPSHOT_MAGIC)?;
+        w.write_all(&[SNAPSHOT_VERSION])?;
+        self.etcd.leases.snapshot(w)?;
+        w.write_all(&(self.etcd.alarms.len() as u32).to_le_bytes())?;
+        for (member, alarm) in &self.etcd.alarms {
+            w.write_all(&member.to_le_bytes())?;
+            w.write_all(&alarm.to_le_bytes())?;
+        }
+        Ok(())
+    }
+}
+
+/// An in-memory store's snapshot view: its head encoded when the view was
+/// taken, and a clone of the MVCC space then.
+struct MemoryView {
+    head: io::Result<Vec<u8>>,
+    mvcc: Mvcc,
+}
+
+impl raftwork::SnapshotView for MemoryView {
+    fn write_to(self: Box<Self>, w: &mut dyn Write) -> io::Result<()> {
+        w.write_all(&self.head?)?;
+        self.mvcc.snapshot(w)
     }
 }
 
@@ -1324,6 +1362,41 @@ mod tests {
         KvStore::new().snapshot(&mut buf).unwrap();
         t.restore(&mut buf.as_slice()).unwrap();
         assert!(t.is_empty());
+    }
+
+    /// A view written after the store has gone on (puts, overwrites,
+    /// deletes, a history compaction) holds exactly the state it was taken
+    /// at: the writes after it copied what they changed instead of
+    /// changing what the view shares.
+    #[test]
+    fn snapshot_view_keeps_the_state_it_was_taken_at() {
+        let mut s = KvStore::new();
+        for i in 0..3_000 {
+            s.apply_one(&put(&format!("k{i:05}"), &format!("v{i}")), 0);
+        }
+        let at_view = s.clone();
+        let view = s.snapshot_view().expect("an in-memory store has a view");
+        for i in 0..2 * HISTORY_REVISIONS as usize {
+            s.apply_one(&put(&format!("k{:05}", i % 3_000), "after"), 0);
+            s.apply_one(
+                &KvCommand::Delete {
+                    key: format!("k{:05}", (i * 7) % 3_000).into(),
+                }
+                .encode(),
+                0,
+            );
+        }
+        assert!(s.mvcc.compacted_revision() > 0, "history was compacted");
+        assert_ne!(s, at_view);
+        let mut buf = Vec::new();
+        view.write_to(&mut buf).unwrap();
+        let mut t = KvStore::new();
+        t.restore(&mut buf.as_slice()).unwrap();
+        assert_eq!(t, at_view);
+        // And the view's bytes are the ones a snapshot taken then writes.
+        let mut direct = Vec::new();
+        at_view.snapshot(&mut direct).unwrap();
+        assert!(buf == direct, "the view writes the snapshot format");
     }
 
     #[test]

@@ -24,6 +24,13 @@
 //! state of a key is its last version, so reads at the current revision
 //! cost one map walk; reads of the past cost a binary search per key.
 //!
+//! The map is persistent (`imbl::OrdMap`, a B-tree of shared nodes): a
+//! clone costs one reference count, and a write after it copies only the
+//! nodes on its path. That is what lets a snapshot be written from a
+//! clone while applies go on ([`Mvcc::snapshot`] on a clone, see the
+//! store's `snapshot_view`). With no clone alive, writes change nodes in
+//! place.
+//!
 //! Invariants (checked by `check_invariants` in tests and kept by
 //! construction): versions of a key have strictly increasing revisions,
 //! all at most the current revision; a key's list is never empty; a
@@ -45,11 +52,11 @@
 //!         | main i64 | sub i64 | 1 | vlen u32 | value | create i64 | version i64 | lease i64
 //! ```
 
-use std::collections::BTreeMap;
 use std::io::{self, Read, Write};
 use std::ops::Bound;
 
 use bytes::Bytes;
+use imbl::OrdMap;
 
 const SNAPSHOT_MAGIC: &[u8; 4] = b"RWMV";
 const SNAPSHOT_VERSION: u8 = 1;
@@ -421,12 +428,36 @@ pub struct Mvcc {
     current: i64,
     /// The revision compacted at; reads below it fail.
     compacted: i64,
-    keys: BTreeMap<Bytes, Vec<Version>>,
+    keys: OrdMap<Bytes, Vec<Version>>,
     /// Keys whose last version is a value.
     live: usize,
     /// Keys the last write transaction changed (see [`Mvcc::changed`]).
     changed: Changed,
+    /// The keys a compaction may shorten: see [`Pending`].
+    pending: Pending,
 }
+
+/// Every key a write changed, with the write's main revision, in revision
+/// order, until a compaction passes that revision: the keys a compaction
+/// can shorten, so that it visits those instead of the whole space.
+///
+/// Invariant (checked by `check_invariants`): a key's every version but
+/// its first is here at its revision. A compaction at `c` shortens a key
+/// exactly when its second version is at or before `c` (two versions at
+/// or before `c`, or a deletion there, which is never first), so every
+/// key it shortens is popped, and what a key keeps after it is later than
+/// `c`, so still here. Derived from the key space (a restore rebuilds it):
+/// two key spaces that differ only here are equal.
+#[derive(Debug, Clone, Default)]
+struct Pending(std::collections::VecDeque<(i64, Bytes)>);
+
+impl PartialEq for Pending {
+    fn eq(&self, _: &Self) -> bool {
+        true
+    }
+}
+
+impl Eq for Pending {}
 
 /// Scratch, not state: the keys the last write changed, for the store to
 /// keep leases and watchers in step. Two key spaces that differ only here
@@ -478,9 +509,10 @@ impl Mvcc {
         Self {
             current: 1,
             compacted: 0,
-            keys: BTreeMap::new(),
+            keys: OrdMap::new(),
             live: 0,
             changed: Changed::default(),
+            pending: Pending::default(),
         }
     }
 
@@ -514,7 +546,7 @@ impl Mvcc {
         start: &'a [u8],
     ) -> impl Iterator<Item = (&'a Bytes, &'a Bytes)> + 'a {
         self.keys
-            .range::<[u8], _>((Bound::Included(start), Bound::Unbounded))
+            .range::<_, [u8]>((Bound::Included(start), Bound::Unbounded))
             .filter_map(|(k, versions)| Some((k, versions.last()?.value.as_ref()?)))
     }
 
@@ -610,7 +642,7 @@ impl Mvcc {
         if req.range.is_empty() {
             return response;
         }
-        for (key, versions) in self.keys.range::<[u8], _>(req.range.bounds()) {
+        for (key, versions) in self.keys.range::<_, [u8]>(req.range.bounds()) {
             if req.range.hides(key) {
                 continue;
             }
@@ -701,15 +733,20 @@ impl Mvcc {
             return deleted;
         }
         let main = w.main;
-        for (key, versions) in self.keys.range_mut::<[u8], _>(range.bounds()) {
-            if range.hides(key) {
-                continue;
-            }
+        // The keys that exist now, found first: the persistent map changes
+        // one key at a time.
+        let live: Vec<Bytes> = self
+            .keys
+            .range::<_, [u8]>(range.bounds())
+            .filter(|(key, versions)| {
+                !range.hides(key) && versions.last().expect("never empty").value.is_some()
+            })
+            .map(|(key, _)| key.clone())
+            .collect();
+        for key in live {
+            let versions = self.keys.get_mut(&key[..]).expect("found above");
             let last = versions.last().expect("never empty");
-            if last.value.is_none() {
-                continue;
-            }
-            deleted.push(Self::key_value(key, last, false));
+            deleted.push(Self::key_value(&key, last, false));
             self.changed.0.push(key.clone());
             self.live -= 1;
             let last_main = last.rev.main;
@@ -725,12 +762,14 @@ impl Mvcc {
                 versions.pop();
                 if versions.last().is_none_or(|v| v.value.is_none()) {
                     // The put created it: as if it never was.
+                    if versions.is_empty() {
+                        self.keys.remove(&key[..]);
+                    }
                     continue;
                 }
             }
             versions.push(tombstone);
         }
-        self.keys.retain(|_, v| !v.is_empty());
         deleted
     }
 
@@ -738,6 +777,9 @@ impl Mvcc {
     fn finish(&mut self, w: TxnWrite) {
         if w.sub > 0 {
             self.current = w.main;
+            for key in &self.changed.0 {
+                self.pending.0.push_back((w.main, key.clone()));
+            }
         }
     }
 
@@ -881,20 +923,39 @@ impl Mvcc {
                 current: self.current,
             });
         }
-        for versions in self.keys.values_mut() {
-            // Keep the last version at or before `revision` (the state of
-            // the key then) and everything after.
-            let n = versions.partition_point(|v| v.rev.main <= revision);
-            let keep_from = n.saturating_sub(1);
-            versions.drain(..keep_from);
-            if versions
-                .first()
-                .is_some_and(|v| v.value.is_none() && v.rev.main <= revision)
-            {
-                versions.remove(0);
+        // Keep, per key, the last version at or before `revision` (the state
+        // of the key then) and everything after: drop `cut` versions, and
+        // the key itself if nothing is left.
+        let cut = |versions: &[Version]| {
+            let keep_from = versions
+                .partition_point(|v| v.rev.main <= revision)
+                .saturating_sub(1);
+            let tombstone = versions
+                .get(keep_from)
+                .is_some_and(|v| v.value.is_none() && v.rev.main <= revision);
+            keep_from + usize::from(tombstone)
+        };
+        // Only the keys written since the last compaction can lose
+        // anything (see `Pending`), and only those that do are touched (so
+        // copied, if a snapshot view shares them).
+        while let Some((main, _)) = self.pending.0.front() {
+            if *main > revision {
+                break;
+            }
+            let (_, key) = self.pending.0.pop_front().expect("just seen");
+            let n = match self.keys.get(&key[..]) {
+                Some(versions) => cut(versions),
+                None => 0, // gone already (popped twice)
+            };
+            if n == 0 {
+                continue;
+            }
+            let versions = self.keys.get_mut(&key[..]).expect("found above");
+            versions.drain(..n);
+            if versions.is_empty() {
+                self.keys.remove(&key[..]);
             }
         }
-        self.keys.retain(|_, v| !v.is_empty());
         self.compacted = revision;
         Ok(())
     }
@@ -975,7 +1036,7 @@ impl Mvcc {
         if range.is_empty() {
             return Ok(events);
         }
-        for (key, versions) in self.keys.range::<[u8], _>(range.bounds()) {
+        for (key, versions) in self.keys.range::<_, [u8]>(range.bounds()) {
             if range.hides(key) {
                 continue;
             }
@@ -1108,11 +1169,11 @@ impl Mvcc {
             return Err(bad(format!("revision {current}, compacted {compacted}")));
         }
         let count = read_u64(r)?;
-        let mut keys: BTreeMap<Bytes, Vec<Version>> = BTreeMap::new();
+        let mut keys: OrdMap<Bytes, Vec<Version>> = OrdMap::new();
         for _ in 0..count {
             let len = read_u32(r)?;
             let key = Bytes::from(read_field(r, len)?);
-            if keys.last_key_value().is_some_and(|(last, _)| *last >= key) {
+            if keys.get_max().is_some_and(|(last, _)| *last >= key) {
                 return Err(bad("keys out of order".into()));
             }
             let n = read_u32(r)?;
@@ -1172,12 +1233,18 @@ impl Mvcc {
             .values()
             .filter(|v| v.last().is_some_and(|v| v.value.is_some()))
             .count();
+        let mut pending: Vec<(i64, Bytes)> = keys
+            .iter()
+            .flat_map(|(key, versions)| versions[1..].iter().map(|v| (v.rev.main, key.clone())))
+            .collect();
+        pending.sort_by_key(|(main, _)| *main);
         Ok(Mvcc {
             current,
             compacted,
             keys,
             live,
             changed: Changed::default(),
+            pending: Pending(pending.into()),
         })
     }
 
@@ -1190,6 +1257,7 @@ impl Mvcc {
             .filter(|v| v.last().is_some_and(|v| v.value.is_some()))
             .count();
         assert_eq!(live, self.live, "live count");
+        let pending: std::collections::HashSet<&(i64, Bytes)> = self.pending.0.iter().collect();
         for (key, versions) in &self.keys {
             assert!(!versions.is_empty(), "{key:?}: empty");
             assert!(
@@ -1211,7 +1279,18 @@ impl Mvcc {
                 !(versions[0].value.is_none() && versions[0].rev.main <= self.compacted),
                 "{key:?}: a compacted deletion kept"
             );
+            for v in &versions[1..] {
+                assert!(
+                    pending.contains(&(v.rev.main, key.clone())),
+                    "{key:?}: a version at {} is not pending compaction",
+                    v.rev.main
+                );
+            }
         }
+        assert!(
+            self.pending.0.iter().is_sorted_by_key(|(main, _)| *main),
+            "pending compaction out of revision order"
+        );
     }
 }
 
@@ -1448,7 +1527,7 @@ mod tests {
     /// model's state, with etcd's create and mod revisions and versions.
     #[test]
     fn every_revision_reads_what_a_full_copy_model_holds() {
-        type State = BTreeMap<String, (String, i64, i64, i64)>;
+        type State = std::collections::BTreeMap<String, (String, i64, i64, i64)>;
         for seed in 1..=40u64 {
             let mut rng = seed.wrapping_mul(0x9e37_79b9_7f4a_7c15) | 1;
             let mut next = move |n: u64| {
