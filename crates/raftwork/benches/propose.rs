@@ -15,6 +15,11 @@
 //! `BENCH_METRICS` (default `0`; `1` installs Prometheus's recorder first,
 //! as the server does, so every metric is recorded: compare two runs for
 //! the cost of metrics).
+//!
+//! Besides writes/s and latency, each point reports the process's CPU time
+//! (user + system: all three nodes and the clients, which share it) per
+//! committed write in the measured window: on two shared cores that is
+//! what decides throughput.
 
 use std::io::{Read, Write};
 use std::time::{Duration, Instant};
@@ -71,6 +76,23 @@ struct Point {
     secs: f64,
     p50_us: u64,
     p99_us: u64,
+    /// CPU time (user + system) of the whole process (the three nodes and
+    /// the clients) in the window, per committed write.
+    cpu_us_per_op: f64,
+}
+
+/// CPU time (user + system) this process has used so far, in µs, from
+/// `/proc/self/stat` (clock ticks of 10 ms: over a window of seconds on two
+/// busy cores, well under 1% off).
+fn process_cpu_us() -> f64 {
+    let stat = std::fs::read_to_string("/proc/self/stat").expect("/proc/self/stat");
+    // The command name (field 2) may hold spaces; the fields after it
+    // start past its closing parenthesis. utime and stime are fields 14
+    // and 15, the 12th and 13th after it.
+    let rest = &stat[stat.rfind(')').expect("a command name") + 2..];
+    let fields: Vec<&str> = rest.split_whitespace().collect();
+    let ticks: u64 = fields[11].parse::<u64>().unwrap() + fields[12].parse::<u64>().unwrap();
+    ticks as f64 * 1e6 / 100.0
 }
 
 async fn start_cluster() -> (Vec<Node<Counter>>, Node<Counter>) {
@@ -134,6 +156,10 @@ async fn run_point(clients: u64, size_bytes: u64, secs: f64, sessions: bool) -> 
             latencies_us
         }));
     }
+    tokio::time::sleep_until(measure_from.into()).await;
+    let cpu_from_us = process_cpu_us();
+    tokio::time::sleep_until(end.into()).await;
+    let cpu_us = process_cpu_us() - cpu_from_us;
     let mut total = Histogram::<u64>::new_with_bounds(1, 60_000_000, 3).unwrap();
     let mut ops = 0;
     for t in tasks {
@@ -154,6 +180,7 @@ async fn run_point(clients: u64, size_bytes: u64, secs: f64, sessions: bool) -> 
         secs,
         p50_us: total.value_at_quantile(0.50),
         p99_us: total.value_at_quantile(0.99),
+        cpu_us_per_op: cpu_us / ops.max(1) as f64,
     }
 }
 
@@ -200,21 +227,22 @@ fn main() {
             workers, secs, if metrics { "recorded (Prometheus recorder)" } else { "off (no recorder)" }
         );
         println!(
-            "{:>8} {:>8} {:>10} {:>12} {:>10} {:>10}",
-            "sessions", "clients", "size_B", "writes/s", "p50_us", "p99_us"
+            "{:>8} {:>8} {:>10} {:>12} {:>10} {:>10} {:>14}",
+            "sessions", "clients", "size_B", "writes/s", "p50_us", "p99_us", "cpu_us_per_op"
         );
         for &size in &sizes {
             for &c in &clients {
                 for &with in &sessions {
                     let p = run_point(c, size, secs, with != 0).await;
                     println!(
-                        "{:>8} {:>8} {:>10} {:>12.0} {:>10} {:>10}",
+                        "{:>8} {:>8} {:>10} {:>12.0} {:>10} {:>10} {:>14.2}",
                         p.sessions,
                         p.clients,
                     p.size_bytes,
                     p.ops as f64 / p.secs,
                         p.p50_us,
-                        p.p99_us
+                        p.p99_us,
+                        p.cpu_us_per_op
                     );
                 }
             }
