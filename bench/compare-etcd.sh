@@ -4,6 +4,9 @@
 # both loaded through their leader by the same client over etcd's v3 API
 # with shared connections (raftwork bench --target etcd --conns); prints
 # that table side by side, then a second one with raftwork's REST API.
+# Beside ops/s and latency: CPU µs per put of the three members together
+# (user + system, sampled by the bench from /proc in its measured window)
+# + the client's own, and the members' ratio.
 #
 #   bench/compare-etcd.sh                 # 1, 64, 256 clients, 5 s per point
 #   SECONDS_PER_POINT=10 CLIENTS="1 16 256" bench/compare-etcd.sh
@@ -76,6 +79,9 @@ raftwork_peer_addr() { echo "127.0.0.1:$((RAFTWORK_PORT + 10 + $1 - 1))"; }
 
 ETCD_CLUSTER=""
 RAFTWORK_CLUSTER=""
+# The members' pids, for the bench to sample their CPU (--cpu-of).
+ETCD_PIDS=""
+RAFTWORK_PIDS=""
 for i in 1 2 3; do
     ETCD_CLUSTER+="${ETCD_CLUSTER:+,}e$i=$(etcd_peer_url $i)"
     RAFTWORK_CLUSTER+="${RAFTWORK_CLUSTER:+,}n$i=$(raftwork_peer_addr $i)"
@@ -89,6 +95,7 @@ for i in 1 2 3; do
         --initial-cluster "$ETCD_CLUSTER" --initial-cluster-state new \
         --initial-cluster-token compare-etcd >"$WORK/etcd-e$i.log" 2>&1 &
     PIDS+=($!)
+    ETCD_PIDS+="${ETCD_PIDS:+,}$!"
     # RAFTWORK_* variables of the caller's shell are not passed on.
     env $(env | awk -F= '/^RAFTWORK_/ {printf "-u %s ", $1}') \
         "$RAFTWORK" serve --name "n$i" --data-dir "$WORK/raftwork-n$i" \
@@ -96,6 +103,7 @@ for i in 1 2 3; do
         --peer-addr "$(raftwork_peer_addr $i)" --initial-cluster "$RAFTWORK_CLUSTER" \
         --initial-cluster-token compare-etcd --log-level warn >"$WORK/raftwork-n$i.log" 2>&1 &
     PIDS+=($!)
+    RAFTWORK_PIDS+="${RAFTWORK_PIDS:+,}$!"
 done
 
 # The etcd member that leads: its status's member_id equals its leader.
@@ -168,13 +176,13 @@ for c in $CLIENTS; do
     # The leader is looked up again before each point, in case it moved.
     # Both over etcd's v3 API (raftwork's API port speaks it), one client
     # program with the same connections.
-    e=$(run_point etcd "$(wait_for etcd etcd_leader)" "$c" --conns "$n")
+    e=$(run_point etcd "$(wait_for etcd etcd_leader)" "$c" --conns "$n" --cpu-of "$ETCD_PIDS")
     log "$e"
-    r=$(run_point etcd "$(wait_for raftwork raftwork_leader)" "$c" --conns "$n")
+    r=$(run_point etcd "$(wait_for raftwork raftwork_leader)" "$c" --conns "$n" --cpu-of "$RAFTWORK_PIDS")
     log "$r"
     ROWS+=("$c|$e|$r")
     # raftwork's own REST API, one keep-alive connection per client.
-    rr=$(run_point raftwork "$(wait_for raftwork raftwork_leader)" "$c")
+    rr=$(run_point raftwork "$(wait_for raftwork raftwork_leader)" "$c" --cpu-of "$RAFTWORK_PIDS")
     log "$rr"
     REST_ROWS+=("$c|$e|$rr")
 done
@@ -183,19 +191,23 @@ ratio() { awk -v a="$1" -v b="$2" 'BEGIN { if (b > 0) printf "%.2f", a / b; else
 ms() { awk -v us="$1" 'BEGIN {printf "%.2f", us / 1000}'; }
 
 table() { # rows...
-    printf '\n| %7s | %5s | %11s | %8s | %8s | %6s | %11s | %8s | %8s | %6s | %14s | %14s |\n' \
+    printf '\n| %7s | %5s | %11s | %8s | %8s | %6s | %11s | %8s | %8s | %6s | %14s | %14s | %17s | %17s | %14s |\n' \
         clients conns "etcd ops/s" "etcd p50" "etcd p99" "errors" "rw ops/s" "rw p50" "rw p99" errors \
-        "ops/s rw/etcd" "p50 rw/etcd"
-    echo "|--------:|------:|------------:|---------:|---------:|-------:|------------:|---------:|---------:|-------:|---------------:|---------------:|"
-    local row c e r eo ro ep rp
+        "ops/s rw/etcd" "p50 rw/etcd" "etcd CPU µs/op" "rw CPU µs/op" "CPU rw/etcd"
+    echo "|--------:|------:|------------:|---------:|---------:|-------:|------------:|---------:|---------:|-------:|---------------:|---------------:|------------------:|------------------:|---------------:|"
+    local row c e r eo ro ep rp ec rc
     for row in "$@"; do
         IFS='|' read -r c e r <<<"$row"
         eo=$(field ops_per_sec "$e"); ro=$(field ops_per_sec "$r")
         ep=$(field p50_us "$e"); rp=$(field p50_us "$r")
-        printf '| %7s | %5s | %11.0f | %8s | %8s | %6s | %11.0f | %8s | %8s | %6s | %13s× | %13s× |\n' \
+        # CPU per put of the three members together, then of the client.
+        ec=$(field servers_cpu_us_per_op "$e"); rc=$(field servers_cpu_us_per_op "$r")
+        printf '| %7s | %5s | %11.0f | %8s | %8s | %6s | %11.0f | %8s | %8s | %6s | %13s× | %13s× | %17s | %17s | %13s× |\n' \
             "$c" "$(field conns "$e")" "$eo" "$(ms "$ep")" "$(ms "$(field p99_us "$e")")" "$(field errors "$e")" \
             "$ro" "$(ms "$rp")" "$(ms "$(field p99_us "$r")")" "$(field errors "$r")" \
-            "$(ratio "$ro" "$eo")" "$(ratio "$rp" "$ep")"
+            "$(ratio "$ro" "$eo")" "$(ratio "$rp" "$ep")" \
+            "$ec + $(field client_cpu_us_per_op "$e")" "$rc + $(field client_cpu_us_per_op "$r")" \
+            "$(ratio "$rc" "$ec")"
     done
 }
 

@@ -77,6 +77,43 @@ pub struct BenchArgs {
     /// only, as etcd's benchmark tool's `--conns`) [default: one per client].
     #[arg(long, value_parser = clap::value_parser!(u32).range(1..=100_000))]
     pub conns: Option<u32>,
+    /// Also report the CPU time (user + system) these local processes
+    /// spend in the measured window, per put (comma-separated pids: the
+    /// members under load). The bench's own CPU is always reported.
+    #[arg(long, value_delimiter = ',')]
+    pub cpu_of: Vec<u32>,
+}
+
+/// CPU time (user + system) a process has used so far, in µs, from
+/// `/proc/<pid>/stat` (`None` for this process); `None` if it cannot be
+/// read (not Linux, or the process is gone). The kernel reports it in
+/// clock ticks of 10 ms (USER_HZ is 100 in the Linux ABI): over a window
+/// of seconds on busy cores, well under 1% off.
+pub fn process_cpu_us(pid: Option<u32>) -> Option<f64> {
+    let path = match pid {
+        Some(pid) => format!("/proc/{pid}/stat"),
+        None => "/proc/self/stat".to_string(),
+    };
+    let stat = std::fs::read_to_string(path).ok()?;
+    // The command name (field 2) may hold spaces: count fields from its
+    // closing parenthesis. utime and stime are fields 14 and 15.
+    let rest = stat.get(stat.rfind(')')? + 1..)?;
+    let mut fields = rest.split_whitespace().skip(11);
+    let utime: u64 = fields.next()?.parse().ok()?;
+    let stime: u64 = fields.next()?.parse().ok()?;
+    Some((utime + stime) as f64 * 10_000.0)
+}
+
+/// CPU µs used so far by this process and by each of `pids` (summed).
+fn cpu_sample(pids: &[u32]) -> (Option<f64>, Option<f64>) {
+    let others = if pids.is_empty() {
+        None
+    } else {
+        pids.iter()
+            .map(|&pid| process_cpu_us(Some(pid)))
+            .sum::<Option<f64>>()
+    };
+    (process_cpu_us(None), others)
 }
 
 fn parse_url(s: &str) -> Result<String, String> {
@@ -375,6 +412,10 @@ pub struct Report {
     pub max_us: u64,
     /// One error message, if any.
     pub first_error: Option<String>,
+    /// CPU µs this process spent in the measured window.
+    pub client_cpu_us: Option<f64>,
+    /// CPU µs the `--cpu-of` processes spent in it, together.
+    pub servers_cpu_us: Option<f64>,
 }
 
 /// Runs the load and returns the figures.
@@ -402,6 +443,8 @@ pub async fn run_load(args: BenchArgs) -> Report {
                         p99_us: 0,
                         max_us: 0,
                         first_error: Some(format!("{url}: {e}")),
+                        client_cpu_us: None,
+                        servers_cpu_us: None,
                     }
                 }
             }
@@ -414,6 +457,16 @@ pub async fn run_load(args: BenchArgs) -> Report {
             tokio::spawn(client(args.clone(), id, shared, measure_from, end))
         })
         .collect();
+    // CPU sampled at the window's edges, as the latencies are counted.
+    let pids = args.cpu_of.clone();
+    let cpu = tokio::spawn(async move {
+        tokio::time::sleep_until(measure_from.into()).await;
+        let from = cpu_sample(&pids);
+        tokio::time::sleep_until(end.into()).await;
+        let to = cpu_sample(&pids);
+        let delta = |a: Option<f64>, b: Option<f64>| Some(b? - a?);
+        (delta(from.0, to.0), delta(from.1, to.1))
+    });
     let mut hist = new_hist();
     let (mut errors, mut first_error) = (0, None);
     for task in tasks {
@@ -431,6 +484,7 @@ pub async fn run_load(args: BenchArgs) -> Report {
             }
         }
     }
+    let (client_cpu_us, servers_cpu_us) = cpu.await.unwrap_or((None, None));
     Report {
         ops: hist.len(),
         errors,
@@ -439,6 +493,8 @@ pub async fn run_load(args: BenchArgs) -> Report {
         p99_us: hist.value_at_quantile(0.99),
         max_us: hist.max(),
         first_error,
+        client_cpu_us,
+        servers_cpu_us,
     }
 }
 
@@ -472,16 +528,22 @@ pub fn run(args: BenchArgs) -> ExitCode {
         .conns
         .map_or("per-client".to_string(), |c| c.to_string());
     let r = runtime.block_on(run_load(args));
+    let per_op = |cpu: Option<f64>| match cpu {
+        Some(us) if r.ops > 0 => format!("{:.1}", us / r.ops as f64),
+        _ => "-".to_string(),
+    };
     println!(
         "target={target} sessions={sessions} clients={clients} conns={conns} value_bytes={value_bytes} seconds={:.2} ops={} \
-         ops_per_sec={:.1} p50_us={} p99_us={} max_us={} errors={}",
+         ops_per_sec={:.1} p50_us={} p99_us={} max_us={} errors={} client_cpu_us_per_op={} servers_cpu_us_per_op={}",
         r.seconds,
         r.ops,
         r.ops as f64 / r.seconds,
         r.p50_us,
         r.p99_us,
         r.max_us,
-        r.errors
+        r.errors,
+        per_op(r.client_cpu_us),
+        per_op(r.servers_cpu_us),
     );
     if let Some(e) = &r.first_error {
         eprintln!("raftwork bench: {} errors, first: {e}", r.errors);

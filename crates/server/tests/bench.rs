@@ -14,7 +14,8 @@ use serde_json::Value;
 fn bench_loads_a_real_server() {
     let dir = tempfile::tempdir().unwrap();
     let server = start(dir.path());
-    for extra in [&[][..], &["--sessions"][..]] {
+    let pid = server.child.id().to_string();
+    for extra in [&["--cpu-of", &pid][..], &["--sessions"][..]] {
         load(&server.url, "raftwork", extra);
     }
     // raftwork's API port speaks etcd's API: 4 clients on 2 connections.
@@ -63,6 +64,15 @@ fn load(url: &str, target: &str, extra: &[&str]) {
     assert_eq!(field("clients"), 4.0);
     assert!(field("p50_us") > 0.0 && field("p99_us") >= field("p50_us"));
     assert!(field("max_us") >= field("p99_us"));
+    // CPU per put: the bench's own always, the server's when asked for
+    // (a server that answered puts spent some, ticks of 10 ms over a
+    // second of load).
+    assert!(field("client_cpu_us_per_op") > 0.0, "{stdout}");
+    if extra.contains(&"--cpu-of") {
+        assert!(field("servers_cpu_us_per_op") > 0.0, "{stdout}");
+    } else {
+        assert!(stdout.contains("servers_cpu_us_per_op=-"), "{stdout}");
+    }
     assert!(
         stdout.contains(&format!("sessions={sessions} ")),
         "{stdout}"
