@@ -156,10 +156,14 @@ async fn run_point(clients: u64, size_bytes: u64, secs: f64, sessions: bool) -> 
             latencies_us
         }));
     }
-    tokio::time::sleep_until(measure_from.into()).await;
-    let cpu_from_us = process_cpu_us();
-    tokio::time::sleep_until(end.into()).await;
-    let cpu_us = process_cpu_us() - cpu_from_us;
+    // Sampled at the window's edges from a thread outside the runtime, so
+    // a loaded runtime cannot make the samples late.
+    let cpu = std::thread::spawn(move || {
+        std::thread::sleep(measure_from.saturating_duration_since(Instant::now()));
+        let from_us = process_cpu_us();
+        std::thread::sleep(end.saturating_duration_since(Instant::now()));
+        process_cpu_us() - from_us
+    });
     let mut total = Histogram::<u64>::new_with_bounds(1, 60_000_000, 3).unwrap();
     let mut ops = 0;
     for t in tasks {
@@ -169,6 +173,7 @@ async fn run_point(clients: u64, size_bytes: u64, secs: f64, sessions: bool) -> 
             total.saturating_record(l as u64);
         }
     }
+    let cpu_us = cpu.join().expect("the CPU sampler");
     for n in &nodes {
         n.shutdown().await;
     }
