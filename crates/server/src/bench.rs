@@ -457,12 +457,13 @@ pub async fn run_load(args: BenchArgs) -> Report {
             tokio::spawn(client(args.clone(), id, shared, measure_from, end))
         })
         .collect();
-    // CPU sampled at the window's edges, as the latencies are counted.
+    // CPU sampled at the window's edges, as the latencies are counted, on
+    // a thread outside the loaded runtime so that the samples are not late.
     let pids = args.cpu_of.clone();
-    let cpu = tokio::spawn(async move {
-        tokio::time::sleep_until(measure_from.into()).await;
+    let cpu = tokio::task::spawn_blocking(move || {
+        std::thread::sleep(measure_from.saturating_duration_since(Instant::now()));
         let from = cpu_sample(&pids);
-        tokio::time::sleep_until(end.into()).await;
+        std::thread::sleep(end.saturating_duration_since(Instant::now()));
         let to = cpu_sample(&pids);
         let delta = |a: Option<f64>, b: Option<f64>| Some(b? - a?);
         (delta(from.0, to.0), delta(from.1, to.1))

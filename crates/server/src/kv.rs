@@ -902,9 +902,9 @@ impl StateMachine for KvStore {
             return disk.0.snapshot_view();
         }
         let mut head = Vec::new();
-        let encoded = self.write_head(&mut head);
+        self.write_head(&mut head).expect("a Vec takes every write");
         Some(Box::new(MemoryView {
-            head: encoded.map(|()| head),
+            head,
             mvcc: self.mvcc.clone(),
         }))
     }
@@ -913,16 +913,11 @@ impl StateMachine for KvStore {
         self.disk.as_mut()?.0.disk()
     }
 
+    /// Writes the view taken now: one format, one writer.
     fn snapshot(&self, w: &mut dyn Write) -> io::Result<()> {
-        if let Some(disk) = &self.disk {
-            return disk
-                .0
-                .snapshot_view()
-                .expect("a store on disk has a view")
-                .write_to(w);
-        }
-        self.write_head(w)?;
-        self.mvcc.snapshot(w)
+        self.snapshot_view()
+            .expect("every store has a view")
+            .write_to(w)
     }
 
     fn restore(&mut self, r: &mut dyn Read) -> io::Result<()> {
@@ -979,13 +974,13 @@ impl KvStore {
 /// An in-memory store's snapshot view: its head encoded when the view was
 /// taken, and a clone of the MVCC space then.
 struct MemoryView {
-    head: io::Result<Vec<u8>>,
+    head: Vec<u8>,
     mvcc: Mvcc,
 }
 
 impl raftwork::SnapshotView for MemoryView {
     fn write_to(self: Box<Self>, w: &mut dyn Write) -> io::Result<()> {
-        w.write_all(&self.head?)?;
+        w.write_all(&self.head)?;
         self.mvcc.snapshot(w)
     }
 }

@@ -82,8 +82,9 @@ const CHUNK_SIZE: usize = 1 << 20;
 /// state is written while the node goes on committing: left to the final
 /// fsync, gigabytes of dirty pages would go to disk in one burst, and the
 /// WAL's fdatasyncs, on the same disk, would wait behind them.
-/// Measured with `snapshot_load` (BENCHMARKS.md, "Pacing snapshot
-/// writes"): stalls past 250 ms fell from 24–27 to 7–11 per transfer.
+/// Measured with `snapshot_load` (BENCHMARKS.md, "Where the stalls came
+/// from, and pacing snapshot writes"): stalls past 250 ms fell from 24–27
+/// to 7–11 per transfer.
 const SYNC_EVERY_BYTES: u64 = 8 << 20;
 /// Bytes of a chunk header: raw_len, stored_len, codec, crc.
 const CHUNK_HEADER_LEN: usize = 13;
