@@ -94,7 +94,7 @@ pub use raftwork_net::{
 };
 pub use raftwork_storage::{
     FileSnapshotStore, LogStore, MemLogStore, MemSnapshotStore, SnapshotCompression, SnapshotMeta,
-    SnapshotStore, StorageError, Wal, WalOptions,
+    SnapshotStore, StorageError, Wal, WalOptions, WalWrites,
 };
 pub use raftwork_transport::{
     Envelope, Inbound, Inbox, MemNetwork, MemTransport, Transport, TransportError,

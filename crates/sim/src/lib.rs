@@ -39,6 +39,7 @@ use raftwork_core::{
 use raftwork_storage::fs::{FileSystem, SimFs, SimFsFault};
 use raftwork_storage::{
     FileSnapshotStore, LogStore, SnapshotCompression, SnapshotStore, StorageError, Wal, WalOptions,
+    WalWrites,
 };
 
 /// Where each node keeps its WAL and snapshots on its simulated disk.
@@ -46,21 +47,26 @@ const WAL_DIR: &str = "/wal";
 const SNAPSHOT_DIR: &str = "/snapshots";
 
 /// Small segments and cache, so runs rotate, purge and read from "disk".
-fn wal_options() -> WalOptions {
+/// Who writes ahead of a sync alternates with the seed: `stage` itself
+/// (the default) or the sync. Either way writes happen on the simulator's
+/// one thread, so a seed replays the same bytes on the same disk.
+fn wal_options(seed: u64) -> WalOptions {
     WalOptions {
         segment_size_bytes: 8 << 10,
         cache_bytes: 4 << 10,
         group_id: 1,
-        // Writes happen in `sync`, on the simulator's one thread: a seed
-        // replays the same bytes on the same disk.
-        writer_thread: false,
+        // The second bit: the first picks lease reads in the default run.
+        writes: match (seed >> 1) % 2 {
+            0 => WalWrites::OnStage,
+            _ => WalWrites::AtSync,
+        },
     }
 }
 
 /// Opens (recovers) a node's WAL and snapshot store on its disk.
-fn open_disk(fs: &SimFs) -> Result<(Wal, FileSnapshotStore), StorageError> {
+fn open_disk(fs: &SimFs, seed: u64) -> Result<(Wal, FileSnapshotStore), StorageError> {
     let shared: std::sync::Arc<dyn FileSystem> = std::sync::Arc::new(fs.clone());
-    let wal = Wal::open_on(shared.clone(), WAL_DIR, wal_options())?;
+    let wal = Wal::open_on(shared.clone(), WAL_DIR, wal_options(seed))?;
     let snapshots = FileSnapshotStore::open_on(shared, SNAPSHOT_DIR, 2, SnapshotCompression::None)?;
     Ok((wal, snapshots))
 }
@@ -92,13 +98,18 @@ fn write_snapshot(
 }
 
 /// What a node had acknowledged as durable when it last reported a sync:
-/// its hard state and the terms of its log. A restart must find all of it
-/// (entries may only have been replaced by ones of a newer term).
+/// its hard state and the terms of its log. A restart must find all of it.
+/// An entry may only have been replaced by one of a newer term, or by one
+/// the node itself staged after the acknowledgement: a newer leader's
+/// entry can carry an older term (it overwrites an uncommitted one), and
+/// its write may reach the disk before a sync that never completed.
 #[derive(Debug, Clone)]
 struct Acked {
     hard_state: raft::prelude::HardState,
     first: u64,
     terms: Vec<u64>,
+    /// Entries `(index, term)` staged since, over acknowledged ones.
+    replaced_since: std::collections::HashSet<(u64, u64)>,
 }
 
 impl Acked {
@@ -111,6 +122,22 @@ impl Acked {
             terms: (first..=last)
                 .map(|i| raft::Storage::term(store, i).unwrap())
                 .collect(),
+            replaced_since: Default::default(),
+        }
+    }
+
+    /// Notes what `store` now stages over acknowledged entries (only
+    /// uncommitted ones can be replaced).
+    fn note_staged(&mut self, store: &Wal) {
+        let last = raft::Storage::last_index(store).unwrap();
+        let acked_last = self.first + self.terms.len() as u64;
+        let from = self.first.max(self.hard_state.commit + 1);
+        for i in from..acked_last.min(last + 1) {
+            if let Ok(term) = raft::Storage::term(store, i) {
+                if term != self.terms[(i - self.first) as usize] {
+                    self.replaced_since.insert((i, term));
+                }
+            }
         }
     }
 
@@ -137,7 +164,7 @@ impl Acked {
                 ));
             }
             let now = raft::Storage::term(recovered, i).unwrap();
-            if now > term {
+            if now > term || (now < term && self.replaced_since.contains(&(i, now))) {
                 break; // replaced by a newer leader's entries: legitimate
             }
             if now < term {
@@ -1305,7 +1332,7 @@ impl Sim {
             fs.kill();
         }
         self.nodes[k].faults_seen = fs.stats().faults_injected;
-        let (store, snapshots) = open_disk(&fs).map_err(|e| {
+        let (store, snapshots) = open_disk(&fs, self.cfg.seed).map_err(|e| {
             self.fail(format!(
                 "node {id}: recovery refused after a crash that lost only unsynced data: {e}"
             ))
@@ -1723,6 +1750,10 @@ impl Sim {
                 }
             }
             Action::Persist { number, must_sync } => {
+                let node = &mut self.nodes[k];
+                if let Some(acked) = node.acked.as_mut() {
+                    acked.note_staged(&node.store);
+                }
                 let latency = 1 + self.rng.below(5);
                 let at = (self.now + latency).max(self.nodes[k].last_sync_at);
                 self.nodes[k].last_sync_at = at;
@@ -2203,7 +2234,7 @@ pub fn run(cfg: &SimConfig) -> Result<Report, Failure> {
     let mut nodes = Vec::new();
     for id in 1..=cfg.nodes + cfg.spare_nodes {
         let fs = SimFs::new();
-        let (store, snapshots) = open_disk(&fs).expect("a new simulated disk opens");
+        let (store, snapshots) = open_disk(&fs, cfg.seed).expect("a new simulated disk opens");
         if id <= cfg.nodes {
             raftwork_core::bootstrap(&store, 1, &voters).expect("bootstrap on a simulated disk");
             store.sync().expect("bootstrap syncs");

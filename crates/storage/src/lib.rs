@@ -41,7 +41,7 @@ pub use file_snapshot::{FileSnapshotStore, SnapshotCompression};
 pub use mem_log::MemLogStore;
 pub use snapshot::{MemSnapshotStore, SnapshotMeta, SnapshotReader, SnapshotStore, SnapshotWriter};
 pub use wal::{
-    Damage, OnOpen, RepairReport, SegmentInfo, Wal, WalInspection, WalOptions,
+    Damage, OnOpen, RepairReport, SegmentInfo, Wal, WalInspection, WalOptions, WalWrites,
     CACHE_ENTRY_OVERHEAD_BYTES,
 };
 

@@ -7,7 +7,7 @@ use std::path::{Path, PathBuf};
 
 use raft::prelude::{ConfState, Entry, HardState, SnapshotMetadata};
 use raft::{GetEntriesContext, Storage};
-use raftwork_storage::{LogStore, OnOpen, StorageError, Wal, WalOptions, WriteBatch};
+use raftwork_storage::{LogStore, OnOpen, StorageError, Wal, WalOptions, WalWrites, WriteBatch};
 
 fn entry(index: u64, term: u64, size: usize) -> Entry {
     let mut data = vec![0x5au8; size.max(8)];
@@ -540,14 +540,26 @@ fn record<S: LogStore>(
     })
 }
 
-/// The writer thread under load: one thread stages single-entry batches
-/// (with overwrites of the last few entries by a newer term, and
-/// compactions), another syncs in a loop, a third reads back what is
-/// staged, across many rotations of 8 KiB segments. Every read sees the
-/// entry it asked for, and after a reopen the log is exactly the last
-/// version of every entry.
+/// Writes ahead of the sync under load, by a thread of the WAL's own:
+/// see `concurrent_stage_sync_and_read_keep_order`.
 #[test]
 fn the_writer_thread_keeps_order_under_concurrent_stage_sync_and_read() {
+    concurrent_stage_sync_and_read_keep_order(WalWrites::Thread);
+}
+
+/// Writes ahead of the sync under load, by `stage` itself whenever no sync
+/// is writing: see `concurrent_stage_sync_and_read_keep_order`.
+#[test]
+fn writes_on_stage_keep_order_under_concurrent_stage_sync_and_read() {
+    concurrent_stage_sync_and_read_keep_order(WalWrites::OnStage);
+}
+
+/// One thread stages single-entry batches (with overwrites of the last few
+/// entries by a newer term, and compactions), another syncs in a loop, a
+/// third reads back what is staged, across many rotations of 8 KiB
+/// segments. Every read sees the entry it asked for, and after a reopen
+/// the log is exactly the last version of every entry.
+fn concurrent_stage_sync_and_read_keep_order(writes: WalWrites) {
     use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
     use std::sync::Arc;
 
@@ -555,6 +567,7 @@ fn the_writer_thread_keeps_order_under_concurrent_stage_sync_and_read() {
     let opts = || WalOptions {
         segment_size_bytes: 8 << 10,
         cache_bytes: 16 << 10,
+        writes,
         ..Default::default()
     };
     let entry_of = |i: u64, term: u64| {
@@ -657,4 +670,83 @@ fn the_writer_thread_keeps_order_under_concurrent_stage_sync_and_read() {
     assert_eq!(w.first_index().unwrap(), first);
     assert_eq!(w.last_index().unwrap(), last);
     expect(&w);
+}
+
+/// Every byte of the segment files, concatenated in order.
+fn segment_bytes(dir: &Path) -> Vec<u8> {
+    segments(dir)
+        .iter()
+        .flat_map(|p| fs::read(p).unwrap())
+        .collect()
+}
+
+fn contains(haystack: &[u8], needle: &[u8]) -> bool {
+    haystack.windows(needle.len()).any(|w| w == needle)
+}
+
+/// `WalWrites::OnStage` (the default): `stage` writes the batch into the
+/// segment itself, before any sync, so a sync then only fdatasyncs; a
+/// batch that would not fit in the active segment is left to the sync,
+/// which rotates (a rotation fsyncs, which `stage` must never do).
+/// `WalWrites::AtSync` writes nothing before the sync.
+#[test]
+fn stage_writes_what_fits_and_leaves_rotation_to_the_sync() {
+    let marker = |i: u64| {
+        let mut e = entry(i, 1, 600);
+        let mut d = e.data.to_vec();
+        d[8..24].copy_from_slice(b"on-stage-marker!");
+        e.data = d.into();
+        e
+    };
+    let stage_one = |w: &Wal, i: u64| {
+        w.stage(WriteBatch {
+            group_id: 1,
+            entries: vec![marker(i)],
+            ..Default::default()
+        })
+        .unwrap()
+    };
+    let needle = |i: u64| [&i.to_le_bytes()[..], b"on-stage-marker!"].concat();
+    let opts = |writes| WalOptions {
+        segment_size_bytes: 8 << 10,
+        writes,
+        ..Default::default()
+    };
+
+    // The sync writes: nothing on disk after stage alone.
+    let dir = tempfile::tempdir().unwrap();
+    let w = Wal::open(dir.path(), opts(WalWrites::AtSync)).unwrap();
+    stage_one(&w, 1);
+    assert!(!contains(&segment_bytes(dir.path()), &needle(1)));
+    w.sync().unwrap();
+    assert!(contains(&segment_bytes(dir.path()), &needle(1)));
+    drop(w);
+
+    // Stage writes, until a batch would cross the 8 KiB segment.
+    let dir = tempfile::tempdir().unwrap();
+    let w = Wal::open(dir.path(), opts(WalWrites::OnStage)).unwrap();
+    let mut i = 1;
+    loop {
+        stage_one(&w, i);
+        if segments(dir.path()).len() > 1 {
+            panic!("stage rotated a segment at entry {i}");
+        }
+        if !contains(&segment_bytes(dir.path()), &needle(i)) {
+            break;
+        }
+        i += 1;
+    }
+    assert!(i > 5, "only {i} entries of 600 B fit in 8 KiB?");
+    // Entry i did not fit: it waits for the sync, readable meanwhile.
+    check_entries(&w, 1, i);
+    w.sync().unwrap();
+    assert_eq!(segments(dir.path()).len(), 2, "the sync rotated");
+    assert!(contains(&segment_bytes(dir.path()), &needle(i)));
+    // The next one fits in the new segment: stage writes it again.
+    stage_one(&w, i + 1);
+    assert!(contains(&segment_bytes(dir.path()), &needle(i + 1)));
+    w.sync().unwrap();
+    drop(w);
+    let w = Wal::open(dir.path(), opts(WalWrites::OnStage)).unwrap();
+    check_entries(&w, 1, i + 1);
 }

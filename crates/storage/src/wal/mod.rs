@@ -17,14 +17,18 @@
 //! held during the I/O, and checks each record's CRC.
 //!
 //! # Durability
-//! [`LogStore::stage`] does no I/O: it checks the batch, makes it readable
-//! at once (the entries enter the index as pending and the cache, pinned
-//! there until written), and queues it. [`LogStore::sync`], on the shell's
-//! sync thread, writes everything queued in order (one `pwrite` per batch,
-//! rotating segments as needed), fdatasyncs, records how far the sync
-//! reached, places the written entries in the index, and purges segments
-//! whose entries a durable record compacted. So the ready loop never waits
-//! for the disk, and one fdatasync covers every batch staged meanwhile
+//! [`LogStore::stage`] checks the batch, makes it readable at once (the
+//! entries enter the index as pending and the cache, pinned there until
+//! written), and queues it. By default ([`WalWrites::OnStage`]) it then
+//! writes the queue itself, one `pwrite` per batch into the page cache,
+//! if no sync is writing at that moment and the batch fits in the active
+//! segment; it never fsyncs or rotates. [`LogStore::sync`], on the shell's
+//! sync thread, writes whatever is still queued in order (rotating
+//! segments as needed), fdatasyncs, records how far the sync reached,
+//! places the written entries in the index, and purges segments whose
+//! entries a durable record compacted. So the ready loop never waits for
+//! the disk to flush, batches staged during an fdatasync are written
+//! meanwhile, and one fdatasync covers every batch staged before it
 //! (group commit). Any write or sync error poisons the WAL: every later
 //! call fails, and the node stops. Nothing ever retries an fsync.
 //! [`Wal::flush`] writes without syncing (tools and tests).
@@ -82,12 +86,32 @@ pub struct WalOptions {
     pub cache_bytes: usize,
     /// Raft group whose log this is; written into every record. Default: 1.
     pub group_id: u64,
-    /// Write staged batches on a thread of the WAL's own as soon as they are
-    /// staged, so that a sync mostly waits for its fdatasync while later
-    /// batches are written meanwhile. With false, [`LogStore::sync`] writes
-    /// them itself: one thread, deterministic (the simulator). Either way the
-    /// caller of `stage` never does I/O. Default: true.
-    pub writer_thread: bool,
+    /// Who writes a staged batch to its segment (the page cache) ahead of
+    /// the sync that makes it durable. Default: [`WalWrites::OnStage`].
+    pub writes: WalWrites,
+}
+
+/// Who writes staged batches to the segment files (see [`WalOptions::writes`]).
+/// Whatever the choice, `stage` never fsyncs, never rotates a segment and
+/// never waits for the disk's cache flush: those are the sync's.
+///
+/// Writing ahead means a sync mostly waits for its own fdatasync while the
+/// next batches are written meanwhile (group commit with the write off the
+/// sync's path). Who writes ahead decides the cost of a put at low load:
+/// a thread of its own is a sleep and a wake per batch, which in a VM cost
+/// tens of µs (BENCHMARKS.md, "Writing on stage").
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum WalWrites {
+    /// `stage` writes the batch itself, one `pwrite` into the page cache,
+    /// when the writer is free (no other write in progress) and the batch
+    /// fits in the active segment. Otherwise it stays queued and the next
+    /// sync writes it (a rotation included). The default.
+    OnStage,
+    /// A thread of the WAL's own writes each batch as soon as it is staged.
+    Thread,
+    /// The next [`LogStore::sync`] writes everything staged: one thread,
+    /// no I/O in `stage`, deterministic (the simulator).
+    AtSync,
 }
 
 impl Default for WalOptions {
@@ -96,7 +120,7 @@ impl Default for WalOptions {
             segment_size_bytes: 64 << 20,
             cache_bytes: 32 << 20,
             group_id: 1,
-            writer_thread: true,
+            writes: WalWrites::OnStage,
         }
     }
 }
@@ -172,7 +196,7 @@ pub enum OnOpen {
 #[derive(Clone)]
 pub struct Wal {
     shared: Arc<Shared>,
-    /// The writer thread ([`WalOptions::writer_thread`]), stopped when the
+    /// The writer thread ([`WalWrites::Thread`]), stopped when the
     /// last clone goes.
     _thread: Option<Arc<WriterThread>>,
 }
@@ -215,6 +239,8 @@ struct Shared {
     writer: Mutex<Writer>,
     /// Set by the first write or sync error; the WAL refuses all work after.
     failed: AtomicBool,
+    /// `stage` writes what fits when the writer is free ([`WalWrites::OnStage`]).
+    on_stage: bool,
     /// Held for the WAL's lifetime: the flock on `LOCK`.
     _lock: Box<dyn std::any::Any + Send + Sync>,
     /// Where the segments live: the real file system, or the simulator's.
@@ -903,7 +929,8 @@ impl Wal {
             "WAL opened"
         );
         let written = Base::of(&state);
-        let threaded = options.writer_thread && mode == OpenMode::Normal;
+        let threaded = options.writes == WalWrites::Thread && mode == OpenMode::Normal;
+        let on_stage = options.writes == WalWrites::OnStage && mode == OpenMode::Normal;
         let shared = Arc::new(Shared {
             dir: dir.to_path_buf(),
             options,
@@ -920,6 +947,7 @@ impl Wal {
             queue_cv: Condvar::new(),
             writer_error: Mutex::new(None),
             failed: AtomicBool::new(false),
+            on_stage,
             _lock: lock,
             fs,
             metrics: crate::metrics::WalMetrics::new(),
@@ -1037,7 +1065,42 @@ impl Wal {
         }
         let mut placed: Vec<(u64, u64, u64, Loc)> = Vec::new();
         for op in &ops {
-            self.write_op(w, op, &mut placed)?;
+            let written = self.write_op(w, op, true, &mut placed)?;
+            debug_assert!(written);
+        }
+        self.place(placed);
+        Ok(())
+    }
+
+    /// `stage`'s own write ([`WalWrites::OnStage`]): writes the queued
+    /// changes in order while each fits in the active segment, and leaves
+    /// the rest queued, in order, for the next sync (which may rotate).
+    fn write_fitting(&self, w: &mut Writer) -> Result<(), StorageError> {
+        let mut ops = std::mem::take(&mut self.shared.queue.lock().unwrap().ops);
+        let mut placed: Vec<(u64, u64, u64, Loc)> = Vec::new();
+        let mut written = 0;
+        for op in &ops {
+            if !self.write_op(w, op, false, &mut placed)? {
+                break;
+            }
+            written += 1;
+        }
+        if written < ops.len() {
+            // Nobody else took from the queue meanwhile (we hold the writer
+            // lock); whatever was staged since goes after these.
+            let rest = ops.split_off(written);
+            let mut q = self.shared.queue.lock().unwrap();
+            q.ops.splice(0..0, rest);
+        }
+        self.place(placed);
+        Ok(())
+    }
+
+    /// Gives written entries their place in the index and lets the cache
+    /// drop them.
+    fn place(&self, placed: Vec<(u64, u64, u64, Loc)>) {
+        if placed.is_empty() {
+            return;
         }
         let mut st = self.shared.state.write().unwrap();
         for (index, term, seq, loc) in placed {
@@ -1052,19 +1115,23 @@ impl Wal {
             .first_pending()
             .unwrap_or_else(|| st.index.last() + 1);
         st.cache.evict(pin);
-        Ok(())
     }
 
     /// Writes one staged change. A batch larger than what is left of the
     /// segment is written in pieces, so segments stay near their size; the
     /// writer's base follows what is written, so a checkpoint made by a
     /// rotation between pieces describes exactly the records before it.
+    ///
+    /// With `may_rotate` false, the change is written in one piece only if
+    /// it fits in the active segment; otherwise nothing is written and the
+    /// answer is false.
     fn write_op(
         &self,
         w: &mut Writer,
         op: &Op,
+        may_rotate: bool,
         placed: &mut Vec<(u64, u64, u64, Loc)>,
-    ) -> Result<(), StorageError> {
+    ) -> Result<bool, StorageError> {
         let batch = &op.batch;
         let group = batch.group_id;
         let segment_size = self.shared.options.segment_size_bytes;
@@ -1079,6 +1146,9 @@ impl Wal {
             for e in &batch.entries {
                 let need = (format::RECORD_HEADER_BYTES + format::entry_payload_bytes(e)) as u64;
                 if !buf.is_empty() && w.offset + (buf.len() as u64) + need > segment_size {
+                    if !may_rotate {
+                        return Ok(false);
+                    }
                     let (seq, at) = self.write_buf(w, &buf)?;
                     self.note_written(w, seq, at, &mut pending, placed);
                     if let Some(meta) = install_pending.take() {
@@ -1102,13 +1172,18 @@ impl Wal {
                 format::push_compact(&mut buf, group, index, prev_term);
             }
             if !buf.is_empty() {
+                if !may_rotate && w.offset + buf.len() as u64 > segment_size {
+                    return Ok(false);
+                }
                 let (seq, at) = self.write_buf(w, &buf)?;
                 self.note_written(w, seq, at, &mut pending, placed);
             }
-            Ok::<(), StorageError>(())
+            Ok::<bool, StorageError>(true)
         })();
         w.buf = buf;
-        result?;
+        if !result? {
+            return Ok(false);
+        }
         let b = &mut w.written;
         if let Some(meta) = install_pending {
             b.install(meta);
@@ -1128,7 +1203,7 @@ impl Wal {
                 b.compacted_term = prev_term;
             }
         }
-        Ok(())
+        Ok(true)
     }
 
     /// The entries of a piece just written at `seq`/`at`: where they are,
@@ -1541,8 +1616,10 @@ impl raft::Storage for Wal {
 impl LogStore for Wal {
     /// Validates the batch and makes it readable at once, in memory: the
     /// entries go into the index (as pending) and into the cache, pinned
-    /// there until written. No file I/O: the next [`LogStore::sync`] (on the
-    /// shell's sync thread) writes, rotates and fdatasyncs.
+    /// there until written. With [`WalWrites::OnStage`] it then writes
+    /// what is queued into the page cache if the writer is free and it
+    /// fits in the active segment; the next [`LogStore::sync`] (on the
+    /// shell's sync thread) writes the rest, rotates and fdatasyncs.
     fn stage(&self, batch: WriteBatch) -> Result<(), StorageError> {
         self.check_ok()?;
         let mut queue = self.shared.queue.lock().unwrap();
@@ -1640,6 +1717,17 @@ impl LogStore for Wal {
         drop(queue);
         if wake && self._thread.is_some() {
             self.shared.queue_cv.notify_one();
+        }
+        if self.shared.on_stage {
+            // Busy means a sync or `flush` is writing: it or the next sync
+            // takes this change too.
+            match self.shared.writer.try_lock() {
+                Ok(mut w) => self.write_fitting(&mut w)?,
+                Err(std::sync::TryLockError::WouldBlock) => {}
+                Err(std::sync::TryLockError::Poisoned(e)) => {
+                    panic!("the WAL's writer lock is poisoned: {e}")
+                }
+            }
         }
         Ok(())
     }
