@@ -75,7 +75,8 @@
 //!
 //! Settings (environment): `BENCH_SECS` per point (default 5),
 //! `BENCH_CLIENTS` (default `1,64,256,1024`), `BENCH_SIZES` in bytes
-//! (default `0`), `BENCH_WORKERS` tokio worker threads (default 2).
+//! (default `0`), `BENCH_WORKERS` tokio worker threads (default 1, as
+//! propose.rs).
 //!
 //! Output: a header line, then a whitespace-separated table, one row per
 //! point: `clients size_B writes/s p50_us p99_us cpu_us_per_op`. On stderr,
@@ -704,7 +705,7 @@ fn main() {
     let workers: usize = std::env::var("BENCH_WORKERS")
         .ok()
         .and_then(|s| s.parse().ok())
-        .unwrap_or(2);
+        .unwrap_or(1);
     let rt = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(workers)
         .enable_all()

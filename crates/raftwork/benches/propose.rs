@@ -9,7 +9,9 @@
 //! Run: `cargo bench -p raftwork --bench propose`
 //! Settings (environment): `BENCH_SECS` per point (default 5),
 //! `BENCH_CLIENTS` (default `1,64,256,1024`), `BENCH_SIZES` in bytes
-//! (default `0,256`), `BENCH_WORKERS` tokio worker threads (default 2),
+//! (default `0,256`), `BENCH_WORKERS` tokio worker threads (default 1: on
+//! two vCPUs a second worker makes runs bimodal, see BENCHMARKS.md "The
+//! 64-client variance"; `BENCH_WORKERS=2` runs that shape),
 //! `BENCH_SESSIONS` (default `0`; `0,1` runs every point also with each
 //! client proposing through an exactly-once session of its own),
 //! `BENCH_METRICS` (default `0`; `1` installs Prometheus's recorder first,
@@ -200,7 +202,7 @@ fn main() {
     let workers: usize = std::env::var("BENCH_WORKERS")
         .ok()
         .and_then(|s| s.parse().ok())
-        .unwrap_or(2);
+        .unwrap_or(1);
     let metrics = std::env::var("BENCH_METRICS").is_ok_and(|v| v == "1");
     if metrics {
         let mut builder = metrics_exporter_prometheus::PrometheusBuilder::new();

@@ -750,3 +750,54 @@ fn stage_writes_what_fits_and_leaves_rotation_to_the_sync() {
     let w = Wal::open(dir.path(), opts(WalWrites::OnStage)).unwrap();
     check_entries(&w, 1, i + 1);
 }
+
+/// On stage, a batch holding only a hard state (raft's commit index
+/// moving) is not written by itself: it waits for the next batch, and
+/// everything queued that fits goes out in one write. A sync writes it if
+/// nothing else comes, and a reopen finds it.
+#[test]
+fn a_lone_hard_state_waits_and_queued_batches_share_one_write() {
+    use raftwork_storage::fs::{FileSystem, SimFs};
+    let fs = SimFs::new();
+    let shared: std::sync::Arc<dyn FileSystem> = std::sync::Arc::new(fs.clone());
+    let opts = || WalOptions {
+        segment_size_bytes: 64 << 10,
+        writes: WalWrites::OnStage,
+        ..Default::default()
+    };
+    let w = Wal::open_on(shared.clone(), "/wal", opts()).unwrap();
+    let hard_state = |commit| {
+        Some(HardState {
+            term: 1,
+            vote: 1,
+            commit,
+            ..Default::default()
+        })
+    };
+    append(&w, 1, 1, 1, 100);
+    w.sync().unwrap();
+    let writes = || fs.stats().writes;
+    let before = writes();
+    w.stage(WriteBatch {
+        group_id: 1,
+        hard_state: hard_state(1),
+        ..Default::default()
+    })
+    .unwrap();
+    assert_eq!(writes(), before, "a lone hard state waits");
+    append(&w, 2, 2, 1, 100);
+    assert_eq!(writes(), before + 1, "both in one write");
+    w.stage(WriteBatch {
+        group_id: 1,
+        hard_state: hard_state(2),
+        ..Default::default()
+    })
+    .unwrap();
+    assert_eq!(writes(), before + 1);
+    w.sync().unwrap();
+    drop(w);
+    let w = Wal::open_on(shared, "/wal", opts()).unwrap();
+    check_entries(&w, 1, 2);
+    let hs = raft::Storage::initial_state(&w).unwrap().hard_state;
+    assert_eq!(hs.commit, 2, "the sync wrote the last hard state");
+}

@@ -61,6 +61,8 @@ pub struct SimFsStats {
     pub faults_injected: u64,
     /// File syncs.
     pub syncs: u64,
+    /// File writes (`write_all_at` calls that wrote something).
+    pub writes: u64,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -387,6 +389,9 @@ impl FsFile for SimFile {
         self.write_check()?;
         let mut st = self.st()?;
         st.mutate()?;
+        if !buf.is_empty() {
+            st.stats.writes += 1;
+        }
         let inode = st
             .inodes
             .get_mut(&self.ino)

@@ -20,9 +20,10 @@
 //! [`LogStore::stage`] checks the batch, makes it readable at once (the
 //! entries enter the index as pending and the cache, pinned there until
 //! written), and queues it. By default ([`WalWrites::OnStage`]) it then
-//! writes the queue itself, one `pwrite` per batch into the page cache,
-//! if no sync is writing at that moment and the batch fits in the active
-//! segment; it never fsyncs or rotates. [`LogStore::sync`], on the shell's
+//! writes the queue itself, what fits in the active segment in one
+//! `pwrite` into the page cache, if no sync is writing at that moment; it
+//! never fsyncs or rotates. A batch holding only a hard state (raft's
+//! commit index moving) waits for the next write. [`LogStore::sync`], on the shell's
 //! sync thread, writes whatever is still queued in order (rotating
 //! segments as needed), fdatasyncs, records how far the sync reached,
 //! places the written entries in the index, and purges segments whose
@@ -102,10 +103,12 @@ pub struct WalOptions {
 /// tens of µs (BENCHMARKS.md, "Writing on stage").
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum WalWrites {
-    /// `stage` writes the batch itself, one `pwrite` into the page cache,
-    /// when the writer is free (no other write in progress) and the batch
-    /// fits in the active segment. Otherwise it stays queued and the next
-    /// sync writes it (a rotation included). The default.
+    /// `stage` writes the queue itself, what fits in the active segment in
+    /// one `pwrite` into the page cache, when the writer is free (no other
+    /// write in progress). The rest stays queued and the next sync writes
+    /// it (a rotation included). A batch holding only a hard state waits
+    /// for the next write or sync: alone it is not worth a system call.
+    /// The default.
     OnStage,
     /// A thread of the WAL's own writes each batch as soon as it is staged.
     Thread,
@@ -1065,30 +1068,50 @@ impl Wal {
         }
         let mut placed: Vec<(u64, u64, u64, Loc)> = Vec::new();
         for op in &ops {
-            let written = self.write_op(w, op, true, &mut placed)?;
-            debug_assert!(written);
+            self.write_op(w, op, &mut placed)?;
         }
         self.place(placed);
         Ok(())
     }
 
-    /// `stage`'s own write ([`WalWrites::OnStage`]): writes the queued
-    /// changes in order while each fits in the active segment, and leaves
-    /// the rest queued, in order, for the next sync (which may rotate).
+    /// `stage`'s own write ([`WalWrites::OnStage`]): the queued changes
+    /// that fit in the active segment, in order, in one `pwrite`; the rest
+    /// stay queued, in order, for the next sync (which may rotate).
     fn write_fitting(&self, w: &mut Writer) -> Result<(), StorageError> {
         let mut ops = std::mem::take(&mut self.shared.queue.lock().unwrap().ops);
-        let mut placed: Vec<(u64, u64, u64, Loc)> = Vec::new();
-        let mut written = 0;
+        let segment_size = self.shared.options.segment_size_bytes;
+        let mut buf = std::mem::take(&mut w.buf);
+        buf.clear();
+        let mut entries: Vec<(usize, &Entry)> = Vec::new();
+        let mut fitting = 0;
         for op in &ops {
-            if !self.write_op(w, op, false, &mut placed)? {
+            let (mark, entries_mark) = (buf.len(), entries.len());
+            encode_op(op, &mut buf, &mut entries);
+            if w.offset + buf.len() as u64 > segment_size {
+                buf.truncate(mark);
+                entries.truncate(entries_mark);
                 break;
             }
-            written += 1;
+            fitting += 1;
         }
-        if written < ops.len() {
+        let mut placed: Vec<(u64, u64, u64, Loc)> = Vec::new();
+        let result = match buf.is_empty() {
+            true => Ok(()),
+            // It fits: `write_buf` does not rotate.
+            false => self
+                .write_buf(w, &buf)
+                .map(|(seq, at)| self.note_written(w, seq, at, &mut entries, &mut placed)),
+        };
+        w.buf = buf;
+        result?;
+        for op in &ops[..fitting] {
+            note_base(&mut w.written, op, op.batch.snapshot.as_ref());
+        }
+        drop(entries);
+        if fitting < ops.len() {
             // Nobody else took from the queue meanwhile (we hold the writer
             // lock); whatever was staged since goes after these.
-            let rest = ops.split_off(written);
+            let rest = ops.split_off(fitting);
             let mut q = self.shared.queue.lock().unwrap();
             q.ops.splice(0..0, rest);
         }
@@ -1121,17 +1144,12 @@ impl Wal {
     /// segment is written in pieces, so segments stay near their size; the
     /// writer's base follows what is written, so a checkpoint made by a
     /// rotation between pieces describes exactly the records before it.
-    ///
-    /// With `may_rotate` false, the change is written in one piece only if
-    /// it fits in the active segment; otherwise nothing is written and the
-    /// answer is false.
     fn write_op(
         &self,
         w: &mut Writer,
         op: &Op,
-        may_rotate: bool,
         placed: &mut Vec<(u64, u64, u64, Loc)>,
-    ) -> Result<bool, StorageError> {
+    ) -> Result<(), StorageError> {
         let batch = &op.batch;
         let group = batch.group_id;
         let segment_size = self.shared.options.segment_size_bytes;
@@ -1146,9 +1164,6 @@ impl Wal {
             for e in &batch.entries {
                 let need = (format::RECORD_HEADER_BYTES + format::entry_payload_bytes(e)) as u64;
                 if !buf.is_empty() && w.offset + (buf.len() as u64) + need > segment_size {
-                    if !may_rotate {
-                        return Ok(false);
-                    }
                     let (seq, at) = self.write_buf(w, &buf)?;
                     self.note_written(w, seq, at, &mut pending, placed);
                     if let Some(meta) = install_pending.take() {
@@ -1159,51 +1174,17 @@ impl Wal {
                 let (off, _) = format::push_entry(&mut buf, group, e);
                 pending.push((off, e));
             }
-            if let Some(hs) = &batch.hard_state {
-                format::push_hard_state(&mut buf, group, hs);
-            }
-            if let Some(cs) = &batch.conf_state {
-                format::push_conf_state(&mut buf, group, cs);
-            }
-            if let Some(meta) = &batch.record_snapshot {
-                format::push_snapshot(&mut buf, group, format::SNAPSHOT_RECORDED, meta);
-            }
-            if let Some((index, prev_term)) = op.compact {
-                format::push_compact(&mut buf, group, index, prev_term);
-            }
+            encode_tail(op, &mut buf);
             if !buf.is_empty() {
-                if !may_rotate && w.offset + buf.len() as u64 > segment_size {
-                    return Ok(false);
-                }
                 let (seq, at) = self.write_buf(w, &buf)?;
                 self.note_written(w, seq, at, &mut pending, placed);
             }
-            Ok::<bool, StorageError>(true)
+            Ok::<(), StorageError>(())
         })();
         w.buf = buf;
-        if !result? {
-            return Ok(false);
-        }
-        let b = &mut w.written;
-        if let Some(meta) = install_pending {
-            b.install(meta);
-        }
-        if let Some(hs) = &batch.hard_state {
-            b.hard_state = hs.clone();
-        }
-        if let Some(cs) = &batch.conf_state {
-            b.conf_state = cs.clone();
-        }
-        if let Some(meta) = &batch.record_snapshot {
-            b.record(meta);
-        }
-        if let Some((index, prev_term)) = op.compact {
-            if index > b.compacted_index + 1 {
-                b.compacted_index = index - 1;
-                b.compacted_term = prev_term;
-            }
-        }
-        Ok(true)
+        result?;
+        note_base(&mut w.written, op, install_pending);
+        Ok(())
     }
 
     /// The entries of a piece just written at `seq`/`at`: where they are,
@@ -1446,6 +1427,63 @@ impl Wal {
 }
 
 /// Applies one replayed record to the state being rebuilt.
+/// Appends every record of `op` to `buf` (one piece), noting where each
+/// entry's record starts in `buf`.
+fn encode_op<'a>(op: &'a Op, buf: &mut Vec<u8>, entries: &mut Vec<(usize, &'a Entry)>) {
+    let batch = &op.batch;
+    if let Some(meta) = &batch.snapshot {
+        format::push_snapshot(buf, batch.group_id, format::SNAPSHOT_INSTALLED, meta);
+    }
+    for e in &batch.entries {
+        let (off, _) = format::push_entry(buf, batch.group_id, e);
+        entries.push((off, e));
+    }
+    encode_tail(op, buf);
+}
+
+/// Appends the records that follow `op`'s entries: hard state, conf state,
+/// snapshot point, compaction point.
+fn encode_tail(op: &Op, buf: &mut Vec<u8>) {
+    let batch = &op.batch;
+    let group = batch.group_id;
+    if let Some(hs) = &batch.hard_state {
+        format::push_hard_state(buf, group, hs);
+    }
+    if let Some(cs) = &batch.conf_state {
+        format::push_conf_state(buf, group, cs);
+    }
+    if let Some(meta) = &batch.record_snapshot {
+        format::push_snapshot(buf, group, format::SNAPSHOT_RECORDED, meta);
+    }
+    if let Some((index, prev_term)) = op.compact {
+        format::push_compact(buf, group, index, prev_term);
+    }
+}
+
+/// The writer's base once `op` is written (`install`: its snapshot install,
+/// unless an earlier piece already counted it).
+fn note_base(b: &mut Base, op: &Op, install: Option<&SnapshotMetadata>) {
+    let batch = &op.batch;
+    if let Some(meta) = install {
+        b.install(meta);
+    }
+    if let Some(hs) = &batch.hard_state {
+        b.hard_state = hs.clone();
+    }
+    if let Some(cs) = &batch.conf_state {
+        b.conf_state = cs.clone();
+    }
+    if let Some(meta) = &batch.record_snapshot {
+        b.record(meta);
+    }
+    if let Some((index, prev_term)) = op.compact {
+        if index > b.compacted_index + 1 {
+            b.compacted_index = index - 1;
+            b.compacted_term = prev_term;
+        }
+    }
+}
+
 fn replay(
     state: &mut State,
     base_known: &mut bool,
@@ -1710,6 +1748,14 @@ impl LogStore for Wal {
             st.compacted_term = prev_term;
         }
         drop(st);
+        // A hard state alone (raft's commit index moving, mostly) is not
+        // worth a `pwrite` of its own on stage: the next write or sync
+        // takes it (a sync always writes everything queued first).
+        let hard_state_only = batch.snapshot.is_none()
+            && batch.entries.is_empty()
+            && batch.conf_state.is_none()
+            && batch.record_snapshot.is_none()
+            && compact.is_none();
         queue.ops.push(Op { batch, compact });
         // Only the first change of an empty queue wakes the writer: it
         // takes everything queued when it runs.
@@ -1718,7 +1764,7 @@ impl LogStore for Wal {
         if wake && self._thread.is_some() {
             self.shared.queue_cv.notify_one();
         }
-        if self.shared.on_stage {
+        if self.shared.on_stage && !hard_state_only {
             // Busy means a sync or `flush` is writing: it or the next sync
             // takes this change too.
             match self.shared.writer.try_lock() {
