@@ -148,6 +148,14 @@ pub const PROPOSALS_FAILED: MetricDef = def(
     &[],
     &[],
 );
+/// Persists handed to the node's sync thread.
+pub const PERSIST_HANDOFFS: MetricDef = def(
+    "raftwork_server_persist_handoffs_total",
+    C,
+    "Log persists handed to the node's sync thread. One with nothing to make durable (only the commit index moved) is acknowledged on the ready loop when no sync is in flight, and not counted.",
+    &[],
+    &[],
+);
 /// Peer messages dropped by validation.
 pub const MESSAGES_REJECTED: MetricDef = def(
     "raftwork_server_peer_messages_rejected_total",
@@ -301,6 +309,7 @@ pub const NODE: &[MetricDef] = &[
     PROPOSALS_APPLIED,
     PROPOSALS_PENDING,
     PROPOSALS_FAILED,
+    PERSIST_HANDOFFS,
     MESSAGES_REJECTED,
     READ_INDEX,
     APPLY_BATCH_ENTRIES,
@@ -365,6 +374,7 @@ pub(crate) struct LoopMetrics {
     pending: Gauge,
     pub(crate) failed: Counter,
     rejected: Counter,
+    persist_handoffs: Counter,
     pub(crate) read_index: Histogram,
     requests_queue: Gauge,
     /// The last leader seen (a change to `None` is not a change of leader).
@@ -400,6 +410,7 @@ impl LoopMetrics {
             pending: gauge!(PROPOSALS_PENDING.name, l.iter()),
             failed: counter!(PROPOSALS_FAILED.name, l.iter()),
             rejected: counter!(MESSAGES_REJECTED.name, l.iter()),
+            persist_handoffs: counter!(PERSIST_HANDOFFS.name, l.iter()),
             read_index: histogram!(READ_INDEX.name, l.iter()),
             requests_queue: gauge!(QUEUE_REQUESTS.name, l.iter()),
             labels: l,
@@ -440,6 +451,11 @@ impl LoopMetrics {
         self.applied.increment(now.1.saturating_sub(a));
         self.rejected.increment(now.2.saturating_sub(r));
         self.seen = Some((now.0.max(c), now.1.max(a), now.2.max(r)));
+    }
+
+    /// A persist went to the node's sync thread.
+    pub(crate) fn persist_handed_off(&self) {
+        self.persist_handoffs.increment(1);
     }
 
     /// A heartbeat goes to `to`: it is timed unless one is in flight.

@@ -584,7 +584,20 @@ pub(crate) enum SyncMode {
     /// The node's own sync thread: `jobs(number, must_sync)` queues a
     /// ready's persist; the thread answers on the loop's `Inputs::persisted`
     /// with the highest number made durable (or why not).
-    Worker { jobs: Box<dyn Fn(u64, bool) + Send> },
+    ///
+    /// A persist with nothing to make durable (`must_sync` false: only the
+    /// commit index moved) is acknowledged on the loop at once when every
+    /// earlier one is acknowledged (`answered >= sent`): persists complete
+    /// in order, and a trip to the thread and back would cost two thread
+    /// wake-ups for nothing. Its change stays staged; the next write or
+    /// sync takes it.
+    Worker {
+        jobs: Box<dyn Fn(u64, bool) + Send>,
+        /// Highest number queued to the thread.
+        sent: u64,
+        /// Highest number the thread answered.
+        answered: u64,
+    },
     /// A host group: the persist waits here until its shard collects it
     /// (`ReadyLoop::take_persist`), so one job to the host's sync thread
     /// covers every group the shard drove in a round.
@@ -645,6 +658,8 @@ pub(crate) fn spawn_sync_worker<S: LogStore>(
             jobs: Box::new(move |number, must_sync| {
                 let _ = jobs_tx.send((number, must_sync));
             }),
+            sent: 0,
+            answered: 0,
         },
         done_rx,
         handle,
@@ -824,6 +839,9 @@ impl<SM: StateMachine, S: LogStore> ReadyLoop<SM, S> {
         match r {
             Ok(n) => {
                 tracing::debug!(target: "raftwork::persist", ready = n, "persisted");
+                if let SyncMode::Worker { answered, .. } = &mut self.sync {
+                    *answered = n;
+                }
                 self.core.handle_persisted(n);
                 Ok(())
             }
@@ -1218,7 +1236,16 @@ impl<SM: StateMachine, S: LogStore> ReadyLoop<SM, S> {
                         up_to_index = self.core.last_index(), "log changes staged; persisting");
                     match &mut self.sync {
                         SyncMode::Inline => persisted_inline = Some(number),
-                        SyncMode::Worker { jobs } => jobs(number, must_sync),
+                        SyncMode::Worker { answered, sent, .. }
+                            if !must_sync && *answered >= *sent =>
+                        {
+                            persisted_inline = Some(number)
+                        }
+                        SyncMode::Worker { jobs, sent, .. } => {
+                            *sent = number;
+                            self.metrics.persist_handed_off();
+                            jobs(number, must_sync)
+                        }
                         SyncMode::Deferred { pending } => {
                             let earlier = pending.is_some_and(|(_, m)| m);
                             *pending = Some((number, must_sync || earlier));

@@ -275,6 +275,36 @@ fn leader_index(ms: &[Member], leader: &str) -> usize {
     ms.iter().position(|m| m.name == leader).unwrap()
 }
 
+/// A put on a single durable member makes one persist that must sync
+/// (its entry) and one that need not (the commit index moving after it).
+/// Only the first goes to the sync thread: the second is acknowledged on
+/// the ready loop, since no sync is in flight then. Sequential puts, so
+/// the count is exact up to the few persists of start-up; handing every
+/// persist to the thread would count two per put.
+#[test]
+fn a_put_hands_one_persist_to_the_sync_thread() {
+    let tmp = tempfile::tempdir().unwrap();
+    let (mut ms, initial) = members(tmp.path(), 1);
+    ms[0].start(&initial);
+    ms[0].wait_ready();
+    put(&mut ms[0], "warm", "v");
+    let handoffs = |m: &Member| {
+        scrape(m)
+            .value("raftwork_server_persist_handoffs_total", &[])
+            .expect("the counter is exposed")
+    };
+    let before = handoffs(&ms[0]);
+    const PUTS: usize = 200;
+    for i in 0..PUTS {
+        put(&mut ms[0], &format!("k{i}"), "v");
+    }
+    let handed = handoffs(&ms[0]) - before;
+    assert!(
+        handed >= PUTS as f64 && handed < 1.25 * PUTS as f64,
+        "{handed} persists handed to the sync thread for {PUTS} puts"
+    );
+}
+
 #[test]
 fn a_live_cluster_exposes_the_catalogue_and_the_dashboards_metrics() {
     let tmp = tempfile::tempdir().unwrap();
