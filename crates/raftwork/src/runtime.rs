@@ -839,7 +839,11 @@ impl<SM: StateMachine, S: LogStore> ReadyLoop<SM, S> {
         match r {
             Ok(n) => {
                 tracing::debug!(target: "raftwork::persist", ready = n, "persisted");
-                if let SyncMode::Worker { answered, .. } = &mut self.sync {
+                if let SyncMode::Worker { answered, sent, .. } = &mut self.sync {
+                    assert!(
+                        n <= *sent && n >= *answered,
+                        "the sync thread answered {n}: only {sent} was sent, {answered} answered"
+                    );
                     *answered = n;
                 }
                 self.core.handle_persisted(n);

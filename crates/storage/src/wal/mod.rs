@@ -1784,9 +1784,9 @@ impl LogStore for Wal {
     fn sync(&self) -> Result<(), StorageError> {
         self.writer_failed()?;
         self.check_ok()?;
-        // Whatever the writer thread has not written yet is written here;
-        // changes staged during the fdatasync are written by the thread
-        // meanwhile.
+        // Whatever `stage` or the writer thread has not written yet is
+        // written here; changes staged during the fdatasync are written by
+        // them meanwhile (see `WalWrites`).
         let (file, seq, end, first_index) = {
             let mut w = self.shared.writer.lock().unwrap();
             self.write_staged(&mut w)?;
