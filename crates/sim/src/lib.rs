@@ -13,6 +13,13 @@
 //! same index on every node; committed entries never change or disappear
 //! (also across restarts); term and vote never go back across a restart.
 //!
+//! Bits of the seed also pick how the simulated shell persists, so both
+//! ways run: whether the WAL writes on stage, ahead of a sync
+//! (`WalWrites::OnStage`), or only in it (`wal_options`), and whether a
+//! persist that needs no sync is acknowledged at once when none is in
+//! flight, as a node's own shell does, or after a sync latency, as a
+//! host's shard does (`Sim::inline_acks`).
+//!
 //! The same seed gives the same run, byte for byte: nothing here reads a
 //! clock or an unseeded random source, and iteration orders are fixed. A
 //! failure names its seed; [`SimConfig::seed`] replays it.
@@ -238,6 +245,11 @@ pub enum Bug {
     /// batch's index but the state from before it, as a store that makes
     /// its index durable ahead of the data it covers.
     DiskIndexBeforeData,
+    /// Acknowledge a persist that needs no sync at once even while an
+    /// earlier one is still syncing (the shell's inline acknowledgement
+    /// without its order check): the earlier ready counts as durable
+    /// before its sync.
+    InlineAckOutOfOrder,
 }
 
 /// What to simulate.
@@ -653,6 +665,14 @@ struct Node {
     waiting: BTreeMap<RequestId, Waiting>,
     next_request: RequestId,
     last_sync_at: u64,
+    /// Highest persist number handed to the (simulated) sync, and the
+    /// highest it answered, in this incarnation: as the shell, a persist
+    /// that needs no sync is acknowledged at once when none is in flight
+    /// (seeds with `inline_acks`).
+    sync_sent: u64,
+    sync_answered: u64,
+    /// Such a persist, acknowledged after its actions run.
+    persisted_inline: Option<u64>,
     /// The replicated session table (part of the state machine and its
     /// snapshots).
     sessions: SessionTable,
@@ -811,6 +831,9 @@ impl Sim {
         let node = &mut self.nodes[k];
         node.core = Some(core);
         node.incarnation += 1;
+        node.sync_sent = 0;
+        node.sync_answered = 0;
+        node.persisted_inline = None;
         Ok(())
     }
 
@@ -1053,6 +1076,7 @@ impl Sim {
                     // the active segment; older ones were synced when closed).
                     self.nodes[k].acked = Some(Acked::of(&self.nodes[k].store));
                 }
+                self.nodes[k].sync_answered = number;
                 self.nodes[k]
                     .core
                     .as_mut()
@@ -1694,6 +1718,14 @@ impl Sim {
     }
 
     /// Polls node `k`'s core until it is idle and carries out its actions.
+    /// Whether this run acknowledges a persist that needs no sync at once
+    /// when no sync is in flight, as the shell does (`SyncMode::Worker`),
+    /// or after a simulated sync latency, as a host's shard does: the
+    /// seed's third bit picks.
+    fn inline_acks(&self) -> bool {
+        (self.cfg.seed >> 2).is_multiple_of(2)
+    }
+
     fn drive(&mut self, k: usize) -> Result<(), Failure> {
         let clock = self.wall_clock_ms(k);
         if let Some(core) = self.nodes[k].core.as_mut() {
@@ -1716,6 +1748,10 @@ impl Sim {
                     return Ok(());
                 }
                 self.execute(k, a)?;
+            }
+            let node = &mut self.nodes[k];
+            if let (Some(n), Some(core)) = (node.persisted_inline.take(), node.core.as_mut()) {
+                core.handle_persisted(n);
             }
         }
     }
@@ -1750,10 +1786,18 @@ impl Sim {
                 }
             }
             Action::Persist { number, must_sync } => {
+                let inline_acks = self.inline_acks();
                 let node = &mut self.nodes[k];
                 if let Some(acked) = node.acked.as_mut() {
                     acked.note_staged(&node.store);
                 }
+                let in_order = node.sync_answered >= node.sync_sent
+                    || self.cfg.bug == Some(Bug::InlineAckOutOfOrder);
+                if inline_acks && !must_sync && in_order {
+                    node.persisted_inline = Some(number);
+                    return Ok(());
+                }
+                node.sync_sent = number;
                 let latency = 1 + self.rng.below(5);
                 let at = (self.now + latency).max(self.nodes[k].last_sync_at);
                 self.nodes[k].last_sync_at = at;
@@ -2256,6 +2300,9 @@ pub fn run(cfg: &SimConfig) -> Result<Report, Failure> {
             waiting: BTreeMap::new(),
             next_request: 1,
             last_sync_at: 0,
+            sync_sent: 0,
+            sync_answered: 0,
+            persisted_inline: None,
             sessions: SessionTable::new(SessionConfig::default()),
             session_commands_applied: 0,
             commands_applied: 0,

@@ -150,6 +150,16 @@ fn acknowledging_before_fsync_is_caught() {
     println!("caught: {f}");
 }
 
+/// The shell acknowledges a persist that needs no sync on the loop only
+/// when no sync is in flight: without that order check, an earlier
+/// ready counts as durable before its sync, and the run says so.
+#[test]
+fn acknowledging_a_persist_ahead_of_an_earlier_sync_is_caught() {
+    let f = caught(Bug::InlineAckOutOfOrder)
+        .expect("the simulation must catch a persist acknowledged ahead of an earlier sync");
+    println!("caught: {f}");
+}
+
 /// Exactly once is checked: a session table that applies a duplicate again
 /// is caught (a replica's count of applied commands exceeds the distinct
 /// commands committed).
