@@ -1717,7 +1717,6 @@ impl Sim {
         1_000_000 + self.now + r.below(2_000)
     }
 
-    /// Polls node `k`'s core until it is idle and carries out its actions.
     /// Whether this run acknowledges a persist that needs no sync at once
     /// when no sync is in flight, as the shell does (`SyncMode::Worker`),
     /// or after a simulated sync latency, as a host's shard does: the
@@ -1726,6 +1725,7 @@ impl Sim {
         (self.cfg.seed >> 2).is_multiple_of(2)
     }
 
+    /// Polls node `k`'s core until it is idle and carries out its actions.
     fn drive(&mut self, k: usize) -> Result<(), Failure> {
         let clock = self.wall_clock_ms(k);
         if let Some(core) = self.nodes[k].core.as_mut() {

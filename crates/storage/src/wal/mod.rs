@@ -23,11 +23,11 @@
 //! writes the queue itself, what fits in the active segment in one
 //! `pwrite` into the page cache, if no sync is writing at that moment; it
 //! never fsyncs or rotates. A batch holding only a hard state (raft's
-//! commit index moving) waits for the next write. [`LogStore::sync`], on the shell's
-//! sync thread, writes whatever is still queued in order (rotating
-//! segments as needed), fdatasyncs, records how far the sync reached,
-//! places the written entries in the index, and purges segments whose
-//! entries a durable record compacted. So the ready loop never waits for
+//! commit index moving) waits for the next write. [`LogStore::sync`], on
+//! the shell's sync thread, writes whatever is still queued in order
+//! (rotating segments as needed), fdatasyncs, records how far the sync
+//! reached, places the written entries in the index, and purges segments
+//! whose entries a durable record compacted. So the ready loop never waits for
 //! the disk to flush, batches staged during an fdatasync are written
 //! meanwhile, and one fdatasync covers every batch staged before it
 //! (group commit). Any write or sync error poisons the WAL: every later
@@ -1426,7 +1426,6 @@ impl Wal {
     }
 }
 
-/// Applies one replayed record to the state being rebuilt.
 /// Appends every record of `op` to `buf` (one piece), noting where each
 /// entry's record starts in `buf`.
 fn encode_op<'a>(op: &'a Op, buf: &mut Vec<u8>, entries: &mut Vec<(usize, &'a Entry)>) {
@@ -1484,6 +1483,7 @@ fn note_base(b: &mut Base, op: &Op, install: Option<&SnapshotMetadata>) {
     }
 }
 
+/// Applies one replayed record to the state being rebuilt.
 fn replay(
     state: &mut State,
     base_known: &mut bool,
